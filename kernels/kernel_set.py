@@ -1,0 +1,89 @@
+"""The kernels one worker uses, resolved once at start-up from its device, role and overrides."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kernels.device import DeviceInfo
+from kernels.moe_reference import MoeWeights, SwiGLU
+from kernels.registry import OPS, REGISTRY, Choice, Registry
+
+# Tokens per MoE call at and above which the large-M backend runs. Replaced per GPU by the
+# crossover that bench.kernels measures; the value only matters when the two backends differ.
+DEFAULT_MOE_CROSSOVER_M = 64
+
+
+@dataclass(frozen=True)
+class PreparedMoe:
+    """One layer's experts in the layout each of the worker's two MoE backends wants."""
+
+    small: Any
+    large: Any
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """Callables for every op, plus the choices that produced them (for logs and status)."""
+
+    choices: tuple[Choice, ...]
+    moe_small_fn: Callable
+    moe_large_fn: Callable
+    prepare_small: Callable[[MoeWeights], Any]
+    prepare_large: Callable[[MoeWeights], Any]
+    mla_decode: Callable
+    mla_prefill: Callable
+    moe_crossover_m: int = DEFAULT_MOE_CROSSOVER_M
+
+    @staticmethod
+    def resolve(
+        device: DeviceInfo,
+        role: str,
+        overrides: Mapping[str, str] | None = None,
+        registry: Registry = REGISTRY,
+        moe_crossover_m: int | None = None,
+    ) -> KernelSet:
+        overrides = dict(overrides or {})
+        unknown = set(overrides) - set(OPS)
+        if unknown:
+            raise ValueError(f"kernel overrides name unknown ops {sorted(unknown)}; ops are {OPS}")
+        choices = {op: registry.select(op, device, role, overrides.get(op)) for op in OPS}
+        small, large = choices["moe_small"].backend, choices["moe_large"].backend
+        return KernelSet(
+            choices=tuple(choices[op] for op in OPS),
+            moe_small_fn=small.load(),
+            moe_large_fn=large.load(),
+            prepare_small=small.prepare(),
+            prepare_large=large.prepare(),
+            mla_decode=choices["mla_decode"].backend.load(),
+            mla_prefill=choices["mla_prefill"].backend.load(),
+            moe_crossover_m=DEFAULT_MOE_CROSSOVER_M if moe_crossover_m is None else moe_crossover_m,
+        )
+
+    def names(self) -> dict[str, str]:
+        return {c.op: c.backend.name for c in self.choices}
+
+    def describe(self) -> list[str]:
+        lines = [c.describe() for c in self.choices]
+        lines.append(f"moe crossover: large-M backend from {self.moe_crossover_m} tokens")
+        return lines
+
+    def prepare_moe(self, weights: MoeWeights) -> PreparedMoe:
+        small = self.prepare_small(weights)
+        same = self.prepare_large is self.prepare_small
+        return PreparedMoe(small=small, large=small if same else self.prepare_large(weights))
+
+    def moe(
+        self,
+        x: torch.Tensor,
+        prepared: PreparedMoe,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        act: SwiGLU,
+    ) -> torch.Tensor:
+        if x.shape[0] >= self.moe_crossover_m:
+            return self.moe_large_fn(x, prepared.large, topk_ids, topk_weights, act)
+        return self.moe_small_fn(x, prepared.small, topk_ids, topk_weights, act)

@@ -1,0 +1,123 @@
+"""MXFP4 (OCP Microscaling v1.0): E2M1 elements in blocks of 32 sharing one E8M0 scale.
+
+Layout, as in GPT-OSS checkpoints: blocks of 32 run along the last (input / reduction) dim; two
+E2M1 codes per byte, the low nibble holding the even element; packed bytes ``[..., K // 2]`` and
+scale bytes ``[..., K // 32]``. Everything here is exact: a dequantized value is
+``E2M1[code] * 2 ** (scale - 127)``, representable in float32 and bfloat16 alike.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32  # elements sharing one E8M0 scale
+E8M0_BIAS = 127
+E8M0_NAN = 0xFF
+E2M1_EMAX = 2  # exponent of the largest E2M1 magnitude (6 = 1.5 * 2**2)
+E2M1_MAX = 6.0
+
+# code -> value; codes 8..15 are the negations of 0..7 (0x8 is -0.0)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+# Midpoints between neighbouring magnitudes. A value equal to a midpoint rounds to the even code
+# (mantissa bit 0): down at 0.25, 1.25, 2.5, 5.0 and up at 0.75, 1.75, 3.5.
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+_TIES_UP = (False, True, False, True, False, True, False)
+
+
+def e2m1_lut(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16-entry code -> float32 table."""
+    return torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (0..15) -> float32 values."""
+    return e2m1_lut(codes.device)[codes.long()]
+
+
+def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
+    """float -> uint8 E2M1 codes: round to nearest, ties to even, saturate at +-6, keep the sign."""
+    x = x.float()
+    mag = x.abs().clamp(max=E2M1_MAX)
+    code = torch.zeros_like(mag, dtype=torch.uint8)
+    for mid, tie_up in zip(_MIDPOINTS, _TIES_UP):
+        code += (mag > mid) | ((mag == mid) & tie_up)
+    return code | (torch.signbit(x).to(torch.uint8) << 3)
+
+
+def e8m0_decode(scales: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 bytes -> float32 powers of two (0xFF -> NaN)."""
+    s = scales.to(torch.int32)
+    out = torch.ldexp(torch.ones_like(s, dtype=torch.float32), s - E8M0_BIAS)
+    return torch.where(s == E8M0_NAN, torch.full_like(out, float("nan")), out)
+
+
+def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
+    """codes [..., K] uint8 -> bytes [..., K // 2]; element 2i in the low nibble, 2i+1 in the high."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"cannot pack an odd number of FP4 codes: last dim {codes.shape[-1]}")
+    codes = codes.to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """bytes [..., K // 2] uint8 -> codes [..., K]."""
+    lo = packed & 0x0F
+    hi = packed >> 4
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., K] -> (packed [..., K // 2] uint8, scales [..., K // 32] uint8), the OCP rule.
+
+    Per block: shared exponent = floor(log2(amax)) - 2, clamped to E8M0's range; each element
+    divided by 2**shared, rounded to nearest even on the E2M1 grid, saturated at 6. An all-zero
+    block gets the smallest scale. Exactly representable inputs come back unchanged through
+    ``dequantize_mxfp4``, and quantizing a dequantized tensor gives the same bytes again.
+    """
+    k = w.shape[-1]
+    if k % BLOCK:
+        raise ValueError(f"MXFP4 needs the input dim to be a multiple of {BLOCK}, got {k}")
+    wf = w.float()
+    if not torch.isfinite(wf).all():
+        raise ValueError("cannot quantize non-finite weights to MXFP4")
+    blocks = wf.reshape(*wf.shape[:-1], k // BLOCK, BLOCK)  # [..., K/32, 32]
+    amax = blocks.abs().amax(dim=-1)  # [..., K/32]
+    # frexp gives amax = m * 2**e with m in [0.5, 1): floor(log2(amax)) = e - 1, exact for all floats
+    _, exp = torch.frexp(amax)
+    shared = torch.where(amax > 0, exp - 1 - E2M1_EMAX, torch.full_like(exp, -E8M0_BIAS))
+    shared = shared.clamp(-E8M0_BIAS, E8M0_BIAS)
+    scaled = torch.ldexp(blocks, -shared.unsqueeze(-1))  # exact: multiplies by a power of two
+    codes = e2m1_encode(scaled).reshape(wf.shape)
+    return pack_fp4(codes), (shared + E8M0_BIAS).to(torch.uint8)
+
+
+def dequantize_mxfp4(
+    packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(packed [..., K // 2], scales [..., K // 32]) -> values [..., K] in ``dtype``."""
+    k = packed.shape[-1] * 2
+    if scales.shape[-1] * BLOCK != k or scales.shape[:-1] != packed.shape[:-1]:
+        raise ValueError(f"MXFP4 shapes disagree: packed {tuple(packed.shape)}, scales {tuple(scales.shape)}")
+    vals = e2m1_decode(unpack_fp4(packed))  # [..., K]
+    vals = vals.reshape(*vals.shape[:-1], k // BLOCK, BLOCK)
+    exp = scales.to(torch.int32).unsqueeze(-1) - E8M0_BIAS
+    out = torch.ldexp(vals, exp).reshape(*packed.shape[:-1], k)
+    return out.to(dtype)
+
+
+def random_mxfp4(
+    shape: tuple[int, ...], std: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random MXFP4 weights [..., K] whose dequantized values have roughly the given std.
+
+    Codes are uniform over the 16 E2M1 codes (std of the grid about 3.1) and every block gets the
+    power-of-two scale nearest to ``std / 3.1``, so a random checkpoint is cheap to make at any size.
+    """
+    *lead, k = shape
+    if k % BLOCK:
+        raise ValueError(f"MXFP4 needs the input dim to be a multiple of {BLOCK}, got {k}")
+    codes = torch.randint(0, 16, (*lead, k), dtype=torch.uint8, generator=generator)
+    exp = round(torch.log2(torch.tensor(std / 3.1)).item())
+    scales = torch.full((*lead, k // BLOCK), E8M0_BIAS + exp, dtype=torch.uint8)
+    return pack_fp4(codes), scales

@@ -1,0 +1,41 @@
+"""MoE routing: DeepSeek-V3 group-limited top-k over sigmoid scores (PyTorch)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def grouped_topk(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [M, E] -> (weights [M, K] float32, expert ids [M, K] int64).
+
+    Scores are ``sigmoid(logits)``; the correction bias is added for *selection only*. Experts
+    are split into ``n_group`` groups, each group ranked by the sum of its two best biased
+    scores, and only experts of the best ``topk_group`` groups compete for the top-k. Weights
+    are the unbiased scores, optionally normalized to sum to one, times the scaling factor.
+    """
+    m, e = router_logits.shape
+    if e % n_group:
+        raise ValueError(f"{e} experts do not split into n_group={n_group} groups")
+    scores = router_logits.float().sigmoid()  # [M, E]
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if n_group > 1 and topk_group < n_group:
+        per_group = e // n_group
+        group_scores = choice.view(m, n_group, per_group).topk(min(2, per_group), dim=-1)[0].sum(-1)
+        group_idx = group_scores.topk(topk_group, dim=-1, sorted=False)[1]  # [M, topk_group]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)  # [M, G]
+        expert_mask = group_mask.unsqueeze(-1).expand(m, n_group, per_group).reshape(m, e)
+        choice = choice.masked_fill(expert_mask == 0, float("-inf"))
+    ids = choice.topk(top_k, dim=-1, sorted=False)[1]  # [M, K]
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids
