@@ -25,7 +25,8 @@ class DeviceInfo:
     def describe(self) -> str:
         if self.kind == "cpu":
             return "cpu"
-        return f"{self.name} (sm_{self.sm}, {self.smem_per_block // 1024} KiB smem/block, {self.num_sms} SMs)"
+        smem = self.smem_per_block // 1024
+        return f"{self.name} (sm_{self.sm}, {smem} KiB smem/block, {self.num_sms} SMs)"
 
     @staticmethod
     def cpu() -> DeviceInfo:

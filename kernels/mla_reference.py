@@ -5,7 +5,7 @@ Decode (absorbed, MQA over the latent)::
     out = mla_decode(q, kv_cache, block_table, seq_lens, scale, v_dim)
 
     q            [B, H, D]        D = kv_lora_rank + rope dim (576 for DeepSeek-V3): the query
-                                  already multiplied into the latent space, then the rotated rope part
+                                  in the latent space (q_nope @ W_UK), then the rotated rope part
     kv_cache     [N, bs, D]       one layer's paged cache: normalized latent, then rotated rope key
     block_table  [B, max_blocks]  int32 block ids; entries past a sequence's length are ignored
     seq_lens     [B]              int32 context length of each sequence (the new token included)

@@ -10,7 +10,7 @@ Contract shared by every MoE backend (``MoeFn``)::
     topk_ids      [M, K] int        expert ids; ids outside [0, E) contribute nothing
     topk_weights  [M, K] float32    routing weights, applied to each expert's down projection
     act           SwiGLU            h = g * sigmoid(alpha * g) * (u + beta), g = min(gate, limit),
-                                    u = clamp(up, -limit, limit); plain SiLU-gated is alpha=1, beta=0
+                                    u = clamp(up, -limit, limit); plain SiLU gating: alpha=1, beta=0
     out           [M, H]            model dtype: sum_k w_k * down_k(h_k)
 """
 

@@ -17,7 +17,24 @@ E2M1_EMAX = 2  # exponent of the largest E2M1 magnitude (6 = 1.5 * 2**2)
 E2M1_MAX = 6.0
 
 # code -> value; codes 8..15 are the negations of 0..7 (0x8 is -0.0)
-E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+E2M1_VALUES = (
+    0.0,
+    0.5,
+    1.0,
+    1.5,
+    2.0,
+    3.0,
+    4.0,
+    6.0,
+    -0.0,
+    -0.5,
+    -1.0,
+    -1.5,
+    -2.0,
+    -3.0,
+    -4.0,
+    -6.0,
+)
 
 # Midpoints between neighbouring magnitudes. A value equal to a midpoint rounds to the even code
 # (mantissa bit 0): down at 0.25, 1.25, 2.5, 5.0 and up at 0.75, 1.75, 3.5.
@@ -53,7 +70,7 @@ def e8m0_decode(scales: torch.Tensor) -> torch.Tensor:
 
 
 def pack_fp4(codes: torch.Tensor) -> torch.Tensor:
-    """codes [..., K] uint8 -> bytes [..., K // 2]; element 2i in the low nibble, 2i+1 in the high."""
+    """codes [..., K] uint8 -> bytes [..., K // 2]; element 2i low nibble, 2i+1 high nibble."""
     if codes.shape[-1] % 2:
         raise ValueError(f"cannot pack an odd number of FP4 codes: last dim {codes.shape[-1]}")
     codes = codes.to(torch.uint8)
@@ -83,7 +100,7 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError("cannot quantize non-finite weights to MXFP4")
     blocks = wf.reshape(*wf.shape[:-1], k // BLOCK, BLOCK)  # [..., K/32, 32]
     amax = blocks.abs().amax(dim=-1)  # [..., K/32]
-    # frexp gives amax = m * 2**e with m in [0.5, 1): floor(log2(amax)) = e - 1, exact for all floats
+    # frexp: amax = m * 2**e with m in [0.5, 1), so floor(log2(amax)) = e - 1, exactly
     _, exp = torch.frexp(amax)
     shared = torch.where(amax > 0, exp - 1 - E2M1_EMAX, torch.full_like(exp, -E8M0_BIAS))
     shared = shared.clamp(-E8M0_BIAS, E8M0_BIAS)
@@ -98,7 +115,9 @@ def dequantize_mxfp4(
     """(packed [..., K // 2], scales [..., K // 32]) -> values [..., K] in ``dtype``."""
     k = packed.shape[-1] * 2
     if scales.shape[-1] * BLOCK != k or scales.shape[:-1] != packed.shape[:-1]:
-        raise ValueError(f"MXFP4 shapes disagree: packed {tuple(packed.shape)}, scales {tuple(scales.shape)}")
+        raise ValueError(
+            f"MXFP4 shapes disagree: packed {tuple(packed.shape)}, scales {tuple(scales.shape)}"
+        )
     vals = e2m1_decode(unpack_fp4(packed))  # [..., K]
     vals = vals.reshape(*vals.shape[:-1], k // BLOCK, BLOCK)
     exp = scales.to(torch.int32).unsqueeze(-1) - E8M0_BIAS
@@ -112,7 +131,7 @@ def random_mxfp4(
     """Random MXFP4 weights [..., K] whose dequantized values have roughly the given std.
 
     Codes are uniform over the 16 E2M1 codes (std of the grid about 3.1) and every block gets the
-    power-of-two scale nearest to ``std / 3.1``, so a random checkpoint is cheap to make at any size.
+    power-of-two scale nearest to ``std / 3.1``: a random checkpoint is cheap at any size.
     """
     *lead, k = shape
     if k % BLOCK:

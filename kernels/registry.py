@@ -80,7 +80,8 @@ class Choice:
 
     def describe(self) -> str:
         lost = "; ".join(f"{n}: {why}" for n, why in self.rejected)
-        return f"{self.op}={self.backend.name} ({self.reason}{'; passed over ' + lost if lost else ''})"
+        lost = f"; passed over {lost}" if lost else ""
+        return f"{self.op}={self.backend.name} ({self.reason}{lost})"
 
 
 @dataclass
@@ -107,7 +108,8 @@ class Registry:
             named = [b for b in candidates if b.name == override]
             if not named:
                 raise ValueError(
-                    f"kernel override {op}={override!r} names no backend; choose from {self.names(op)}"
+                    f"kernel override {op}={override!r} names no backend; "
+                    f"choose from {self.names(op)}"
                 )
             # an override may pick a backend outside its default roles, never one that cannot run
             why = named[0].reject_reason(device, None)

@@ -1,0 +1,163 @@
+"""Write a random-weight Hugging Face checkpoint of the DeepSeek-V3 architecture.
+
+Tensor names are the hub's (per-expert ``mlp.experts.{i}.{gate,up,down}_proj.weight``), so
+transformers loads the directory too. Routed experts hold MXFP4-representable values, so
+quantizing them at load is lossless; with ``mxfp4=True`` they are stored pre-quantized in the
+GPT-OSS layout instead (``gate_up_proj_blocks`` with interleaved gate/up rows, ``*_scales``),
+which is the only way the large presets fit on a disk. Shards are written as they fill, so
+memory stays at one shard.
+
+Scales are chosen so the random model is well conditioned: every projection keeps activations
+near unit scale, and the logits spread by a few units, so greedy choices are not near-ties.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from cluster.presets import preset_config
+from cluster.tokenizer_trainer import train_tokenizer
+from kernels.mxfp4 import dequantize_mxfp4, random_mxfp4
+
+SHARD_BYTES = 2 << 30
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _normal(
+    shape: tuple[int, ...], std: float, g: torch.Generator, dtype: torch.dtype
+) -> torch.Tensor:
+    return (torch.randn(shape, generator=g) * std).to(dtype)
+
+
+def _tensors(
+    cfg: dict[str, Any], g: torch.Generator, dtype: torch.dtype, mxfp4: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    qk = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    r, rope = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+
+    def lin(out: int, inp: int, gain: float = 1.0) -> torch.Tensor:
+        return _normal((out, inp), gain / math.sqrt(inp), g, dtype)
+
+    def ones(n: int) -> torch.Tensor:
+        return (1.0 + _normal((n,), 0.1, g, torch.float32)).to(dtype)
+
+    yield "model.embed_tokens.weight", _normal((cfg["vocab_size"], h), 1.0, g, dtype)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", ones(h)
+        yield p + "post_attention_layernorm.weight", ones(h)
+        a = p + "self_attn."
+        if cfg["q_lora_rank"] is None:
+            yield a + "q_proj.weight", lin(heads * qk, h)
+        else:
+            yield a + "q_a_proj.weight", lin(cfg["q_lora_rank"], h)
+            yield a + "q_a_layernorm.weight", ones(cfg["q_lora_rank"])
+            yield a + "q_b_proj.weight", lin(heads * qk, cfg["q_lora_rank"])
+        yield a + "kv_a_proj_with_mqa.weight", lin(r + rope, h)
+        yield a + "kv_a_layernorm.weight", ones(r)
+        yield a + "kv_b_proj.weight", lin(heads * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), r)
+        yield a + "o_proj.weight", lin(h, heads * cfg["v_head_dim"], 0.5)
+        m = p + "mlp."
+        if i < cfg["first_k_dense_replace"]:
+            inter = cfg["intermediate_size"]
+            yield m + "gate_proj.weight", lin(inter, h)
+            yield m + "up_proj.weight", lin(inter, h)
+            yield m + "down_proj.weight", lin(h, inter, 0.5)
+            continue
+        e, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+        yield m + "gate.weight", lin(e, h, 2.0)
+        yield m + "gate.e_score_correction_bias", _normal((e,), 0.05, g, torch.float32)
+        if cfg["n_shared_experts"]:
+            shared = inter * cfg["n_shared_experts"]
+            yield m + "shared_experts.gate_proj.weight", lin(shared, h)
+            yield m + "shared_experts.up_proj.weight", lin(shared, h)
+            yield m + "shared_experts.down_proj.weight", lin(h, shared, 0.5)
+        if mxfp4:
+            # GPT-OSS layout: gate/up rows interleaved, blocks [E, rows, K/32, 16]
+            w13, s13 = random_mxfp4((e, 2 * inter, h), 1 / math.sqrt(h), g)
+            w2, s2 = random_mxfp4((e, h, inter), 0.5 / math.sqrt(inter), g)
+            yield m + "experts.gate_up_proj_blocks", w13.view(e, 2 * inter, h // 32, 16)
+            yield m + "experts.gate_up_proj_scales", s13
+            yield m + "experts.down_proj_blocks", w2.view(e, h, inter // 32, 16)
+            yield m + "experts.down_proj_scales", s2
+            continue
+        for j in range(e):
+            x = m + f"experts.{j}."
+            for name, shape, std in (
+                ("gate_proj", (inter, h), 1 / math.sqrt(h)),
+                ("up_proj", (inter, h), 1 / math.sqrt(h)),
+                ("down_proj", (h, inter), 0.5 / math.sqrt(inter)),
+            ):
+                q, s = random_mxfp4(shape, std, g)
+                yield x + name + ".weight", dequantize_mxfp4(q, s, dtype)
+    yield "model.norm.weight", ones(h)
+    yield "lm_head.weight", lin(cfg["vocab_size"], h, 3.0)
+
+
+def make_model(
+    out: str | Path,
+    preset: str = "tiny",
+    *,
+    mxfp4: bool = False,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Write config, tokenizer and random weights into ``out``; returns the directory."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unsupported checkpoint dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = preset_config(preset, overrides)
+    n_tok = train_tokenizer(
+        out,
+        vocab_size=4096 if preset != "tiny" else 1024,
+        max_length=cfg["max_position_embeddings"],
+    )
+    if cfg["vocab_size"] is None:
+        cfg["vocab_size"] = n_tok
+    if cfg["vocab_size"] < n_tok:
+        raise ValueError(f"vocab_size {cfg['vocab_size']} is smaller than the tokenizer's {n_tok}")
+    cfg["torch_dtype"] = dtype
+    if mxfp4:
+        cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    gen = {
+        "bos_token_id": cfg["bos_token_id"],
+        "eos_token_id": cfg["eos_token_id"],
+        "do_sample": False,
+    }
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+
+    g = torch.Generator().manual_seed(seed)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes = [0]
+    files: list[str] = []
+    weight_map: dict[str, str] = {}
+
+    def flush() -> None:
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shards[-1], str(out / name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in shards[-1]})
+        shards[-1], sizes[-1] = {}, 0
+
+    for name, tensor in _tensors(cfg, g, DTYPES[dtype], mxfp4):
+        nbytes = tensor.numel() * tensor.element_size()
+        if sizes[-1] and sizes[-1] + nbytes > SHARD_BYTES:
+            flush()
+        shards[-1][name] = tensor.contiguous()
+        sizes[-1] += nbytes
+    flush()
+    total = sum((out / f).stat().st_size for f in files)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out

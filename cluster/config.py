@@ -1,0 +1,221 @@
+"""Configs every process agrees on: frozen dataclasses, resolved once, never mutated."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding of the rope part of q and k; plain or YaRN-scaled."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"  # "default" or "yarn"
+    factor: float = 1.0  # YaRN context-extension factor
+    original_max_position_embeddings: int = 4096  # pretraining context of a YaRN model
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None  # DeepSeek: also scales the softmax by mscale(factor)**2
+    attention_factor: float | None = None  # multiplies cos/sin; derived from mscale when None
+    truncate: bool = True  # round the YaRN correction range to whole dims
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any]) -> RopeConfig:
+        """Read either the published style (``rope_theta`` + ``rope_scaling``) or the one
+        transformers >= 5 writes (``rope_parameters``)."""
+        params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        if rope_type not in ("default", "yarn"):
+            raise ValueError(f"unsupported rope type {rope_type!r}; supported: default, yarn")
+        max_pos = int(cfg.get("max_position_embeddings", 4096))
+        if rope_type == "default":
+            return RopeConfig(theta=float(theta))
+        orig = int(params.get("original_max_position_embeddings") or max_pos)
+        factor = params.get("factor")
+        return RopeConfig(
+            theta=float(theta),
+            rope_type="yarn",
+            factor=float(factor) if factor is not None else max_pos / orig,
+            original_max_position_embeddings=orig,
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            mscale=params.get("mscale"),
+            mscale_all_dim=params.get("mscale_all_dim"),
+            attention_factor=params.get("attention_factor"),
+            truncate=bool(params.get("truncate", True)),
+        )
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The DeepSeek-V3 architecture's dimensions, read from a checkpoint's config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # dense MLP layers
+    moe_intermediate_size: int  # each routed and shared expert
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int | None  # None: q is one projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int  # latent width, cached
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int  # rope width, cached once per token (shared by all heads)
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    first_k_dense_replace: int  # layers before this index use a dense MLP
+    norm_topk_prob: bool
+    routed_scaling_factor: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    rope_interleave: bool  # rope dims come in (even, odd) pairs, as DeepSeek's weights have them
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    experts_prequantized: bool = False  # experts stored as MXFP4 *_blocks/*_scales
+    checkpoint_dtype: str = "bfloat16"
+
+    @staticmethod
+    def from_hf(cfg: dict[str, Any]) -> ModelConfig:
+        archs = cfg.get("architectures") or ["DeepseekV3ForCausalLM"]
+        if archs[0] not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {archs[0]!r}; supported: {SUPPORTED_ARCHITECTURES}"
+            )
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only silu")
+        if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ValueError(f"unsupported scoring_func {cfg['scoring_func']!r}; only sigmoid")
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        quant = cfg.get("quantization_config") or {}
+        if quant and quant.get("quant_method") != "mxfp4":
+            raise ValueError(f"unsupported quantization {quant.get('quant_method')!r}; only mxfp4")
+        return ModelConfig(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            moe_intermediate_size=cfg["moe_intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            q_lora_rank=cfg.get("q_lora_rank"),
+            kv_lora_rank=cfg["kv_lora_rank"],
+            qk_nope_head_dim=cfg["qk_nope_head_dim"],
+            qk_rope_head_dim=cfg["qk_rope_head_dim"],
+            v_head_dim=cfg["v_head_dim"],
+            n_routed_experts=cfg["n_routed_experts"],
+            n_shared_experts=cfg.get("n_shared_experts") or 0,
+            num_experts_per_tok=cfg["num_experts_per_tok"],
+            n_group=cfg.get("n_group") or 1,
+            topk_group=cfg.get("topk_group") or 1,
+            first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
+            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            rope=RopeConfig.from_hf(cfg),
+            rope_interleave=bool(cfg.get("rope_interleave", True)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            experts_prequantized=bool(quant),
+            checkpoint_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
+        )
+
+    @staticmethod
+    def from_dir(path: str | Path) -> ModelConfig:
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise ValueError(f"no config.json in model directory {str(path)!r}")
+        return ModelConfig.from_hf(json.loads(config_file.read_text()))
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_cache_dim(self) -> int:
+        """Width of one cached token: the normalized latent, then the rotated rope key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt of the unabsorbed q.k width, times YaRN's mscale(factor)**2 when configured."""
+        scale = self.qk_head_dim**-0.5
+        if self.rope.rope_type != "default" and self.rope.mscale_all_dim:
+            m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        return self.num_hidden_layers * self.kv_cache_dim * torch.finfo(dtype).bits // 8
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache. Both sides of a KV transfer must agree on all of it."""
+
+    block_size: int = 64  # tokens per block; FlashMLA's page size
+    num_blocks: int | None = None  # fixed count; None sizes the cache from memory
+    gpu_memory_fraction: float = 0.9  # of free GPU memory after weights, for the KV cache
+    cpu_kv_bytes: int = 1 << 30  # KV cache size on CPU
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching limits of one engine."""
+
+    max_num_seqs: int = 256  # running requests at once
+    max_num_batched_tokens: int = 8192  # tokens per forward pass: decodes + prefill chunks
+    max_model_len: int | None = None  # prompt + output; None takes the model's max positions
+    long_prefill_token_threshold: int = 0  # >0: cap one request's chunk so prompts share a step
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything one engine (a single process, or one TP rank) needs."""
+
+    model: str  # checkpoint directory
+    dtype: str = "auto"  # "auto" (bfloat16 on GPU, float32 on CPU), "bfloat16", "float32"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
+    seed: int = 0
+    role: str = "colocated"  # "prefill", "decode" or "colocated": picks kernels
+    kernel_overrides: dict[str, str] = field(default_factory=dict)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        names = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if self.dtype not in names:
+            raise ValueError(f"unsupported dtype {self.dtype!r}; choose auto, bfloat16 or float32")
+        return names[self.dtype]

@@ -1,0 +1,230 @@
+"""The single-process engine: schedule -> run -> postprocess, one step at a time.
+
+Tests use it directly, ``pdserve generate`` wraps it, and a colocated decode replica runs it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Sequence
+
+import msgspec
+
+from cluster.block_manager import BlockManager
+from cluster.config import EngineConfig, ModelConfig
+from cluster.detokenizer import IncrementalDetokenizer
+from cluster.model_runner import ModelRunner
+from cluster.parallel import SINGLE, TensorParallel
+from cluster.request import FinishReason, Request
+from cluster.sampler import SampledToken
+from cluster.sampling_params import SamplingParams
+from cluster.scheduler import Scheduler, SchedulerOutput
+from cluster.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class TokenLogprob(msgspec.Struct, frozen=True):
+    """One output token's log-probability and the best alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+
+
+class RequestOutput(msgspec.Struct, kw_only=True):
+    """What one step produced for one request: the new tokens and text since the last output.
+    ``generate`` accumulates these into whole outputs."""
+
+    request_id: str
+    token_ids: list[int]  # new token ids
+    text: str  # new text
+    logprobs: list[TokenLogprob] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # total so far
+    prompt_token_ids: list[int] | None = None  # set on the first output only
+    error: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tp: TensorParallel = SINGLE) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        self.tokenizer = Tokenizer(config.model)
+        limit = config.scheduler.max_model_len or self.model_config.max_position_embeddings
+        if limit > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {limit} exceeds the model's max_position_embeddings "
+                f"{self.model_config.max_position_embeddings}"
+            )
+        self.max_model_len = limit
+        self.runner = ModelRunner(config, self.model_config, limit, tp)
+        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, limit)
+        self.eos_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._sent_prompt: set[str] = set()
+        self._ids = itertools.count()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model_config.vocab_size
+
+    # ---- requests ----
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        """Raise ValueError naming what makes the request unservable."""
+        sampling.validate(self.vocab_size)
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; the context limit is "
+                f"{self.max_model_len}"
+            )
+        # the whole sequence must fit the cache at once, or it could never finish
+        need = self.blocks.blocks_for(
+            min(len(prompt_ids) + sampling.max_tokens, self.max_model_len)
+        )
+        if need > self.blocks.num_blocks:
+            raise ValueError(
+                f"prompt + max_tokens needs {need} KV blocks; the cache has "
+                f"{self.blocks.num_blocks}"
+            )
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        sampling: SamplingParams,
+        request_id: str | None = None,
+    ) -> str:
+        ids = self.tokenize(prompt)
+        self.validate(ids, sampling)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        self.scheduler.add(Request(rid, ids, sampling))
+        self._detok[rid] = IncrementalDetokenizer(
+            self.tokenizer,
+            ids,
+            sampling.stop,
+            sampling.include_stop_str_in_output,
+            sampling.skip_special_tokens,
+        )
+        return rid
+
+    def abort(self, request_id: str) -> bool:
+        req = self.scheduler.abort(request_id)
+        self._forget(request_id)
+        return req is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- one step ----
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        sampled = self.runner.execute(sched)
+        return self.postprocess(sched, sampled)
+
+    def postprocess(
+        self, sched: SchedulerOutput, sampled: list[SampledToken]
+    ) -> list[RequestOutput]:
+        outputs = []
+        it = iter(sampled)
+        for chunk in sched.chunks:
+            if not chunk.sample:
+                continue
+            tok = next(it)
+            req = self.scheduler.requests.get(chunk.request_id)
+            if req is None:  # aborted while the step ran
+                continue
+            outputs.append(self._append(req, tok))
+        return outputs
+
+    def _append(self, req: Request, tok: SampledToken) -> RequestOutput:
+        sp = req.sampling
+        req.output_token_ids.append(tok.token_id)
+        detok = self._detok[req.request_id]
+        stop_str = detok.add(tok.token_id)
+        reason: FinishReason | None = None
+        if tok.token_id in sp.stop_token_ids:
+            reason, req.stop_reason = FinishReason.STOP, tok.token_id
+        elif not sp.ignore_eos and tok.token_id in self.eos_ids:
+            reason = FinishReason.STOP
+        elif stop_str is not None:
+            reason, req.stop_reason = FinishReason.STOP, stop_str
+        elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+        first = req.request_id not in self._sent_prompt
+        self._sent_prompt.add(req.request_id)
+        out = RequestOutput(
+            request_id=req.request_id,
+            token_ids=[tok.token_id],
+            text=detok.take(finished=reason is not None),
+            logprobs=None
+            if sp.logprobs is None
+            else [TokenLogprob(tok.token_id, tok.logprob, tok.top_logprobs or ())],
+            finished=reason is not None,
+            finish_reason=None if reason is None else reason.value,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            num_output_tokens=len(req.output_token_ids),
+            prompt_token_ids=req.prompt_token_ids if first else None,
+        )
+        if reason is not None:
+            self._forget(req.request_id)
+        return out
+
+    def _forget(self, request_id: str) -> None:
+        self._detok.pop(request_id, None)
+        self._sent_prompt.discard(request_id)
+
+    # ---- offline batch API ----
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        sampling: SamplingParams | Sequence[SamplingParams],
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; one accumulated output per prompt, in order."""
+        params = (
+            [sampling] * len(prompts) if isinstance(sampling, SamplingParams) else list(sampling)
+        )
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        rids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        done: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                acc = done.get(out.request_id)
+                if acc is None:
+                    done[out.request_id] = out
+                    out.logprobs = None if out.logprobs is None else list(out.logprobs)
+                    continue
+                acc.token_ids += out.token_ids
+                acc.text += out.text
+                if out.logprobs is not None:
+                    acc.logprobs = (acc.logprobs or []) + out.logprobs
+                acc.finished, acc.finish_reason = out.finished, out.finish_reason
+                acc.stop_reason, acc.num_output_tokens = out.stop_reason, out.num_output_tokens
+        return [done[r] for r in rids]

@@ -1,0 +1,119 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) over a paged latent cache.
+
+Every token's normalized latent c_kv and rotated rope key k_pe are written to the cache as one
+row of width kv_lora_rank + rope_dim. Decode absorbs the key up-projection into the query
+(q_lat = W_UK^T q_nope) and runs MQA over cache rows, then applies W_UV to the latent output.
+Prefill gathers each sequence's cached rows, up-projects them to per-head keys and values, and
+runs causal attention. Heads are split over tensor-parallel ranks; the latent is replicated.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cluster.config import ModelConfig
+from cluster.model.attention_metadata import AttentionMetadata
+from cluster.model.layers import Linear, RMSNorm
+from cluster.model.rope import RotaryEmbedding
+from cluster.parallel import TensorParallel
+from kernels import KernelSet
+
+LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm and kv_a_layernorm with the default eps
+
+
+class MLAAttention(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rope: RotaryEmbedding,
+        kernels: KernelSet,
+        dtype: torch.dtype,
+        tp: TensorParallel,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.rope, self.kernels = cfg, rope, kernels
+        self.heads = tp.split(cfg.num_attention_heads, "num_attention_heads")
+        self.nope, self.rope_dim, self.v_dim = (
+            cfg.qk_nope_head_dim,
+            cfg.qk_rope_head_dim,
+            cfg.v_head_dim,
+        )
+        self.rank = cfg.kv_lora_rank
+        self.scale = cfg.softmax_scale
+        h, qk = cfg.hidden_size, cfg.qk_head_dim
+        n = cfg.num_attention_heads
+        kw = dict(dtype=dtype, tp=tp)
+        if cfg.q_lora_rank is None:
+            self.q_proj = Linear(h, n * qk, mode="column", **kw)
+        else:
+            self.q_a_proj = Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias, **kw)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, dtype)
+            self.q_b_proj = Linear(cfg.q_lora_rank, n * qk, mode="column", **kw)
+        self.kv_a_proj_with_mqa = Linear(
+            h, self.rank + self.rope_dim, bias=cfg.attention_bias, **kw
+        )
+        self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS, dtype)
+        self.kv_b_proj = Linear(self.rank, n * (self.nope + self.v_dim), mode="column", **kw)
+        self.o_proj = Linear(n * self.v_dim, h, mode="row", bias=cfg.attention_bias, **kw)
+
+    def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, r] and W_UV [H, v, r]: views of kv_b_proj's weight, no copies."""
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
+        return w[:, : self.nope], w[:, self.nope :]
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [T]
+        x: torch.Tensor,  # [T, hidden]
+        kv_cache: torch.Tensor,  # [num_blocks, block_size, r + rope]
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden], a partial sum under tensor parallelism
+        t = x.shape[0]
+        if self.cfg.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(t, self.heads, self.nope + self.rope_dim)
+        q_nope, q_pe = q[..., : self.nope], self.rope(positions, q[..., self.nope :])  # [T, H, *]
+        ckv = self.kv_a_proj_with_mqa(x)  # [T, r + rope]
+        latent = self.kv_a_layernorm(ckv[:, : self.rank])  # [T, r]
+        k_pe = self.rope(positions, ckv[:, self.rank :])  # [T, rope]
+        cache_rows = kv_cache.view(-1, self.rank + self.rope_dim)
+        cache_rows.index_copy_(0, meta.slot_mapping, torch.cat((latent, k_pe), dim=-1))
+
+        out = x.new_empty(t, self.heads, self.v_dim)  # [T, H, v]
+        nd = meta.num_decode_tokens
+        if nd:  # decode
+            out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], kv_cache, meta)
+        if nd < t:  # prefill
+            out[nd:] = self._prefill(q_nope[nd:], q_pe[nd:], cache_rows, meta)
+        return self.o_proj(out.view(t, self.heads * self.v_dim))
+
+    def _decode(self, q_nope, q_pe, kv_cache, meta) -> torch.Tensor:
+        w_uk, w_uv = self.absorbed()
+        q_lat = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [Td, H, r]
+        q_full = torch.cat((q_lat, q_pe), dim=-1)  # [Td, H, r + rope]
+        o_lat = self.kernels.mla_decode(
+            q_full, kv_cache, meta.decode_block_table, meta.decode_seq_lens, self.scale, self.rank
+        )  # [Td, H, r]
+        return torch.einsum("thr,hvr->thv", o_lat, w_uv)  # [Td, H, v]
+
+    def _prefill(self, q_nope, q_pe, cache_rows, meta) -> torch.Tensor:
+        ctx = cache_rows[meta.prefill_ctx_slots]  # [Tk, r + rope]
+        kv = self.kv_b_proj(ctx[:, : self.rank]).view(-1, self.heads, self.nope + self.v_dim)
+        k_pe = ctx[:, None, self.rank :].expand(-1, self.heads, -1)  # [Tk, H, rope]
+        k = torch.cat((kv[..., : self.nope], k_pe), dim=-1)  # [Tk, H, qk]
+        v = kv[..., self.nope :].contiguous()  # [Tk, H, v]
+        q = torch.cat((q_nope, q_pe), dim=-1)  # [Tp, H, qk]
+        return self.kernels.mla_prefill(
+            q,
+            k,
+            v,
+            meta.prefill_cu_seqlens_q,
+            meta.prefill_cu_seqlens_k,
+            meta.prefill_max_q,
+            meta.prefill_max_k,
+            self.scale,
+        )

@@ -1,0 +1,180 @@
+"""Tensor-parallel building blocks. Each takes its checkpoint tensors whole and keeps its shard.
+
+Loading protocol: a module with ``load_weight(name, tensor)`` receives every checkpoint tensor
+whose name starts with the module's path (``name`` is the rest, e.g. ``"weight"``), and
+``missing_weights()`` lists what it still lacks, so a partial checkpoint is an error, not garbage.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster.parallel import TensorParallel
+
+
+def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if dst.shape != src.shape:
+        raise ValueError(
+            f"{what}: checkpoint shape {tuple(src.shape)}, expected {tuple(dst.shape)}"
+        )
+    dst.copy_(src.to(dtype=dst.dtype))
+
+
+class Loadable(nn.Module):
+    """Tracks which of ``expected`` names have been loaded."""
+
+    expected: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._loaded: set[str] = set()
+
+    def mark_loaded(self, name: str) -> None:
+        self._loaded.add(name)
+
+    def missing_weights(self) -> list[str]:
+        return [n for n in self.expected if n not in self._loaded]
+
+
+class RMSNorm(Loadable):
+    """RMSNorm computed in float32, as transformers' DeepseekV3RMSNorm does."""
+
+    expected = ("weight",)
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _empty(dim, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        if name != "weight":
+            raise ValueError(f"unexpected norm tensor {name!r}")
+        _copy(self.weight.data, tensor, name)
+        self.mark_loaded(name)
+
+
+class Linear(Loadable):
+    """y = x W^T (+ b), W sharded by output rows ("column"), input columns ("row") or not at all.
+
+    A row-parallel layer returns this rank's partial sum; the caller all-reduces (once per block,
+    after adding the other partial sums it owns).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        dtype: torch.dtype,
+        tp: TensorParallel,
+        mode: str = "replicated",
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if mode not in ("replicated", "column", "row"):
+            raise ValueError(f"unknown linear mode {mode!r}")
+        self.mode, self.tp = mode, tp
+        out_l = tp.split(out_features, "output features") if mode == "column" else out_features
+        in_l = tp.split(in_features, "input features") if mode == "row" else in_features
+        self.weight = _empty(out_l, in_l, dtype=dtype)
+        self.bias = _empty(out_l, dtype=dtype) if bias else None
+        self.expected = ("weight", "bias") if bias else ("weight",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a row-parallel bias is added by rank 0 only, so the all-reduce counts it once
+        bias = self.bias if self.mode != "row" or self.tp.rank == 0 else None
+        return F.linear(x, self.weight, bias)
+
+    def shard(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """This rank's slice of a whole checkpoint tensor."""
+        r = self.tp.rank
+        if self.mode == "column":
+            n = tensor.shape[0] // self.tp.size
+            return tensor[r * n : (r + 1) * n]
+        if self.mode == "row" and name == "weight":
+            n = tensor.shape[1] // self.tp.size
+            return tensor[:, r * n : (r + 1) * n]
+        return tensor
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        if name not in self.expected:
+            raise ValueError(f"unexpected linear tensor {name!r}")
+        _copy(getattr(self, name).data, self.shard(tensor, name), name)
+        self.mark_loaded(name)
+
+
+class DenseMLP(Loadable):
+    """down(silu(gate(x)) * up(x)), gate and up in one column-parallel matmul. Returns a partial
+    sum under tensor parallelism."""
+
+    expected = ("gate_proj.weight", "up_proj.weight")  # down_proj is a Linear of its own
+
+    def __init__(self, hidden: int, inter: int, *, dtype: torch.dtype, tp: TensorParallel) -> None:
+        super().__init__()
+        self.inter = tp.split(inter, "MLP intermediate size")
+        self.gate_up_weight = _empty(2 * self.inter, hidden, dtype=dtype)  # [gate; up] shards
+        self.down_proj = Linear(inter, hidden, dtype=dtype, tp=tp, mode="row")
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.linear(x, self.gate_up_weight)  # [T, 2I]
+        return self.down_proj(F.silu(h[:, : self.inter]) * h[:, self.inter :])
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.expected:
+            r, n = self.tp.rank, self.inter
+            half = 0 if name.startswith("gate") else 1
+            dst = self.gate_up_weight.data[half * n : (half + 1) * n]
+            _copy(dst, tensor[r * n : (r + 1) * n], name)
+        else:
+            raise ValueError(f"unexpected MLP tensor {name!r}")
+        self.mark_loaded(name)
+
+
+class VocabEmbedding(Loadable):
+    """Token embedding with the vocabulary split over ranks (padded to split evenly)."""
+
+    expected = ("weight",)
+
+    def __init__(self, vocab: int, hidden: int, *, dtype: torch.dtype, tp: TensorParallel) -> None:
+        super().__init__()
+        self.vocab, self.tp = vocab, tp
+        self.per_rank = -(-vocab // tp.size)
+        self.start = tp.rank * self.per_rank
+        self.weight = _empty(self.per_rank, hidden, dtype=dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(out)
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        if name != "weight":
+            raise ValueError(f"unexpected embedding tensor {name!r}")
+        rows = tensor[self.start : self.start + self.per_rank]
+        self.weight.data.zero_()
+        _copy(self.weight.data[: rows.shape[0]], rows, name)
+        self.mark_loaded(name)
+
+
+class LMHead(VocabEmbedding):
+    """Logits over the whole vocabulary: each rank scores its slice, then an all-gather."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        logits = F.linear(hidden, self.weight)  # [N, V / tp]
+        return self.tp.all_gather_last(logits)[:, : self.vocab]

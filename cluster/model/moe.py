@@ -1,0 +1,147 @@
+"""DeepSeek-V3 MoE block: sigmoid router with group-limited top-k, MXFP4 routed experts, shared
+experts. Under tensor parallelism every expert's intermediate dim is split over ranks, so each
+rank returns a partial sum and the decoder layer all-reduces once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster.config import ModelConfig
+from cluster.model.layers import DenseMLP, Loadable, _copy, _empty
+from cluster.parallel import TensorParallel
+from kernels import KernelSet, MoeWeights, SwiGLU, grouped_topk
+from kernels.mxfp4 import BLOCK, quantize_mxfp4
+
+_PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
+
+
+class Router(Loadable):
+    """Scores in float32, as transformers does; the correction bias only steers selection."""
+
+    expected = ("weight",)
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = _empty(cfg.n_routed_experts, cfg.hidden_size, dtype=dtype)
+        # absent from checkpoints without aux-loss-free balancing: zeros then
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts))
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        if name == "weight":
+            _copy(self.weight.data, tensor, name)
+        elif name == "e_score_correction_bias":
+            _copy(self.e_score_correction_bias, tensor, name)
+        else:
+            raise ValueError(f"unexpected router tensor {name!r}")
+        self.mark_loaded(name)
+
+
+class MXFP4Experts(Loadable):
+    """Routed experts of one layer, this rank's intermediate shard, stored as MXFP4."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+        super().__init__()
+        e, h = cfg.n_routed_experts, cfg.hidden_size
+        self.tp = tp
+        self.inter = tp.split(cfg.moe_intermediate_size, "moe_intermediate_size")
+        i = self.inter
+        if h % BLOCK or i % BLOCK:
+            raise ValueError(
+                f"MXFP4 experts need hidden ({h}) and per-rank expert intermediate ({i}) sizes "
+                f"that are multiples of {BLOCK}"
+            )
+        u8 = dict(dtype=torch.uint8)
+        self.register_buffer("w13", torch.empty(e, 2 * i, h // 2, **u8))  # gate rows, then up
+        self.register_buffer("s13", torch.empty(e, 2 * i, h // BLOCK, **u8))
+        self.register_buffer("w2", torch.empty(e, h, i // 2, **u8))
+        self.register_buffer("s2", torch.empty(e, h, i // BLOCK, **u8))
+        self.register_buffer("_have", torch.zeros(e, 3, dtype=torch.bool), persistent=False)
+
+    def weights(self) -> MoeWeights:
+        return MoeWeights(self.w13, self.s13, self.w2, self.s2)
+
+    def missing_weights(self) -> list[str]:
+        missing = (~self._have).nonzero().tolist()
+        return [f"{e}.{list(_PROJ)[p]}.weight" for e, p in missing[:8]]
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        i, r = self.inter, self.tp.rank
+        rows = slice(r * i, (r + 1) * i)  # this rank's intermediate range
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0].isdigit() and parts[1] in _PROJ and parts[2] == "weight":
+            e, proj = int(parts[0]), _PROJ[parts[1]]  # per-expert tensors, as on the hub
+            if proj == 2:  # down [H, I]
+                self.w2[e], self.s2[e] = quantize_mxfp4(tensor[:, rows])
+            else:  # gate / up [I, H]
+                dst = slice(proj * i, (proj + 1) * i)
+                self.w13[e, dst], self.s13[e, dst] = quantize_mxfp4(tensor[rows])
+            self._have[e, proj] = True
+        elif name == "gate_up_proj":  # transformers >= 5 fused: [E, 2I, H], gate half first
+            full = tensor.shape[1] // 2
+            for e in range(tensor.shape[0]):
+                gate, up = tensor[e, :full][rows], tensor[e, full:][rows]
+                self.w13[e], self.s13[e] = quantize_mxfp4(torch.cat((gate, up)))
+            self._have[:, :2] = True
+        elif name == "down_proj":  # [E, H, I]
+            for e in range(tensor.shape[0]):
+                self.w2[e], self.s2[e] = quantize_mxfp4(tensor[e][:, rows])
+            self._have[:, 2] = True
+        elif name in ("gate_up_proj_blocks", "gate_up_proj_scales"):
+            # GPT-OSS layout: rows interleaved (2j gate j, 2j+1 up j); blocks [E, 2I, K/32, 16]
+            t = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+            gate_up = torch.cat((t[:, 0::2][:, rows], t[:, 1::2][:, rows]), dim=1)
+            _copy(self.w13 if name.endswith("blocks") else self.s13, gate_up, name)
+            self._have[:, :2] = True
+        elif name in ("down_proj_blocks", "down_proj_scales"):  # [E, H, I/32, 16] / [E, H, I/32]
+            per = 16 if name.endswith("blocks") else 1  # bytes per 32-element group
+            t = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+            cols = slice(r * i // BLOCK * per, (r + 1) * i // BLOCK * per)
+            _copy(self.w2 if name.endswith("blocks") else self.s2, t[:, :, cols], name)
+            self._have[:, 2] = True
+        else:
+            raise ValueError(f"unexpected expert tensor {name!r}")
+
+
+class MoEBlock(nn.Module):
+    def __init__(
+        self, cfg: ModelConfig, *, kernels: KernelSet, dtype: torch.dtype, tp: TensorParallel
+    ) -> None:
+        super().__init__()
+        self.cfg, self.kernels = cfg, kernels
+        self.act = SwiGLU()
+        self.gate = Router(cfg, dtype)
+        self.experts = MXFP4Experts(cfg, tp)
+        self.shared_experts = (
+            DenseMLP(
+                cfg.hidden_size,
+                cfg.moe_intermediate_size * cfg.n_shared_experts,
+                dtype=dtype,
+                tp=tp,
+            )
+            if cfg.n_shared_experts
+            else None
+        )
+        self.prepared = None  # the experts in each MoE backend's layout, set by post_load
+
+    def post_load(self) -> None:
+        self.prepared = self.kernels.prepare_moe(self.experts.weights())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H] partial sum
+        cfg = self.cfg
+        logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
+        topk_weights, topk_ids = grouped_topk(
+            logits,
+            cfg.num_experts_per_tok,
+            correction_bias=self.gate.e_score_correction_bias,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+        )  # [T, K] float32, [T, K]
+        y = self.kernels.moe(x, self.prepared, topk_ids, topk_weights, self.act)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y

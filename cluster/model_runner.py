@@ -1,0 +1,178 @@
+"""Turns a scheduled step (integers) into tensors, runs the model, samples.
+
+Owns the model, the paged KV cache ``[layers, num_blocks, block_size, kv_lora_rank + rope]`` and
+the sampler. Both workers use it: prefill runs chunks, decode runs single tokens, colocated both.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from cluster.config import EngineConfig, ModelConfig
+from cluster.model.attention_metadata import AttentionMetadata
+from cluster.model.deepseek_v3 import DeepseekV3ForCausalLM
+from cluster.model.weights import load_weights
+from cluster.parallel import SINGLE, TensorParallel
+from cluster.sampler import SampledToken, Sampler
+from cluster.scheduler import SchedulerOutput
+from kernels import DeviceInfo, KernelSet
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchInputs:
+    """The tensors of one step."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # [N] int64: the token rows whose logits are sampled
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        max_model_len: int,
+        tp: TensorParallel = SINGLE,
+    ) -> None:
+        self.config, self.model_config, self.tp = config, model_config, tp
+        self.device = config.resolve_device()
+        self.dtype = config.resolve_dtype(self.device)
+        self.block_size = config.cache.block_size
+        # ===== kernels =====
+        self.device_info = DeviceInfo.detect(self.device)
+        self.kernels = KernelSet.resolve(self.device_info, config.role, config.kernel_overrides)
+        for line in self.kernels.describe():
+            log.info("kernel %s", line)
+        # ===== model =====
+        start = time.perf_counter()
+        with torch.device(self.device):
+            self.model = DeepseekV3ForCausalLM(
+                model_config,
+                max_positions=max_model_len,
+                kernels=self.kernels,
+                dtype=self.dtype,
+                tp=tp,
+            )
+        n = load_weights(self.model, config.model, model_config.num_hidden_layers)
+        self.model.eval()
+        log.info(
+            "loaded %d tensors from %s as %s on %s in %.1fs",
+            n,
+            config.model,
+            self.dtype,
+            self.device,
+            time.perf_counter() - start,
+        )
+        # ===== KV cache =====
+        self.num_blocks = self._num_blocks(max_model_len)
+        shape = (
+            model_config.num_hidden_layers,
+            self.num_blocks,
+            self.block_size,
+            model_config.kv_cache_dim,
+        )
+        self.kv_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        log.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)",
+            self.num_blocks,
+            self.block_size,
+            self.kv_caches.numel() * self.kv_caches.element_size() / 2**20,
+            self.num_blocks * self.block_size,
+        )
+        self.sampler = Sampler(self.device, config.seed)
+
+    def _num_blocks(self, max_model_len: int) -> int:
+        cache = self.config.cache
+        if cache.num_blocks is not None:
+            return cache.num_blocks
+        block_bytes = self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cache.gpu_memory_fraction)
+        else:
+            budget = cache.cpu_kv_bytes
+        # no point in more than every running sequence at full length could use
+        most = self.config.scheduler.max_num_seqs * -(-max_model_len // self.block_size)
+        num = min(budget // block_bytes, most)
+        if num < 1:
+            raise ValueError(
+                f"no room for a single KV block ({block_bytes} bytes) on {self.device}"
+            )
+        return num
+
+    # ---- one step ----
+
+    def prepare(self, sched: SchedulerOutput) -> BatchInputs:
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        dec_tables: list[tuple[int, ...]] = []
+        dec_lens: list[int] = []
+        cu_q, cu_k, ctx_slots = [0], [0], []
+        max_q = max_k = 0
+        for c in sched.chunks:
+            ids.extend(c.token_ids)
+            for p in range(c.start, c.end):
+                pos.append(p)
+                slots.append(c.block_ids[p // bs] * bs + p % bs)
+            if c.sample:
+                sample_rows.append(len(ids) - 1)
+            if len(c.token_ids) == 1:  # decode: paged attention over the block table
+                assert not cu_k[1:], "single-token chunks must come before prefill chunks"
+                dec_tables.append(c.block_ids)
+                dec_lens.append(c.end)
+            else:  # prefill: attend over the whole context gathered from the cache
+                cu_q.append(cu_q[-1] + len(c.token_ids))
+                cu_k.append(cu_k[-1] + c.end)
+                ctx_slots.extend(c.block_ids[p // bs] * bs + p % bs for p in range(c.end))
+                max_q, max_k = max(max_q, len(c.token_ids)), max(max_k, c.end)
+        dev = self.device
+        width = max((len(t) for t in dec_tables), default=0)
+        table = [list(t) + [0] * (width - len(t)) for t in dec_tables]
+
+        def i32(x):
+            return torch.tensor(x, dtype=torch.int32, device=dev)
+
+        def i64(x):
+            return torch.tensor(x, dtype=torch.int64, device=dev)
+
+        meta = AttentionMetadata(
+            slot_mapping=i64(slots),
+            num_decode_tokens=len(dec_lens),
+            decode_block_table=i32(table).view(len(table), width),
+            decode_seq_lens=i32(dec_lens),
+            prefill_cu_seqlens_q=i32(cu_q),
+            prefill_cu_seqlens_k=i32(cu_k),
+            prefill_ctx_slots=i64(ctx_slots),
+            prefill_max_q=max_q,
+            prefill_max_k=max_k,
+        )
+        return BatchInputs(i64(ids), i64(pos), meta, i64(sample_rows))
+
+    @torch.inference_mode()
+    def compute_logits(self, sched: SchedulerOutput) -> torch.Tensor:
+        """Run one step and return the logits of the sampled rows [N, vocab] float32."""
+        inputs = self.prepare(sched)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+        return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
+        """Run one step; one sampled token per chunk with ``sample`` set, in chunk order."""
+        logits = self.compute_logits(sched)
+        sampled = [c for c in sched.chunks if c.sample]
+        if not sampled:
+            return []
+        return self.sampler(
+            logits, [c.sampling for c in sampled], [c.num_output_tokens for c in sampled]
+        )

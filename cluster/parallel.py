@@ -1,0 +1,40 @@
+"""Tensor parallelism inside one replica: this rank's place and its collectives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TensorParallel:
+    """Rank ``rank`` of ``size``; ``group`` is the torch.distributed group (None when size is 1)."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+
+    def split(self, n: int, what: str) -> int:
+        """This rank's share of a dimension of ``n`` that must split evenly."""
+        if n % self.size:
+            raise ValueError(f"{what} = {n} does not split over tensor-parallel size {self.size}")
+        return n // self.size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., n] on every rank -> [..., n * size], rank order."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+SINGLE = TensorParallel()

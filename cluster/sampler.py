@@ -1,0 +1,101 @@
+"""Pick the next token of every sampled sequence: greedy, or temperature / top-k / top-p.
+
+Random rows sample by the exponential race (argmax of p / q with q ~ Exp(1)), which equals a
+draw from p. A seeded request draws its noise from a generator keyed by (seed, token index), so
+its tokens do not depend on the batch it ran in, on preemption, or on which worker sampled which
+token (the prefill worker samples the first, a decode worker the rest).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cluster.sampling_params import SamplingParams
+
+_MASK = (1 << 63) - 1
+
+
+def token_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for token ``index`` of a request seeded with ``seed``."""
+    x = (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & _MASK
+    x ^= x >> 31
+    return (x * 0xD6E8FEB86659FD93) & _MASK
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None  # of the sampled token under the model's distribution
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # (token id, logprob), best first
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        logits: torch.Tensor,  # [N, V] float32
+        params: list[SamplingParams],
+        token_index: list[int],  # index of the token being sampled within each request's output
+    ) -> list[SampledToken]:
+        n = logits.shape[0]
+        tokens = logits.argmax(dim=-1)  # [N]; greedy rows keep this
+        rand_rows = [i for i, p in enumerate(params) if not p.greedy]
+        if rand_rows:
+            rows = torch.tensor(rand_rows, device=logits.device)
+            probs = self._filtered_probs(logits[rows], [params[i] for i in rand_rows])
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(rand_rows):
+                seed = params[i].seed
+                g = self.generator
+                if seed is not None:
+                    g = torch.Generator(device=logits.device).manual_seed(
+                        token_seed(seed, token_index[i])
+                    )
+                noise[j].exponential_(generator=g)
+            tokens[rows] = (probs / noise).argmax(dim=-1)
+        want = [p.logprobs for p in params]
+        if all(w is None for w in want):
+            return [SampledToken(t) for t in tokens.tolist()]
+        logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        k = max(w or 0 for w in want)
+        top_v, top_i = logprobs.topk(k, dim=-1) if k else (None, None)
+        out = []
+        for i, t in enumerate(tokens.tolist()):
+            if want[i] is None:
+                out.append(SampledToken(t))
+                continue
+            top = ()
+            if want[i]:
+                top = tuple(zip(top_i[i, : want[i]].tolist(), top_v[i, : want[i]].tolist()))
+            out.append(SampledToken(t, chosen[i], top))
+        assert len(out) == n
+        return out
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+        """Temperature, then top-k and top-p over the sorted logits -> probabilities [R, V]."""
+        dev = logits.device
+        temp = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+        scaled = logits / temp
+        top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
+        top_p = [p.top_p for p in params]
+        if min(top_k) >= logits.shape[1] and min(top_p) >= 1.0:
+            return torch.softmax(scaled, dim=-1)
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [R, V]
+        rank = torch.arange(logits.shape[1], device=dev)[None, :]
+        drop = rank >= torch.tensor(top_k, device=dev)[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p; the best token always stays
+        before = probs.cumsum(dim=-1) - probs
+        drop = before >= torch.tensor(top_p, device=dev)[:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        filtered = torch.full_like(scaled, float("-inf")).scatter_(1, order, sorted_logits)
+        return torch.softmax(filtered, dim=-1)

@@ -1,0 +1,176 @@
+"""Continuous batching under a token budget: decodes first, then prefill chunks. Integers only.
+
+Each step every running request that has sampled a token gets one decode slot; what is left of
+the token budget goes to prompts, a chunk at a time (a long prompt spans several steps). Requests
+join between steps and leave as soon as they finish. When a request needs a KV block and none is
+free, the most recently admitted request is preempted: its blocks are freed and it is re-queued
+at the front to recompute its prompt and the tokens it already produced.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from cluster.block_manager import BlockManager
+from cluster.config import SchedulerConfig
+from cluster.request import FinishReason, Request, RequestStatus
+from cluster.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """Tokens of one request to run in this step."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # the tokens to run now
+    start: int  # position of token_ids[0]; positions before it already have KV
+    block_ids: tuple[int, ...]  # the request's block table, covering start + len(token_ids)
+    sample: bool  # the chunk reaches the last known token: sample the next one
+    sampling: SamplingParams
+    num_output_tokens: int  # tokens produced so far (keys per-token seeded sampling)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One step's work. Single-token chunks (decodes) come first."""
+
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[str, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def num_decode_chunks(self) -> int:
+        return sum(1 for c in self.chunks if len(c.token_ids) == 1)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_model_len: int) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order
+        self.requests: dict[str, Request] = {}
+        # admission leaves this many blocks free so running requests can keep decoding
+        self.watermark = blocks.num_blocks // 100
+        self.num_preemptions = 0  # since start, for metrics
+
+    # ---- queue ----
+
+    def add(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, reason: FinishReason) -> None:
+        """End a request: free its blocks and forget it. Safe to call twice."""
+        if req.status == RequestStatus.FINISHED:
+            return
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.blocks.free(req.block_ids)
+        req.block_ids = []
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        del self.requests[req.request_id]
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is not None:
+            self.finish(req, FinishReason.ABORT)
+        return req
+
+    # ---- one step ----
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        # decodes first, then prompts already being prefilled, each in admission order
+        order = [r for r in self.running if r.num_uncomputed_tokens == 1]
+        order += [r for r in self.running if r.num_uncomputed_tokens > 1]
+        scheduled: set[str] = set()
+        for req in order:
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            n = self._chunk_len(req, budget)
+            if not self._reserve(req, req.num_computed_tokens + n, scheduled, preempted):
+                continue  # req itself was preempted
+            chunks.append(self._take(req, n))
+            scheduled.add(req.request_id)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            n = self._chunk_len(req, budget)
+            need = self.blocks.blocks_for(n)
+            if need > self.blocks.num_free - (self.watermark if self.running else 0):
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            req.block_ids = self.blocks.allocate(need)
+            chunks.append(self._take(req, n))
+            budget -= n
+        chunks.sort(key=lambda c: len(c.token_ids) != 1)  # stable: decodes first
+        return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def _chunk_len(self, req: Request, budget: int) -> int:
+        n = min(req.num_uncomputed_tokens, budget)
+        cap = self.config.long_prefill_token_threshold
+        return min(n, cap) if cap > 0 else n
+
+    def _reserve(
+        self, req: Request, num_tokens: int, scheduled: set[str], preempted: list[str]
+    ) -> bool:
+        """Grow req's block table to hold num_tokens, preempting the newest requests not yet
+        scheduled in this step (req itself last) if blocks run short."""
+        need = self.blocks.blocks_for(num_tokens) - len(req.block_ids)
+        while need > self.blocks.num_free:
+            victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is req:
+                return False
+        if need > 0:
+            req.block_ids.extend(self.blocks.allocate(need))
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.free(req.block_ids)
+        req.block_ids = []
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
+    def _take(self, req: Request, n: int) -> ScheduledChunk:
+        start = req.num_computed_tokens
+        tokens = req.token_slice(start, start + n)
+        req.num_computed_tokens += n
+        return ScheduledChunk(
+            request_id=req.request_id,
+            token_ids=tuple(tokens),
+            start=start,
+            block_ids=tuple(req.block_ids),
+            sample=start + n == req.num_tokens,
+            sampling=req.sampling,
+            num_output_tokens=len(req.output_token_ids),
+        )

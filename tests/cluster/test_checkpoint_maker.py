@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster import CacheConfig, EngineConfig, LLMEngine, ModelConfig, SamplingParams
+from cluster.checkpoint_maker import make_model
+from cluster.tokenizer import Tokenizer
+from cluster.tokenizer_trainer import ASSISTANT, BOS, EOS, USER
+
+
+def test_tiny_checkpoint_files_and_config(tiny_model):
+    files = {p.name for p in Path(tiny_model).iterdir()}
+    assert {
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors.index.json",
+    } <= files
+    cfg = ModelConfig.from_dir(tiny_model)
+    tok = Tokenizer(tiny_model)
+    assert cfg.vocab_size == tok.vocab_size
+    assert cfg.eos_token_ids == (tok.eos_token_id,)
+
+
+def test_tokenizer_adds_bos_and_round_trips(tiny_model):
+    tok = Tokenizer(tiny_model)
+    text = "The expert router sends 1234 tokens: ünïcödé 🙂"
+    ids = tok.encode(text)
+    assert ids[0] == tok.hf.convert_tokens_to_ids(BOS) == 0
+    assert tok.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=False).startswith(BOS)
+
+
+def test_chat_template_marks_roles_with_special_tokens(tiny_model):
+    tok = Tokenizer(tiny_model)
+    ids = tok.apply_chat_template(
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Again"},
+        ]
+    )
+    text = tok.decode(ids, skip_special_tokens=False)
+    assert text == f"{BOS}Be brief.{USER}Hi{ASSISTANT}Hello{EOS}{USER}Again{ASSISTANT}"
+    assert ids.count(0) == 1  # one BOS: the template's, not a second one from encoding
+
+
+def test_mxfp4_checkpoint_loads_and_generates(tmp_path):
+    path = make_model(tmp_path / "q", "tiny", mxfp4=True, seed=4)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "mxfp4"
+    engine = LLMEngine(EngineConfig(model=str(path), cache=CacheConfig(block_size=16)))
+    out = engine.generate(["hello"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[
+        0
+    ]
+    assert len(out.token_ids) == 6
+
+
+def test_bad_maker_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset"):
+        make_model(tmp_path / "x", "huge")
+    with pytest.raises(ValueError, match="dtype"):
+        make_model(tmp_path / "y", "tiny", dtype="int8")

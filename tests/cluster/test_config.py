@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cluster.config import EngineConfig, ModelConfig, RopeConfig, yarn_mscale
+from cluster.presets import preset_config
+
+YARN = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+
+
+def test_published_and_transformers5_rope_styles_agree():
+    published = {"max_position_embeddings": 163840, "rope_theta": 10000, "rope_scaling": YARN}
+    v5 = {
+        "max_position_embeddings": 163840,
+        "rope_parameters": {
+            **{k: v for k, v in YARN.items() if k != "type"},
+            "rope_type": "yarn",
+            "rope_theta": 10000,
+        },
+    }
+    assert RopeConfig.from_hf(published) == RopeConfig.from_hf(v5)
+    assert RopeConfig.from_hf({"rope_theta": 5000}) == RopeConfig(theta=5000.0)
+
+
+def test_deepseek_v3_softmax_scale_has_the_yarn_correction():
+    cfg = ModelConfig.from_hf(preset_config("deepseek-v3-4l"))
+    m = 0.1 * math.log(40) + 1
+    assert cfg.softmax_scale == pytest.approx(192**-0.5 * m * m)
+    assert cfg.kv_cache_dim == 576 and cfg.qk_head_dim == 192
+    assert [cfg.is_moe_layer(i) for i in range(4)] == [False, True, True, True]
+    assert yarn_mscale(1.0) == 1.0
+
+
+def test_v2_lite_preset_has_no_q_lora():
+    cfg = ModelConfig.from_hf(preset_config("deepseek-v2-lite"))
+    assert cfg.q_lora_rank is None and cfg.n_routed_experts == 64 and cfg.num_experts_per_tok == 6
+    assert cfg.moe_intermediate_size == 1408 and cfg.hidden_size == 2048
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"architectures": ["LlamaForCausalLM"]}, "architecture"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"scoring_func": "softmax"}, "scoring_func"),
+        ({"rope_scaling": {"type": "longrope"}}, "rope type"),
+        ({"quantization_config": {"quant_method": "fp8"}}, "quantization"),
+    ],
+)
+def test_unsupported_configs_are_named(change, needle):
+    cfg = preset_config("tiny", {"vocab_size": 100, **change})
+    with pytest.raises(ValueError, match=needle):
+        ModelConfig.from_hf(cfg)
+
+
+def test_engine_config_dtype_and_device():
+    import torch
+
+    cfg = EngineConfig(model="x", device="cpu")
+    assert cfg.resolve_dtype(torch.device("cpu")) == torch.float32
+    assert cfg.resolve_dtype(torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="float8"):
+        EngineConfig(model="x", dtype="float8").resolve_dtype(torch.device("cpu"))

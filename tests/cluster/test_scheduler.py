@@ -1,0 +1,158 @@
+"""The scheduler on integers alone: budgets, chunking, decode-first order, preemption, abort."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cluster.block_manager import BlockManager
+from cluster.config import SchedulerConfig
+from cluster.request import FinishReason, Request, RequestStatus
+from cluster.sampling_params import SamplingParams
+from cluster.scheduler import Scheduler
+
+SP = SamplingParams(max_tokens=100)
+
+
+def _sched(num_blocks=64, block_size=4, **kw) -> Scheduler:
+    cfg = SchedulerConfig(**{"max_num_batched_tokens": 16, "max_num_seqs": 8, **kw})
+    return Scheduler(cfg, BlockManager(num_blocks, block_size), max_model_len=1000)
+
+
+def _req(rid: str, n: int) -> Request:
+    return Request(rid, list(range(n)), SP)
+
+
+def _sample(s: Scheduler, out, token: int = 7) -> None:
+    """What the engine does after a step: append a token to every sampled request."""
+    for c in out.chunks:
+        if c.sample:
+            s.requests[c.request_id].output_token_ids.append(token)
+
+
+def test_long_prompt_is_chunked_under_the_budget():
+    s = _sched()
+    s.add(_req("a", 40))
+    starts = []
+    while True:
+        out = s.schedule()
+        (c,) = out.chunks
+        starts.append((c.start, len(c.token_ids), c.sample))
+        _sample(s, out)
+        if c.sample:
+            break
+    assert starts == [(0, 16, False), (16, 16, False), (32, 8, True)]
+    req = s.requests["a"]
+    assert len(req.block_ids) == 10  # 40 tokens in blocks of 4
+
+
+def test_decodes_come_first_and_prompts_share_what_is_left():
+    s = _sched()
+    s.add(_req("a", 3))
+    _sample(s, s.schedule())  # a prefilled, sampled its first token
+    s.add(_req("b", 30))
+    out = s.schedule()
+    assert [(c.request_id, len(c.token_ids)) for c in out.chunks] == [("a", 1), ("b", 15)]
+    assert out.chunks[0].start == 3 and out.chunks[0].token_ids == (7,)
+
+
+def test_long_prefill_threshold_lets_prompts_share_a_step():
+    s = _sched(long_prefill_token_threshold=5)
+    for i in range(3):
+        s.add(_req(f"r{i}", 20))
+    out = s.schedule()
+    assert [len(c.token_ids) for c in out.chunks] == [5, 5, 5]
+
+
+def test_max_num_seqs_limits_admission():
+    s = _sched(max_num_seqs=2, max_num_batched_tokens=100)
+    for i in range(4):
+        s.add(_req(f"r{i}", 3))
+    out = s.schedule()
+    assert {c.request_id for c in out.chunks} == {"r0", "r1"}
+    assert len(s.waiting) == 2
+
+
+def test_preemption_frees_the_newest_and_requeues_it_first():
+    s = _sched(num_blocks=6, block_size=4, max_num_batched_tokens=64)
+    s.add(_req("old", 8))
+    s.add(_req("new", 12))
+    _sample(s, s.schedule())  # 2 + 3 blocks used, 1 free
+    assert s.blocks.num_free == 1
+    for _ in range(4):  # old's decodes grow into the free block, then need another
+        _sample(s, s.schedule())
+    assert s.num_preemptions >= 1
+    new = s.requests["new"]
+    assert (
+        new.status == RequestStatus.WAITING and new.block_ids == [] and new.num_computed_tokens == 0
+    )
+    assert s.waiting[0] is new
+    # once old finishes, new recomputes prompt + its tokens and continues
+    s.finish(s.requests["old"], FinishReason.LENGTH)
+    out = s.schedule()
+    (c,) = out.chunks
+    assert c.request_id == "new" and c.start == 0 and c.end == new.num_tokens and c.sample
+
+
+def test_a_step_never_preempts_a_request_it_already_scheduled():
+    rng = random.Random(0)
+    s = _sched(num_blocks=12, block_size=2, max_num_batched_tokens=12, max_num_seqs=6)
+    n = 0
+    for _ in range(300):
+        if rng.random() < 0.3:
+            s.add(_req(f"r{n}", rng.randint(1, 9)))
+            n += 1
+        out = s.schedule()
+        scheduled = [c.request_id for c in out.chunks]
+        assert not set(scheduled) & set(out.preempted)
+        for c in out.chunks:
+            req = s.requests[c.request_id]
+            assert req.status == RequestStatus.RUNNING
+            assert len(req.block_ids) * 2 >= c.end  # the table covers the chunk
+        _sample(s, out)
+        for rid in scheduled:
+            req = s.requests.get(rid)
+            if req is not None and len(req.output_token_ids) >= 4:
+                s.finish(req, FinishReason.LENGTH)
+        used = sum(len(r.block_ids) for r in s.running)
+        assert used == s.blocks.num_used
+    for rid in list(s.requests):
+        s.abort(rid)
+    assert s.blocks.num_used == 0
+
+
+def test_abort_waiting_and_running():
+    s = _sched(max_num_seqs=1)
+    s.add(_req("a", 5))
+    s.add(_req("b", 5))
+    s.schedule()
+    assert s.abort("b").finish_reason == FinishReason.ABORT  # still waiting
+    assert s.abort("a").status == RequestStatus.FINISHED  # running
+    assert s.abort("a") is None
+    assert s.blocks.num_used == 0 and not s.has_unfinished()
+
+
+def test_duplicate_request_id_is_rejected():
+    s = _sched()
+    s.add(_req("a", 2))
+    with pytest.raises(ValueError, match="already in use"):
+        s.add(_req("a", 2))
+
+
+def test_block_manager_counts_and_refuses():
+    bm = BlockManager(4, 16)
+    assert bm.blocks_for(0) == 0 and bm.blocks_for(16) == 1 and bm.blocks_for(17) == 2
+    a = bm.allocate(3)
+    assert bm.num_free == 1 and len(set(a)) == 3
+    with pytest.raises(RuntimeError, match="2 KV blocks with 1 free"):
+        bm.allocate(2)
+    bm.share(a[:1])
+    bm.free(a)
+    assert bm.num_free == 3  # a[0] still has a reference
+    bm.free(a[:1])
+    assert bm.num_free == 4
+    with pytest.raises(AssertionError, match="double free"):
+        bm.free(a[:1])
+    with pytest.raises(ValueError):
+        BlockManager(0, 16)
