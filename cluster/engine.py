@@ -14,9 +14,11 @@ import msgspec
 from cluster.block_manager import BlockManager
 from cluster.config import EngineConfig, ModelConfig
 from cluster.detokenizer import IncrementalDetokenizer
+from cluster.errors import OverloadedError, RequestError
 from cluster.model_runner import ModelRunner
 from cluster.parallel import SINGLE, TensorParallel
-from cluster.request import FinishReason, Request
+from cluster.request import FinishReason, Request, RequestStatus
+from cluster.messages import FirstToken
 from cluster.sampler import SampledToken
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerOutput
@@ -71,6 +73,7 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._sent_prompt: set[str] = set()
         self._ids = itertools.count()
+        self._reserved = 0  # block reservations for prompts being prefilled elsewhere
 
     @property
     def vocab_size(self) -> int:
@@ -84,28 +87,34 @@ class LLMEngine:
         return list(prompt)
 
     def validate(self, prompt_ids: list[int], sampling: SamplingParams) -> None:
-        """Raise ValueError naming what makes the request unservable."""
+        """Raise RequestError (a ValueError) naming what makes the request unservable."""
         sampling.validate(self.vocab_size)
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise RequestError("the prompt is empty", "prompt")
         bad = [t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(
-                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            raise RequestError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})",
+                "prompt",
             )
-        if len(prompt_ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens; the context limit is "
-                f"{self.max_model_len}"
+        n = len(prompt_ids)
+        if n >= self.max_model_len:
+            raise RequestError(
+                f"the prompt has {n} tokens; the context limit is {self.max_model_len}", "prompt"
+            )
+        if n + sampling.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"max_tokens {sampling.max_tokens} plus the prompt's {n} tokens exceeds the "
+                f"context limit of {self.max_model_len}",
+                "max_tokens",
             )
         # the whole sequence must fit the cache at once, or it could never finish
-        need = self.blocks.blocks_for(
-            min(len(prompt_ids) + sampling.max_tokens, self.max_model_len)
-        )
+        need = self.blocks.blocks_for(n + sampling.max_tokens)
         if need > self.blocks.num_blocks:
-            raise ValueError(
-                f"prompt + max_tokens needs {need} KV blocks; the cache has "
-                f"{self.blocks.num_blocks}"
+            raise RequestError(
+                f"prompt + max_tokens needs {need} KV blocks; the cache holds "
+                f"{self.blocks.num_blocks}",
+                "max_tokens",
             )
 
     def add_request(
@@ -174,6 +183,7 @@ class LLMEngine:
         elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
+            self.on_finish(req)
             self.scheduler.finish(req, reason)
         first = req.request_id not in self._sent_prompt
         self._sent_prompt.add(req.request_id)
@@ -195,9 +205,62 @@ class LLMEngine:
             self._forget(req.request_id)
         return out
 
+    def on_finish(self, req: Request) -> None:
+        """Called with a request that just finished, before its KV blocks are freed."""
+
     def _forget(self, request_id: str) -> None:
         self._detok.pop(request_id, None)
         self._sent_prompt.discard(request_id)
+
+    # ---- prefill/decode handoff ----
+
+    def reserve(self, num_tokens: int) -> list[int]:
+        """Blocks for a prompt whose KV another replica computes; OverloadedError when the
+        cache or the running-request limit has no room for it now."""
+        need = self.blocks.blocks_for(num_tokens)
+        free = self.blocks.num_free - self.scheduler.watermark
+        running = len(self.scheduler.running) + len(self.scheduler.waiting) + self._reserved
+        if need > free or running >= self.config.scheduler.max_num_seqs:
+            raise OverloadedError(
+                f"decode replica is full: {need} KV blocks wanted, {max(free, 0)} free; "
+                f"{running} requests of {self.config.scheduler.max_num_seqs} admitted"
+            )
+        self._reserved += 1
+        return self.blocks.allocate(need)
+
+    def release(self, block_ids: list[int]) -> None:
+        """Give back blocks from ``reserve`` that never became a request."""
+        self._reserved -= 1
+        self.blocks.free(block_ids)
+
+    def read_kv(self, block_ids: list[int]):
+        return self.runner.read_kv(block_ids)
+
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        block_ids: list[int],
+        first: FirstToken,
+        kv,
+    ) -> RequestOutput:
+        """Start decoding a request whose prompt KV (``kv``, for ``block_ids`` from ``reserve``)
+        and first token came from a prefill replica. Returns the first token's output."""
+        self.runner.write_kv(block_ids, kv)
+        self._reserved -= 1
+        req = Request(request_id, prompt_ids, sampling)
+        req.block_ids, req.num_computed_tokens = list(block_ids), len(prompt_ids)
+        req.status = RequestStatus.RUNNING
+        self.scheduler.add_running(req)
+        self._detok[request_id] = IncrementalDetokenizer(
+            self.tokenizer,
+            prompt_ids,
+            sampling.stop,
+            sampling.include_stop_str_in_output,
+            sampling.skip_special_tokens,
+        )
+        return self._append(req, SampledToken(first.token_id, first.logprob, first.top_logprobs))
 
     # ---- offline batch API ----
 

@@ -108,6 +108,20 @@ class ModelRunner:
             )
         return num
 
+    # ---- KV blocks in and out (prefill/decode handoff) ----
+
+    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """[layers, n, block_size, width]: a copy of the given blocks, in order."""
+        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        return self.kv_caches.index_select(1, idx)
+
+    def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        expect = (self.kv_caches.shape[0], len(block_ids), *self.kv_caches.shape[2:])
+        if tuple(kv.shape) != expect:
+            raise ValueError(f"KV of shape {tuple(kv.shape)} for {len(block_ids)} blocks; expected {expect}")
+        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        self.kv_caches.index_copy_(1, idx, kv.to(device=self.device, dtype=self.kv_caches.dtype))
+
     # ---- one step ----
 
     def prepare(self, sched: SchedulerOutput) -> BatchInputs:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from cluster.errors import RequestError
+
 MAX_LOGPROBS = 20  # top logprobs a request may ask for, as OpenAI allows
 
 
@@ -29,24 +31,25 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         return self.temperature == 0.0
 
     def validate(self, vocab_size: int | None = None) -> None:
-        """Raise ValueError naming the first bad field."""
+        """Raise RequestError (a ValueError) naming the first bad field."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
         if not self.temperature >= 0.0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise RequestError(f"temperature must be >= 0, got {self.temperature!r}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
         if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}")
+            raise RequestError(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}", "top_k")
         if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+            raise RequestError(f"seed must be an integer, got {self.seed!r}", "seed")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", "logprobs")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be non-empty strings, got {list(self.stop)!r}")
+            raise RequestError(f"stop must be non-empty strings, got {list(self.stop)!r}", "stop")
         if vocab_size is not None:
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:
-                raise ValueError(
-                    f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})"
+                raise RequestError(
+                    f"stop_token_ids {bad} are outside the vocabulary [0, {vocab_size})",
+                    "stop_token_ids",
                 )

@@ -71,6 +71,14 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.append(req)
 
+    def add_running(self, req: Request) -> None:
+        """A request whose prompt KV is already in its blocks (computed by a prefill replica)."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        assert req.status == RequestStatus.RUNNING and req.block_ids
+        self.requests[req.request_id] = req
+        self.running.append(req)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

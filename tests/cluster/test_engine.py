@@ -220,11 +220,13 @@ def test_bad_prompts_are_rejected(tiny_model):
     assert not engine.has_unfinished()
 
 
-def test_context_limit_ends_with_length(tiny_model):
+def test_max_tokens_past_the_context_is_rejected_up_front(tiny_model):
     engine = _engine(tiny_model, max_model_len=40)
-    out = engine.generate(
-        [list(range(4, 34))], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
-    )[0]
+    prompt = list(range(4, 34))  # 30 tokens
+    with pytest.raises(ValueError, match="max_tokens 11 plus the prompt's 30 tokens"):
+        engine.add_request(prompt, SamplingParams(max_tokens=11))
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    out = engine.generate([prompt], sp)[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 10
 
 

@@ -1,0 +1,151 @@
+"""Runs an engine's step loop on its own thread and serves it to asyncio code.
+
+Every touch of the engine (add, abort, KV in and out) runs on the engine thread between steps,
+so the engine needs no locks. Outputs travel to per-request asyncio queues. A step that raises
+fails the requests it held (they get an error output) and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.engine import LLMEngine, RequestOutput
+from cluster.errors import WorkerError
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, name: str = "engine") -> None:
+        self.engine = engine
+        self._cmds: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()  # guards _streams
+        self.steps = 0
+        self.busy_s = 0.0  # time spent in steps, for utilization
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # ---- asyncio side ----
+
+    def call(self, fn: Callable[[LLMEngine], Any]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread between steps."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._cmds.put((fn, fut))
+        return fut
+
+    async def run(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        return await asyncio.wrap_future(self.call(fn))
+
+    async def stream(
+        self,
+        request_id: str,
+        start: Callable[[LLMEngine], list[RequestOutput] | None],
+    ) -> AsyncIterator[RequestOutput]:
+        """Open request ``request_id``'s output stream, then run ``start`` (which adds the
+        request, and may return outputs it produced at once). Yields outputs until the last
+        one; if the consumer stops early (a client went away) the request is aborted."""
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already streaming")
+            self._streams[request_id] = _Stream(asyncio.get_running_loop(), q)
+        finished = False
+
+        def begin(engine: LLMEngine) -> None:
+            # delivered from the engine thread, so they precede anything a later step produces
+            for out in start(engine) or ():
+                self._deliver(out.request_id, out)
+
+        try:
+            await self.run(begin)
+            while True:
+                out = await q.get()
+                if isinstance(out, BaseException):
+                    raise out
+                yield out
+                if out.finished:
+                    finished = True
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self.call(lambda e: e.abort(request_id))
+
+    def shutdown(self) -> None:
+        self._cmds.put((_STOP, None))
+        self._thread.join(timeout=10)
+
+    # ---- engine thread ----
+
+    def _loop(self) -> None:
+        while True:
+            idle = not self.engine.has_unfinished()
+            try:
+                item = self._cmds.get(block=idle, timeout=None if idle else 0)
+            except queue.Empty:
+                item = None
+            while item is not None:
+                if item[0] is _STOP:
+                    return
+                self._run_cmd(*item)
+                try:
+                    item = self._cmds.get_nowait()
+                except queue.Empty:
+                    item = None
+            if self.engine.has_unfinished():
+                self._step()
+
+    def _run_cmd(self, fn: Callable, fut: concurrent.futures.Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(self.engine))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(e)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001
+            log.error("engine step failed; failing its requests:\n%s", traceback.format_exc())
+            self._fail_all(WorkerError(f"engine step failed: {type(e).__name__}: {e}"))
+            return
+        finally:
+            self.busy_s += time.perf_counter() - start
+            self.steps += 1
+        for out in outputs:
+            self._deliver(out.request_id, out)
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid in list(self.engine.scheduler.requests):
+            self.engine.abort(rid)
+            self._deliver(rid, error)
+
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        with self._lock:
+            s = self._streams.get(request_id)
+        if s is not None:
+            try:
+                s.loop.call_soon_threadsafe(s.queue.put_nowait, item)
+            except RuntimeError:  # the consumer's event loop is gone
+                pass

@@ -1,0 +1,66 @@
+"""Messages between the ingress, decode replicas and prefill replicas (msgspec Structs).
+
+    ingress --GenerateRequest--> decode --PrefillRequest--> prefill
+    ingress <--RequestOutput*--- decode <--PrefillResult---- prefill   (+ KV over the transport)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from cluster.kv_layout import KVFingerprint
+from cluster.sampling_params import SamplingParams
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One completion, already tokenized and validated by the ingress."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float  # time.time() when the ingress received it, for end-to-end TTFT
+
+
+class KVDestination(msgspec.Struct, frozen=True, kw_only=True):
+    """Where prefill must deliver a request's KV: decode has reserved ``block_ids`` for it."""
+
+    transfer_id: str  # unique per attempt: late data of a failed attempt is recognised and dropped
+    decode_replica: str  # the decode replica's id
+    block_ids: list[int]  # on the decode side; prefill sends len(block_ids) blocks, in order
+    fingerprint: KVFingerprint  # the decode side's layout, checked by prefill on first contact
+    endpoint: Any = None  # transport-specific address (NCCL: rank endpoints); None for the object store
+
+
+class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams  # the request's own; prefill samples exactly one token with it
+    kv: KVDestination
+
+
+class FirstToken(msgspec.Struct, frozen=True):
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+
+
+class KVHandle(msgspec.Struct, frozen=True, kw_only=True):
+    """What decode needs to collect the KV a prefill replica sent."""
+
+    transport: str  # "object_store" or "nccl"
+    transfer_id: str
+    num_blocks: int
+    nbytes: int
+    payload: Any = None  # object store: the ObjectRef of the [layers, blocks, block_size, width] tensor
+
+
+class PrefillResult(msgspec.Struct, frozen=True, kw_only=True):
+    request_id: str
+    prefill_replica: str
+    first: FirstToken  # sampled by prefill: token index 0 of the output
+    kv: KVHandle
+    queue_s: float  # waiting in the prefill replica before its first chunk ran
+    prefill_s: float  # first chunk to first token
+    send_s: float  # handing the KV to the transport
