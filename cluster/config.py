@@ -203,6 +203,9 @@ class EngineConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     seed: int = 0
     role: str = "colocated"  # "prefill", "decode" or "colocated": picks kernels
+    tp: int = 1  # tensor-parallel ranks; > 1 runs one Ray actor per rank
+    gpus_per_rank: float = 0.0  # Ray GPU resources per rank (0 on CPU)
+    cpus_per_rank: float = 1.0  # Ray CPU resources per rank; also its torch threads
     kernel_overrides: dict[str, str] = field(default_factory=dict)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

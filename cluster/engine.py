@@ -15,10 +15,10 @@ from cluster.block_manager import BlockManager
 from cluster.config import EngineConfig, ModelConfig
 from cluster.detokenizer import IncrementalDetokenizer
 from cluster.errors import OverloadedError, RequestError
-from cluster.model_runner import ModelRunner
-from cluster.parallel import SINGLE, TensorParallel
-from cluster.request import FinishReason, Request, RequestStatus
+from cluster.executor import Executor
 from cluster.messages import FirstToken
+from cluster.model_runner import ModelRunner
+from cluster.request import FinishReason, Request, RequestStatus
 from cluster.sampler import SampledToken
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerOutput
@@ -53,7 +53,7 @@ class RequestOutput(msgspec.Struct, kw_only=True):
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, tp: TensorParallel = SINGLE) -> None:
+    def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.tokenizer = Tokenizer(config.model)
@@ -64,7 +64,7 @@ class LLMEngine:
                 f"{self.model_config.max_position_embeddings}"
             )
         self.max_model_len = limit
-        self.runner = ModelRunner(config, self.model_config, limit, tp)
+        self.runner = executor or _make_executor(config, self.model_config, limit)
         self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
         self.scheduler = Scheduler(config.scheduler, self.blocks, limit)
         self.eos_ids = set(self.model_config.eos_token_ids)
@@ -246,8 +246,12 @@ class LLMEngine:
         kv,
     ) -> RequestOutput:
         """Start decoding a request whose prompt KV (``kv``, for ``block_ids`` from ``reserve``)
-        and first token came from a prefill replica. Returns the first token's output."""
+        and first token came from a prefill replica. Returns the first token's output.
+        If it raises, the reservation is untouched (the caller releases it)."""
+        if request_id in self.scheduler.requests:
+            raise RequestError(f"request id {request_id!r} is already in use", "request_id")
         self.runner.write_kv(block_ids, kv)
+        # nothing below can fail: the blocks now belong to the request
         self._reserved -= 1
         req = Request(request_id, prompt_ids, sampling)
         req.block_ids, req.num_computed_tokens = list(block_ids), len(prompt_ids)
@@ -291,3 +295,13 @@ class LLMEngine:
                 acc.finished, acc.finish_reason = out.finished, out.finish_reason
                 acc.stop_reason, acc.num_output_tokens = out.stop_reason, out.num_output_tokens
         return [done[r] for r in rids]
+
+
+def _make_executor(config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> Executor:
+    if config.tp < 1:
+        raise ValueError(f"tp must be >= 1, got {config.tp}")
+    if config.tp == 1:
+        return ModelRunner(config, model_config, max_model_len)
+    from cluster.tp_executor import RayTPExecutor  # imports ray
+
+    return RayTPExecutor(config, model_config, max_model_len)

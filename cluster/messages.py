@@ -1,7 +1,7 @@
 """Messages between the ingress, decode replicas and prefill replicas (msgspec Structs).
 
-    ingress --GenerateRequest--> decode --PrefillRequest--> prefill
-    ingress <--RequestOutput*--- decode <--PrefillResult---- prefill   (+ KV over the transport)
+ingress --GenerateRequest--> decode --PrefillRequest--> prefill
+ingress <--RequestOutput*--- decode <--PrefillResult---- prefill   (+ KV over the transport)
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ class KVDestination(msgspec.Struct, frozen=True, kw_only=True):
     decode_replica: str  # the decode replica's id
     block_ids: list[int]  # on the decode side; prefill sends len(block_ids) blocks, in order
     fingerprint: KVFingerprint  # the decode side's layout, checked by prefill on first contact
-    endpoint: Any = None  # transport-specific address (NCCL: rank endpoints); None for the object store
+    endpoint: Any = (
+        None  # transport-specific address (NCCL: rank endpoints); None for the object store
+    )
 
 
 class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,7 +55,9 @@ class KVHandle(msgspec.Struct, frozen=True, kw_only=True):
     transfer_id: str
     num_blocks: int
     nbytes: int
-    payload: Any = None  # object store: the ObjectRef of the [layers, blocks, block_size, width] tensor
+    payload: Any = (
+        None  # object store: the ObjectRef of the [layers, blocks, block_size, width] tensor
+    )
 
 
 class PrefillResult(msgspec.Struct, frozen=True, kw_only=True):

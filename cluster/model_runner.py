@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.config import EngineConfig, ModelConfig
+from cluster.executor import Executor
 from cluster.model.attention_metadata import AttentionMetadata
 from cluster.model.deepseek_v3 import DeepseekV3ForCausalLM
 from cluster.model.weights import load_weights
@@ -34,14 +35,18 @@ class BatchInputs:
     sample_rows: torch.Tensor  # [N] int64: the token rows whose logits are sampled
 
 
-class ModelRunner:
+class ModelRunner(Executor):
     def __init__(
         self,
         config: EngineConfig,
         model_config: ModelConfig,
         max_model_len: int,
         tp: TensorParallel = SINGLE,
+        num_blocks: int | None = None,
+        allocate: bool = True,
     ) -> None:
+        """Load the model; then size and allocate the KV cache unless ``allocate`` is False
+        (a tensor-parallel group agrees on one size first and calls ``allocate_kv``)."""
         self.config, self.model_config, self.tp = config, model_config, tp
         self.device = config.resolve_device()
         self.dtype = config.resolve_dtype(self.device)
@@ -49,6 +54,8 @@ class ModelRunner:
         # ===== kernels =====
         self.device_info = DeviceInfo.detect(self.device)
         self.kernels = KernelSet.resolve(self.device_info, config.role, config.kernel_overrides)
+        self.kernel_names = self.kernels.names()
+        self.device_name = self.device_info.describe()
         for line in self.kernels.describe():
             log.info("kernel %s", line)
         # ===== model =====
@@ -71,25 +78,34 @@ class ModelRunner:
             self.device,
             time.perf_counter() - start,
         )
-        # ===== KV cache =====
-        self.num_blocks = self._num_blocks(max_model_len)
+        self.max_model_len = max_model_len
+        self.sampler = Sampler(self.device, config.seed)
+        self.num_blocks = 0
+        if allocate:
+            self.allocate_kv(num_blocks or self.propose_num_blocks())
+
+    # ===== KV cache =====
+
+    def allocate_kv(self, num_blocks: int) -> None:
         shape = (
-            model_config.num_hidden_layers,
-            self.num_blocks,
+            self.model_config.num_hidden_layers,
+            num_blocks,
             self.block_size,
-            model_config.kv_cache_dim,
+            self.model_config.kv_cache_dim,
         )
         self.kv_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.num_blocks = num_blocks
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)",
-            self.num_blocks,
+            num_blocks,
             self.block_size,
             self.kv_caches.numel() * self.kv_caches.element_size() / 2**20,
-            self.num_blocks * self.block_size,
+            num_blocks * self.block_size,
         )
-        self.sampler = Sampler(self.device, config.seed)
 
-    def _num_blocks(self, max_model_len: int) -> int:
+    def propose_num_blocks(self) -> int:
+        """How many blocks fit: the configured count, or what memory allows."""
+        max_model_len = self.max_model_len
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
@@ -118,7 +134,9 @@ class ModelRunner:
     def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
         expect = (self.kv_caches.shape[0], len(block_ids), *self.kv_caches.shape[2:])
         if tuple(kv.shape) != expect:
-            raise ValueError(f"KV of shape {tuple(kv.shape)} for {len(block_ids)} blocks; expected {expect}")
+            raise ValueError(
+                f"KV of shape {tuple(kv.shape)} for {len(block_ids)} blocks; expected {expect}"
+            )
         idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         self.kv_caches.index_copy_(1, idx, kv.to(device=self.device, dtype=self.kv_caches.dtype))
 

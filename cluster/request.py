@@ -38,6 +38,7 @@ class Request:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     num_preemptions: int = 0
+    first_scheduled_time: float | None = None  # when its first chunk ran (queueing ends)
     error: str | None = None
 
     @property

@@ -33,17 +33,23 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise RequestError (a ValueError) naming the first bad field."""
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
+            raise RequestError(
+                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens"
+            )
         if not self.temperature >= 0.0:
             raise RequestError(f"temperature must be >= 0, got {self.temperature!r}", "temperature")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
         if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise RequestError(f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}", "top_k")
+            raise RequestError(
+                f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k!r}", "top_k"
+            )
         if self.seed is not None and not isinstance(self.seed, int):
             raise RequestError(f"seed must be an integer, got {self.seed!r}", "seed")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise RequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", "logprobs")
+            raise RequestError(
+                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs!r}", "logprobs"
+            )
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError(f"stop must be non-empty strings, got {list(self.stop)!r}", "stop")
         if vocab_size is not None:

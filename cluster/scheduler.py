@@ -9,6 +9,7 @@ at the front to recompute its prompt and the tokens it already produced.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -171,6 +172,8 @@ class Scheduler:
 
     def _take(self, req: Request, n: int) -> ScheduledChunk:
         start = req.num_computed_tokens
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.monotonic()
         tokens = req.token_slice(start, start + n)
         req.num_computed_tokens += n
         return ScheduledChunk(

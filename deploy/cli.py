@@ -54,6 +54,105 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up(args: argparse.Namespace) -> int:
+    from deploy import local_ray, serve_app
+
+    if args.config:
+        app_args, http = serve_app.load_config(args.config)
+    else:
+        app_args, http = {"model": {"preset": "tiny"}, "prefill": {}, "decode": {}}, {}
+    model = app_args.setdefault("model", {})
+    if args.model:
+        model["path"] = args.model
+        model.pop("preset", None) if not args.config else None
+    if args.dtype:
+        model["dtype"] = args.dtype
+    ingress = app_args.setdefault("ingress", {})
+    if args.port:
+        ingress["port"] = http["port"] = args.port
+    http.setdefault("host", ingress.get("host", "127.0.0.1"))
+    http.setdefault("port", ingress.get("port", 8000))
+    started = local_ray.connect(args.address)
+    if started:
+        print("started a local Ray head (`pdserve down` stops it)")
+    name = serve_app.deploy(app_args, http)
+    print(f"deploying {name} ...")
+    serve_app.wait_running(name)
+    url = f"http://{http['host']}:{http['port']}"
+    serve_app.wait_healthy(url)
+    mode = "colocated" if app_args.get("prefill", {}) is None else "prefill/decode"
+    print(f"{name} is up ({mode}): {url}/v1  (health {url}/health, metrics {url}/metrics)")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from deploy import local_ray, serve_app
+
+    local_ray.connect_existing(args.address)
+    app = serve.status().applications.get(args.name)
+    if app is None:
+        raise ValueError(f"no application named {args.name!r} is deployed")
+    print(f"{args.name}: {app.status}")
+    stats = sorted(serve_app.replica_stats(args.name), key=lambda s: (s.pool, s.replica_id))
+    row = "{:8} {:28} {:20} {:>2} {:>4} {:>4} {:>14}"
+    print(row.format("pool", "replica", "device", "tp", "run", "wait", "KV used/total"))
+    for s in stats:
+        kv = f"{s.kv_blocks_used}/{s.kv_blocks_total}"
+        print(row.format(s.pool, s.replica_id[:28], s.device[:20], s.tp, s.running, s.waiting, kv))
+    for pool in ("prefill", "decode"):
+        first = next((s for s in stats if s.pool == pool), None)
+        if first is not None:
+            moved = sum(s.kv_bytes for s in stats if s.pool == pool)
+            print(
+                f"{pool} kernels: {first.kernels}; KV transport {first.kv_transport}, {moved} bytes"
+            )
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from deploy import local_ray, serve_app
+
+    local_ray.connect_existing(args.address)
+    want = {p: n for p, n in (("prefill", args.prefill), ("decode", args.decode)) if n is not None}
+    if not want:
+        raise ValueError("give --prefill N and/or --decode M")
+    serve_app.scale(args.name, want)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        have = serve_app.replica_counts(args.name)
+        if all(have[p] == n for p, n in want.items()):
+            print(f"{args.name}: " + ", ".join(f"{p} {have[p]}" for p in ("prefill", "decode")))
+            return 0
+        time.sleep(0.5)
+    raise ValueError(f"replicas did not reach {want} in {args.timeout}s")
+
+
+def _down(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from cluster.replica_registry import NAMESPACE, registry_name
+    from deploy import local_ray
+
+    local_ray.connect_existing(args.address)
+    serve.shutdown()
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] == NAMESPACE and actor["name"].startswith(registry_name("")):
+            ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE))
+    print("serve shut down")
+    if local_ray.stop_if_started():
+        print("stopped the local Ray head")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from deploy.demo import run_demo
+
+    return run_demo(port=args.port, max_tokens=args.max_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description=__doc__)
     parser.add_argument("--log-level", default="WARNING")
@@ -83,6 +182,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--show-ids", action="store_true")
     p.set_defaults(fn=_generate)
+
+    p = sub.add_parser("up", help="start Ray if needed and deploy the app; print the endpoint")
+    p.add_argument("-c", "--config", help="a deploy YAML (deploy/configs/*.yaml)")
+    p.add_argument(
+        "--model", help="checkpoint directory (default: the tiny preset, made if missing)"
+    )
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--port", type=int)
+    p.add_argument("--address", help="Ray cluster address (default: a local one, started if none)")
+    p.set_defaults(fn=_up)
+
+    for cmd, fn, doc in (
+        ("status", _status, "pools, replicas, queue depths, KV use and chosen kernels"),
+        ("scale", _scale, "set replica counts per pool, in place"),
+        ("down", _down, "shut the app down (and the local Ray head `up` started)"),
+    ):
+        p = sub.add_parser(cmd, help=doc)
+        p.add_argument("--address", help="Ray cluster address (default: the local one)")
+        p.add_argument("--name", default="pdserve", help="application name")
+        p.set_defaults(fn=fn)
+        if cmd == "scale":
+            p.add_argument("--prefill", type=int)
+            p.add_argument("--decode", type=int)
+            p.add_argument("--timeout", type=float, default=600)
+
+    p = sub.add_parser(
+        "demo", help="local Ray, tiny model, 1 prefill + 1 decode, streamed requests"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-tokens", type=int, default=48)
+    p.set_defaults(fn=_demo)
     return parser
 
 

@@ -1,0 +1,139 @@
+"""What a prefill and a decode replica share: the engine on its thread, the KV transport, the
+layout fingerprint, and stats reported to the app's registry."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from cluster.async_engine import AsyncEngine
+from cluster.config import EngineConfig
+from cluster.engine import LLMEngine
+from cluster.kv_layout import KVFingerprint, fingerprint
+from cluster.kv_transport import make_transport
+from cluster.replica_registry import REPORT_PERIOD_S, get_registry
+from cluster.replica_stats import ReplicaStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a prefill or decode replica is built from (made by deploy's app builder)."""
+
+    app: str  # the Serve application: names the registry
+    pool: str  # "prefill" or "decode"
+    engine: EngineConfig  # role set to "prefill", "decode" or "colocated"
+    kv_transport: str  # resolved: "object_store" (or "nccl" on GPUs)
+    weights_digest: str  # identifies the checkpoint, part of the KV fingerprint
+
+
+class Replica:
+    engine_cls: type[LLMEngine] = LLMEngine
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.spec = spec
+        self.replica_id = f"{spec.pool}-{_serve_replica_tag()}"
+        if spec.engine.tp == 1 and spec.engine.gpus_per_rank == 0:
+            torch.set_num_threads(max(1, int(spec.engine.cpus_per_rank)))
+        start = time.perf_counter()
+        self.engine = self.engine_cls(spec.engine)
+        self.aengine = AsyncEngine(self.engine, name=f"engine-{self.replica_id}")
+        self.transport = make_transport(spec.kv_transport)
+        runner = self.engine.runner
+        self.fingerprint: KVFingerprint = fingerprint(
+            self.engine.model_config,
+            spec.weights_digest,
+            spec.engine.resolve_dtype(spec.engine.resolve_device()),
+            spec.engine.cache.block_size,
+            spec.engine.tp,
+        )
+        self.stats = ReplicaStats(
+            pool=spec.pool,
+            replica_id=self.replica_id,
+            node=ray.util.get_node_ip_address() if ray.is_initialized() else "",
+            device=runner.device_name,
+            tp=spec.engine.tp,
+            kernels=dict(runner.kernel_names),
+            kv_transport=spec.kv_transport,
+            kv_blocks_total=runner.num_blocks,
+        )
+        log.info(
+            "%s ready in %.1fs: role %s, %s, tp %d, %d KV blocks of %d tokens, kernels %s",
+            self.replica_id,
+            time.perf_counter() - start,
+            spec.engine.role,
+            runner.device_name,
+            spec.engine.tp,
+            runner.num_blocks,
+            spec.engine.cache.block_size,
+            runner.kernel_names,
+        )
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # report now: a request just ended
+        self._registry = get_registry(spec.app) if ray.is_initialized() else None
+        self._reporter = threading.Thread(target=self._report_loop, daemon=True)
+        self._reporter.start()
+
+    # ---- stats ----
+
+    def snapshot_stats(self) -> ReplicaStats:
+        e = self.engine
+        s = self.stats
+        s.running, s.waiting = len(e.scheduler.running), len(e.scheduler.waiting)
+        s.kv_blocks_used = e.blocks.num_used
+        s.preemptions = e.scheduler.num_preemptions
+        t = self.transport.stats
+        s.kv_transfers, s.kv_bytes, s.kv_seconds = t.transfers, t.nbytes, t.seconds
+        s.heartbeat = time.time()
+        return s
+
+    def _report_loop(self) -> None:
+        last_busy, last_t = 0.0, time.perf_counter()
+        while not self._stop.is_set():
+            self._wake.wait(REPORT_PERIOD_S)
+            self._wake.clear()
+            now = time.perf_counter()
+            self.stats.busy = (self.aengine.busy_s - last_busy) / max(now - last_t, 1e-9)
+            last_busy, last_t = self.aengine.busy_s, now
+            if self._registry is None:
+                continue
+            try:
+                self._registry.report.remote(self.snapshot_stats())
+            except Exception as e:  # noqa: BLE001 - the registry may be restarting
+                log.warning("stats report failed: %s", e)
+
+    def request_ended(self) -> None:
+        self._wake.set()
+
+    # ---- Serve hooks ----
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes Serve replace the replica."""
+        if not self.aengine._thread.is_alive():
+            raise RuntimeError(f"{self.replica_id}: the engine thread died")
+
+    def __del__(self) -> None:
+        self._stop.set()
+        if getattr(self, "_registry", None) is not None:
+            try:
+                self._registry.leave.remote(self.replica_id)
+            except Exception:  # noqa: BLE001 - shutting down
+                pass
+
+
+def _serve_replica_tag() -> str:
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - not inside Serve (tests, scripts)
+        return f"{os.getpid()}-{uuid.uuid4().hex[:6]}"

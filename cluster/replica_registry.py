@@ -1,0 +1,175 @@
+"""The app's registry: replicas report their stats to one named actor; the ingress and the CLI
+read it for health, Prometheus metrics and status.
+
+A replica is live while its reports keep coming (every ``REPORT_PERIOD_S``); one silent for
+``STALE_S`` is dropped, which is how a dead replica leaves /health and /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import ray
+
+from cluster.replica_stats import Histogram, ReplicaStats
+
+NAMESPACE = "pdserve"
+REPORT_PERIOD_S = 0.25
+STALE_S = 5.0
+
+
+def registry_name(app: str) -> str:
+    return f"registry-{app}"
+
+
+@ray.remote(num_cpus=0)
+class ReplicaRegistry:
+    def __init__(self) -> None:
+        self._stats: dict[str, ReplicaStats] = {}
+        self._app_args: dict[str, Any] | None = None
+
+    def report(self, stats: ReplicaStats) -> None:
+        self._stats[stats.replica_id] = stats
+
+    def leave(self, replica_id: str) -> None:
+        self._stats.pop(replica_id, None)
+
+    def snapshot(self) -> list[ReplicaStats]:
+        now = time.time()
+        for rid in [r for r, s in self._stats.items() if now - s.heartbeat > STALE_S]:
+            del self._stats[rid]
+        return list(self._stats.values())
+
+    def set_app_args(self, args: dict[str, Any]) -> None:
+        self._app_args = args
+
+    def app_args(self) -> dict[str, Any] | None:
+        return self._app_args
+
+
+def get_registry(app: str):
+    """The app's registry actor, created on first use; it outlives any single replica."""
+    return ReplicaRegistry.options(
+        name=registry_name(app), namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()
+
+
+def pools(stats: list[ReplicaStats]) -> dict[str, list[ReplicaStats]]:
+    out: dict[str, list[ReplicaStats]] = {"prefill": [], "decode": []}
+    for s in stats:
+        out.setdefault(s.pool, []).append(s)
+    return out
+
+
+class ClusterView:
+    """Read side of the registry: what /health, /metrics and ``pdserve status`` show."""
+
+    def __init__(self, app: str, colocated: bool | None = None) -> None:
+        self.app = app
+        self.colocated = colocated  # None: read from the app's args, which the builder stored
+        self._registry = None
+
+    async def snapshot(self) -> list[ReplicaStats]:
+        if self._registry is None:
+            self._registry = get_registry(self.app)
+        return await asyncio.wait_for(self._registry.snapshot.remote(), timeout=5)
+
+    async def health(self) -> tuple[bool, dict]:
+        by_pool = pools(await self.snapshot())
+        if self.colocated is None:
+            args = await asyncio.wait_for(self._registry.app_args.remote(), timeout=5)
+            self.colocated = not (args or {}).get("prefill")
+        needed = ["decode"] if self.colocated else ["prefill", "decode"]
+        live = {p: len(by_pool.get(p, [])) for p in ("prefill", "decode")}
+        ok = all(live[p] > 0 for p in needed)
+        return ok, {
+            "live_replicas": live,
+            "mode": "colocated" if self.colocated else "disaggregated",
+        }
+
+    async def metrics_text(self) -> str:
+        return render_prometheus(await self.snapshot())
+
+
+def render_prometheus(stats: list[ReplicaStats]) -> str:
+    """Per-pool sums of every replica's counters, gauges and histograms, Prometheus text 0.0.4."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, doc: str) -> None:
+        lines.append(f"# HELP pdserve_{name} {doc}")
+        lines.append(f"# TYPE pdserve_{name} {kind}")
+
+    def sample(name: str, labels: dict[str, str], value: float) -> None:
+        lab = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        lines.append(f"pdserve_{name}{{{lab}}} {value:g}" if lab else f"pdserve_{name} {value:g}")
+
+    by_pool = pools(stats)
+    family("replicas", "gauge", "Live replicas per pool.")
+    for pool, reps in by_pool.items():
+        sample("replicas", {"pool": pool}, len(reps))
+    family("requests_total", "counter", "Requests finished, by pool and outcome.")
+    for pool, reps in by_pool.items():
+        outcomes: dict[str, int] = {}
+        for r in reps:
+            for k, v in r.requests.items():
+                outcomes[k] = outcomes.get(k, 0) + v
+        for k, v in sorted(outcomes.items()):
+            sample("requests_total", {"pool": pool, "outcome": k}, v)
+    sums = (
+        ("prompt_tokens_total", "counter", "Prompt tokens processed.", "prompt_tokens"),
+        ("output_tokens_total", "counter", "Tokens generated.", "output_tokens"),
+        (
+            "kv_transfers_total",
+            "counter",
+            "KV transfers sent (prefill) or received (decode).",
+            "kv_transfers",
+        ),
+        (
+            "kv_transfer_bytes_total",
+            "counter",
+            "KV bytes sent (prefill) or received (decode).",
+            "kv_bytes",
+        ),
+        ("kv_transfer_seconds_total", "counter", "Seconds spent moving KV.", "kv_seconds"),
+        (
+            "preemptions_total",
+            "counter",
+            "Requests preempted for lack of KV blocks.",
+            "preemptions",
+        ),
+        ("running_requests", "gauge", "Requests in the running batch.", "running"),
+        ("waiting_requests", "gauge", "Requests queued for their first step.", "waiting"),
+        ("inflight_requests", "gauge", "Requests held by the pool in any stage.", "inflight"),
+        ("kv_blocks_used", "gauge", "KV cache blocks in use.", "kv_blocks_used"),
+        ("kv_blocks_total", "gauge", "KV cache blocks in all.", "kv_blocks_total"),
+    )
+    for name, kind, doc, field in sums:
+        family(name, kind, doc)
+        for pool, reps in by_pool.items():
+            sample(name, {"pool": pool}, sum(getattr(r, field) for r in reps))
+    family("kv_blocks_free", "gauge", "KV cache blocks free.")
+    for pool, reps in by_pool.items():
+        sample(
+            "kv_blocks_free",
+            {"pool": pool},
+            sum(r.kv_blocks_total - r.kv_blocks_used for r in reps),
+        )
+    for name, field, doc in (
+        ("time_to_first_token_seconds", "ttft", "Time to first token, as each pool sees it."),
+        ("time_per_output_token_seconds", "tpot", "Time between output tokens (decode pool)."),
+    ):
+        family(name, "histogram", doc)
+        for pool, reps in by_pool.items():
+            h = Histogram()
+            for r in reps:
+                h.merge(getattr(r, field))
+            cum = 0
+            for bound, c in zip((*h.bounds, float("inf")), h.counts):
+                cum += c
+                le = "+Inf" if bound == float("inf") else f"{bound:g}"
+                sample(f"{name}_bucket", {"pool": pool, "le": le}, cum)
+            sample(f"{name}_sum", {"pool": pool}, h.total)
+            sample(f"{name}_count", {"pool": pool}, h.count)
+    return "\n".join(lines) + "\n"

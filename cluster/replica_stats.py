@@ -1,0 +1,79 @@
+"""What each replica reports about itself, a few times a second, to the app's registry."""
+
+from __future__ import annotations
+
+import bisect
+
+import msgspec
+
+# seconds; wide enough for CPU test runs and tight enough for GPU decode
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+
+
+class Histogram(msgspec.Struct):
+    """A Prometheus histogram: counts per upper bound (cumulated when rendered)."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    counts: list[int] = msgspec.field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    total: float = 0.0
+    count: int = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+    def merge(self, other: Histogram) -> None:
+        assert self.bounds == other.bounds
+        self.counts = [a + b for a, b in zip(self.counts, other.counts)]
+        self.total += other.total
+        self.count += other.count
+
+
+class ReplicaStats(msgspec.Struct, kw_only=True):
+    """One replica's state. Counters only grow; gauges are current values."""
+
+    pool: str  # "prefill" or "decode"
+    replica_id: str
+    node: str = ""
+    device: str = ""
+    tp: int = 1
+    kernels: dict[str, str] = msgspec.field(default_factory=dict)
+    kv_transport: str = ""
+    heartbeat: float = 0.0  # time.time() of this report
+    # counters
+    requests: dict[str, int] = msgspec.field(default_factory=dict)  # by outcome
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    kv_transfers: int = 0
+    kv_bytes: int = 0  # sent (prefill) or received (decode)
+    kv_seconds: float = 0.0
+    preemptions: int = 0
+    # gauges
+    running: int = 0
+    waiting: int = 0
+    inflight: int = 0  # requests this replica is serving, in any stage
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    busy: float = 0.0  # share of recent wall time spent in model steps
+    # latency histograms
+    ttft: Histogram = msgspec.field(default_factory=Histogram)
+    tpot: Histogram = msgspec.field(default_factory=Histogram)
+
+    def count(self, outcome: str) -> None:
+        self.requests[outcome] = self.requests.get(outcome, 0) + 1

@@ -1,0 +1,125 @@
+"""Tensor parallelism across Ray actors: one process per rank, all-reduce through torch.distributed
+(gloo on CPU, NCCL on GPU).
+
+Inside a Serve replica the ranks go into the replica's placement group, bundle i + 1 for rank i
+(bundle 0 holds the replica itself, which schedules but holds no weights). The ranks meet through
+a Ray call: rank 0 reports an address and a free port, and nothing is fixed in advance. Every
+step goes to all ranks; rank 0 samples (the others would draw the same tokens from the same
+all-gathered logits). MLA's latent cache is the same on every rank, so KV is read from rank 0
+and written to all.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import replace
+
+import ray
+import torch
+from ray.util.placement_group import get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from cluster.config import EngineConfig, ModelConfig
+from cluster.executor import Executor
+from cluster.sampler import SampledToken
+from cluster.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+class TPRank:
+    """One rank's process: a model runner over its shard of the weights."""
+
+    def __init__(self, config: EngineConfig, rank: int, size: int) -> None:
+        self.config, self.rank, self.size = config, rank, size
+        self.runner = None
+        torch.set_num_threads(max(1, int(config.cpus_per_rank)))
+
+    def address(self) -> tuple[str, int]:
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def start(self, master: tuple[str, int], max_model_len: int) -> int:
+        """Join the group, load this rank's shard; returns how many KV blocks would fit."""
+        import torch.distributed as dist
+
+        from cluster.model_runner import ModelRunner
+        from cluster.parallel import TensorParallel
+
+        config = self.config
+        if config.gpus_per_rank > 0:
+            # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU
+            config = replace(config, device="cuda:0")
+        backend = "nccl" if config.resolve_device().type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{master[0]}:{master[1]}",
+            rank=self.rank,
+            world_size=self.size,
+        )
+        tp = TensorParallel(self.rank, self.size, dist.group.WORLD)
+        self.runner = ModelRunner(
+            config, ModelConfig.from_dir(config.model), max_model_len, tp, allocate=False
+        )
+        return self.runner.propose_num_blocks()
+
+    def allocate_kv(self, num_blocks: int) -> tuple[dict[str, str], str]:
+        self.runner.allocate_kv(num_blocks)
+        return self.runner.kernel_names, self.runner.device_name
+
+    def execute(self, sched: SchedulerOutput) -> list[SampledToken] | None:
+        if self.rank == 0:
+            return self.runner.execute(sched)
+        self.runner.compute_logits(sched)  # takes part in the collectives
+        return None
+
+    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
+        return self.runner.read_kv(block_ids).cpu()
+
+    def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        self.runner.write_kv(block_ids, kv)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayTPExecutor(Executor):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> None:
+        size = config.tp
+        pg = get_current_placement_group()
+        actor = ray.remote(TPRank)
+        self.ranks = []
+        for rank in range(size):
+            opts: dict = {"num_cpus": config.cpus_per_rank, "num_gpus": config.gpus_per_rank}
+            if pg is not None:
+                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=rank + 1
+                )
+            self.ranks.append(actor.options(**opts).remote(config, rank, size))
+        master = ray.get(self.ranks[0].address.remote())
+        proposals = ray.get([r.start.remote(master, max_model_len) for r in self.ranks])
+        self.num_blocks = min(proposals)
+        infos = ray.get([r.allocate_kv.remote(self.num_blocks) for r in self.ranks])
+        self.kernel_names, self.device_name = infos[0]
+        log.info(
+            "tensor parallel x%d ready: %d KV blocks on %s", size, self.num_blocks, self.device_name
+        )
+
+    def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
+        return ray.get([r.execute.remote(sched) for r in self.ranks])[0]
+
+    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
+        return ray.get(self.ranks[0].read_kv.remote(block_ids))
+
+    def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
+        ref = ray.put(kv.cpu())
+        ray.get([r.write_kv.remote(block_ids, ref) for r in self.ranks])
+
+    def shutdown(self) -> None:
+        for r in self.ranks:
+            ray.kill(r)
+        self.ranks = []

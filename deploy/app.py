@@ -1,0 +1,182 @@
+"""The app builder: YAML args -> a Serve application of Ingress -> Decode (-> Prefill).
+
+``serve run deploy/configs/<name>.yaml`` and ``pdserve up`` both land here, through the
+import path ``deploy.app:build_app``. This is the only code that calls
+``serve.deployment(...).bind(...)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from cluster.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from cluster.replica import WorkerSpec
+from cluster.replica_registry import get_registry
+from decode_worker.server import DecodeServer
+from deploy.ingress import Ingress
+from deploy.ingress_settings import IngressSettings
+from deploy.schema import AppSpec, ModelSpec, PoolSpec
+from prefill_worker.server import PrefillServer
+
+log = logging.getLogger(__name__)
+
+MODEL_CACHE = Path.home() / ".cache" / "pdserve" / "models"
+REPLICA_CPUS = 0.25  # the replica process of a TP group, which schedules but holds no weights
+
+
+def resolve_model(spec: ModelSpec) -> Path:
+    """The checkpoint directory, made from the preset first if it is not there yet."""
+    path = Path(spec.path).expanduser() if spec.path else MODEL_CACHE / str(spec.preset)
+    if not (path / "config.json").is_file():
+        if spec.preset is None:
+            raise ValueError(f"no checkpoint at {str(path)!r} and no preset to make one")
+        from cluster.checkpoint_maker import make_model
+
+        log.info("making a %s checkpoint at %s", spec.preset, path)
+        make_model(path, spec.preset, seed=spec.seed)
+    return path
+
+
+def weights_digest(path: Path) -> str:
+    """Identifies a checkpoint cheaply: its config and the names and sizes of its shards."""
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in sorted(path.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+def _check_tp(pool: str, tp: int, cfg: ModelConfig) -> None:
+    for what, n in (
+        ("num_attention_heads", cfg.num_attention_heads),
+        ("intermediate_size", cfg.intermediate_size),
+        ("moe_intermediate_size", cfg.moe_intermediate_size),
+    ):
+        if n % tp:
+            raise ValueError(f"{pool}.tp = {tp} does not divide the model's {what} = {n}")
+    if (cfg.moe_intermediate_size // tp) % 32:
+        raise ValueError(
+            f"{pool}.tp = {tp} leaves {cfg.moe_intermediate_size // tp} expert intermediate dims "
+            "per rank; MXFP4 needs a multiple of 32"
+        )
+
+
+def _gpus(pool: PoolSpec, cluster_gpus: float) -> float:
+    if pool.gpus_per_rank is not None:
+        return pool.gpus_per_rank
+    return 1.0 if cluster_gpus > 0 else 0.0
+
+
+def _engine_config(
+    spec: AppSpec, pool: PoolSpec, role: str, path: Path, gpus: float
+) -> EngineConfig:
+    return EngineConfig(
+        model=str(path),
+        dtype=spec.model.dtype,
+        device="cuda" if gpus > 0 else "cpu",
+        seed=spec.model.seed,
+        role=role,
+        kernel_overrides=dict(pool.kernels),
+        tp=pool.tp,
+        gpus_per_rank=gpus,
+        cpus_per_rank=pool.cpus_per_rank,
+        cache=CacheConfig(
+            block_size=spec.model.block_size,
+            num_blocks=pool.num_kv_blocks,
+            gpu_memory_fraction=pool.kv_cache_memory_fraction,
+            cpu_kv_bytes=pool.kv_cache_cpu_bytes,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_seqs=pool.max_num_seqs,
+            max_num_batched_tokens=pool.max_num_batched_tokens,
+            max_model_len=spec.model.max_model_len,
+            long_prefill_token_threshold=pool.long_prefill_token_threshold,
+        ),
+    )
+
+
+def _deployment_options(pool: PoolSpec, name: str, gpus: float) -> dict[str, Any]:
+    rank: dict[str, float] = {"CPU": pool.cpus_per_rank, **pool.resources}
+    if gpus > 0:
+        rank["GPU"] = gpus
+    if pool.accelerator_type:
+        rank[f"accelerator_type:{pool.accelerator_type}"] = 0.001
+    opts: dict[str, Any] = {
+        "name": name,
+        "max_ongoing_requests": pool.max_ongoing_requests or 2 * pool.max_num_seqs,
+        "graceful_shutdown_timeout_s": 120,  # scale-down lets streams finish
+        "health_check_period_s": 5,
+    }
+    if pool.autoscaling_config is not None:
+        opts["autoscaling_config"] = pool.autoscaling_config.model_dump()
+    else:
+        opts["num_replicas"] = pool.num_replicas or 1
+    if pool.tp == 1:
+        opts["ray_actor_options"] = {
+            "num_cpus": rank.pop("CPU"),
+            "num_gpus": rank.pop("GPU", 0),
+            "resources": rank,
+        }
+    else:  # bundle 0 for the replica, one bundle per rank; ranks of a replica share a node
+        opts["ray_actor_options"] = {"num_cpus": REPLICA_CPUS}
+        opts["placement_group_bundles"] = [{"CPU": REPLICA_CPUS}] + [dict(rank)] * pool.tp
+        opts["placement_group_strategy"] = "STRICT_PACK" if gpus > 0 else "PACK"
+    return opts
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    spec = AppSpec.model_validate(args)
+    path = resolve_model(spec.model)
+    cfg = ModelConfig.from_dir(path)
+    pools = {"decode": spec.decode} | ({} if spec.colocated else {"prefill": spec.prefill})
+    for name, pool in pools.items():
+        _check_tp(name, pool.tp, cfg)
+    cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    gpus = {name: _gpus(pool, cluster_gpus) for name, pool in pools.items()}
+    transport = spec.kv_transport
+    if transport == "auto":
+        # NCCL arrives with the GPU cluster work; until then every pair uses the object store
+        transport = "object_store"
+    if transport == "nccl":
+        raise ValueError("kv_transport nccl is not available yet; use auto or object_store")
+    digest = weights_digest(path)
+    max_len = spec.model.max_model_len or cfg.max_position_embeddings
+
+    def worker(pool_name: str, role: str) -> WorkerSpec:
+        pool = pools[pool_name]
+        engine = _engine_config(spec, pool, role, path, gpus[pool_name])
+        return WorkerSpec(spec.name, pool_name, engine, transport, digest)
+
+    prefill = None
+    if not spec.colocated:
+        prefill = (
+            serve.deployment(PrefillServer)
+            .options(**_deployment_options(spec.prefill, "Prefill", gpus["prefill"]))
+            .bind(worker("prefill", "prefill"))
+        )
+    role = "colocated" if spec.colocated else "decode"
+    decode = (
+        serve.deployment(DecodeServer)
+        .options(**_deployment_options(spec.decode, "Decode", gpus["decode"]))
+        .bind(worker("decode", role), prefill)
+    )
+    settings = IngressSettings(
+        served_model_name=spec.model.name or path.name, model_path=str(path), max_model_len=max_len
+    )
+    ingress = (
+        serve.deployment(Ingress)
+        .options(
+            name="Ingress",
+            num_replicas=spec.ingress.num_replicas,
+            ray_actor_options={"num_cpus": 0.5},
+        )
+        .bind(decode, settings, spec.name)
+    )
+    if ray.is_initialized():
+        ray.get(get_registry(spec.name).set_app_args.remote(spec.model_dump(mode="json")))
+    return ingress

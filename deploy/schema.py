@@ -1,0 +1,155 @@
+"""The deployment YAML schema: the ``args`` of ``deploy.app:build_app`` (pydantic lives here only).
+
+One model and one KV block size serve both pools, so a prefill and a decode replica can never
+disagree on them; checks that need the checkpoint (heads and experts splitting over TP) run in
+the builder.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kernels.registry import OPS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    path: str | None = Field(None, description="Checkpoint directory in Hugging Face format.")
+    preset: str | None = Field(
+        None,
+        description="Make a random checkpoint of this shape (tiny, deepseek-v2-lite, "
+        "deepseek-v3-4l) at `path`, or in ~/.cache/pdserve/models, if none is there yet.",
+    )
+    name: str | None = Field(
+        None, description="Model id clients send; default: the directory name."
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto", description="Weights and KV dtype; auto is bfloat16 on GPU, float32 on CPU."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Prompt + output tokens at most; default: the model's maximum."
+    )
+    block_size: int = Field(64, ge=1, le=1024, description="Tokens per KV block, on both pools.")
+    seed: int = Field(0, description="Seed of each replica's sampler for unseeded requests.")
+
+    @model_validator(mode="after")
+    def _path_or_preset(self) -> ModelSpec:
+        if self.path is None and self.preset is None:
+            raise ValueError("model needs a `path`, a `preset`, or both")
+        return self
+
+
+class AutoscalingSpec(_Strict):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas.")
+    max_replicas: int = Field(..., ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(5.0, ge=0, description="Load must persist this long to add.")
+    downscale_delay_s: float = Field(30.0, ge=0, description="Idle this long to remove.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"autoscaling min_replicas {self.min_replicas} > max_replicas {self.max_replicas}"
+            )
+        return self
+
+
+class PoolSpec(_Strict):
+    num_replicas: int | None = Field(
+        None, ge=1, description="Fixed replica count (default 1); exclusive with autoscaling."
+    )
+    autoscaling_config: AutoscalingSpec | None = Field(
+        None, description="Scale this pool on load, independently of the other pool."
+    )
+    tp: int = Field(1, ge=1, description="Tensor-parallel ranks per replica, one process each.")
+    gpus_per_rank: float | None = Field(
+        None, ge=0, description="GPUs per rank; default 1 when the Ray cluster has GPUs, else 0."
+    )
+    cpus_per_rank: float = Field(1.0, gt=0, description="CPUs per rank (and its torch threads).")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type to place this pool on, e.g. H100 or H200."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per rank, to pin a worker group."
+    )
+    max_num_seqs: int = Field(256, ge=1, description="Requests in a replica's running batch.")
+    max_num_batched_tokens: int = Field(
+        8192, ge=16, description="Tokens per forward pass (decodes + prefill chunks)."
+    )
+    long_prefill_token_threshold: int = Field(
+        0, ge=0, description="Cap one prompt's chunk per step so prompts share steps (0: off)."
+    )
+    kv_cache_memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="Share of free GPU memory, after weights, for the KV cache."
+    )
+    kv_cache_cpu_bytes: int = Field(
+        256 << 20, ge=1 << 20, description="KV cache size when the pool runs on CPU."
+    )
+    num_kv_blocks: int | None = Field(None, ge=1, description="Fixed KV block count (tests).")
+    kernels: dict[str, str] = Field(
+        default_factory=dict, description=f"Kernel backend per op, overriding the registry: {OPS}."
+    )
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests Serve routes to one replica at once."
+    )
+
+    @model_validator(mode="after")
+    def _replicas(self) -> PoolSpec:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("give a pool num_replicas or autoscaling_config, not both")
+        if (
+            self.tp > 1
+            and self.gpus_per_rank not in (None, 0)
+            and self.gpus_per_rank != int(self.gpus_per_rank)
+        ):
+            raise ValueError(
+                f"tp {self.tp} needs whole GPUs per rank (NCCL), "
+                f"got gpus_per_rank {self.gpus_per_rank}"
+            )
+        return self
+
+    @field_validator("kernels")
+    @classmethod
+    def _known_ops(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(OPS))
+        if unknown:
+            raise ValueError(f"kernel overrides name unknown ops {unknown}; ops are {list(OPS)}")
+        return v
+
+
+class IngressSpec(_Strict):
+    host: str = Field("127.0.0.1", description="HTTP host `pdserve up` binds Serve's proxy to.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port for `pdserve up`.")
+    num_replicas: int = Field(1, ge=1, description="Ingress replicas (tokenize, format, stream).")
+
+
+class AppSpec(_Strict):
+    name: str = Field("pdserve", description="Serve application name; also keys the registry.")
+    model: ModelSpec = Field(..., description="The one model both pools serve.")
+    prefill: PoolSpec | None = Field(
+        default_factory=PoolSpec,
+        description="The prefill pool; null for colocated mode (decode replicas prefill).",
+    )
+    decode: PoolSpec = Field(default_factory=PoolSpec, description="The decode pool.")
+    kv_transport: Literal["auto", "nccl", "object_store"] = Field(
+        "auto", description="How KV moves from prefill to decode; auto: NCCL on GPUs."
+    )
+    ingress: IngressSpec = Field(default_factory=IngressSpec, description="The HTTP front.")
+
+    @property
+    def colocated(self) -> bool:
+        return self.prefill is None
+
+    @model_validator(mode="after")
+    def _transport(self) -> AppSpec:
+        if self.colocated and self.kv_transport == "nccl":
+            raise ValueError("kv_transport nccl needs a prefill pool; colocated mode moves no KV")
+        return self

@@ -1,0 +1,74 @@
+"""PrefillServer: the compute-bound half. Batches prompts from every decode replica under a token
+budget (long prompts in chunks), samples each prompt's first token, and pushes its KV blocks to
+the decode replica that asked, over the KV transport."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+
+from cluster.errors import WorkerError
+from cluster.messages import FirstToken, PrefillRequest, PrefillResult
+from cluster.replica import Replica, WorkerSpec
+from prefill_worker.prefill_engine import PrefillEngine
+
+log = logging.getLogger(__name__)
+
+
+class PrefillServer(Replica):
+    engine_cls = PrefillEngine
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec)
+        self._met: set[str] = set()  # decode replicas whose layout was checked
+
+    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+        start = time.time()
+        dest = req.kv
+        if dest.decode_replica not in self._met:
+            self.fingerprint.check(dest.fingerprint)  # KVLayoutMismatch, at first contact
+            self._met.add(dest.decode_replica)
+        # one token, sampled with the request's own parameters: the decode side continues it
+        sampling = msgspec.structs.replace(req.sampling, max_tokens=1, stop=())
+        rid = dest.transfer_id  # unique per attempt, even when a request is retried
+        self.stats.inflight += 1
+        out = None
+        try:
+            async for last in self.aengine.stream(
+                rid, lambda e: e.add_request(req.prompt_token_ids, sampling, rid) and None
+            ):
+                out = last
+            if out is None or out.finish_reason not in ("stop", "length"):
+                raise WorkerError(
+                    f"prefill of {req.request_id} ended with {out and out.finish_reason}"
+                )
+            kv, queue_s = self.engine.captured.pop(rid)
+            if kv.shape[1] != len(dest.block_ids):
+                raise WorkerError(
+                    f"prefill made {kv.shape[1]} KV blocks, decode reserved {len(dest.block_ids)}"
+                )
+            prefill_s = time.time() - start
+            self.stats.ttft.observe(prefill_s)
+            sent = time.time()
+            handle = await self.transport.send(kv, dest)
+            self.stats.count("ok")
+            self.stats.prompt_tokens += len(req.prompt_token_ids)
+        except BaseException:
+            self.stats.count("error")
+            raise
+        finally:
+            self.engine.captured.pop(rid, None)  # an aborted attempt may have left its copy
+            self.stats.inflight -= 1
+            self.request_ended()
+        lp = out.logprobs[0] if out.logprobs else None
+        return PrefillResult(
+            request_id=req.request_id,
+            prefill_replica=self.replica_id,
+            first=FirstToken(out.token_ids[0], lp and lp.logprob, lp and lp.top),
+            kv=handle,
+            queue_s=queue_s,
+            prefill_s=prefill_s,
+            send_s=time.time() - sent,
+        )
