@@ -94,7 +94,7 @@ def _status(args: argparse.Namespace) -> int:
     app = serve.status().applications.get(args.name)
     if app is None:
         raise ValueError(f"no application named {args.name!r} is deployed")
-    print(f"{args.name}: {app.status}")
+    print(f"{args.name}: {getattr(app.status, 'value', app.status)}")
     stats = sorted(serve_app.replica_stats(args.name), key=lambda s: (s.pool, s.replica_id))
     row = "{:8} {:28} {:20} {:>2} {:>4} {:>4} {:>14}"
     print(row.format("pool", "replica", "device", "tp", "run", "wait", "KV used/total"))
