@@ -54,6 +54,23 @@ class AsyncEngine:
     async def run(self, fn: Callable[[LLMEngine], Any]) -> Any:
         return await asyncio.wrap_future(self.call(fn))
 
+    async def run_owned(
+        self, fn: Callable[[LLMEngine], Any], undo: Callable[[LLMEngine, Any], None]
+    ) -> Any:
+        """``run`` for a command that acquires something (KV blocks): if the caller is cancelled
+        after the engine thread started the command, ``undo(engine, result)`` gives it back."""
+        fut = self.call(fn)
+        try:
+            return await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+
+            def give_back(f: concurrent.futures.Future) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    self.call(lambda e: undo(e, f.result()))
+
+            fut.add_done_callback(give_back)
+            raise
+
     async def stream(
         self,
         request_id: str,

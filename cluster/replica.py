@@ -104,7 +104,7 @@ class Replica:
             now = time.perf_counter()
             self.stats.busy = (self.aengine.busy_s - last_busy) / max(now - last_t, 1e-9)
             last_busy, last_t = self.aengine.busy_s, now
-            if self._registry is None:
+            if self._registry is None or not ray.is_initialized():
                 continue
             try:
                 self._registry.report.remote(self.snapshot_stats())
@@ -121,13 +121,23 @@ class Replica:
         if not self.aengine._thread.is_alive():
             raise RuntimeError(f"{self.replica_id}: the engine thread died")
 
-    def __del__(self) -> None:
+    def shutdown(self) -> None:
+        """Leave the registry, stop reporting, stop the engine loop, release the ranks."""
+        if self._stop.is_set():
+            return
         self._stop.set()
-        if getattr(self, "_registry", None) is not None:
+        self._wake.set()
+        if self._registry is not None and ray.is_initialized():
             try:
                 self._registry.leave.remote(self.replica_id)
-            except Exception:  # noqa: BLE001 - shutting down
+            except Exception:  # noqa: BLE001 - the registry may be gone already
                 pass
+        self.aengine.shutdown()
+        self.engine.runner.shutdown()
+
+    def __del__(self) -> None:  # Serve's teardown hook
+        if hasattr(self, "_stop"):
+            self.shutdown()
 
 
 def _serve_replica_tag() -> str:

@@ -76,7 +76,9 @@ class DecodeServer(Replica):
 
     async def _disaggregated(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         prompt, sampling, rid = req.prompt_token_ids, req.sampling, req.request_id
-        blocks: list[int] = await self.aengine.run(lambda e: e.reserve(len(prompt)))
+        blocks: list[int] = await self.aengine.run_owned(
+            lambda e: e.reserve(len(prompt)), lambda e, ids: e.release(ids)
+        )
         dest = KVDestination(
             transfer_id=f"{rid}/{uuid.uuid4().hex[:8]}",
             decode_replica=self.replica_id,

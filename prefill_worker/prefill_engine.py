@@ -20,3 +20,8 @@ class PrefillEngine(LLMEngine):
         assert req.num_computed_tokens == len(req.prompt_token_ids)
         queued = (req.first_scheduled_time or req.arrival_time) - req.arrival_time
         self.captured[req.request_id] = (self.read_kv(req.block_ids), queued)
+
+    def abort(self, request_id: str) -> bool:
+        # a stream cancelled as its request finished: drop the copy nobody will collect
+        self.captured.pop(request_id, None)
+        return super().abort(request_id)

@@ -1,0 +1,149 @@
+"""The PD protocol in one process: a DecodeServer whose prefill "handle" calls a PrefillServer
+directly. Covers batching across callers, the layout check, and block accounting when a request
+is cancelled at each stage."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import pytest
+
+from cluster import CacheConfig, EngineConfig, SamplingParams
+from cluster.errors import KVLayoutMismatch, OverloadedError
+from cluster.messages import GenerateRequest
+from cluster.replica import WorkerSpec
+from decode_worker.server import DecodeServer
+from prefill_worker.server import PrefillServer
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+class _Method:
+    def __init__(self, fn, delay: float = 0.0) -> None:
+        self.fn, self.delay = fn, delay
+
+    async def remote(self, req):
+        await asyncio.sleep(self.delay)
+        return await self.fn(req)
+
+
+class _PrefillHandle:
+    """Stands in for a Serve DeploymentHandle to the prefill pool."""
+
+    def __init__(self, server: PrefillServer, delay: float = 0.0) -> None:
+        self.prefill = _Method(server.prefill, delay)
+
+
+def _spec(model: str, pool: str, role: str, blocks: int = 64, **engine) -> WorkerSpec:
+    cfg = EngineConfig(
+        model=model, role=role, cache=CacheConfig(block_size=16, num_blocks=blocks), **engine
+    )
+    return WorkerSpec("test", pool, cfg, "object_store", "digest")
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model):
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    prefill = PrefillServer(_spec(tiny_model, "prefill", "prefill"))
+    decode = DecodeServer(_spec(tiny_model, "decode", "decode"), _PrefillHandle(prefill))
+    yield prefill, decode
+    for server in (decode, prefill):
+        server.shutdown()
+    ray.shutdown()
+
+
+async def _collect(decode: DecodeServer, rid: str, prompt: list[int], sp=GREEDY) -> list[int]:
+    req = GenerateRequest(
+        request_id=rid, prompt_token_ids=prompt, sampling=sp, arrival_time=time.time()
+    )
+    return [t async for out in decode.generate(req) for t in out.token_ids]
+
+
+def test_disaggregated_tokens_equal_colocated_and_prefill_batches(servers, tiny_model):
+    prefill, decode = servers
+    prompts = [[5 + i] * (3 + 11 * i) for i in range(8)]
+    ref = decode.engine.__class__(EngineConfig(model=tiny_model, cache=CacheConfig(block_size=16)))
+    want = [o.token_ids for o in ref.generate(prompts, GREEDY)]
+    steps_before = prefill.aengine.steps
+
+    async def run():
+        return await asyncio.gather(*(_collect(decode, f"r{i}", p) for i, p in enumerate(prompts)))
+
+    assert asyncio.run(run()) == want
+    # eight concurrent prompts share prefill steps instead of taking one each
+    assert prefill.aengine.steps - steps_before < len(prompts)
+    assert decode.engine.blocks.num_used == 0 and prefill.engine.blocks.num_used == 0
+    assert decode.stats.requests["ok"] >= 8 and decode.transport.stats.transfers >= 8
+
+
+def test_seeded_sampling_continues_across_the_handoff(servers, tiny_model):
+    _, decode = servers
+    sp = SamplingParams(max_tokens=12, temperature=0.8, seed=42, ignore_eos=True)
+    ref = decode.engine.__class__(EngineConfig(model=tiny_model, cache=CacheConfig(block_size=16)))
+    want = ref.generate([[9] * 20], sp)[0].token_ids
+    assert asyncio.run(_collect(decode, "seeded", [9] * 20, sp)) == want
+
+
+def test_layout_mismatch_is_refused_at_first_contact(servers, tiny_model):
+    prefill, _ = servers
+    other = DecodeServer(_spec(tiny_model, "decode", "decode"), _PrefillHandle(prefill))
+    other.fingerprint = msgspec.structs.replace(other.fingerprint, block_size=32)
+    with pytest.raises(KVLayoutMismatch, match="block_size: 16 vs 32"):
+        asyncio.run(_collect(other, "mismatch", [5, 6, 7]))
+    _eventually(lambda: other.engine.blocks.num_used == 0)  # the reservation was released
+    other.shutdown()
+
+
+@pytest.mark.parametrize("stage_s", [0.0, 0.05, 0.3])
+def test_cancel_at_any_stage_frees_blocks_on_both_sides(servers, stage_s):
+    prefill, decode = servers
+
+    async def run():
+        task = asyncio.create_task(
+            _collect(decode, f"cancel-{stage_s}", [7] * 40, replace_max(200))
+        )
+        await asyncio.sleep(stage_s)  # before prefill ran, while it runs, while decoding
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.3)
+
+    asyncio.run(run())
+    _eventually(lambda: decode.engine.blocks.num_used == 0 and decode.engine._reserved == 0)
+    _eventually(lambda: prefill.engine.blocks.num_used == 0 and not prefill.engine.captured)
+
+
+def _eventually(cond, timeout: float = 5.0) -> None:
+    """Releases run on the engine thread shortly after the request ends."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "not freed in time"
+        time.sleep(0.02)
+
+
+def replace_max(n: int) -> SamplingParams:
+    return msgspec.structs.replace(GREEDY, max_tokens=n)
+
+
+def test_full_decode_replica_answers_overloaded_at_once(tiny_model, servers):
+    prefill, _ = servers
+    small = DecodeServer(
+        _spec(tiny_model, "decode", "decode", blocks=4), _PrefillHandle(prefill, 0.2)
+    )
+
+    async def run():
+        first = asyncio.create_task(_collect(small, "big", [5] * 50))  # all 4 blocks reserved
+        await asyncio.sleep(0.05)
+        start = time.perf_counter()
+        with pytest.raises(OverloadedError, match="full"):
+            await _collect(small, "more", [6] * 10)
+        assert time.perf_counter() - start < 0.1
+        return await first
+
+    assert len(asyncio.run(run())) == GREEDY.max_tokens
+    _eventually(lambda: small.engine.blocks.num_used == 0)
+    small.shutdown()
