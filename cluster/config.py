@@ -199,7 +199,7 @@ class EngineConfig:
     """Everything one engine (a single process, or one TP rank) needs."""
 
     model: str  # checkpoint directory
-    dtype: str = "auto"  # "auto" (bfloat16 on GPU, float32 on CPU), "bfloat16", "float32"
+    dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bfloat16", "float32", "float64"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     seed: int = 0
     role: str = "colocated"  # "prefill", "decode" or "colocated": picks kernels
@@ -216,9 +216,11 @@ class EngineConfig:
         return torch.device(self.device)
 
     def resolve_dtype(self, device: torch.device) -> torch.dtype:
-        names = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+        names = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
         if self.dtype == "auto":
             return torch.bfloat16 if device.type == "cuda" else torch.float32
         if self.dtype not in names:
-            raise ValueError(f"unsupported dtype {self.dtype!r}; choose auto, bfloat16 or float32")
+            raise ValueError(
+                f"unsupported dtype {self.dtype!r}; choose auto, bfloat16, float32 or float64"
+            )
         return names[self.dtype]

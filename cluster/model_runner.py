@@ -53,7 +53,12 @@ class ModelRunner(Executor):
         self.block_size = config.cache.block_size
         # ===== kernels =====
         self.device_info = DeviceInfo.detect(self.device)
-        self.kernels = KernelSet.resolve(self.device_info, config.role, config.kernel_overrides)
+        self.kernels = KernelSet.resolve(
+            self.device_info,
+            config.role,
+            config.kernel_overrides,
+            dtype=str(self.dtype).removeprefix("torch."),
+        )
         self.kernel_names = self.kernels.names()
         self.device_name = self.device_info.describe()
         for line in self.kernels.describe():

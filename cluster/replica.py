@@ -33,6 +33,7 @@ class WorkerSpec:
     engine: EngineConfig  # role set to "prefill", "decode" or "colocated"
     kv_transport: str  # resolved: "object_store" (or "nccl" on GPUs)
     weights_digest: str  # identifies the checkpoint, part of the KV fingerprint
+    generation: str = ""  # a digest of the app's args: replicas of an older config are ignored
 
 
 class Replica:
@@ -59,6 +60,7 @@ class Replica:
         self.stats = ReplicaStats(
             pool=spec.pool,
             replica_id=self.replica_id,
+            generation=spec.generation,
             node=ray.util.get_node_ip_address() if ray.is_initialized() else "",
             device=runner.device_name,
             tp=spec.engine.tp,

@@ -2,7 +2,9 @@
 read it for health, Prometheus metrics and status.
 
 A replica is live while its reports keep coming (every ``REPORT_PERIOD_S``); one silent for
-``STALE_S`` is dropped, which is how a dead replica leaves /health and /metrics.
+``STALE_S`` is dropped, which is how a dead replica leaves /health and /metrics. Replicas built
+from an earlier config of the app (an older ``generation``; scaling keeps the generation, a
+redeploy with other args starts a new one) are left out as soon as the new config is deployed.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ def registry_name(app: str) -> str:
     return f"registry-{app}"
 
 
-@ray.remote(num_cpus=0)
-class ReplicaRegistry:
+class RegistryState:
+    """The registry's state; ``ReplicaRegistry`` is this class as a Ray actor."""
+
     def __init__(self) -> None:
         self._stats: dict[str, ReplicaStats] = {}
         self._app_args: dict[str, Any] | None = None
+        self._generation = ""
 
     def report(self, stats: ReplicaStats) -> None:
         self._stats[stats.replica_id] = stats
@@ -38,15 +42,20 @@ class ReplicaRegistry:
 
     def snapshot(self) -> list[ReplicaStats]:
         now = time.time()
-        for rid in [r for r, s in self._stats.items() if now - s.heartbeat > STALE_S]:
-            del self._stats[rid]
+        for rid, s in list(self._stats.items()):
+            old = self._generation and s.generation != self._generation
+            if old or now - s.heartbeat > STALE_S:
+                del self._stats[rid]
         return list(self._stats.values())
 
-    def set_app_args(self, args: dict[str, Any]) -> None:
-        self._app_args = args
+    def set_app_args(self, args: dict[str, Any], generation: str) -> None:
+        self._app_args, self._generation = args, generation
 
     def app_args(self) -> dict[str, Any] | None:
         return self._app_args
+
+
+ReplicaRegistry = ray.remote(num_cpus=0)(RegistryState)
 
 
 def get_registry(app: str):

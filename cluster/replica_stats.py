@@ -50,6 +50,7 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
 
     pool: str  # "prefill" or "decode"
     replica_id: str
+    generation: str = ""  # the app config it was built from; a redeploy starts a new one
     node: str = ""
     device: str = ""
     tp: int = 1

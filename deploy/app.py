@@ -8,6 +8,7 @@ import path ``deploy.app:build_app``. This is the only code that calls
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -129,8 +130,16 @@ def _deployment_options(pool: PoolSpec, name: str, gpus: float) -> dict[str, Any
     return opts
 
 
+def generation(spec: AppSpec) -> str:
+    """Same args, same generation: scaling (Serve's deployment overrides) keeps it, so replicas
+    are not restarted; any change of the args makes a new one."""
+    text = json.dumps(spec.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     spec = AppSpec.model_validate(args)
+    gen = generation(spec)
     path = resolve_model(spec.model)
     cfg = ModelConfig.from_dir(path)
     pools = {"decode": spec.decode} | ({} if spec.colocated else {"prefill": spec.prefill})
@@ -150,7 +159,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     def worker(pool_name: str, role: str) -> WorkerSpec:
         pool = pools[pool_name]
         engine = _engine_config(spec, pool, role, path, gpus[pool_name])
-        return WorkerSpec(spec.name, pool_name, engine, transport, digest)
+        return WorkerSpec(spec.name, pool_name, engine, transport, digest, gen)
 
     prefill = None
     if not spec.colocated:
@@ -178,5 +187,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         .bind(decode, settings, spec.name)
     )
     if ray.is_initialized():
-        ray.get(get_registry(spec.name).set_app_args.remote(spec.model_dump(mode="json")))
+        registry = get_registry(spec.name)
+        ray.get(registry.set_app_args.remote(spec.model_dump(mode="json"), gen))
     return ingress

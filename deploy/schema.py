@@ -28,8 +28,10 @@ class ModelSpec(_Strict):
     name: str | None = Field(
         None, description="Model id clients send; default: the directory name."
     )
-    dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="Weights and KV dtype; auto is bfloat16 on GPU, float32 on CPU."
+    dtype: Literal["auto", "bfloat16", "float32", "float64"] = Field(
+        "auto",
+        description="Weights and KV dtype; auto is bfloat16 on GPU, float32 on CPU. float64 is "
+        "slow but batch-invariant in practice: for tests comparing batched runs token for token.",
     )
     max_model_len: int | None = Field(
         None, ge=16, description="Prompt + output tokens at most; default: the model's maximum."

@@ -4,10 +4,14 @@ Every op has a PyTorch implementation (the CPU path and the test oracle) registe
 backends register themselves beside it and the registry picks per worker.
 """
 
+import importlib
+import importlib.util
+
+from kernels import triton_configs
 from kernels.device import DeviceInfo
 from kernels.kernel_set import KernelSet, PreparedMoe
-from kernels.moe_reference import MoeWeights, SwiGLU, moe_mxfp4_torch
 from kernels.mla_reference import mla_decode_torch, mla_prefill_torch
+from kernels.moe_reference import MoeWeights, SwiGLU, moe_mxfp4_torch
 from kernels.registry import REGISTRY, Backend, Choice, Registry
 from kernels.routing import grouped_topk
 
@@ -15,6 +19,62 @@ REGISTRY.register(Backend("moe_small", "torch", lambda: moe_mxfp4_torch, "any", 
 REGISTRY.register(Backend("moe_large", "torch", lambda: moe_mxfp4_torch, "any", priority=0))
 REGISTRY.register(Backend("mla_decode", "torch", lambda: mla_decode_torch, "any", priority=0))
 REGISTRY.register(Backend("mla_prefill", "torch", lambda: mla_prefill_torch, "any", priority=0))
+
+
+def _lazy(module: str, attr: str):
+    """A callable that imports kernels.<module> on first use (Triton compiles nothing before)."""
+
+    def get():
+        return getattr(importlib.import_module(f"kernels.{module}"), attr)
+
+    return get
+
+
+def _triton_missing() -> str | None:
+    return None if importlib.util.find_spec("triton") else "triton is not installed"
+
+
+def _flashinfer_missing() -> str | None:
+    return _lazy("moe_flashinfer", "unavailable")()()
+
+
+# Triton kernels: bf16 tl.dot needs sm_80+; min_smem is what their default configs stage.
+for _op, _module, _fn in (
+    ("moe_small", "moe_triton_small_m", "moe_small_triton"),
+    ("moe_large", "moe_triton_grouped", "moe_grouped_triton"),
+    ("mla_decode", "mla_decode_triton", "mla_decode_triton"),
+    ("mla_prefill", "mla_prefill_triton", "mla_prefill_triton"),
+):
+    REGISTRY.register(
+        Backend(
+            _op,
+            "triton",
+            _lazy(_module, _fn),
+            "cuda",
+            priority=10,
+            min_sm=80,
+            min_smem=triton_configs.default_smem(_op),
+            dtypes=("bfloat16", "float32"),  # what the tests cover, on CPU and on the H100
+            unavailable=_triton_missing,
+        )
+    )
+
+# FlashInfer's CUTLASS W4A16 MoE is built for sm_90a alone, and only pays off at prefill sizes.
+REGISTRY.register(
+    Backend(
+        "moe_large",
+        "flashinfer_cutlass",
+        _lazy("moe_flashinfer", "moe_flashinfer"),
+        "cuda",
+        priority=20,
+        min_sm=90,
+        max_sm=90,
+        roles=("prefill",),
+        dtypes=("bfloat16",),  # W4A16: bf16 activations
+        unavailable=_flashinfer_missing,
+        prepare=_lazy("moe_flashinfer", "prepare"),
+    )
+)
 
 __all__ = [
     "REGISTRY",

@@ -11,9 +11,11 @@ import torch
 from kernels.device import DeviceInfo
 from kernels.moe_reference import MoeWeights, SwiGLU
 from kernels.registry import OPS, REGISTRY, Choice, Registry
+from kernels.triton_configs import MOE_CROSSOVER_M
 
 # Tokens per MoE call at and above which the large-M backend runs. Replaced per GPU by the
-# crossover that bench.kernels measures; the value only matters when the two backends differ.
+# crossover that bench.kernels measures (triton_configs.MOE_CROSSOVER_M, keyed by GPU name);
+# the value only matters when the two backends differ.
 DEFAULT_MOE_CROSSOVER_M = 64
 
 
@@ -45,12 +47,16 @@ class KernelSet:
         overrides: Mapping[str, str] | None = None,
         registry: Registry = REGISTRY,
         moe_crossover_m: int | None = None,
+        dtype: str | None = None,
     ) -> KernelSet:
+        """``dtype`` is the model's activation dtype ("bfloat16", ...), None to ignore it."""
         overrides = dict(overrides or {})
         unknown = set(overrides) - set(OPS)
         if unknown:
             raise ValueError(f"kernel overrides name unknown ops {sorted(unknown)}; ops are {OPS}")
-        choices = {op: registry.select(op, device, role, overrides.get(op)) for op in OPS}
+        choices = {op: registry.select(op, device, role, overrides.get(op), dtype) for op in OPS}
+        if moe_crossover_m is None:
+            moe_crossover_m = MOE_CROSSOVER_M.get(device.name, DEFAULT_MOE_CROSSOVER_M)
         small, large = choices["moe_small"].backend, choices["moe_large"].backend
         return KernelSet(
             choices=tuple(choices[op] for op in OPS),
@@ -60,7 +66,7 @@ class KernelSet:
             prepare_large=large.prepare(),
             mla_decode=choices["mla_decode"].backend.load(),
             mla_prefill=choices["mla_prefill"].backend.load(),
-            moe_crossover_m=DEFAULT_MOE_CROSSOVER_M if moe_crossover_m is None else moe_crossover_m,
+            moe_crossover_m=moe_crossover_m,
         )
 
     def names(self) -> dict[str, str]:

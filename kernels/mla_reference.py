@@ -37,12 +37,13 @@ def mla_decode_torch(
     b, h, d = q.shape
     block_size = kv_cache.shape[1]
     out = torch.empty(b, h, v_dim, dtype=q.dtype, device=q.device)
+    acc = torch.promote_types(q.dtype, torch.float32)
     for i, n in enumerate(seq_lens.tolist()):
         nblocks = -(-n // block_size)
-        kv = kv_cache[block_table[i, :nblocks].long()].reshape(-1, d)[:n]  # [n, D]
-        s = (q[i].float() @ kv.float().T) * scale  # [H, n]
+        kv = kv_cache[block_table[i, :nblocks].long()].reshape(-1, d)[:n].to(acc)  # [n, D]
+        s = (q[i].to(acc) @ kv.T) * scale  # [H, n]
         p = torch.softmax(s, dim=-1)
-        out[i] = (p @ kv[:, :v_dim].float()).to(q.dtype)
+        out[i] = (p @ kv[:, :v_dim]).to(q.dtype)
     return out
 
 
@@ -58,14 +59,15 @@ def mla_prefill_torch(
 ) -> torch.Tensor:
     out = torch.empty(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    acc = torch.promote_types(q.dtype, torch.float32)
     for s in range(len(cq) - 1):
         qs, ks = q[cq[s] : cq[s + 1]], k[ck[s] : ck[s + 1]]  # [n, H, D], [m, H, D]
         vs = v[ck[s] : ck[s + 1]]
         n, m = qs.shape[0], ks.shape[0]
-        scores = torch.einsum("nhd,mhd->hnm", qs.float(), ks.float()) * scale  # [H, n, m]
+        scores = torch.einsum("nhd,mhd->hnm", qs.to(acc), ks.to(acc)) * scale  # [H, n, m]
         qpos = torch.arange(n, device=q.device)[:, None] + (m - n)
         kpos = torch.arange(m, device=q.device)[None, :]
         scores = scores.masked_fill(kpos > qpos, float("-inf"))
         p = torch.softmax(scores, dim=-1)
-        out[cq[s] : cq[s + 1]] = torch.einsum("hnm,mhd->nhd", p, vs.float()).to(q.dtype)
+        out[cq[s] : cq[s + 1]] = torch.einsum("hnm,mhd->nhd", p, vs.to(acc)).to(q.dtype)
     return out

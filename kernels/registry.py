@@ -47,11 +47,17 @@ class Backend:
     max_sm: int | None = None  # highest, when an arch-specific instruction set is used
     min_smem: int = 0  # shared memory per block its largest config needs, bytes
     roles: tuple[str, ...] = ROLES  # roles it is chosen for by default
+    dtypes: tuple[str, ...] | None = None  # activation dtypes it computes in; None: any
     unavailable: Callable[[], str | None] = _always  # why it cannot run here, or None
     prepare: Callable[[], Callable[[Any], Any]] = lambda: _identity  # weight preprocessing (MoE)
 
-    def reject_reason(self, device: DeviceInfo, role: str | None) -> str | None:
-        """Why this backend does not fit (device, role), or None; role None skips the role check."""
+    def reject_reason(
+        self, device: DeviceInfo, role: str | None, dtype: str | None = None
+    ) -> str | None:
+        """Why this backend does not fit (device, role, dtype), or None; role None skips the role
+        check (an override may pick a backend outside its default roles), dtype None the dtype's."""
+        if dtype is not None and self.dtypes is not None and dtype not in self.dtypes:
+            return f"computes in {'/'.join(self.dtypes)}, not {dtype}"
         if self.device_kind != "any" and self.device_kind != device.kind:
             return f"needs a {self.device_kind} device, worker has {device.kind}"
         if device.kind == "cuda":
@@ -100,7 +106,14 @@ class Registry:
     def names(self, op: str) -> list[str]:
         return [b.name for b in self.backends[op]]
 
-    def select(self, op: str, device: DeviceInfo, role: str, override: str | None = None) -> Choice:
+    def select(
+        self,
+        op: str,
+        device: DeviceInfo,
+        role: str,
+        override: str | None = None,
+        dtype: str | None = None,
+    ) -> Choice:
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; roles are {ROLES}")
         candidates = sorted(self.backends[op], key=lambda b: -b.priority)
@@ -112,13 +125,13 @@ class Registry:
                     f"choose from {self.names(op)}"
                 )
             # an override may pick a backend outside its default roles, never one that cannot run
-            why = named[0].reject_reason(device, None)
+            why = named[0].reject_reason(device, None, dtype)
             if why is not None:
                 raise ValueError(f"kernel override {op}={override!r} cannot run here: {why}")
             return Choice(op, named[0], "override")
         rejected: list[tuple[str, str]] = []
         for b in candidates:
-            why = b.reject_reason(device, role)
+            why = b.reject_reason(device, role, dtype)
             if why is None:
                 return Choice(op, b, f"best fit for {role} on {device.describe()}", tuple(rejected))
             rejected.append((b.name, why))

@@ -15,7 +15,7 @@ def grouped_topk(
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [M, E] -> (weights [M, K] float32, expert ids [M, K] int64).
+    """router_logits [M, E] -> (weights [M, K] float32 (float64 for float64), ids [M, K] int64).
 
     Scores are ``sigmoid(logits)``; the correction bias is added for *selection only*. Experts
     are split into ``n_group`` groups, each group ranked by the sum of its two best biased
@@ -25,8 +25,10 @@ def grouped_topk(
     m, e = router_logits.shape
     if e % n_group:
         raise ValueError(f"{e} experts do not split into n_group={n_group} groups")
-    scores = router_logits.float().sigmoid()  # [M, E]
-    choice = scores if correction_bias is None else scores + correction_bias.float()
+    # float32 at least, as transformers computes it; float64 stays float64
+    dt = torch.promote_types(router_logits.dtype, torch.float32)
+    scores = router_logits.to(dt).sigmoid()  # [M, E]
+    choice = scores if correction_bias is None else scores + correction_bias.to(dt)
     if n_group > 1 and topk_group < n_group:
         per_group = e // n_group
         group_scores = choice.view(m, n_group, per_group).topk(min(2, per_group), dim=-1)[0].sum(-1)

@@ -5,8 +5,37 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Without CUDA, Triton kernels run under the interpreter on CPU tensors. TRITON_INTERPRET is read
+# when @triton.jit decorates a function, so it is set here, before any test imports a kernel.
+HAS_CUDA = torch.cuda.is_available()
+
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    import triton.runtime.interpreter as _interpreter
+
+    # numpy >= 2.4 refuses int() of a size-1 array, which the Triton 3.6 interpreter does for
+    # run-time loop bounds (triton-lang/triton#9171); apply the upstream one-line fix
+    _patch_lang_tensor = _interpreter._patch_lang_tensor
+
+    def _patched(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interpreter._patch_lang_tensor = _patched
+
+
+def pytest_collection_modifyitems(config, items):
+    gpus = torch.cuda.device_count() if HAS_CUDA else 0
+    for item in items:
+        if "gpu" in item.keywords and gpus < 1:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "multi_gpu" in item.keywords and gpus < 2:
+            item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))
+
 
 YARN_OVERRIDES = {
     "q_lora_rank": None,

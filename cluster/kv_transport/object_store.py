@@ -16,7 +16,7 @@ import torch
 from cluster.kv_transport.base import KVTransport
 from cluster.messages import KVDestination, KVHandle
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 class ObjectStoreTransport(KVTransport):

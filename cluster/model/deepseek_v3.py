@@ -105,8 +105,9 @@ class DeepseekV3ForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> [N, vocab] float32."""
-        return self.lm_head(hidden).float()
+        """[N, hidden] -> [N, vocab] in float32 (float64 for a float64 model)."""
+        logits = self.lm_head(hidden)
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def post_load(self) -> None:
         if self.cfg.tie_word_embeddings:

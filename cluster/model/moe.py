@@ -131,7 +131,8 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H] partial sum
         cfg = self.cfg
-        logits = F.linear(x.float(), self.gate.weight.float())  # [T, E]
+        dt = torch.promote_types(x.dtype, torch.float32)  # float32 at least, like transformers
+        logits = F.linear(x.to(dt), self.gate.weight.to(dt))  # [T, E]
         topk_weights, topk_ids = grouped_topk(
             logits,
             cfg.num_experts_per_tok,

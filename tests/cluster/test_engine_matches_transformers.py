@@ -75,7 +75,7 @@ def _check_logits(path: str, lengths, seed: int) -> None:
         ours = engine.runner.compute_logits(sched)[0]
         with torch.inference_mode():
             ref = hf(torch.tensor([prompt])).logits[0, -1].float()
-        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours.cpu(), ref, rtol=1e-4, atol=1e-4)
         engine.abort(rid)
 
 

@@ -37,9 +37,9 @@ class _PrefillHandle:
 
 
 def _spec(model: str, pool: str, role: str, blocks: int = 64, **engine) -> WorkerSpec:
-    cfg = EngineConfig(
-        model=model, role=role, cache=CacheConfig(block_size=16, num_blocks=blocks), **engine
-    )
+    cache = CacheConfig(block_size=16, num_blocks=blocks)
+    # float64: concurrent requests batch unpredictably; float64 keeps tokens batch-invariant
+    cfg = EngineConfig(model=model, role=role, dtype="float64", device="cpu", cache=cache, **engine)
     return WorkerSpec("test", pool, cfg, "object_store", "digest")
 
 
@@ -47,13 +47,16 @@ def _spec(model: str, pool: str, role: str, blocks: int = 64, **engine) -> Worke
 def servers(tiny_model):
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     prefill = PrefillServer(_spec(tiny_model, "prefill", "prefill"))
     decode = DecodeServer(_spec(tiny_model, "decode", "decode"), _PrefillHandle(prefill))
     yield prefill, decode
     for server in (decode, prefill):
         server.shutdown()
-    ray.shutdown()
+    if started:
+        ray.shutdown()
 
 
 async def _collect(decode: DecodeServer, rid: str, prompt: list[int], sp=GREEDY) -> list[int]:
@@ -66,7 +69,11 @@ async def _collect(decode: DecodeServer, rid: str, prompt: list[int], sp=GREEDY)
 def test_disaggregated_tokens_equal_colocated_and_prefill_batches(servers, tiny_model):
     prefill, decode = servers
     prompts = [[5 + i] * (3 + 11 * i) for i in range(8)]
-    ref = decode.engine.__class__(EngineConfig(model=tiny_model, cache=CacheConfig(block_size=16)))
+    ref = decode.engine.__class__(
+        EngineConfig(
+            model=tiny_model, dtype="float64", device="cpu", cache=CacheConfig(block_size=16)
+        )
+    )
     want = [o.token_ids for o in ref.generate(prompts, GREEDY)]
     steps_before = prefill.aengine.steps
 
@@ -83,7 +90,11 @@ def test_disaggregated_tokens_equal_colocated_and_prefill_batches(servers, tiny_
 def test_seeded_sampling_continues_across_the_handoff(servers, tiny_model):
     _, decode = servers
     sp = SamplingParams(max_tokens=12, temperature=0.8, seed=42, ignore_eos=True)
-    ref = decode.engine.__class__(EngineConfig(model=tiny_model, cache=CacheConfig(block_size=16)))
+    ref = decode.engine.__class__(
+        EngineConfig(
+            model=tiny_model, dtype="float64", device="cpu", cache=CacheConfig(block_size=16)
+        )
+    )
     want = ref.generate([[9] * 20], sp)[0].token_ids
     assert asyncio.run(_collect(decode, "seeded", [9] * 20, sp)) == want
 

@@ -30,7 +30,8 @@ def _engine(path: str) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             model=path,
-            dtype="float32",
+            dtype="float64",  # batch-invariant: concurrent requests batch unpredictably
+            device="cpu",
             cache=CacheConfig(block_size=16, num_blocks=96),
             scheduler=SchedulerConfig(max_model_len=MAX_MODEL_LEN),
         )

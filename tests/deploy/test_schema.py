@@ -30,11 +30,26 @@ def test_defaults_are_one_prefill_one_decode():
     "args, needle",
     [
         ({"model": {}}, "path"),
-        ({"model": {"preset": "tiny"}, "decode": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}}}, "not both"),
-        ({"model": {"preset": "tiny"}, "decode": {"autoscaling_config": {"min_replicas": 4, "max_replicas": 3}}}, "min_replicas"),
+        (
+            {
+                "model": {"preset": "tiny"},
+                "decode": {"num_replicas": 2, "autoscaling_config": {"max_replicas": 3}},
+            },
+            "not both",
+        ),
+        (
+            {
+                "model": {"preset": "tiny"},
+                "decode": {"autoscaling_config": {"min_replicas": 4, "max_replicas": 3}},
+            },
+            "min_replicas",
+        ),
         ({"model": {"preset": "tiny"}, "prefill": {"tp": 2, "gpus_per_rank": 0.5}}, "whole GPUs"),
         ({"model": {"preset": "tiny"}, "prefill": None, "kv_transport": "nccl"}, "colocated"),
-        ({"model": {"preset": "tiny"}, "decode": {"kernels": {"moe_huge": "triton"}}}, "unknown ops"),
+        (
+            {"model": {"preset": "tiny"}, "decode": {"kernels": {"moe_huge": "triton"}}},
+            "unknown ops",
+        ),
         ({"model": {"preset": "tiny"}, "decode": {"tp": 0}}, "tp"),
         ({"model": {"preset": "tiny"}, "decode": {"max_num_seqs": "lots"}}, "max_num_seqs"),
         ({"model": {"preset": "tiny"}, "decode": {"typo_field": 1}}, "typo_field"),
@@ -57,7 +72,11 @@ def test_tp_must_split_the_model(tiny_model):
 def test_placement_of_single_rank_and_tp_replicas():
     one = _deployment_options(PoolSpec(num_replicas=3, resources={"decode_node": 1}), "Decode", 1.0)
     assert one["num_replicas"] == 3
-    assert one["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0, "resources": {"decode_node": 1}}
+    assert one["ray_actor_options"] == {
+        "num_cpus": 1.0,
+        "num_gpus": 1.0,
+        "resources": {"decode_node": 1},
+    }
     tp = _deployment_options(PoolSpec(tp=2, autoscaling_config={"max_replicas": 4}), "Prefill", 1.0)
     assert "num_replicas" not in tp and tp["autoscaling_config"]["max_replicas"] == 4
     assert tp["placement_group_bundles"][1:] == [{"CPU": 1.0, "GPU": 1.0}] * 2
@@ -71,7 +90,9 @@ def test_weights_digest_tracks_the_checkpoint(tiny_model, yarn_model):
     assert weights_digest(Path(tiny_model)) != weights_digest(Path(yarn_model))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "deploy" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "deploy" / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_configs_validate(path):
     args, http = load_config(path)
     AppSpec.model_validate(args)
@@ -85,8 +106,17 @@ def test_kuberay_manifest_embeds_a_valid_app():
     spec = AppSpec.model_validate(app["args"])
     groups = {g["groupName"]: g for g in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     # each pool asks for the custom resource its worker group advertises
-    assert set(spec.prefill.resources) == {"prefill_node"} and "prefill_node" in groups["prefill"]["rayStartParams"]["resources"]
-    assert set(spec.decode.resources) == {"decode_node"} and "decode_node" in groups["decode"]["rayStartParams"]["resources"]
+    assert (
+        set(spec.prefill.resources) == {"prefill_node"}
+        and "prefill_node" in groups["prefill"]["rayStartParams"]["resources"]
+    )
+    assert (
+        set(spec.decode.resources) == {"decode_node"}
+        and "decode_node" in groups["decode"]["rayStartParams"]["resources"]
+    )
     launcher = yaml.safe_load((ROOT / "deploy" / "k8s" / "ray-cluster-launcher.yaml").read_text())
     types = launcher["available_node_types"]
-    assert types["prefill"]["resources"]["prefill_node"] and types["decode"]["resources"]["decode_node"]
+    assert (
+        types["prefill"]["resources"]["prefill_node"]
+        and types["decode"]["resources"]["decode_node"]
+    )

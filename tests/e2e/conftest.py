@@ -82,9 +82,15 @@ def deploy(port: int, args: dict) -> App:
 
 
 def app_args(model: str, prefill: dict | None, decode: dict, name: str = "pdserve") -> dict:
+    """A CPU app, also on a GPU machine (tests/e2e/test_cluster_gpu.py covers GPUs)."""
+    for pool in (prefill, decode):
+        if pool is not None:
+            pool.setdefault("gpus_per_rank", 0)
     return {
         "name": name,
-        "model": {"path": model, "name": "tiny", "block_size": 16},
+        # float64: batch compositions under load vary, and in float32 a routing near-tie
+        # (1e-7) can flip an expert; in float64 the cluster equals the single process exactly
+        "model": {"path": model, "name": "tiny", "block_size": 16, "dtype": "float64"},
         "prefill": prefill,
         "decode": decode,
     }
@@ -93,7 +99,11 @@ def app_args(model: str, prefill: dict | None, decode: dict, name: str = "pdserv
 @pytest.fixture(scope="session")
 def reference(tiny_model):
     """Greedy tokens of the single-process engine, keyed by prompt token ids."""
-    engine = LLMEngine(EngineConfig(model=tiny_model, cache=CacheConfig(block_size=16)))
+    engine = LLMEngine(
+        EngineConfig(
+            model=tiny_model, dtype="float64", device="cpu", cache=CacheConfig(block_size=16)
+        )
+    )
     cache: dict[tuple[int, ...], list[int]] = {}
 
     def tokens(prompt_ids: list[int], n: int = GREEDY_TOKENS) -> list[int]:

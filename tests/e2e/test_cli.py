@@ -37,7 +37,9 @@ def test_up_status_scale_down(tiny_model):
         with urllib.request.urlopen(url + "/v1/models", timeout=60) as r:
             (model,) = [m["id"] for m in json.loads(r.read())["data"]]  # the directory's name
         body = json.dumps({"model": model, "prompt": "hi", "max_tokens": 4}).encode()
-        req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url + "/v1/completions", body, {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             assert json.loads(r.read())["usage"]["completion_tokens"] == 4
 

@@ -1,0 +1,452 @@
+"""Kernel benchmarks on one GPU, each figure beside a plain PyTorch baseline and the ceilings
+measured in the same run. ``python -m bench.kernels [--sweep] [--budget-s S] [--json PATH]``.
+
+Ceilings: a 1 GiB device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul.
+MoE decode (moe_small): GB/s = bytes of the distinct experts hit / time. MoE prefill (moe_large):
+TFLOP/s = 6 * valid slots * H * I / time. MLA decode: GB/s of KV read and TFLOP/s of
+2 * B * H * ctx * (D + v_dim). Times: triton.testing.do_bench medians (warm-up 25 ms, 100 ms of
+repeats, L2 flushed before each). ``--sweep`` first times candidate tile configs and uses the
+winners; paste the printed tables into kernels/triton_configs.py under the GPU's name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from kernels import triton_configs
+from kernels.mla_decode_triton import mla_decode_triton
+from kernels.moe_reference import MoeWeights, SwiGLU, moe_mxfp4_torch
+from kernels.moe_triton_grouped import moe_grouped_triton
+from kernels.moe_triton_small_m import moe_small_triton
+
+DEV = "cuda"  # the smoke test of this script swaps in "cpu" (interpreter)
+MODELS = {  # name: (hidden, experts, top_k, intermediate)
+    "deepseek-v3": (7168, 256, 8, 2048),
+    "deepseek-v2-lite": (2048, 64, 6, 1408),
+}
+DECODE_M = (1, 4, 16, 64, 128)
+PREFILL_M = (512, 1024, 2048, 4096, 8192, 16384)
+CROSS_M = (1, 4, 16, 32, 64, 128, 256, 512)
+MLA_GRID = [(h, b, c) for h in (16, 128) for b in (1, 8, 32, 128) for c in (1024, 4096, 32768)]
+
+# (BLOCK_N, BLOCK_K, warps, stages) per GEMM of moe_small; BLOCK_M stays 16
+SWEEP_SMALL = {
+    "gemm1": [
+        (32, 128, 4, 3),
+        (64, 128, 4, 3),
+        (64, 128, 8, 3),
+        (128, 128, 4, 3),
+        (128, 128, 8, 3),
+        (64, 256, 4, 3),
+        (64, 128, 4, 4),
+    ],
+    "gemm2": [
+        (64, 128, 4, 3),
+        (128, 128, 4, 3),
+        (128, 128, 8, 3),
+        (256, 128, 8, 3),
+        (128, 256, 8, 3),
+        (64, 256, 4, 3),
+        (128, 128, 4, 4),
+    ],
+}
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of moe_large, both GEMMs, GROUP_M 8
+SWEEP_LARGE = [
+    (64, 64, 64, 4, 3),
+    (64, 64, 64, 4, 4),
+    (128, 64, 64, 4, 3),
+    (128, 64, 64, 4, 4),
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (256, 64, 64, 8, 3),
+    (128, 64, 64, 8, 3),
+]
+# (BLOCK_H, BLOCK_N, warps, stages) of mla_decode, per head count
+SWEEP_MLA = {
+    16: [
+        (16, 32, 8, 2),
+        (16, 64, 8, 2),
+        (16, 128, 8, 2),
+        (16, 64, 4, 2),
+        (16, 64, 8, 3),
+        (32, 64, 8, 2),
+    ],
+    128: [
+        (64, 32, 8, 2),
+        (64, 64, 8, 2),
+        (64, 64, 8, 3),
+        (32, 64, 8, 2),
+        (32, 32, 8, 2),
+        (64, 32, 8, 3),
+    ],
+}
+
+
+def ms(fn, *args, **kwargs) -> float:
+    """Median milliseconds of eager fn(*args, **kwargs) (the PyTorch baselines sync the host)."""
+    return do_bench(partial(fn, *args, **kwargs), warmup=25, rep=100, return_mode="median")
+
+
+def ms_graph(fn, *args, rep_ms: float = 100.0, **kwargs) -> float:
+    """Median milliseconds of one replay of a CUDA graph of fn(*args, **kwargs), the L2 flushed
+    (256 MB memset) before each replay, outside the timed region: kernel time without the
+    Python launch overhead, as a decode step under CUDA graphs sees it."""
+    if DEV != "cuda":
+        return ms(fn, *args, **kwargs)
+    call = partial(fn, *args, **kwargs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()  # compile and warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=DEV)
+    graph.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    n = max(5, min(1000, int(rep_ms / 1e3 / max(time.perf_counter() - t0, 1e-6))))
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(n)
+    ]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in events)
+    del graph
+    return times[len(times) // 2]
+
+
+def moe_case(model: str, m: int, seed: int = 0):
+    h, e, k, i = MODELS[model]
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    w = MoeWeights(
+        *(
+            torch.randint(lo, hi, s, dtype=torch.uint8, device=DEV, generator=g)
+            for lo, hi, s in (
+                (0, 256, (e, 2 * i, h // 2)),
+                (118, 122, (e, 2 * i, h // 32)),
+                (0, 256, (e, h, i // 2)),
+                (118, 122, (e, h, i // 32)),
+            )
+        )
+    )
+    ids = torch.rand(m, e, device=DEV, generator=g).topk(k, dim=-1).indices  # [M, K]
+    tw = torch.rand(m, k, device=DEV, generator=g)
+    x = torch.randn(m, h, device=DEV, generator=g).bfloat16()
+    return x, w, ids, tw
+
+
+def mla_case(heads: int, b: int, ctx: int, cache: torch.Tensor):
+    blocks = ctx // 64
+    table = torch.randperm(cache.shape[0], device=DEV)[: b * blocks].view(b, blocks).int()
+    lens = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
+    return torch.randn(b, heads, 576, device=DEV).bfloat16(), table, lens
+
+
+def mla_torch(q, cache, table, lens, scale, v_dim):
+    """Plain PyTorch: gather the pages, then bmm / softmax / bmm (one KV head shared by all)."""
+    kv = cache[table.long()].flatten(1, 2)  # [B, ctx, D] (all lengths equal here)
+    s = torch.bmm(q, kv.transpose(1, 2)).float() * scale  # [B, H, ctx]
+    return torch.bmm(s.softmax(-1).to(q.dtype), kv[..., :v_dim])  # [B, H, v_dim]
+
+
+def ceilings(copy_elems: int = 1 << 29, n: int = 8192) -> dict:
+    a = torch.empty(copy_elems, dtype=torch.bfloat16, device=DEV).normal_()  # 1 GiB
+    b = torch.empty_like(a)
+    t_copy = ms(lambda: b.copy_(a))
+    x = torch.randn(n, n, device=DEV).bfloat16()
+    y = torch.randn(n, n, device=DEV).bfloat16()
+    t_mm = ms(lambda: x @ y)
+    return {"copy_GBps": 2 * a.numel() * 2 / t_copy / 1e6, "matmul_TFLOPs": 2 * n**3 / t_mm / 1e9}
+
+
+def set_cfg(table: dict, name: str, bucket: int, value) -> None:
+    """Make value this GPU's entry for the bucket (a copy: entries may share dicts)."""
+    base = table.get(name) or table.get("sm90") or table["default"]
+    table[name] = {k: v for k, v in base.items()}
+    table[name][bucket] = value
+
+
+def _best(results: dict, label: str, fn, cands, deadline: float) -> tuple[float, object]:
+    """Time fn(cand) for every candidate until the deadline; failures (out of resources,
+    compile errors) lose."""
+    best = (float("inf"), None)
+    for cand in cands:
+        if time.time() > deadline:
+            results[f"{label} {cand}"] = "skipped: time budget"
+            continue
+        try:
+            t = fn(cand)
+        except Exception as err:
+            t = float("inf")
+            print(f"  {label} {cand}: {type(err).__name__}: {str(err)[:80]}")
+        results[f"{label} {cand}"] = t
+        best = min(best, (t, cand), key=lambda r: r[0])
+    return best
+
+
+def sweep(gpu: str, out: dict, deadline: float) -> None:
+    """Time candidate configs at DeepSeek-V3 shapes; make the winners this GPU's table entries."""
+    results = out.setdefault("sweep", {})
+    act = SwiGLU()
+    small = triton_configs.pick(triton_configs.MOE_SMALL, torch.device(DEV), 1)
+    for m, bucket in ((1, 4), (16, 16), (128, 1 << 30)):
+        case = moe_case("deepseek-v3", m)
+        cfg = {k: dict(v) for k, v in small.items()}
+        for gemm in ("gemm1", "gemm2"):
+
+            def run(c, gemm=gemm, cfg=cfg, case=case):
+                bn, bk, nw, ns = c
+                trial = dict(
+                    cfg,
+                    **{gemm: dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)},
+                )
+                return ms_graph(moe_small_triton, *case, act, config=trial)
+
+            t, c = _best(results, f"moe_small M={m} {gemm}", run, SWEEP_SMALL[gemm], deadline)
+            if c is not None:
+                cfg[gemm] = dict(
+                    BLOCK_M=16, BLOCK_N=c[0], BLOCK_K=c[1], num_warps=c[2], num_stages=c[3]
+                )
+        set_cfg(triton_configs.MOE_SMALL, gpu, bucket, cfg)
+        print(f"moe_small M<={bucket}: {cfg} {t:.3f} ms")
+    for m, bucket in ((4096, 4096), (16384, 1 << 30)):
+        case = moe_case("deepseek-v3", m)
+
+        def run_large(c, case=case):
+            bm, bn, bk, nw, ns = c
+            g = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns)
+            return ms_graph(moe_grouped_triton, *case, act, config={"gemm1": g, "gemm2": g})
+
+        t, c = _best(results, f"moe_large M={m}", run_large, SWEEP_LARGE, deadline)
+        if c is not None:
+            g = dict(
+                BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], GROUP_M=8, num_warps=c[3], num_stages=c[4]
+            )
+            set_cfg(triton_configs.MOE_LARGE, gpu, bucket, {"gemm1": g, "gemm2": g})
+            print(f"moe_large M<={bucket}: {g} {t:.3f} ms")
+        case = None  # free the 6 GB of experts
+    cache = torch.empty(64 * 8192 // 64, 64, 576, dtype=torch.bfloat16, device=DEV).normal_()
+    for heads, cands in SWEEP_MLA.items():  # 64 sequences of 8k: 600 MB of KV, far past L2
+        q, table, lens = mla_case(heads, 64, 8192, cache)
+
+        def run_mla(c, q=q, table=table, lens=lens):
+            cfg = dict(BLOCK_H=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
+            return ms_graph(mla_decode_triton, q, cache, table, lens, 0.07, 512, config=cfg)
+
+        t, c = _best(results, f"mla_decode H={heads}", run_mla, cands, deadline)
+        if c is not None:
+            cfg = dict(BLOCK_H=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
+            set_cfg(triton_configs.MLA_DECODE, gpu, heads if heads == 16 else 1 << 30, cfg)
+            print(f"mla_decode H={heads}: {cfg} {t:.3f} ms")
+    out["tuned"] = {
+        name: getattr(triton_configs, name).get(gpu)
+        for name in ("MOE_SMALL", "MOE_LARGE", "MLA_DECODE")
+    }
+
+
+def compiled_resources() -> list[dict]:
+    try:
+        return _compiled_resources()
+    except Exception as err:  # introspection of Triton internals is best effort
+        return [{"error": f"{type(err).__name__}: {err}"}]
+
+
+def _compiled_resources() -> list[dict]:
+    """Shared memory, registers, spills and MMA flavour of every kernel compiled in this run."""
+    import kernels.mla_decode_triton as mla
+    import kernels.moe_triton_grouped as grp
+    import kernels.moe_triton_small_m as sml
+
+    rows = []
+    for fn in (
+        sml._gemm1_kernel,
+        sml._gemm2_kernel,
+        grp._gemm1_kernel,
+        grp._gemm2_kernel,
+        mla._decode_kernel,
+    ):
+        for cache in fn.device_caches.values():
+            for k in cache[0].values():
+                ptx = k.asm["ptx"] if "ptx" in k.asm else ""
+                rows.append(
+                    {
+                        "kernel": k.name,
+                        "shared": k.metadata.shared,
+                        "num_warps": k.metadata.num_warps,
+                        "regs": getattr(k, "n_regs", None),
+                        "spills": getattr(k, "n_spills", None),
+                        "wgmma": "wgmma" in ptx,
+                        "mma_sync": "mma.sync" in ptx,
+                    }
+                )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sweep", action="store_true", help="time candidate configs first")
+    ap.add_argument("--sweep-s", type=float, default=150.0, help="time the sweep may take")
+    ap.add_argument("--budget-s", type=float, default=330.0, help="stop adding points after this")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    t0 = time.time()
+    gpu = torch.cuda.get_device_name()
+    out = {
+        "gpu": gpu,
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "command": "python -m bench.kernels" + (" --sweep" if args.sweep else ""),
+    }
+    out["ceilings"] = ceil = ceilings()
+    print(
+        f"{gpu}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s"
+    )
+    if args.sweep:
+        sweep(gpu, out, t0 + args.sweep_s)
+    act = SwiGLU()
+    dev = torch.device(DEV)
+    rows = out["moe_decode"] = []
+    for model in MODELS:
+        for m in DECODE_M if model == "deepseek-v3" else (1, 16, 64):
+            case = moe_case(model, m)
+            nbytes = case[2].unique().numel() * case[1].expert_nbytes()
+            t = ms_graph(moe_small_triton, *case, act)
+            t_ref = ms(moe_mxfp4_torch, *case, act)
+            gbps = nbytes / t / 1e6
+            rows.append(
+                {
+                    "model": model,
+                    "M": m,
+                    "ms": t,
+                    "GBps": gbps,
+                    "pct_copy": 100 * gbps / ceil["copy_GBps"],
+                    "torch_ms": t_ref,
+                    "speedup": t_ref / t,
+                    "config": triton_configs.pick(triton_configs.MOE_SMALL, dev, m),
+                }
+            )
+    cross = out["moe_crossover"] = []
+    for m in CROSS_M:
+        case = moe_case("deepseek-v3", m)
+        small = ms_graph(moe_small_triton, *case, act)
+        grouped = ms_graph(moe_grouped_triton, *case, act)
+        cross.append({"M": m, "small_ms": small, "grouped_ms": grouped})
+    wins = [r["grouped_ms"] < r["small_ms"] for r in cross]
+    out["moe_crossover_m"] = next((r["M"] for j, r in enumerate(cross) if all(wins[j:])), None)
+    rows = out["moe_prefill"] = []
+    for model, m in [("deepseek-v3", m) for m in PREFILL_M] + [("deepseek-v2-lite", 4096)]:
+        if time.time() - t0 > args.budget_s:
+            rows.append({"model": model, "M": m, "skipped": "time budget"})
+            continue
+        case = moe_case(model, m)
+        h, _, k, i = MODELS[model]
+        flops = 6 * m * k * h * i
+        t = ms_graph(moe_grouped_triton, *case, act)
+        t_ref = ms(moe_mxfp4_torch, *case, act)
+        tf = flops / t / 1e9
+        rows.append(
+            {
+                "model": model,
+                "M": m,
+                "ms": t,
+                "TFLOPs": tf,
+                "pct_matmul": 100 * tf / ceil["matmul_TFLOPs"],
+                "torch_ms": t_ref,
+                "speedup": t_ref / t,
+                "config": triton_configs.pick(triton_configs.MOE_LARGE, dev, m),
+            }
+        )
+        del case
+    rows = out["mla_decode"] = []
+    blocks = max(b * c for _, b, c in MLA_GRID) // 64
+    cache = torch.empty(blocks, 64, 576, dtype=torch.bfloat16, device=DEV).normal_()  # 4.8 GB
+    for heads, b, ctx in MLA_GRID:
+        if time.time() - t0 > args.budget_s:
+            rows.append({"heads": heads, "B": b, "ctx": ctx, "skipped": "time budget"})
+            continue
+        q, table, lens = mla_case(heads, b, ctx, cache)
+        t = ms_graph(mla_decode_triton, q, cache, table, lens, 0.07, 512)
+        t_ref = ms(mla_torch, q, cache, table, lens, 0.07, 512)
+        gbps = (b * ctx * 576 * 2 + q.numel() * 2 + b * heads * 512 * 2) / t / 1e6
+        tf = 2 * b * heads * ctx * (576 + 512) / t / 1e9
+        rows.append(
+            {
+                "heads": heads,
+                "B": b,
+                "ctx": ctx,
+                "ms": t,
+                "GBps": gbps,
+                "pct_copy": 100 * gbps / ceil["copy_GBps"],
+                "TFLOPs": tf,
+                "pct_matmul": 100 * tf / ceil["matmul_TFLOPs"],
+                "torch_ms": t_ref,
+                "speedup": t_ref / t,
+                "config": triton_configs.pick(triton_configs.MLA_DECODE, dev, heads),
+            }
+        )
+    out["compiled"] = compiled_resources()
+    out["wall_s"] = time.time() - t0
+    report(out)
+    path = args.json or Path(__file__).parent / "results" / f"kernels-{gpu.replace(' ', '_')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1, default=str))
+    print(f"wrote {path} ({out['wall_s']:.0f} s)")
+
+
+def report(out: dict) -> None:
+    c = out["ceilings"]
+    print(
+        f"\n{out['gpu']}  copy {c['copy_GBps']:.0f} GB/s  matmul {c['matmul_TFLOPs']:.0f} TFLOP/s"
+    )
+    print("MoE decode (moe_small)      M     ms    GB/s  %copy  torch ms  speedup")
+    for r in out["moe_decode"]:
+        print(
+            f"  {r['model']:<22}{r['M']:>5}{r['ms']:>8.3f}{r['GBps']:>8.0f}{r['pct_copy']:>7.1f}"
+            f"{r['torch_ms']:>10.2f}{r['speedup']:>8.1f}x"
+        )
+    print("crossover (deepseek-v3)     M  small ms  grouped ms")
+    for r in out["moe_crossover"]:
+        print(f"  {'':<22}{r['M']:>5}{r['small_ms']:>10.3f}{r['grouped_ms']:>11.3f}")
+    print(f"  -> grouped from M = {out['moe_crossover_m']}")
+    print("MoE prefill (moe_large)     M     ms  TFLOP/s  %mm  torch ms  speedup")
+    for r in out["moe_prefill"]:
+        if "skipped" in r:
+            print(f"  {r['model']:<22}{r['M']:>5}  skipped ({r['skipped']})")
+            continue
+        print(
+            f"  {r['model']:<22}{r['M']:>5}{r['ms']:>8.2f}{r['TFLOPs']:>8.0f}"
+            f"{r['pct_matmul']:>6.1f}{r['torch_ms']:>10.1f}{r['speedup']:>8.1f}x"
+        )
+    print("MLA decode  heads   B    ctx     ms    GB/s  %copy  TFLOP/s  %mm  torch ms  speedup")
+    for r in out["mla_decode"]:
+        if "skipped" in r:
+            print(f"  {r['heads']:>13}{r['B']:>4}{r['ctx']:>7}  skipped")
+            continue
+        print(
+            f"  {r['heads']:>13}{r['B']:>4}{r['ctx']:>7}{r['ms']:>8.3f}{r['GBps']:>8.0f}"
+            f"{r['pct_copy']:>7.1f}{r['TFLOPs']:>9.1f}{r['pct_matmul']:>5.1f}{r['torch_ms']:>10.3f}"
+            f"{r['speedup']:>8.1f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

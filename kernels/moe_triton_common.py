@@ -1,0 +1,207 @@
+"""Pieces the two Triton MXFP4 MoE kernels share: on-chip tile dequantization, the matrix-multiply
+helper, the SwiGLU epilogue, the top-k sum, and the launchers' input checks.
+
+Dequantization never leaves the chip: a packed tile [BN, BK/2] of bytes and its E8M0 scales
+[BN, BK/32] become a [BN, BK] tile of the activation dtype in registers, right before ``tl.dot``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.moe_reference import MoeWeights, SwiGLU
+
+MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (CPU tensors, numpy semantics)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def upcast_dots(dtype: torch.dtype) -> bool:
+    """Whether tl.dot gets float32 operands: always for float32 models (no tf32), and under the
+    interpreter, whose tl.dot multiplies bfloat16 bit patterns (triton-lang/triton#11584)."""
+    return dtype == torch.float32 or interpreting()
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b with float32 accumulation."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+# Four packed bytes ($4) -> eight bf16: two bf16x2 registers of low nibbles ($0: bytes 0, 1;
+# $1: bytes 2, 3) and two of high nibbles ($2, $3), two elements per instruction. The four bytes
+# are four elements of the packed tile, in whatever order Triton's layout gives them, so each
+# carries its own scale word ($5..$8: bf16 bits of 2**(s - 64)). PRMT spreads bytes into 16-bit
+# lanes; a nibble's sign goes to bit 15 and its exponent and mantissa bits to bits 8..6, which
+# makes the bf16 E2M1 * 2**-126 exactly (code 1 a subnormal, which bf16 arithmetic keeps);
+# times 2**63, then times 2**(s - 64), gives E2M1 * 2**(s - 127).
+_E2M1X8_TO_BF16 = tl.constexpr(
+    """
+{
+.reg .b32 t0, t1, a, b, c63, s01, s23;
+mov.b32 c63, 0x5F005F00;
+prmt.b32 s01, $5, $6, 0x5410;
+prmt.b32 s23, $7, $8, 0x5410;
+prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+shl.b32 a, t0, 6; shl.b32 b, t0, 12; and.b32 a, a, 0x01C001C0; and.b32 b, b, 0x80008000;
+or.b32 a, a, b; mul.rn.bf16x2 a, a, c63; mul.rn.bf16x2 $0, a, s01;
+shl.b32 a, t1, 6; shl.b32 b, t1, 12; and.b32 a, a, 0x01C001C0; and.b32 b, b, 0x80008000;
+or.b32 a, a, b; mul.rn.bf16x2 a, a, c63; mul.rn.bf16x2 $1, a, s23;
+shl.b32 a, t0, 2; shl.b32 b, t0, 8; and.b32 a, a, 0x01C001C0; and.b32 b, b, 0x80008000;
+or.b32 a, a, b; mul.rn.bf16x2 a, a, c63; mul.rn.bf16x2 $2, a, s01;
+shl.b32 a, t1, 2; shl.b32 b, t1, 8; and.b32 a, a, 0x01C001C0; and.b32 b, b, 0x80008000;
+or.b32 a, a, b; mul.rn.bf16x2 a, a, c63; mul.rn.bf16x2 $3, a, s23;
+}
+"""
+)
+
+
+@triton.jit
+def dequant_tile(
+    packed, scales, BN: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr, FAST: tl.constexpr
+):
+    """packed [BN, BK/2] uint8, scales [BN, BK/32] uint8 -> values [BN, BK] in DTYPE.
+
+    Element 2j sits in the low nibble of byte j. FAST (CUDA, bf16): inline PTX converts two
+    elements per instruction; scales up to 191 (2**64) are exact. Otherwise (the interpreter,
+    other dtypes): the code's sign goes to bit 15 and its exponent and mantissa bits to bits
+    11..9 of a float16, which then holds exactly E2M1 * 2**-14 (code 1 a float16 subnormal,
+    exact too); the float32 scale 2**(s - 127 + 14) is built from its bits (exact to s = 240).
+    """
+    if FAST:
+        p3 = packed.reshape(BN, BK // 32, 16)  # [BN, groups, 16 bytes]
+        word = ((scales.to(tl.int32) + 63) << 7).reshape(BN, BK // 32, 1)  # bf16 of 2**(s-64)
+        lo, hi = tl.inline_asm_elementwise(
+            _E2M1X8_TO_BF16,
+            "=r,=r,=r,=r,r,r,r,r,r",
+            [p3, word],
+            dtype=(tl.bfloat16, tl.bfloat16),
+            is_pure=True,
+            pack=4,
+        )
+        return tl.join(lo, hi).reshape(BN, BK)
+    b = packed.to(tl.int32)
+    codes = tl.join(b & 0xF, b >> 4).reshape(BN, BK)  # [BN, BK]
+    bits = ((codes & 0x7) << 9) | ((codes & 0x8) << 12)
+    vals = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)  # E2M1 * 2**-14
+    scale = ((scales.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # [BN, BK/32]
+    vals = vals.reshape(BN, BK // 32, 32) * scale[:, :, None]
+    return vals.reshape(BN, BK).to(DTYPE)
+
+
+@triton.jit
+def swiglu(gate, up, alpha, beta, limit, HAS_LIMIT: tl.constexpr):
+    """h = g * sigmoid(alpha * g) * (u + beta) with g = min(gate, limit), u = clamp(up, +-limit)."""
+    if HAS_LIMIT:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+    return gate * tl.sigmoid(alpha * gate) * (up + beta)
+
+
+@triton.jit
+def _topk_sum_kernel(
+    ys_ptr, ids_ptr, out_ptr, H, E, stride_ys, stride_out,
+    TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """out[m] = sum over valid k of ys[m * TOPK + k]; slots of invalid ids were never written."""
+    m = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for k in tl.static_range(TOPK):
+        slot = m * TOPK + k
+        e = tl.load(ids_ptr + slot)
+        ok = (e >= 0) & (e < E)
+        y = tl.load(ys_ptr + slot.to(tl.int64) * stride_ys + cols, mask=cmask & ok, other=0.0)
+        acc += y.to(tl.float32)
+    tl.store(out_ptr + m.to(tl.int64) * stride_out + cols, acc, mask=cmask)
+
+
+def topk_sum(ys: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor) -> None:
+    """ys [M*K, H] per-slot outputs (routing weight applied) -> out [M, H] (written in place)."""
+    m, k = topk_ids.shape
+    h = out.shape[1]
+    assert ys.shape == (m * k, h) and ys.stride(1) == 1 and out.stride(1) == 1
+    if m == 0:
+        return
+    block_h = min(1024, triton.next_power_of_2(h))
+    grid = (m, triton.cdiv(h, block_h))
+    _topk_sum_kernel[grid](
+        ys, topk_ids, out, h, num_experts, ys.stride(0), out.stride(0), TOPK=k, BLOCK_H=block_h
+    )
+
+
+def fit_block_k(cfg: dict, k: int) -> dict:
+    """cfg with BLOCK_K halved until it divides the reduction dim k (a multiple of 32), so that
+    the K loop needs no masks (masked loads would not be pipelined)."""
+    bk = cfg["BLOCK_K"]
+    while k % bk:
+        bk //= 2
+    assert bk >= 32, (cfg, k)
+    return cfg if bk == cfg["BLOCK_K"] else dict(cfg, BLOCK_K=bk)
+
+
+def output_like(x: torch.Tensor, shape: tuple[int, ...], out: torch.Tensor | None) -> torch.Tensor:
+    """A fresh output, or the caller's (checked) one."""
+    if out is None:
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    if tuple(out.shape) != shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out is {tuple(out.shape)} {out.dtype}, expected {shape} {x.dtype}")
+    if out.stride(-1) != 1:
+        raise ValueError("out needs unit stride in its last dim")
+    return out
+
+
+def check_moe_inputs(
+    x: torch.Tensor,
+    weights: MoeWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    act: SwiGLU,
+) -> None:
+    """ValueError for what a caller can get wrong; shapes as in ``moe_reference``."""
+    if x.dtype not in MODEL_DTYPES:
+        raise ValueError(f"x dtype {x.dtype} is not one of {MODEL_DTYPES}")
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise ValueError(f"x must be [M, H] with unit stride in H, got {tuple(x.shape)}")
+    e, two_i, h_half = weights.w13.shape
+    inter, hidden = two_i // 2, weights.hidden
+    if x.shape[1] != hidden or h_half * 2 != hidden or hidden % 32 or inter % 32:
+        raise ValueError(f"x hidden {x.shape[1]} does not fit w13 {tuple(weights.w13.shape)}")
+    expect = {
+        "s13": (e, two_i, hidden // 32),
+        "w2": (e, hidden, inter // 2),
+        "s2": (e, hidden, inter // 32),
+    }
+    for name, shape in expect.items():
+        t = getattr(weights, name)
+        if tuple(t.shape) != shape or t.dtype != torch.uint8:
+            raise ValueError(f"{name} is {tuple(t.shape)} {t.dtype}, expected {shape} uint8")
+    for name in ("w13", "s13", "w2", "s2"):
+        t = getattr(weights, name)
+        if not t.is_contiguous() or t.device != x.device:
+            raise ValueError(f"{name} must be contiguous and on {x.device}")
+    for name, shape in (("b13", (e, two_i)), ("b2", (e, hidden))):
+        b = getattr(weights, name)
+        if b is not None and (tuple(b.shape) != shape or b.stride(-1) != 1):
+            raise ValueError(f"{name} must be {shape} with unit last stride, got {tuple(b.shape)}")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} does not match x {tuple(x.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"topk_ids dtype {topk_ids.dtype} is not int32 or int64")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(
+            f"topk_weights {tuple(topk_weights.shape)} != topk_ids {tuple(topk_ids.shape)}"
+        )
+    if act.limit is not None and act.limit < 0:
+        raise ValueError(f"SwiGLU limit {act.limit} is negative")
+    if not interpreting() and not x.is_cuda:
+        raise ValueError(f"the Triton MoE runs on CUDA tensors, x is on {x.device}")

@@ -1,0 +1,241 @@
+"""Triton MXFP4 MoE for few tokens (decode): op ``moe_small``, backend ``triton``.
+
+Contract: ``moe_reference``. Four launches, no host sync, shapes fixed by M (CUDA-graph safe):
+
+1. ``_group_kernel`` (one program): histogram of the M*K expert ids, the list of active experts,
+   and the slots (token * K + k) sorted by expert.
+2. ``_gemm1_kernel``, grid (active expert, N tile): the program of the i-th active expert reads
+   its gate and up weight rows once, dequantizing each [BLOCK_N, BLOCK_K] tile on chip into the
+   MMA's B operand, for all of that expert's slots at once (BLOCK_M = 16 rows per pass), and
+   writes h = SwiGLU(x W13^T + b13) per slot. Programs past the active experts do nothing.
+3. ``_gemm2_kernel``, same grid over H: y = (h W2^T + b2) * routing weight, per slot.
+4. ``topk_sum``: each token's K slots added (slots of invalid expert ids are never written and
+   never read, so they add nothing).
+Expert weights are read once per call for batches up to MAX_SLOTS / K tokens; larger batches
+run in token chunks (the grouped kernel is the one for them).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import triton_configs
+from kernels.moe_reference import MoeWeights, SwiGLU
+from kernels.moe_triton_common import (
+    check_moe_inputs,
+    dequant_tile,
+    fit_block_k,
+    interpreting,
+    mma,
+    output_like,
+    swiglu,
+    topk_sum,
+    upcast_dots,
+)
+
+MAX_SLOTS = 1024  # (token, expert) slots one launch groups; larger batches run in token chunks
+
+
+@triton.jit
+def _group_kernel(
+    ids_ptr, expert_ptr, start_ptr, count_ptr, slots_ptr, S, E, A,
+    BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr,
+):  # fmt: skip
+    s = tl.arange(0, BLOCK_S)
+    ids = tl.load(ids_ptr + s, mask=s < S, other=-1).to(tl.int32)  # [BLOCK_S]
+    valid = (ids >= 0) & (ids < E) & (s < S)
+    ids = tl.where(valid, ids, E)  # invalid and padding slots count in the spare bin E
+    counts = tl.histogram(ids, BLOCK_E)  # [BLOCK_E]
+    e = tl.arange(0, BLOCK_E)
+    starts = tl.cumsum(counts, 0) - counts  # first sorted position of each expert
+    active = (counts > 0) & (e < E)
+    idx = tl.cumsum(active.to(tl.int32), 0) - 1  # rank of each active expert
+    n_active = tl.sum(active.to(tl.int32), 0)
+    tl.store(expert_ptr + idx, e, mask=active)
+    tl.store(start_ptr + idx, starts, mask=active)
+    tl.store(count_ptr + idx, counts, mask=active)
+    a = tl.arange(0, BLOCK_A)
+    tl.store(count_ptr + a, tl.zeros([BLOCK_A], tl.int32), mask=(a >= n_active) & (a < A))
+    keys = tl.sort(ids * BLOCK_S + s)  # expert-major, slot-minor; invalid slots sort last
+    tl.store(slots_ptr + s, keys % BLOCK_S, mask=s < S)
+
+
+@triton.jit
+def _gemm1_kernel(
+    x_ptr, w_ptr, s_ptr, b_ptr, h_ptr, expert_ptr, start_ptr, count_ptr, slots_ptr,
+    H, I, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_hm,
+    alpha, beta, limit,
+    TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
+    FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0)
+    count = tl.load(count_ptr + i)  # 0 for programs past the active experts
+    e = tl.load(expert_ptr + i, mask=count > 0, other=0).to(tl.int64)
+    start = tl.load(start_ptr + i, mask=count > 0, other=0)
+    dtype = x_ptr.dtype.element_ty
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < I
+    kb = tl.arange(0, BLOCK_K // 2)
+    kg = tl.arange(0, BLOCK_K // 32)
+    kk = tl.arange(0, BLOCK_K)
+    wg_ptrs = w_ptr + e * stride_we + n[:, None] * stride_wn + kb[None, :]  # [BN, BK/2] gate
+    sg_ptrs = s_ptr + e * stride_se + n[:, None] * stride_sn + kg[None, :]  # [BN, BK/32]
+    wu_ptrs = wg_ptrs + I * stride_wn  # up rows follow the gate rows
+    su_ptrs = sg_ptrs + I * stride_sn
+    for r0 in range(0, count, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        rmask = r < count
+        slot = tl.load(slots_ptr + start + r, mask=rmask, other=0)  # [BM]
+        x_ptrs = x_ptr + (slot // TOPK).to(tl.int64)[:, None] * stride_xm + kk[None, :]
+        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            xt = tl.load(x_ptrs + k0, mask=rmask[:, None], other=0.0)  # [BM, BK]
+            wg = tl.load(wg_ptrs + k0 // 2, mask=nmask[:, None], other=0)
+            sg = tl.load(sg_ptrs + k0 // 32, mask=nmask[:, None], other=0)
+            wt = tl.trans(dequant_tile(wg, sg, BLOCK_N, BLOCK_K, dtype, FAST))  # [BK, BN]
+            acc_g = mma(xt, wt, acc_g, UPCAST)
+            wu = tl.load(wu_ptrs + k0 // 2, mask=nmask[:, None], other=0)
+            su = tl.load(su_ptrs + k0 // 32, mask=nmask[:, None], other=0)
+            acc_u = mma(
+                xt, tl.trans(dequant_tile(wu, su, BLOCK_N, BLOCK_K, dtype, FAST)), acc_u, UPCAST
+            )
+        if HAS_BIAS:
+            bg = tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)
+            bu = tl.load(b_ptr + e * stride_be + I + n, mask=nmask, other=0.0).to(tl.float32)
+            acc_g += bg[None, :]
+            acc_u += bu[None, :]
+        # round like the reference's x @ W13^T in the model dtype, then the activation
+        gate = acc_g.to(dtype).to(tl.float32)
+        up = acc_u.to(dtype).to(tl.float32)
+        h = swiglu(gate, up, alpha, beta, limit, HAS_LIMIT)  # [BM, BN]
+        h_ptrs = h_ptr + slot.to(tl.int64)[:, None] * stride_hm + n[None, :]
+        tl.store(h_ptrs, h, mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _gemm2_kernel(
+    h_ptr, w_ptr, s_ptr, b_ptr, tw_ptr, ys_ptr, expert_ptr, start_ptr, count_ptr, slots_ptr,
+    H, I, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_ym,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    i = tl.program_id(0)
+    count = tl.load(count_ptr + i)
+    e = tl.load(expert_ptr + i, mask=count > 0, other=0).to(tl.int64)
+    start = tl.load(start_ptr + i, mask=count > 0, other=0)
+    dtype = h_ptr.dtype.element_ty
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = n < H
+    kb = tl.arange(0, BLOCK_K // 2)
+    kg = tl.arange(0, BLOCK_K // 32)
+    kk = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + e * stride_we + n[:, None] * stride_wn + kb[None, :]  # [BN, BK/2]
+    sc_ptrs = s_ptr + e * stride_se + n[:, None] * stride_sn + kg[None, :]  # [BN, BK/32]
+    for r0 in range(0, count, BLOCK_M):
+        r = r0 + tl.arange(0, BLOCK_M)
+        rmask = r < count
+        slot = tl.load(slots_ptr + start + r, mask=rmask, other=0).to(tl.int64)  # [BM]
+        h_ptrs = h_ptr + slot[:, None] * stride_hm + kk[None, :]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            ht = tl.load(h_ptrs + k0, mask=rmask[:, None], other=0.0)  # [BM, BK]
+            w = tl.load(w_ptrs + k0 // 2, mask=nmask[:, None], other=0)
+            sc = tl.load(sc_ptrs + k0 // 32, mask=nmask[:, None], other=0)
+            acc = mma(ht, tl.trans(dequant_tile(w, sc, BLOCK_N, BLOCK_K, dtype, FAST)), acc, UPCAST)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tw = tl.load(tw_ptr + slot, mask=rmask, other=0.0)  # [BM] routing weights
+        y = acc.to(dtype).to(tl.float32) * tw[:, None]
+        y_ptrs = ys_ptr + slot[:, None] * stride_ym + n[None, :]
+        tl.store(y_ptrs, y, mask=rmask[:, None] & nmask[None, :])
+
+
+def _launch(cfg: dict, kernel, grid, *args, **consts) -> None:
+    kernel[grid](
+        *args,
+        **consts,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+    )
+
+
+def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
+    m, hidden = x.shape
+    k = topk_ids.shape[1]
+    e, inter = weights.num_experts, weights.intermediate
+    s = m * k
+    a = min(s, e)  # at most this many experts are active
+    dev = x.device
+    ids = topk_ids.reshape(-1)  # [S]
+    expert = torch.empty(a, dtype=torch.int32, device=dev)
+    start = torch.empty(a, dtype=torch.int32, device=dev)
+    count = torch.empty(a, dtype=torch.int32, device=dev)
+    slots = torch.empty(s, dtype=torch.int32, device=dev)
+    _group_kernel[(1,)](
+        ids, expert, start, count, slots, s, e, a,
+        BLOCK_S=max(32, triton.next_power_of_2(s)), BLOCK_E=max(32, triton.next_power_of_2(e + 1)),
+        BLOCK_A=max(32, triton.next_power_of_2(a)),
+    )  # fmt: skip
+    up = upcast_dots(x.dtype)
+    fast = x.dtype == torch.bfloat16 and not interpreting()
+    c1, c2 = fit_block_k(cfg["gemm1"], hidden), fit_block_k(cfg["gemm2"], inter)
+    h = torch.empty(s, inter, dtype=x.dtype, device=dev)  # [S, I]
+    b13, b2 = weights.b13, weights.b2
+    limit = 0.0 if act.limit is None else float(act.limit)
+    _launch(
+        c1, _gemm1_kernel, (a, triton.cdiv(inter, c1["BLOCK_N"])),
+        x, weights.w13, weights.s13, b13 if b13 is not None else x, h, expert, start, count, slots,
+        hidden, inter, x.stride(0), weights.w13.stride(0), weights.w13.stride(1),
+        weights.s13.stride(0), weights.s13.stride(1), 0 if b13 is None else b13.stride(0),
+        h.stride(0), float(act.alpha), float(act.beta), limit,
+        TOPK=k, HAS_BIAS=b13 is not None, HAS_LIMIT=act.limit is not None, UPCAST=up, FAST=fast,
+    )  # fmt: skip
+    ys = torch.empty(s, hidden, dtype=torch.float32, device=dev)  # [S, H]
+    tw = topk_weights.reshape(-1).to(torch.float32)  # [S]
+    _launch(
+        c2, _gemm2_kernel, (a, triton.cdiv(hidden, c2["BLOCK_N"])),
+        h, weights.w2, weights.s2, b2 if b2 is not None else x, tw, ys, expert, start, count, slots,
+        hidden, inter, h.stride(0), weights.w2.stride(0), weights.w2.stride(1),
+        weights.s2.stride(0), weights.s2.stride(1), 0 if b2 is None else b2.stride(0), ys.stride(0),
+        HAS_BIAS=b2 is not None, UPCAST=up, FAST=fast,
+    )  # fmt: skip
+    topk_sum(ys, topk_ids, e, out)
+
+
+def moe_small_triton(
+    x: torch.Tensor,
+    weights: MoeWeights,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    act: SwiGLU,
+    *,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """MoE for small M; same contract as ``moe_mxfp4_torch``. ``config`` overrides the tuned
+    {"gemm1": {...}, "gemm2": {...}} tiles (tests use it to force several tiles per dim);
+    ``out`` [M, H] receives the result."""
+    check_moe_inputs(x, weights, topk_ids, topk_weights, act)
+    m, k = topk_ids.shape
+    out = output_like(x, tuple(x.shape), out)  # [M, H]
+    if m == 0:
+        return out
+    if k > MAX_SLOTS:
+        raise ValueError(f"top-k {k} exceeds {MAX_SLOTS} slots per launch")
+    cfg = config or triton_configs.pick(triton_configs.MOE_SMALL, x.device, m)
+    for c in (cfg["gemm1"], cfg["gemm2"]):
+        assert c["BLOCK_K"] % 32 == 0 and c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16, c
+    topk_ids = topk_ids.contiguous()
+    topk_weights = topk_weights.contiguous()
+    chunk = MAX_SLOTS // k  # tokens per launch; fixed by the shapes, so graph-safe
+    for m0 in range(0, m, chunk):
+        m1 = min(m, m0 + chunk)
+        _moe_chunk(x[m0:m1], weights, topk_ids[m0:m1], topk_weights[m0:m1], act, out[m0:m1], cfg)
+    return out

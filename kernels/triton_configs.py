@@ -1,0 +1,134 @@
+"""Launch configs of the Triton kernels, kept as data: per GPU, per shape bucket, with defaults.
+
+A table maps a device key to buckets; a bucket's key is the largest M (or head count) it serves.
+Lookup order for a device: its exact name (``torch.cuda.get_device_name``), then ``sm<NN>``,
+then ``default``. The ``default`` entries fit 99 KiB of shared memory per block (SM120, Ada), so
+an unknown GPU still runs; ``sm90`` entries may use Hopper's 227 KiB. ``bench.kernels`` prints
+the measured winners of its sweep; copy them here with the GPU name as key.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+Config = dict[str, int]
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def _small(bn: int, bk: int, warps: int = 4, stages: int = 3) -> Config:
+    return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+
+def _large(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict[str, Config]:
+    c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    return {"gemm1": c, "gemm2": dict(c)}
+
+
+# moe_small: tokens M -> per-GEMM tiles. BLOCK_M rows of one expert's (token, slot) pairs (an
+# expert sees about M*K/E of them at decode, so 16 serves every bucket; more loop in chunks),
+# BLOCK_N output features, BLOCK_K reduction step (a multiple of 32, one E8M0 group per 32;
+# launchers halve it until it divides the reduction dim). The H100 entries are the winners of
+# ``python -m bench.kernels --sweep`` on an H100 80GB HBM3 (2026-11-22, DeepSeek-V3 shapes);
+# "sm90" (the H200) reuses them untuned.
+_H100_SMALL = {
+    4: {"gemm1": _small(64, 256), "gemm2": _small(64, 256)},
+    16: {"gemm1": _small(64, 256), "gemm2": _small(128, 128, stages=4)},
+    1 << 30: {"gemm1": _small(64, 256), "gemm2": _small(128, 128)},
+}
+MOE_SMALL: dict[str, dict[int, dict[str, Config]]] = {
+    "default": {1 << 30: {"gemm1": _small(64, 128), "gemm2": _small(128, 128)}},
+    "sm90": _H100_SMALL,
+    H100: _H100_SMALL,
+}
+
+# moe_large: tokens M -> grouped-GEMM tiles, shared by both GEMMs (BLOCK_M is the alignment of
+# the expert-sorted token blocks; BLOCK_N is per half, gate and up, in gemm1).
+_H100_LARGE = {4096: _large(64, 64, 64, 4, 3), 1 << 30: _large(128, 64, 64, 4, 4)}
+MOE_LARGE: dict[str, dict[int, dict[str, Config]]] = {
+    "default": {1 << 30: _large(64, 64, 64, 4, 3)},
+    "sm90": _H100_LARGE,
+    H100: _H100_LARGE,
+}
+
+# mla_decode: query heads -> tiles. BLOCK_H heads share each loaded KV tile of BLOCK_N tokens.
+_H100_MLA = {
+    16: dict(BLOCK_H=16, BLOCK_N=128, num_warps=8, num_stages=2),
+    1 << 30: dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=3),
+}
+MLA_DECODE: dict[str, dict[int, Config]] = {
+    "default": {
+        16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=8, num_stages=2),
+        1 << 30: dict(BLOCK_H=32, BLOCK_N=32, num_warps=8, num_stages=2),
+    },
+    "sm90": _H100_MLA,
+    H100: _H100_MLA,
+}
+
+# mla_prefill: one bucket per device for now (queries per block, keys per step); not swept.
+MLA_PREFILL: dict[str, dict[int, Config]] = {
+    "default": {1 << 30: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)},
+    "sm90": {1 << 30: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)},
+}
+
+# Tokens per MoE call from which the grouped (large-M) kernel beats the small-M one, measured by
+# bench.kernels at DeepSeek-V3 shapes (on the H100 the small kernel won at 128, grouped at 256).
+# Devices not listed use the kernel set's default.
+MOE_CROSSOVER_M: dict[str, int] = {H100: 256}
+
+
+@lru_cache(maxsize=8)
+def device_keys(device: torch.device | None) -> tuple[str, ...]:
+    """Keys to try for this device, most specific first; ("default",) on CPU."""
+    if device is None or device.type != "cuda":
+        return ("default",)
+    major, minor = torch.cuda.get_device_capability(device)
+    return (torch.cuda.get_device_name(device), f"sm{major}{minor}", "default")
+
+
+def pick(table: dict, device: torch.device | None, size: int):
+    """The entry of the first matching device key whose bucket bound is >= size."""
+    for key in device_keys(device):
+        if key in table:
+            buckets = table[key]
+            for bound in sorted(buckets):
+                if size <= bound:
+                    return buckets[bound]
+            return buckets[max(buckets)]
+    raise KeyError(f"no config for {device} in a table without a default")
+
+
+def mla_decode_smem(cfg: Config, head_dim: int, elem_bytes: int = 2) -> int:
+    """Shared memory a decode config needs: the KV tiles in flight (num_stages - 1 of them, at
+    least one) and the query tile, plus 2 KiB of scratch; this matched Triton 3.6's sm_90
+    compiles of (16|32 heads, 32 tokens, 2 stages) at D = 576 within 1 KiB."""
+    in_flight = max(cfg["num_stages"] - 1, 1)
+    return (in_flight * cfg["BLOCK_N"] + cfg["BLOCK_H"]) * head_dim * elem_bytes + 2048
+
+
+def moe_smem(cfg: Config, halves: int, elem_bytes: int = 2) -> int:
+    """Shared memory a MoE GEMM config stages: per pipeline stage the packed weight tiles
+    (``halves`` = 2 for gate and up) with their scales and the activation tile, plus one
+    dequantized weight tile in the activation dtype for the MMA operand."""
+    bn, bk, bm = cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_M"]
+    per_stage = halves * bn * (bk // 2 + bk // 32) + bk * bm * elem_bytes
+    return max(cfg["num_stages"], 1) * per_stage + halves * bn * bk * elem_bytes
+
+
+def default_smem(op: str) -> int:
+    """What the default configs of an op need at most: the registry's min_smem for it."""
+    if op == "mla_decode":
+        return max(mla_decode_smem(c, 576) for c in MLA_DECODE["default"].values())
+    if op == "mla_prefill":  # q tile + staged K and V tiles at DeepSeek's 192 / 128
+        return max(
+            (c["BLOCK_M"] * 192 + max(c["num_stages"], 1) * c["BLOCK_N"] * (192 + 128)) * 2
+            for c in MLA_PREFILL["default"].values()
+        )
+    table = MOE_SMALL if op == "moe_small" else MOE_LARGE
+    return max(
+        moe_smem(c, 2 if name == "gemm1" else 1)
+        for bucket in table["default"].values()
+        for name, c in bucket.items()
+    )

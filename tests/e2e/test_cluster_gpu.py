@@ -1,0 +1,46 @@
+"""One prefill and one decode replica sharing one GPU (half each), bf16, Triton kernels, KV over
+the object store: greedy tokens equal the single-process engine on the same GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from tests.e2e.conftest import deploy
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+def test_1p1d_on_one_gpu_matches_single_process(ray_serve, tiny_model):
+    pool = {"num_replicas": 1, "gpus_per_rank": 0.5, "kv_cache_memory_fraction": 0.2}
+    model = {"path": tiny_model, "name": "tiny", "block_size": 64, "dtype": "bfloat16"}
+    app = deploy(
+        ray_serve, {"name": "gpu", "model": model, "prefill": dict(pool), "decode": dict(pool)}
+    )
+    ref = LLMEngine(
+        EngineConfig(
+            model=tiny_model,
+            dtype="bfloat16",
+            device="cuda",
+            cache=CacheConfig(block_size=64, num_blocks=256),
+        )
+    )
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    for prompt in ("The expert router", "A much longer prompt about caches, " * 20, "x"):
+        ids = ref.tokenize(prompt)
+        want = ref.generate([ids], sp)[0].token_ids
+        code, r = app.post(
+            "/v1/completions",
+            {
+                "model": "tiny",
+                "prompt": ids,
+                "max_tokens": 24,
+                "temperature": 0,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            },
+        )
+        assert code == 200, r
+        assert r["choices"][0]["token_ids"] == want, prompt[:30]
+    m = app.wait_metrics(lambda m: m.get('pdserve_kv_blocks_used{pool="decode"}', 1) == 0)
+    assert m['pdserve_kv_transfers_total{pool="decode"}'] >= 3

@@ -1,0 +1,109 @@
+"""mla_decode, Triton: paged absorbed MLA against mla_decode_torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.mla_decode_triton import mla_decode_triton
+from kernels.mla_reference import mla_decode_torch
+from tests.kernels.kernel_cases import nan_like, poison_cuda_allocator, rel_err
+
+SMALL = dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1)
+
+
+def paged(lens, page, d, dtype, device, seed=0, extra_blocks=3):
+    """A shuffled paged cache holding len(lens) sequences, and their block table."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks = [-(-n // page) for n in lens]
+    width = max(blocks) + 1  # one spare column: entries past a sequence's length are ignored
+    num = sum(blocks) + extra_blocks
+    cache = torch.randn(num, page, d, generator=gen).to(dtype).to(device)
+    perm = torch.randperm(num, generator=gen)
+    table = torch.full((len(lens), width), num + 99, dtype=torch.int32)  # junk past the length
+    at = 0
+    for i, nb in enumerate(blocks):
+        table[i, :nb] = perm[at : at + nb]
+        at += nb
+    return cache, table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize(
+    "dtype, heads, d, v_dim, page, lens",
+    [
+        (torch.float32, 3, 80, 64, 16, [1, 37, 100]),  # tiny model's 64 + 16, crossing pages
+        (torch.bfloat16, 2, 80, 64, 16, [17, 16, 64]),
+        (torch.float32, 4, 40, 24, 5, [7, 12, 1, 30]),  # odd page size, non-power-of-2 V
+        (torch.bfloat16, 16, 48, 48, 8, [9, 33]),  # no rope part: V is the whole row
+    ],
+)
+def test_matches_reference(device, num_splits, dtype, heads, d, v_dim, page, lens):
+    cache, table, seq_lens = paged(lens, page, d, dtype, device, seed=heads)
+    q = torch.randn(len(lens), heads, d).to(dtype).to(device)
+    scale = d**-0.5
+    out = mla_decode_triton(
+        q, cache, table, seq_lens, scale, v_dim, num_splits=num_splits, config=SMALL,
+        out=nan_like((len(lens), heads, v_dim), dtype, device),
+    )  # fmt: skip
+    ref = mla_decode_torch(q, cache, table, seq_lens, scale, v_dim)
+    assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_more_splits_than_tokens_and_empty_sequence(device):
+    cache, table, seq_lens = paged([3, 0, 1], 4, 80, torch.float32, device)
+    q = torch.randn(3, 2, 80, device=device)
+    out = mla_decode_triton(q, cache, table, seq_lens, 0.1, 64, num_splits=8, config=SMALL)
+    ref = mla_decode_torch(q, cache, table, seq_lens, 0.1, 64)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_heads_beyond_one_block_and_default_config(device):
+    cache, table, seq_lens = paged([70, 5], 16, 80, torch.float32, device)
+    q = torch.randn(2, 20, 80, device=device)  # 20 heads: two head blocks of 16
+    ref = mla_decode_torch(q, cache, table, seq_lens, 0.3, 64)
+    assert rel_err(mla_decode_triton(q, cache, table, seq_lens, 0.3, 64, config=SMALL), ref) < 1e-5
+    assert rel_err(mla_decode_triton(q, cache, table, seq_lens, 0.3, 64), ref) < 1e-5
+
+
+def test_bad_inputs(device):
+    cache, table, seq_lens = paged([4], 4, 80, torch.float32, device)
+    q = torch.randn(1, 2, 80, device=device)
+    with pytest.raises(ValueError, match="v_dim 81"):
+        mla_decode_triton(q, cache, table, seq_lens, 0.1, 81)
+    with pytest.raises(ValueError, match="dtype"):
+        mla_decode_triton(q.double(), cache, table, seq_lens, 0.1, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", [16, 128])
+@pytest.mark.parametrize("num_splits", [None, 1])
+def test_deepseek_shapes_gpu(heads, num_splits):
+    dev = torch.device("cuda")
+    lens = [1, 63, 64, 65, 1000, 4097, 300, 2]
+    cache, table, seq_lens = paged(lens, 64, 576, torch.bfloat16, dev, seed=heads)
+    q = torch.randn(len(lens), heads, 576, device=dev).bfloat16()
+    poison_cuda_allocator()
+    out = mla_decode_triton(
+        q, cache, table, seq_lens, 192**-0.5, 512, num_splits=num_splits,
+        out=nan_like((len(lens), heads, 512), q.dtype, dev),
+    )  # fmt: skip
+    assert rel_err(out, mla_decode_torch(q, cache, table, seq_lens, 192**-0.5, 512)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_gpu():
+    dev = torch.device("cuda")
+    cache, table, seq_lens = paged([128, 2048, 128], 64, 576, torch.bfloat16, dev)  # capacity
+    seq_lens.copy_(torch.tensor([100, 2000, 7], dtype=torch.int32))
+    q = torch.randn(3, 16, 576, device=dev).bfloat16()
+    mla_decode_triton(q, cache, table, seq_lens, 0.07, 512)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mla_decode_triton(q, cache, table, seq_lens, 0.07, 512)
+    for new_lens in ([101, 1999, 64], [1, 2048, 65]):  # lengths change, shapes do not
+        seq_lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        q.copy_(torch.randn_like(q))
+        graph.replay()
+        assert rel_err(out, mla_decode_torch(q, cache, table, seq_lens, 0.07, 512)) < 1e-2

@@ -1,0 +1,170 @@
+"""moe_small, Triton: against moe_mxfp4_torch (interpreter on CPU, compiled on CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from kernels import moe_triton_small_m
+from kernels.moe_reference import SwiGLU, moe_mxfp4_torch
+from kernels.moe_triton_common import dequant_tile, fit_block_k, interpreting
+from kernels.moe_triton_small_m import moe_small_triton
+from kernels.mxfp4 import dequantize_mxfp4
+from tests.kernels.kernel_cases import (
+    GPT_OSS_ACT,
+    REAL_MOE_SHAPES,
+    nan_like,
+    poison_cuda_allocator,
+    random_moe,
+    random_routing,
+    rel_err,
+)
+
+
+def tiles(bm=16, bn=16, bk=32):
+    c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
+    return {"gemm1": c, "gemm2": c}
+
+
+def check(device, m, dtype, act, bias, *, e=8, h=64, i=32, k=3, invalid=False, cfg=None, tol=None):
+    w = random_moe(e, h, i, bias=bias, dtype=dtype, device=device, seed=m)
+    ids, tw = random_routing(m, e, k, device=device, seed=m + 1, invalid=invalid)
+    x = torch.randn(m, h, device=device).to(dtype)
+    out = moe_small_triton(x, w, ids, tw, act, config=cfg, out=nan_like((m, h), dtype, device))
+    ref = moe_mxfp4_torch(x, w, ids, tw, act)
+    # float32 runs the same float math as the reference; bf16 rounds intermediates in other spots
+    assert rel_err(out, ref) < (tol or (1e-5 if dtype == torch.float32 else 2e-2))
+    return out
+
+
+@pytest.mark.parametrize(
+    "m, dtype, act, bias",
+    [
+        (1, torch.float32, SwiGLU(), False),
+        (5, torch.float32, GPT_OSS_ACT, True),
+        (7, torch.bfloat16, SwiGLU(), True),
+        (3, torch.bfloat16, GPT_OSS_ACT, False),
+        (2, torch.float16, SwiGLU(alpha=1.3, beta=0.5), False),
+    ],
+)
+def test_matches_reference(device, m, dtype, act, bias):
+    check(device, m, dtype, act, bias)
+
+
+def test_invalid_expert_ids_contribute_nothing(device):
+    out = check(device, 6, torch.float32, SwiGLU(), True, invalid=True)
+    # a token whose every id is invalid gets exactly zero
+    w = random_moe(8, 64, 32, bias=True, dtype=torch.float32, device=device)
+    x = torch.randn(2, 64, device=device)
+    ids = torch.tensor([[-1, 8], [3, -5]], device=device)
+    tw = torch.ones(2, 2, device=device)
+    got = moe_small_triton(x, w, ids, tw, SwiGLU())
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    assert rel_err(got, moe_mxfp4_torch(x, w, ids, tw, SwiGLU())) < 1e-5
+    assert out.shape == (6, 64)
+
+
+def test_repeated_expert_in_one_token(device):
+    w = random_moe(4, 64, 32, device=device, dtype=torch.float32)
+    x = torch.randn(3, 64, device=device)
+    ids = torch.tensor([[1, 1], [2, 1], [0, 0]], device=device)
+    tw = torch.rand(3, 2, device=device)
+    out = moe_small_triton(x, w, ids, tw, SwiGLU())
+    assert rel_err(out, moe_mxfp4_torch(x, w, ids, tw, SwiGLU())) < 1e-5
+
+
+def test_many_tiles_k_steps_and_row_chunks(device):
+    # two experts and 20 tokens: 20 slots per expert > BLOCK_M=16 (two row chunks); H=96 is not a
+    # multiple of BLOCK_K=64, so gemm1 steps through K by 32; I=64 in one step; several N tiles
+    check(device, 20, torch.float32, GPT_OSS_ACT, True, e=2, h=96, i=64, k=2, cfg=tiles(16, 16, 64))
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, o_ptr, FAST: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    n = tl.arange(0, BN)
+    w = tl.load(w_ptr + n[:, None] * (BK // 2) + tl.arange(0, BK // 2)[None, :])
+    s = tl.load(s_ptr + n[:, None] * (BK // 32) + tl.arange(0, BK // 32)[None, :])
+    v = dequant_tile(w, s, BN, BK, tl.bfloat16, FAST)
+    tl.store(o_ptr + n[:, None] * BK + tl.arange(0, BK)[None, :], v)
+
+
+@pytest.mark.parametrize("bn, bk, warps", [(16, 32, 4), (32, 128, 4), (64, 256, 8), (128, 64, 2)])
+def test_dequant_tile_is_exact(device, bn, bk, warps):
+    """The on-chip MXFP4 -> bf16 tile (inline PTX on CUDA) against dequantize_mxfp4, bit for bit,
+    every code in every nibble and a different scale per 32-group (sign of zero included)."""
+    gen = torch.Generator().manual_seed(bn + bk)
+    w = torch.randint(0, 256, (bn, bk // 2), dtype=torch.uint8, generator=gen)
+    s = torch.randint(100, 150, (bn, bk // 32), dtype=torch.uint8, generator=gen)
+    s[0, 0], s[-1, -1] = 2, 191  # ends of the exact range of the fast path
+    out = torch.empty(bn, bk, dtype=torch.bfloat16, device=device)
+    fast = not interpreting()
+    _dequant_kernel[(1,)](w.to(device), s.to(device), out, FAST=fast, BN=bn, BK=bk, num_warps=warps)
+    ref = dequantize_mxfp4(w, s, torch.bfloat16)
+    assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16))
+
+
+def test_several_scale_groups_per_tile(device):
+    # BLOCK_K 128 and 256: four and eight E8M0 groups per dequantized tile, in both GEMMs
+    check(device, 5, torch.bfloat16, SwiGLU(), True, h=256, i=128, cfg=tiles(16, 32, 128))
+    check(device, 3, torch.bfloat16, GPT_OSS_ACT, False, h=256, i=256, cfg=tiles(16, 64, 256))
+
+
+def test_block_k_fits_the_reduction_dim():
+    cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3)
+    assert fit_block_k(cfg, 7168)["BLOCK_K"] == 256
+    assert fit_block_k(cfg, 2880)["BLOCK_K"] == 64  # GPT-OSS: 2880 = 45 * 64
+    assert fit_block_k(cfg, 1408)["BLOCK_K"] == 128  # DeepSeek-V2-Lite intermediate
+    assert fit_block_k(cfg, 96)["BLOCK_K"] == 32 and cfg["BLOCK_K"] == 256
+
+
+def test_token_chunks_when_slots_exceed_one_launch(device, monkeypatch):
+    monkeypatch.setattr(moe_triton_small_m, "MAX_SLOTS", 8)  # 9 tokens x 3 slots -> 4 launches
+    check(device, 9, torch.float32, SwiGLU(), False, invalid=True)
+
+
+def test_empty_batch_and_bad_inputs(device):
+    w = random_moe(4, 64, 32, device=device)
+    x = torch.randn(0, 64, device=device).bfloat16()
+    ids = torch.zeros(0, 2, dtype=torch.long, device=device)
+    assert moe_small_triton(x, w, ids, torch.zeros(0, 2, device=device), SwiGLU()).shape == (0, 64)
+    x = torch.randn(2, 32, device=device).bfloat16()
+    with pytest.raises(ValueError, match="hidden 32"):
+        moe_small_triton(x, w, ids[:0].new_zeros(2, 2), torch.zeros(2, 2, device=device), SwiGLU())
+    x = torch.randn(2, 64, device=device).bfloat16()
+    with pytest.raises(ValueError, match="topk_ids dtype"):
+        moe_small_triton(x, w, torch.zeros(2, 2, device=device), torch.zeros(2, 2), SwiGLU())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", REAL_MOE_SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("m", [1, 7, 64])
+def test_real_shapes_gpu(shape, m):
+    dev = torch.device("cuda")
+    w = random_moe(shape.experts, shape.hidden, shape.inter, bias=shape.bias, device=dev, seed=m)
+    ids, tw = random_routing(m, shape.experts, shape.top_k, device=dev, seed=m, invalid=True)
+    x = torch.randn(m, shape.hidden, device=dev).bfloat16()
+    poison_cuda_allocator()
+    out = moe_small_triton(x, w, ids, tw, shape.act, out=nan_like(x.shape, x.dtype, dev))
+    assert rel_err(out, moe_mxfp4_torch(x, w, ids, tw, shape.act)) < 2e-2
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_gpu():
+    dev = torch.device("cuda")
+    shape = REAL_MOE_SHAPES[1]
+    w = random_moe(shape.experts, shape.hidden, shape.inter, device=dev)
+    ids, tw = random_routing(4, shape.experts, shape.top_k, device=dev, seed=1)
+    x = torch.randn(4, shape.hidden, device=dev).bfloat16()
+    moe_small_triton(x, w, ids, tw, shape.act)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_small_triton(x, w, ids, tw, shape.act)
+    for seed in (2, 3):  # new routing and activations in the same buffers, then replay
+        new_ids, new_tw = random_routing(4, shape.experts, shape.top_k, device=dev, seed=seed)
+        ids.copy_(new_ids)
+        tw.copy_(new_tw)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        assert rel_err(out, moe_mxfp4_torch(x, w, ids, tw, shape.act)) < 2e-2

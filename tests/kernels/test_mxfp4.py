@@ -1,0 +1,136 @@
+"""The MXFP4 format (OCP Microscaling v1.0): E2M1 codes, E8M0 scales, packing, quantization."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kernels.mxfp4 import (
+    dequantize_mxfp4,
+    e2m1_decode,
+    e2m1_encode,
+    e8m0_decode,
+    pack_fp4,
+    quantize_mxfp4,
+    unpack_fp4,
+)
+
+# OCP MX v1.0, table of FP4 E2M1 values: sign bit, 2 exponent bits (bias 1), 1 mantissa bit
+OCP_E2M1 = {
+    0b0000: 0.0, 0b0001: 0.5, 0b0010: 1.0, 0b0011: 1.5,
+    0b0100: 2.0, 0b0101: 3.0, 0b0110: 4.0, 0b0111: 6.0,
+    0b1000: -0.0, 0b1001: -0.5, 0b1010: -1.0, 0b1011: -1.5,
+    0b1100: -2.0, 0b1101: -3.0, 0b1110: -4.0, 0b1111: -6.0,
+}  # fmt: skip
+
+
+def test_every_e2m1_code_decodes_to_the_ocp_value():
+    got = e2m1_decode(torch.arange(16, dtype=torch.uint8))
+    for code, value in OCP_E2M1.items():
+        assert got[code].item() == value
+        assert math.copysign(1.0, got[code].item()) == math.copysign(1.0, value), code
+        # and by the bit layout: exponent 0 is subnormal m * 0.5, else (1 + m/2) * 2**(e - 1)
+        e, m = (code >> 1) & 3, code & 1
+        mag = m * 0.5 if e == 0 else (1 + m / 2) * 2.0 ** (e - 1)
+        assert abs(value) == mag
+
+
+def test_e8m0_edges():
+    s = e8m0_decode(torch.tensor([0, 1, 126, 127, 128, 254, 255], dtype=torch.uint8))
+    assert s[0].item() == 2.0**-127  # smallest scale, a float32 subnormal, still exact
+    assert s[1].item() == 2.0**-126
+    assert s[2].item() == 0.5 and s[3].item() == 1.0 and s[4].item() == 2.0
+    assert s[5].item() == 2.0**127  # largest scale
+    assert math.isnan(s[6].item())  # 0xFF is NaN; E8M0 has no zero, no sign, no infinity
+
+
+def test_nibble_order_low_nibble_is_the_even_element():
+    codes = torch.tensor([[0x1, 0x7, 0xA, 0x3]], dtype=torch.uint8)
+    packed = pack_fp4(codes)
+    assert packed.tolist() == [[0x71, 0x3A]]
+    assert torch.equal(unpack_fp4(packed), codes)
+    vals = dequantize_mxfp4(
+        torch.tensor([[0x71] * 16], dtype=torch.uint8), torch.tensor([[127]], dtype=torch.uint8)
+    )
+    assert vals[0, 0].item() == 0.5 and vals[0, 1].item() == 6.0
+
+
+def _blocks_with_scale_one(values: list[float]) -> torch.Tensor:
+    """One 32-wide block holding ``values`` plus a 4.0 so that the shared exponent is 0."""
+    row = torch.zeros(32)
+    row[0] = 4.0
+    row[1 : 1 + len(values)] = torch.tensor(values)
+    return row
+
+
+def test_round_half_to_even_ties():
+    ties = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -2.5, -5.0]
+    want = [0.0, 1.0, 1.0, 2.0, 2.0, 4.0, 4.0, -0.0, -1.0, -2.0, -4.0]  # to the even code
+    packed, scales = quantize_mxfp4(_blocks_with_scale_one(ties))
+    assert scales.tolist() == [127]
+    got = dequantize_mxfp4(packed, scales)[1 : 1 + len(ties)]
+    assert got.tolist() == want
+    # even codes have mantissa bit 0
+    assert all(c & 1 == 0 for c in unpack_fp4(packed)[1 : 1 + len(ties)].tolist())
+
+
+def test_saturation_and_sign_of_zero():
+    # amax 7.9: shared exponent floor(log2 7.9) - 2 = 0, so 7.9 saturates to 6 (not to 8)
+    row = _blocks_with_scale_one([7.9, -7.9, -0.1, -0.0, 0.0, 0.1])
+    packed, scales = quantize_mxfp4(row)
+    got = dequantize_mxfp4(packed, scales)
+    assert scales.tolist() == [127]
+    assert got[1].item() == 6.0 and got[2].item() == -6.0
+    codes = unpack_fp4(packed)
+    assert codes[3].item() == 0x8 and codes[4].item() == 0x8 and codes[5].item() == 0x0
+    assert torch.signbit(got[3]) and torch.signbit(got[4]) and not torch.signbit(got[5])
+    assert e2m1_encode(torch.tensor([100.0, -100.0])).tolist() == [0x7, 0xF]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_error_bound(seed):
+    """|x - q(x)| <= half the E2M1 grid step at |x| / 2**shared, times 2**shared, where
+    shared = floor(log2(amax)) - 2; the grid steps are 0.5 below 2, 1 up to 4 and 2 up to 6.
+    The block's amax scaled lies in [4, 8): values above 6 * 2**shared saturate to 6 * 2**shared
+    and are off by exactly |x| - 6 * 2**shared. So the overall bound is 2**shared for unsaturated
+    values (the largest half step, 1, on [4, 6]), not 2**(shared - 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(64, 256, generator=gen) * torch.logspace(-6, 3, 64)[:, None]
+    w[0, :32] = 0.0  # an all-zero block
+    packed, scales = quantize_mxfp4(w)
+    q = dequantize_mxfp4(packed, scales)
+    blocks, qb = w.reshape(64, 8, 32), q.reshape(64, 8, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    shared = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.full_like(amax, -127))
+    assert torch.equal(scales.reshape(64, 8, 1).float() - 127, shared)
+    y = blocks.abs() / 2.0**shared  # magnitudes on the E2M1 grid, in [0, 8)
+    assert (y < 8).all()
+    half_step = torch.where(y <= 2, 0.25, torch.where(y <= 4, 0.5, 1.0))
+    err = (blocks - qb).abs()
+    inside = y <= 6
+    assert (err[inside] <= (half_step * 2.0**shared)[inside]).all()
+    sat = ~inside
+    assert sat.any()
+    assert torch.equal(err[sat], (blocks.abs() - 6 * 2.0**shared)[sat])
+    assert (err <= torch.maximum(2.0**shared, blocks.abs() - 6 * 2.0**shared)).all()
+    assert torch.equal(q[0, :32], torch.zeros(32)) and scales[0, 0].item() == 0
+
+
+def test_idempotent_on_representable_inputs():
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (16, 128), dtype=torch.uint8, generator=gen)
+    codes[:, ::32] = 0x7  # each block reaches 6 * scale, so its scale is the one we chose
+    scales = torch.randint(100, 150, (16, 4), dtype=torch.uint8, generator=gen)
+    v = dequantize_mxfp4(pack_fp4(codes), scales)
+    p2, s2 = quantize_mxfp4(v)
+    assert torch.equal(dequantize_mxfp4(p2, s2), v)  # representable values come back unchanged
+    assert torch.equal(s2, scales)
+    # and quantizing a dequantized tensor gives the same bytes again, for any input
+    w = torch.randn(8, 64, generator=gen)
+    p, s = quantize_mxfp4(w)
+    p3, s3 = quantize_mxfp4(dequantize_mxfp4(p, s))
+    assert torch.equal(p3, p) and torch.equal(s3, s)
+    # -0.0 codes requantize to the same bytes too (sign of zero survives the round trip)
+    assert torch.equal(unpack_fp4(p3), unpack_fp4(p))

@@ -1,0 +1,125 @@
+"""Backend selection per device and role, with the faked GPUs of kernels.device."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+import kernels
+from kernels import REGISTRY, KernelSet, Registry, triton_configs
+from kernels.device import B200, H100, H200, RTX_PRO_6000, DeviceInfo
+from kernels.registry import OPS
+
+GPUS = {"sm90": H100, "sm100": B200, "sm120": RTX_PRO_6000}
+
+
+def names(device: DeviceInfo, role: str, registry: Registry = REGISTRY) -> dict[str, str]:
+    return {op: registry.select(op, device, role).backend.name for op in OPS}
+
+
+def with_flashinfer_available() -> Registry:
+    """The real registry, except that FlashInfer reports itself importable and built."""
+    reg = Registry()
+    for op in OPS:
+        for b in REGISTRY.backends[op]:
+            if b.name == "flashinfer_cutlass":
+                b = dataclasses.replace(b, unavailable=lambda: None)
+            reg.register(b)
+    return reg
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode", "colocated"])
+def test_cpu_gets_torch_everywhere(role):
+    assert set(names(DeviceInfo.cpu(), role).values()) == {"torch"}
+    lost = dict(REGISTRY.select("mla_decode", DeviceInfo.cpu(), role).rejected)
+    assert lost["triton"] == "needs a cuda device, worker has cpu"
+
+
+@pytest.mark.parametrize("gpu", GPUS.values(), ids=GPUS.keys())
+@pytest.mark.parametrize("role", ["prefill", "decode", "colocated"])
+def test_triton_beats_torch_on_every_gpu(gpu, role):
+    # FlashInfer is not installed here, so Triton wins moe_large too
+    assert set(names(gpu, role).values()) == {"triton"}
+
+
+def test_triton_configs_fit_sm120_shared_memory():
+    for op in OPS:
+        triton = next(b for b in REGISTRY.backends[op] if b.name == "triton")
+        assert 0 < triton.min_smem <= RTX_PRO_6000.smem_per_block, op
+    small_smem = dataclasses.replace(RTX_PRO_6000, smem_per_block=48 * 1024)
+    choice = REGISTRY.select("mla_decode", small_smem, "decode")
+    assert choice.backend.name == "torch"
+    assert "shared memory per block" in dict(choice.rejected)["triton"]
+
+
+def test_flashinfer_wins_prefill_moe_on_sm90_only_when_available():
+    reg = with_flashinfer_available()
+    for gpu in (H100, H200):
+        assert names(gpu, "prefill", reg)["moe_large"] == "flashinfer_cutlass"
+        assert names(gpu, "decode", reg)["moe_large"] == "triton"  # decode role: not its role
+        lost = dict(reg.select("moe_large", gpu, "decode").rejected)
+        assert lost["flashinfer_cutlass"] == "not used for the decode role"
+    for gpu in (B200, RTX_PRO_6000):  # sm_90a code does not run on Blackwell
+        choice = reg.select("moe_large", gpu, "prefill")
+        assert choice.backend.name == "triton"
+        assert "built for sm_90 and below" in dict(choice.rejected)["flashinfer_cutlass"]
+    # without the package, the real registry says why and falls back
+    choice = REGISTRY.select("moe_large", H100, "prefill")
+    assert choice.backend.name == "triton"
+    assert "flashinfer" in dict(choice.rejected)["flashinfer_cutlass"]
+    assert "passed over flashinfer_cutlass" in choice.describe()
+
+
+def test_overrides():
+    assert REGISTRY.select("moe_small", H100, "decode", override="torch").backend.name == "torch"
+    assert REGISTRY.select("moe_small", H100, "decode", override="torch").reason == "override"
+    with pytest.raises(ValueError, match="names no backend"):
+        REGISTRY.select("moe_small", H100, "decode", override="cutlass")
+    with pytest.raises(ValueError, match="cannot run here: needs a cuda device"):
+        REGISTRY.select("mla_decode", DeviceInfo.cpu(), "decode", override="triton")
+    with pytest.raises(ValueError, match="built for sm_90"):
+        with_flashinfer_available().select(
+            "moe_large", B200, "prefill", override="flashinfer_cutlass"
+        )
+    # an override may take a backend outside its roles
+    reg = with_flashinfer_available()
+    picked = reg.select("moe_large", H100, "decode", override="flashinfer_cutlass")
+    assert picked.backend.name == "flashinfer_cutlass"
+
+
+def test_kernel_set_loads_triton_and_the_measured_crossover(monkeypatch):
+    monkeypatch.setitem(triton_configs.MOE_CROSSOVER_M, H100.name, 48)
+    ks = KernelSet.resolve(H100, "decode")
+    assert ks.names() == {op: "triton" for op in OPS}
+    assert ks.moe_crossover_m == 48
+    assert ks.moe_small_fn.__name__ == "moe_small_triton"
+    assert ks.mla_decode.__name__ == "mla_decode_triton"
+    assert KernelSet.resolve(B200, "decode").moe_crossover_m == 64  # no entry: the default
+    assert KernelSet.resolve(H100, "decode", moe_crossover_m=8).moe_crossover_m == 8
+    with pytest.raises(ValueError, match="unknown ops"):
+        KernelSet.resolve(H100, "decode", overrides={"moe": "torch"})
+
+
+def test_import_kernels_does_not_load_triton_kernels():
+    code = (
+        "import sys, kernels; "
+        "mods = [m for m in sys.modules if m.startswith('kernels.') and 'triton' in m "
+        "and m != 'kernels.triton_configs']; "
+        "assert not mods, mods; assert 'triton' not in sys.modules, 'triton imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=kernels.__path__[0] + "/..")
+
+
+def test_dtype_a_backend_does_not_compute_in_falls_back_to_torch():
+    from kernels import KernelSet
+    from kernels.device import H100
+
+    assert KernelSet.resolve(H100, "decode", dtype="bfloat16").names()["moe_small"] == "triton"
+    ks = KernelSet.resolve(H100, "decode", dtype="float64")
+    assert set(ks.names().values()) == {"torch"}
+    assert "not float64" in ks.choices[0].describe()
+    with pytest.raises(ValueError, match="cannot run here: computes in"):
+        KernelSet.resolve(H100, "decode", {"mla_decode": "triton"}, dtype="float64")
