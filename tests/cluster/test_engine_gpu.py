@@ -13,14 +13,14 @@ pytestmark = pytest.mark.gpu
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 
 
-def _engine(path: str, dtype: str, **kw) -> LLMEngine:
+def _engine(path: str, dtype: str, budget: int = 64, **kw) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             model=path,
             dtype=dtype,
             device="cuda",
             cache=CacheConfig(block_size=16),
-            scheduler=SchedulerConfig(max_num_batched_tokens=64),
+            scheduler=SchedulerConfig(max_num_batched_tokens=budget),
             **kw,
         )
     )
@@ -41,10 +41,11 @@ def test_float32_on_the_gpu_matches_transformers(which, request):
 
 
 def test_bfloat16_triton_kernels_agree_with_the_torch_reference(tiny_model):
-    triton_engine = _engine(tiny_model, "bfloat16")
+    triton_engine = _engine(tiny_model, "bfloat16", budget=4096)  # each prompt in one step
     torch_engine = _engine(
         tiny_model,
         "bfloat16",
+        budget=4096,
         kernel_overrides={
             "moe_small": "torch",
             "moe_large": "torch",

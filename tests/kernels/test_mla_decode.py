@@ -107,3 +107,29 @@ def test_cuda_graph_replay_gpu():
         q.copy_(torch.randn_like(q))
         graph.replay()
         assert rel_err(out, mla_decode_torch(q, cache, table, seq_lens, 0.07, 512)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_sm120_sized_configs_compile_and_run_on_hopper():
+    """The ``default`` configs are the ones an SM120 GPU (99 KiB shared memory per block) gets:
+    compile and run each at DeepSeek's shapes here, and check what the compiled kernels use."""
+    import kernels.mla_decode_triton as mla
+    from kernels.triton_configs import MLA_DECODE
+
+    def compiled() -> dict[int, object]:
+        caches = (*mla._decode_kernel.device_caches.values(),)
+        return {id(k): k for cache in caches for k in cache[0].values()}
+
+    dev = torch.device("cuda")
+    before = compiled()
+    for heads in (16, 128):
+        lens = [1, 65, 1000, 4097]
+        cache, table, seq_lens = paged(lens, 64, 576, torch.bfloat16, dev, seed=heads)
+        q = torch.randn(len(lens), heads, 576, device=dev).bfloat16()
+        ref = mla_decode_torch(q, cache, table, seq_lens, 192**-0.5, 512)
+        for config in MLA_DECODE["default"].values():
+            out = mla_decode_triton(q, cache, table, seq_lens, 192**-0.5, 512, config=config)
+            assert rel_err(out, ref) < 1e-2, config
+    new = [k for key, k in compiled().items() if key not in before]
+    assert new, "the default configs compiled nothing new"
+    assert max(k.metadata.shared for k in new) <= 99 * 1024, [k.metadata.shared for k in new]
