@@ -206,6 +206,7 @@ class EngineConfig:
     tp: int = 1  # tensor-parallel ranks; > 1 runs one Ray actor per rank
     gpus_per_rank: float = 0.0  # Ray GPU resources per rank (0 on CPU)
     cpus_per_rank: float = 1.0  # Ray CPU resources per rank; also its torch threads
+    rank_actors: bool = False  # run even a single rank in a Ray actor (peers other replicas call)
     kernel_overrides: dict[str, str] = field(default_factory=dict)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

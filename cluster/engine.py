@@ -233,9 +233,6 @@ class LLMEngine:
         self._reserved -= 1
         self.blocks.free(block_ids)
 
-    def read_kv(self, block_ids: list[int]):
-        return self.runner.read_kv(block_ids)
-
     def add_prefilled(
         self,
         request_id: str,
@@ -243,14 +240,12 @@ class LLMEngine:
         sampling: SamplingParams,
         block_ids: list[int],
         first: FirstToken,
-        kv,
     ) -> RequestOutput:
-        """Start decoding a request whose prompt KV (``kv``, for ``block_ids`` from ``reserve``)
-        and first token came from a prefill replica. Returns the first token's output.
-        If it raises, the reservation is untouched (the caller releases it)."""
+        """Start decoding a request whose prompt KV a transport wrote into ``block_ids`` (from
+        ``reserve``) and whose first token a prefill replica sampled. Returns the first token's
+        output. If it raises, the reservation is untouched (the caller releases it)."""
         if request_id in self.scheduler.requests:
             raise RequestError(f"request id {request_id!r} is already in use", "request_id")
-        self.runner.write_kv(block_ids, kv)
         # nothing below can fail: the blocks now belong to the request
         self._reserved -= 1
         req = Request(request_id, prompt_ids, sampling)
@@ -300,7 +295,7 @@ class LLMEngine:
 def _make_executor(config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> Executor:
     if config.tp < 1:
         raise ValueError(f"tp must be >= 1, got {config.tp}")
-    if config.tp == 1:
+    if config.tp == 1 and not config.rank_actors:
         return ModelRunner(config, model_config, max_model_len)
     from cluster.tp_executor import RayTPExecutor  # imports ray
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import torch
 
 from cluster.sampler import SampledToken
 from cluster.scheduler import SchedulerOutput
+
+if TYPE_CHECKING:
+    from cluster.kv_transport.kv_peer import PeerClient
 
 
 class Executor(ABC):
@@ -28,6 +32,27 @@ class Executor(ABC):
     @abstractmethod
     def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
         """Scatter [layers, n, block_size, width] into the given blocks."""
+
+    @abstractmethod
+    def stage_kv(self, transfer_id: str, block_ids: list[int]) -> int:
+        """Keep a device copy of the blocks for a transfer (before they are freed); bytes."""
+
+    @abstractmethod
+    def take_staged(self, transfer_id: str) -> torch.Tensor:
+        """Hand over (and forget) a staged copy, on the CPU."""
+
+    @abstractmethod
+    def drop_staged(self, transfer_id: str) -> None:
+        """Forget a staged copy nobody will collect."""
+
+    @abstractmethod
+    def kv_peers(self) -> list[PeerClient]:
+        """One KV peer per rank, in rank order, for point-to-point transfers."""
+
+    @property
+    @abstractmethod
+    def kv_layout(self) -> tuple[int, int, int, str]:
+        """(layers, block_size, row width, dtype name) of the KV cache."""
 
     def shutdown(self) -> None:  # noqa: B027 - most executors hold nothing to release
         """Release processes and devices."""

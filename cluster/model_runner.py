@@ -14,6 +14,7 @@ import torch
 
 from cluster.config import EngineConfig, ModelConfig
 from cluster.executor import Executor
+from cluster.kv_transport.kv_peer import KVPeer, PeerClient, local_peer_id
 from cluster.model.attention_metadata import AttentionMetadata
 from cluster.model.deepseek_v3 import DeepseekV3ForCausalLM
 from cluster.model.weights import load_weights
@@ -85,6 +86,7 @@ class ModelRunner(Executor):
         )
         self.max_model_len = max_model_len
         self.sampler = Sampler(self.device, config.seed)
+        self.kv_peer = KVPeer(self)
         self.num_blocks = 0
         if allocate:
             self.allocate_kv(num_blocks or self.propose_num_blocks())
@@ -144,6 +146,23 @@ class ModelRunner(Executor):
             )
         idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         self.kv_caches.index_copy_(1, idx, kv.to(device=self.device, dtype=self.kv_caches.dtype))
+
+    def stage_kv(self, transfer_id: str, block_ids: list[int]) -> int:
+        return self.kv_peer.stage(transfer_id, block_ids)
+
+    def take_staged(self, transfer_id: str) -> torch.Tensor:
+        return self.kv_peer.take(transfer_id).cpu()
+
+    def drop_staged(self, transfer_id: str) -> None:
+        self.kv_peer.drop(transfer_id)
+
+    def kv_peers(self) -> list[PeerClient]:
+        return [PeerClient(local_peer_id(), local=self.kv_peer)]
+
+    @property
+    def kv_layout(self) -> tuple[int, int, int, str]:
+        layers, _, block_size, width = self.kv_caches.shape
+        return layers, block_size, width, str(self.dtype).removeprefix("torch.")
 
     # ---- one step ----
 

@@ -43,7 +43,7 @@ class Replica:
         logging.basicConfig(level=logging.INFO)
         self.spec = spec
         self.replica_id = f"{spec.pool}-{_serve_replica_tag()}"
-        if spec.engine.tp == 1 and spec.engine.gpus_per_rank == 0:
+        if spec.engine.tp == 1 and not spec.engine.rank_actors:
             torch.set_num_threads(max(1, int(spec.engine.cpus_per_rank)))
         start = time.perf_counter()
         self.engine = self.engine_cls(spec.engine)

@@ -23,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import EngineConfig, ModelConfig
 from cluster.executor import Executor
+from cluster.kv_transport.kv_peer import PeerClient
 from cluster.sampler import SampledToken
 from cluster.scheduler import SchedulerOutput
 
@@ -83,6 +84,16 @@ class TPRank:
     def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
         self.runner.write_kv(block_ids, kv)
 
+    @ray.method(concurrency_group="kv")
+    def kv(self, name: str, *args):
+        """A KV peer call (stage, connect, send_staged, listen, accept, recv_into, ...), on a
+        thread of its own so transfers never wait behind a model step, nor steps behind them."""
+        out = self.runner.kv_peer.call(name, *args)
+        return out.cpu() if isinstance(out, torch.Tensor) else out
+
+    def kv_layout(self) -> tuple[int, int, int, str]:
+        return self.runner.kv_layout
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -91,7 +102,7 @@ class RayTPExecutor(Executor):
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> None:
         size = config.tp
         pg = get_current_placement_group()
-        actor = ray.remote(TPRank)
+        actor = ray.remote(concurrency_groups={"kv": 8})(TPRank)
         self.ranks = []
         for rank in range(size):
             opts: dict = {"num_cpus": config.cpus_per_rank, "num_gpus": config.gpus_per_rank}
@@ -105,6 +116,7 @@ class RayTPExecutor(Executor):
         self.num_blocks = min(proposals)
         infos = ray.get([r.allocate_kv.remote(self.num_blocks) for r in self.ranks])
         self.kernel_names, self.device_name = infos[0]
+        self._kv_layout = ray.get(self.ranks[0].kv_layout.remote())
         log.info(
             "tensor parallel x%d ready: %d KV blocks on %s", size, self.num_blocks, self.device_name
         )
@@ -118,6 +130,24 @@ class RayTPExecutor(Executor):
     def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
         ref = ray.put(kv.cpu())
         ray.get([r.write_kv.remote(block_ids, ref) for r in self.ranks])
+
+    def stage_kv(self, transfer_id: str, block_ids: list[int]) -> int:
+        return ray.get([r.kv.remote("stage", transfer_id, block_ids) for r in self.ranks])[0]
+
+    def take_staged(self, transfer_id: str) -> torch.Tensor:
+        kv = ray.get(self.ranks[0].kv.remote("take", transfer_id))
+        ray.get([r.kv.remote("drop", transfer_id) for r in self.ranks[1:]])
+        return kv
+
+    def drop_staged(self, transfer_id: str) -> None:
+        ray.get([r.kv.remote("drop", transfer_id) for r in self.ranks])
+
+    def kv_peers(self) -> list[PeerClient]:
+        return [PeerClient(r._actor_id.hex(), actor=r) for r in self.ranks]
+
+    @property
+    def kv_layout(self) -> tuple[int, int, int, str]:
+        return self._kv_layout
 
     def shutdown(self) -> None:
         for r in self.ranks:

@@ -13,6 +13,7 @@ point (the client went away) aborts the request and frees its blocks.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -87,19 +88,30 @@ class DecodeServer(Replica):
             endpoint=self.transport.endpoint(),
         )
         handed = [False]  # set on the engine thread once the request owns the blocks
+        receiving: asyncio.Future | None = None
         try:
             result = await self.prefill.prefill.remote(
                 PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling, kv=dest)
             )
-            kv = await self.transport.receive(result.kv, dest)
+            receiving = asyncio.ensure_future(
+                self.transport.receive(result.kv, dest, self.engine.runner)
+            )
+            await asyncio.shield(receiving)
 
             def start(e: LLMEngine) -> list[RequestOutput]:
-                out = e.add_prefilled(rid, prompt, sampling, blocks, result.first, kv)
+                out = e.add_prefilled(rid, prompt, sampling, blocks, result.first)
                 handed[0] = True
                 return [out]
 
             async for out in self.aengine.stream(rid, start):
                 yield out
         finally:
-            # runs on the engine thread after any pending start(), so exactly one side frees
-            self.aengine.call(lambda e: None if handed[0] else e.release(blocks))
+            # on the engine thread after any pending start(), so exactly one side frees; and not
+            # before a transfer still writing into the blocks has ended
+            def release(_=None) -> None:
+                self.aengine.call(lambda e: None if handed[0] else e.release(blocks))
+
+            if receiving is None or receiving.done():
+                release()
+            else:
+                receiving.add_done_callback(release)

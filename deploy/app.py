@@ -74,7 +74,7 @@ def _gpus(pool: PoolSpec, cluster_gpus: float) -> float:
 
 
 def _engine_config(
-    spec: AppSpec, pool: PoolSpec, role: str, path: Path, gpus: float
+    spec: AppSpec, pool: PoolSpec, role: str, path: Path, gpus: float, rank_actors: bool
 ) -> EngineConfig:
     return EngineConfig(
         model=str(path),
@@ -84,6 +84,7 @@ def _engine_config(
         role=role,
         kernel_overrides=dict(pool.kernels),
         tp=pool.tp,
+        rank_actors=rank_actors,
         gpus_per_rank=gpus,
         cpus_per_rank=pool.cpus_per_rank,
         cache=CacheConfig(
@@ -101,7 +102,9 @@ def _engine_config(
     )
 
 
-def _deployment_options(pool: PoolSpec, name: str, gpus: float) -> dict[str, Any]:
+def _deployment_options(
+    pool: PoolSpec, name: str, gpus: float, rank_actors: bool = False
+) -> dict[str, Any]:
     rank: dict[str, float] = {"CPU": pool.cpus_per_rank, **pool.resources}
     if gpus > 0:
         rank["GPU"] = gpus
@@ -117,7 +120,7 @@ def _deployment_options(pool: PoolSpec, name: str, gpus: float) -> dict[str, Any
         opts["autoscaling_config"] = pool.autoscaling_config.model_dump()
     else:
         opts["num_replicas"] = pool.num_replicas or 1
-    if pool.tp == 1:
+    if pool.tp == 1 and not rank_actors:
         opts["ray_actor_options"] = {
             "num_cpus": rank.pop("CPU"),
             "num_gpus": rank.pop("GPU", 0),
@@ -149,23 +152,25 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     gpus = {name: _gpus(pool, cluster_gpus) for name, pool in pools.items()}
     transport = spec.kv_transport
     if transport == "auto":
-        # NCCL arrives with the GPU cluster work; until then every pair uses the object store
-        transport = "object_store"
-    if transport == "nccl":
-        raise ValueError("kv_transport nccl is not available yet; use auto or object_store")
+        on_gpus = not spec.colocated and gpus["prefill"] > 0 and gpus["decode"] > 0
+        transport = "nccl" if on_gpus else "object_store"
     digest = weights_digest(path)
     max_len = spec.model.max_model_len or cfg.max_position_embeddings
 
     def worker(pool_name: str, role: str) -> WorkerSpec:
         pool = pools[pool_name]
-        engine = _engine_config(spec, pool, role, path, gpus[pool_name])
+        # decode pulls KV from prefill ranks directly: they must be actors it can call
+        actors = transport == "nccl" and pool_name == "prefill"
+        engine = _engine_config(spec, pool, role, path, gpus[pool_name], actors)
         return WorkerSpec(spec.name, pool_name, engine, transport, digest, gen)
 
     prefill = None
     if not spec.colocated:
         prefill = (
             serve.deployment(PrefillServer)
-            .options(**_deployment_options(spec.prefill, "Prefill", gpus["prefill"]))
+            .options(
+                **_deployment_options(spec.prefill, "Prefill", gpus["prefill"], transport == "nccl")
+            )
             .bind(worker("prefill", "prefill"))
         )
     role = "colocated" if spec.colocated else "decode"

@@ -207,6 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--decode", type=int)
             p.add_argument("--timeout", type=float, default=600)
 
+    from bench import serve as bench_serve
+
+    p = sub.add_parser("bench", help="load generator against a running endpoint (bench.serve)")
+    bench_serve.add_arguments(p)
+    p.set_defaults(fn=bench_serve.run)
+
     p = sub.add_parser(
         "demo", help="local Ray, tiny model, 1 prefill + 1 decode, streamed requests"
     )

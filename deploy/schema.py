@@ -142,7 +142,10 @@ class AppSpec(_Strict):
     )
     decode: PoolSpec = Field(default_factory=PoolSpec, description="The decode pool.")
     kv_transport: Literal["auto", "nccl", "object_store"] = Field(
-        "auto", description="How KV moves from prefill to decode; auto: NCCL on GPUs."
+        "auto",
+        description="How KV moves from prefill to decode: object_store (Ray's), or nccl (point "
+        "to point through torch.distributed; gloo when the pools run on CPU); auto: nccl when "
+        "both pools hold GPUs, else object_store.",
     )
     ingress: IngressSpec = Field(default_factory=IngressSpec, description="The HTTP front.")
 

@@ -44,22 +44,25 @@ class PrefillServer(Replica):
                 raise WorkerError(
                     f"prefill of {req.request_id} ended with {out and out.finish_reason}"
                 )
-            kv, queue_s = self.engine.captured.pop(rid)
-            if kv.shape[1] != len(dest.block_ids):
+            _, queue_s = self.engine.captured.pop(rid)
+            made = self.engine.blocks.blocks_for(len(req.prompt_token_ids))
+            if made != len(dest.block_ids):
+                self.engine.runner.drop_staged(rid)
                 raise WorkerError(
-                    f"prefill made {kv.shape[1]} KV blocks, decode reserved {len(dest.block_ids)}"
+                    f"prefill made {made} KV blocks, decode reserved {len(dest.block_ids)}"
                 )
             prefill_s = time.time() - start
             self.stats.ttft.observe(prefill_s)
             sent = time.time()
-            handle = await self.transport.send(kv, dest)
+            handle = await self.transport.send(self.engine.runner, rid, dest)
             self.stats.count("ok")
             self.stats.prompt_tokens += len(req.prompt_token_ids)
         except BaseException:
             self.stats.count("error")
             raise
         finally:
-            self.engine.captured.pop(rid, None)  # an aborted attempt may have left its copy
+            if self.engine.captured.pop(rid, None) is not None:  # an attempt that failed after
+                self.engine.runner.drop_staged(rid)  # its prompt finished left a staged copy
             self.stats.inflight -= 1
             self.request_ended()
         lp = out.logprobs[0] if out.logprobs else None

@@ -1,12 +1,12 @@
 """The KV transport contract: how a request's prompt KV goes from a prefill replica to the decode
 replica that continues it.
 
-Prefill side: ``send(kv, dest)`` ships a ``[layers, n_blocks, block_size, width]`` tensor (the
-blocks of one request, in order) towards ``dest`` and returns a ``KVHandle``, which travels back to
-decode inside the ``PrefillResult``. Decode side: ``receive(handle, dest)`` returns that tensor,
-ready to scatter into the blocks ``dest.block_ids`` names. Every transport counts bytes and
-seconds; each must keep the order of transfers per (prefill, decode) pair and must not deadlock
-with many requests in flight.
+Prefill side: when a prompt finishes, its blocks are staged in the executor (a device copy, kept
+after the scheduler frees the blocks); ``send(executor, transfer_id, dest)`` hands them to the
+transport and returns a ``KVHandle``, which travels back to decode inside the ``PrefillResult``.
+Decode side: ``receive(handle, dest, executor)`` writes the KV into the blocks ``dest.block_ids``
+names and returns once they hold it. Every transport counts bytes and seconds; each must keep the
+order of transfers per (prefill, decode) pair and must not deadlock with many in flight.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from cluster.executor import Executor
 from cluster.messages import KVDestination, KVHandle
 
 
@@ -43,9 +42,9 @@ class KVTransport(ABC):
         return None
 
     @abstractmethod
-    async def send(self, kv: torch.Tensor, dest: KVDestination) -> KVHandle:
-        """Prefill side: ship one request's KV blocks to ``dest``."""
+    async def send(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
+        """Prefill side: ship the KV staged under ``transfer_id`` towards ``dest``."""
 
     @abstractmethod
-    async def receive(self, handle: KVHandle, dest: KVDestination) -> torch.Tensor:
-        """Decode side: the KV ``handle`` announces, as [layers, n_blocks, block_size, width]."""
+    async def receive(self, handle: KVHandle, dest: KVDestination, executor: Executor) -> None:
+        """Decode side: the KV ``handle`` announces, into the executor's ``dest.block_ids``."""

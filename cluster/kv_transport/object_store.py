@@ -8,11 +8,13 @@ it, so nothing lingers after a transfer.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import ray
 import torch
 
+from cluster.executor import Executor
 from cluster.kv_transport.base import KVTransport
 from cluster.messages import KVDestination, KVHandle
 
@@ -22,23 +24,23 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torc
 class ObjectStoreTransport(KVTransport):
     name = "object_store"
 
-    async def send(self, kv: torch.Tensor, dest: KVDestination) -> KVHandle:
+    async def send(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
         start = time.perf_counter()
-        kv = kv.detach().to("cpu").contiguous()
+        kv = await asyncio.to_thread(executor.take_staged, transfer_id)
+        kv = kv.contiguous()
         raw = kv.view(torch.uint8).numpy()  # the bytes of any dtype, Ray-zero-copy
         meta = (str(kv.dtype).removeprefix("torch."), tuple(kv.shape))
         ref = ray.put(raw)
-        nbytes = raw.nbytes
-        self.stats.add(nbytes, time.perf_counter() - start)
+        self.stats.add(raw.nbytes, time.perf_counter() - start)
         return KVHandle(
             transport=self.name,
-            transfer_id=dest.transfer_id,
+            transfer_id=transfer_id,
             num_blocks=kv.shape[1],
-            nbytes=nbytes,
+            nbytes=raw.nbytes,
             payload=(meta, [ref]),  # the ref inside a list: passed along, not resolved by Ray
         )
 
-    async def receive(self, handle: KVHandle, dest: KVDestination) -> torch.Tensor:
+    async def receive(self, handle: KVHandle, dest: KVDestination, executor: Executor) -> None:
         if handle.transport != self.name:
             raise ValueError(f"object-store receiver got a {handle.transport!r} handle")
         if handle.transfer_id != dest.transfer_id:
@@ -47,5 +49,5 @@ class ObjectStoreTransport(KVTransport):
         (dtype, shape), (ref,) = handle.payload
         raw = await ref
         kv = torch.from_numpy(raw.copy()).view(_DTYPES[dtype]).view(shape)
+        await asyncio.to_thread(executor.write_kv, dest.block_ids, kv)
         self.stats.add(handle.nbytes, time.perf_counter() - start)
-        return kv

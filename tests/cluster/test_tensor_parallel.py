@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 
+import pytest
 import torch
 
 from cluster.block_manager import BlockManager
@@ -62,3 +63,29 @@ def test_tp2_matches_single_process(tiny_model, tmp_path):
     assert len(got) == len(ref)
     for g, r in zip(got, ref):
         torch.testing.assert_close(torch.tensor(g), r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.multi_gpu
+def test_tp2_over_nccl_matches_one_gpu(tiny_model):
+    """TP=2 on two GPUs (NCCL all-reduce and all-gather) gives one GPU's greedy tokens, in
+    float32 (the Triton kernels compute float32 exactly; bf16 TP reorders its sums)."""
+    import ray
+
+    from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=8, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        cache = CacheConfig(block_size=16, num_blocks=256)
+        base = dict(model=tiny_model, device="cuda", dtype="float32", cache=cache)
+        sp = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        prompts = [[(7 * j + i) % 900 + 4 for j in range(n)] for i, n in enumerate((3, 40, 200))]
+        one = [o.token_ids for o in LLMEngine(EngineConfig(**base)).generate(prompts, sp)]
+        tp2 = LLMEngine(EngineConfig(**base, tp=2, gpus_per_rank=1))
+        assert [o.token_ids for o in tp2.generate(prompts, sp)] == one
+        tp2.runner.shutdown()
+    finally:
+        if started:
+            ray.shutdown()

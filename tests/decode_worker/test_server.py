@@ -36,22 +36,36 @@ class _PrefillHandle:
         self.prefill = _Method(server.prefill, delay)
 
 
-def _spec(model: str, pool: str, role: str, blocks: int = 64, **engine) -> WorkerSpec:
+def _spec(
+    model: str, pool: str, role: str, transport: str, blocks: int = 64, **engine
+) -> WorkerSpec:
     cache = CacheConfig(block_size=16, num_blocks=blocks)
     # float64: concurrent requests batch unpredictably; float64 keeps tokens batch-invariant
     cfg = EngineConfig(model=model, role=role, dtype="float64", device="cpu", cache=cache, **engine)
-    return WorkerSpec("test", pool, cfg, "object_store", "digest")
+    return WorkerSpec("test", pool, cfg, transport, "digest")
 
 
-@pytest.fixture(scope="module")
-def servers(tiny_model):
+def _decode(
+    model: str, prefill: PrefillServer, blocks: int = 64, delay: float = 0.0
+) -> DecodeServer:
+    spec = _spec(model, "decode", "decode", prefill.spec.kv_transport, blocks)
+    return DecodeServer(spec, _PrefillHandle(prefill, delay))
+
+
+@pytest.fixture(scope="module", params=["object_store", "nccl"])
+def servers(tiny_model, request):
+    """A prefill and a decode server; with the point-to-point transport (gloo on CPU) the prefill
+    engine runs in a rank actor that the decode side pulls from."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    prefill = PrefillServer(_spec(tiny_model, "prefill", "prefill"))
-    decode = DecodeServer(_spec(tiny_model, "decode", "decode"), _PrefillHandle(prefill))
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    actors = request.param == "nccl"
+    prefill = PrefillServer(
+        _spec(tiny_model, "prefill", "prefill", request.param, rank_actors=actors)
+    )
+    decode = _decode(tiny_model, prefill)
     yield prefill, decode
     for server in (decode, prefill):
         server.shutdown()
@@ -84,6 +98,7 @@ def test_disaggregated_tokens_equal_colocated_and_prefill_batches(servers, tiny_
     # eight concurrent prompts share prefill steps instead of taking one each
     assert prefill.aengine.steps - steps_before < len(prompts)
     assert decode.engine.blocks.num_used == 0 and prefill.engine.blocks.num_used == 0
+    _eventually(lambda: _staged(prefill) == 0)
     assert decode.stats.requests["ok"] >= 8 and decode.transport.stats.transfers >= 8
 
 
@@ -101,7 +116,7 @@ def test_seeded_sampling_continues_across_the_handoff(servers, tiny_model):
 
 def test_layout_mismatch_is_refused_at_first_contact(servers, tiny_model):
     prefill, _ = servers
-    other = DecodeServer(_spec(tiny_model, "decode", "decode"), _PrefillHandle(prefill))
+    other = _decode(tiny_model, prefill)
     other.fingerprint = msgspec.structs.replace(other.fingerprint, block_size=32)
     with pytest.raises(KVLayoutMismatch, match="block_size: 16 vs 32"):
         asyncio.run(_collect(other, "mismatch", [5, 6, 7]))
@@ -126,6 +141,16 @@ def test_cancel_at_any_stage_frees_blocks_on_both_sides(servers, stage_s):
     asyncio.run(run())
     _eventually(lambda: decode.engine.blocks.num_used == 0 and decode.engine._reserved == 0)
     _eventually(lambda: prefill.engine.blocks.num_used == 0 and not prefill.engine.captured)
+    _eventually(lambda: _staged(prefill) == 0)
+
+
+def _staged(prefill: PrefillServer) -> int:
+    """KV copies still staged on the prefill side, over all its ranks."""
+
+    async def count() -> int:
+        return sum([await p.call("count") for p in prefill.engine.runner.kv_peers()])
+
+    return asyncio.run(count())
 
 
 def _eventually(cond, timeout: float = 5.0) -> None:
@@ -142,9 +167,7 @@ def replace_max(n: int) -> SamplingParams:
 
 def test_full_decode_replica_answers_overloaded_at_once(tiny_model, servers):
     prefill, _ = servers
-    small = DecodeServer(
-        _spec(tiny_model, "decode", "decode", blocks=4), _PrefillHandle(prefill, 0.2)
-    )
+    small = _decode(tiny_model, prefill, blocks=4, delay=0.2)
 
     async def run():
         first = asyncio.create_task(_collect(small, "big", [5] * 50))  # all 4 blocks reserved

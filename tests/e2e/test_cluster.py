@@ -284,6 +284,20 @@ def test_colocated_matches_single_process(ray_serve, tiny_model, reference, pd):
     assert m['pdserve_replicas{pool="decode"}'] == 2
 
 
+def test_p2p_transport_1p1d_matches_single_process(ray_serve, tiny_model, reference):
+    """kv_transport nccl: point to point through torch.distributed, over gloo on CPU; the
+    prefill engine runs in a rank actor the decode replica pulls from."""
+    pool = {"num_replicas": 1, "num_kv_blocks": 256}
+    args = app_args(tiny_model, dict(pool), dict(pool))
+    app = deploy(ray_serve, {**args, "kv_transport": "nccl"})
+    _check_topology(app, reference, seed=9)
+    from deploy import serve_app
+
+    assert {s.kv_transport for s in serve_app.replica_stats(app.name)} == {"nccl"}
+    m = _blocks_free(app)
+    assert m['pdserve_kv_transfers_total{pool="decode"}'] >= 7
+
+
 def test_tp2_on_both_pools_matches_single_process(ray_serve, tiny_model, reference):
     pool = {"num_replicas": 1, "tp": 2, "num_kv_blocks": 256}
     app = deploy(ray_serve, app_args(tiny_model, dict(pool), dict(pool)))
