@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import ray
 import torch
 
+from bench.result_file import write_result
 from cluster.kv_layout import KVFingerprint
 from cluster.kv_transport.kv_peer import KVPeer, PeerClient
 from cluster.kv_transport.p2p import P2PTransport
@@ -168,10 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(row.format(r["tokens"], f"{r['bytes'] / 1e6:.1f}", f"{r['raw_gbps']:.1f}",
                          f"{r['transport_gbps']:.1f}", f"{r['pct_of_raw']:.1f}",
                          f"{r['with_stage_gbps']:.1f}"))  # fmt: skip
-    out = Path(args.out or f"bench/results/kv-transfer-{gpu.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(result, "kv-transfer", gpu, args.out)
     return 0
 
 

@@ -192,6 +192,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192  # tokens per forward pass: decodes + prefill chunks
     max_model_len: int | None = None  # prompt + output; None takes the model's max positions
     long_prefill_token_threshold: int = 0  # >0: cap one request's chunk so prompts share a step
+    max_waiting: int = 0  # queued requests beyond the running batch before "overloaded"; 0: 4x seqs
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,10 @@ class EngineConfig:
     cpus_per_rank: float = 1.0  # Ray CPU resources per rank; also its torch threads
     rank_actors: bool = False  # run even a single rank in a Ray actor (peers other replicas call)
     kernel_overrides: dict[str, str] = field(default_factory=dict)
+    # "auto": decode steps replay CUDA graphs on GPUs (roles decode and colocated); "off";
+    # "eager": the same padded bucket path without capture (CPU tests of the padding)
+    decode_graphs: str = "auto"
+    decode_graph_max_batch: int = 128  # larger decode steps run eagerly
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -74,6 +74,7 @@ class LLMEngine:
         self._sent_prompt: set[str] = set()
         self._ids = itertools.count()
         self._reserved = 0  # block reservations for prompts being prefilled elsewhere
+        self.faults = None  # a FaultInjector, set by a replica that injects faults
 
     @property
     def vocab_size(self) -> int:
@@ -122,9 +123,18 @@ class LLMEngine:
         prompt: str | Sequence[int],
         sampling: SamplingParams,
         request_id: str | None = None,
+        bounded: bool = False,
     ) -> str:
+        """Queue a request. ``bounded`` (serving): OverloadedError rather than queue more than
+        ``max_waiting`` requests; the offline ``generate`` queues everything it is given."""
         ids = self.tokenize(prompt)
         self.validate(ids, sampling)
+        sched = self.config.scheduler
+        limit = sched.max_waiting or 4 * sched.max_num_seqs
+        if bounded and len(self.scheduler.waiting) >= limit:
+            raise OverloadedError(
+                f"{len(self.scheduler.waiting)} requests already wait for a slot (limit {limit})"
+            )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         self.scheduler.add(Request(rid, ids, sampling))
         self._detok[rid] = IncrementalDetokenizer(
@@ -150,6 +160,8 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return []
+        if self.faults is not None and sched.num_decode_chunks:
+            self.faults.maybe_fail("decode_step")  # the caller fails this step's requests
         sampled = self.runner.execute(sched)
         return self.postprocess(sched, sampled)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.config import EngineConfig, ModelConfig
+from cluster.decode_graphs import DecodeGraphs, graph_buckets
 from cluster.executor import Executor
 from cluster.kv_transport.kv_peer import KVPeer, PeerClient, local_peer_id
 from cluster.model.attention_metadata import AttentionMetadata
@@ -24,6 +25,15 @@ from cluster.scheduler import SchedulerOutput
 from kernels import DeviceInfo, KernelSet
 
 log = logging.getLogger(__name__)
+
+# backends whose launches depend on shapes alone, with no host sync: safe inside a CUDA graph
+# (the PyTorch references loop over sequences and experts on the host)
+GRAPH_SAFE = {
+    "mla_decode": {"triton"},
+    "moe_small": {"triton"},
+    "moe_large": {"triton"},
+    "mla_prefill": {"triton", "torch"},  # never called by a pure decode step
+}
 
 
 @dataclass(frozen=True)
@@ -88,20 +98,55 @@ class ModelRunner(Executor):
         self.sampler = Sampler(self.device, config.seed)
         self.kv_peer = KVPeer(self)
         self.num_blocks = 0
+        self.graph_mode = self._graph_mode()
+        self.graphs: DecodeGraphs | None = None
         if allocate:
             self.allocate_kv(num_blocks or self.propose_num_blocks())
+
+    def _graph_mode(self) -> str:
+        mode = self.config.decode_graphs
+        if mode not in ("auto", "off", "eager"):
+            raise ValueError(f"decode_graphs must be auto, off or eager, got {mode!r}")
+        if mode == "auto":
+            if self.device.type != "cuda" or self.config.role == "prefill":
+                return "off"
+            if self.tp.size > 1:  # NCCL all-reduce under capture failed on 2 H200s; not yet
+                log.info("decode CUDA graphs off: tensor-parallel all-reduces are not captured")
+                return "off"
+            unsafe = {
+                op: n for op, n in self.kernel_names.items() if n not in GRAPH_SAFE.get(op, ())
+            }
+            if unsafe:
+                log.info("decode CUDA graphs off: %s cannot be captured", unsafe)
+                return "off"
+            return "capture"
+        return mode
 
     # ===== KV cache =====
 
     def allocate_kv(self, num_blocks: int) -> None:
+        """Allocate ``num_blocks`` blocks (one more, the padding rows' scratch, with decode
+        graphs) and capture the decode graphs over them."""
+        graphs = self.graph_mode != "off"
         shape = (
             self.model_config.num_hidden_layers,
-            num_blocks,
+            num_blocks + graphs,
             self.block_size,
             self.model_config.kv_cache_dim,
         )
         self.kv_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.num_blocks = num_blocks
+        if graphs:
+            most = min(self.config.decode_graph_max_batch, self.config.scheduler.max_num_seqs)
+            self.graphs = DecodeGraphs(
+                self.model,
+                self.kv_caches,
+                self.max_model_len,
+                graph_buckets(most),
+                capture=self.graph_mode == "capture",
+            )
+            self.graphs.capture()
+            log.info("%s", self.graphs.describe())
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)",
             num_blocks,
@@ -218,6 +263,12 @@ class ModelRunner(Executor):
     @torch.inference_mode()
     def compute_logits(self, sched: SchedulerOutput) -> torch.Tensor:
         """Run one step and return the logits of the sampled rows [N, vocab] float32."""
+        if self.graphs is not None and self.graphs.fits(sched):
+            logits = self.graphs.run(sched)  # [n, vocab], every chunk's row
+            if all(c.sample for c in sched.chunks):
+                return logits
+            rows = [i for i, c in enumerate(sched.chunks) if c.sample]
+            return logits[torch.tensor(rows, dtype=torch.int64, device=self.device)]
         inputs = self.prepare(sched)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
         return self.model.compute_logits(hidden[inputs.sample_rows])

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 import torch
@@ -16,6 +16,7 @@ import torch
 from cluster.async_engine import AsyncEngine
 from cluster.config import EngineConfig
 from cluster.engine import LLMEngine
+from cluster.faults import FaultInjector
 from cluster.kv_layout import KVFingerprint, fingerprint
 from cluster.kv_transport import make_transport
 from cluster.replica_registry import REPORT_PERIOD_S, get_registry
@@ -34,6 +35,11 @@ class WorkerSpec:
     kv_transport: str  # resolved: "object_store" (or "nccl" on GPUs)
     weights_digest: str  # identifies the checkpoint, part of the KV fingerprint
     generation: str = ""  # a digest of the app's args: replicas of an older config are ignored
+    faults: dict[str, float] = field(default_factory=dict)  # injected failure rates, per point
+    prefill_timeout_s: float = 30.0  # decode: a prefill call slower than this fails (and retries)
+    kv_transfer_timeout_s: float = 10.0  # decode: a KV receive slower than this fails
+    prefill_retries: int = 1  # decode: more attempts after a failed prefill or transfer
+    local_prefill_fallback: bool = True  # decode: prefill locally when every attempt failed
 
 
 class Replica:
@@ -47,6 +53,10 @@ class Replica:
             torch.set_num_threads(max(1, int(spec.engine.cpus_per_rank)))
         start = time.perf_counter()
         self.engine = self.engine_cls(spec.engine)
+        self.faults = FaultInjector(spec.faults, seed=hash(self.replica_id) & 0xFFFFFFFF)
+        self.engine.faults = self.faults
+        if self.faults.active:
+            log.warning("%s injects faults: %s", self.replica_id, self.faults.rates)
         self.aengine = AsyncEngine(self.engine, name=f"engine-{self.replica_id}")
         self.transport = make_transport(spec.kv_transport)
         runner = self.engine.runner

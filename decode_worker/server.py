@@ -2,13 +2,19 @@
 
 For each request it:
   1. validates it and reserves KV blocks for the prompt, or answers "overloaded" at once;
-  2. asks a prefill replica (Serve picks one) to run the prompt, naming the blocks and its own
-     KV layout fingerprint;
-  3. collects the KV from the transport and scatters it into the reserved blocks;
+  2. asks a prefill replica (Serve picks one) to run the prompt, naming the blocks, a transfer id
+     and its own KV layout fingerprint;
+  3. collects the KV from the transport into the reserved blocks;
   4. adds the request, with the first token prefill sampled, to the running batch, and streams
      its tokens as the engine loop produces them.
-With no prefill pool (colocated mode) it prefills locally instead. Cancelling the stream at any
-point (the client went away) aborts the request and frees its blocks.
+With no prefill pool (colocated mode) it prefills locally instead.
+
+Failures: a prefill call or a KV transfer that fails or outlasts its timeout is tried again
+(``prefill_retries`` more times) with fresh blocks and a fresh transfer id, so data a failed
+attempt delivers late lands in blocks nobody else uses (they are released only when that
+transfer has ended). When every attempt failed the replica prefills locally
+(``local_prefill_fallback``) or answers 503. Cancelling the stream at any point (the client went
+away) aborts the request and frees its blocks.
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 from cluster.engine import LLMEngine, RequestOutput
-from cluster.errors import OverloadedError, RequestError
-from cluster.messages import GenerateRequest, KVDestination, PrefillRequest
+from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
+from cluster.messages import FirstToken, GenerateRequest, KVDestination, PrefillRequest
 from cluster.replica import Replica, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -39,12 +45,7 @@ class DecodeServer(Replica):
         try:
             self.engine.validate(req.prompt_token_ids, req.sampling)
             if self.prefill is None:
-                stream = self.aengine.stream(
-                    req.request_id,
-                    lambda e: (
-                        e.add_request(req.prompt_token_ids, req.sampling, req.request_id) and None
-                    ),
-                )
+                stream = self._local(req)
             else:
                 stream = self._disaggregated(req)
             last = None
@@ -75,43 +76,102 @@ class DecodeServer(Replica):
             self.stats.inflight -= 1
             self.request_ended()
 
+    def _local(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        rid = req.request_id
+        return self.aengine.stream(
+            rid,
+            lambda e: e.add_request(req.prompt_token_ids, req.sampling, rid, bounded=True) and None,
+        )
+
     async def _disaggregated(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         prompt, sampling, rid = req.prompt_token_ids, req.sampling, req.request_id
-        blocks: list[int] = await self.aengine.run_owned(
-            lambda e: e.reserve(len(prompt)), lambda e, ids: e.release(ids)
-        )
+        spec = self.spec
+        errors: list[str] = []
+        for attempt in range(1 + spec.prefill_retries):
+            blocks: list[int] = await self.aengine.run_owned(
+                lambda e: e.reserve(len(prompt)), lambda e, ids: e.release(ids)
+            )
+            handed = [False]  # set on the engine thread once the request owns the blocks
+            receiving: asyncio.Future | None = None
+            try:
+                try:
+                    first, receiving = await self._prefill(req, blocks, attempt)
+                except (RequestError, KVLayoutMismatch):
+                    raise  # the request or the deployment is wrong: no retry helps
+                except Exception as e:  # noqa: BLE001 - a failed attempt; the next one may do
+                    errors.append(f"{type(e).__name__}: {e}")
+                    log.warning("%s: prefill attempt %d failed: %s", rid, attempt + 1, errors[-1])
+                    self.stats.count("prefill_retry")
+                    continue
+
+                def start(
+                    e: LLMEngine, first: FirstToken = first, blocks=blocks, handed=handed
+                ) -> list[RequestOutput]:
+                    out = e.add_prefilled(rid, prompt, sampling, blocks, first)
+                    handed[0] = True
+                    return [out]
+
+                async for out in self.aengine.stream(rid, start):
+                    yield out
+                return
+            finally:
+                self._release_when_done(blocks, receiving, handed)
+        if spec.local_prefill_fallback:
+            log.warning("%s: prefill failed %d times; prefilling locally", rid, len(errors))
+            self.stats.count("local_prefill")
+            async for out in self._local(req):
+                yield out
+            return
+        raise OverloadedError(f"prefill failed {len(errors)} times: {'; '.join(errors)}", 1.0)
+
+    async def _prefill(
+        self, req: GenerateRequest, blocks: list[int], attempt: int
+    ) -> tuple[FirstToken, asyncio.Future]:
+        """One attempt: prefill on some replica, then the KV into ``blocks``."""
         dest = KVDestination(
-            transfer_id=f"{rid}/{uuid.uuid4().hex[:8]}",
+            transfer_id=f"{req.request_id}/{attempt}-{uuid.uuid4().hex[:8]}",
             decode_replica=self.replica_id,
             block_ids=blocks,
             fingerprint=self.fingerprint,
             endpoint=self.transport.endpoint(),
         )
-        handed = [False]  # set on the engine thread once the request owns the blocks
-        receiving: asyncio.Future | None = None
+        call = PrefillRequest(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            sampling=req.sampling,
+            kv=dest,
+        )
+        result = await asyncio.wait_for(
+            self.prefill.prefill.remote(call), self.spec.prefill_timeout_s
+        )
+        if result.kv.transfer_id != dest.transfer_id:  # fencing: only this attempt's KV lands
+            raise RuntimeError(
+                f"KV of transfer {result.kv.transfer_id}, expected {dest.transfer_id}"
+            )
+        self.faults.maybe_fail("kv_transfer", req.request_id)
+        receiving = asyncio.ensure_future(
+            self.transport.receive(result.kv, dest, self.engine.runner)
+        )
         try:
-            result = await self.prefill.prefill.remote(
-                PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling, kv=dest)
-            )
-            receiving = asyncio.ensure_future(
-                self.transport.receive(result.kv, dest, self.engine.runner)
-            )
-            await asyncio.shield(receiving)
+            await asyncio.wait_for(asyncio.shield(receiving), self.spec.kv_transfer_timeout_s)
+        except asyncio.CancelledError:
+            raise  # the client went away: no retry
+        except Exception as e:  # noqa: BLE001 - reported as this attempt's failure
+            what = "timed out" if isinstance(e, TimeoutError) else f"failed ({e})"
+            raise RuntimeError(f"KV transfer {result.kv.transfer_id} {what}") from e
+        return result.first, receiving
 
-            def start(e: LLMEngine) -> list[RequestOutput]:
-                out = e.add_prefilled(rid, prompt, sampling, blocks, result.first)
-                handed[0] = True
-                return [out]
+    def _release_when_done(
+        self, blocks: list[int], receiving: asyncio.Future | None, handed: list[bool]
+    ) -> None:
+        """Free ``blocks`` unless a request took them; not before a transfer still writing into
+        them has ended. Runs on the engine thread after any pending ``start``, so exactly one
+        side frees them."""
 
-            async for out in self.aengine.stream(rid, start):
-                yield out
-        finally:
-            # on the engine thread after any pending start(), so exactly one side frees; and not
-            # before a transfer still writing into the blocks has ended
-            def release(_=None) -> None:
-                self.aengine.call(lambda e: None if handed[0] else e.release(blocks))
+        def release(_=None) -> None:
+            self.aengine.call(lambda e: None if handed[0] else e.release(blocks))
 
-            if receiving is None or receiving.done():
-                release()
-            else:
-                receiving.add_done_callback(release)
+        if receiving is None or receiving.done():
+            release()
+        else:
+            receiving.add_done_callback(release)

@@ -83,6 +83,8 @@ def _engine_config(
         seed=spec.model.seed,
         role=role,
         kernel_overrides=dict(pool.kernels),
+        decode_graphs="auto" if pool.cuda_graphs else "off",
+        decode_graph_max_batch=pool.cuda_graph_max_batch,
         tp=pool.tp,
         rank_actors=rank_actors,
         gpus_per_rank=gpus,
@@ -98,6 +100,7 @@ def _engine_config(
             max_num_batched_tokens=pool.max_num_batched_tokens,
             max_model_len=spec.model.max_model_len,
             long_prefill_token_threshold=pool.long_prefill_token_threshold,
+            max_waiting=pool.max_waiting,
         ),
     )
 
@@ -106,13 +109,15 @@ def _deployment_options(
     pool: PoolSpec, name: str, gpus: float, rank_actors: bool = False
 ) -> dict[str, Any]:
     rank: dict[str, float] = {"CPU": pool.cpus_per_rank, **pool.resources}
+    ongoing = pool.max_ongoing_requests or 2 * pool.max_num_seqs
     if gpus > 0:
         rank["GPU"] = gpus
     if pool.accelerator_type:
         rank[f"accelerator_type:{pool.accelerator_type}"] = 0.001
     opts: dict[str, Any] = {
         "name": name,
-        "max_ongoing_requests": pool.max_ongoing_requests or 2 * pool.max_num_seqs,
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": pool.max_queued_requests or 4 * ongoing,
         "graceful_shutdown_timeout_s": 120,  # scale-down lets streams finish
         "health_check_period_s": 5,
     }
@@ -162,7 +167,19 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         # decode pulls KV from prefill ranks directly: they must be actors it can call
         actors = transport == "nccl" and pool_name == "prefill"
         engine = _engine_config(spec, pool, role, path, gpus[pool_name], actors)
-        return WorkerSpec(spec.name, pool_name, engine, transport, digest, gen)
+        return WorkerSpec(
+            spec.name,
+            pool_name,
+            engine,
+            transport,
+            digest,
+            gen,
+            faults=dict(spec.faults),
+            prefill_timeout_s=pool.prefill_timeout_s,
+            kv_transfer_timeout_s=pool.kv_transfer_timeout_s,
+            prefill_retries=pool.prefill_retries,
+            local_prefill_fallback=pool.local_prefill_fallback,
+        )
 
     prefill = None
     if not spec.colocated:
@@ -180,13 +197,20 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         .bind(worker("decode", role), prefill)
     )
     settings = IngressSettings(
-        served_model_name=spec.model.name or path.name, model_path=str(path), max_model_len=max_len
+        served_model_name=spec.model.name or path.name,
+        model_path=str(path),
+        max_model_len=max_len,
+        max_body_bytes=spec.ingress.max_body_bytes,
+        max_choices=spec.ingress.max_choices,
+        prompt_special_tokens=spec.ingress.prompt_special_tokens,
+        api_keys=tuple(k.get_secret_value() for k in spec.ingress.api_keys),
     )
     ingress = (
         serve.deployment(Ingress)
         .options(
             name="Ingress",
             num_replicas=spec.ingress.num_replicas,
+            max_ongoing_requests=spec.ingress.max_ongoing_requests,
             ray_actor_options={"num_cpus": 0.5},
         )
         .bind(decode, settings, spec.name)

@@ -6,12 +6,17 @@ The app builder binds it (it is the only code that calls ``serve.deployment``)::
 
     serve.deployment(Ingress).options(...).bind(decode_handle, settings, app_name)
 
+API keys in ``PDSERVE_API_KEYS`` (comma-separated) in the replica's environment join those of
+the settings (the YAML's ``ingress.api_keys``); with none, the endpoint is open.
+
 HTTP goes through the same Starlette app the tests drive (``deploy.openai_app.build_app``),
 built on the replica after the constructor (Serve's late-bound ``__serve_build_asgi_app__``).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -21,6 +26,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from cluster.engine import RequestOutput
 from cluster.errors import OverloadedError
 from cluster.messages import GenerateRequest
+from deploy.api_keys import ENV
 from deploy.ingress_settings import IngressSettings
 from deploy.openai_app import build_app
 from deploy.openai_server import OpenAIServer
@@ -29,6 +35,8 @@ if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
 __all__ = ["Ingress", "IngressSettings"]
+
+log = logging.getLogger(__name__)
 
 
 @serve.ingress()
@@ -39,6 +47,15 @@ class Ingress:
     def __init__(self, decode: DeploymentHandle, settings: IngressSettings, app_name: str) -> None:
         from cluster.replica_registry import ClusterView  # imports Ray's replica state
 
+        configured = len(settings.api_keys)
+        settings = settings.with_env_keys(os.environ)
+        log.info(  # how many, never which
+            "API keys: %d from the app config, %d from %s%s",
+            configured,
+            len(settings.api_keys) - configured,
+            ENV,
+            "" if settings.api_keys else "; the endpoint is open",
+        )
         self._decode = decode
         self._cluster = ClusterView(app_name)
         self.server = OpenAIServer(

@@ -24,6 +24,14 @@ class PayloadTooLargeError(RequestError):
     status = 413
 
 
+class AuthenticationError(RequestError):
+    """A missing, malformed or wrong API key (HTTP 401, code ``invalid_api_key``)."""
+
+    status = 401
+    code = "invalid_api_key"
+    headers = {"WWW-Authenticate": "Bearer"}  # noqa: RUF012 - read only
+
+
 class RouteError(RequestError):
     """No such route (404) or method (405); raised for Starlette's HTTP exceptions."""
 
@@ -72,7 +80,12 @@ def error_reply(exc: BaseException) -> ErrorReply:
     if isinstance(exc, RequestError) or isinstance(inner, RequestError):
         status = getattr(inner, "status", 400)
         param = getattr(inner, "param", None)
-        return ErrorReply(status, error_body(str(inner), "invalid_request_error", param))
+        code = getattr(inner, "code", None)
+        body = error_body(
+            str(inner), "invalid_request_error", param, code if isinstance(code, str) else None
+        )
+        headers = getattr(inner, "headers", None)
+        return ErrorReply(status, body, dict(headers) if isinstance(headers, dict) else {})
     if isinstance(exc, OverloadedError) or isinstance(inner, OverloadedError):
         retry = getattr(inner, "retry_after_s", 1.0)
         retry_s = max(1, math.ceil(retry)) if isinstance(retry, int | float) else 1

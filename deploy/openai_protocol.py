@@ -21,6 +21,10 @@ from cluster.sampling_params import SamplingParams
 Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 ROLES = ("system", "user", "assistant")
+# each stop string is searched for after every token, on the engine's thread: keep them few
+MAX_STOP = 64  # stop strings per request
+MAX_STOP_CHARS = 1024  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024
 _FLAGS = ("stream", "ignore_eos", "include_stop_str_in_output", "return_token_ids", "echo")
 
 
@@ -76,6 +80,26 @@ class _Common(msgspec.Struct, kw_only=True):
         if self.stream_options is not None and not self.stream:
             raise RequestError(
                 "stream_options may only be set when stream is true", "stream_options"
+            )
+
+    def check_sizes(self) -> None:
+        """Raise RequestError for lists too long to serve: they would slow every decode step."""
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stop) > MAX_STOP:
+            raise RequestError(
+                f"stop has {len(stop)} strings; at most {MAX_STOP} are allowed", "stop"
+            )
+        for i, s in enumerate(stop):
+            if len(s) > MAX_STOP_CHARS:
+                raise RequestError(
+                    f"stop[{i}] has {len(s)} characters; at most {MAX_STOP_CHARS} are allowed",
+                    "stop",
+                )
+        ids = self.stop_token_ids or []
+        if len(ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(
+                f"stop_token_ids has {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+                "stop_token_ids",
             )
 
     @property
@@ -261,9 +285,12 @@ def decode_request(body: bytes, kind: type[T]) -> T:
     if not body.strip():
         raise RequestError("the request body is empty; send a JSON object")
     try:
+        body.decode()  # all of it: msgspec does not check the text of fields it skips
         return msgspec.json.decode(body, type=kind)
     except UnicodeDecodeError as e:
         raise RequestError(f"the request body is not valid UTF-8: {e}") from None
+    except RecursionError:
+        raise RequestError("the request body nests JSON arrays or objects too deeply") from None
     except msgspec.ValidationError as e:
         text = str(e)
         m = _PATH.search(text)

@@ -7,7 +7,6 @@ body --decode_request--> CompletionRequest | ChatCompletionRequest
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +25,7 @@ from deploy.logprob_formatter import LogprobFormatter
 from deploy.openai_errors import error_reply
 from deploy.openai_protocol import ChatCompletionRequest, CompletionRequest, decode_request
 from deploy.openai_responses import ModelCard, ModelList, encode
+from deploy.prompt_encoder import PromptEncoder
 from deploy.reply import JSONReply, Reply, StreamReply, error_json
 from deploy.sse import DONE, event
 from deploy.stream_merge import Generate, merge_streams
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 METRICS_MEDIA_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DEFAULT_COMPLETION_TOKENS = 16  # /v1/completions without max_tokens, as OpenAI
-_THREAD_TOKENIZE_CHARS = 1 << 16  # longer text is tokenized off the event loop
 
 
 class OpenAIServer:
@@ -59,6 +58,7 @@ class OpenAIServer:
     ) -> None:
         self.settings = settings
         self.tokenizer = Tokenizer(settings.model_path)
+        self.prompts = PromptEncoder(self.tokenizer, settings)
         self.vocab_size = ModelConfig.from_dir(settings.model_path).vocab_size
         self.token_text = LogprobFormatter(self.tokenizer)
         self._generate = generate
@@ -96,16 +96,18 @@ class OpenAIServer:
         )
         return JSONReply(200, encode(ModelList(data=[card])))
 
-    async def health(self) -> JSONReply:
-        """200 when both pools are live, else 503; the body carries ``health()``'s detail."""
+    async def health(self, detail: bool = True) -> JSONReply:
+        """200 when both pools are live, else 503; the body carries ``health()``'s detail, or
+        only the status when ``detail`` is false (a caller without an API key)."""
         try:
-            live, detail = await self._health()
-            detail = detail if isinstance(detail, dict) else {"detail": detail}
+            live, info = await self._health()
+            info = info if isinstance(info, dict) else {"detail": info}
         except Exception as e:  # noqa: BLE001
             log.warning("health check failed: %s", e)
-            live, detail = False, {"error": f"health check failed: {type(e).__name__}: {e}"}
+            live, info = False, {"error": f"health check failed: {type(e).__name__}: {e}"}
         body: dict[str, Any] = {"status": "ok" if live else "unavailable"}
-        body.update((k, v) for k, v in detail.items() if k != "status")
+        if detail:
+            body.update((k, v) for k, v in info.items() if k != "status")
         return JSONReply(200 if live else 503, encode(body))
 
     async def metrics(self) -> Reply:
@@ -120,14 +122,16 @@ class OpenAIServer:
     async def _completion_job(self, req: CompletionRequest) -> Job:
         self._check_model(req.model)
         req.unsupported()
+        req.check_sizes()
         self._check_n(req.n)
         batch = req.prompts()
-        texts = [p for p in batch if isinstance(p, str)]
-        encoded = iter(await self._encode(texts))
+        self._check_choices(len(batch), req.n)
+        wheres = ["the prompt" if len(batch) == 1 else f"prompt {i}" for i in range(len(batch))]
+        texts = [(p, w) for p, w in zip(batch, wheres) if isinstance(p, str)]
+        encoded = iter(await self.prompts.texts(texts))
         prompts = [next(encoded) if isinstance(p, str) else p for p in batch]
         sampling = []
-        for i, ids in enumerate(prompts):
-            where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+        for ids, where in zip(prompts, wheres):
             self._check_prompt(ids, where, "prompt")
             max_tokens = self._max_tokens(
                 req.max_tokens, "max_tokens", len(ids), where, DEFAULT_COMPLETION_TOKENS
@@ -146,17 +150,16 @@ class OpenAIServer:
     async def _chat_job(self, req: ChatCompletionRequest) -> Job:
         self._check_model(req.model)
         req.unsupported()
+        req.check_sizes()
         self._check_n(req.n)
+        self._check_choices(1, req.n)
         if req.top_logprobs is not None and not 0 <= req.top_logprobs <= MAX_LOGPROBS:
             raise RequestError(
                 f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
                 "top_logprobs",
             )
         conversation = req.conversation()
-        try:
-            ids = self.tokenizer.apply_chat_template(conversation)
-        except ValueError as e:
-            raise RequestError(f"cannot apply the chat template: {e}", "messages") from None
+        ids = await self.prompts.conversation(conversation)
         self._check_prompt(ids, "the conversation", "messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._max_tokens(req.requested_max_tokens, param, len(ids), "conversation")
@@ -182,29 +185,27 @@ class OpenAIServer:
         if not 1 <= n <= self.settings.max_n:
             raise RequestError(f"n must be in [1, {self.settings.max_n}], got {n}", "n")
 
-    async def _encode(self, texts: list[str]) -> list[list[int]]:
-        def run() -> list[list[int]]:
-            return [self.tokenizer.encode(t) for t in texts]
-
-        try:
-            if sum(len(t) for t in texts) > _THREAD_TOKENIZE_CHARS:
-                return await asyncio.to_thread(run)
-            return run()
-        except (TypeError, ValueError) as e:
-            raise RequestError(f"cannot tokenize the prompt: {e}", "prompt") from None
+    def _check_choices(self, prompts: int, n: int) -> None:
+        limit = self.settings.max_choices
+        if prompts * n > limit:
+            raise RequestError(
+                f"the request asks for {prompts} prompt(s) x n={n} = {prompts * n} completions; "
+                f"this server takes at most {limit} per request (split the batch)",
+                "prompt" if prompts > 1 else "n",
+            )
 
     def _check_prompt(self, ids: list[int], where: str, param: str) -> None:
+        limit = self.settings.max_model_len
+        if len(ids) >= limit:  # first: a cheap check that refuses huge prompts at once
+            raise RequestError(
+                f"{where} has {len(ids)} tokens; the context limit is {limit} tokens, "
+                "output included",
+                param,
+            )
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise RequestError(
                 f"{where} has token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}",
-                param,
-            )
-        limit = self.settings.max_model_len
-        if len(ids) >= limit:
-            raise RequestError(
-                f"{where} has {len(ids)} tokens; the context limit is {limit} tokens, "
-                "output included",
                 param,
             )
 

@@ -7,10 +7,21 @@ the builder.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
+from cluster.faults import ENV as FAULTS_ENV
+from cluster.faults import POINTS
+from deploy.api_keys import check_key
 from kernels.registry import OPS
 
 
@@ -99,8 +110,41 @@ class PoolSpec(_Strict):
     kernels: dict[str, str] = Field(
         default_factory=dict, description=f"Kernel backend per op, overriding the registry: {OPS}."
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="Replay decode steps from CUDA graphs captured per batch-size bucket at "
+        "start-up (GPU decode and colocated pools; prefill pools never decode).",
+    )
+    cuda_graph_max_batch: int = Field(
+        128, ge=1, description="Largest decode batch captured; larger steps run eagerly."
+    )
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="Requests Serve routes to one replica at once."
+    )
+    max_waiting: int = Field(
+        0,
+        ge=0,
+        description="Requests a replica queues beyond its running batch before it answers 503 "
+        "(0: 4 x max_num_seqs); nothing is accepted that cannot be held.",
+    )
+    max_queued_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests Serve queues for the pool when every replica is busy "
+        "(then 503 at once); default 4 x max_ongoing_requests.",
+    )
+    prefill_timeout_s: float = Field(
+        30.0, gt=0, description="Decode pool: a prefill call slower than this fails and is retried."
+    )
+    kv_transfer_timeout_s: float = Field(
+        10.0, gt=0, description="Decode pool: a KV transfer slower than this fails and is retried."
+    )
+    prefill_retries: int = Field(
+        1, ge=0, description="Decode pool: more prefill attempts after a failed one (fresh blocks)."
+    )
+    local_prefill_fallback: bool = Field(
+        True,
+        description="Decode pool: prefill locally when every prefill attempt failed (else 503).",
     )
 
     @model_validator(mode="after")
@@ -127,10 +171,49 @@ class PoolSpec(_Strict):
         return v
 
 
+def _api_key(key: SecretStr) -> SecretStr:
+    check_key(key.get_secret_value(), "the API key")
+    return key
+
+
 class IngressSpec(_Strict):
     host: str = Field("127.0.0.1", description="HTTP host `pdserve up` binds Serve's proxy to.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port for `pdserve up`.")
     num_replicas: int = Field(1, ge=1, description="Ingress replicas (tokenize, format, stream).")
+    max_ongoing_requests: int = Field(
+        2048,
+        ge=1,
+        description="Requests (streams included) one ingress replica holds at once; Serve's "
+        "default of 5 would cap the whole cluster at 5 requests in flight per ingress replica.",
+    )
+    api_keys: list[Annotated[SecretStr, AfterValidator(_api_key)]] = Field(
+        default_factory=list,
+        description="Keys a request must carry (`Authorization: Bearer <key>` or `x-api-key`); "
+        "every route but /health is closed without one, and /health then shows only ok or not. "
+        "Visible ASCII without commas. Keys in PDSERVE_API_KEYS (comma-separated) in the ingress "
+        "replicas' environment count too, and keep keys out of the config. Empty: open.",
+    )
+    prompt_special_tokens: bool = Field(
+        True,
+        description="Whether special-token text in a /v1/completions text prompt (e.g. "
+        "`<｜end▁of▁sentence｜>`) is that special token, as in vLLM, or plain text (false: for "
+        "apps that put untrusted text into raw prompts). Token-id prompts can name any token "
+        "either way; chat messages are always plain text.",
+    )
+    max_body_bytes: int = Field(
+        16 << 20, ge=1024, description="Larger request bodies get 413 before they are read."
+    )
+    max_choices: int = Field(
+        256, ge=1, description="Completions (prompts x n) one request may ask for at most."
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _masked(cls, v: object) -> object:
+        """Keys as SecretStr before anything looks at them: an error prints what it checked."""
+        if isinstance(v, list | tuple):
+            return [SecretStr(k) if isinstance(k, str) else k for k in v]
+        return SecretStr(v) if isinstance(v, str) else v
 
 
 class AppSpec(_Strict):
@@ -148,6 +231,21 @@ class AppSpec(_Strict):
         "both pools hold GPUs, else object_store.",
     )
     ingress: IngressSpec = Field(default_factory=IngressSpec, description="The HTTP front.")
+    faults: dict[str, float] = Field(
+        default_factory=dict,
+        description=f"Injected failure rates per point {POINTS} (testing only; the environment "
+        f"variable {FAULTS_ENV} overrides it where a replica starts).",
+    )
+
+    @field_validator("faults")
+    @classmethod
+    def _fault_points(cls, v: dict[str, float]) -> dict[str, float]:
+        for point, rate in v.items():
+            if point not in POINTS:
+                raise ValueError(f"unknown fault point {point!r}; points are {list(POINTS)}")
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"fault rate {rate} for {point} is outside [0, 1]")
+        return v
 
     @property
     def colocated(self) -> bool:

@@ -4,6 +4,7 @@ the decode replica that asked, over the KV transport."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -36,8 +37,10 @@ class PrefillServer(Replica):
         self.stats.inflight += 1
         out = None
         try:
+            self.faults.maybe_fail("prefill", f"before {req.request_id}")
             async for last in self.aengine.stream(
-                rid, lambda e: e.add_request(req.prompt_token_ids, sampling, rid) and None
+                rid,
+                lambda e: e.add_request(req.prompt_token_ids, sampling, rid, bounded=True) and None,
             ):
                 out = last
             if out is None or out.finish_reason not in ("stop", "length"):
@@ -47,7 +50,7 @@ class PrefillServer(Replica):
             _, queue_s = self.engine.captured.pop(rid)
             made = self.engine.blocks.blocks_for(len(req.prompt_token_ids))
             if made != len(dest.block_ids):
-                self.engine.runner.drop_staged(rid)
+                await asyncio.to_thread(self.engine.runner.drop_staged, rid)
                 raise WorkerError(
                     f"prefill made {made} KV blocks, decode reserved {len(dest.block_ids)}"
                 )
@@ -55,6 +58,11 @@ class PrefillServer(Replica):
             self.stats.ttft.observe(prefill_s)
             sent = time.time()
             handle = await self.transport.send(self.engine.runner, rid, dest)
+            try:
+                self.faults.maybe_fail("prefill", f"after {req.request_id}'s KV went out")
+            except Exception:  # nobody will pull it (a no-op once the transport took it)
+                await asyncio.to_thread(self.engine.runner.drop_staged, rid)
+                raise
             self.stats.count("ok")
             self.stats.prompt_tokens += len(req.prompt_token_ids)
         except BaseException:
@@ -62,7 +70,7 @@ class PrefillServer(Replica):
             raise
         finally:
             if self.engine.captured.pop(rid, None) is not None:  # an attempt that failed after
-                self.engine.runner.drop_staged(rid)  # its prompt finished left a staged copy
+                await asyncio.to_thread(self.engine.runner.drop_staged, rid)  # its prompt finished
             self.stats.inflight -= 1
             self.request_ended()
         lp = out.logprobs[0] if out.logprobs else None

@@ -106,7 +106,7 @@ class KVPeer:
     def accept(self, key: str) -> None:
         with self._lock:
             store = self._stores.pop(key)
-        group = PairGroup(store, key, DECODE, self.runner.device)
+        group = PairGroup(store, key, DECODE, self.runner.device, self.timeout_s)
         with self._lock:
             self._groups[key] = group
 

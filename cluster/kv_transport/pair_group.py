@@ -31,16 +31,21 @@ class PairGroup:
         key: str,
         rank: int,
         device: torch.device,
+        timeout_s: float = 60.0,
     ) -> None:
         """Join group ``key`` as ``rank`` (PREFILL or DECODE). With gloo this blocks until the
-        other side joins; NCCL connects at the first message."""
+        other side joins; NCCL connects at the first message. A message that does not complete
+        within ``timeout_s`` fails instead of hanging (a peer died)."""
         self.key, self.rank, self.device = key, rank, device
         prefixed = dist.PrefixStore(f"kv/{key}", store)
         self._store = store  # the group keeps using it
+        timeout = timedelta(seconds=timeout_s)
         if device.type == "cuda":
-            self.pg = dist.ProcessGroupNCCL(prefixed, rank, 2)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.pg = dist.ProcessGroupNCCL(prefixed, rank, 2, options)
         else:
-            self.pg = dist.ProcessGroupGloo(prefixed, rank, 2)
+            self.pg = dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
         self.messages = 0
 
     @staticmethod
@@ -49,7 +54,7 @@ class PairGroup:
     ) -> PairGroup:
         """The prefill side: join the group the decode side listens for."""
         store = dist.TCPStore(host, port, 2, is_master=False, timeout=timedelta(seconds=timeout_s))
-        return PairGroup(store, key, PREFILL, device)
+        return PairGroup(store, key, PREFILL, device, timeout_s)
 
     def send(self, t: torch.Tensor) -> None:
         """Blocks until the message is handed over (for NCCL: until the copy finished)."""

@@ -64,3 +64,16 @@ def test_bfloat16_triton_kernels_agree_with_the_torch_reference(tiny_model):
         assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() > 0.999
         assert (a - b).abs().max().item() < 0.25
         assert a.argmax() == b.argmax()
+
+
+def test_decode_graphs_replay_the_tokens_of_eager_steps(tiny_model):
+    from tests.cluster.test_decode_graphs import _prompts as some_prompts
+    from tests.cluster.test_decode_graphs import _staggered
+
+    eager = _engine(tiny_model, "float32", decode_graphs="off")
+    replayed = _engine(tiny_model, "float32", decode_graph_max_batch=4)  # auto: captured
+    assert eager.runner.graphs is None
+    assert sorted(replayed.runner.graphs.graphs) == [1, 2, 4]
+    prompts = some_prompts(eager.vocab_size, 7)  # decode batches of 1 to 7: replays and eager
+    assert _staggered(replayed, prompts) == _staggered(eager, prompts)
+    assert replayed.blocks.num_used == 0

@@ -136,3 +136,35 @@ def test_nccl_between_two_gpus_lands_in_the_right_blocks(ray_cpu, tiny_model):
         assert torch.equal(decode.read_kv(dst), sent[i])
     for ex in (prefill, decode):
         ex.shutdown()
+
+
+def test_timeout_a_pair_group_message_from_a_dead_peer_fails_within_its_bound():
+    """A receive whose sender never sends (it died) raises after ``timeout_s``, not never."""
+    import threading
+    import time
+
+    from cluster.kv_transport.pair_group import DECODE, PairGroup, listen
+
+    cpu = torch.device("cpu")
+    store = listen("127.0.0.1", 10.0)
+    groups: dict[str, PairGroup] = {}
+
+    def join_prefill() -> None:  # gloo groups block until both ranks join
+        groups["prefill"] = PairGroup.connect("127.0.0.1", store.port, "dead", cpu, 2.0)
+
+    joiner = threading.Thread(target=join_prefill)
+    joiner.start()
+    decode = PairGroup(store, "dead", DECODE, cpu, timeout_s=2.0)
+    joiner.join(timeout=30)
+    sender = threading.Thread(target=groups["prefill"].send, args=(torch.ones(4),))
+    sender.start()  # one message goes through
+    got = torch.zeros(4)
+    decode.recv(got)
+    sender.join(timeout=30)
+    assert got.tolist() == [1.0] * 4
+    groups["prefill"].close()  # the prefill side dies; its next message never comes
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError):
+        decode.recv(torch.zeros(4))
+    assert time.monotonic() - t0 < 15.0, "the receive should fail near its 2 s bound"
+    decode.close()

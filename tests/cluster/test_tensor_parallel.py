@@ -22,6 +22,7 @@ def _logits(path: str, tp: TensorParallel) -> list[torch.Tensor]:
     cfg = EngineConfig(
         model=path,
         dtype="float32",
+        device="cpu",  # gloo, also on a GPU machine
         cache=CacheConfig(block_size=16, num_blocks=64),
         scheduler=SchedulerConfig(max_num_batched_tokens=40),
     )

@@ -1,0 +1,154 @@
+"""Decode steps replayed from CUDA graphs captured per batch-size bucket.
+
+A pure decode step (every chunk one token) of n sequences, n up to the largest bucket, is padded
+to the smallest bucket B >= n: its tokens, positions, cache slots, block tables and sequence
+lengths are copied into static buffers, and the graph captured for B replays the whole model and
+the LM head over them in one launch. Padding rows write their KV into a scratch block that the
+block manager never hands out and attend only to it, so they touch no request's cache.
+
+Buckets are captured at start-up, largest first, sharing one memory pool. Every kernel on the
+decode path takes its launch grid from shapes alone (the MLA decode's split count from the block
+table's fixed width, the MoE's from the slot count), so a replay computes what an eager call on
+the same buffers would. ``capture=False`` runs the same padded path eagerly: CPU tests check the
+padding and the buffers that way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from cluster.model.attention_metadata import AttentionMetadata
+from cluster.scheduler import SchedulerOutput
+
+log = logging.getLogger(__name__)
+
+
+def graph_buckets(max_batch: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, then every 16 up to ``max_batch`` (which is always the last)."""
+    if max_batch < 1:
+        raise ValueError(f"the largest decode graph batch must be >= 1, got {max_batch}")
+    small = [b for b in (1, 2, 4, 8) if b < max_batch]
+    return (*small, *range(16, max_batch, 16), max_batch)
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: torch.Tensor,  # [L, num_blocks + 1, block_size, width]; the last is scratch
+        max_model_len: int,
+        buckets: tuple[int, ...],
+        capture: bool,
+    ) -> None:
+        self.model, self.kv_caches = model, kv_caches
+        self.buckets = buckets
+        self.max_batch = buckets[-1]
+        self.capture_enabled = capture
+        self.device = kv_caches.device
+        self.block_size = kv_caches.shape[2]
+        self.scratch_block = kv_caches.shape[1] - 1
+        self.width = -(-max_model_len // self.block_size)  # block table columns
+        b, w, dev = self.max_batch, self.width, self.device
+        # ===== static inputs: the graphs read these addresses on every replay =====
+        self.tokens = torch.zeros(3, b, dtype=torch.int64, device=dev)  # ids, positions, slots
+        self.lens = torch.ones(b, dtype=torch.int32, device=dev)  # [B] sequence lengths
+        self.table = torch.full((b, w), self.scratch_block, dtype=torch.int32, device=dev)
+        self.tokens[2].fill_(self.scratch_block * self.block_size)
+        # host staging, filled with numpy and copied over in three transfers
+        pin = dev.type == "cuda"
+        self._h_tokens = torch.zeros(3, b, dtype=torch.int64, pin_memory=pin)
+        self._h_lens = torch.ones(b, dtype=torch.int32, pin_memory=pin)
+        self._h_table = torch.zeros(b, w, dtype=torch.int32, pin_memory=pin)
+        empty32 = torch.zeros(1, dtype=torch.int32, device=dev)
+        self._no_prefill = dict(
+            prefill_cu_seqlens_q=empty32,
+            prefill_cu_seqlens_k=empty32,
+            prefill_ctx_slots=torch.zeros(0, dtype=torch.int64, device=dev),
+            prefill_max_q=0,
+            prefill_max_k=0,
+        )
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}  # [B, vocab] logits each graph writes
+
+    def fits(self, sched: SchedulerOutput) -> bool:
+        """Whether the step is pure decode and small enough for a bucket."""
+        chunks = sched.chunks
+        return 0 < len(chunks) <= self.max_batch and all(len(c.token_ids) == 1 for c in chunks)
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first, in one pool (a no-op without capture)."""
+        if not self.capture_enabled:
+            return
+        start = time.perf_counter()
+        pool = None
+        side = torch.cuda.Stream(self.device)
+        for b in reversed(self.buckets):
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up: compiles and tunes outside the capture
+                self._forward(b)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: KV transfers may run CUDA work on other threads meanwhile
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self.outputs[b] = self._forward(b)
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize(self.device)
+        log.info(
+            "decode CUDA graphs for batch %s captured in %.1fs",
+            ",".join(map(str, self.buckets)),
+            time.perf_counter() - start,
+        )
+
+    @torch.inference_mode()
+    def run(self, sched: SchedulerOutput) -> torch.Tensor:
+        """[n, vocab] float32 logits of the step's chunks, in chunk order."""
+        chunks = sched.chunks
+        n = len(chunks)
+        b = self.bucket(n)
+        bs, scratch = self.block_size, self.scratch_block
+        tokens, lens, table = self._h_tokens.numpy(), self._h_lens.numpy(), self._h_table.numpy()
+        table[:b] = scratch
+        lens[:b] = 1
+        tokens[:, :b] = 0
+        tokens[2, :b] = scratch * bs
+        for i, c in enumerate(chunks):
+            p = c.start
+            assert len(c.block_ids) <= self.width, (len(c.block_ids), self.width)
+            tokens[0, i], tokens[1, i] = c.token_ids[0], p
+            tokens[2, i] = c.block_ids[p // bs] * bs + p % bs
+            lens[i] = p + 1
+            table[i, : len(c.block_ids)] = c.block_ids
+        self.tokens[:, :b].copy_(self._h_tokens[:, :b])
+        self.lens[:b].copy_(self._h_lens[:b])
+        self.table[:b].copy_(self._h_table[:b])
+        if b in self.graphs:
+            self.graphs[b].replay()
+            logits = self.outputs[b]
+        else:
+            logits = self._forward(b)
+        return logits[:n]
+
+    def _forward(self, b: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            slot_mapping=self.tokens[2, :b],
+            num_decode_tokens=b,
+            decode_block_table=self.table[:b],
+            decode_seq_lens=self.lens[:b],
+            **self._no_prefill,
+        )
+        hidden = self.model(self.tokens[0, :b], self.tokens[1, :b], self.kv_caches, meta)
+        return self.model.compute_logits(hidden)  # [B, vocab]
+
+    def describe(self) -> str:
+        mode = "captured" if self.graphs else "eager (not captured)"
+        return f"decode graphs {mode} for batch sizes {','.join(map(str, self.buckets))}"

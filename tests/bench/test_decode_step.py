@@ -1,0 +1,19 @@
+"""The decode-step bench runs end to end on CPU (the padded graph path uncaptured, and plain)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.decode_step import main
+
+
+def test_decode_step_bench_writes_a_row_per_batch_and_mode(tiny_model, tmp_path):
+    out = tmp_path / "d.json"
+    args = ["--model", tiny_model, "--device", "cpu", "--batches", "1,3", "--steps", "3"]
+    args += ["--context", "20", "--modes", "eager,off", "--prefill-lens", "40", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    for mode in ("graphs_eager", "graphs_off"):
+        assert [r["batch"] for r in result[mode]] == [1, 3]
+        assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in result[mode])
+    assert result["prefill"][0]["tokens"] == 40 and result["prefill"][0]["ms"] > 0

@@ -1,0 +1,102 @@
+"""The padded bucket path of decode graphs, run eagerly on CPU: same tokens as plain decode steps,
+padding confined to the scratch block. Capture itself runs on GPUs (test_engine_gpu.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from cluster.decode_graphs import graph_buckets
+from cluster.scheduler import ScheduledChunk, SchedulerOutput
+
+GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+
+
+def _engine(path: str, graphs: str, max_batch: int = 4) -> LLMEngine:
+    return LLMEngine(
+        EngineConfig(
+            model=path,
+            dtype="float64",  # batch-invariant on CPU: padding may not change a single bit
+            decode_graphs=graphs,
+            decode_graph_max_batch=max_batch,
+            cache=CacheConfig(block_size=16, num_blocks=48),
+            scheduler=SchedulerConfig(max_num_batched_tokens=64),
+        )
+    )
+
+
+def _prompts(vocab: int, n: int) -> list[list[int]]:
+    rng = random.Random(3)
+    return [[rng.randrange(4, vocab) for _ in range(rng.randint(1, 40))] for _ in range(n)]
+
+
+def _staggered(engine: LLMEngine, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy tokens with a request joining every other step: decode batches of every size."""
+    rids: dict[str, int] = {}
+    done: dict[str, list[int]] = {}
+    pending, step = list(range(len(prompts))), 0
+    while pending or engine.has_unfinished():
+        if pending and step % 2 == 0:
+            i = pending.pop(0)
+            rids[engine.add_request(prompts[i], GREEDY)] = i
+        for out in engine.step():
+            done.setdefault(out.request_id, []).extend(out.token_ids)
+        step += 1
+    out = [[] for _ in prompts]
+    for rid, i in rids.items():
+        out[i] = done[rid]
+    return out
+
+
+def test_buckets():
+    assert graph_buckets(1) == (1,)
+    assert graph_buckets(6) == (1, 2, 4, 6)
+    assert graph_buckets(64) == (1, 2, 4, 8, 16, 32, 48, 64)
+    assert graph_buckets(40) == (1, 2, 4, 8, 16, 32, 40)
+    with pytest.raises(ValueError, match="got 0"):
+        graph_buckets(0)
+
+
+def test_padded_decode_steps_give_the_tokens_of_plain_steps(tiny_model, monkeypatch):
+    plain = _engine(tiny_model, "off")
+    prompts = _prompts(plain.vocab_size, 7)
+    expected = _staggered(plain, prompts)
+    assert plain.runner.graphs is None
+
+    padded = _engine(tiny_model, "eager", max_batch=4)  # 5+ sequences: eager steps
+    graphs = padded.runner.graphs
+    sizes: list[int] = []
+    run = graphs.run
+    monkeypatch.setattr(graphs, "run", lambda sched: sizes.append(len(sched.chunks)) or run(sched))
+    assert _staggered(padded, prompts) == expected
+    assert {1, 3, 4} <= set(sizes), sizes  # padded (3 -> 4) and exact buckets both ran
+    assert padded.blocks.num_used == 0
+    # the block manager never sees the scratch block; padding rows wrote only there
+    assert padded.blocks.num_blocks == padded.runner.num_blocks == 48
+    assert padded.runner.kv_caches.shape[1] == 49
+    assert graphs.scratch_block == 48 and padded.runner.kv_caches[:, 48].abs().sum() > 0
+
+
+def test_only_pure_decode_steps_within_the_largest_bucket_fit(tiny_model):
+    graphs = _engine(tiny_model, "eager", max_batch=2).runner.graphs
+
+    def chunk(n: int) -> ScheduledChunk:
+        return ScheduledChunk("r", tuple(range(5, 5 + n)), 7, (0,), True, GREEDY, 0)
+
+    assert graphs.fits(SchedulerOutput((chunk(1), chunk(1))))
+    assert not graphs.fits(SchedulerOutput((chunk(1), chunk(3))))  # a prefill chunk rides along
+    assert not graphs.fits(SchedulerOutput((chunk(1),) * 3))  # past the largest bucket
+    assert not graphs.fits(SchedulerOutput(()))
+
+
+def test_unknown_mode_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="'sometimes'"):
+        _engine(tiny_model, "sometimes")
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_bad_max_batch_is_refused(tiny_model, bad):
+    with pytest.raises(ValueError, match=f"got {bad}"):
+        _engine(tiny_model, "eager", max_batch=bad)

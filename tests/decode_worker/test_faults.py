@@ -1,0 +1,187 @@
+"""The decode replica's answers to failures, in one process: prefill faults and timeouts are
+retried with fresh blocks, then served by a local prefill or refused with 503 within seconds;
+an injected decode-step fault fails its requests cleanly; a full colocated replica says so at
+once. Every block comes back, on both sides."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+
+import pytest
+
+from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from cluster.errors import OverloadedError, WorkerError
+from cluster.faults import FaultInjector
+from decode_worker.server import DecodeServer
+from tests.decode_worker.test_server import _collect, _eventually, _PrefillHandle, _spec, _staged
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+PROMPT = [11] * 30
+
+
+class _Flaky:
+    """A prefill handle whose first ``fail`` calls raise, or all of them when ``fail`` < 0."""
+
+    def __init__(self, inner: _PrefillHandle, fail: int, error=RuntimeError) -> None:
+        self.inner, self.fail, self.error, self.calls = inner, fail, error, 0
+        self.prefill = self
+
+    async def remote(self, req):
+        self.calls += 1
+        if self.fail < 0 or self.calls <= self.fail:
+            raise self.error(f"prefill replica failed (call {self.calls})")
+        return await self.inner.prefill.remote(req)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model):
+    """A prefill server (object store), and the tokens a single process makes for PROMPT."""
+    import ray
+
+    from prefill_worker.server import PrefillServer
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    prefill = PrefillServer(_spec(tiny_model, "prefill", "prefill", "object_store"))
+    ref = LLMEngine(
+        EngineConfig(
+            model=tiny_model, dtype="float64", device="cpu", cache=CacheConfig(block_size=16)
+        )
+    )
+    want = ref.generate([PROMPT], GREEDY)[0].token_ids
+    yield prefill, want
+    prefill.shutdown()
+    if started:
+        ray.shutdown()
+
+
+def _decode(model: str, handle, **spec) -> DecodeServer:
+    base = _spec(model, "decode", "decode", "object_store")
+    return DecodeServer(dataclasses.replace(base, **spec), handle)
+
+
+def _clean(decode: DecodeServer, prefill) -> None:
+    _eventually(lambda: decode.engine.blocks.num_used == 0 and decode.engine._reserved == 0)
+    _eventually(lambda: prefill.engine.blocks.num_used == 0 and _staged(prefill) == 0)
+
+
+def test_prefill_fault_is_retried_with_fresh_blocks(tiny_model, setup):
+    prefill, want = setup
+    handle = _Flaky(_PrefillHandle(prefill), fail=1)
+    decode = _decode(tiny_model, handle)
+    assert asyncio.run(_collect(decode, "retry", PROMPT, GREEDY)) == want
+    assert handle.calls == 2 and decode.stats.requests.get("prefill_retry") == 1
+    _clean(decode, prefill)
+    decode.shutdown()
+
+
+def test_prefill_fault_every_time_falls_back_to_a_local_prefill(tiny_model, setup):
+    prefill, want = setup
+    decode = _decode(tiny_model, _Flaky(_PrefillHandle(prefill), fail=-1))
+    assert asyncio.run(_collect(decode, "local", PROMPT, GREEDY)) == want
+    assert decode.stats.requests.get("local_prefill") == 1
+    _clean(decode, prefill)
+    decode.shutdown()
+
+
+def test_prefill_fault_without_fallback_is_a_503_within_seconds(tiny_model, setup):
+    prefill, _ = setup
+    decode = _decode(
+        tiny_model, _Flaky(_PrefillHandle(prefill), fail=-1), local_prefill_fallback=False
+    )
+    start = time.perf_counter()
+    with pytest.raises(OverloadedError, match="prefill failed 2 times"):
+        asyncio.run(_collect(decode, "refused", PROMPT, GREEDY))
+    assert time.perf_counter() - start < 5
+    _clean(decode, prefill)
+    decode.shutdown()
+
+
+def test_prefill_timeout_fails_that_attempt_only(tiny_model, setup):
+    prefill, want = setup
+    slow = _PrefillHandle(prefill, delay=2.0)  # every call outlasts the 0.3 s timeout
+    decode = _decode(tiny_model, slow, prefill_timeout_s=0.3)
+    fast = _decode(tiny_model, _PrefillHandle(prefill))
+
+    async def run():
+        start = time.perf_counter()
+        slow_tokens, fast_tokens = await asyncio.gather(
+            _collect(decode, "slow", PROMPT, GREEDY), _collect(fast, "fast", PROMPT, GREEDY)
+        )
+        return slow_tokens, fast_tokens, time.perf_counter() - start
+
+    slow_tokens, fast_tokens, took = asyncio.run(run())
+    assert slow_tokens == fast_tokens == want  # two timeouts, then the local prefill
+    assert took < 5 and decode.stats.requests.get("prefill_retry") == 2
+    for d in (decode, fast):
+        _clean(d, prefill)
+        d.shutdown()
+
+
+def test_kv_transfer_fault_is_retried(tiny_model, setup):
+    prefill, want = setup
+    decode = _decode(tiny_model, _PrefillHandle(prefill))
+    decode.faults = FaultInjector({"kv_transfer": 1.0})
+    calls = []
+    original = decode.faults.maybe_fail
+
+    def once(point, what=""):
+        calls.append(point)
+        if len(calls) == 1:
+            original(point, what)
+
+    decode.faults.maybe_fail = once
+    assert asyncio.run(_collect(decode, "kv-retry", PROMPT, GREEDY)) == want
+    assert (
+        decode.stats.requests.get("prefill_retry") == 1
+        and decode.faults.injected["kv_transfer"] == 1
+    )
+    _clean(decode, prefill)
+    decode.shutdown()
+
+
+def test_decode_step_fault_fails_its_requests_cleanly_and_serving_goes_on(tiny_model, setup):
+    prefill, want = setup
+    decode = _decode(tiny_model, _PrefillHandle(prefill))
+    decode.engine.faults = FaultInjector({"decode_step": 1.0})
+    with pytest.raises(WorkerError, match="InjectedFault: injected decode_step fault"):
+        asyncio.run(_collect(decode, "step-fault", PROMPT, GREEDY))
+    _clean(decode, prefill)
+    decode.engine.faults = None
+    assert asyncio.run(_collect(decode, "after", PROMPT, GREEDY)) == want
+    decode.shutdown()
+
+
+def test_full_colocated_replica_is_overloaded_at_once(tiny_model):
+    base = _spec(tiny_model, "decode", "colocated", "object_store")
+    engine = dataclasses.replace(
+        base.engine,
+        scheduler=dataclasses.replace(base.engine.scheduler, max_num_seqs=1, max_waiting=1),
+    )
+    decode = DecodeServer(dataclasses.replace(base, engine=engine))
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+    async def until(cond) -> None:
+        while not cond():
+            await asyncio.sleep(0.01)
+
+    async def run():
+        sched = decode.engine.scheduler
+        first = asyncio.create_task(_collect(decode, "a", PROMPT, long))
+        await until(lambda: len(sched.running) == 1)  # a runs: the one running slot
+        second = asyncio.create_task(_collect(decode, "b", PROMPT, long))
+        await until(lambda: len(sched.waiting) == 1)  # b waits: the one waiting slot
+        start = time.perf_counter()
+        with pytest.raises(OverloadedError, match="wait for a slot"):
+            await _collect(decode, "c", PROMPT, long)
+        assert time.perf_counter() - start < 0.5
+        first.cancel()
+        second.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+
+    asyncio.run(run())
+    _eventually(lambda: decode.engine.blocks.num_used == 0)
+    decode.shutdown()
