@@ -40,6 +40,9 @@ class WorkerSpec:
     kv_transfer_timeout_s: float = 10.0  # decode: a KV receive slower than this fails
     prefill_retries: int = 1  # decode: more attempts after a failed prefill or transfer
     local_prefill_fallback: bool = True  # decode: prefill locally when every attempt failed
+    # a replica whose last N requests all failed on its side reports itself unhealthy, so Serve
+    # replaces it rather than routing more requests into it (0: never)
+    max_consecutive_failures: int = 16
 
 
 class Replica:
@@ -89,6 +92,7 @@ class Replica:
             spec.engine.cache.block_size,
             runner.kernel_names,
         )
+        self.failure_streak = 0  # requests this replica failed in a row (see check_health)
         self._stop = threading.Event()
         self._wake = threading.Event()  # report now: a request just ended
         self._registry = get_registry(spec.app) if ray.is_initialized() else None
@@ -123,7 +127,11 @@ class Replica:
             except Exception as e:  # noqa: BLE001 - the registry may be restarting
                 log.warning("stats report failed: %s", e)
 
-    def request_ended(self) -> None:
+    def request_ended(self, failed: bool | None = None) -> None:
+        """``failed``: True when this replica failed the request (not the client, nor a full
+        queue), False when it served it, None when neither says anything about its health."""
+        if failed is not None:
+            self.failure_streak = self.failure_streak + 1 if failed else 0
         self._wake.set()
 
     # ---- Serve hooks ----
@@ -132,6 +140,12 @@ class Replica:
         """Serve calls this periodically; raising makes Serve replace the replica."""
         if not self.aengine._thread.is_alive():
             raise RuntimeError(f"{self.replica_id}: the engine thread died")
+        limit = self.spec.max_consecutive_failures
+        if limit and self.failure_streak >= limit:
+            raise RuntimeError(
+                f"{self.replica_id}: its last {self.failure_streak} requests failed; "
+                "asking Serve to replace it"
+            )
 
     def shutdown(self) -> None:
         """Leave the registry, stop reporting, stop the engine loop, release the ranks."""

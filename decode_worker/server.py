@@ -74,7 +74,9 @@ class DecodeServer(Replica):
         finally:
             self.stats.count(outcome)
             self.stats.inflight -= 1
-            self.request_ended()
+            # only its own failures ("error") and successes say something about its health
+            health = {"error": True, "ok": False}
+            self.request_ended(health.get(outcome))
 
     def _local(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         rid = req.request_id

@@ -179,6 +179,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             kv_transfer_timeout_s=pool.kv_transfer_timeout_s,
             prefill_retries=pool.prefill_retries,
             local_prefill_fallback=pool.local_prefill_fallback,
+            max_consecutive_failures=pool.max_consecutive_failures,
         )
 
     prefill = None

@@ -110,6 +110,12 @@ class PoolSpec(_Strict):
     kernels: dict[str, str] = Field(
         default_factory=dict, description=f"Kernel backend per op, overriding the registry: {OPS}."
     )
+    max_consecutive_failures: int = Field(
+        16,
+        ge=0,
+        description="A replica whose last N requests all failed on its side fails Serve's "
+        "health check, so Serve replaces it instead of routing more requests into it (0: never).",
+    )
     cuda_graphs: bool = Field(
         True,
         description="Replay decode steps from CUDA graphs captured per batch-size bucket at "

@@ -10,7 +10,7 @@ import time
 
 import msgspec
 
-from cluster.errors import WorkerError
+from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError, WorkerError
 from cluster.messages import FirstToken, PrefillRequest, PrefillResult
 from cluster.replica import Replica, WorkerSpec
 from prefill_worker.prefill_engine import PrefillEngine
@@ -36,6 +36,7 @@ class PrefillServer(Replica):
         rid = dest.transfer_id  # unique per attempt, even when a request is retried
         self.stats.inflight += 1
         out = None
+        failed: bool | None = None  # see Replica.request_ended
         try:
             self.faults.maybe_fail("prefill", f"before {req.request_id}")
             async for last in self.aengine.stream(
@@ -65,14 +66,19 @@ class PrefillServer(Replica):
                 raise
             self.stats.count("ok")
             self.stats.prompt_tokens += len(req.prompt_token_ids)
-        except BaseException:
+            failed = False
+        except BaseException as e:
             self.stats.count("error")
+            # the caller's doing (cancelled, a bad request, a full queue, a layout it should
+            # not have sent here) says nothing about this replica's health
+            caller = (RequestError, OverloadedError, KVLayoutMismatch)
+            failed = isinstance(e, Exception) and not isinstance(e, caller)
             raise
         finally:
             if self.engine.captured.pop(rid, None) is not None:  # an attempt that failed after
                 await asyncio.to_thread(self.engine.runner.drop_staged, rid)  # its prompt finished
             self.stats.inflight -= 1
-            self.request_ended()
+            self.request_ended(failed)
         lp = out.logprobs[0] if out.logprobs else None
         return PrefillResult(
             request_id=req.request_id,

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
-from cluster.errors import OverloadedError, WorkerError
+from cluster.errors import OverloadedError, RequestError, WorkerError
 from cluster.faults import FaultInjector
 from decode_worker.server import DecodeServer
 from tests.decode_worker.test_server import _collect, _eventually, _PrefillHandle, _spec, _staged
@@ -184,4 +184,39 @@ def test_full_colocated_replica_is_overloaded_at_once(tiny_model):
 
     asyncio.run(run())
     _eventually(lambda: decode.engine.blocks.num_used == 0)
+    decode.shutdown()
+
+
+def test_fault_streak_makes_a_prefill_replica_fail_its_health_check(tiny_model, setup):
+    """A replica that fails every request asks Serve to replace it; one success resets it."""
+    prefill, _ = setup
+    streak = dataclasses.replace(prefill.spec, max_consecutive_failures=3)
+    prefill.spec, saved = streak, prefill.spec
+    decode = _decode(tiny_model, _PrefillHandle(prefill), local_prefill_fallback=True)
+    try:
+        prefill.faults = FaultInjector({"prefill": 1.0})
+        for i in range(2):  # each request: two failed prefill attempts, then a local prefill
+            asyncio.run(_collect(decode, f"streak-{i}", PROMPT, GREEDY))
+        assert prefill.failure_streak == 4
+        with pytest.raises(RuntimeError, match="last 4 requests failed"):
+            prefill.check_health()
+        decode.check_health()  # the decode replica served both: healthy
+        prefill.faults = FaultInjector({})
+        asyncio.run(_collect(decode, "streak-ok", PROMPT, GREEDY))
+        assert prefill.failure_streak == 0
+        prefill.check_health()
+        _clean(decode, prefill)
+    finally:
+        prefill.spec, prefill.faults = saved, FaultInjector({})
+        decode.shutdown()
+
+
+def test_fault_streak_of_bad_requests_leaves_health_alone(tiny_model, setup):
+    prefill, _ = setup
+    decode = _decode(tiny_model, _PrefillHandle(prefill), max_consecutive_failures=1)
+    for _ in range(3):  # more than the cache can hold: the caller's problem, not the replica's
+        with pytest.raises(RequestError, match="the cache holds 64"):
+            asyncio.run(_collect(decode, "huge", [5] * 2000, GREEDY))
+    assert decode.failure_streak == 0
+    decode.check_health()
     decode.shutdown()
