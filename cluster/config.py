@@ -213,6 +213,7 @@ class EngineConfig:
     # "eager": the same padded bucket path without capture (CPU tests of the padding)
     decode_graphs: str = "auto"
     decode_graph_max_batch: int = 128  # larger decode steps run eagerly
+    kv_message_timeout_s: float = 60.0  # a point-to-point KV message fails after this long
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 

@@ -96,7 +96,7 @@ class ModelRunner(Executor):
         )
         self.max_model_len = max_model_len
         self.sampler = Sampler(self.device, config.seed)
-        self.kv_peer = KVPeer(self)
+        self.kv_peer = KVPeer(self, config.kv_message_timeout_s)
         self.num_blocks = 0
         self.graph_mode = self._graph_mode()
         self.graphs: DecodeGraphs | None = None

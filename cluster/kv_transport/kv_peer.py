@@ -37,6 +37,7 @@ _CALLS = (
     "listen",
     "accept",
     "recv_into",
+    "close",
 )
 
 
@@ -117,6 +118,17 @@ class KVPeer:
         if buf.is_cuda:
             torch.cuda.current_stream(buf.device).synchronize()
         return buf.numel() * buf.element_size()
+
+    # ---- both sides ----
+
+    def close(self, key: str) -> None:
+        """Forget group ``key`` after a failed message: its order (NCCL matches by order) can no
+        longer be trusted, so the next transfer between the pair builds a fresh group."""
+        with self._lock:
+            group = self._groups.pop(key, None)
+            self._stores.pop(key, None)
+        if group is not None:
+            group.close()
 
     def call(self, name: str, *args: Any) -> Any:
         if name not in _CALLS:

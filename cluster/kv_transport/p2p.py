@@ -6,7 +6,9 @@ j mod P: it opens the pair group once (the decode rank listens on a free port, t
 connects, both through Ray calls), then per transfer posts its receive and asks the prefill rank
 to send the staged copy. One lock per pair keeps sends and receives in the same order on both
 sides, which NCCL needs (it matches messages by order), and a transfer, once started, finishes
-even if the request is cancelled, so the next one on that pair cannot overtake it. Each request
+even if the request is cancelled, so the next one on that pair cannot overtake it. A message
+that fails or outlasts the pair's timeout (a peer died, a staged copy was gone) closes the group
+on both ends; the next transfer between the pair opens a new one. Each request
 moves as one message per decode rank, [layers, blocks, block_size, width], sent by the rank
 actors on threads of their own, so prefill steps go on meanwhile.
 """
@@ -84,10 +86,20 @@ class P2PTransport(KVTransport):
                 await asyncio.gather(src.call("connect", key, host, port), dst.call("accept", key))
                 self._open.add(key)
             shape, dtype = handle.payload["shape"], handle.payload["dtype"]
-            await asyncio.gather(
+            # both ends return (a message that cannot complete fails within the pair group's
+            # timeout) before the pair is judged, so nothing is still using a group we close
+            done = await asyncio.gather(
                 dst.call("recv_into", key, shape, dtype, block_ids),
                 src.call("send_staged", handle.transfer_id, key, last),
+                return_exceptions=True,
             )
+            failed = [r for r in reversed(done) if isinstance(r, BaseException)]
+            if failed:  # the send's error first: a receive that timed out is its consequence
+                self._open.discard(key)
+                await asyncio.gather(
+                    dst.call("close", key), src.call("close", key), return_exceptions=True
+                )
+                raise failed[0]
 
 
 def _itemsize(dtype: str) -> int:

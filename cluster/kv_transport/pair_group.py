@@ -9,6 +9,7 @@ order on both sides (the NCCL transport holds a lock per group for that).
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import torch
@@ -41,6 +42,11 @@ class PairGroup:
         self._store = store  # the group keeps using it
         timeout = timedelta(seconds=timeout_s)
         if device.type == "cuda":
+            # a pair's failed message must fail that transfer, not the replica: on a timeout
+            # NCCL's watchdog then aborts the pair's communicator instead of ending the process
+            # (its default). Read when a group is made; tensor-parallel groups, made earlier,
+            # keep the default. Not yet exercised on GPUs by a test.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             self.pg = dist.ProcessGroupNCCL(prefixed, rank, 2, options)

@@ -168,3 +168,29 @@ def test_timeout_a_pair_group_message_from_a_dead_peer_fails_within_its_bound():
         decode.recv(torch.zeros(4))
     assert time.monotonic() - t0 < 15.0, "the receive should fail near its 2 s bound"
     decode.close()
+
+
+def test_fault_a_failed_pull_closes_the_pair_and_the_next_transfer_opens_a_new_one(tiny_model):
+    """A pull whose staged copy is gone fails (the receive times out on its pair group); both
+    ends close the group, and the next transfer between the same ranks lands its blocks."""
+    cfg = ModelConfig.from_dir(tiny_model)
+    prefill, decode = _executor(tiny_model, 1, False), _executor(tiny_model, 1, False)
+    for ex in (prefill, decode):
+        ex.kv_peer.timeout_s = 2.0
+    sender, receiver = make_transport("nccl"), make_transport("nccl")
+    sent = _fill(prefill, [1, 2], seed=3)
+
+    async def run():
+        await _move(sender, receiver, prefill, decode, [1, 2], [3, 4], "ok-1", cfg)
+        prefill.stage_kv("gone", [1, 2])
+        dest = _dest("gone", [5, 6], cfg)
+        handle = await sender.send(prefill, "gone", dest)
+        prefill.drop_staged("gone")  # the prefill side lost it: its send fails at once
+        with pytest.raises(KeyError):
+            await receiver.receive(handle, dest, decode)
+        assert not receiver._open and not decode.kv_peer._groups and not prefill.kv_peer._groups
+        await _move(sender, receiver, prefill, decode, [1, 2], [7, 8], "ok-2", cfg)
+
+    asyncio.run(run())
+    torch.testing.assert_close(decode.read_kv([3, 4]), sent, rtol=0, atol=0)
+    torch.testing.assert_close(decode.read_kv([7, 8]), sent, rtol=0, atol=0)
