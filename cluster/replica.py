@@ -40,9 +40,11 @@ class WorkerSpec:
     kv_transfer_timeout_s: float = 10.0  # decode: a KV receive slower than this fails
     prefill_retries: int = 1  # decode: more attempts after a failed prefill or transfer
     local_prefill_fallback: bool = True  # decode: prefill locally when every attempt failed
-    # a replica whose last N requests all failed on its side reports itself unhealthy, so Serve
-    # replaces it rather than routing more requests into it (0: never)
+    # a replica whose last N requests all failed on its side, over at least failure_streak_s
+    # seconds, reports itself unhealthy, so Serve replaces it rather than routing more requests
+    # into it (0: never). The span keeps one failed step of a big batch from counting as N.
     max_consecutive_failures: int = 16
+    failure_streak_s: float = 30.0
 
 
 class Replica:
@@ -93,6 +95,7 @@ class Replica:
             runner.kernel_names,
         )
         self.failure_streak = 0  # requests this replica failed in a row (see check_health)
+        self.failure_streak_since = 0.0  # when the first of them failed (monotonic)
         self._stop = threading.Event()
         self._wake = threading.Event()  # report now: a request just ended
         self._registry = get_registry(spec.app) if ray.is_initialized() else None
@@ -131,6 +134,8 @@ class Replica:
         """``failed``: True when this replica failed the request (not the client, nor a full
         queue), False when it served it, None when neither says anything about its health."""
         if failed is not None:
+            if failed and not self.failure_streak:
+                self.failure_streak_since = time.monotonic()
             self.failure_streak = self.failure_streak + 1 if failed else 0
         self._wake.set()
 
@@ -140,10 +145,11 @@ class Replica:
         """Serve calls this periodically; raising makes Serve replace the replica."""
         if not self.aengine._thread.is_alive():
             raise RuntimeError(f"{self.replica_id}: the engine thread died")
-        limit = self.spec.max_consecutive_failures
-        if limit and self.failure_streak >= limit:
+        limit, n = self.spec.max_consecutive_failures, self.failure_streak
+        span = time.monotonic() - self.failure_streak_since
+        if limit and n >= limit and span >= self.spec.failure_streak_s:
             raise RuntimeError(
-                f"{self.replica_id}: its last {self.failure_streak} requests failed; "
+                f"{self.replica_id}: its last {n} requests failed, over {span:.0f}s; "
                 "asking Serve to replace it"
             )
 

@@ -113,8 +113,9 @@ class PoolSpec(_Strict):
     max_consecutive_failures: int = Field(
         16,
         ge=0,
-        description="A replica whose last N requests all failed on its side fails Serve's "
-        "health check, so Serve replaces it instead of routing more requests into it (0: never).",
+        description="A replica whose last N requests all failed on its side, over 30 s or more, "
+        "fails Serve's health check, so Serve replaces it instead of routing more requests into "
+        "it (0: never). One failed step of a large batch does not trip it.",
     )
     cuda_graphs: bool = Field(
         True,

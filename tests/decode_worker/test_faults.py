@@ -190,7 +190,7 @@ def test_full_colocated_replica_is_overloaded_at_once(tiny_model):
 def test_fault_streak_makes_a_prefill_replica_fail_its_health_check(tiny_model, setup):
     """A replica that fails every request asks Serve to replace it; one success resets it."""
     prefill, _ = setup
-    streak = dataclasses.replace(prefill.spec, max_consecutive_failures=3)
+    streak = dataclasses.replace(prefill.spec, max_consecutive_failures=3, failure_streak_s=0)
     prefill.spec, saved = streak, prefill.spec
     decode = _decode(tiny_model, _PrefillHandle(prefill), local_prefill_fallback=True)
     try:
@@ -198,7 +198,7 @@ def test_fault_streak_makes_a_prefill_replica_fail_its_health_check(tiny_model, 
         for i in range(2):  # each request: two failed prefill attempts, then a local prefill
             asyncio.run(_collect(decode, f"streak-{i}", PROMPT, GREEDY))
         assert prefill.failure_streak == 4
-        with pytest.raises(RuntimeError, match="last 4 requests failed"):
+        with pytest.raises(RuntimeError, match="last 4 requests failed, over 0s"):
             prefill.check_health()
         decode.check_health()  # the decode replica served both: healthy
         prefill.faults = FaultInjector({})
@@ -213,10 +213,33 @@ def test_fault_streak_makes_a_prefill_replica_fail_its_health_check(tiny_model, 
 
 def test_fault_streak_of_bad_requests_leaves_health_alone(tiny_model, setup):
     prefill, _ = setup
-    decode = _decode(tiny_model, _PrefillHandle(prefill), max_consecutive_failures=1)
+    decode = _decode(
+        tiny_model, _PrefillHandle(prefill), max_consecutive_failures=1, failure_streak_s=0
+    )
     for _ in range(3):  # more than the cache can hold: the caller's problem, not the replica's
         with pytest.raises(RequestError, match="the cache holds 64"):
             asyncio.run(_collect(decode, "huge", [5] * 2000, GREEDY))
     assert decode.failure_streak == 0
     decode.check_health()
+    decode.shutdown()
+
+
+def test_fault_burst_of_one_failed_step_does_not_trip_the_health_check(tiny_model, setup):
+    """One injected decode-step fault fails the whole batch at once: many failures in a row,
+    but within an instant, so the replica stays in service."""
+    prefill, want = setup
+    decode = _decode(tiny_model, _PrefillHandle(prefill), max_consecutive_failures=2)
+    decode.engine.faults = FaultInjector({"decode_step": 1.0})
+
+    async def batch():
+        runs = [_collect(decode, f"burst-{i}", PROMPT, GREEDY) for i in range(4)]
+        return await asyncio.gather(*runs, return_exceptions=True)
+
+    assert all(isinstance(r, WorkerError) for r in asyncio.run(batch()))
+    assert decode.failure_streak == 4
+    decode.check_health()  # 4 >= 2 failures, but not over 30 s
+    decode.engine.faults = None
+    assert asyncio.run(_collect(decode, "after-burst", PROMPT, GREEDY)) == want
+    assert decode.failure_streak == 0
+    _clean(decode, prefill)
     decode.shutdown()
