@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
 from functools import partial
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from bench.result_file import write_result
 from kernels import triton_configs
 from kernels.mla_decode_triton import mla_decode_triton
 from kernels.moe_reference import MoeWeights, SwiGLU, moe_mxfp4_torch
@@ -406,10 +406,8 @@ def main() -> None:
     out["compiled"] = compiled_resources()
     out["wall_s"] = time.time() - t0
     report(out)
-    path = args.json or Path(__file__).parent / "results" / f"kernels-{gpu.replace(' ', '_')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1, default=str))
-    print(f"wrote {path} ({out['wall_s']:.0f} s)")
+    write_result(out, "kernels", gpu, args.json)
+    print(f"in {out['wall_s']:.0f} s")
 
 
 def report(out: dict) -> None:

@@ -26,14 +26,8 @@ from kernels import DeviceInfo, KernelSet
 
 log = logging.getLogger(__name__)
 
-# backends whose launches depend on shapes alone, with no host sync: safe inside a CUDA graph
-# (the PyTorch references loop over sequences and experts on the host)
-GRAPH_SAFE = {
-    "mla_decode": {"triton"},
-    "moe_small": {"triton"},
-    "moe_large": {"triton"},
-    "mla_prefill": {"triton", "torch"},  # never called by a pure decode step
-}
+# the ops a pure decode step calls: their backends must be graph-safe for decode graphs
+DECODE_OPS = ("mla_decode", "moe_small", "moe_large")
 
 
 @dataclass(frozen=True)
@@ -113,9 +107,7 @@ class ModelRunner(Executor):
             if self.tp.size > 1:  # NCCL all-reduce under capture failed on 2 H200s; not yet
                 log.info("decode CUDA graphs off: tensor-parallel all-reduces are not captured")
                 return "off"
-            unsafe = {
-                op: n for op, n in self.kernel_names.items() if n not in GRAPH_SAFE.get(op, ())
-            }
+            unsafe = self.kernels.not_graph_safe(DECODE_OPS)  # the PyTorch references sync
             if unsafe:
                 log.info("decode CUDA graphs off: %s cannot be captured", unsafe)
                 return "off"

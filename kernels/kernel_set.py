@@ -69,6 +69,12 @@ class KernelSet:
             moe_crossover_m=moe_crossover_m,
         )
 
+    def not_graph_safe(self, ops: tuple[str, ...]) -> dict[str, str]:
+        """The backends among ``ops`` that cannot run inside a CUDA graph, by op."""
+        return {
+            c.op: c.backend.name for c in self.choices if c.op in ops and not c.backend.graph_safe
+        }
+
     def names(self) -> dict[str, str]:
         return {c.op: c.backend.name for c in self.choices}
 

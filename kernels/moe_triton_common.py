@@ -107,6 +107,42 @@ def swiglu(gate, up, alpha, beta, limit, HAS_LIMIT: tl.constexpr):
 
 
 @triton.jit
+def gate_up_swiglu(
+    x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptrs, H, I, stride_wn, stride_sn,
+    alpha, beta, limit,
+    DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
+    FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One [BM, BN] tile of h = swiglu(x W_gate^T + b_gate, x W_up^T + b_up), float32.
+
+    ``x_ptrs`` [BM, BK] point at the rows' first K tile; ``wg_ptrs`` [BN, BK/2] and ``sg_ptrs``
+    [BN, BK/32] at the gate rows' packed weights and scales (the up rows follow I rows later);
+    ``b_ptrs`` [BN] at the gate biases (up biases I later). Gate and up are rounded to DTYPE
+    first, as the reference's x @ W13^T in the model dtype is."""
+    wu_ptrs = wg_ptrs + I * stride_wn
+    su_ptrs = sg_ptrs + I * stride_sn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        xt = tl.load(x_ptrs + k0, mask=rmask[:, None], other=0.0)  # [BM, BK]
+        wg = tl.load(wg_ptrs + k0 // 2, mask=nmask[:, None], other=0)
+        sg = tl.load(sg_ptrs + k0 // 32, mask=nmask[:, None], other=0)
+        wt = tl.trans(dequant_tile(wg, sg, BLOCK_N, BLOCK_K, DTYPE, FAST))  # [BK, BN]
+        acc_g = mma(xt, wt, acc_g, UPCAST)
+        wu = tl.load(wu_ptrs + k0 // 2, mask=nmask[:, None], other=0)
+        su = tl.load(su_ptrs + k0 // 32, mask=nmask[:, None], other=0)
+        acc_u = mma(
+            xt, tl.trans(dequant_tile(wu, su, BLOCK_N, BLOCK_K, DTYPE, FAST)), acc_u, UPCAST
+        )
+    if HAS_BIAS:
+        acc_g += tl.load(b_ptrs, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptrs + I, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    gate = acc_g.to(DTYPE).to(tl.float32)
+    up = acc_u.to(DTYPE).to(tl.float32)
+    return swiglu(gate, up, alpha, beta, limit, HAS_LIMIT)
+
+
+@triton.jit
 def _topk_sum_kernel(
     ys_ptr, ids_ptr, out_ptr, H, E, stride_ys, stride_out,
     TOPK: tl.constexpr, BLOCK_H: tl.constexpr,

@@ -27,10 +27,10 @@ from kernels.moe_triton_common import (
     check_moe_inputs,
     dequant_tile,
     fit_block_k,
+    gate_up_swiglu,
     interpreting,
     mma,
     output_like,
-    swiglu,
     topk_sum,
     upcast_dots,
 )
@@ -83,35 +83,16 @@ def _gemm1_kernel(
     kk = tl.arange(0, BLOCK_K)
     wg_ptrs = w_ptr + e * stride_we + n[:, None] * stride_wn + kb[None, :]  # [BN, BK/2] gate
     sg_ptrs = s_ptr + e * stride_se + n[:, None] * stride_sn + kg[None, :]  # [BN, BK/32]
-    wu_ptrs = wg_ptrs + I * stride_wn  # up rows follow the gate rows
-    su_ptrs = sg_ptrs + I * stride_sn
     for r0 in range(0, count, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
         rmask = r < count
         slot = tl.load(slots_ptr + start + r, mask=rmask, other=0)  # [BM]
         x_ptrs = x_ptr + (slot // TOPK).to(tl.int64)[:, None] * stride_xm + kk[None, :]
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, H, BLOCK_K):
-            xt = tl.load(x_ptrs + k0, mask=rmask[:, None], other=0.0)  # [BM, BK]
-            wg = tl.load(wg_ptrs + k0 // 2, mask=nmask[:, None], other=0)
-            sg = tl.load(sg_ptrs + k0 // 32, mask=nmask[:, None], other=0)
-            wt = tl.trans(dequant_tile(wg, sg, BLOCK_N, BLOCK_K, dtype, FAST))  # [BK, BN]
-            acc_g = mma(xt, wt, acc_g, UPCAST)
-            wu = tl.load(wu_ptrs + k0 // 2, mask=nmask[:, None], other=0)
-            su = tl.load(su_ptrs + k0 // 32, mask=nmask[:, None], other=0)
-            acc_u = mma(
-                xt, tl.trans(dequant_tile(wu, su, BLOCK_N, BLOCK_K, dtype, FAST)), acc_u, UPCAST
-            )
-        if HAS_BIAS:
-            bg = tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)
-            bu = tl.load(b_ptr + e * stride_be + I + n, mask=nmask, other=0.0).to(tl.float32)
-            acc_g += bg[None, :]
-            acc_u += bu[None, :]
-        # round like the reference's x @ W13^T in the model dtype, then the activation
-        gate = acc_g.to(dtype).to(tl.float32)
-        up = acc_u.to(dtype).to(tl.float32)
-        h = swiglu(gate, up, alpha, beta, limit, HAS_LIMIT)  # [BM, BN]
+        h = gate_up_swiglu(
+            x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptr + e * stride_be + n, H, I,
+            stride_wn, stride_sn, alpha, beta, limit, dtype, HAS_BIAS, HAS_LIMIT, UPCAST, FAST,
+            BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip  # [BM, BN]
         h_ptrs = h_ptr + slot.to(tl.int64)[:, None] * stride_hm + n[None, :]
         tl.store(h_ptrs, h, mask=rmask[:, None] & nmask[None, :])
 

@@ -50,6 +50,8 @@ class Backend:
     dtypes: tuple[str, ...] | None = None  # activation dtypes it computes in; None: any
     unavailable: Callable[[], str | None] = _always  # why it cannot run here, or None
     prepare: Callable[[], Callable[[Any], Any]] = lambda: _identity  # weight preprocessing (MoE)
+    # launches depend on shapes alone, with no host sync: it may run inside a CUDA graph
+    graph_safe: bool = False
 
     def reject_reason(
         self, device: DeviceInfo, role: str | None, dtype: str | None = None

@@ -64,6 +64,23 @@ async def _move(sender, receiver, prefill, decode, src_blocks, dst_blocks, tid, 
     await receiver.receive(handle, dest, decode)
 
 
+# five transfers of three blocks each, in flight at once on the same pair(s)
+JOBS = [([i, i + 8, i + 16], [20 - i, 5 + i, 31 - i]) for i in range(5)]
+
+
+def _move_all(sender, receiver, prefill, decode, prefix: str, cfg) -> None:
+    """Every job of JOBS at once: order must hold per pair."""
+
+    async def run():
+        moves = [
+            _move(sender, receiver, prefill, decode, src, dst, f"{prefix}{i}", cfg)
+            for i, (src, dst) in enumerate(JOBS)
+        ]
+        await asyncio.gather(*moves)
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize(
     "transport_name, prefill_tp, decode_tp, decode_actors",
     [
@@ -81,24 +98,13 @@ def test_transfers_land_in_the_right_blocks(
     decode = _executor(tiny_model, decode_tp, decode_actors)
     # one transport object per side, as each replica has its own
     sender, receiver = make_transport(transport_name), make_transport(transport_name)
-    jobs = [([i, i + 8, i + 16], [20 - i, 5 + i, 31 - i]) for i in range(5)]
-    sent = [_fill(prefill, src, seed=i) for i, (src, _) in enumerate(jobs)]
-
-    async def run():
-        # many transfers in flight at once on the same pair(s): order must hold per pair
-        await asyncio.gather(
-            *(
-                _move(sender, receiver, prefill, decode, src, dst, f"t{i}", cfg)
-                for i, (src, dst) in enumerate(jobs)
-            )
-        )
-
-    asyncio.run(run())
-    for i, (_, dst) in enumerate(jobs):
+    sent = [_fill(prefill, src, seed=i) for i, (src, _) in enumerate(JOBS)]
+    _move_all(sender, receiver, prefill, decode, "t", cfg)
+    for i, (_, dst) in enumerate(JOBS):
         torch.testing.assert_close(decode.read_kv(dst), sent[i], rtol=0, atol=0)
-    assert sender.stats.transfers == receiver.stats.transfers == len(jobs)
+    assert sender.stats.transfers == receiver.stats.transfers == len(JOBS)
     # nothing staged is left behind on any prefill rank
-    for tid in (f"t{i}" for i in range(len(jobs))):
+    for tid in (f"t{i}" for i in range(len(JOBS))):
         with pytest.raises(KeyError):
             prefill.take_staged(tid)
     for ex in (prefill, decode):
@@ -120,19 +126,9 @@ def test_nccl_between_two_gpus_lands_in_the_right_blocks(ray_cpu, tiny_model):
 
     prefill, decode = gpu_executor(), gpu_executor()
     sender, receiver = make_transport("nccl"), make_transport("nccl")
-    jobs = [([i, i + 8, i + 16], [20 - i, 5 + i, 31 - i]) for i in range(5)]
-    sent = [_fill(prefill, src, seed=i).to(torch.bfloat16) for i, (src, _) in enumerate(jobs)]
-
-    async def run():
-        await asyncio.gather(
-            *(
-                _move(sender, receiver, prefill, decode, src, dst, f"g{i}", cfg)
-                for i, (src, dst) in enumerate(jobs)
-            )
-        )
-
-    asyncio.run(run())
-    for i, (_, dst) in enumerate(jobs):
+    sent = [_fill(prefill, src, seed=i).to(torch.bfloat16) for i, (src, _) in enumerate(JOBS)]
+    _move_all(sender, receiver, prefill, decode, "g", cfg)
+    for i, (_, dst) in enumerate(JOBS):
         assert torch.equal(decode.read_kv(dst), sent[i])
     for ex in (prefill, decode):
         ex.shutdown()

@@ -123,3 +123,12 @@ def test_dtype_a_backend_does_not_compute_in_falls_back_to_torch():
     assert "not float64" in ks.choices[0].describe()
     with pytest.raises(ValueError, match="cannot run here: computes in"):
         KernelSet.resolve(H100, "decode", {"mla_decode": "triton"}, dtype="float64")
+
+
+def test_only_triton_decode_kernels_are_graph_safe():
+    decode_ops = ("mla_decode", "moe_small", "moe_large")
+    assert KernelSet.resolve(H100, "decode").not_graph_safe(decode_ops) == {}
+    ks = KernelSet.resolve(H100, "decode", {"mla_decode": "torch"})
+    assert ks.not_graph_safe(decode_ops) == {"mla_decode": "torch"}
+    on_cpu = KernelSet.resolve(DeviceInfo.cpu(), "decode")
+    assert on_cpu.not_graph_safe(decode_ops) == dict.fromkeys(decode_ops, "torch")
