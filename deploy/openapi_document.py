@@ -112,10 +112,17 @@ def _json(description: str, schema: str) -> dict[str, Any]:
 
 def _post(summary: str, request: str, response: str) -> dict[str, Any]:
     ok = _json("The whole response, or with stream=true server-sent events.", response)
+    # before OpenAPI 3.2 (itemSchema) an event stream's `schema` describes one event
     ok["content"]["text/event-stream"] = {
         "schema": {
-            "type": "string",
-            "description": f"`data: <{response} chunk>` events, then `data: [DONE]`",
+            "type": "object",
+            "description": f"One server-sent event: `data: <{response} chunk>`, and last "
+            "`data: [DONE]`",
+            "properties": {
+                "data": {"type": "string", "description": "A JSON chunk, or [DONE]"},
+                "event": {"type": "string"},
+            },
+            "required": ["data"],
         }
     }
     return {

@@ -78,3 +78,18 @@ def test_fuzz_the_api_from_its_openapi_document(served):
     one()
     assert seen[GenerationMode.POSITIVE.value, 200] > 0, seen  # valid requests were served
     assert any(mode == "negative" and 400 <= code < 500 for mode, code in seen), seen
+
+
+def test_fuzz_streamed_replies_match_the_documented_events(served):
+    """Streams every time (the fuzzing above reaches one only by chance): each server-sent
+    event matches the document's event schema."""
+    schema = schemathesis.openapi.from_asgi("/openapi.json", served.app(max_choices=4))
+    for path, body in (
+        ("/v1/completions", {"prompt": "properties", "ignore_eos": None}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    ):
+        body = {**body, "model": MODEL, "stream": True, "max_tokens": 3}
+        case = schema[path]["POST"].Case(body=body, media_type="application/json")
+        response = case.call_and_validate(checks=CHECKS, timeout=TIMEOUT_S)
+        assert response.status_code == 200
+        assert response.headers["content-type"][0].startswith("text/event-stream")
