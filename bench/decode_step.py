@@ -43,6 +43,8 @@ def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
             dtype=args.dtype,
             device=args.device,
             role="decode",
+            tp=args.tp,
+            gpus_per_rank=1 if args.tp > 1 else 0,
             decode_graphs=graphs,
             decode_graph_max_batch=max_batch,
             cache=CacheConfig(block_size=args.block_size, num_blocks=max_batch * blocks_per_seq),
@@ -80,7 +82,8 @@ def _drain(engine: LLMEngine) -> None:
 
 
 def _sync(engine: LLMEngine) -> None:
-    if engine.runner.device.type == "cuda":
+    # a TP group's step returns once rank 0 sampled: its results are host values already
+    if getattr(engine.runner, "device", None) is not None and engine.runner.device.type == "cuda":
         torch.cuda.synchronize(engine.runner.device)
 
 
@@ -206,14 +209,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--modes", default="auto,off", help="decode_graphs settings to compare")
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
+    p.add_argument("--profile", action="store_true", help="eager steps' GPU time by launcher")
     p.add_argument("--prefill-lens", default="", help="also time one prompt of each length")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.tp > 1:
+        if args.profile:
+            p.error("--profile traces this process: use --tp 1")
+        import ray
+
+        ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     args.prefill_tokens = [int(n) for n in args.prefill_lens.split(",") if n]
     result: dict[str, Any] = {
         "model": args.model,
+        "tp": args.tp,
         "context": args.context,
         "steps": args.steps,
         "date": time.strftime("%Y-%m-%d"),
@@ -246,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{r['batch']:>6} {r['attention']:>10.3f} {r['mla_decode_kernel']:>13.3f} "
                       f"{r['moe']:>8.3f} {r['all_reduce']:>11.3f} {r['rest']:>8.3f} "
                       f"{r['gpu_total']:>8.3f}")  # fmt: skip
+        engine.runner.shutdown()  # a TP group's rank actors hold their GPUs until then
         del engine
         gc.collect()
         if torch.cuda.is_available():

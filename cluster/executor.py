@@ -11,7 +11,7 @@ from cluster.sampler import SampledToken
 from cluster.scheduler import SchedulerOutput
 
 if TYPE_CHECKING:
-    from cluster.kv_transport.kv_peer import PeerClient
+    from cluster.kv_transport.peer_client import PeerClient
 
 
 class Executor(ABC):

@@ -15,7 +15,8 @@ import torch
 from cluster.config import EngineConfig, ModelConfig
 from cluster.decode_graphs import DecodeGraphs, graph_buckets
 from cluster.executor import Executor
-from cluster.kv_transport.kv_peer import KVPeer, PeerClient, local_peer_id
+from cluster.kv_transport.kv_peer import KVPeer, local_peer_id
+from cluster.kv_transport.peer_client import PeerClient
 from cluster.model.attention_metadata import AttentionMetadata
 from cluster.model.deepseek_v3 import DeepseekV3ForCausalLM
 from cluster.model.weights import load_weights
@@ -104,8 +105,10 @@ class ModelRunner(Executor):
         if mode == "auto":
             if self.device.type != "cuda" or self.config.role == "prefill":
                 return "off"
-            if self.tp.size > 1:  # NCCL all-reduce under capture failed on 2 H200s; not yet
-                log.info("decode CUDA graphs off: tensor-parallel all-reduces are not captured")
+            if not self.tp.graph_safe:
+                log.info(
+                    "decode CUDA graphs off: the tensor-parallel collectives cannot be captured"
+                )
                 return "off"
             unsafe = self.kernels.not_graph_safe(DECODE_OPS)  # the PyTorch references sync
             if unsafe:
@@ -175,14 +178,17 @@ class ModelRunner(Executor):
         idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         return self.kv_caches.index_select(1, idx)
 
-    def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        expect = (self.kv_caches.shape[0], len(block_ids), *self.kv_caches.shape[2:])
+    def write_kv(self, block_ids: list[int], kv: torch.Tensor, layers: slice = slice(None)) -> None:
+        """Scatter ``kv`` [layers, n, block_size, width] into the blocks (into ``layers`` of
+        the cache only, for a part of a message), on the current stream."""
+        cache = self.kv_caches[layers]
+        expect = (cache.shape[0], len(block_ids), *cache.shape[2:])
         if tuple(kv.shape) != expect:
             raise ValueError(
                 f"KV of shape {tuple(kv.shape)} for {len(block_ids)} blocks; expected {expect}"
             )
-        idx = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
-        self.kv_caches.index_copy_(1, idx, kv.to(device=self.device, dtype=self.kv_caches.dtype))
+        idx = torch.as_tensor(block_ids, dtype=torch.int64, device=self.device)
+        cache.index_copy_(1, idx, kv.to(device=self.device, dtype=cache.dtype))
 
     def stage_kv(self, transfer_id: str, block_ids: list[int]) -> int:
         return self.kv_peer.stage(transfer_id, block_ids)
@@ -272,6 +278,19 @@ class ModelRunner(Executor):
         sampled = [c for c in sched.chunks if c.sample]
         if not sampled:
             return []
-        return self.sampler(
+        tokens = self.sampler(
             logits, [c.sampling for c in sampled], [c.num_output_tokens for c in sampled]
         )
+        self.stage_finished(sched)
+        return tokens
+
+    def stage_finished(self, sched: SchedulerOutput) -> None:
+        """Prefill role: stage the KV of every prompt this step finished (each sampled chunk
+        ends its prompt: prefill samples one token), here on the rank, before the scheduler
+        frees the blocks; a send waiting for it starts at once. Other roles stage nothing."""
+        if self.config.role != "prefill":
+            return
+        bs = self.block_size
+        for c in sched.chunks:
+            if c.sample:
+                self.kv_peer.stage(c.request_id, list(c.block_ids[: -(-c.end // bs)]))

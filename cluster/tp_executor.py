@@ -23,7 +23,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import EngineConfig, ModelConfig
 from cluster.executor import Executor
-from cluster.kv_transport.kv_peer import PeerClient
+from cluster.kv_transport.kv_peer import WAIT_THREADS
+from cluster.kv_transport.peer_client import PeerClient
 from cluster.sampler import SampledToken
 from cluster.scheduler import SchedulerOutput
 
@@ -49,6 +50,7 @@ class TPRank:
         import torch.distributed as dist
 
         from cluster.model_runner import ModelRunner
+        from cluster.nccl_comm import NcclComm
         from cluster.parallel import TensorParallel
 
         config = self.config
@@ -62,20 +64,29 @@ class TPRank:
             rank=self.rank,
             world_size=self.size,
         )
-        tp = TensorParallel(self.rank, self.size, dist.group.WORLD)
+        comm = None
+        if backend == "nccl" and config.decode_graphs != "off":
+            try:  # the collectives decode CUDA graphs can capture
+                comm = NcclComm(self.rank, self.size, dist.group.WORLD)
+            except (OSError, RuntimeError) as e:
+                log.warning("no graph-safe NCCL communicator (%s): TP decodes eagerly", e)
+        tp = TensorParallel(self.rank, self.size, dist.group.WORLD, comm)
         self.runner = ModelRunner(
             config, ModelConfig.from_dir(config.model), max_model_len, tp, allocate=False
         )
         return self.runner.propose_num_blocks()
 
-    def allocate_kv(self, num_blocks: int) -> tuple[dict[str, str], str]:
+    def allocate_kv(self, num_blocks: int) -> tuple[dict[str, str], str, bool]:
+        """Allocate (and capture the decode graphs); kernels, device, whether graphs replay."""
         self.runner.allocate_kv(num_blocks)
-        return self.runner.kernel_names, self.runner.device_name
+        graphs = self.runner.graphs is not None and bool(self.runner.graphs.graphs)
+        return self.runner.kernel_names, self.runner.device_name, graphs
 
     def execute(self, sched: SchedulerOutput) -> list[SampledToken] | None:
         if self.rank == 0:
             return self.runner.execute(sched)
         self.runner.compute_logits(sched)  # takes part in the collectives
+        self.runner.stage_finished(sched)  # every rank keeps a copy for the decode ranks
         return None
 
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:
@@ -86,10 +97,15 @@ class TPRank:
 
     @ray.method(concurrency_group="kv")
     def kv(self, name: str, *args):
-        """A KV peer call (stage, connect, send_staged, listen, accept, recv_into, ...), on a
-        thread of its own so transfers never wait behind a model step, nor steps behind them."""
+        """A quick KV peer call (stage, take, drop, connect, listen, accept, close), on a thread
+        of its own so it never waits behind a model step or a posted transfer."""
         out = self.runner.kv_peer.call(name, *args)
         return out.cpu() if isinstance(out, torch.Tensor) else out
+
+    @ray.method(concurrency_group="kv_wait")
+    def kv_wait(self, name: str, *args):
+        """A posted transfer (send_staged, recv_into): waits for its turn and its prompt."""
+        return self.runner.kv_peer.call(name, *args)
 
     def kv_layout(self) -> tuple[int, int, int, str]:
         return self.runner.kv_layout
@@ -102,7 +118,7 @@ class RayTPExecutor(Executor):
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> None:
         size = config.tp
         pg = get_current_placement_group()
-        actor = ray.remote(concurrency_groups={"kv": 8})(TPRank)
+        actor = ray.remote(concurrency_groups={"kv": 4, "kv_wait": WAIT_THREADS})(TPRank)
         self.ranks = []
         for rank in range(size):
             opts: dict = {"num_cpus": config.cpus_per_rank, "num_gpus": config.gpus_per_rank}
@@ -115,7 +131,7 @@ class RayTPExecutor(Executor):
         proposals = ray.get([r.start.remote(master, max_model_len) for r in self.ranks])
         self.num_blocks = min(proposals)
         infos = ray.get([r.allocate_kv.remote(self.num_blocks) for r in self.ranks])
-        self.kernel_names, self.device_name = infos[0]
+        self.kernel_names, self.device_name, self.decode_graphs = infos[0]
         self._kv_layout = ray.get(self.ranks[0].kv_layout.remote())
         log.info(
             "tensor parallel x%d ready: %d KV blocks on %s", size, self.num_blocks, self.device_name

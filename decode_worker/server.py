@@ -3,8 +3,10 @@
 For each request it:
   1. validates it and reserves KV blocks for the prompt, or answers "overloaded" at once;
   2. asks a prefill replica (Serve picks one) to run the prompt, naming the blocks, a transfer id
-     and its own KV layout fingerprint;
-  3. collects the KV from the transport into the reserved blocks;
+     and its own KV layout fingerprint; the reply streams;
+  3. collects the KV from the transport into the reserved blocks: posted as soon as the prefill
+     replica announces the transfer (point to point), so the KV moves the moment the prompt
+     ends, or once the result is back (object store);
   4. adds the request, with the first token prefill sampled, to the running batch, and streams
      its tokens as the engine loop produces them.
 With no prefill pool (colocated mode) it prefills locally instead.
@@ -27,7 +29,14 @@ from collections.abc import AsyncIterator
 
 from cluster.engine import LLMEngine, RequestOutput
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
-from cluster.messages import FirstToken, GenerateRequest, KVDestination, PrefillRequest
+from cluster.messages import (
+    FirstToken,
+    GenerateRequest,
+    KVDestination,
+    KVHandle,
+    PrefillRequest,
+    PrefillResult,
+)
 from cluster.replica import Replica, WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -94,10 +103,10 @@ class DecodeServer(Replica):
                 lambda e: e.reserve(len(prompt)), lambda e, ids: e.release(ids)
             )
             handed = [False]  # set on the engine thread once the request owns the blocks
-            receiving: asyncio.Future | None = None
+            receiving: list[asyncio.Future] = []  # the attempt's KV receive, once posted
             try:
                 try:
-                    first, receiving = await self._prefill(req, blocks, attempt)
+                    first = await self._prefill(req, blocks, attempt, receiving)
                 except (RequestError, KVLayoutMismatch):
                     raise  # the request or the deployment is wrong: no retry helps
                 except Exception as e:  # noqa: BLE001 - a failed attempt; the next one may do
@@ -117,7 +126,7 @@ class DecodeServer(Replica):
                     yield out
                 return
             finally:
-                self._release_when_done(blocks, receiving, handed)
+                self._release_when_done(blocks, receiving[0] if receiving else None, handed)
         if spec.local_prefill_fallback:
             log.warning("%s: prefill failed %d times; prefilling locally", rid, len(errors))
             self.stats.count("local_prefill")
@@ -127,9 +136,11 @@ class DecodeServer(Replica):
         raise OverloadedError(f"prefill failed {len(errors)} times: {'; '.join(errors)}", 1.0)
 
     async def _prefill(
-        self, req: GenerateRequest, blocks: list[int], attempt: int
-    ) -> tuple[FirstToken, asyncio.Future]:
-        """One attempt: prefill on some replica, then the KV into ``blocks``."""
+        self, req: GenerateRequest, blocks: list[int], attempt: int, receiving: list
+    ) -> FirstToken:
+        """One attempt: prefill on some replica, then the KV into ``blocks``. The receive,
+        once posted, goes into ``receiving``: the blocks are not free before it ended."""
+        spec = self.spec
         dest = KVDestination(
             transfer_id=f"{req.request_id}/{attempt}-{uuid.uuid4().hex[:8]}",
             decode_replica=self.replica_id,
@@ -143,25 +154,46 @@ class DecodeServer(Replica):
             sampling=req.sampling,
             kv=dest,
         )
-        result = await asyncio.wait_for(
-            self.prefill.prefill.remote(call), self.spec.prefill_timeout_s
-        )
-        if result.kv.transfer_id != dest.transfer_id:  # fencing: only this attempt's KV lands
-            raise RuntimeError(
-                f"KV of transfer {result.kv.transfer_id}, expected {dest.transfer_id}"
-            )
-        self.faults.maybe_fail("kv_transfer", req.request_id)
-        receiving = asyncio.ensure_future(
-            self.transport.receive(result.kv, dest, self.engine.runner)
-        )
+        # a receive posted early waits for the prompt too: prefill's bound, then its own
+        wait_s = spec.prefill_timeout_s + spec.kv_transfer_timeout_s
+
+        def post(handle: KVHandle) -> None:
+            if handle.transfer_id != dest.transfer_id:  # fencing: only this attempt's KV lands
+                raise RuntimeError(
+                    f"KV of transfer {handle.transfer_id}, expected {dest.transfer_id}"
+                )
+            receiving.append(asyncio.ensure_future(
+                self.transport.receive(handle, dest, self.engine.runner, wait_s)
+            ))  # fmt: skip
+
+        stream = self.prefill.options(stream=True).prefill.remote(call)
+        result: list[PrefillResult] = []
+
+        async def collect() -> None:
+            async for item in stream:
+                if isinstance(item, KVHandle):
+                    post(item)
+                else:
+                    result.append(item)
+
         try:
-            await asyncio.wait_for(asyncio.shield(receiving), self.spec.kv_transfer_timeout_s)
+            await asyncio.wait_for(collect(), spec.prefill_timeout_s)
+        finally:
+            if not result:
+                stream.cancel()  # the prefill replica stops (and drops the prompt's KV)
+        if not result:
+            raise RuntimeError("the prefill replica's reply ended without a result")
+        if not receiving:
+            post(result[0].kv)
+        self.faults.maybe_fail("kv_transfer", req.request_id)
+        try:
+            await asyncio.wait_for(asyncio.shield(receiving[0]), spec.kv_transfer_timeout_s)
         except asyncio.CancelledError:
             raise  # the client went away: no retry
         except Exception as e:  # noqa: BLE001 - reported as this attempt's failure
             what = "timed out" if isinstance(e, TimeoutError) else f"failed ({e})"
-            raise RuntimeError(f"KV transfer {result.kv.transfer_id} {what}") from e
-        return result.first, receiving
+            raise RuntimeError(f"KV transfer {dest.transfer_id} {what}") from e
+        return result[0].first
 
     def _release_when_done(
         self, blocks: list[int], receiving: asyncio.Future | None, handed: list[bool]

@@ -1,5 +1,6 @@
-"""The engine in the prefill role: runs prompts in token-budget batches, samples each one's first
-token, and stages its KV blocks in the executor for the transport before the blocks are freed."""
+"""The engine in the prefill role: runs prompts in token-budget batches and samples each one's
+first token. The executor stages a finished prompt's KV blocks for the transport inside the step
+that finished it (``ModelRunner.stage_finished``), before the blocks are freed."""
 
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ from cluster.request import Request
 class PrefillEngine(LLMEngine):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # request id -> (KV bytes staged, seconds it queued before its first chunk ran)
-        self.captured: dict[str, tuple[int, float]] = {}
+        # request id -> seconds it queued before its first chunk ran, for prompts whose KV
+        # is staged
+        self.captured: dict[str, float] = {}
 
     def on_finish(self, req: Request) -> None:
         # the prompt's blocks: KV for exactly the prompt tokens; the sampled token has none yet
         assert req.num_computed_tokens == len(req.prompt_token_ids)
         queued = (req.first_scheduled_time or req.arrival_time) - req.arrival_time
-        nbytes = self.runner.stage_kv(req.request_id, req.block_ids)
-        self.captured[req.request_id] = (nbytes, queued)
+        self.captured[req.request_id] = queued
 
     def abort(self, request_id: str) -> bool:
-        # a stream cancelled as its request finished: drop the copy nobody will collect
-        if self.captured.pop(request_id, None) is not None:
-            self.runner.drop_staged(request_id)
+        # drop the copy nobody will collect (a stream cancelled as its prompt finished), or
+        # mark it dropped so a send posted for it gives up now
+        self.captured.pop(request_id, None)
+        self.runner.drop_staged(request_id)
         return super().abort(request_id)

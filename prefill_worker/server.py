@@ -1,17 +1,23 @@
 """PrefillServer: the compute-bound half. Batches prompts from every decode replica under a token
 budget (long prompts in chunks), samples each prompt's first token, and pushes its KV blocks to
-the decode replica that asked, over the KV transport."""
+the decode replica that asked, over the KV transport.
+
+``prefill`` streams (call it with ``stream=True``): first, where the transport can start a
+receive before the prompt ends, the ``KVHandle`` as soon as the prompt is admitted; then the
+``PrefillResult``. Decode posts its receive on the first item, so the KV moves the moment the
+prompt's last step ends, while the result is still on its way."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 
 import msgspec
 
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError, WorkerError
-from cluster.messages import FirstToken, PrefillRequest, PrefillResult
+from cluster.messages import FirstToken, KVHandle, PrefillRequest, PrefillResult
 from cluster.replica import Replica, WorkerSpec
 from prefill_worker.prefill_engine import PrefillEngine
 
@@ -25,7 +31,7 @@ class PrefillServer(Replica):
         super().__init__(spec)
         self._met: set[str] = set()  # decode replicas whose layout was checked
 
-    async def prefill(self, req: PrefillRequest) -> PrefillResult:
+    async def prefill(self, req: PrefillRequest) -> AsyncIterator[KVHandle | PrefillResult]:
         start = time.time()
         dest = req.kv
         if dest.decode_replica not in self._met:
@@ -37,8 +43,12 @@ class PrefillServer(Replica):
         self.stats.inflight += 1
         out = None
         failed: bool | None = None  # see Replica.request_ended
+        done = False
         try:
             self.faults.maybe_fail("prefill", f"before {req.request_id}")
+            early = self.transport.announce(self.engine.runner, rid, dest)
+            if early is not None:
+                yield early
             async for last in self.aengine.stream(
                 rid,
                 lambda e: e.add_request(req.prompt_token_ids, sampling, rid, bounded=True) and None,
@@ -48,10 +58,9 @@ class PrefillServer(Replica):
                 raise WorkerError(
                     f"prefill of {req.request_id} ended with {out and out.finish_reason}"
                 )
-            _, queue_s = self.engine.captured.pop(rid)
+            queue_s = self.engine.captured.pop(rid)
             made = self.engine.blocks.blocks_for(len(req.prompt_token_ids))
             if made != len(dest.block_ids):
-                await asyncio.to_thread(self.engine.runner.drop_staged, rid)
                 raise WorkerError(
                     f"prefill made {made} KV blocks, decode reserved {len(dest.block_ids)}"
                 )
@@ -59,14 +68,10 @@ class PrefillServer(Replica):
             self.stats.ttft.observe(prefill_s)
             sent = time.time()
             handle = await self.transport.send(self.engine.runner, rid, dest)
-            try:
-                self.faults.maybe_fail("prefill", f"after {req.request_id}'s KV went out")
-            except Exception:  # nobody will pull it (a no-op once the transport took it)
-                await asyncio.to_thread(self.engine.runner.drop_staged, rid)
-                raise
+            self.faults.maybe_fail("prefill", f"after {req.request_id}'s KV went out")
             self.stats.count("ok")
             self.stats.prompt_tokens += len(req.prompt_token_ids)
-            failed = False
+            failed, done = False, True
         except BaseException as e:
             self.stats.count("error")
             # the caller's doing (cancelled, a bad request, a full queue, a layout it should
@@ -75,12 +80,13 @@ class PrefillServer(Replica):
             failed = isinstance(e, Exception) and not isinstance(e, caller)
             raise
         finally:
-            if self.engine.captured.pop(rid, None) is not None:  # an attempt that failed after
-                await asyncio.to_thread(self.engine.runner.drop_staged, rid)  # its prompt finished
+            self.engine.captured.pop(rid, None)
+            if not done:  # drop what nobody will pull; a send posted for it gives up now
+                await asyncio.to_thread(self.engine.runner.drop_staged, rid)
             self.stats.inflight -= 1
             self.request_ended(failed)
         lp = out.logprobs[0] if out.logprobs else None
-        return PrefillResult(
+        yield PrefillResult(
             request_id=req.request_id,
             prefill_replica=self.replica_id,
             first=FirstToken(out.token_ids[0], lp and lp.logprob, lp and lp.top),

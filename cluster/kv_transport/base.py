@@ -4,9 +4,12 @@ replica that continues it.
 Prefill side: when a prompt finishes, its blocks are staged in the executor (a device copy, kept
 after the scheduler frees the blocks); ``send(executor, transfer_id, dest)`` hands them to the
 transport and returns a ``KVHandle``, which travels back to decode inside the ``PrefillResult``.
-Decode side: ``receive(handle, dest, executor)`` writes the KV into the blocks ``dest.block_ids``
-names and returns once they hold it. Every transport counts bytes and seconds; each must keep the
-order of transfers per (prefill, decode) pair and must not deadlock with many in flight.
+A transport whose receive can start before the prompt ends (point to point) also ``announce``s
+the handle when the prompt is admitted, so decode posts its receive early.
+Decode side: ``receive(handle, dest, executor, wait_s)`` writes the KV into the blocks
+``dest.block_ids`` names and returns once they hold it. Every transport counts bytes and
+seconds; each must keep the order of transfers per (prefill, decode) pair and must not deadlock
+with many in flight.
 """
 
 from __future__ import annotations
@@ -41,10 +44,20 @@ class KVTransport(ABC):
         """What a decode replica puts in ``KVDestination.endpoint`` so prefill can reach it."""
         return None
 
+    def announce(
+        self, executor: Executor, transfer_id: str, dest: KVDestination
+    ) -> KVHandle | None:
+        """Prefill side, at admission: a handle decode may start receiving from while the prompt
+        still runs, or None when the KV can only be collected after ``send``."""
+        return None
+
     @abstractmethod
     async def send(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
         """Prefill side: ship the KV staged under ``transfer_id`` towards ``dest``."""
 
     @abstractmethod
-    async def receive(self, handle: KVHandle, dest: KVDestination, executor: Executor) -> None:
-        """Decode side: the KV ``handle`` announces, into the executor's ``dest.block_ids``."""
+    async def receive(
+        self, handle: KVHandle, dest: KVDestination, executor: Executor, wait_s: float = 60.0
+    ) -> None:
+        """Decode side: the KV ``handle`` announces, into the executor's ``dest.block_ids``;
+        ``wait_s`` bounds the wait for a prompt still running when the receive was posted."""

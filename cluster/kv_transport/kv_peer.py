@@ -1,20 +1,27 @@
-"""One model runner's end of point-to-point KV transfers.
+"""One model runner's end of point-to-point KV transfers (``peer_client.py`` calls it).
 
 A ``KVPeer`` lives where a runner's KV cache lives: in the replica's own process (one rank) or in
 each tensor-parallel rank actor. On the prefill side it keeps a device copy of each finished
 prompt's blocks ("staged") until a decode replica pulls it through a pair group; on the decode
-side it receives a message and scatters it into reserved blocks. ``PeerClient`` calls a peer in
-this process (through a thread) or in a rank actor (through Ray) with the same awaitable calls,
-and only the remote kind can travel to another replica inside a ``KVHandle``.
+side it receives a message and scatters it into reserved blocks.
+
+Transfers on a pair take turns by a sequence number the decode replica hands out, so both ends
+issue their messages in the same order (NCCL matches by order) however the calls arrive, and the
+decode side can post a transfer long before the prompt's prefill ends: the prefill end waits for
+its staged copy (or for word that it will never come), signals the decode end through the pair's
+store and sends; the decode end waits for the signal, then receives. A prompt that failed costs
+one signal, not the pair.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,18 +34,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STAGED_TTL_S = 120.0  # staged KV nobody pulled is dropped after this long
+WAIT_THREADS = 64  # transfers a peer can have posted and waiting at once
+# calls that wait for their turn, a prompt or a signal: on threads apart from the quick ones
+WAITING_CALLS = ("send_staged", "recv_into")
 _CALLS = (
-    "stage",
-    "take",
-    "drop",
-    "count",
-    "connect",
-    "send_staged",
-    "listen",
-    "accept",
-    "recv_into",
-    "close",
-)
+    "stage", "take", "drop", "count", "trace", "connect", "listen", "accept", "close",
+    *WAITING_CALLS,
+)  # fmt: skip
+
+
+class KVNotSent(RuntimeError):
+    """The prefill end said the KV will not come (its prompt failed or was dropped); the pair
+    stays usable."""
 
 
 def _node_ip() -> str:
@@ -47,88 +54,220 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
+@dataclass
+class _Pair:
+    group: PairGroup
+    next_seq: int = 0  # the transfer whose turn it is
+    closed: bool = False
+    awaiting: set[str] = field(default_factory=set)  # decode: transfers waiting for a signal
+
+
+@dataclass
+class _Staged:
+    kv: torch.Tensor  # [layers, n, block_size, width]
+    ready: torch.cuda.Event | None  # recorded after the copy, on the stream that made it
+    at: float
+
+
 class KVPeer:
     def __init__(self, runner: ModelRunner, timeout_s: float = 60.0) -> None:
         self.runner = runner
         self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self._staged: dict[str, tuple[torch.Tensor, float]] = {}
-        self._groups: dict[str, PairGroup] = {}
+        self._cond = threading.Condition()
+        self._staged: dict[str, _Staged] = {}
+        self._dropped: dict[str, float] = {}  # transfer id -> when: a send still to come fails
+        self._pairs: dict[str, _Pair] = {}
         self._stores: dict[str, Any] = {}
+        # (transfer id, {phase: time.perf_counter()}) of recent transfers, for the bench
+        self._trace: deque[tuple[str, dict[str, float]]] = deque(maxlen=256)
+        self.wait_pool = ThreadPoolExecutor(WAIT_THREADS, thread_name_prefix="kv-wait")
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="kv")
 
     # ---- prefill side ----
 
     def stage(self, transfer_id: str, block_ids: list[int]) -> int:
-        """Copy the blocks (on the runner's device) before the scheduler frees them."""
+        """Copy the blocks (on the runner's device) before the scheduler frees them. Queued on
+        the current stream; a send waits for the copy, not for the caller."""
         kv = self.runner.read_kv(block_ids)  # [layers, n, block_size, width], contiguous
+        ready = None
+        if kv.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record()
         now = time.monotonic()
-        with self._lock:
-            for tid in [t for t, (_, at) in self._staged.items() if now - at > STAGED_TTL_S]:
+        with self._cond:
+            for tid in [t for t, st in self._staged.items() if now - st.at > STAGED_TTL_S]:
                 log.warning("dropping KV of %s: never collected in %.0fs", tid, STAGED_TTL_S)
                 del self._staged[tid]
-            self._staged[transfer_id] = (kv, now)
+            for tid in [t for t, at in self._dropped.items() if now - at > STAGED_TTL_S]:
+                del self._dropped[tid]
+            self._staged[transfer_id] = _Staged(kv, ready, now)
+            self._cond.notify_all()
         return kv.numel() * kv.element_size()
 
     def take(self, transfer_id: str) -> torch.Tensor:
-        with self._lock:
-            return self._staged.pop(transfer_id)[0]
+        with self._cond:
+            st = self._staged.pop(transfer_id)
+        if st.ready is not None:
+            st.ready.synchronize()
+        return st.kv
 
     def drop(self, transfer_id: str) -> None:
-        with self._lock:
+        """Forget a staged copy, or one still to come: a send waiting for it gives up."""
+        with self._cond:
             self._staged.pop(transfer_id, None)
+            self._dropped[transfer_id] = time.monotonic()
+            self._cond.notify_all()
 
     def count(self) -> int:
         """Staged copies held now (a leak shows here)."""
-        with self._lock:
+        with self._cond:
             return len(self._staged)
+
+    def trace(self) -> list[tuple[str, dict[str, float]]]:
+        """Phase times of recent transfers (and forget them)."""
+        with self._cond:
+            out = list(self._trace)
+            self._trace.clear()
+        return out
 
     def connect(self, key: str, host: str, port: int) -> None:
         group = PairGroup.connect(host, port, key, self.runner.device, self.timeout_s)
-        with self._lock:
-            self._groups[key] = group
+        with self._cond:
+            self._pairs[key] = _Pair(group)
 
-    def send_staged(self, transfer_id: str, key: str, last: bool = True) -> int:
-        """Send a staged copy through group ``key`` and forget it, unless another decode rank
-        still needs it (``last`` False; then ``drop`` forgets it)."""
-        with self._lock:
-            kv = self._staged[transfer_id][0] if not last else self._staged.pop(transfer_id)[0]
-        self._groups[key].send(kv)
-        return kv.numel() * kv.element_size()
+    def send_staged(
+        self, transfer_id: str, key: str, seq: int, last: bool = True, wait_s: float = 60.0
+    ) -> int:
+        """Transfer ``seq`` of pair ``key``: once it is its turn and the prompt is staged (or
+        dropped, or ``wait_s`` passed), signal the decode end and send. Forget the copy unless
+        another decode rank still needs it (``last`` False; then ``drop`` forgets it)."""
+        pair, deadline, t = self._turn(key, seq, wait_s)
+        try:
+            with self._cond:
+                while transfer_id not in self._staged and transfer_id not in self._dropped:
+                    if not self._cond.wait(deadline - time.monotonic()):
+                        break
+                st = self._staged.get(transfer_id)
+                if st is not None and last:
+                    del self._staged[transfer_id]
+            if st is None:
+                why = "dropped" if transfer_id in self._dropped else f"not ready in {wait_s:.0f}s"
+                pair.group.signal(transfer_id, f"prefill KV {why}")
+                return 0
+            t["staged"] = time.perf_counter()
+            pair.group.signal(transfer_id, "ok")
+            t["signalled"] = time.perf_counter()
+            pair.group.send_kv(st.kv, st.ready)
+            t["sent"] = time.perf_counter()
+            self._trace.append((transfer_id, t))
+            return st.kv.numel() * st.kv.element_size()
+        finally:
+            self._advance(pair)
 
     # ---- decode side ----
 
     def listen(self, key: str) -> tuple[str, int]:
         host = _node_ip()
         store = listen(host, self.timeout_s)
-        with self._lock:
+        with self._cond:
             self._stores[key] = store
         return host, store.port
 
     def accept(self, key: str) -> None:
-        with self._lock:
+        with self._cond:
             store = self._stores.pop(key)
         group = PairGroup(store, key, DECODE, self.runner.device, self.timeout_s)
-        with self._lock:
-            self._groups[key] = group
+        with self._cond:
+            self._pairs[key] = _Pair(group)
 
-    def recv_into(self, key: str, shape: tuple[int, ...], dtype: str, block_ids: list[int]) -> int:
-        buf = torch.empty(shape, dtype=getattr(torch, dtype), device=self.runner.device)
-        self._groups[key].recv(buf)
-        self.runner.write_kv(block_ids, buf)
-        if buf.is_cuda:
-            torch.cuda.current_stream(buf.device).synchronize()
-        return buf.numel() * buf.element_size()
+    def recv_into(
+        self,
+        key: str,
+        seq: int,
+        transfer_id: str,
+        shape: tuple[int, ...],
+        dtype: str,
+        block_ids: list[int],
+        wait_s: float = 60.0,
+    ) -> int:
+        """Transfer ``seq`` of pair ``key``: wait for its turn and the prefill end's signal,
+        then receive the KV into ``block_ids``. ``KVNotSent`` when prefill said it will not
+        come; other errors mean the pair can no longer be trusted."""
+        pair, deadline, t = self._turn(key, seq, wait_s)
+        try:
+            with self._cond:
+                pair.awaiting.add(transfer_id)
+            try:
+                word = pair.group.await_signal(transfer_id, deadline - time.monotonic())
+            finally:
+                with self._cond:
+                    pair.awaiting.discard(transfer_id)
+            if word == "closed":
+                raise RuntimeError(f"pair {key} closed while {transfer_id} waited")
+            if word != "ok":
+                raise KVNotSent(f"transfer {transfer_id}: {word}")
+            t["signalled"] = time.perf_counter()
+
+            index: list[torch.Tensor] = []
+
+            def write(layers: slice, part: torch.Tensor) -> None:
+                if not index:  # made on the stream the writes run on, not the model's
+                    index.append(torch.tensor(block_ids, device=self.runner.device))
+                self.runner.write_kv(index[0], part, layers)
+
+            pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write)
+            t["received"] = time.perf_counter()
+            self._trace.append((transfer_id, t))
+            return _nbytes(shape, dtype)
+        finally:
+            self._advance(pair)
 
     # ---- both sides ----
 
+    def _turn(self, key: str, seq: int, wait_s: float) -> tuple[_Pair, float, dict[str, float]]:
+        """Wait until transfer ``seq`` of pair ``key`` may go: the pair, the transfer's
+        deadline (``wait_s`` from now) and its phase times so far."""
+        t = {"posted": time.perf_counter()}
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while True:
+                pair = self._pairs.get(key)
+                if pair is None or pair.closed:
+                    raise RuntimeError(f"KV pair {key} is closed")
+                if pair.next_seq == seq:
+                    t["turn"] = time.perf_counter()
+                    return pair, deadline, t
+                assert pair.next_seq < seq, f"transfer {seq} of {key} came after its turn"
+                if not self._cond.wait(deadline - time.monotonic()):
+                    raise TimeoutError(f"transfer {seq} of {key} never got its turn")
+
+    def _advance(self, pair: _Pair) -> None:
+        with self._cond:
+            pair.next_seq += 1
+            self._cond.notify_all()
+
     def close(self, key: str) -> None:
         """Forget group ``key`` after a failed message: its order (NCCL matches by order) can no
-        longer be trusted, so the next transfer between the pair builds a fresh group."""
-        with self._lock:
-            group = self._groups.pop(key, None)
+        longer be trusted, so the next transfer between the pair builds a fresh group. Calls
+        waiting on it end."""
+        with self._cond:
+            pair = self._pairs.pop(key, None)
             self._stores.pop(key, None)
-        if group is not None:
-            group.close()
+            if pair is not None:
+                pair.closed = True
+                awaiting = sorted(pair.awaiting)
+            self._cond.notify_all()
+        if pair is not None:
+            try:
+                pair.group.interrupt(awaiting, "closed")
+            except Exception as e:  # noqa: BLE001 - the store may be gone with its peer
+                log.warning("could not wake the transfers waiting on %s: %s", key, e)
+            pair.group.close()
+
+    @property
+    def _groups(self) -> dict[str, PairGroup]:
+        with self._cond:
+            return {k: p.group for k, p in self._pairs.items()}
 
     def call(self, name: str, *args: Any) -> Any:
         if name not in _CALLS:
@@ -136,23 +275,11 @@ class KVPeer:
         return getattr(self, name)(*args)
 
 
-class PeerClient:
-    """Awaitable calls to a KVPeer: ``actor`` (a rank actor with a ``kv`` method) when remote,
-    ``local`` (the peer itself) in this process."""
-
-    def __init__(self, peer_id: str, actor: Any = None, local: KVPeer | None = None) -> None:
-        assert (actor is None) != (local is None)
-        self.peer_id, self.actor, self.local = peer_id, actor, local
-
-    async def call(self, name: str, *args: Any) -> Any:
-        if self.actor is not None:
-            return await self.actor.kv.remote(name, *args)
-        return await asyncio.to_thread(self.local.call, name, *args)
-
-    def __reduce__(self):
-        if self.local is not None:
-            raise TypeError("a local KV peer cannot leave its process; prefill needs rank actors")
-        return (PeerClient, (self.peer_id, self.actor))
+def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    n = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    for d in shape:
+        n *= d
+    return n
 
 
 def local_peer_id() -> str:

@@ -40,7 +40,9 @@ class ObjectStoreTransport(KVTransport):
             payload=(meta, [ref]),  # the ref inside a list: passed along, not resolved by Ray
         )
 
-    async def receive(self, handle: KVHandle, dest: KVDestination, executor: Executor) -> None:
+    async def receive(
+        self, handle: KVHandle, dest: KVDestination, executor: Executor, wait_s: float = 60.0
+    ) -> None:
         if handle.transport != self.name:
             raise ValueError(f"object-store receiver got a {handle.transport!r} handle")
         if handle.transfer_id != dest.transfer_id:

@@ -3,25 +3,35 @@ gloo between CPU processes, which is how CI runs the same code.
 
 The decode replica drives both ends. For each of its ranks j it pulls from prefill rank
 j mod P: it opens the pair group once (the decode rank listens on a free port, the prefill rank
-connects, both through Ray calls), then per transfer posts its receive and asks the prefill rank
-to send the staged copy. One lock per pair keeps sends and receives in the same order on both
-sides, which NCCL needs (it matches messages by order), and a transfer, once started, finishes
-even if the request is cancelled, so the next one on that pair cannot overtake it. A message
-that fails or outlasts the pair's timeout (a peer died, a staged copy was gone) closes the group
-on both ends; the next transfer between the pair opens a new one. Each request
-moves as one message per decode rank, [layers, blocks, block_size, width], sent by the rank
-actors on threads of their own, so prefill steps go on meanwhile.
+connects, both through Ray calls), then per transfer hands out the pair's next sequence number
+and posts both ends at once: the decode rank's receive and the prefill rank's send. The prefill
+replica announces a transfer (``announce``) as soon as it admits the prompt, so decode posts
+both ends while the prompt still runs; when it finishes, the prefill rank signals and sends at
+once and no Ray call sits between the end of prefill and the bytes moving. Each request moves
+as a few layer-group messages per decode rank, from streams of the pair's own, so prefill
+steps go on meanwhile.
+
+A transfer, once posted, runs to its end even if the request is cancelled, so the next one on
+the pair cannot overtake it. A prompt that failed on the prefill side ends its transfer with
+``KVNotSent`` and the pair goes on; a message that fails or outlasts its bound (a peer died)
+closes the group on both ends, and the next transfer between the pair opens a new one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import time
 
 from cluster.executor import Executor
 from cluster.kv_transport.base import KVTransport
-from cluster.kv_transport.kv_peer import PeerClient
+from cluster.kv_transport.kv_peer import KVNotSent
+from cluster.kv_transport.peer_client import PeerClient
 from cluster.messages import KVDestination, KVHandle
+
+log = logging.getLogger(__name__)
+_GENERATIONS = itertools.count()  # pair groups of one process get distinct keys
 
 
 class P2PTransport(KVTransport):
@@ -30,23 +40,29 @@ class P2PTransport(KVTransport):
     def __init__(self) -> None:
         super().__init__()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._open: set[str] = set()
+        self._open: dict[str, str] = {}  # "prefill peer>decode peer" -> the open group's key
+        self._seq: dict[str, int] = {}  # group key -> the next transfer's sequence number
 
-    async def send(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
+    def announce(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
         layers, block_size, width, dtype = executor.kv_layout
         n = len(dest.block_ids)
-        nbytes = layers * n * block_size * width * _itemsize(dtype)
-        self.stats.add(nbytes, 0.0)  # staged; the bytes move when decode pulls them
         return KVHandle(
             transport=self.name,
             transfer_id=transfer_id,
             num_blocks=n,
-            nbytes=nbytes,
+            nbytes=layers * n * block_size * width * _itemsize(dtype),
             payload={"peers": executor.kv_peers(), "shape": (layers, n, block_size, width),
                      "dtype": dtype},
         )  # fmt: skip
 
-    async def receive(self, handle: KVHandle, dest: KVDestination, executor: Executor) -> None:
+    async def send(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
+        handle = self.announce(executor, transfer_id, dest)
+        self.stats.add(handle.nbytes, 0.0)  # staged; the bytes move when decode pulls them
+        return handle
+
+    async def receive(
+        self, handle: KVHandle, dest: KVDestination, executor: Executor, wait_s: float = 60.0
+    ) -> None:
         if handle.transport != self.name:
             raise ValueError(f"p2p receiver got a {handle.transport!r} handle")
         start = time.perf_counter()
@@ -56,10 +72,10 @@ class P2PTransport(KVTransport):
         fan_out = any(len(js) > 1 for js in serves)
 
         async def transfer() -> None:
-            # one round trip per transfer when each staged copy serves one decode rank: the
-            # send forgets it; a copy serving several is dropped once all its pulls have ended
+            # a staged copy serving one decode rank is forgotten by its send; one serving
+            # several is dropped once all its pulls have ended
             pulls = [
-                self._pull(src[i], dst[j], handle, dest.block_ids, last=not fan_out)
+                self._pull(src[i], dst[j], handle, dest.block_ids, not fan_out, wait_s)
                 for i, js in enumerate(serves)
                 for j in js
             ]
@@ -77,29 +93,66 @@ class P2PTransport(KVTransport):
         self.stats.add(handle.nbytes * len(dst), time.perf_counter() - start)
 
     async def _pull(
-        self, src: PeerClient, dst: PeerClient, handle: KVHandle, block_ids: list[int], last: bool
+        self,
+        src: PeerClient,
+        dst: PeerClient,
+        handle: KVHandle,
+        block_ids: list[int],
+        last: bool,
+        wait_s: float,
     ) -> None:
-        key = f"{src.peer_id}>{dst.peer_id}"
-        async with self._locks.setdefault(key, asyncio.Lock()):
-            if key not in self._open:
+        pair = f"{src.peer_id}>{dst.peer_id}"
+        tid = handle.transfer_id
+        async with self._locks.setdefault(pair, asyncio.Lock()):  # first come, first numbered
+            key = self._open.get(pair)
+            if key is None:
+                key = f"{pair}#{next(_GENERATIONS)}"
                 host, port = await dst.call("listen", key)
                 await asyncio.gather(src.call("connect", key, host, port), dst.call("accept", key))
-                self._open.add(key)
+                self._open[pair], self._seq[key] = key, 0
+            seq = self._seq[key]
+            self._seq[key] = seq + 1
             shape, dtype = handle.payload["shape"], handle.payload["dtype"]
-            # both ends return (a message that cannot complete fails within the pair group's
-            # timeout) before the pair is judged, so nothing is still using a group we close
-            done = await asyncio.gather(
-                dst.call("recv_into", key, shape, dtype, block_ids),
-                src.call("send_staged", handle.transfer_id, key, last),
-                return_exceptions=True,
+            # submitted in sequence order; each end waits for its turn on its own threads
+            recv = asyncio.ensure_future(
+                dst.call("recv_into", key, seq, tid, shape, dtype, block_ids, wait_s)
             )
-            failed = [r for r in reversed(done) if isinstance(r, BaseException)]
-            if failed:  # the send's error first: a receive that timed out is its consequence
-                self._open.discard(key)
-                await asyncio.gather(
-                    dst.call("close", key), src.call("close", key), return_exceptions=True
-                )
-                raise failed[0]
+            send = asyncio.ensure_future(src.call("send_staged", tid, key, seq, last, wait_s))
+        await asyncio.wait([recv, send], return_when=asyncio.FIRST_COMPLETED)
+        if not recv.done() and send.exception() is not None:
+            if not isinstance(send.exception(), KVNotSent):  # close now: the receive still
+                await self._close(pair, key, src, dst)  # waiting wakes instead of timing out
+        await asyncio.wait([recv])
+        if recv.exception() is None:
+            # the KV is in its blocks: the send's own reply (a Ray round trip) is not waited
+            # for; should it fail now, the pair is closed for the transfers after this one
+            if not send.done():
+                asyncio.ensure_future(self._after_send(send, pair, key, src, dst))
+            elif send.exception() is not None:
+                await self._close(pair, key, src, dst)
+            return
+        # the receive failed: judge the pair once both ends are back
+        done = await asyncio.gather(recv, send, return_exceptions=True)
+        failed = [r for r in reversed(done) if isinstance(r, BaseException)]  # the send's first
+        broken = [e for e in failed if not isinstance(e, KVNotSent)]
+        if broken:
+            await self._close(pair, key, src, dst)
+        raise (broken or failed)[0]
+
+    async def _after_send(
+        self, send: asyncio.Future, pair: str, key: str, src: PeerClient, dst: PeerClient
+    ) -> None:
+        try:
+            await send
+        except Exception as e:  # noqa: BLE001 - the KV arrived; the pair is suspect
+            log.warning("the send of a delivered transfer on %s failed: %s", key, e)
+            await self._close(pair, key, src, dst)
+
+    async def _close(self, pair: str, key: str, src: PeerClient, dst: PeerClient) -> None:
+        if self._open.get(pair) == key:
+            del self._open[pair]
+            self._seq.pop(key, None)
+        await asyncio.gather(dst.call("close", key), src.call("close", key), return_exceptions=True)
 
 
 def _itemsize(dtype: str) -> int:

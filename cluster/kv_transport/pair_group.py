@@ -4,18 +4,32 @@
 The decode side hosts the group's TCPStore on a port the OS picks and passes the address to the
 prefill side through a Ray call, so no port is fixed in advance. NCCL matches point-to-point
 messages by order, not by tag: whoever uses a group must issue sends and receives in the same
-order on both sides (the NCCL transport holds a lock per group for that).
+order on both sides (the KV peers take turns by sequence number for that).
+
+The same store carries one small signal per transfer, prefill to decode: "ok" (the KV follows
+on the group) or why it will not come. A decode rank waits on the signal, not on a posted NCCL
+receive, so a transfer can be waiting long before its prefill ends without an NCCL timeout, and
+a prefill that fails costs its pair nothing. A request's KV moves in a few layer-group messages;
+the receiver scatters each into its blocks on a side stream while the next one arrives.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger(__name__)
+
 PREFILL, DECODE = 0, 1
+CHUNK_BYTES = 48 << 20  # a KV message is cut into layer groups of about this size
+_ASYNC_ERRORS = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 
 def listen(host: str, timeout_s: float) -> dist.TCPStore:
@@ -38,21 +52,34 @@ class PairGroup:
         other side joins; NCCL connects at the first message. A message that does not complete
         within ``timeout_s`` fails instead of hanging (a peer died)."""
         self.key, self.rank, self.device = key, rank, device
+        self.timeout_s = timeout_s
         prefixed = dist.PrefixStore(f"kv/{key}", store)
         self._store = store  # the group keeps using it
+        self._signals = dist.PrefixStore(f"sig/{key}", store)
+        self._read: list[str] = []  # the signal read last, deleted at the next wait
         timeout = timedelta(seconds=timeout_s)
         if device.type == "cuda":
-            # a pair's failed message must fail that transfer, not the replica: on a timeout
-            # NCCL's watchdog then aborts the pair's communicator instead of ending the process
-            # (its default). Read when a group is made; tensor-parallel groups, made earlier,
-            # keep the default. Not yet exercised on GPUs by a test.
-            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
-            options = dist.ProcessGroupNCCL.Options()
-            options._timeout = timeout
-            self.pg = dist.ProcessGroupNCCL(prefixed, rank, 2, options)
+            # a pair's failed message must fail that transfer, not the replica: NCCL's watchdog
+            # then aborts the pair's communicator instead of ending the process (its default).
+            # Read when a group is made: set for this one only. (Blocking waits would also
+            # raise on a timeout, but they poll every millisecond; ``_finish`` polls finer.)
+            saved = os.environ.get(_ASYNC_ERRORS)
+            os.environ[_ASYNC_ERRORS] = "2"
+            try:
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = timeout
+                self.pg = dist.ProcessGroupNCCL(prefixed, rank, 2, options)
+            finally:
+                if saved is None:
+                    os.environ.pop(_ASYNC_ERRORS, None)
+                else:
+                    os.environ[_ASYNC_ERRORS] = saved
         else:
             self.pg = dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
         self.messages = 0
+        cuda = device.type == "cuda"
+        self._io = torch.cuda.Stream(device) if cuda else None  # KV messages
+        self._side = torch.cuda.Stream(device) if cuda else None  # scattering received KV
 
     @staticmethod
     def connect(
@@ -63,7 +90,7 @@ class PairGroup:
         return PairGroup(store, key, PREFILL, device, timeout_s)
 
     def send(self, t: torch.Tensor) -> None:
-        """Blocks until the message is handed over (for NCCL: until the copy finished)."""
+        """One message; blocks until it is handed over (for NCCL: until the copy finished)."""
         assert self.rank == PREFILL
         self.pg.send([t.contiguous()], DECODE, 0).wait()
         self._sync(t)
@@ -76,14 +103,122 @@ class PairGroup:
         self._sync(t)
         self.messages += 1
 
+    def send_kv(self, kv: torch.Tensor, ready: torch.cuda.Event | None = None) -> None:
+        """[layers, n, block_size, width], contiguous, as ``layer_groups(kv)`` messages, from a
+        stream of the group's own that waits for ``ready`` (the copy that made ``kv``) and not
+        for the model steps queued after it."""
+        assert self.rank == PREFILL and kv.is_contiguous()
+        with self._on_io():
+            if ready is not None:
+                self._io.wait_event(ready)
+            works = [self.pg.send([kv[layers]], DECODE, 0) for layers in layer_groups(kv)]
+            self.messages += len(works)
+            for work in works:  # posted back to back; on GPU these only order the stream
+                work.wait()
+            self._finish(self._io)
+
+    def recv_kv(
+        self,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        write: Callable[[slice, torch.Tensor], None],
+    ) -> None:
+        """Receive what ``send_kv`` sent, handing each layer group to ``write(layers, part)`` as
+        it lands; returns once every part is written. On GPU the receives are posted from the
+        group's own stream (not behind the decode steps on the default one) and the writes run
+        on a side stream, so group g is scattered while group g + 1 is on the wire."""
+        assert self.rank == DECODE
+        with self._on_io():
+            buf = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, n, bs, width]
+            for layers in layer_groups(buf):
+                part = buf[layers]
+                work = self.pg.recv([part], PREFILL, 0)
+                self.messages += 1
+                if self._side is None:  # gloo: the wait blocks (once: a second one hangs)
+                    work.wait()
+                    write(layers, part)
+                    continue
+                with torch.cuda.stream(self._side):
+                    work.wait()  # the side stream waits for this part, not the next ones
+                    write(layers, part)
+            self._finish(self._side)
+
+    def _finish(self, stream: torch.cuda.Stream | None) -> None:
+        """Wait for ``stream``'s work (the messages and what follows them), spinning for the
+        first milliseconds (a transfer takes about that long) and then sleeping; after the
+        group's timeout abort the communicator (a peer died mid-message) and raise."""
+        if stream is None:
+            return
+        done = torch.cuda.Event()
+        done.record(stream)
+        start = time.perf_counter()
+        while not done.query():
+            waited = time.perf_counter() - start
+            if waited > self.timeout_s:
+                self.abort()
+                raise TimeoutError(f"KV message on pair {self.key} not done in {waited:.0f}s")
+            if waited > 0.02:
+                time.sleep(0.001)
+
+    def _on_io(self):
+        return torch.cuda.stream(self._io) if self._io is not None else contextlib.nullcontext()
+
+    # ---- the per-transfer signal (over the store) ----
+
+    def signal(self, transfer_id: str, value: str) -> None:
+        """Prefill side: "ok" when the KV follows, else why it will not."""
+        self._signals.set(transfer_id, value)
+
+    def await_signal(self, transfer_id: str, timeout_s: float) -> str:
+        """Decode side: the transfer's signal; ``TimeoutError`` when none came in time. (The
+        key is deleted at the next call, off the critical path of this transfer.)"""
+        if self._read:
+            self._signals.delete_key(self._read.pop())
+        self._signals.set_timeout(timedelta(seconds=max(timeout_s, 0.001)))
+        try:
+            word = self._signals.get(transfer_id)  # one round trip: blocks until it is set
+        except dist.DistStoreError as e:
+            raise TimeoutError(
+                f"no word from prefill about {transfer_id} in {timeout_s:.1f}s"
+            ) from e
+        self._read.append(transfer_id)
+        return word.decode()
+
+    def interrupt(self, transfer_ids: list[str], why: str) -> None:
+        """End other threads' ``await_signal`` on these transfers with ``why`` (through a
+        connection of its own: a store connection serves one call at a time)."""
+        if not transfer_ids:
+            return
+        store = dist.TCPStore(
+            self._store.host, self._store.port, is_master=False, timeout=timedelta(seconds=5)
+        )
+        signals = dist.PrefixStore(f"sig/{self.key}", store)
+        for tid in transfer_ids:
+            signals.set(tid, why)
+
     def _sync(self, t: torch.Tensor) -> None:
         # NCCL's wait() only orders the current stream after the transfer; the caller needs the
         # bytes to have moved (to free the sender's copy, or to scatter the receiver's)
         if t.is_cuda:
             torch.cuda.current_stream(t.device).synchronize()
 
+    def abort(self) -> None:
+        """End the communicator now, messages in flight included (NCCL kernels then exit)."""
+        try:
+            self.pg.abort()
+        except (AttributeError, RuntimeError) as e:  # gloo groups have no abort
+            log.warning("could not abort pair group %s: %s", self.key, e)
+
     def close(self) -> None:
         try:
             self.pg.shutdown()
         except (AttributeError, RuntimeError):  # gloo groups and older torch have no shutdown
             pass
+
+
+def layer_groups(kv: torch.Tensor) -> list[slice]:
+    """Contiguous layer ranges of about ``CHUNK_BYTES`` each; both ends cut the same way."""
+    layers = kv.shape[0]
+    parts = max(1, min(layers, kv.numel() * kv.element_size() // CHUNK_BYTES))
+    bounds = [round(i * layers / parts) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]

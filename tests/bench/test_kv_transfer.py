@@ -25,4 +25,5 @@ def test_kv_transfer_bench_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["tokens"] for r in rows] == [64, 300]
     assert rows[1]["bytes"] == 2 * 19 * 16 * 80 * 4  # 300 tokens fill 19 blocks of 16
-    assert all(r["raw_s"] > 0 and r["transport_s"] > 0 and r["pct_of_raw"] > 0 for r in rows)
+    assert all(r["raw_s"] > 0 and r["early_s"] > 0 and r["after_s"] > 0 for r in rows)
+    assert all(r["early_pct_of_raw"] > 0 and r["after_pct_of_raw"] > 0 for r in rows)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from cluster.config import CacheConfig, EngineConfig, ModelConfig
 from cluster.kv_layout import fingerprint
 from cluster.kv_transport import make_transport
+from cluster.kv_transport.kv_peer import KVNotSent
 from cluster.messages import KVDestination
 from cluster.model_runner import ModelRunner
 from cluster.tp_executor import RayTPExecutor
@@ -137,7 +139,6 @@ def test_nccl_between_two_gpus_lands_in_the_right_blocks(ray_cpu, tiny_model):
 def test_timeout_a_pair_group_message_from_a_dead_peer_fails_within_its_bound():
     """A receive whose sender never sends (it died) raises after ``timeout_s``, not never."""
     import threading
-    import time
 
     from cluster.kv_transport.pair_group import DECODE, PairGroup, listen
 
@@ -166,9 +167,72 @@ def test_timeout_a_pair_group_message_from_a_dead_peer_fails_within_its_bound():
     decode.close()
 
 
-def test_fault_a_failed_pull_closes_the_pair_and_the_next_transfer_opens_a_new_one(tiny_model):
-    """A pull whose staged copy is gone fails (the receive times out on its pair group); both
-    ends close the group, and the next transfer between the same ranks lands its blocks."""
+def test_receives_posted_before_their_prompts_end_land_in_order(ray_cpu, tiny_model):
+    """Decode posts five transfers before any prompt is staged (as it does when the prefill
+    replica announces them); the prompts end in reverse order; every KV lands where it should."""
+    cfg = ModelConfig.from_dir(tiny_model)
+    prefill, decode = _executor(tiny_model, 1, True), _executor(tiny_model, 1, False)
+    sender, receiver = make_transport("nccl"), make_transport("nccl")
+    sent = [_fill(prefill, src, seed=i) for i, (src, _) in enumerate(JOBS)]
+
+    async def run():
+        posted = []
+        for i, (_, dst) in enumerate(JOBS):
+            dest = _dest(f"e{i}", dst, cfg)
+            handle = sender.announce(prefill, f"e{i}", dest)
+            posted.append(asyncio.ensure_future(receiver.receive(handle, dest, decode, 30.0)))
+        await asyncio.sleep(0.5)
+        assert not any(p.done() for p in posted)  # waiting for their prompts
+        for i in reversed(range(len(JOBS))):
+            prefill.stage_kv(f"e{i}", JOBS[i][0])
+        await asyncio.wait_for(asyncio.gather(*posted), 60)
+
+    asyncio.run(run())
+    for i, (_, dst) in enumerate(JOBS):
+        torch.testing.assert_close(decode.read_kv(dst), sent[i], rtol=0, atol=0)
+    assert _staged_count(prefill) == 0
+    for ex in (prefill, decode):
+        ex.shutdown()
+
+
+def _staged_count(executor) -> int:
+    import ray
+
+    return sum(ray.get([r.kv.remote("count") for r in executor.ranks]))
+
+
+def test_fault_a_dropped_prompt_ends_its_transfer_and_the_pair_goes_on(tiny_model):
+    """A transfer whose prompt failed on the prefill side (its copy dropped) ends at once with
+    ``KVNotSent``; the pair group stays open and the next transfer lands through it."""
+    cfg = ModelConfig.from_dir(tiny_model)
+    prefill, decode = _executor(tiny_model, 1, False), _executor(tiny_model, 1, False)
+    sender, receiver = make_transport("nccl"), make_transport("nccl")
+    sent = _fill(prefill, [1, 2], seed=3)
+
+    async def run():
+        await _move(sender, receiver, prefill, decode, [1, 2], [3, 4], "ok-1", cfg)
+        key = dict(receiver._open)
+        dest = _dest("gone", [5, 6], cfg)
+        posted = receiver.receive(sender.announce(prefill, "gone", dest), dest, decode, 30.0)
+        prefill.drop_staged("gone")  # the prompt failed before it was staged
+        t0 = time.monotonic()
+        with pytest.raises(KVNotSent):
+            await posted
+        assert time.monotonic() - t0 < 5.0
+        assert receiver._open == key and len(decode.kv_peer._groups) == 1
+        await _move(sender, receiver, prefill, decode, [1, 2], [7, 8], "ok-2", cfg)
+
+    asyncio.run(run())
+    torch.testing.assert_close(decode.read_kv([3, 4]), sent, rtol=0, atol=0)
+    torch.testing.assert_close(decode.read_kv([7, 8]), sent, rtol=0, atol=0)
+
+
+def test_fault_a_broken_pair_is_closed_on_both_ends_and_the_next_transfer_opens_a_new_one(
+    tiny_model,
+):
+    """The prefill end's group is gone (its peer died and came back): the posted transfer
+    fails within seconds instead of waiting out its bound, both ends close the group, and the
+    next transfer between the same ranks lands its blocks over a new one."""
     cfg = ModelConfig.from_dir(tiny_model)
     prefill, decode = _executor(tiny_model, 1, False), _executor(tiny_model, 1, False)
     for ex in (prefill, decode):
@@ -178,15 +242,83 @@ def test_fault_a_failed_pull_closes_the_pair_and_the_next_transfer_opens_a_new_o
 
     async def run():
         await _move(sender, receiver, prefill, decode, [1, 2], [3, 4], "ok-1", cfg)
-        prefill.stage_kv("gone", [1, 2])
-        dest = _dest("gone", [5, 6], cfg)
-        handle = await sender.send(prefill, "gone", dest)
-        prefill.drop_staged("gone")  # the prefill side lost it: its send fails at once
-        with pytest.raises(KeyError):
-            await receiver.receive(handle, dest, decode)
+        (key,) = receiver._open.values()
+        prefill.kv_peer.close(key)  # only the prefill end forgets it
+        prefill.stage_kv("lost", [1, 2])
+        dest = _dest("lost", [5, 6], cfg)
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="closed"):
+            await receiver.receive(sender.announce(prefill, "lost", dest), dest, decode, 30.0)
+        assert time.monotonic() - t0 < 10.0
         assert not receiver._open and not decode.kv_peer._groups and not prefill.kv_peer._groups
         await _move(sender, receiver, prefill, decode, [1, 2], [7, 8], "ok-2", cfg)
+        assert list(receiver._open.values()) != [key]
 
     asyncio.run(run())
     torch.testing.assert_close(decode.read_kv([3, 4]), sent, rtol=0, atol=0)
     torch.testing.assert_close(decode.read_kv([7, 8]), sent, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.multi_gpu
+def test_timeout_an_nccl_peer_that_dies_mid_transfer_fails_the_transfer_not_the_process():
+    """Over NCCL between two GPUs (one thread per end in this process): the prefill end signals
+    that the KV follows and then dies without sending. The decode end's receive raises within
+    its pair's timeout (the group aborts its communicator; the process lives on), and a new
+    pair group between the same GPUs then moves KV intact."""
+    import threading
+
+    from cluster.kv_transport.pair_group import DECODE, PairGroup, listen
+
+    pre_dev, dec_dev = torch.device("cuda:0"), torch.device("cuda:1")
+    shape = (4, 3, 16, 64)
+
+    def open_pair(key: str) -> tuple[PairGroup, PairGroup]:
+        store = listen("127.0.0.1", 30.0)
+        joined: dict[str, PairGroup] = {}
+        joiner = threading.Thread(
+            target=lambda: joined.update(
+                p=PairGroup.connect("127.0.0.1", store.port, key, pre_dev, 3.0)
+            )
+        )
+        joiner.start()
+        dec = PairGroup(store, key, DECODE, dec_dev, timeout_s=3.0)
+        joiner.join(timeout=60)
+        return joined["p"], dec
+
+    def written() -> tuple[dict, callable]:
+        got: dict[int, torch.Tensor] = {}
+
+        def write(layers: slice, part: torch.Tensor) -> None:
+            got[layers.start] = part.clone()
+
+        return got, write
+
+    pre, dec = open_pair("dies")
+    kv = torch.randn(shape, device=pre_dev).to(torch.bfloat16)
+    sender = threading.Thread(target=lambda: (pre.signal("t0", "ok"), pre.send_kv(kv)))
+    sender.start()
+    assert dec.await_signal("t0", 10.0) == "ok"
+    got, write = written()
+    dec.recv_kv(shape, torch.bfloat16, write)
+    sender.join(timeout=30)
+    assert torch.equal(torch.cat([got[k] for k in sorted(got)]).cpu(), kv.cpu())
+
+    pre.signal("t1", "ok")  # ... and the prefill end dies before it sends
+    assert dec.await_signal("t1", 10.0) == "ok"
+    t0 = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017 - torch raises DistBackendError or RuntimeError
+        dec.recv_kv(shape, torch.bfloat16, written()[1])
+    assert time.monotonic() - t0 < 30.0, "the receive should fail near its 3 s timeout"
+    for g in (pre, dec):
+        g.close()
+
+    pre, dec = open_pair("again")
+    sender = threading.Thread(target=lambda: pre.send_kv(kv))
+    sender.start()
+    got, write = written()
+    dec.recv_kv(shape, torch.bfloat16, write)
+    sender.join(timeout=30)
+    assert torch.equal(torch.cat([got[k] for k in sorted(got)]).cpu(), kv.cpu())
+    for g in (pre, dec):
+        g.close()

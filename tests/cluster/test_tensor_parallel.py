@@ -70,7 +70,8 @@ def test_tp2_matches_single_process(tiny_model, tmp_path):
 @pytest.mark.multi_gpu
 def test_tp2_over_nccl_matches_one_gpu(tiny_model):
     """TP=2 on two GPUs (NCCL all-reduce and all-gather) gives one GPU's greedy tokens, in
-    float32 (the Triton kernels compute float32 exactly; bf16 TP reorders its sums)."""
+    float32 (the Triton kernels compute float32 exactly; bf16 TP reorders its sums), with its
+    decode steps replayed from CUDA graphs and without."""
     import ray
 
     from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
@@ -85,8 +86,13 @@ def test_tp2_over_nccl_matches_one_gpu(tiny_model):
         prompts = [[(7 * j + i) % 900 + 4 for j in range(n)] for i, n in enumerate((3, 40, 200))]
         one = [o.token_ids for o in LLMEngine(EngineConfig(**base)).generate(prompts, sp)]
         tp2 = LLMEngine(EngineConfig(**base, tp=2, gpus_per_rank=1))
+        assert tp2.runner.decode_graphs  # decode steps replay graphs with the NCCL collectives
         assert [o.token_ids for o in tp2.generate(prompts, sp)] == one
         tp2.runner.shutdown()
+        eager = LLMEngine(EngineConfig(**base, tp=2, gpus_per_rank=1, decode_graphs="off"))
+        assert not eager.runner.decode_graphs
+        assert [o.token_ids for o in eager.generate(prompts, sp)] == one
+        eager.runner.shutdown()
     finally:
         if started:
             ray.shutdown()

@@ -15,7 +15,14 @@ from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
 from cluster.errors import OverloadedError, RequestError, WorkerError
 from cluster.faults import FaultInjector
 from decode_worker.server import DecodeServer
-from tests.decode_worker.test_server import _collect, _eventually, _PrefillHandle, _spec, _staged
+from tests.decode_worker.test_server import (
+    _collect,
+    _eventually,
+    _PrefillHandle,
+    _spec,
+    _staged,
+    _Stream,
+)
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 PROMPT = [11] * 30
@@ -28,11 +35,20 @@ class _Flaky:
         self.inner, self.fail, self.error, self.calls = inner, fail, error, 0
         self.prefill = self
 
-    async def remote(self, req):
+    def options(self, stream: bool = False):
+        return self
+
+    def remote(self, req) -> _Stream:
         self.calls += 1
         if self.fail < 0 or self.calls <= self.fail:
-            raise self.error(f"prefill replica failed (call {self.calls})")
-        return await self.inner.prefill.remote(req)
+            call = self.calls
+
+            async def failing():
+                raise self.error(f"prefill replica failed (call {call})")
+                yield
+
+            return _Stream(failing())
+        return self.inner.prefill.remote(req)
 
 
 @pytest.fixture(scope="module")

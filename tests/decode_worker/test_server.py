@@ -20,20 +20,41 @@ from prefill_worker.server import PrefillServer
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 
+class _Stream:
+    """Stands in for Serve's DeploymentResponseGenerator: iterate it, or cancel it."""
+
+    def __init__(self, items) -> None:
+        self.items = items
+
+    def __aiter__(self):
+        return self.items
+
+    def cancel(self) -> None:
+        asyncio.ensure_future(self.items.aclose())
+
+
 class _Method:
     def __init__(self, fn, delay: float = 0.0) -> None:
         self.fn, self.delay = fn, delay
 
-    async def remote(self, req):
-        await asyncio.sleep(self.delay)
-        return await self.fn(req)
+    def remote(self, req) -> _Stream:
+        async def items():
+            await asyncio.sleep(self.delay)
+            async for item in self.fn(req):
+                yield item
+
+        return _Stream(items())
 
 
 class _PrefillHandle:
-    """Stands in for a Serve DeploymentHandle to the prefill pool."""
+    """Stands in for a Serve DeploymentHandle to the prefill pool (its streamed calls)."""
 
     def __init__(self, server: PrefillServer, delay: float = 0.0) -> None:
         self.prefill = _Method(server.prefill, delay)
+
+    def options(self, stream: bool = False):
+        assert stream, "prefill replies stream"
+        return self
 
 
 def _spec(

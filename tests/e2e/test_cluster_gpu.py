@@ -35,8 +35,11 @@ def _matches_single_process(ray_serve, tiny_model, name: str, pool: dict):
         code, r = app.post("/v1/completions", body)
         assert code == 200, r
         assert r["choices"][0]["token_ids"] == want, prompt[:30]
-    m = app.wait_metrics(lambda m: m.get('pdserve_kv_blocks_used{pool="decode"}', 1) == 0)
-    assert m['pdserve_kv_transfers_total{pool="decode"}'] >= 3
+    used = 'pdserve_kv_blocks_used{pool="decode"}'
+    moved = 'pdserve_kv_transfers_total{pool="decode"}'
+    # replicas report every few seconds: wait for a report made after the requests
+    m = app.wait_metrics(lambda m: m.get(used, 1) == 0 and m.get(moved, 0) >= 3)
+    assert m[used] == 0 and m[moved] >= 3
     return app
 
 
