@@ -1,7 +1,8 @@
 """Messages between the ingress, decode replicas and prefill replicas (msgspec Structs).
 
 ingress --GenerateRequest--> decode --PrefillRequest--> prefill
-ingress <--RequestOutput*--- decode <--PrefillResult---- prefill   (+ KV over the transport)
+ingress <--RequestOutput*--- decode <--PrefillAccepted, PrefillResult-- prefill  (+ KV over the
+                                                                          transport)
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):
     prompt_token_ids: list[int]
     sampling: SamplingParams  # the request's own; prefill samples exactly one token with it
     kv: KVDestination
+    avoid: tuple[str, ...] = ()  # Serve ids of prefill replicas this request failed on: a retry
+    # goes elsewhere while another replica exists (deploy/prefill_router.py)
 
 
 class FirstToken(msgspec.Struct, frozen=True):
@@ -58,6 +61,13 @@ class KVHandle(msgspec.Struct, frozen=True, kw_only=True):
     payload: Any = (
         None  # object store: the ObjectRef of the [layers, blocks, block_size, width] tensor
     )
+
+
+class PrefillAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    """The first item of a prefill replica's streamed reply, sent when it admits the prompt."""
+
+    replica: str  # its Serve replica id, for ``PrefillRequest.avoid`` should this attempt fail
+    kv: KVHandle | None  # where the transport can receive before the prompt ends (p2p), or None
 
 
 class PrefillResult(msgspec.Struct, frozen=True, kw_only=True):

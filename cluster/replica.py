@@ -53,7 +53,8 @@ class Replica:
     def __init__(self, spec: WorkerSpec) -> None:
         logging.basicConfig(level=logging.INFO)
         self.spec = spec
-        self.replica_id = f"{spec.pool}-{_serve_replica_tag()}"
+        self.serve_id = _serve_replica_tag()  # Serve's replica id (routers know it)
+        self.replica_id = f"{spec.pool}-{self.serve_id}"
         if spec.engine.tp == 1 and not spec.engine.rank_actors:
             torch.set_num_threads(max(1, int(spec.engine.cpus_per_rank)))
         start = time.perf_counter()

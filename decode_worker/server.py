@@ -2,8 +2,9 @@
 
 For each request it:
   1. validates it and reserves KV blocks for the prompt, or answers "overloaded" at once;
-  2. asks a prefill replica (Serve picks one) to run the prompt, naming the blocks, a transfer id
-     and its own KV layout fingerprint; the reply streams;
+  2. asks a prefill replica (Serve picks one; a retry avoids those already tried) to run the
+     prompt, naming the blocks, a transfer id and its own KV layout fingerprint; the reply
+     streams;
   3. collects the KV from the transport into the reserved blocks: posted as soon as the prefill
      replica announces the transfer (point to point), so the KV moves the moment the prompt
      ends, or once the result is back (object store);
@@ -34,6 +35,7 @@ from cluster.messages import (
     GenerateRequest,
     KVDestination,
     KVHandle,
+    PrefillAccepted,
     PrefillRequest,
     PrefillResult,
 )
@@ -98,6 +100,7 @@ class DecodeServer(Replica):
         prompt, sampling, rid = req.prompt_token_ids, req.sampling, req.request_id
         spec = self.spec
         errors: list[str] = []
+        tried: list[str] = []  # prefill replicas that took an attempt: a retry avoids them
         for attempt in range(1 + spec.prefill_retries):
             blocks: list[int] = await self.aengine.run_owned(
                 lambda e: e.reserve(len(prompt)), lambda e, ids: e.release(ids)
@@ -106,7 +109,7 @@ class DecodeServer(Replica):
             receiving: list[asyncio.Future] = []  # the attempt's KV receive, once posted
             try:
                 try:
-                    first = await self._prefill(req, blocks, attempt, receiving)
+                    first = await self._prefill(req, blocks, attempt, receiving, tried)
                 except (RequestError, KVLayoutMismatch):
                     raise  # the request or the deployment is wrong: no retry helps
                 except Exception as e:  # noqa: BLE001 - a failed attempt; the next one may do
@@ -136,10 +139,16 @@ class DecodeServer(Replica):
         raise OverloadedError(f"prefill failed {len(errors)} times: {'; '.join(errors)}", 1.0)
 
     async def _prefill(
-        self, req: GenerateRequest, blocks: list[int], attempt: int, receiving: list
+        self,
+        req: GenerateRequest,
+        blocks: list[int],
+        attempt: int,
+        receiving: list[asyncio.Future],
+        tried: list[str],
     ) -> FirstToken:
-        """One attempt: prefill on some replica, then the KV into ``blocks``. The receive,
-        once posted, goes into ``receiving``: the blocks are not free before it ended."""
+        """One attempt: prefill on some replica other than those ``tried`` (it joins them),
+        then the KV into ``blocks``. The receive, once posted, goes into ``receiving``: the
+        blocks are not free before it ended."""
         spec = self.spec
         dest = KVDestination(
             transfer_id=f"{req.request_id}/{attempt}-{uuid.uuid4().hex[:8]}",
@@ -153,6 +162,7 @@ class DecodeServer(Replica):
             prompt_token_ids=req.prompt_token_ids,
             sampling=req.sampling,
             kv=dest,
+            avoid=tuple(tried),
         )
         # a receive posted early waits for the prompt too: prefill's bound, then its own
         wait_s = spec.prefill_timeout_s + spec.kv_transfer_timeout_s
@@ -171,8 +181,10 @@ class DecodeServer(Replica):
 
         async def collect() -> None:
             async for item in stream:
-                if isinstance(item, KVHandle):
-                    post(item)
+                if isinstance(item, PrefillAccepted):
+                    tried.append(item.replica)
+                    if item.kv is not None:
+                        post(item.kv)
                 else:
                     result.append(item)
 
@@ -202,10 +214,15 @@ class DecodeServer(Replica):
         them has ended. Runs on the engine thread after any pending ``start``, so exactly one
         side frees them."""
 
-        def release(_=None) -> None:
+        def release(done: asyncio.Future | None = None) -> None:
+            if done is not None and not done.cancelled() and done.exception() is not None:
+                # an abandoned attempt's transfer: its failure was reported (or moot) already
+                log.debug("transfer of an abandoned attempt ended: %s", done.exception())
             self.aengine.call(lambda e: None if handed[0] else e.release(blocks))
 
-        if receiving is None or receiving.done():
+        if receiving is None:
             release()
+        elif receiving.done():
+            release(receiving)
         else:
             receiving.add_done_callback(release)

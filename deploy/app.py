@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from cluster.replica import WorkerSpec
@@ -22,6 +23,7 @@ from cluster.replica_registry import get_registry
 from decode_worker.server import DecodeServer
 from deploy.ingress import Ingress
 from deploy.ingress_settings import IngressSettings
+from deploy.prefill_router import ROUTER_CLASS
 from deploy.schema import AppSpec, ModelSpec, PoolSpec
 from prefill_worker.server import PrefillServer
 
@@ -188,7 +190,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         prefill = (
             serve.deployment(PrefillServer)
             .options(
-                **_deployment_options(spec.prefill, "Prefill", gpus["prefill"], transport == "nccl")
+                **_deployment_options(
+                    spec.prefill, "Prefill", gpus["prefill"], transport == "nccl"
+                ),
+                request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
             )
             .bind(worker("prefill", "prefill"))
         )

@@ -2,10 +2,11 @@
 budget (long prompts in chunks), samples each prompt's first token, and pushes its KV blocks to
 the decode replica that asked, over the KV transport.
 
-``prefill`` streams (call it with ``stream=True``): first, where the transport can start a
-receive before the prompt ends, the ``KVHandle`` as soon as the prompt is admitted; then the
-``PrefillResult``. Decode posts its receive on the first item, so the KV moves the moment the
-prompt's last step ends, while the result is still on its way."""
+``prefill`` streams (call it with ``stream=True``): first ``PrefillAccepted`` as soon as the
+prompt is admitted (this replica's id, and where the transport can start a receive before the
+prompt ends, its ``KVHandle``); then the ``PrefillResult``. Decode posts its receive on the first
+item, so the KV moves the moment the prompt's last step ends, while the result is still on its
+way; should the attempt fail, decode's retry avoids this replica."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError, WorkerError
-from cluster.messages import FirstToken, KVHandle, PrefillRequest, PrefillResult
+from cluster.messages import FirstToken, PrefillAccepted, PrefillRequest, PrefillResult
 from cluster.replica import Replica, WorkerSpec
 from prefill_worker.prefill_engine import PrefillEngine
 
@@ -31,7 +32,7 @@ class PrefillServer(Replica):
         super().__init__(spec)
         self._met: set[str] = set()  # decode replicas whose layout was checked
 
-    async def prefill(self, req: PrefillRequest) -> AsyncIterator[KVHandle | PrefillResult]:
+    async def prefill(self, req: PrefillRequest) -> AsyncIterator[PrefillAccepted | PrefillResult]:
         start = time.time()
         dest = req.kv
         if dest.decode_replica not in self._met:
@@ -45,10 +46,9 @@ class PrefillServer(Replica):
         failed: bool | None = None  # see Replica.request_ended
         done = False
         try:
-            self.faults.maybe_fail("prefill", f"before {req.request_id}")
             early = self.transport.announce(self.engine.runner, rid, dest)
-            if early is not None:
-                yield early
+            yield PrefillAccepted(replica=self.serve_id, kv=early)
+            self.faults.maybe_fail("prefill", f"before {req.request_id}")
             async for last in self.aengine.stream(
                 rid,
                 lambda e: e.add_request(req.prompt_token_ids, sampling, rid, bounded=True) and None,

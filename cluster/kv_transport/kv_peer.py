@@ -8,9 +8,9 @@ side it receives a message and scatters it into reserved blocks.
 Transfers on a pair take turns by a sequence number the decode replica hands out, so both ends
 issue their messages in the same order (NCCL matches by order) however the calls arrive, and the
 decode side can post a transfer long before the prompt's prefill ends: the prefill end waits for
-its staged copy (or for word that it will never come), signals the decode end through the pair's
-store and sends; the decode end waits for the signal, then receives. A prompt that failed costs
-one signal, not the pair.
+its staged copy (or for word that it will never come), signals the decode end on the pair's
+signal line and sends; the decode end waits for the signal, then receives. A prompt that failed
+costs one signal, not the pair.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -59,7 +59,6 @@ class _Pair:
     group: PairGroup
     next_seq: int = 0  # the transfer whose turn it is
     closed: bool = False
-    awaiting: set[str] = field(default_factory=set)  # decode: transfers waiting for a signal
 
 
 @dataclass
@@ -195,25 +194,21 @@ class KVPeer:
         come; other errors mean the pair can no longer be trusted."""
         pair, deadline, t = self._turn(key, seq, wait_s)
         try:
-            with self._cond:
-                pair.awaiting.add(transfer_id)
-            try:
-                word = pair.group.await_signal(transfer_id, deadline - time.monotonic())
-            finally:
-                with self._cond:
-                    pair.awaiting.discard(transfer_id)
+            word = pair.group.await_signal(transfer_id, deadline - time.monotonic())
             if word == "closed":
                 raise RuntimeError(f"pair {key} closed while {transfer_id} waited")
             if word != "ok":
                 raise KVNotSent(f"transfer {transfer_id}: {word}")
             t["signalled"] = time.perf_counter()
 
-            index: list[torch.Tensor] = []
+            index = torch.tensor(block_ids, dtype=torch.int64)
+            if self.runner.device.type == "cuda":  # copied by the first write, on its stream,
+                index = index.pin_memory()  # without holding the host
 
             def write(layers: slice, part: torch.Tensor) -> None:
-                if not index:  # made on the stream the writes run on, not the model's
-                    index.append(torch.tensor(block_ids, device=self.runner.device))
-                self.runner.write_kv(index[0], part, layers)
+                nonlocal index
+                index = index.to(self.runner.device, non_blocking=True)
+                self.runner.write_kv(index, part, layers)
 
             pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write)
             t["received"] = time.perf_counter()
@@ -255,14 +250,9 @@ class KVPeer:
             self._stores.pop(key, None)
             if pair is not None:
                 pair.closed = True
-                awaiting = sorted(pair.awaiting)
             self._cond.notify_all()
         if pair is not None:
-            try:
-                pair.group.interrupt(awaiting, "closed")
-            except Exception as e:  # noqa: BLE001 - the store may be gone with its peer
-                log.warning("could not wake the transfers waiting on %s: %s", key, e)
-            pair.group.close()
+            pair.group.close()  # a receive waiting for its signal wakes
 
     @property
     def _groups(self) -> dict[str, PairGroup]:

@@ -6,11 +6,12 @@ prefill side through a Ray call, so no port is fixed in advance. NCCL matches po
 messages by order, not by tag: whoever uses a group must issue sends and receives in the same
 order on both sides (the KV peers take turns by sequence number for that).
 
-The same store carries one small signal per transfer, prefill to decode: "ok" (the KV follows
-on the group) or why it will not come. A decode rank waits on the signal, not on a posted NCCL
-receive, so a transfer can be waiting long before its prefill ends without an NCCL timeout, and
-a prefill that fails costs its pair nothing. A request's KV moves in a few layer-group messages;
-the receiver scatters each into its blocks on a side stream while the next one arrives.
+Beside the group, a signal line (``signal_line.py``, its port passed through the store) carries
+one word per transfer, prefill to decode: "ok" (the KV follows on the group) or why it will not
+come. A decode rank waits on the word, not on a posted NCCL receive, so a transfer can wait long
+before its prefill ends without an NCCL timeout, and a prefill that fails costs its pair nothing.
+A request's KV moves in a few layer-group messages; the receiver scatters each into its blocks
+on a side stream while the next one arrives.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from cluster.kv_transport.signal_line import SignalLine
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +58,10 @@ class PairGroup:
         self.timeout_s = timeout_s
         prefixed = dist.PrefixStore(f"kv/{key}", store)
         self._store = store  # the group keeps using it
-        self._signals = dist.PrefixStore(f"sig/{key}", store)
-        self._read: list[str] = []  # the signal read last, deleted at the next wait
         timeout = timedelta(seconds=timeout_s)
+        if rank == DECODE:
+            server = SignalLine.listen(store.host)
+            store.set(f"sigport/{key}", str(server.getsockname()[1]))
         if device.type == "cuda":
             # a pair's failed message must fail that transfer, not the replica: NCCL's watchdog
             # then aborts the pair's communicator instead of ending the process (its default).
@@ -76,6 +80,11 @@ class PairGroup:
                     os.environ[_ASYNC_ERRORS] = saved
         else:
             self.pg = dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
+        if rank == DECODE:  # gloo groups have met by now; NCCL ones meet at the first message
+            self._line = SignalLine.accept(server, timeout_s)
+        else:
+            port = int(store.get(f"sigport/{key}"))
+            self._line = SignalLine.connect(store.host, port, timeout_s)
         self.messages = 0
         cuda = device.type == "cuda"
         self._io = torch.cuda.Stream(device) if cuda else None  # KV messages
@@ -163,38 +172,16 @@ class PairGroup:
     def _on_io(self):
         return torch.cuda.stream(self._io) if self._io is not None else contextlib.nullcontext()
 
-    # ---- the per-transfer signal (over the store) ----
+    # ---- the per-transfer signal ----
 
     def signal(self, transfer_id: str, value: str) -> None:
         """Prefill side: "ok" when the KV follows, else why it will not."""
-        self._signals.set(transfer_id, value)
+        self._line.send(transfer_id, value)
 
     def await_signal(self, transfer_id: str, timeout_s: float) -> str:
-        """Decode side: the transfer's signal; ``TimeoutError`` when none came in time. (The
-        key is deleted at the next call, off the critical path of this transfer.)"""
-        if self._read:
-            self._signals.delete_key(self._read.pop())
-        self._signals.set_timeout(timedelta(seconds=max(timeout_s, 0.001)))
-        try:
-            word = self._signals.get(transfer_id)  # one round trip: blocks until it is set
-        except dist.DistStoreError as e:
-            raise TimeoutError(
-                f"no word from prefill about {transfer_id} in {timeout_s:.1f}s"
-            ) from e
-        self._read.append(transfer_id)
-        return word.decode()
-
-    def interrupt(self, transfer_ids: list[str], why: str) -> None:
-        """End other threads' ``await_signal`` on these transfers with ``why`` (through a
-        connection of its own: a store connection serves one call at a time)."""
-        if not transfer_ids:
-            return
-        store = dist.TCPStore(
-            self._store.host, self._store.port, is_master=False, timeout=timedelta(seconds=5)
-        )
-        signals = dist.PrefixStore(f"sig/{self.key}", store)
-        for tid in transfer_ids:
-            signals.set(tid, why)
+        """Decode side: the transfer's signal ("closed" once the group is closed);
+        ``TimeoutError`` when none came in time."""
+        return self._line.receive(transfer_id, timeout_s)
 
     def _sync(self, t: torch.Tensor) -> None:
         # NCCL's wait() only orders the current stream after the transfer; the caller needs the
@@ -210,6 +197,8 @@ class PairGroup:
             log.warning("could not abort pair group %s: %s", self.key, e)
 
     def close(self) -> None:
+        """End the group; a thread waiting for a signal wakes with "closed"."""
+        self._line.shut()
         try:
             self.pg.shutdown()
         except (AttributeError, RuntimeError):  # gloo groups and older torch have no shutdown

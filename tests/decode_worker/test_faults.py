@@ -14,6 +14,7 @@ import pytest
 from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
 from cluster.errors import OverloadedError, RequestError, WorkerError
 from cluster.faults import FaultInjector
+from cluster.messages import PrefillAccepted
 from decode_worker.server import DecodeServer
 from tests.decode_worker.test_server import (
     _collect,
@@ -90,6 +91,39 @@ def test_prefill_fault_is_retried_with_fresh_blocks(tiny_model, setup):
     decode = _decode(tiny_model, handle)
     assert asyncio.run(_collect(decode, "retry", PROMPT, GREEDY)) == want
     assert handle.calls == 2 and decode.stats.requests.get("prefill_retry") == 1
+    _clean(decode, prefill)
+    decode.shutdown()
+
+
+class _TwoReplicas:
+    """Two prefill replicas behind a router that avoids what a request names (as
+    ``deploy/prefill_router.py`` does): "bad", which admits the prompt and then fails, looks
+    least loaded and is picked unless avoided; the other is the real prefill server."""
+
+    def __init__(self, good: _PrefillHandle) -> None:
+        self.good, self.prefill, self.avoids = good, self, []
+
+    def options(self, stream: bool = False):
+        return self
+
+    def remote(self, req) -> _Stream:
+        self.avoids.append(req.avoid)
+        if "bad" in req.avoid:
+            return self.good.prefill.remote(req)
+
+        async def fails_after_admitting():
+            yield PrefillAccepted(replica="bad", kv=None)
+            raise RuntimeError("replica bad: its GPU fell off the bus")
+
+        return _Stream(fails_after_admitting())
+
+
+def test_prefill_fault_retry_goes_to_another_replica(tiny_model, setup):
+    prefill, want = setup
+    handle = _TwoReplicas(_PrefillHandle(prefill))
+    decode = _decode(tiny_model, handle, local_prefill_fallback=False)
+    assert asyncio.run(_collect(decode, "elsewhere", PROMPT, GREEDY)) == want
+    assert handle.avoids == [(), ("bad",)]  # the retry named the replica that failed
     _clean(decode, prefill)
     decode.shutdown()
 

@@ -73,12 +73,16 @@ def _prompts(vocab: int, n: int, seed: int) -> list[list[int]]:
     return [[rng.randrange(4, vocab) for _ in range(rng.randint(1, 80))] for _ in range(n)]
 
 
+@pytest.mark.parametrize("transport", ["object_store", "nccl"])
 def test_200_requests_under_injected_faults_complete_or_fail_clearly(
-    ray_serve, tiny_model, reference
+    ray_serve, tiny_model, reference, transport
 ):
+    """With either transport; ``nccl`` (gloo on CPU) posts transfers before prompts end, so
+    faults land on transfers waiting their turn on a pair too."""
     pool = {"num_replicas": 1, "num_kv_blocks": 512}
-    args = app_args(tiny_model, dict(pool), dict(pool), name="faults")
+    args = app_args(tiny_model, dict(pool), dict(pool), name=f"faults-{transport}")
     args["faults"] = {"prefill": 0.05, "kv_transfer": 0.05, "decode_step": 0.05}
+    args["kv_transport"] = transport
     app = deploy(ray_serve, args)
     prompts = _prompts(reference.engine.vocab_size, 200, seed=31)
     with ThreadPoolExecutor(16) as pool_:
