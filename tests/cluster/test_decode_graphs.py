@@ -14,11 +14,12 @@ from cluster.scheduler import ScheduledChunk, SchedulerOutput
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
 
-def _engine(path: str, graphs: str, max_batch: int = 4) -> LLMEngine:
+def _engine(path: str, graphs: str, max_batch: int = 4, tp: int = 1) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             model=path,
             dtype="float64",  # batch-invariant on CPU: padding may not change a single bit
+            tp=tp,
             decode_graphs=graphs,
             decode_graph_max_batch=max_batch,
             cache=CacheConfig(block_size=16, num_blocks=48),
@@ -77,6 +78,28 @@ def test_padded_decode_steps_give_the_tokens_of_plain_steps(tiny_model, monkeypa
     assert padded.blocks.num_blocks == padded.runner.num_blocks == 48
     assert padded.runner.kv_caches.shape[1] == 49
     assert graphs.scratch_block == 48 and padded.runner.kv_caches[:, 48].abs().sum() > 0
+
+
+def test_padded_decode_steps_under_tp2_give_the_tokens_of_one_process(tiny_model):
+    """Every rank pads the same step to the same bucket, so their collectives match: TP=2 rank
+    actors (gloo here; on GPUs the same path replays graphs with the NCCL communicator) give the
+    single process's tokens."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        plain = _engine(tiny_model, "off")
+        prompts = _prompts(plain.vocab_size, 7)
+        expected = _staggered(plain, prompts)
+        tp2 = _engine(tiny_model, "eager", max_batch=4, tp=2)
+        assert _staggered(tp2, prompts) == expected
+        assert tp2.blocks.num_used == 0
+        tp2.runner.shutdown()
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def test_only_pure_decode_steps_within_the_largest_bucket_fit(tiny_model):
