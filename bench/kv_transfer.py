@@ -171,7 +171,7 @@ async def _run(args) -> dict:
         pre.kv.remote("connect", "raw", host, port), dec.kv.remote("accept", "raw")
     )
     fp = KVFingerprint("bench", "bench", args.dtype, args.block_size, args.layers, args.width, 1)
-    itemsize = torch.empty(0, dtype=getattr(torch, args.dtype)).element_size()
+    itemsize = getattr(torch, args.dtype).itemsize
     rows = []
     for n in tokens:
         nblocks = -(-n // args.block_size)

@@ -65,8 +65,8 @@ class TPRank:
             world_size=self.size,
         )
         comm = None
-        if backend == "nccl" and config.decode_graphs != "off":
-            try:  # the collectives decode CUDA graphs can capture
+        if backend == "nccl" and config.role != "prefill" and config.decode_graphs != "off":
+            try:  # the collectives decode CUDA graphs can capture (prefill runs no graphs)
                 comm = NcclComm(self.rank, self.size, dist.group.WORLD)
             except (OSError, RuntimeError) as e:
                 log.warning("no graph-safe NCCL communicator (%s): TP decodes eagerly", e)

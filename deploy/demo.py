@@ -9,6 +9,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from deploy.sse import read_events
+
 PROMPTS = (
     "Tell me about the expert router.",
     "What does the decode pool do with the cache?",
@@ -44,11 +46,7 @@ def stream_chat(url: str, model: str, prompt: str, max_tokens: int) -> Streamed:
     out = Streamed(prompt)
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=300) as resp:
-        for raw in resp:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
+        for chunk in read_events(resp):
             if "error" in chunk:
                 raise RuntimeError(chunk["error"]["message"])
             for choice in chunk.get("choices", []):

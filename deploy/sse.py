@@ -1,9 +1,11 @@
-"""Server-sent events: the framing, and an ASGI response that stops when the client leaves."""
+"""Server-sent events: the framing (both ways), and an ASGI response that stops when the client
+leaves."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
@@ -16,6 +18,17 @@ HEADERS = {
 def event(data: bytes) -> bytes:
     """One ``data:`` event; ``data`` is a JSON document (it holds no raw newlines)."""
     return b"data: " + data + b"\n\n"
+
+
+def read_events(lines: Iterable[bytes]) -> Iterator[dict[str, Any]]:
+    """The JSON documents of a stream's ``data:`` events, read line by line (a client's side),
+    up to ``data: [DONE]``."""
+    for raw in lines:
+        line = raw.decode().strip()
+        if line == "data: [DONE]":
+            return
+        if line.startswith("data: "):
+            yield json.loads(line[6:])
 
 
 class EventStreamResponse:

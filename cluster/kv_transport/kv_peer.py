@@ -16,6 +16,7 @@ costs one signal, not the pair.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -213,7 +214,7 @@ class KVPeer:
             pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write)
             t["received"] = time.perf_counter()
             self._trace.append((transfer_id, t))
-            return _nbytes(shape, dtype)
+            return math.prod(shape) * getattr(torch, dtype).itemsize
         finally:
             self._advance(pair)
 
@@ -263,13 +264,6 @@ class KVPeer:
         if name not in _CALLS:
             raise ValueError(f"unknown KV peer call {name!r}")
         return getattr(self, name)(*args)
-
-
-def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    n = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
-    for d in shape:
-        n *= d
-    return n
 
 
 def local_peer_id() -> str:

@@ -24,6 +24,8 @@ import itertools
 import logging
 import time
 
+import torch
+
 from cluster.executor import Executor
 from cluster.kv_transport.base import KVTransport
 from cluster.kv_transport.kv_peer import KVNotSent
@@ -50,7 +52,7 @@ class P2PTransport(KVTransport):
             transport=self.name,
             transfer_id=transfer_id,
             num_blocks=n,
-            nbytes=layers * n * block_size * width * _itemsize(dtype),
+            nbytes=layers * n * block_size * width * getattr(torch, dtype).itemsize,
             payload={"peers": executor.kv_peers(), "shape": (layers, n, block_size, width),
                      "dtype": dtype},
         )  # fmt: skip
@@ -153,7 +155,3 @@ class P2PTransport(KVTransport):
             del self._open[pair]
             self._seq.pop(key, None)
         await asyncio.gather(dst.call("close", key), src.call("close", key), return_exceptions=True)
-
-
-def _itemsize(dtype: str) -> int:
-    return {"bfloat16": 2, "float16": 2, "float32": 4, "float64": 8}[dtype]

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from deploy.sse import read_events
 from tests.e2e.conftest import App, app_args, deploy
 
 pytestmark = pytest.mark.slow
@@ -32,11 +33,7 @@ def _stream(
     tokens: list[int] = []
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            for raw in r:
-                line = raw.decode().strip()
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
+            for event in read_events(r):
                 if "error" in event:
                     return tokens, event["error"]
                 for c in event["choices"]:
