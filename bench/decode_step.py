@@ -5,11 +5,14 @@
 
 For each batch size B: B requests with random prompts of ``--context`` tokens are prefilled,
 then ``--steps`` whole engine steps (schedule, model, sample, detokenize) are timed once every
-request decodes; decode throughput is B / step time. ``--profile`` adds a torch.profiler trace of
-eager decode steps at the smallest and largest batch, with every kernel's GPU time summed by what
-launched it: the MLA attention layers (the MLA decode kernel alone also listed), the MoE layers,
-tensor-parallel all-reduces, and the rest (embedding, norms, dense MLP, LM head). Prints tables
-and writes JSON to bench/results/.
+request decodes, one after another (``step``) and in the serving loop's overlapped order (step
+n's outputs made while step n + 1 runs); decode throughput is B / step time. ``--profile`` adds
+a torch.profiler trace of eager decode steps at the smallest and largest batch, with every
+kernel's GPU time summed by the labelled range it ran in on the GPU timeline: the MLA attention
+layers (the MLA decode kernel alone also listed), the MoE layers, tensor-parallel all-reduces,
+and the rest (embedding, norms, dense MLP, LM head, sampling). With captured graphs, ``replay
+ms`` is one graph replay's GPU time alone: step ms less replay ms is the host's share of a step.
+Prints tables and writes JSON to bench/results/.
 """
 
 from __future__ import annotations
@@ -97,10 +100,47 @@ def time_steps(engine: LLMEngine, batch: int, args) -> dict[str, float]:
         times.append(time.perf_counter() - t0)
         running = len(engine.scheduler.running)
         assert running == batch, f"{running} of {batch} requests still decode"
+    overlapped = _overlapped_steps(engine, args.steps)
+    assert len(engine.scheduler.running) == batch
+    replay = _replay_ms(engine, batch, args.steps)
     _drain(engine)
     med = statistics.median(times)
     return {"batch": batch, "step_ms": med * 1e3, "p90_ms": sorted(times)[int(0.9 * len(times))]
-            * 1e3, "tokens_per_s": batch / med}  # fmt: skip
+            * 1e3, "tokens_per_s": batch / med, "overlap_ms": overlapped * 1e3,
+            "overlap_tokens_per_s": batch / overlapped, "replay_ms": replay}  # fmt: skip
+
+
+def _overlapped_steps(engine: LLMEngine, steps: int) -> float:
+    """Seconds per step of the serving loop's order (``AsyncEngine``): launch step n + 1, emit
+    step n's outputs while it runs, collect it; timed over ``steps`` steps."""
+    pending = engine.collect(engine.launch(engine.plan()))
+    _sync(engine)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        launched = engine.launch(engine.plan())
+        engine.emit(pending)
+        pending = engine.collect(launched)
+    took = (time.perf_counter() - t0) / steps
+    engine.emit(pending)
+    return took
+
+
+def _replay_ms(engine: LLMEngine, batch: int, steps: int) -> float | None:
+    """GPU time of the captured graph of ``batch``'s bucket replayed back to back (over the
+    last step's inputs): a step's time less this is host work a loop that overlapped the next
+    step's preparation with this step's GPU work could hide. None without captured graphs."""
+    graphs = getattr(engine.runner, "graphs", None)
+    if graphs is None or not graphs.graphs:
+        return None
+    graph = graphs.graphs[graphs.bucket(batch)]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / steps
 
 
 def time_prefill(engine: LLMEngine, tokens: int) -> dict[str, float]:
@@ -157,10 +197,18 @@ def _labelled(model: torch.nn.Module):
             h.remove()
 
 
-def _kernel_us(event) -> float:
-    """GPU time of the kernels ``event`` and its descendants launched (not their span)."""
-    own = sum(k.duration for k in getattr(event, "kernels", []))
-    return own + sum(_kernel_us(c) for c in event.cpu_children)
+def split_kernel_time(
+    spans: list[tuple[float, float, str]], kernels: list[tuple[float, float, str]]
+) -> dict[str, float]:
+    """Sum kernel durations by the innermost labelled span (start, end, part) on the GPU
+    timeline that holds each kernel's start; kernels outside every span go to "rest". Time
+    decides, not the launching op: Triton launches belong to no aten op."""
+    parts: dict[str, float] = {"rest": 0.0}
+    spans = sorted(spans, key=lambda s: s[1] - s[0])  # innermost (shortest) first
+    for k_start, k_end, _ in kernels:
+        part = next((name for s, e, name in spans if s <= k_start < e), "rest")
+        parts[part] = parts.get(part, 0.0) + (k_end - k_start)
+    return parts
 
 
 def profile_steps(engine: LLMEngine, batch: int, args) -> dict[str, Any]:
@@ -177,26 +225,23 @@ def profile_steps(engine: LLMEngine, batch: int, args) -> dict[str, Any]:
             engine.step()
         _sync(engine)
     _drain(engine)
-    parts = {"attention": 0.0, "moe": 0.0, "all_reduce": 0.0}
-    for e in prof.events():
-        if e.name.startswith("pd::") and e.device_type == DeviceType.CPU:
-            parts[e.name[4:]] += _kernel_us(e)
-    # the ranges also appear on the GPU timeline as spans: count kernels only
-    kernels = [
-        e
-        for e in prof.key_averages()
-        if e.self_device_time_total > 0 and not e.key.startswith("pd::")
-    ]
-    total = sum(e.self_device_time_total for e in kernels)
-    mla = sum(e.self_device_time_total for e in kernels if "_decode_kernel" in e.key
-              or "_combine_kernel" in e.key)  # fmt: skip
-    out = {k: v / steps / 1e3 for k, v in parts.items()}  # ms per step
-    out["rest"] = total / steps / 1e3 - sum(out.values())
-    out["gpu_total"] = total / steps / 1e3
-    out["mla_decode_kernel"] = mla / steps / 1e3
-    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]
-    out["top_kernels"] = {e.key[:80]: e.self_device_time_total / steps / 1e3 for e in top}
-    return {"batch": batch, **out}
+    # device events: kernels and copies, and the ranges' spans on the GPU timeline (us)
+    dev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    spans = [(e.time_range.start, e.time_range.end, e.name[4:]) for e in dev
+             if e.name.startswith("pd::")]  # fmt: skip
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in dev
+               if not e.name.startswith("pd::")]  # fmt: skip
+    parts = split_kernel_time(spans, kernels)
+    out = {k: parts.get(k, 0.0) / steps / 1e3 for k in ("attention", "moe", "all_reduce", "rest")}
+    by_name: dict[str, float] = {}
+    for start, end, name in kernels:
+        by_name[name[:80]] = by_name.get(name[:80], 0.0) + end - start
+    out["gpu_total"] = sum(by_name.values()) / steps / 1e3
+    out["mla_decode_kernel"] = sum(t for n, t in by_name.items() if "_decode_kernel" in n
+                                   or "_combine_kernel" in n) / steps / 1e3  # fmt: skip
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    out["top_kernels"] = {name: t / steps / 1e3 for name, t in top}
+    return {"batch": batch, "kernels": len(kernels) // steps, **out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,10 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = [time_steps(engine, b, args) for b in batches]
         result[f"graphs_{mode}"] = rows
         print(f"\ndecode_graphs={mode} ({engine.runner.device_name}, context {args.context})")
-        print(f"{'batch':>6} {'step ms':>9} {'p90 ms':>9} {'tok/s':>10}")
+        print(f"{'batch':>6} {'step ms':>9} {'p90 ms':>9} {'tok/s':>10} {'overlap ms':>11} "
+              f"{'tok/s':>10} {'replay ms':>10}")  # fmt: skip
         for r in rows:
+            replay = "-" if r["replay_ms"] is None else f"{r['replay_ms']:.2f}"
             print(f"{r['batch']:>6} {r['step_ms']:>9.2f} {r['p90_ms']:>9.2f} "
-                  f"{r['tokens_per_s']:>10.1f}")  # fmt: skip
+                  f"{r['tokens_per_s']:>10.1f} {r['overlap_ms']:>11.2f} "
+                  f"{r['overlap_tokens_per_s']:>10.1f} {replay:>10}")  # fmt: skip
         if args.prefill_lens and mode == "off":
             result["prefill"] = [time_prefill(engine, n) for n in args.prefill_tokens]
             for r in result["prefill"]:

@@ -35,8 +35,11 @@ from bench.result_file import write_result
 from cluster.kv_layout import KVFingerprint
 from cluster.kv_transport.kv_peer import WAIT_THREADS, KVPeer, local_peer_id
 from cluster.kv_transport.p2p import P2PTransport
+from cluster.kv_transport.pair_group import CHUNK_BYTES
 from cluster.kv_transport.peer_client import PeerClient
 from cluster.messages import KVDestination
+
+CHUNKS = (16 << 20, CHUNK_BYTES, 128 << 20, 1 << 40)  # message sizes tried; the last: one message
 
 
 class CacheOnlyRunner:
@@ -100,6 +103,28 @@ class BenchRank:
             times.append(time.perf_counter() - start)
         return times
 
+    def grouped(
+        self, key: str, block_ids: list[int], iters: int, send: bool, chunk_bytes: int
+    ) -> list[float]:
+        """Seconds per transfer of ``iters`` of the pair group's own KV path alone: the blocks'
+        copy sent in layer groups of about ``chunk_bytes`` and scattered into the same blocks
+        at the receiver (no staging, no signal, no turns)."""
+        group = self.peer._groups[key]
+        group.chunk_bytes = chunk_bytes
+        kv = self.runner.read_kv(block_ids)  # [layers, n, block_size, width]
+        index = torch.tensor(block_ids, device=self.runner.device)
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            if send:
+                group.send_kv(kv)
+            else:
+                group.recv_kv(
+                    kv.shape, kv.dtype, lambda ls, part: self.runner.write_kv(index, part, ls)
+                )
+            times.append(time.perf_counter() - start)
+        return times
+
 
 class BenchDecode:
     """The decode replica's process: a KV cache, its local peer, the receiving transport."""
@@ -117,6 +142,9 @@ class BenchDecode:
 
     async def raw(self, key: str, nbytes: int, iters: int) -> list[float]:
         return await asyncio.to_thread(self.rank.raw, key, nbytes, iters, False)
+
+    async def grouped(self, key: str, block_ids: list[int], iters: int, chunk: int) -> list[float]:
+        return await asyncio.to_thread(self.rank.grouped, key, block_ids, iters, False, chunk)
 
     async def receive(self, handle, dest) -> tuple[float, float]:
         """(when the receive was posted, when it returned), on this host's perf_counter."""
@@ -181,6 +209,14 @@ async def _run(args) -> dict:
             dec.raw.remote("raw", nbytes, args.iters + 1),
         )
         raw_s = statistics.median(raw[1][1:])  # receiver's view; the first message warms up
+        grouped = {}  # the pair group's KV path alone, by message size
+        for chunk in CHUNKS:
+            took = await asyncio.gather(
+                pre.grouped.remote("raw", list(range(nblocks)), args.iters + 1, True, chunk),
+                dec.grouped.remote("raw", list(range(nblocks)), args.iters + 1, chunk),
+            )
+            label = "one message" if chunk >= 1 << 40 else f"{chunk >> 20} MB"
+            grouped[label] = statistics.median(took[1][1:])
         early, after, phases = [], [], []
         for it in range(2 * (args.iters + 1)):
             posted_early = it % 2 == 0
@@ -219,6 +255,8 @@ async def _run(args) -> dict:
             "after_gbps": nbytes / a_s / 1e9, "early_pct_of_raw": 100 * raw_s / e_s,
             "after_pct_of_raw": 100 * raw_s / a_s,
             "early_phases_ms": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
+            "grouped_s": grouped,
+            "grouped_pct_of_raw": {k: 100 * raw_s / v for k, v in grouped.items()},
         })  # fmt: skip
     return {"config": vars(args), "rows": rows}
 
@@ -249,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
                          f"{r['raw_gbps']:.1f}", f"{r['early_s'] * 1e3:.3f}",
                          f"{r['early_pct_of_raw']:.1f}", f"{r['after_s'] * 1e3:.3f}",
                          f"{r['after_pct_of_raw']:.1f}"))  # fmt: skip
+    print("\nthe pair group's KV path alone (layer-group messages, scattered into blocks): "
+          "ms and % of raw, by message size")  # fmt: skip
+    for r in result["rows"]:
+        cells = ", ".join(f"{k} {v * 1e3:.3f} ms ({r['grouped_pct_of_raw'][k]:.0f}%)"
+                          for k, v in r["grouped_s"].items())  # fmt: skip
+        print(f"{r['tokens']:>7}: {cells}")
     print("\nposted early: ms after staging started (median)")
     for r in result["rows"]:
         steps = ", ".join(f"{k} {v:.3f}" for k, v in r["early_phases_ms"].items())

@@ -2,7 +2,8 @@
 engine both workers run."""
 
 from cluster.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from cluster.engine import LLMEngine, RequestOutput
+from cluster.engine import LLMEngine
+from cluster.request_output import RequestOutput
 from cluster.sampling_params import SamplingParams
 
 __all__ = [

@@ -1,7 +1,8 @@
 """Runs an engine's step loop on its own thread and serves it to asyncio code.
 
 Every touch of the engine (add, abort, KV in and out) runs on the engine thread between steps,
-so the engine needs no locks. Outputs travel to per-request asyncio queues. A step that raises
+so the engine needs no locks. The loop turns step n's tokens into text and outputs while the
+device runs step n + 1. Outputs travel to per-request asyncio queues. A step that raises
 fails the requests it held (they get an error output) and the loop keeps serving.
 """
 
@@ -18,8 +19,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.engine import LLMEngine, RequestOutput
+from cluster.engine import CollectedStep, LLMEngine
 from cluster.errors import WorkerError
+from cluster.request_output import RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class AsyncEngine:
         self._lock = threading.Lock()  # guards _streams
         self.steps = 0
         self.busy_s = 0.0  # time spent in steps, for utilization
+        self._pending: CollectedStep | None = None  # the last step's tokens, not yet emitted
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -115,7 +118,7 @@ class AsyncEngine:
 
     def _loop(self) -> None:
         while True:
-            idle = not self.engine.has_unfinished()
+            idle = not self.engine.has_unfinished() and self._pending is None
             try:
                 item = self._cmds.get(block=idle, timeout=None if idle else 0)
             except queue.Empty:
@@ -128,7 +131,7 @@ class AsyncEngine:
                     item = self._cmds.get_nowait()
                 except queue.Empty:
                     item = None
-            if self.engine.has_unfinished():
+            if self.engine.has_unfinished() or self._pending is not None:
                 self._step()
 
     def _run_cmd(self, fn: Callable, fut: concurrent.futures.Future) -> None:
@@ -140,17 +143,39 @@ class AsyncEngine:
             fut.set_exception(e)
 
     def _step(self) -> None:
+        """Plan and launch step n + 1, then emit step n's outputs while the device runs it
+        (pure decode steps: with CUDA graphs they launch without waiting for the GPU), then
+        wait for step n + 1's tokens. Steps that carry a prompt emit step n first: their
+        launch may wait for the device, and step n's first tokens should not."""
         start = time.perf_counter()
+        engine, pending, self._pending = self.engine, self._pending, None
         try:
-            outputs = self.engine.step()
+            sched = engine.plan()
+            if pending is not None and (
+                sched is None or sched.num_decode_chunks < len(sched.chunks)
+            ):
+                done, pending = pending, None
+                self._emit(done)
+            launched = None if sched is None else engine.launch(sched)
+            if pending is not None:
+                done, pending = pending, None
+                self._emit(done)
+            if launched is not None:
+                self._pending = engine.collect(launched)
         except Exception as e:  # noqa: BLE001
             log.error("engine step failed; failing its requests:\n%s", traceback.format_exc())
+            if pending is not None:  # tokens already applied: hand them out before the error
+                try:
+                    self._emit(pending)
+                except Exception:  # noqa: BLE001 - its requests fail below
+                    log.exception("emitting the last step's outputs failed too")
             self._fail_all(WorkerError(f"engine step failed: {type(e).__name__}: {e}"))
-            return
         finally:
             self.busy_s += time.perf_counter() - start
             self.steps += 1
-        for out in outputs:
+
+    def _emit(self, collected: CollectedStep) -> None:
+        for out in self.engine.emit(collected):
             self._deliver(out.request_id, out)
 
     def _fail_all(self, error: Exception) -> None:

@@ -1,4 +1,4 @@
-"""The single-process engine: schedule -> run -> postprocess, one step at a time.
+"""The single-process engine: plan -> launch -> collect -> emit, one step at a time.
 
 Tests use it directly, ``pdserve generate`` wraps it, and a colocated decode replica runs it.
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-
-import msgspec
+from dataclasses import dataclass
+from typing import Any
 
 from cluster.block_manager import BlockManager
 from cluster.config import EngineConfig, ModelConfig
@@ -19,6 +19,7 @@ from cluster.executor import Executor
 from cluster.messages import FirstToken
 from cluster.model_runner import ModelRunner
 from cluster.request import FinishReason, Request, RequestStatus
+from cluster.request_output import RequestOutput, TokenLogprob
 from cluster.sampler import SampledToken
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerOutput
@@ -27,29 +28,20 @@ from cluster.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-class TokenLogprob(msgspec.Struct, frozen=True):
-    """One output token's log-probability and the best alternatives."""
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A step started on the executor; ``collect`` waits for its tokens."""
 
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+    sched: SchedulerOutput
+    handle: Any  # the executor's, for its ``collect``
 
 
-class RequestOutput(msgspec.Struct, kw_only=True):
-    """What one step produced for one request: the new tokens and text since the last output.
-    ``generate`` accumulates these into whole outputs."""
+@dataclass(frozen=True)
+class CollectedStep:
+    """A step's tokens, applied to the requests (finished ones have left the scheduler), not
+    yet turned into text and outputs: ``emit`` does that."""
 
-    request_id: str
-    token_ids: list[int]  # new token ids
-    text: str  # new text
-    logprobs: list[TokenLogprob] | None = None
-    finished: bool = False
-    finish_reason: str | None = None  # "stop", "length", "abort", "error"
-    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
-    num_prompt_tokens: int = 0
-    num_output_tokens: int = 0  # total so far
-    prompt_token_ids: list[int] | None = None  # set on the first output only
-    error: str | None = None
+    tokens: tuple[tuple[Request, SampledToken, FinishReason | None], ...]
 
 
 class LLMEngine:
@@ -155,36 +147,59 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     # ---- one step ----
+    # A step is plan -> launch -> collect -> emit. ``step`` runs them in a row; the serving loop
+    # (``AsyncEngine``) emits a step's text while the device runs the next one.
 
     def step(self) -> list[RequestOutput]:
-        sched = self.scheduler.schedule()
-        if not sched.chunks:
+        sched = self.plan()
+        if sched is None:
             return []
+        return self.emit(self.collect(self.launch(sched)))
+
+    def plan(self) -> SchedulerOutput | None:
+        """Schedule the next step; None when there is nothing to run."""
+        sched = self.scheduler.schedule()
+        return sched if sched.chunks else None
+
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+        """Start the step on the executor; returns before the device is done where it can."""
         if self.faults is not None and sched.num_decode_chunks:
             self.faults.maybe_fail("decode_step")  # the caller fails this step's requests
-        sampled = self.runner.execute(sched)
-        return self.postprocess(sched, sampled)
+        return LaunchedStep(sched, self.runner.launch(sched))
 
-    def postprocess(
-        self, sched: SchedulerOutput, sampled: list[SampledToken]
-    ) -> list[RequestOutput]:
-        outputs = []
-        it = iter(sampled)
-        for chunk in sched.chunks:
+    def collect(self, launched: LaunchedStep) -> CollectedStep:
+        """Wait for the step's tokens and apply them: append, stop checks, finished requests
+        leave the scheduler (their blocks are freed). The next step can be planned now."""
+        applied = []
+        it = iter(self.runner.collect(launched.handle))
+        for chunk in launched.sched.chunks:
             if not chunk.sample:
                 continue
             tok = next(it)
             req = self.scheduler.requests.get(chunk.request_id)
             if req is None:  # aborted while the step ran
                 continue
-            outputs.append(self._append(req, tok))
+            applied.append((req, tok, self._apply(req, tok)))
+        return CollectedStep(tuple(applied))
+
+    def emit(self, collected: CollectedStep) -> list[RequestOutput]:
+        """The outputs of a collected step: new text, logprobs, finish reasons."""
+        outputs = []
+        for req, tok, reason in collected.tokens:
+            if req.request_id in self._detok:  # else aborted since
+                outputs.append(self._output(req, tok, reason))
         return outputs
 
     def _append(self, req: Request, tok: SampledToken) -> RequestOutput:
+        return self._output(req, tok, self._apply(req, tok))
+
+    def _apply(self, req: Request, tok: SampledToken) -> FinishReason | None:
+        """Append the token and decide whether the request finished (then it leaves the
+        scheduler). Text waits for ``_output`` unless stop strings need it now."""
         sp = req.sampling
         req.output_token_ids.append(tok.token_id)
         detok = self._detok[req.request_id]
-        stop_str = detok.add(tok.token_id)
+        stop_str = detok.add(tok.token_id) if detok.stop else None
         reason: FinishReason | None = None
         if tok.token_id in sp.stop_token_ids:
             reason, req.stop_reason = FinishReason.STOP, tok.token_id
@@ -197,6 +212,15 @@ class LLMEngine:
         if reason is not None:
             self.on_finish(req)
             self.scheduler.finish(req, reason)
+        return reason
+
+    def _output(
+        self, req: Request, tok: SampledToken, reason: FinishReason | None
+    ) -> RequestOutput:
+        sp = req.sampling
+        detok = self._detok[req.request_id]
+        if not detok.stop:
+            detok.add(tok.token_id)
         first = req.request_id not in self._sent_prompt
         self._sent_prompt.add(req.request_id)
         out = RequestOutput(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,8 +22,18 @@ class Executor(ABC):
     device_name: str
 
     @abstractmethod
+    def launch(self, sched: SchedulerOutput) -> Any:
+        """Start one step and return at once where the device allows (the model and the
+        sampling queued on a GPU, calls sent to rank processes); ``collect`` its handle."""
+
+    @abstractmethod
+    def collect(self, handle: Any) -> list[SampledToken]:
+        """Wait for a launched step: a sampled token per chunk with ``sample`` set, in chunk
+        order."""
+
     def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
-        """One step; a sampled token per chunk with ``sample`` set, in chunk order."""
+        """One step, start to finish."""
+        return self.collect(self.launch(sched))
 
     @abstractmethod
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:

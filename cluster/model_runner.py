@@ -21,7 +21,7 @@ from cluster.model.attention_metadata import AttentionMetadata
 from cluster.model.deepseek_v3 import DeepseekV3ForCausalLM
 from cluster.model.weights import load_weights
 from cluster.parallel import SINGLE, TensorParallel
-from cluster.sampler import SampledToken, Sampler
+from cluster.sampler import Draw, SampledToken, Sampler
 from cluster.scheduler import SchedulerOutput
 from kernels import DeviceInfo, KernelSet
 
@@ -272,17 +272,22 @@ class ModelRunner(Executor):
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
-        """Run one step; one sampled token per chunk with ``sample`` set, in chunk order."""
+    def launch(self, sched: SchedulerOutput) -> Draw | None:
+        """Queue one step: the model, then the sampling of every chunk with ``sample`` set.
+        A decode step replayed from a graph with greedy or plain random sampling returns
+        before the GPU is done with it."""
         logits = self.compute_logits(sched)
         sampled = [c for c in sched.chunks if c.sample]
         if not sampled:
-            return []
-        tokens = self.sampler(
+            return None
+        draw = self.sampler.draw(
             logits, [c.sampling for c in sampled], [c.num_output_tokens for c in sampled]
         )
         self.stage_finished(sched)
-        return tokens
+        return draw
+
+    def collect(self, handle: Draw | None) -> list[SampledToken]:
+        return [] if handle is None else handle.to_host()
 
     def stage_finished(self, sched: SchedulerOutput) -> None:
         """Prefill role: stage the KV of every prompt this step finished (each sampled chunk

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from cluster.replica_stats import Histogram, ReplicaStats
+from cluster.replica_stats import HANDOFF, Histogram, ReplicaStats
 
 NAMESPACE = "pdserve"
 REPORT_PERIOD_S = 0.25
@@ -174,11 +174,24 @@ def render_prometheus(stats: list[ReplicaStats]) -> str:
             h = Histogram()
             for r in reps:
                 h.merge(getattr(r, field))
-            cum = 0
-            for bound, c in zip((*h.bounds, float("inf")), h.counts):
-                cum += c
-                le = "+Inf" if bound == float("inf") else f"{bound:g}"
-                sample(f"{name}_bucket", {"pool": pool, "le": le}, cum)
-            sample(f"{name}_sum", {"pool": pool}, h.total)
-            sample(f"{name}_count", {"pool": pool}, h.count)
+            _histogram(sample, name, {"pool": pool}, h)
+    family("handoff_seconds", "histogram", "A disaggregated request's way to its first token.")
+    for pool, reps in by_pool.items():
+        for phase in HANDOFF:
+            h = Histogram()
+            for r in reps:
+                if phase in r.handoff:
+                    h.merge(r.handoff[phase])
+            if h.count:
+                _histogram(sample, "handoff_seconds", {"pool": pool, "phase": phase}, h)
     return "\n".join(lines) + "\n"
+
+
+def _histogram(sample, name: str, labels: dict[str, str], h: Histogram) -> None:
+    cum = 0
+    for bound, c in zip((*h.bounds, float("inf")), h.counts):
+        cum += c
+        le = "+Inf" if bound == float("inf") else f"{bound:g}"
+        sample(f"{name}_bucket", {**labels, "le": le}, cum)
+    sample(f"{name}_sum", labels, h.total)
+    sample(f"{name}_count", labels, h.count)

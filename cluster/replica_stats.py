@@ -25,6 +25,15 @@ LATENCY_BUCKETS = (
 )
 
 
+# phases of a disaggregated request before its first token, as the decode replica times them
+HANDOFF = {
+    "prefill_call": "from the prefill call to its result (Ray hops, queue and prefill)",
+    "prefill_remote": "the prefill replica's own share: from the call's arrival to its token",
+    "kv_after_result": "from the prefill result to the KV in the decode blocks",
+    "join": "from the KV in the blocks to the first token out of the decode engine",
+}
+
+
 class Histogram(msgspec.Struct):
     """A Prometheus histogram: counts per upper bound (cumulated when rendered)."""
 
@@ -75,6 +84,12 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     # latency histograms
     ttft: Histogram = msgspec.field(default_factory=Histogram)
     tpot: Histogram = msgspec.field(default_factory=Histogram)
+    # a disaggregated request's way to its first token, by phase (decode pool): see HANDOFF
+    handoff: dict[str, Histogram] = msgspec.field(default_factory=dict)
+
+    def observe_handoff(self, phase: str, seconds: float) -> None:
+        assert phase in HANDOFF, phase
+        self.handoff.setdefault(phase, Histogram()).observe(seconds)
 
     def count(self, outcome: str) -> None:
         self.requests[outcome] = self.requests.get(outcome, 0) + 1

@@ -31,19 +31,54 @@ class SampledToken:
     top_logprobs: tuple[tuple[int, float], ...] | None = None  # (token id, logprob), best first
 
 
+@dataclass(frozen=True)
+class Draw:
+    """Sampled tokens still on the device (the device may still be computing them)."""
+
+    tokens: torch.Tensor  # [N] int64
+    want: tuple[int | None, ...]  # per row: top logprobs wanted (0: the chosen one's), or None
+    chosen: torch.Tensor | None = None  # [N] logprob of each sampled token, when any row wants
+    top: tuple[torch.Tensor, torch.Tensor] | None = None  # ([N, k] logprobs, [N, k] ids)
+
+    def to_host(self) -> list[SampledToken]:
+        """Wait for the device and hand the tokens over, one per row."""
+        tokens = self.tokens.tolist()
+        if self.chosen is None:
+            return [SampledToken(t) for t in tokens]
+        chosen = self.chosen.tolist()
+        top_v, top_i = (None, None) if self.top is None else (t.tolist() for t in self.top)
+        out = []
+        for i, (t, w) in enumerate(zip(tokens, self.want)):
+            if w is None:
+                out.append(SampledToken(t))
+                continue
+            top = tuple(zip(top_i[i][:w], top_v[i][:w])) if w else ()
+            out.append(SampledToken(t, chosen[i], top))
+        return out
+
+
 class Sampler:
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    @torch.inference_mode()
     def __call__(
         self,
         logits: torch.Tensor,  # [N, V] float32
         params: list[SamplingParams],
         token_index: list[int],  # index of the token being sampled within each request's output
     ) -> list[SampledToken]:
-        n = logits.shape[0]
+        return self.draw(logits, params, token_index).to_host()
+
+    @torch.inference_mode()
+    def draw(
+        self,
+        logits: torch.Tensor,  # [N, V] float32
+        params: list[SamplingParams],
+        token_index: list[int],  # index of the token being sampled within each request's output
+    ) -> Draw:
+        """Queue the sampling on the logits' device; ``Draw.to_host`` waits for it. Greedy
+        batches queue without waiting for the device."""
         tokens = logits.argmax(dim=-1)  # [N]; greedy rows keep this
         rand_rows = [i for i, p in enumerate(params) if not p.greedy]
         if rand_rows:
@@ -59,24 +94,14 @@ class Sampler:
                     )
                 noise[j].exponential_(generator=g)
             tokens[rows] = (probs / noise).argmax(dim=-1)
-        want = [p.logprobs for p in params]
+        want = tuple(p.logprobs for p in params)
         if all(w is None for w in want):
-            return [SampledToken(t) for t in tokens.tolist()]
+            return Draw(tokens, want)
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
-        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)  # [N]
         k = max(w or 0 for w in want)
-        top_v, top_i = logprobs.topk(k, dim=-1) if k else (None, None)
-        out = []
-        for i, t in enumerate(tokens.tolist()):
-            if want[i] is None:
-                out.append(SampledToken(t))
-                continue
-            top = ()
-            if want[i]:
-                top = tuple(zip(top_i[i, : want[i]].tolist(), top_v[i, : want[i]].tolist()))
-            out.append(SampledToken(t, chosen[i], top))
-        assert len(out) == n
-        return out
+        top = logprobs.topk(k, dim=-1) if k else None  # values, indices [N, k]
+        return Draw(tokens, want, chosen, top)
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

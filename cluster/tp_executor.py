@@ -137,8 +137,11 @@ class RayTPExecutor(Executor):
             "tensor parallel x%d ready: %d KV blocks on %s", size, self.num_blocks, self.device_name
         )
 
-    def execute(self, sched: SchedulerOutput) -> list[SampledToken]:
-        return ray.get([r.execute.remote(sched) for r in self.ranks])[0]
+    def launch(self, sched: SchedulerOutput) -> list[ray.ObjectRef]:
+        return [r.execute.remote(sched) for r in self.ranks]
+
+    def collect(self, handle: list[ray.ObjectRef]) -> list[SampledToken]:
+        return ray.get(handle)[0]  # rank 0 samples
 
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:
         return ray.get(self.ranks[0].read_kv.remote(block_ids))

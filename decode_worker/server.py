@@ -28,7 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-from cluster.engine import LLMEngine, RequestOutput
+from cluster.engine import LLMEngine
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
 from cluster.messages import (
     FirstToken,
@@ -40,6 +40,7 @@ from cluster.messages import (
     PrefillResult,
 )
 from cluster.replica import Replica, WorkerSpec
+from cluster.request_output import RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,11 @@ class DecodeServer(Replica):
                     handed[0] = True
                     return [out]
 
+                joining = time.perf_counter()
                 async for out in self.aengine.stream(rid, start):
+                    if joining:
+                        self.stats.observe_handoff("join", time.perf_counter() - joining)
+                        joining = 0.0
                     yield out
                 return
             finally:
@@ -176,6 +181,7 @@ class DecodeServer(Replica):
                 self.transport.receive(handle, dest, self.engine.runner, wait_s)
             ))  # fmt: skip
 
+        called = time.perf_counter()
         stream = self.prefill.options(stream=True).prefill.remote(call)
         result: list[PrefillResult] = []
 
@@ -195,6 +201,9 @@ class DecodeServer(Replica):
                 stream.cancel()  # the prefill replica stops (and drops the prompt's KV)
         if not result:
             raise RuntimeError("the prefill replica's reply ended without a result")
+        answered = time.perf_counter()
+        self.stats.observe_handoff("prefill_call", answered - called)
+        self.stats.observe_handoff("prefill_remote", result[0].prefill_s)
         if not receiving:
             post(result[0].kv)
         self.faults.maybe_fail("kv_transfer", req.request_id)
@@ -205,6 +214,7 @@ class DecodeServer(Replica):
         except Exception as e:  # noqa: BLE001 - reported as this attempt's failure
             what = "timed out" if isinstance(e, TimeoutError) else f"failed ({e})"
             raise RuntimeError(f"KV transfer {dest.transfer_id} {what}") from e
+        self.stats.observe_handoff("kv_after_result", time.perf_counter() - answered)
         return result[0].first
 
     def _release_when_done(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from msgspec import UNSET
 
-from cluster.engine import RequestOutput
+from cluster.request_output import RequestOutput
 from deploy.job import Choice, Job
 from deploy.logprob_formatter import LogprobFormatter
 from deploy.openai_responses import Completion, CompletionChoice

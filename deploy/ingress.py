@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from cluster.engine import RequestOutput
 from cluster.errors import OverloadedError
 from cluster.messages import GenerateRequest
+from cluster.request_output import RequestOutput
 from deploy.api_keys import ENV
 from deploy.ingress_settings import IngressSettings
 from deploy.openai_app import build_app

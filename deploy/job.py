@@ -7,8 +7,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from cluster.engine import RequestOutput, TokenLogprob
 from cluster.messages import GenerateRequest
+from cluster.request_output import RequestOutput, TokenLogprob
 from cluster.sampling_params import SamplingParams
 from deploy.openai_responses import Usage
 

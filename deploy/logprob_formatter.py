@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.engine import TokenLogprob
+from cluster.request_output import TokenLogprob
 from cluster.tokenizer import Tokenizer
 from deploy.openai_responses import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One GPU call (under 600 s) for what the last session could not measure: the GPU tests of the
-# transport and TP graphs, the KV transfer bench, the decode-step breakdown and TP=2 decode
-# steps. Every phase is time-boxed and prints as it goes. Then, in a second call:
-#   RATES=0.5,1,2,4 N=32 SLO_TTFT_MS=1000 SLO_TPOT_MS=40 bash bench/scripts/h200_pd_vs_colocated.sh
-# (TTFT of 1P1D against colocated at low load, with transfers posted early).
+# One GPU call (under 600 s): the GPU tests of the engine's launch/collect split and TP graphs,
+# the KV transfer bench (with the pair group's own path by message size), the decode-step
+# breakdown, decode steps one after another against the serving loop's overlapped order, and
+# TP=2 decode steps. Every phase is time-boxed and prints as it goes. Then, in a second call:
+#   RATES=0.5,2,4 N=32 SLO_TTFT_MS=1000 SLO_TPOT_MS=40 bash bench/scripts/h200_pd_vs_colocated.sh
 set -u
 export PYTHONPATH=/tmp/site:. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-bench/results}
@@ -17,19 +17,23 @@ if [ ! -f "$M/config.json" ]; then
   MAKER=$!
 fi
 stamp tests
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/cluster/test_kv_transport.py \
-  tests/cluster/test_tensor_parallel.py 2>&1 | grep --line-buffered -E "passed|failed|^E " | tail -8
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/cluster/test_engine_gpu.py tests/cluster/test_async_engine.py \
+  "tests/cluster/test_tensor_parallel.py::test_tp2_over_nccl_matches_one_gpu" > /tmp/tests.log 2>&1
+grep -E "passed|failed|^E " /tmp/tests.log | tail -8
 stamp kv-transfer
-timeout 120 python3 -m bench.kv_transfer --iters 7 --out "$OUT/kv-transfer-NVIDIA_H200.json" \
-  2>&1 | grep --line-buffered -v Warning | tail -14
+timeout 150 python3 -m bench.kv_transfer --iters 7 --out "$OUT/kv-transfer-NVIDIA_H200.json" \
+  2>&1 | grep --line-buffered -v Warning | tail -20
 stamp model
 [ -n "$MAKER" ] && wait "$MAKER"
-tail -2 /tmp/make-model.log 2>/dev/null
+tail -1 /tmp/make-model.log 2>/dev/null
 stamp profile
 timeout 120 python3 -m bench.decode_step --model "$M" --batches 1,64 --context 1024 --steps 16 \
-  --modes off --profile --out "$OUT/decode-step-profile-H200.json" 2>&1 | grep --line-buffered -v Warning | tail -9
+  --modes off --profile --out "$OUT/decode-step-profile-H200.json" 2>&1 | grep --line-buffered -v Warning | tail -12
+stamp overlap
+timeout 120 python3 -m bench.decode_step --model "$M" --batches 1,8,32,64 --context 1024 --steps 32 \
+  --modes auto --out "$OUT/decode-step-overlap-H200.json" 2>&1 | grep --line-buffered -v Warning | tail -8
 stamp tp2
 timeout $(( 570 - ($(date +%s) - S) )) python3 -m bench.decode_step --model "$M" --tp 2 \
-  --batches 1,8,32,64 --context 1024 --steps 16 --out "$OUT/decode-step-tp2-H200.json" \
-  2>&1 | grep --line-buffered -v Warning | tail -14
+  --batches 1,8,32,64 --context 1024 --steps 16 --modes auto --out "$OUT/decode-step-tp2-H200.json" \
+  2>&1 | grep --line-buffered -v Warning | tail -8
 stamp done

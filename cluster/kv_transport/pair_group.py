@@ -86,6 +86,7 @@ class PairGroup:
             port = int(store.get(f"sigport/{key}"))
             self._line = SignalLine.connect(store.host, port, timeout_s)
         self.messages = 0
+        self.chunk_bytes = CHUNK_BYTES  # both ends must cut messages the same way
         cuda = device.type == "cuda"
         self._io = torch.cuda.Stream(device) if cuda else None  # KV messages
         self._side = torch.cuda.Stream(device) if cuda else None  # scattering received KV
@@ -120,7 +121,10 @@ class PairGroup:
         with self._on_io():
             if ready is not None:
                 self._io.wait_event(ready)
-            works = [self.pg.send([kv[layers]], DECODE, 0) for layers in layer_groups(kv)]
+            works = [
+                self.pg.send([kv[layers]], DECODE, 0)
+                for layers in layer_groups(kv, self.chunk_bytes)
+            ]
             self.messages += len(works)
             for work in works:  # posted back to back; on GPU these only order the stream
                 work.wait()
@@ -139,7 +143,7 @@ class PairGroup:
         assert self.rank == DECODE
         with self._on_io():
             buf = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, n, bs, width]
-            for layers in layer_groups(buf):
+            for layers in layer_groups(buf, self.chunk_bytes):
                 part = buf[layers]
                 work = self.pg.recv([part], PREFILL, 0)
                 self.messages += 1
@@ -205,9 +209,9 @@ class PairGroup:
             pass
 
 
-def layer_groups(kv: torch.Tensor) -> list[slice]:
-    """Contiguous layer ranges of about ``CHUNK_BYTES`` each; both ends cut the same way."""
+def layer_groups(kv: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> list[slice]:
+    """Contiguous layer ranges of about ``chunk_bytes`` each; both ends cut the same way."""
     layers = kv.shape[0]
-    parts = max(1, min(layers, kv.numel() * kv.element_size() // CHUNK_BYTES))
+    parts = max(1, min(layers, kv.numel() * kv.element_size() // chunk_bytes))
     bounds = [round(i * layers / parts) for i in range(parts + 1)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bench.decode_step import main
+from bench.decode_step import main, split_kernel_time
 
 
 def test_decode_step_bench_writes_a_row_per_batch_and_mode(tiny_model, tmp_path):
@@ -16,4 +16,13 @@ def test_decode_step_bench_writes_a_row_per_batch_and_mode(tiny_model, tmp_path)
     for mode in ("graphs_eager", "graphs_off"):
         assert [r["batch"] for r in result[mode]] == [1, 3]
         assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in result[mode])
+        assert all(r["overlap_ms"] > 0 for r in result[mode])
     assert result["prefill"][0]["tokens"] == 40 and result["prefill"][0]["ms"] > 0
+
+
+def test_kernel_time_goes_to_the_innermost_range_that_holds_its_start():
+    spans = [(0, 100, "attention"), (80, 95, "all_reduce"), (100, 200, "moe")]
+    kernels = [(1, 11, "mla"), (85, 90, "nccl"), (100, 130, "gemm"), (150, 160, "gemm"),
+               (200, 204, "argmax"), (300, 301, "copy")]  # fmt: skip
+    parts = split_kernel_time(spans, kernels)
+    assert parts == {"attention": 10, "all_reduce": 5, "moe": 40, "rest": 5}

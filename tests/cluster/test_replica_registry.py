@@ -46,3 +46,18 @@ def test_prometheus_sums_pools_and_cumulates_buckets():
     assert lines['pdserve_time_to_first_token_seconds_count{pool="decode"}'] == "3"
     assert lines['pdserve_kv_blocks_used{pool="prefill"}'] == "0"
     assert Histogram().bounds == a.ttft.bounds
+    assert "handoff_seconds_count" not in text.replace("# ", "")  # no phase observed yet
+
+
+def test_prometheus_handoff_phases_sum_over_the_pool():
+    a, b = _stats("d1", "decode", "g"), _stats("d2", "decode", "g")
+    a.observe_handoff("join", 0.004)
+    b.observe_handoff("join", 0.002)
+    b.observe_handoff("prefill_call", 0.3)
+    text = render_prometheus([a, b])
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    assert lines['pdserve_handoff_seconds_count{pool="decode",phase="join"}'] == "2"
+    assert lines['pdserve_handoff_seconds_sum{pool="decode",phase="join"}'] == "0.006"
+    assert lines['pdserve_handoff_seconds_bucket{pool="decode",phase="join",le="0.0025"}'] == "1"
+    assert lines['pdserve_handoff_seconds_count{pool="decode",phase="prefill_call"}'] == "1"
+    assert 'phase="kv_after_result"' not in text

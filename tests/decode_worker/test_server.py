@@ -14,6 +14,7 @@ from cluster import CacheConfig, EngineConfig, SamplingParams
 from cluster.errors import KVLayoutMismatch, OverloadedError
 from cluster.messages import GenerateRequest
 from cluster.replica import WorkerSpec
+from cluster.replica_stats import HANDOFF
 from decode_worker.server import DecodeServer
 from prefill_worker.server import PrefillServer
 
@@ -121,6 +122,10 @@ def test_disaggregated_tokens_equal_colocated_and_prefill_batches(servers, tiny_
     assert decode.engine.blocks.num_used == 0 and prefill.engine.blocks.num_used == 0
     _eventually(lambda: _staged(prefill) == 0)
     assert decode.stats.requests["ok"] >= 8 and decode.transport.stats.transfers >= 8
+    # every request's way to its first token is timed, phase by phase
+    handoff = decode.stats.handoff
+    assert all(handoff[phase].count >= 8 for phase in HANDOFF), handoff
+    assert handoff["prefill_remote"].total < handoff["prefill_call"].total  # a part of the call
 
 
 def test_seeded_sampling_continues_across_the_handoff(servers, tiny_model):

@@ -15,8 +15,8 @@ import pytest
 
 from cluster import CacheConfig, EngineConfig, LLMEngine, SchedulerConfig
 from cluster.async_engine import AsyncEngine
-from cluster.engine import RequestOutput
 from cluster.messages import GenerateRequest
+from cluster.request_output import RequestOutput
 from deploy.ingress_settings import IngressSettings
 from deploy.openai_app import build_app
 from deploy.openai_server import OpenAIServer

@@ -1,0 +1,134 @@
+"""The serving loop: a step's outputs go out while the next step runs, and what streams out is
+what the engine gives step by step."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from cluster.async_engine import AsyncEngine
+from cluster.engine import CollectedStep, LaunchedStep
+from cluster.request_output import RequestOutput
+from cluster.scheduler import SchedulerOutput
+
+
+def _config(path: str) -> EngineConfig:
+    return EngineConfig(
+        model=path,
+        dtype="float32",
+        cache=CacheConfig(block_size=16),
+        scheduler=SchedulerConfig(max_num_batched_tokens=48, max_num_seqs=8),
+    )
+
+
+class RecordingEngine(LLMEngine):
+    """The engine, with the order of its step phases written down."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.phases: list[str] = []
+
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+        kind = "decode" if sched.num_decode_chunks == len(sched.chunks) else "prompt"
+        self.phases.append(f"launch {kind}")
+        return super().launch(sched)
+
+    def collect(self, launched: LaunchedStep) -> CollectedStep:
+        self.phases.append("collect")
+        return super().collect(launched)
+
+    def emit(self, collected: CollectedStep) -> list[RequestOutput]:
+        self.phases.append("emit")
+        return super().emit(collected)
+
+
+async def _stream_all(aengine: AsyncEngine, prompts, params) -> dict[str, list[RequestOutput]]:
+    async def one(i: int) -> tuple[str, list[RequestOutput]]:
+        rid = f"r{i}"
+        outs = []
+        start = lambda e: e.add_request(prompts[i], params[i], rid) and None  # noqa: E731
+        async for out in aengine.stream(rid, start):
+            outs.append(out)
+        return rid, outs
+
+    return dict(await asyncio.gather(*(one(i) for i in range(len(prompts)))))
+
+
+def _params(stop: str) -> list[SamplingParams]:
+    greedy = dict(temperature=0, ignore_eos=True)
+    return [
+        SamplingParams(max_tokens=14, **greedy),
+        SamplingParams(max_tokens=9, logprobs=2, **greedy),
+        SamplingParams(max_tokens=24, stop=(stop,), **greedy),
+        SamplingParams(max_tokens=11, temperature=0.9, seed=3, ignore_eos=True),
+        SamplingParams(max_tokens=20, temperature=0.8, top_k=5, seed=8, ignore_eos=True),
+    ]
+
+
+def test_the_overlapped_loop_streams_what_step_by_step_gives(tiny_model):
+    reference = LLMEngine(_config(tiny_model))
+    rng = random.Random(4)
+    prompts = [
+        [rng.randrange(4, reference.vocab_size) for _ in range(n)] for n in (5, 30, 9, 60, 17)
+    ]
+    free = reference.generate([prompts[2]], SamplingParams(max_tokens=24, temperature=0))[0]
+    stop = free.text[4:7]  # a stop string the third prompt's greedy text reaches
+    params = _params(stop)
+    expected = reference.generate(prompts, params)
+    aengine = AsyncEngine(RecordingEngine(_config(tiny_model)))
+    try:
+        got = asyncio.run(_stream_all(aengine, prompts, params))
+    finally:
+        aengine.shutdown()
+    assert expected[2].finish_reason == "stop" and expected[2].stop_reason == stop
+    for i, want in enumerate(expected):
+        outs = got[f"r{i}"]
+        assert [t for o in outs for t in o.token_ids] == want.token_ids
+        assert "".join(o.text for o in outs) == want.text
+        assert outs[-1].finished and not any(o.finished for o in outs[:-1])
+        assert (outs[-1].finish_reason, outs[-1].stop_reason) == (
+            want.finish_reason,
+            want.stop_reason,
+        )
+        assert outs[-1].num_output_tokens == len(want.token_ids)
+        if want.logprobs is not None:
+            assert [lp for o in outs for lp in o.logprobs] == want.logprobs
+
+
+def test_a_decode_step_launches_before_the_last_step_is_emitted(tiny_model):
+    engine = RecordingEngine(_config(tiny_model))
+    aengine = AsyncEngine(engine)
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    try:
+        got = asyncio.run(_stream_all(aengine, [[5, 6, 7, 8]], [sp]))
+    finally:
+        aengine.shutdown()
+    assert len(got["r0"]) == 5
+    # the prompt step samples the first token; each decode step launches, then the step
+    # before it is emitted, then its own tokens are collected; the last is emitted alone
+    decode = ["launch decode", "emit", "collect"]
+    assert engine.phases == ["launch prompt", "collect", *decode * 4, "emit"]
+
+
+def test_a_step_that_carries_a_prompt_emits_the_last_step_first(tiny_model):
+    engine = RecordingEngine(_config(tiny_model))
+    aengine = AsyncEngine(engine)
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    async def both() -> None:
+        # "b" arrives while "a" decodes: its prompt runs in a step beside a's decode
+        a = aengine.stream("a", lambda e: e.add_request([5, 6, 7, 8], sp, "a") and None)
+        outs = [await anext(a), await anext(a)]
+        b = aengine.stream("b", lambda e: e.add_request([9, 10, 11], sp, "b") and None)
+        outs += [o async for o in b] + [o async for o in a]
+        assert len(outs) == 24
+
+    try:
+        asyncio.run(both())
+    finally:
+        aengine.shutdown()
+    joined = [i for i, p in enumerate(engine.phases) if p == "launch prompt" and i > 0]
+    assert joined, engine.phases  # b's prompt did run while a was decoding
+    # a launch that may wait for the device never holds back the tokens already collected
+    assert all(engine.phases[i - 1] == "emit" for i in joined), engine.phases
