@@ -78,3 +78,8 @@ class PrefillResult(msgspec.Struct, frozen=True, kw_only=True):
     queue_s: float  # waiting in the prefill replica before its first chunk ran
     prefill_s: float  # first chunk to first token
     send_s: float  # handing the KV to the transport
+    # wall clock (time.time()) of the prefill replica when the call reached it and when it
+    # replied: the decode side times the hops to and from it (exact on one host; across hosts
+    # they include the clocks' offset)
+    started_at: float = 0.0
+    replied_at: float = 0.0

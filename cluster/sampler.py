@@ -24,6 +24,14 @@ def token_seed(seed: int, index: int) -> int:
     return (x * 0xD6E8FEB86659FD93) & _MASK
 
 
+def _on(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A small host list on ``device`` without waiting for the device's queued work (a plain
+    copy to a GPU waits for the stream: it would stall a step launched ahead)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class SampledToken:
     token_id: int
@@ -82,7 +90,7 @@ class Sampler:
         tokens = logits.argmax(dim=-1)  # [N]; greedy rows keep this
         rand_rows = [i for i, p in enumerate(params) if not p.greedy]
         if rand_rows:
-            rows = torch.tensor(rand_rows, device=logits.device)
+            rows = _on(logits.device, rand_rows, torch.int64)
             probs = self._filtered_probs(logits[rows], [params[i] for i in rand_rows])
             noise = torch.empty_like(probs)
             for j, i in enumerate(rand_rows):
@@ -107,7 +115,7 @@ class Sampler:
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """Temperature, then top-k and top-p over the sorted logits -> probabilities [R, V]."""
         dev = logits.device
-        temp = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+        temp = _on(dev, [p.temperature for p in params], torch.float32)[:, None]
         scaled = logits / temp
         top_k = [p.top_k if p.top_k > 0 else logits.shape[1] for p in params]
         top_p = [p.top_p for p in params]
@@ -115,12 +123,12 @@ class Sampler:
             return torch.softmax(scaled, dim=-1)
         sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [R, V]
         rank = torch.arange(logits.shape[1], device=dev)[None, :]
-        drop = rank >= torch.tensor(top_k, device=dev)[:, None]
+        drop = rank >= _on(dev, top_k, torch.int64)[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)
         # drop a token when the mass before it already reaches top_p; the best token always stays
         before = probs.cumsum(dim=-1) - probs
-        drop = before >= torch.tensor(top_p, device=dev)[:, None]
+        drop = before >= _on(dev, top_p, torch.float32)[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         filtered = torch.full_like(scaled, float("-inf")).scatter_(1, order, sorted_logits)
         return torch.softmax(filtered, dim=-1)

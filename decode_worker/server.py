@@ -181,7 +181,7 @@ class DecodeServer(Replica):
                 self.transport.receive(handle, dest, self.engine.runner, wait_s)
             ))  # fmt: skip
 
-        called = time.perf_counter()
+        called, called_at = time.perf_counter(), time.time()
         stream = self.prefill.options(stream=True).prefill.remote(call)
         result: list[PrefillResult] = []
 
@@ -201,9 +201,12 @@ class DecodeServer(Replica):
                 stream.cancel()  # the prefill replica stops (and drops the prompt's KV)
         if not result:
             raise RuntimeError("the prefill replica's reply ended without a result")
-        answered = time.perf_counter()
+        answered, r = time.perf_counter(), result[0]
         self.stats.observe_handoff("prefill_call", answered - called)
-        self.stats.observe_handoff("prefill_remote", result[0].prefill_s)
+        self.stats.observe_handoff("prefill_remote", r.prefill_s)
+        if r.started_at:  # wall clocks of two processes (see PrefillResult)
+            self.stats.observe_handoff("to_prefill", max(r.started_at - called_at, 0.0))
+            self.stats.observe_handoff("from_prefill", max(time.time() - r.replied_at, 0.0))
         if not receiving:
             post(result[0].kv)
         self.faults.maybe_fail("kv_transfer", req.request_id)

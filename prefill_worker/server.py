@@ -94,4 +94,6 @@ class PrefillServer(Replica):
             queue_s=queue_s,
             prefill_s=prefill_s,
             send_s=time.time() - sent,
+            started_at=start,
+            replied_at=time.time(),
         )

@@ -11,7 +11,8 @@ one word per transfer, prefill to decode: "ok" (the KV follows on the group) or 
 come. A decode rank waits on the word, not on a posted NCCL receive, so a transfer can wait long
 before its prefill ends without an NCCL timeout, and a prefill that fails costs its pair nothing.
 A request's KV moves in a few layer-group messages; the receiver scatters each into its blocks
-on a side stream while the next one arrives.
+on a side stream while the next one arrives. A one-element message when the group is made
+connects NCCL then, off the first transfer's path.
 """
 
 from __future__ import annotations
@@ -90,6 +91,21 @@ class PairGroup:
         cuda = device.type == "cuda"
         self._io = torch.cuda.Stream(device) if cuda else None  # KV messages
         self._side = torch.cuda.Stream(device) if cuda else None  # scattering received KV
+        self._handshake()
+
+    def _handshake(self) -> None:
+        """One tiny message, prefill to decode. NCCL makes a pair's communicator at its first
+        message (hundreds of ms): here that happens while the prompt whose transfer opened the
+        pair still runs, not when its KV is due."""
+        t = torch.zeros(1, device=self.device)
+        with self._on_io():
+            work = (
+                self.pg.send([t], DECODE, 0)
+                if self.rank == PREFILL
+                else self.pg.recv([t], PREFILL, 0)
+            )
+            work.wait()
+            self._finish(self._io)
 
     @staticmethod
     def connect(

@@ -35,7 +35,8 @@ def test_top_k_and_top_p_restrict_the_support():
 
 def test_greedy_and_seeded_rows_in_one_batch():
     sampler = Sampler(torch.device("cpu"), 0)
-    logits = torch.randn(6, 50)
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(6))
+    logits[3] = logits[5] = logits[2]  # rows 2, 3 and 5 see the same distribution
     params = [SamplingParams(temperature=0)] * 2 + [SamplingParams(temperature=1.0, seed=42)] * 4
     idx = [0, 0, 3, 3, 4, 3]
     a = [o.token_id for o in sampler(logits, params, idx)]
