@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import random
 
+import pytest
+
 from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from cluster.async_engine import AsyncEngine
 from cluster.engine import CollectedStep, LaunchedStep
+from cluster.errors import WorkerError
 from cluster.request_output import RequestOutput
 from cluster.scheduler import SchedulerOutput
 
@@ -132,3 +135,37 @@ def test_a_step_that_carries_a_prompt_emits_the_last_step_first(tiny_model):
     assert joined, engine.phases  # b's prompt did run while a was decoding
     # a launch that may wait for the device never holds back the tokens already collected
     assert all(engine.phases[i - 1] == "emit" for i in joined), engine.phases
+
+
+class FailingEngine(LLMEngine):
+    """Its second decode step fails to launch."""
+
+    decode_launches = 0
+
+    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+        if sched.num_decode_chunks == len(sched.chunks):
+            self.decode_launches += 1
+            if self.decode_launches == 2:
+                raise RuntimeError("launch broke")
+        return super().launch(sched)
+
+
+def test_a_failed_launch_delivers_the_collected_tokens_then_the_error(tiny_model):
+    aengine = AsyncEngine(FailingEngine(_config(tiny_model)))
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs: list = []
+
+    async def run() -> None:
+        start = lambda e: e.add_request([5, 6, 7], sp, "r") and None  # noqa: E731
+        async for out in aengine.stream("r", start):
+            outs.append(out)
+
+    try:
+        with pytest.raises(WorkerError, match="launch broke"):
+            asyncio.run(run())
+        # the prompt step's token and the first decode step's were collected before the
+        # failed launch: both reach the client, then the error
+        assert [len(o.token_ids) for o in outs] == [1, 1]
+        assert aengine.engine.blocks.num_used == 0
+    finally:
+        aengine.shutdown()
