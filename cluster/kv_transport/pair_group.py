@@ -86,7 +86,6 @@ class PairGroup:
         else:
             port = int(store.get(f"sigport/{key}"))
             self._line = SignalLine.connect(store.host, port, timeout_s)
-        self.messages = 0
         self.chunk_bytes = CHUNK_BYTES  # both ends must cut messages the same way
         cuda = device.type == "cuda"
         self._io = torch.cuda.Stream(device) if cuda else None  # KV messages
@@ -120,14 +119,12 @@ class PairGroup:
         assert self.rank == PREFILL
         self.pg.send([t.contiguous()], DECODE, 0).wait()
         self._sync(t)
-        self.messages += 1
 
     def recv(self, t: torch.Tensor) -> None:
         """Blocks until ``t`` holds the next message."""
         assert self.rank == DECODE and t.is_contiguous()
         self.pg.recv([t], PREFILL, 0).wait()
         self._sync(t)
-        self.messages += 1
 
     def send_kv(self, kv: torch.Tensor, ready: torch.cuda.Event | None = None) -> None:
         """[layers, n, block_size, width], contiguous, as ``layer_groups(kv)`` messages, from a
@@ -141,7 +138,6 @@ class PairGroup:
                 self.pg.send([kv[layers]], DECODE, 0)
                 for layers in layer_groups(kv, self.chunk_bytes)
             ]
-            self.messages += len(works)
             for work in works:  # posted back to back; on GPU these only order the stream
                 work.wait()
             self._finish(self._io)
@@ -162,7 +158,6 @@ class PairGroup:
             for layers in layer_groups(buf, self.chunk_bytes):
                 part = buf[layers]
                 work = self.pg.recv([part], PREFILL, 0)
-                self.messages += 1
                 if self._side is None:  # gloo: the wait blocks (once: a second one hangs)
                     work.wait()
                     write(layers, part)

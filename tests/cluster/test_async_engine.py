@@ -46,12 +46,16 @@ class RecordingEngine(LLMEngine):
         return super().emit(collected)
 
 
+def _add(prompt: list[int], sp: SamplingParams, rid: str):
+    """A ``stream`` start that adds the request (and hands out no outputs of its own)."""
+    return lambda e: e.add_request(prompt, sp, rid) and None
+
+
 async def _stream_all(aengine: AsyncEngine, prompts, params) -> dict[str, list[RequestOutput]]:
     async def one(i: int) -> tuple[str, list[RequestOutput]]:
         rid = f"r{i}"
         outs = []
-        start = lambda e: e.add_request(prompts[i], params[i], rid) and None  # noqa: E731
-        async for out in aengine.stream(rid, start):
+        async for out in aengine.stream(rid, _add(prompts[i], params[i], rid)):
             outs.append(out)
         return rid, outs
 
@@ -121,9 +125,9 @@ def test_a_step_that_carries_a_prompt_emits_the_last_step_first(tiny_model):
 
     async def both() -> None:
         # "b" arrives while "a" decodes: its prompt runs in a step beside a's decode
-        a = aengine.stream("a", lambda e: e.add_request([5, 6, 7, 8], sp, "a") and None)
+        a = aengine.stream("a", _add([5, 6, 7, 8], sp, "a"))
         outs = [await anext(a), await anext(a)]
-        b = aengine.stream("b", lambda e: e.add_request([9, 10, 11], sp, "b") and None)
+        b = aengine.stream("b", _add([9, 10, 11], sp, "b"))
         outs += [o async for o in b] + [o async for o in a]
         assert len(outs) == 24
 
@@ -156,8 +160,7 @@ def test_a_failed_launch_delivers_the_collected_tokens_then_the_error(tiny_model
     outs: list = []
 
     async def run() -> None:
-        start = lambda e: e.add_request([5, 6, 7], sp, "r") and None  # noqa: E731
-        async for out in aengine.stream("r", start):
+        async for out in aengine.stream("r", _add([5, 6, 7], sp, "r")):
             outs.append(out)
 
     try:
