@@ -172,9 +172,11 @@ class _Prefill:
 def _phases(send: dict, recv: dict, staged: float, done: float) -> dict[str, float]:
     """Where a posted-early transfer's time goes: ms after staging started."""
     ms = {
+        "prefill copy queued": send["copy queued"],
         "prefill saw it staged": send["staged"],
         "prefill signalled": send["signalled"],
         "decode got the signal": recv["signalled"],
+        "decode receive posted": recv["posted recv"],
         "prefill send done": send["sent"],
         "decode blocks written": recv["received"],
         "receive returned": done,

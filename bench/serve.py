@@ -32,6 +32,7 @@ from bench.serve_plots import plot_compare, plot_run
 from bench.serve_report import (
     SCHEMA,
     load_result,
+    paired_table,
     run_table,
     summarize,
     sweep_table,
@@ -188,6 +189,8 @@ def compare(args: argparse.Namespace) -> int:
     ]
     for result, label in zip(results, labels):
         print(sweep_table(label, result["runs"]))
+    if len(results) == 2:
+        print(paired_table(*labels, results[0]["runs"], results[1]["runs"]))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     path = Path(args.out) if args.out else RESULTS / f"compare-{stamp}.png"
     if not args.no_plots:

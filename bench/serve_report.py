@@ -117,6 +117,42 @@ def sweep_table(label: str, runs: list[dict]) -> str:
     return "\n".join(lines + [""])
 
 
+def paired_ttft(base: dict, other: dict) -> dict | None:
+    """``other``'s TTFT against ``base``'s request by request, for two runs of one trace (the
+    same prompt lengths in the same order; None otherwise): medians of the ratio and of the
+    difference say more than two p50s of prompts whose lengths vary."""
+    a, b = records_of(base), records_of(other)
+    if [r.input_len for r in a] != [r.input_len for r in b]:
+        return None
+    pairs = [(x.ttft_s, y.ttft_s) for x, y in zip(a, b) if x.ok and y.ok]
+    if not pairs:
+        return None
+    ratio = np.asarray([y / x for x, y in pairs])
+    diff = np.asarray([(y - x) * 1e3 for x, y in pairs])
+    return {
+        "pairs": len(pairs), "ratio_p50": float(np.median(ratio)),
+        "ratio_p90": float(np.percentile(ratio, 90)), "diff_ms_p50": float(np.median(diff)),
+        "diff_ms_mean": float(diff.mean()),
+    }  # fmt: skip
+
+
+def paired_table(base_label: str, other_label: str, base: list[dict], other: list[dict]) -> str:
+    """``paired_ttft`` for each rate both sweeps ran (of a repeated rate, the later run: warm)."""
+    lines = [f"== TTFT of {other_label} against {base_label}, request by request ==",
+             "".join(f"{c:>12}" for c in ("rate", "pairs", "ratio p50", "ratio p90",
+                                           "diff p50 ms", "diff mean"))]  # fmt: skip
+    base_at = {format_rate(run["rate"]): run for run in base}
+    other_at = {format_rate(run["rate"]): run for run in other}
+    for rate, run in base_at.items():
+        p = rate in other_at and paired_ttft(run, other_at[rate])
+        if p:
+            cells = [rate, str(p["pairs"])]
+            cells += [f"{p[k]:.3f}" for k in ("ratio_p50", "ratio_p90")]
+            cells += [f"{p[k]:.1f}" for k in ("diff_ms_p50", "diff_ms_mean")]
+            lines.append("".join(f"{c:>12}" for c in cells))
+    return "\n".join(lines + [""])
+
+
 def format_rate(rate: float | str | None) -> str:
     rate = rate_from_json(rate)
     if rate is None:

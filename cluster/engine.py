@@ -44,6 +44,16 @@ class CollectedStep:
     tokens: tuple[tuple[Request, SampledToken, FinishReason | None], ...]
 
 
+@dataclass(frozen=True)
+class Prefilled:
+    """A request a prefill replica started, its first token applied, not yet in the engine
+    (``LLMEngine.first_output``; ``adopt`` hands it over)."""
+
+    request: Request
+    detok: IncrementalDetokenizer
+    output: RequestOutput  # the first token's
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None) -> None:
         self.config = config
@@ -129,14 +139,14 @@ class LLMEngine:
             )
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         self.scheduler.add(Request(rid, ids, sampling))
-        self._detok[rid] = IncrementalDetokenizer(
-            self.tokenizer,
-            ids,
-            sampling.stop,
-            sampling.include_stop_str_in_output,
-            sampling.skip_special_tokens,
-        )
+        self._detok[rid] = self._detokenizer(ids, sampling)
         return rid
+
+    def _detokenizer(self, prompt_ids: list[int], sp: SamplingParams) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(
+            self.tokenizer, prompt_ids, sp.stop, sp.include_stop_str_in_output,
+            sp.skip_special_tokens,
+        )  # fmt: skip
 
     def abort(self, request_id: str) -> bool:
         req = self.scheduler.abort(request_id)
@@ -190,15 +200,22 @@ class LLMEngine:
                 outputs.append(self._output(req, tok, reason))
         return outputs
 
-    def _append(self, req: Request, tok: SampledToken) -> RequestOutput:
-        return self._output(req, tok, self._apply(req, tok))
-
     def _apply(self, req: Request, tok: SampledToken) -> FinishReason | None:
         """Append the token and decide whether the request finished (then it leaves the
         scheduler). Text waits for ``_output`` unless stop strings need it now."""
+        reason = self._decide(req, tok, self._detok[req.request_id])
+        if reason is not None:
+            self.on_finish(req)
+            self.scheduler.finish(req, reason)
+        return reason
+
+    def _decide(
+        self, req: Request, tok: SampledToken, detok: IncrementalDetokenizer
+    ) -> FinishReason | None:
+        """Append the token to ``req`` and say whether it ends the request; touches nothing of
+        the engine's own."""
         sp = req.sampling
         req.output_token_ids.append(tok.token_id)
-        detok = self._detok[req.request_id]
         stop_str = detok.add(tok.token_id) if detok.stop else None
         reason: FinishReason | None = None
         if tok.token_id in sp.stop_token_ids:
@@ -209,34 +226,14 @@ class LLMEngine:
             reason, req.stop_reason = FinishReason.STOP, stop_str
         elif len(req.output_token_ids) >= sp.max_tokens or req.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
-        if reason is not None:
-            self.on_finish(req)
-            self.scheduler.finish(req, reason)
         return reason
 
     def _output(
         self, req: Request, tok: SampledToken, reason: FinishReason | None
     ) -> RequestOutput:
-        sp = req.sampling
-        detok = self._detok[req.request_id]
-        if not detok.stop:
-            detok.add(tok.token_id)
         first = req.request_id not in self._sent_prompt
         self._sent_prompt.add(req.request_id)
-        out = RequestOutput(
-            request_id=req.request_id,
-            token_ids=[tok.token_id],
-            text=detok.take(finished=reason is not None),
-            logprobs=None
-            if sp.logprobs is None
-            else [TokenLogprob(tok.token_id, tok.logprob, tok.top_logprobs or ())],
-            finished=reason is not None,
-            finish_reason=None if reason is None else reason.value,
-            stop_reason=req.stop_reason,
-            num_prompt_tokens=len(req.prompt_token_ids),
-            num_output_tokens=len(req.output_token_ids),
-            prompt_token_ids=req.prompt_token_ids if first else None,
-        )
+        out = _make_output(req, tok, reason, self._detok[req.request_id], first)
         if reason is not None:
             self._forget(req.request_id)
         return out
@@ -269,33 +266,38 @@ class LLMEngine:
         self._reserved -= 1
         self.blocks.free(block_ids)
 
-    def add_prefilled(
-        self,
-        request_id: str,
-        prompt_ids: list[int],
-        sampling: SamplingParams,
-        block_ids: list[int],
-        first: FirstToken,
-    ) -> RequestOutput:
-        """Start decoding a request whose prompt KV a transport wrote into ``block_ids`` (from
-        ``reserve``) and whose first token a prefill replica sampled. Returns the first token's
-        output. If it raises, the reservation is untouched (the caller releases it)."""
-        if request_id in self.scheduler.requests:
-            raise RequestError(f"request id {request_id!r} is already in use", "request_id")
-        # nothing below can fail: the blocks now belong to the request
-        self._reserved -= 1
+    def first_output(
+        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, first: FirstToken
+    ) -> Prefilled:
+        """A request whose prompt a prefill replica ran, with the first token it sampled
+        applied and that token's output made (stop checks and text included), before this
+        engine holds the request: it touches no engine state, so a replica calls it on its own
+        thread and streams the token while the KV is still on its way. ``adopt`` hands the
+        request over unless its output is already the last."""
         req = Request(request_id, prompt_ids, sampling)
-        req.block_ids, req.num_computed_tokens = list(block_ids), len(prompt_ids)
-        req.status = RequestStatus.RUNNING
-        self.scheduler.add_running(req)
-        self._detok[request_id] = IncrementalDetokenizer(
-            self.tokenizer,
-            prompt_ids,
-            sampling.stop,
-            sampling.include_stop_str_in_output,
-            sampling.skip_special_tokens,
-        )
-        return self._append(req, SampledToken(first.token_id, first.logprob, first.top_logprobs))
+        detok = self._detokenizer(prompt_ids, sampling)
+        tok = SampledToken(first.token_id, first.logprob, first.top_logprobs)
+        reason = self._decide(req, tok, detok)
+        return Prefilled(req, detok, _make_output(req, tok, reason, detok, first=True))
+
+    def adopt(self, prefilled: Prefilled, block_ids: list[int] | None) -> None:
+        """Start decoding a ``first_output`` request: from ``block_ids`` (from ``reserve``),
+        which a transport filled with its prompt's KV; or, with None, as a request whose prompt
+        and first token this engine computes again (the way a preempted request comes back).
+        If it raises, a reservation is untouched (the caller releases it)."""
+        req = prefilled.request
+        assert not prefilled.output.finished, "a finished request has nothing to decode"
+        if req.request_id in self.scheduler.requests:
+            raise RequestError(f"request id {req.request_id!r} is already in use", "request_id")
+        if block_ids is None:
+            self.scheduler.add(req)
+        else:  # nothing below can fail: the blocks now belong to the request
+            self._reserved -= 1
+            req.block_ids, req.num_computed_tokens = list(block_ids), len(req.prompt_token_ids)
+            req.status = RequestStatus.RUNNING
+            self.scheduler.add_running(req)
+        self._detok[req.request_id] = prefilled.detok
+        self._sent_prompt.add(req.request_id)
 
     # ---- offline batch API ----
 
@@ -336,3 +338,30 @@ def _make_executor(config: EngineConfig, model_config: ModelConfig, max_model_le
     from cluster.tp_executor import RayTPExecutor  # imports ray
 
     return RayTPExecutor(config, model_config, max_model_len)
+
+
+def _make_output(
+    req: Request,
+    tok: SampledToken,
+    reason: FinishReason | None,
+    detok: IncrementalDetokenizer,
+    first: bool,
+) -> RequestOutput:
+    """``tok``'s output (``first``: the request's first, which carries the prompt ids)."""
+    sp = req.sampling
+    if not detok.stop:
+        detok.add(tok.token_id)
+    return RequestOutput(
+        request_id=req.request_id,
+        token_ids=[tok.token_id],
+        text=detok.take(finished=reason is not None),
+        logprobs=None
+        if sp.logprobs is None
+        else [TokenLogprob(tok.token_id, tok.logprob, tok.top_logprobs or ())],
+        finished=reason is not None,
+        finish_reason=None if reason is None else reason.value,
+        stop_reason=req.stop_reason,
+        num_prompt_tokens=len(req.prompt_token_ids),
+        num_output_tokens=len(req.output_token_ids),
+        prompt_token_ids=req.prompt_token_ids if first else None,
+    )

@@ -25,14 +25,15 @@ LATENCY_BUCKETS = (
 )
 
 
-# phases of a disaggregated request before its first token, as the decode replica times them
+# phases of a disaggregated request's handoff, as the decode replica times them (its first token
+# goes out with the prefill result; the KV and the join come after)
 HANDOFF = {
     "prefill_call": "from the prefill call to its result (Ray hops, queue and prefill)",
     "to_prefill": "from the call to its arrival at the prefill replica (routing, Ray call)",
     "prefill_remote": "the prefill replica's own share: from the call's arrival to its token",
     "from_prefill": "from the prefill replica's reply to the decode replica having it",
     "kv_after_result": "from the prefill result to the KV in the decode blocks",
-    "join": "from the KV in the blocks to the first token out of the decode engine",
+    "join": "from the KV in the blocks to the decode engine holding the request",
 }
 
 

@@ -5,19 +5,22 @@ For each request it:
   2. asks a prefill replica (Serve picks one; a retry avoids those already tried) to run the
      prompt, naming the blocks, a transfer id and its own KV layout fingerprint; the reply
      streams;
-  3. collects the KV from the transport into the reserved blocks: posted as soon as the prefill
+  3. streams the first token prefill sampled as soon as the reply brings it (stop checks and
+     text made here, off the engine thread), while the KV still moves;
+  4. collects the KV from the transport into the reserved blocks: posted as soon as the prefill
      replica announces the transfer (point to point), so the KV moves the moment the prompt
      ends, or once the result is back (object store);
-  4. adds the request, with the first token prefill sampled, to the running batch, and streams
-     its tokens as the engine loop produces them.
+  5. adds the request to the running batch and streams its tokens as the engine loop makes them.
 With no prefill pool (colocated mode) it prefills locally instead.
 
 Failures: a prefill call or a KV transfer that fails or outlasts its timeout is tried again
 (``prefill_retries`` more times) with fresh blocks and a fresh transfer id, so data a failed
 attempt delivers late lands in blocks nobody else uses (they are released only when that
-transfer has ended). When every attempt failed the replica prefills locally
-(``local_prefill_fallback``) or answers 503. Cancelling the stream at any point (the client went
-away) aborts the request and frees its blocks.
+transfer has ended); a retry after the first token went out keeps that token (the prompt's KV
+does not depend on it). When every attempt failed the replica prefills locally
+(``local_prefill_fallback``: the prompt, and the first token if it went out) or answers 503.
+Cancelling the stream at any point (the client went away) aborts the request and frees its
+blocks.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-from cluster.engine import LLMEngine
+from cluster.engine import LLMEngine, Prefilled
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
 from cluster.messages import (
     FirstToken,
@@ -43,6 +47,15 @@ from cluster.replica import Replica, WorkerSpec
 from cluster.request_output import RequestOutput
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """A prefill attempt's reply: the first token, and the transfer its KV comes in."""
+
+    first: FirstToken
+    transfer_id: str
+    at: float  # time.perf_counter() when the reply came
 
 
 class DecodeServer(Replica):
@@ -102,6 +115,7 @@ class DecodeServer(Replica):
         spec = self.spec
         errors: list[str] = []
         tried: list[str] = []  # prefill replicas that took an attempt: a retry avoids them
+        prefilled: Prefilled | None = None  # once the first token went out
         for attempt in range(1 + spec.prefill_retries):
             blocks: list[int] = await self.aengine.run_owned(
                 lambda e: e.reserve(len(prompt)), lambda e, ids: e.release(ids)
@@ -110,7 +124,14 @@ class DecodeServer(Replica):
             receiving: list[asyncio.Future] = []  # the attempt's KV receive, once posted
             try:
                 try:
-                    first = await self._prefill(req, blocks, attempt, receiving, tried)
+                    answer = await self._prefill(req, blocks, attempt, receiving, tried)
+                    if prefilled is None:  # the first token goes out now, the KV still moving
+                        prefilled = self.engine.first_output(rid, prompt, sampling, answer.first)
+                        yield prefilled.output
+                        if prefilled.output.finished:
+                            return
+                    # else a retry: the prompt's KV is the same; the token sent stands
+                    await self._kv_landed(req, answer, receiving[0])
                 except (RequestError, KVLayoutMismatch):
                     raise  # the request or the deployment is wrong: no retry helps
                 except Exception as e:  # noqa: BLE001 - a failed attempt; the next one may do
@@ -120,17 +141,12 @@ class DecodeServer(Replica):
                     continue
 
                 def start(
-                    e: LLMEngine, first: FirstToken = first, blocks=blocks, handed=handed
-                ) -> list[RequestOutput]:
-                    out = e.add_prefilled(rid, prompt, sampling, blocks, first)
+                    e: LLMEngine, p: Prefilled = prefilled, blocks=blocks, handed=handed
+                ) -> None:
+                    e.adopt(p, blocks)
                     handed[0] = True
-                    return [out]
 
-                joining = time.perf_counter()
-                async for out in self.aengine.stream(rid, start):
-                    if joining:
-                        self.stats.observe_handoff("join", time.perf_counter() - joining)
-                        joining = 0.0
+                async for out in self._joined(rid, start):
                     yield out
                 return
             finally:
@@ -138,10 +154,28 @@ class DecodeServer(Replica):
         if spec.local_prefill_fallback:
             log.warning("%s: prefill failed %d times; prefilling locally", rid, len(errors))
             self.stats.count("local_prefill")
-            async for out in self._local(req):
+            if prefilled is None:
+                stream = self._local(req)
+            else:  # the first token is out: recompute the prompt and it here, then go on
+                stream = self._joined(rid, lambda e, p=prefilled: e.adopt(p, None))
+            async for out in stream:
                 yield out
             return
         raise OverloadedError(f"prefill failed {len(errors)} times: {'; '.join(errors)}", 1.0)
+
+    async def _joined(self, rid: str, start) -> AsyncIterator[RequestOutput]:
+        """The outputs after the first token of a request that ``start`` hands to the engine;
+        "join" times the wait for the engine thread to take it."""
+        asked, took = time.perf_counter(), []
+
+        def begin(e: LLMEngine) -> None:
+            start(e)
+            took.append(time.perf_counter())
+
+        async for out in self.aengine.stream(rid, begin):
+            if took:
+                self.stats.observe_handoff("join", took.pop() - asked)
+            yield out
 
     async def _prefill(
         self,
@@ -150,10 +184,10 @@ class DecodeServer(Replica):
         attempt: int,
         receiving: list[asyncio.Future],
         tried: list[str],
-    ) -> FirstToken:
+    ) -> _Answer:
         """One attempt: prefill on some replica other than those ``tried`` (it joins them),
-        then the KV into ``blocks``. The receive, once posted, goes into ``receiving``: the
-        blocks are not free before it ended."""
+        its KV's receive into ``blocks`` posted (into ``receiving``: the blocks are not free
+        before it ended) as soon as the replica announces it, or with the reply."""
         spec = self.spec
         dest = KVDestination(
             transfer_id=f"{req.request_id}/{attempt}-{uuid.uuid4().hex[:8]}",
@@ -209,16 +243,21 @@ class DecodeServer(Replica):
             self.stats.observe_handoff("from_prefill", max(time.time() - r.replied_at, 0.0))
         if not receiving:
             post(result[0].kv)
+        return _Answer(result[0].first, dest.transfer_id, answered)
+
+    async def _kv_landed(
+        self, req: GenerateRequest, answer: _Answer, receiving: asyncio.Future
+    ) -> None:
+        """Wait (``kv_transfer_timeout_s`` at most) for the attempt's KV to be in its blocks."""
         self.faults.maybe_fail("kv_transfer", req.request_id)
         try:
-            await asyncio.wait_for(asyncio.shield(receiving[0]), spec.kv_transfer_timeout_s)
+            await asyncio.wait_for(asyncio.shield(receiving), self.spec.kv_transfer_timeout_s)
         except asyncio.CancelledError:
             raise  # the client went away: no retry
         except Exception as e:  # noqa: BLE001 - reported as this attempt's failure
             what = "timed out" if isinstance(e, TimeoutError) else f"failed ({e})"
-            raise RuntimeError(f"KV transfer {dest.transfer_id} {what}") from e
-        self.stats.observe_handoff("kv_after_result", time.perf_counter() - answered)
-        return result[0].first
+            raise RuntimeError(f"KV transfer {answer.transfer_id} {what}") from e
+        self.stats.observe_handoff("kv_after_result", time.perf_counter() - answer.at)
 
     def _release_when_done(
         self, blocks: list[int], receiving: asyncio.Future | None, handed: list[bool]

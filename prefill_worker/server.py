@@ -20,6 +20,7 @@ import msgspec
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError, WorkerError
 from cluster.messages import FirstToken, PrefillAccepted, PrefillRequest, PrefillResult
 from cluster.replica import Replica, WorkerSpec
+from cluster.request_output import RequestOutput
 from prefill_worker.prefill_engine import PrefillEngine
 
 log = logging.getLogger(__name__)
@@ -47,13 +48,20 @@ class PrefillServer(Replica):
         done = False
         try:
             early = self.transport.announce(self.engine.runner, rid, dest)
-            yield PrefillAccepted(replica=self.serve_id, kv=early)
             self.faults.maybe_fail("prefill", f"before {req.request_id}")
-            async for last in self.aengine.stream(
+            # the prompt goes to the engine first; the accepted item travels while it runs
+            stream = self.aengine.stream(
                 rid,
                 lambda e: e.add_request(req.prompt_token_ids, sampling, rid, bounded=True) and None,
-            ):
-                out = last
+            )
+            running = asyncio.ensure_future(_last(stream))
+            try:
+                yield PrefillAccepted(replica=self.serve_id, kv=early)
+                out = await running
+            finally:
+                if not running.done():  # cancelled: the stream's own cleanup aborts the prompt
+                    running.cancel()
+                    await asyncio.gather(running, return_exceptions=True)
             if out is None or out.finish_reason not in ("stop", "length"):
                 raise WorkerError(
                     f"prefill of {req.request_id} ended with {out and out.finish_reason}"
@@ -97,3 +105,10 @@ class PrefillServer(Replica):
             started_at=start,
             replied_at=time.time(),
         )
+
+
+async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput | None:
+    last = None
+    async for out in stream:
+        last = out
+    return last

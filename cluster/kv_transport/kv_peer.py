@@ -67,6 +67,8 @@ class _Staged:
     kv: torch.Tensor  # [layers, n, block_size, width]
     ready: torch.cuda.Event | None  # recorded after the copy, on the stream that made it
     at: float
+    called: float = 0.0  # perf_counter when ``stage`` began, and when the copy was queued
+    queued: float = 0.0
 
 
 class KVPeer:
@@ -88,19 +90,20 @@ class KVPeer:
     def stage(self, transfer_id: str, block_ids: list[int]) -> int:
         """Copy the blocks (on the runner's device) before the scheduler frees them. Queued on
         the current stream; a send waits for the copy, not for the caller."""
+        called = time.perf_counter()
         kv = self.runner.read_kv(block_ids)  # [layers, n, block_size, width], contiguous
         ready = None
         if kv.is_cuda:
             ready = torch.cuda.Event()
             ready.record()
-        now = time.monotonic()
+        queued, now = time.perf_counter(), time.monotonic()
         with self._cond:
             for tid in [t for t, st in self._staged.items() if now - st.at > STAGED_TTL_S]:
                 log.warning("dropping KV of %s: never collected in %.0fs", tid, STAGED_TTL_S)
                 del self._staged[tid]
             for tid in [t for t, at in self._dropped.items() if now - at > STAGED_TTL_S]:
                 del self._dropped[tid]
-            self._staged[transfer_id] = _Staged(kv, ready, now)
+            self._staged[transfer_id] = _Staged(kv, ready, now, called, queued)
             self._cond.notify_all()
         return kv.numel() * kv.element_size()
 
@@ -154,6 +157,7 @@ class KVPeer:
                 why = "dropped" if transfer_id in self._dropped else f"not ready in {wait_s:.0f}s"
                 pair.group.signal(transfer_id, f"prefill KV {why}")
                 return 0
+            t["stage called"], t["copy queued"] = st.called, st.queued
             t["staged"] = time.perf_counter()
             pair.group.signal(transfer_id, "ok")
             t["signalled"] = time.perf_counter()
@@ -193,6 +197,9 @@ class KVPeer:
         """Transfer ``seq`` of pair ``key``: wait for its turn and the prefill end's signal,
         then receive the KV into ``block_ids``. ``KVNotSent`` when prefill said it will not
         come; other errors mean the pair can no longer be trusted."""
+        index = torch.tensor(block_ids, dtype=torch.int64)
+        if self.runner.device.type == "cuda":  # copied by the first write, on its stream,
+            index = index.pin_memory()  # without holding the host; made before the signal
         pair, deadline, t = self._turn(key, seq, wait_s)
         try:
             word = pair.group.await_signal(transfer_id, deadline - time.monotonic())
@@ -202,16 +209,12 @@ class KVPeer:
                 raise KVNotSent(f"transfer {transfer_id}: {word}")
             t["signalled"] = time.perf_counter()
 
-            index = torch.tensor(block_ids, dtype=torch.int64)
-            if self.runner.device.type == "cuda":  # copied by the first write, on its stream,
-                index = index.pin_memory()  # without holding the host
-
             def write(layers: slice, part: torch.Tensor) -> None:
                 nonlocal index
                 index = index.to(self.runner.device, non_blocking=True)
                 self.runner.write_kv(index, part, layers)
 
-            pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write)
+            t["posted recv"] = pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write)
             t["received"] = time.perf_counter()
             self._trace.append((transfer_id, t))
             return math.prod(shape) * getattr(torch, dtype).itemsize

@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import torch
@@ -66,8 +67,7 @@ class PairGroup:
         if device.type == "cuda":
             # a pair's failed message must fail that transfer, not the replica: NCCL's watchdog
             # then aborts the pair's communicator instead of ending the process (its default).
-            # Read when a group is made: set for this one only. (Blocking waits would also
-            # raise on a timeout, but they poll every millisecond; ``_finish`` polls finer.)
+            # Read when a group is made: set for this one only.
             saved = os.environ.get(_ASYNC_ERRORS)
             os.environ[_ASYNC_ERRORS] = "2"
             try:
@@ -90,6 +90,7 @@ class PairGroup:
         cuda = device.type == "cuda"
         self._io = torch.cuda.Stream(device) if cuda else None  # KV messages
         self._side = torch.cuda.Stream(device) if cuda else None  # scattering received KV
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="kv-sync") if cuda else None
         self._handshake()
 
     def _handshake(self) -> None:
@@ -147,17 +148,20 @@ class PairGroup:
         shape: tuple[int, ...],
         dtype: torch.dtype,
         write: Callable[[slice, torch.Tensor], None],
-    ) -> None:
+    ) -> float:
         """Receive what ``send_kv`` sent, handing each layer group to ``write(layers, part)`` as
         it lands; returns once every part is written. On GPU the receives are posted from the
         group's own stream (not behind the decode steps on the default one) and the writes run
-        on a side stream, so group g is scattered while group g + 1 is on the wire."""
+        on a side stream, so group g is scattered while group g + 1 is on the wire. Returns
+        when (``time.perf_counter``) the first receive was posted."""
         assert self.rank == DECODE
+        posted = 0.0
         with self._on_io():
             buf = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, n, bs, width]
             for layers in layer_groups(buf, self.chunk_bytes):
                 part = buf[layers]
                 work = self.pg.recv([part], PREFILL, 0)
+                posted = posted or time.perf_counter()
                 if self._side is None:  # gloo: the wait blocks (once: a second one hangs)
                     work.wait()
                     write(layers, part)
@@ -166,23 +170,26 @@ class PairGroup:
                     work.wait()  # the side stream waits for this part, not the next ones
                     write(layers, part)
             self._finish(self._side)
+        return posted
 
     def _finish(self, stream: torch.cuda.Stream | None) -> None:
-        """Wait for ``stream``'s work (the messages and what follows them), spinning for the
-        first milliseconds (a transfer takes about that long) and then sleeping; after the
-        group's timeout abort the communicator (a peer died mid-message) and raise."""
+        """Wait for ``stream``'s work (the messages and what follows them) without holding the
+        GIL: the group's waiter thread synchronizes on an event (the driver spins, Python does
+        not: a Python poll loop kept the engine thread of the same process off the GIL for up
+        to a switch interval). After the group's timeout abort the communicator (a peer died
+        mid-message; its kernels then exit and the waiter returns) and raise."""
         if stream is None:
             return
         done = torch.cuda.Event()
         done.record(stream)
-        start = time.perf_counter()
-        while not done.query():
-            waited = time.perf_counter() - start
-            if waited > self.timeout_s:
-                self.abort()
-                raise TimeoutError(f"KV message on pair {self.key} not done in {waited:.0f}s")
-            if waited > 0.02:
-                time.sleep(0.001)
+        waited = self._waiter.submit(done.synchronize)
+        try:
+            waited.result(timeout=self.timeout_s)
+        except TimeoutError:
+            self.abort()
+            raise TimeoutError(
+                f"KV message on pair {self.key} not done in {self.timeout_s:.0f}s"
+            ) from None
 
     def _on_io(self):
         return torch.cuda.stream(self._io) if self._io is not None else contextlib.nullcontext()
@@ -214,6 +221,8 @@ class PairGroup:
     def close(self) -> None:
         """End the group; a thread waiting for a signal wakes with "closed"."""
         self._line.shut()
+        if self._waiter is not None:
+            self._waiter.shutdown(wait=False)
         try:
             self.pg.shutdown()
         except (AttributeError, RuntimeError):  # gloo groups and older torch have no shutdown

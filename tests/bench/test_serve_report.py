@@ -10,6 +10,8 @@ from bench.request_record import RequestRecord
 from bench.serve_report import (
     SCHEMA,
     load_result,
+    paired_table,
+    paired_ttft,
     records_of,
     run_table,
     stats,
@@ -151,3 +153,25 @@ def test_tables_show_the_numbers():
     sweep = sweep_table("colocated", [{"rate": "inf", "summary": s}])
     row = sweep.splitlines()[-1].split()
     assert row[:4] == ["inf", "0.500", "0.500", "50.0"] and row[-1] == "1"
+
+
+def _run(rate: float, ttfts: list[float], lens: list[int], failed: int = -1) -> dict:
+    records = [
+        ok_record(i, [t, t + 0.01], t + 0.01, input_len=n)
+        for i, (t, n) in enumerate(zip(ttfts, lens))
+    ]
+    if failed >= 0:
+        records[failed].fail("HTTP 503: overloaded", 0.01)
+    return {"rate": rate, "records": [r.to_json() for r in records]}
+
+
+def test_paired_ttft_compares_request_by_request_and_only_the_same_trace():
+    lens = [100, 800, 400]
+    base = _run(1.0, [0.10, 0.40, 0.20], lens)
+    other = _run(1.0, [0.11, 0.44, 0.30], lens, failed=2)  # the failed pair is left out
+    p = paired_ttft(base, other)
+    assert p["pairs"] == 2
+    assert p["ratio_p50"] == pytest.approx(1.1) and p["diff_ms_p50"] == pytest.approx(25.0)
+    assert paired_ttft(base, _run(1.0, [0.1, 0.4, 0.2], [100, 800, 401])) is None
+    table = paired_table("a", "b", [base], [_run(2.0, [0.1] * 3, lens), other])
+    assert "1.100" in table and table.count("\n") == 3  # title, header, the one shared rate

@@ -14,7 +14,7 @@ import pytest
 from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
 from cluster.errors import OverloadedError, RequestError, WorkerError
 from cluster.faults import FaultInjector
-from cluster.messages import PrefillAccepted
+from cluster.messages import GenerateRequest, PrefillAccepted
 from decode_worker.server import DecodeServer
 from tests.decode_worker.test_server import (
     _collect,
@@ -189,6 +189,53 @@ def test_kv_transfer_fault_is_retried(tiny_model, setup):
         decode.stats.requests.get("prefill_retry") == 1
         and decode.faults.injected["kv_transfer"] == 1
     )
+    _clean(decode, prefill)
+    decode.shutdown()
+
+
+def test_first_token_streams_before_the_kv_lands(tiny_model, setup):
+    """The first token goes out with the prefill reply; the KV receive, held back here until
+    the consumer has that token, comes after."""
+    prefill, want = setup
+    decode = _decode(tiny_model, _PrefillHandle(prefill))
+    receive = decode.transport.receive
+
+    async def run():
+        first_out = asyncio.Event()
+        order = []
+
+        async def held_back(*args, **kwargs):
+            await asyncio.wait_for(first_out.wait(), 5)
+            order.append("kv")
+            return await receive(*args, **kwargs)
+
+        decode.transport.receive = held_back
+        req = GenerateRequest(
+            request_id="early", prompt_token_ids=PROMPT, sampling=GREEDY, arrival_time=time.time()
+        )
+        tokens = []
+        async for out in decode.generate(req):
+            if not tokens:
+                order.append("first token")
+                first_out.set()
+            tokens += out.token_ids
+        return tokens, order
+
+    tokens, order = asyncio.run(run())
+    assert tokens == want and order == ["first token", "kv"]
+    _clean(decode, prefill)
+    decode.shutdown()
+
+
+def test_kv_fault_after_the_first_token_falls_back_to_recomputing_it_locally(tiny_model, setup):
+    """Every KV transfer fails after the first token went out: the local prefill recomputes the
+    prompt and that token and goes on from there; the stream matches a single process."""
+    prefill, want = setup
+    decode = _decode(tiny_model, _PrefillHandle(prefill))
+    decode.faults = FaultInjector({"kv_transfer": 1.0})
+    assert asyncio.run(_collect(decode, "kv-local", PROMPT, GREEDY)) == want
+    assert decode.stats.requests.get("prefill_retry") == 2
+    assert decode.stats.requests.get("local_prefill") == 1
     _clean(decode, prefill)
     decode.shutdown()
 
