@@ -6,10 +6,13 @@
 # "serve": each deployment first takes the trace's shapes at 2 req/s (a warm-up run, kept but
 # not the comparison), then the measured run at 0.5 req/s (32 requests, seed 1: the trace of
 # the earlier low-load runs); the decode pool's handoff phases as means over the measured run;
-# then the request-by-request TTFT table of the two.
+# then the request-by-request TTFT table of the two. TAG (e.g. -default) names the files; the
+# Serve mode is what `pdserve up` starts (throughput-optimized unless
+# RAY_SERVE_THROUGHPUT_OPTIMIZED=0 is exported).
 set -u
 export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-bench/results}
+TAG=${TAG:-}
 M=${MODEL:-/tmp/dsv2-lite}
 S=$(date +%s)
 stamp() { echo "== $1 at $(( $(date +%s) - S ))s"; }
@@ -46,14 +49,14 @@ for name in 1p1d colocated_2x1; do
   stamp "$name up"
   sed "s#/data/dsv2-lite#$M#" "deploy/configs/deepseek_v2_lite_${name}_gpu.yaml" > "/tmp/$name.yaml"
   timeout 200 python3 -m deploy.cli up -c "/tmp/$name.yaml" 2>&1 | quiet | tail -1
-  run 2 16 4 "ttft-warm-$name"
+  run 2 16 4 "ttft-warm$TAG-$name"
   python3 -m bench.handoff --save /tmp/base.txt > /dev/null
   stamp "$name measured run"
-  run 0.5 32 0 "ttft-$name"
-  python3 -m bench.handoff --since /tmp/base.txt --out "$OUT/handoff-ttft-$name.json" 2>&1 | quiet
+  run 0.5 32 0 "ttft$TAG-$name"
+  python3 -m bench.handoff --since /tmp/base.txt --out "$OUT/handoff-ttft$TAG-$name.json" 2>&1 | quiet
   python3 -m deploy.cli down 2>&1 | tail -1
 done
 stamp compare
-python3 -m bench.serve --compare "$OUT/serve-v2lite-ttft-colocated_2x1.json" \
-  "$OUT/serve-v2lite-ttft-1p1d.json" --slo-ttft-ms 1000 --slo-tpot-ms 40 --no-plots 2>&1 | quiet
+python3 -m bench.serve --compare "$OUT/serve-v2lite-ttft$TAG-colocated_2x1.json" \
+  "$OUT/serve-v2lite-ttft$TAG-1p1d.json" --slo-ttft-ms 1000 --slo-tpot-ms 40 --no-plots 2>&1 | quiet
 stamp done
