@@ -240,6 +240,28 @@ def test_kv_fault_after_the_first_token_falls_back_to_recomputing_it_locally(tin
     decode.shutdown()
 
 
+def test_kv_fault_after_the_first_token_without_fallback_ends_the_stream_with_an_error(
+    tiny_model, setup
+):
+    prefill, want = setup
+    decode = _decode(tiny_model, _PrefillHandle(prefill), local_prefill_fallback=False)
+    decode.faults = FaultInjector({"kv_transfer": 1.0})
+
+    async def run():
+        got = []
+        req = GenerateRequest(
+            request_id="kv-none", prompt_token_ids=PROMPT, sampling=GREEDY, arrival_time=time.time()
+        )
+        with pytest.raises(OverloadedError, match="prefill failed 2 times"):
+            async for out in decode.generate(req):
+                got += out.token_ids
+        return got
+
+    assert asyncio.run(run()) == want[:1]  # the token that went out before the KV failed
+    _clean(decode, prefill)
+    decode.shutdown()
+
+
 def test_decode_step_fault_fails_its_requests_cleanly_and_serving_goes_on(tiny_model, setup):
     prefill, want = setup
     decode = _decode(tiny_model, _PrefillHandle(prefill))
