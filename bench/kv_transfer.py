@@ -227,7 +227,11 @@ async def _run(args) -> dict:
             await pre.fill.remote(src, seed=it)
             tid = f"{n}-{it}"
             dest = KVDestination(
-                transfer_id=tid, decode_replica="bench", block_ids=dst, fingerprint=fp
+                transfer_id=tid,
+                decode_replica="bench",
+                num_blocks=nblocks,
+                fingerprint=fp,
+                block_ids=dst,
             )
             handle = sender.announce(prefill, tid, dest)
             if posted_early:

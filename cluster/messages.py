@@ -25,15 +25,18 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class KVDestination(msgspec.Struct, frozen=True, kw_only=True):
-    """Where prefill must deliver a request's KV: decode has reserved ``block_ids`` for it."""
+    """Where prefill must deliver a request's KV. Prefill needs only how many blocks; decode
+    fills in ``block_ids`` (its own copy) once it has reserved them, so the prefill call need
+    not wait for the reservation."""
 
     transfer_id: str  # unique per attempt: late data of a failed attempt is recognised and dropped
     decode_replica: str  # the decode replica's id
-    block_ids: list[int]  # on the decode side; prefill sends len(block_ids) blocks, in order
+    num_blocks: int  # prefill sends this many blocks, in order
     fingerprint: KVFingerprint  # the decode side's layout, checked by prefill on first contact
     endpoint: Any = (
         None  # transport-specific address (NCCL: rank endpoints); None for the object store
     )
+    block_ids: list[int] = msgspec.field(default_factory=list)  # decode side: where they land
 
 
 class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,10 +1,11 @@
 """DecodeServer: the memory-bound half, and the orchestrator of every request.
 
 For each request it:
-  1. validates it and reserves KV blocks for the prompt, or answers "overloaded" at once;
+  1. validates it;
   2. asks a prefill replica (Serve picks one; a retry avoids those already tried) to run the
-     prompt, naming the blocks, a transfer id and its own KV layout fingerprint; the reply
-     streams;
+     prompt, naming a transfer id, the number of KV blocks and its own KV layout fingerprint,
+     and reserves those blocks meanwhile, or answers "overloaded" (the call is then cancelled);
+     the reply streams (``prefill_attempt.py``);
   3. streams the first token prefill sampled as soon as the reply brings it (stop checks and
      text made here, off the engine thread), while the KV still moves;
   4. collects the KV from the transport into the reserved blocks: posted as soon as the prefill
@@ -25,37 +26,18 @@ blocks.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from cluster.engine import LLMEngine, Prefilled
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
-from cluster.messages import (
-    FirstToken,
-    GenerateRequest,
-    KVDestination,
-    KVHandle,
-    PrefillAccepted,
-    PrefillRequest,
-    PrefillResult,
-)
+from cluster.messages import GenerateRequest
 from cluster.replica import Replica, WorkerSpec
 from cluster.request_output import RequestOutput
+from decode_worker.prefill_attempt import PrefillAttempt
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class _Answer:
-    """A prefill attempt's reply: the first token, and the transfer its KV comes in."""
-
-    first: FirstToken
-    transfer_id: str
-    at: float  # time.perf_counter() when the reply came
 
 
 class DecodeServer(Replica):
@@ -116,41 +98,37 @@ class DecodeServer(Replica):
         errors: list[str] = []
         tried: list[str] = []  # prefill replicas that took an attempt: a retry avoids them
         prefilled: Prefilled | None = None  # once the first token went out
-        for attempt in range(1 + spec.prefill_retries):
-            blocks: list[int] = await self.aengine.run_owned(
-                lambda e: e.reserve(len(prompt)), lambda e, ids: e.release(ids)
-            )
-            handed = [False]  # set on the engine thread once the request owns the blocks
-            receiving: list[asyncio.Future] = []  # the attempt's KV receive, once posted
+        for number in range(1 + spec.prefill_retries):
+            attempt = PrefillAttempt(self, req, number, tried)
             try:
                 try:
-                    answer = await self._prefill(req, blocks, attempt, receiving, tried)
+                    first = await attempt.first_token()
                     if prefilled is None:  # the first token goes out now, the KV still moving
-                        prefilled = self.engine.first_output(rid, prompt, sampling, answer.first)
+                        prefilled = self.engine.first_output(rid, prompt, sampling, first)
                         yield prefilled.output
                         if prefilled.output.finished:
                             return
                     # else a retry: the prompt's KV is the same; the token sent stands
-                    await self._kv_landed(req, answer, receiving[0])
+                    await attempt.kv_landed()
                 except (RequestError, KVLayoutMismatch):
                     raise  # the request or the deployment is wrong: no retry helps
                 except Exception as e:  # noqa: BLE001 - a failed attempt; the next one may do
+                    if attempt.full:
+                        raise  # this replica has no room for the prompt: 503 at once
                     errors.append(f"{type(e).__name__}: {e}")
-                    log.warning("%s: prefill attempt %d failed: %s", rid, attempt + 1, errors[-1])
+                    log.warning("%s: prefill attempt %d failed: %s", rid, number + 1, errors[-1])
                     self.stats.count("prefill_retry")
                     continue
 
-                def start(
-                    e: LLMEngine, p: Prefilled = prefilled, blocks=blocks, handed=handed
-                ) -> None:
-                    e.adopt(p, blocks)
-                    handed[0] = True
+                def start(e: LLMEngine, p: Prefilled = prefilled, a=attempt) -> None:
+                    e.adopt(p, a.blocks)
+                    a.handed = True
 
                 async for out in self._joined(rid, start):
                     yield out
                 return
             finally:
-                self._release_when_done(blocks, receiving[0] if receiving else None, handed)
+                attempt.release()
         if spec.local_prefill_fallback:
             log.warning("%s: prefill failed %d times; prefilling locally", rid, len(errors))
             self.stats.count("local_prefill")
@@ -176,105 +154,3 @@ class DecodeServer(Replica):
             if took:
                 self.stats.observe_handoff("join", took.pop() - asked)
             yield out
-
-    async def _prefill(
-        self,
-        req: GenerateRequest,
-        blocks: list[int],
-        attempt: int,
-        receiving: list[asyncio.Future],
-        tried: list[str],
-    ) -> _Answer:
-        """One attempt: prefill on some replica other than those ``tried`` (it joins them),
-        its KV's receive into ``blocks`` posted (into ``receiving``: the blocks are not free
-        before it ended) as soon as the replica announces it, or with the reply."""
-        spec = self.spec
-        dest = KVDestination(
-            transfer_id=f"{req.request_id}/{attempt}-{uuid.uuid4().hex[:8]}",
-            decode_replica=self.replica_id,
-            block_ids=blocks,
-            fingerprint=self.fingerprint,
-            endpoint=self.transport.endpoint(),
-        )
-        call = PrefillRequest(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            sampling=req.sampling,
-            kv=dest,
-            avoid=tuple(tried),
-        )
-        # a receive posted early waits for the prompt too: prefill's bound, then its own
-        wait_s = spec.prefill_timeout_s + spec.kv_transfer_timeout_s
-
-        def post(handle: KVHandle) -> None:
-            if handle.transfer_id != dest.transfer_id:  # fencing: only this attempt's KV lands
-                raise RuntimeError(
-                    f"KV of transfer {handle.transfer_id}, expected {dest.transfer_id}"
-                )
-            receiving.append(asyncio.ensure_future(
-                self.transport.receive(handle, dest, self.engine.runner, wait_s)
-            ))  # fmt: skip
-
-        called, called_at = time.perf_counter(), time.time()
-        stream = self.prefill.options(stream=True).prefill.remote(call)
-        result: list[PrefillResult] = []
-
-        async def collect() -> None:
-            async for item in stream:
-                if isinstance(item, PrefillAccepted):
-                    tried.append(item.replica)
-                    if item.kv is not None:
-                        post(item.kv)
-                else:
-                    result.append(item)
-
-        try:
-            await asyncio.wait_for(collect(), spec.prefill_timeout_s)
-        finally:
-            if not result:
-                stream.cancel()  # the prefill replica stops (and drops the prompt's KV)
-        if not result:
-            raise RuntimeError("the prefill replica's reply ended without a result")
-        answered, r = time.perf_counter(), result[0]
-        self.stats.observe_handoff("prefill_call", answered - called)
-        self.stats.observe_handoff("prefill_remote", r.prefill_s)
-        if r.started_at:  # wall clocks of two processes (see PrefillResult)
-            self.stats.observe_handoff("to_prefill", max(r.started_at - called_at, 0.0))
-            self.stats.observe_handoff("from_prefill", max(time.time() - r.replied_at, 0.0))
-        if not receiving:
-            post(result[0].kv)
-        return _Answer(result[0].first, dest.transfer_id, answered)
-
-    async def _kv_landed(
-        self, req: GenerateRequest, answer: _Answer, receiving: asyncio.Future
-    ) -> None:
-        """Wait (``kv_transfer_timeout_s`` at most) for the attempt's KV to be in its blocks."""
-        self.faults.maybe_fail("kv_transfer", req.request_id)
-        try:
-            await asyncio.wait_for(asyncio.shield(receiving), self.spec.kv_transfer_timeout_s)
-        except asyncio.CancelledError:
-            raise  # the client went away: no retry
-        except Exception as e:  # noqa: BLE001 - reported as this attempt's failure
-            what = "timed out" if isinstance(e, TimeoutError) else f"failed ({e})"
-            raise RuntimeError(f"KV transfer {answer.transfer_id} {what}") from e
-        self.stats.observe_handoff("kv_after_result", time.perf_counter() - answer.at)
-
-    def _release_when_done(
-        self, blocks: list[int], receiving: asyncio.Future | None, handed: list[bool]
-    ) -> None:
-        """Free ``blocks`` unless a request took them; not before a transfer still writing into
-        them has ended. Runs on the engine thread after any pending ``start``, so exactly one
-        side frees them."""
-
-        def release(done: asyncio.Future | None = None) -> None:
-            if done is not None and not done.cancelled() and done.exception() is not None:
-                # an abandoned attempt's transfer: its failure was reported (or moot) already
-                log.debug("transfer of an abandoned attempt ended: %s", done.exception())
-            self.aengine.call(lambda e: None if handed[0] else e.release(blocks))
-
-        if receiving is None:
-            release()
-        elif receiving.done():
-            release(receiving)
-        else:
-            receiving.add_done_callback(release)

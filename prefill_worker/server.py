@@ -68,9 +68,9 @@ class PrefillServer(Replica):
                 )
             queue_s = self.engine.captured.pop(rid)
             made = self.engine.blocks.blocks_for(len(req.prompt_token_ids))
-            if made != len(dest.block_ids):
+            if made != dest.num_blocks:
                 raise WorkerError(
-                    f"prefill made {made} KV blocks, decode reserved {len(dest.block_ids)}"
+                    f"prefill made {made} KV blocks, decode reserved {dest.num_blocks}"
                 )
             prefill_s = time.time() - start
             self.stats.ttft.observe(prefill_s)

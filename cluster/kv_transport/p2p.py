@@ -47,7 +47,7 @@ class P2PTransport(KVTransport):
 
     def announce(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
         layers, block_size, width, dtype = executor.kv_layout
-        n = len(dest.block_ids)
+        n = dest.num_blocks
         return KVHandle(
             transport=self.name,
             transfer_id=transfer_id,

@@ -56,7 +56,13 @@ def _fill(executor, block_ids: list[int], seed: int) -> torch.Tensor:
 
 def _dest(tid: str, block_ids: list[int], cfg: ModelConfig) -> KVDestination:
     fp = fingerprint(cfg, "d", torch.float32, 16, 1)
-    return KVDestination(transfer_id=tid, decode_replica="d0", block_ids=block_ids, fingerprint=fp)
+    return KVDestination(
+        transfer_id=tid,
+        decode_replica="d0",
+        num_blocks=len(block_ids),
+        fingerprint=fp,
+        block_ids=block_ids,
+    )
 
 
 async def _move(sender, receiver, prefill, decode, src_blocks, dst_blocks, tid, cfg) -> None:
