@@ -1,10 +1,10 @@
-"""Where disaggregated requests' time to first token goes, from a running deployment's /metrics.
+"""Where disaggregated requests' handoff time goes, from a running deployment's /metrics.
 
 Reads ``pdserve_handoff_seconds`` (the decode pool's phases of each disaggregated request: the
 prefill call, and within it the hop to the prefill replica, the replica's own share and the hop
-back; the KV after the result; joining the decode batch) and both pools' TTFT histograms, and
-prints each as a mean over the requests since a baseline saved with ``--save`` (or since the
-deployment started). Writes JSON.
+back, which end at the first token; then the KV after the result and joining the decode batch)
+and both pools' TTFT histograms, and prints each as a mean over the requests since a baseline
+saved with ``--save`` (or since the deployment started). Writes JSON.
 
     python -m bench.handoff --save /tmp/base.txt   # then load it, e.g. pdserve bench ...
     python -m bench.handoff --since /tmp/base.txt --out bench/results/handoff.json

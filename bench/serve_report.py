@@ -146,10 +146,10 @@ def paired_table(base_label: str, other_label: str, base: list[dict], other: lis
     for rate, run in base_at.items():
         p = rate in other_at and paired_ttft(run, other_at[rate])
         if p:
-            cells = [rate, str(p["pairs"])]
-            cells += [f"{p[k]:.3f}" for k in ("ratio_p50", "ratio_p90")]
-            cells += [f"{p[k]:.1f}" for k in ("diff_ms_p50", "diff_ms_mean")]
-            lines.append("".join(f"{c:>12}" for c in cells))
+            cells = [f"{rate:>12}", f"{p['pairs']:>12}"]
+            cells += [_cell(p[k], 12, 3) for k in ("ratio_p50", "ratio_p90")]
+            cells += [_cell(p[k], 12, 1) for k in ("diff_ms_p50", "diff_ms_mean")]
+            lines.append("".join(cells))
     return "\n".join(lines + [""])
 
 

@@ -175,7 +175,7 @@ def render_prometheus(stats: list[ReplicaStats]) -> str:
             for r in reps:
                 h.merge(getattr(r, field))
             _histogram(sample, name, {"pool": pool}, h)
-    family("handoff_seconds", "histogram", "A disaggregated request's way to its first token.")
+    family("handoff_seconds", "histogram", "A disaggregated request's handoff, by phase.")
     for pool, reps in by_pool.items():
         for phase in HANDOFF:
             h = Histogram()

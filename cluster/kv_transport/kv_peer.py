@@ -67,8 +67,8 @@ class _Staged:
     kv: torch.Tensor  # [layers, n, block_size, width]
     ready: torch.cuda.Event | None  # recorded after the copy, on the stream that made it
     at: float
-    called: float = 0.0  # perf_counter when ``stage`` began, and when the copy was queued
-    queued: float = 0.0
+    called: float  # perf_counter when ``stage`` began, and when the copy was queued
+    queued: float
 
 
 class KVPeer:
