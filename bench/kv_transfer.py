@@ -5,8 +5,9 @@ send/recv between the same two processes, measured in the same run.
     python -m bench.kv_transfer --device cpu --tokens 256,1024   # gloo, a smoke run
 
 Two Ray actors, one GPU each, hold a real paged KV cache (DeepSeek-V2-Lite's layout by default:
-27 layers, rows of 512 + 64, blocks of 64 tokens, bf16), as in a 1P1D deployment: the prefill
-side is a rank actor, the decode side a replica process whose KV peer is local. For each prompt
+27 layers, rows of 512 + 64, blocks of 64 tokens, bf16), as in a 1P1D deployment whose
+prefill engine runs in rank actors (TP > 1, or the direct line off): the prefill side is a rank
+actor, the decode side a replica process whose KV peer is local. For each prompt
 length:
 - "raw": send/recv of one contiguous buffer of the same size over a pair group between the same
   two processes, nothing else (the receiver's median);

@@ -92,6 +92,7 @@ class ModelRunner(Executor):
         self.max_model_len = max_model_len
         self.sampler = Sampler(self.device, config.seed)
         self.kv_peer = KVPeer(self, config.kv_message_timeout_s)
+        self.kv_line: str | None = None  # "host:port" of the line serving kv_peer's calls
         self.num_blocks = 0
         self.graph_mode = self._graph_mode()
         self.graphs: DecodeGraphs | None = None
@@ -208,6 +209,8 @@ class ModelRunner(Executor):
         self.kv_peer.drop(transfer_id)
 
     def kv_peers(self) -> list[PeerClient]:
+        if self.kv_line is not None:  # other replicas reach this peer over the replica's line
+            return [PeerClient(local_peer_id(), line=self.kv_line)]
         return [PeerClient(local_peer_id(), local=self.kv_peer)]
 
     @property

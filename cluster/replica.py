@@ -45,6 +45,9 @@ class WorkerSpec:
     # into it (0: never). The span keeps one failed step of a big batch from counting as N.
     max_consecutive_failures: int = 16
     failure_streak_s: float = 30.0
+    # prefill: serve decode replicas' calls over a direct TCP line besides Serve (only with
+    # the point-to-point KV transport, whose handles may travel over it)
+    direct_line: bool = True
 
 
 class Replica:
@@ -82,6 +85,7 @@ class Replica:
             tp=spec.engine.tp,
             kernels=dict(runner.kernel_names),
             kv_transport=spec.kv_transport,
+            serve_id=self.serve_id,
             kv_blocks_total=runner.num_blocks,
         )
         log.info(
@@ -128,8 +132,13 @@ class Replica:
                 continue
             try:
                 self._registry.report.remote(self.snapshot_stats())
+                self.after_report(self._registry)
             except Exception as e:  # noqa: BLE001 - the registry may be restarting
                 log.warning("stats report failed: %s", e)
+
+    def after_report(self, registry) -> None:
+        """Runs on the reporter thread after each report (decode replicas read the prefill
+        pool's lines here)."""
 
     def request_ended(self, failed: bool | None = None) -> None:
         """``failed``: True when this replica failed the request (not the client, nor a full

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from cluster.replica_stats import HANDOFF, Histogram, ReplicaStats
+from cluster.replica_stats import HANDOFF, Histogram, PrefillLine, ReplicaStats
 
 NAMESPACE = "pdserve"
 REPORT_PERIOD_S = 0.25
@@ -47,6 +47,14 @@ class RegistryState:
             if old or now - s.heartbeat > STALE_S:
                 del self._stats[rid]
         return list(self._stats.values())
+
+    def prefill_lines(self) -> list[PrefillLine]:
+        """The live prefill replicas with a direct line, and their load."""
+        return [
+            PrefillLine(s.serve_id, s.line, s.inflight)
+            for s in self.snapshot()
+            if s.pool == "prefill" and s.line
+        ]
 
     def set_app_args(self, args: dict[str, Any], generation: str) -> None:
         self._app_args, self._generation = args, generation

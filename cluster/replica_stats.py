@@ -28,10 +28,13 @@ LATENCY_BUCKETS = (
 # phases of a disaggregated request's handoff, as the decode replica times them (its first token
 # goes out with the prefill result; the KV and the join come after)
 HANDOFF = {
+    "to_decode": "from the ingress having the request to the decode replica having it",
+    "before_call": "from the decode replica having the request to its prefill call",
     "prefill_call": "from the prefill call to its result (Ray hops, queue and prefill)",
     "to_prefill": "from the call to its arrival at the prefill replica (routing, Ray call)",
     "prefill_remote": "the prefill replica's own share: from the call's arrival to its token",
     "from_prefill": "from the prefill replica's reply to the decode replica having it",
+    "first_out": "from the prefill result to the decode replica yielding the first token",
     "kv_after_result": "from the prefill result to the KV in the decode blocks",
     "join": "from the KV in the blocks to the decode engine holding the request",
 }
@@ -57,6 +60,14 @@ class Histogram(msgspec.Struct):
         self.count += other.count
 
 
+class PrefillLine(msgspec.Struct, frozen=True):
+    """A prefill replica's direct line, as the registry tells decode replicas about it."""
+
+    serve_id: str  # Serve's replica id
+    address: str  # "host:port"
+    inflight: int  # prompts it was serving at its last report
+
+
 class ReplicaStats(msgspec.Struct, kw_only=True):
     """One replica's state. Counters only grow; gauges are current values."""
 
@@ -68,6 +79,8 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     tp: int = 1
     kernels: dict[str, str] = msgspec.field(default_factory=dict)
     kv_transport: str = ""
+    serve_id: str = ""  # Serve's replica id (what ``PrefillRequest.avoid`` names)
+    line: str = ""  # "host:port" of its direct line (prefill replicas serving one), or ""
     heartbeat: float = 0.0  # time.time() of this report
     # counters
     requests: dict[str, int] = msgspec.field(default_factory=dict)  # by outcome
@@ -77,6 +90,7 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     kv_bytes: int = 0  # sent (prefill) or received (decode)
     kv_seconds: float = 0.0
     preemptions: int = 0
+    line_calls: int = 0  # prefill: calls taken on its direct line
     # gauges
     running: int = 0
     waiting: int = 0

@@ -45,6 +45,7 @@ class PrefillAttempt:
         self.transfer_id = f"{req.request_id}/{number}-{uuid.uuid4().hex[:8]}"
         self.handed = False  # set on the engine thread once a request owns the blocks
         self.receiving: asyncio.Future | None = None  # the KV receive, once posted
+        self.called_at = 0.0  # time.perf_counter() when the prefill call went out
         self.answered_at = 0.0  # time.perf_counter() when the reply came
         n = len(req.prompt_token_ids)
         self._reserving = asyncio.ensure_future(
@@ -80,14 +81,17 @@ class PrefillAttempt:
             kv=dest,
             avoid=tuple(self.tried),
         )
-        called, called_at = time.perf_counter(), time.time()
-        stream = s.prefill.options(stream=True).prefill.remote(call)
+        self.called_at, called_at = time.perf_counter(), time.time()
+        target, stream = s.prefill_stream(call)
+        if target is not None:  # a line: should it fail before accepting, a retry avoids it
+            self.tried.append(target)
         result: list[PrefillResult] = []
 
         async def collect() -> None:
             async for item in stream:
                 if isinstance(item, PrefillAccepted):
-                    self.tried.append(item.replica)
+                    if item.replica not in self.tried:
+                        self.tried.append(item.replica)
                     if item.kv is not None:
                         self._post(item.kv, dest)
                 else:
@@ -104,12 +108,15 @@ class PrefillAttempt:
             if not collecting.done():
                 collecting.cancel()
                 await asyncio.gather(collecting, return_exceptions=True)
-            if not result:
-                stream.cancel()  # the prefill replica stops (and drops the prompt's KV)
+            if not result:  # the prefill replica stops (and drops the prompt's KV)
+                if target is None:
+                    stream.cancel()
+                else:  # a line's stream told it when ``collect`` was cancelled
+                    await stream.aclose()
         if not result:
             raise RuntimeError("the prefill replica's reply ended without a result")
         self.answered_at, r = time.perf_counter(), result[0]
-        s.stats.observe_handoff("prefill_call", self.answered_at - called)
+        s.stats.observe_handoff("prefill_call", self.answered_at - self.called_at)
         s.stats.observe_handoff("prefill_remote", r.prefill_s)
         if r.started_at:  # wall clocks of two processes (see PrefillResult)
             s.stats.observe_handoff("to_prefill", max(r.started_at - called_at, 0.0))

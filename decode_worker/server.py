@@ -2,10 +2,11 @@
 
 For each request it:
   1. validates it;
-  2. asks a prefill replica (Serve picks one; a retry avoids those already tried) to run the
-     prompt, naming a transfer id, the number of KV blocks and its own KV layout fingerprint,
-     and reserves those blocks meanwhile, or answers "overloaded" (the call is then cancelled);
-     the reply streams (``prefill_attempt.py``);
+  2. asks a prefill replica (over its direct line where the prefill pool serves one,
+     ``prefill_lines.py``, else through Serve; a retry avoids the replicas already tried) to run
+     the prompt, naming a transfer id, the number of KV blocks and its own KV layout
+     fingerprint, and reserves those blocks meanwhile, or answers "overloaded" (the call is then
+     cancelled); the reply streams (``prefill_attempt.py``);
   3. streams the first token prefill sampled as soon as the reply brings it (stop checks and
      text made here, off the engine thread), while the KV still moves;
   4. collects the KV from the transport into the reserved blocks: posted as soon as the prefill
@@ -29,13 +30,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
 
 from cluster.engine import LLMEngine, Prefilled
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
-from cluster.messages import GenerateRequest
+from cluster.messages import GenerateRequest, PrefillRequest
 from cluster.replica import Replica, WorkerSpec
 from cluster.request_output import RequestOutput
 from decode_worker.prefill_attempt import PrefillAttempt
+from decode_worker.prefill_lines import PrefillLines
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,22 @@ class DecodeServer(Replica):
         """``prefill``: a DeploymentHandle to the prefill pool, or None (colocated)."""
         super().__init__(spec)
         self.prefill = prefill
+        # prefill replicas serve a line only with the point-to-point transport
+        direct = prefill is not None and spec.kv_transport == "nccl"
+        self.lines = PrefillLines() if direct else None
+
+    def after_report(self, registry) -> None:
+        if self.lines is not None:
+            self.lines.update(ray.get(registry.prefill_lines.remote(), timeout=5))
+
+    def prefill_stream(self, call: PrefillRequest) -> tuple[str | None, Any]:
+        """Send ``call`` to a prefill replica: (its Serve id, the reply stream) over a direct
+        line, or (None, Serve's response stream) when no line is left to try."""
+        chosen = self.lines.choose(call.avoid) if self.lines is not None else None
+        if chosen is None:
+            return None, self.prefill.options(stream=True).prefill.remote(call)
+        serve_id, client = chosen
+        return serve_id, client.stream("prefill", call)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         self.stats.inflight += 1
@@ -94,7 +115,8 @@ class DecodeServer(Replica):
 
     async def _disaggregated(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         prompt, sampling, rid = req.prompt_token_ids, req.sampling, req.request_id
-        spec = self.spec
+        spec, entered = self.spec, time.perf_counter()
+        self.stats.observe_handoff("to_decode", max(time.time() - req.arrival_time, 0.0))
         errors: list[str] = []
         tried: list[str] = []  # prefill replicas that took an attempt: a retry avoids them
         prefilled: Prefilled | None = None  # once the first token went out
@@ -105,6 +127,10 @@ class DecodeServer(Replica):
                     first = await attempt.first_token()
                     if prefilled is None:  # the first token goes out now, the KV still moving
                         prefilled = self.engine.first_output(rid, prompt, sampling, first)
+                        self.stats.observe_handoff("before_call", attempt.called_at - entered)
+                        self.stats.observe_handoff(
+                            "first_out", time.perf_counter() - attempt.answered_at
+                        )
                         yield prefilled.output
                         if prefilled.output.finished:
                             return

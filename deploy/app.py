@@ -23,6 +23,7 @@ from cluster.replica_registry import get_registry
 from decode_worker.server import DecodeServer
 from deploy.ingress import Ingress
 from deploy.ingress_settings import IngressSettings
+from deploy.prefill_autoscaling import PREFILL_POLICY
 from deploy.prefill_router import ROUTER_CLASS
 from deploy.schema import AppSpec, ModelSpec, PoolSpec
 from prefill_worker.server import PrefillServer
@@ -126,6 +127,8 @@ def _deployment_options(
     }
     if pool.autoscaling_config is not None:
         opts["autoscaling_config"] = pool.autoscaling_config.model_dump()
+        if name == "Prefill":  # calls on its direct line count as load too
+            opts["autoscaling_config"]["policy"] = {"policy_function": PREFILL_POLICY}
     else:
         opts["num_replicas"] = pool.num_replicas or 1
     if pool.tp == 1 and not rank_actors:
@@ -167,8 +170,9 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     def worker(pool_name: str, role: str) -> WorkerSpec:
         pool = pools[pool_name]
-        # decode pulls KV from prefill ranks directly: they must be actors it can call
-        actors = transport == "nccl" and pool_name == "prefill"
+        # decode pulls KV from prefill ranks directly: over the prefill replica's line, or
+        # else from rank actors it can call (a rank actor costs each prompt a few ms)
+        actors = transport == "nccl" and pool_name == "prefill" and not pool.direct_line
         engine = _engine_config(spec, pool, role, path, gpus[pool_name], actors)
         return WorkerSpec(
             spec.name,
@@ -183,6 +187,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             prefill_retries=pool.prefill_retries,
             local_prefill_fallback=pool.local_prefill_fallback,
             max_consecutive_failures=pool.max_consecutive_failures,
+            direct_line=pool.direct_line,
         )
 
     prefill = None
@@ -191,7 +196,10 @@ def build_app(args: dict[str, Any]) -> serve.Application:
             serve.deployment(PrefillServer)
             .options(
                 **_deployment_options(
-                    spec.prefill, "Prefill", gpus["prefill"], transport == "nccl"
+                    spec.prefill,
+                    "Prefill",
+                    gpus["prefill"],
+                    transport == "nccl" and not spec.prefill.direct_line,
                 ),
                 request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
             )

@@ -153,6 +153,11 @@ class PoolSpec(_Strict):
         True,
         description="Decode pool: prefill locally when every prefill attempt failed (else 503).",
     )
+    direct_line: bool = Field(
+        True,
+        description="Prefill pool: decode replicas call it over a direct TCP line instead of "
+        "through Ray Serve (two Serve hops off every first token); used with kv_transport nccl.",
+    )
 
     @model_validator(mode="after")
     def _replicas(self) -> PoolSpec:

@@ -6,7 +6,13 @@ the decode replica that asked, over the KV transport.
 prompt is admitted (this replica's id, and where the transport can start a receive before the
 prompt ends, its ``KVHandle``); then the ``PrefillResult``. Decode posts its receive on the first
 item, so the KV moves the moment the prompt's last step ends, while the result is still on its
-way; should the attempt fail, decode's retry avoids this replica."""
+way; should the attempt fail, decode's retry avoids this replica.
+
+With the point-to-point KV transport the replica also serves ``prefill`` over a direct line
+(``cluster/line_server.py``, its address in the registry), which decode replicas call instead of
+going through Serve: two Ray Serve hops of about 2 ms each are off every first token. Serve's
+autoscaler does not see those calls, so the replica reports them (``record_autoscaling_stats``)
+and the pool's policy (``deploy/prefill_autoscaling.py``) counts them."""
 
 from __future__ import annotations
 
@@ -14,16 +20,23 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import msgspec
+import ray
 
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError, WorkerError
+from cluster.kv_transport.kv_peer import WAITING_CALLS
+from cluster.line_server import LineServer
 from cluster.messages import FirstToken, PrefillAccepted, PrefillRequest, PrefillResult
+from cluster.model_runner import ModelRunner
 from cluster.replica import Replica, WorkerSpec
 from cluster.request_output import RequestOutput
 from prefill_worker.prefill_engine import PrefillEngine
 
 log = logging.getLogger(__name__)
+
+LINE_ONGOING = "line_ongoing"  # the autoscaling metric: prefill calls open on the direct line
 
 
 class PrefillServer(Replica):
@@ -32,6 +45,40 @@ class PrefillServer(Replica):
     def __init__(self, spec: WorkerSpec) -> None:
         super().__init__(spec)
         self._met: set[str] = set()  # decode replicas whose layout was checked
+        self.line: LineServer | None = None
+        if spec.direct_line and spec.kv_transport == "nccl":
+            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+            self.line = LineServer({"prefill": self.prefill, "kv": self._kv}, host)
+            self.stats.line = self.line.address
+            if isinstance(self.engine.runner, ModelRunner):  # decode reaches its KV peer here
+                self.engine.runner.kv_line = self.line.address
+            log.info("%s serves prefill calls on a direct line at %s", self.replica_id,
+                     self.line.address)  # fmt: skip
+
+    def snapshot_stats(self):
+        s = super().snapshot_stats()
+        s.line_calls = self.line.calls if self.line is not None else 0
+        return s
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook: the calls its own metrics miss (those on the direct line)."""
+        return {LINE_ONGOING: float(self.line.ongoing if self.line is not None else 0)}
+
+    def shutdown(self) -> None:
+        """Stop taking line calls and let those running end (Serve drains only its own), then
+        shut down."""
+        if self.line is not None:
+            self.stats.line = ""  # decode replicas stop choosing it at the next report
+            self._wake.set()
+            self.line.close(drain_s=self.spec.prefill_timeout_s)
+        super().shutdown()
+
+    async def _kv(self, call: tuple[str, tuple]) -> AsyncIterator[Any]:
+        """A decode replica's call to this replica's KV peer (in-process engine only)."""
+        name, args = call
+        peer = self.engine.runner.kv_peer
+        pool = peer.wait_pool if name in WAITING_CALLS else peer.pool
+        yield await asyncio.get_running_loop().run_in_executor(pool, peer.call, name, *args)
 
     async def prefill(self, req: PrefillRequest) -> AsyncIterator[PrefillAccepted | PrefillResult]:
         start = time.time()

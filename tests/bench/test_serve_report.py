@@ -175,3 +175,22 @@ def test_paired_ttft_compares_request_by_request_and_only_the_same_trace():
     assert paired_ttft(base, _run(1.0, [0.1, 0.4, 0.2], [100, 800, 401])) is None
     table = paired_table("a", "b", [base], [_run(2.0, [0.1] * 3, lens), other])
     assert "1.100" in table and table.count("\n") == 3  # title, header, the one shared rate
+
+
+def test_compare_scores_stored_runs_again_under_a_given_slo(tmp_path, capsys):
+    from bench.serve import main as bench
+
+    # TPOT 10 ms and 30 ms; TTFT 100 ms: both meet a 40 ms TPOT target, one meets 20 ms
+    records = [ok_record(0, [0.1, 0.11], 0.11), ok_record(1, [0.1, 0.13], 0.13)]
+    run = {
+        "rate": 1.0,
+        "records": [r.to_json() for r in records],
+        "summary": summarize(records, 2.0, 1000.0, 40.0),
+    }
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"schema": SCHEMA, "label": "x", "runs": [run]}))
+    assert bench(["--compare", str(path), "--no-plots"]) == 0
+    assert "   100.0 " in capsys.readouterr().out  # as stored: both met it
+    assert bench(["--compare", str(path), "--slo-tpot-ms", "20", "--no-plots"]) == 0
+    assert "    50.0 " in capsys.readouterr().out  # re-scored: one of two
+    assert json.loads(path.read_text())["runs"][0]["summary"]["slo_met"] == 2  # file untouched

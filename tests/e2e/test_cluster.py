@@ -284,16 +284,23 @@ def test_colocated_matches_single_process(ray_serve, tiny_model, reference, pd):
     assert m['pdserve_replicas{pool="decode"}'] == 2
 
 
-def test_p2p_transport_1p1d_matches_single_process(ray_serve, tiny_model, reference):
-    """kv_transport nccl: point to point through torch.distributed, over gloo on CPU; the
-    prefill engine runs in a rank actor the decode replica pulls from."""
-    pool = {"num_replicas": 1, "num_kv_blocks": 256}
+@pytest.mark.parametrize("tp", [1, 2])
+def test_p2p_transport_1p1d_matches_single_process(ray_serve, tiny_model, reference, tp):
+    """kv_transport nccl: point to point through torch.distributed, over gloo on CPU. The
+    decode replica calls the prefill replica, and its KV peers, over the prefill replica's
+    direct line: at tp 1 the prefill engine runs in the replica's process (its KV peer answers
+    on the line), at tp 2 in rank actors (their handles travel over the line), as do decode's."""
+    pool = {"num_replicas": 1, "num_kv_blocks": 256, "tp": tp}
     args = app_args(tiny_model, dict(pool), dict(pool))
     app = deploy(ray_serve, {**args, "kv_transport": "nccl"})
     _check_topology(app, reference, seed=9)
     from deploy import serve_app
 
-    assert {s.kv_transport for s in serve_app.replica_stats(app.name)} == {"nccl"}
+    stats = serve_app.replica_stats(app.name)
+    assert {s.kv_transport for s in stats} == {"nccl"}
+    # the prefill calls went over the prefill replica's direct line, not through Serve
+    (prefill,) = [s for s in stats if s.pool == "prefill"]
+    assert prefill.line and prefill.line_calls >= 1, (prefill.line, prefill.line_calls)
     m = _blocks_free(app)
     assert m['pdserve_kv_transfers_total{pool="decode"}'] >= 7
 
