@@ -108,8 +108,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.compare:
             return compare(args)
-        args.slo_ttft_ms = SLO_TTFT_MS if args.slo_ttft_ms is None else args.slo_ttft_ms
-        args.slo_tpot_ms = SLO_TPOT_MS if args.slo_tpot_ms is None else args.slo_tpot_ms
         trace, rates = plan(args)
         vocab_high = vocab_high_of(args)
     except ValueError as e:
@@ -139,6 +137,8 @@ def plan(args: argparse.Namespace) -> tuple[Trace, list[float | None]]:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    args.slo_ttft_ms = SLO_TTFT_MS if args.slo_ttft_ms is None else args.slo_ttft_ms
+    args.slo_tpot_ms = SLO_TPOT_MS if args.slo_tpot_ms is None else args.slo_tpot_ms
     for flag in ("slo_ttft_ms", "slo_tpot_ms", "timeout_s"):
         if not getattr(args, flag) > 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
