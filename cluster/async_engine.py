@@ -19,7 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.engine import CollectedStep, LLMEngine
+from cluster.engine import LLMEngine
+from cluster.engine_step import CollectedStep
 from cluster.errors import WorkerError
 from cluster.request_output import RequestOutput
 

@@ -8,50 +8,23 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 from cluster.block_manager import BlockManager
 from cluster.config import EngineConfig, ModelConfig
 from cluster.detokenizer import IncrementalDetokenizer
+from cluster.engine_step import CollectedStep, LaunchedStep, Prefilled, make_output
 from cluster.errors import OverloadedError, RequestError
 from cluster.executor import Executor
 from cluster.messages import FirstToken
 from cluster.model_runner import ModelRunner
 from cluster.request import FinishReason, Request, RequestStatus
-from cluster.request_output import RequestOutput, TokenLogprob
+from cluster.request_output import RequestOutput
 from cluster.sampler import SampledToken
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerOutput
 from cluster.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LaunchedStep:
-    """A step started on the executor; ``collect`` waits for its tokens."""
-
-    sched: SchedulerOutput
-    handle: Any  # the executor's, for its ``collect``
-
-
-@dataclass(frozen=True)
-class CollectedStep:
-    """A step's tokens, applied to the requests (finished ones have left the scheduler), not
-    yet turned into text and outputs: ``emit`` does that."""
-
-    tokens: tuple[tuple[Request, SampledToken, FinishReason | None], ...]
-
-
-@dataclass(frozen=True)
-class Prefilled:
-    """A request a prefill replica started, its first token applied, not yet in the engine
-    (``LLMEngine.first_output``; ``adopt`` hands it over)."""
-
-    request: Request
-    detok: IncrementalDetokenizer
-    output: RequestOutput  # the first token's
 
 
 class LLMEngine:
@@ -233,7 +206,7 @@ class LLMEngine:
     ) -> RequestOutput:
         first = req.request_id not in self._sent_prompt
         self._sent_prompt.add(req.request_id)
-        out = _make_output(req, tok, reason, self._detok[req.request_id], first)
+        out = make_output(req, tok, reason, self._detok[req.request_id], first)
         if reason is not None:
             self._forget(req.request_id)
         return out
@@ -278,7 +251,7 @@ class LLMEngine:
         detok = self._detokenizer(prompt_ids, sampling)
         tok = SampledToken(first.token_id, first.logprob, first.top_logprobs)
         reason = self._decide(req, tok, detok)
-        return Prefilled(req, detok, _make_output(req, tok, reason, detok, first=True))
+        return Prefilled(req, detok, make_output(req, tok, reason, detok, first=True))
 
     def adopt(self, prefilled: Prefilled, block_ids: list[int] | None) -> None:
         """Start decoding a ``first_output`` request: from ``block_ids`` (from ``reserve``),
@@ -316,17 +289,11 @@ class LLMEngine:
         done: dict[str, RequestOutput] = {}
         while self.has_unfinished():
             for out in self.step():
-                acc = done.get(out.request_id)
-                if acc is None:
+                if out.request_id in done:
+                    done[out.request_id].absorb(out)
+                else:
                     done[out.request_id] = out
                     out.logprobs = None if out.logprobs is None else list(out.logprobs)
-                    continue
-                acc.token_ids += out.token_ids
-                acc.text += out.text
-                if out.logprobs is not None:
-                    acc.logprobs = (acc.logprobs or []) + out.logprobs
-                acc.finished, acc.finish_reason = out.finished, out.finish_reason
-                acc.stop_reason, acc.num_output_tokens = out.stop_reason, out.num_output_tokens
         return [done[r] for r in rids]
 
 
@@ -338,30 +305,3 @@ def _make_executor(config: EngineConfig, model_config: ModelConfig, max_model_le
     from cluster.tp_executor import RayTPExecutor  # imports ray
 
     return RayTPExecutor(config, model_config, max_model_len)
-
-
-def _make_output(
-    req: Request,
-    tok: SampledToken,
-    reason: FinishReason | None,
-    detok: IncrementalDetokenizer,
-    first: bool,
-) -> RequestOutput:
-    """``tok``'s output (``first``: the request's first, which carries the prompt ids)."""
-    sp = req.sampling
-    if not detok.stop:
-        detok.add(tok.token_id)
-    return RequestOutput(
-        request_id=req.request_id,
-        token_ids=[tok.token_id],
-        text=detok.take(finished=reason is not None),
-        logprobs=None
-        if sp.logprobs is None
-        else [TokenLogprob(tok.token_id, tok.logprob, tok.top_logprobs or ())],
-        finished=reason is not None,
-        finish_reason=None if reason is None else reason.value,
-        stop_reason=req.stop_reason,
-        num_prompt_tokens=len(req.prompt_token_ids),
-        num_output_tokens=len(req.output_token_ids),
-        prompt_token_ids=req.prompt_token_ids if first else None,
-    )

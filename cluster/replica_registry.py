@@ -156,6 +156,12 @@ def render_prometheus(stats: list[ReplicaStats]) -> str:
             "Requests preempted for lack of KV blocks.",
             "preemptions",
         ),
+        (
+            "line_calls_total",
+            "counter",
+            "Prefill calls taken on the prefill replicas' direct lines (not through Serve).",
+            "line_calls",
+        ),
         ("running_requests", "gauge", "Requests in the running batch.", "running"),
         ("waiting_requests", "gauge", "Requests queued for their first step.", "waiting"),
         ("inflight_requests", "gauge", "Requests held by the pool in any stage.", "inflight"),

@@ -29,3 +29,12 @@ class RequestOutput(msgspec.Struct, kw_only=True):
     num_output_tokens: int = 0  # total so far
     prompt_token_ids: list[int] | None = None  # set on the first output only
     error: str | None = None
+
+    def absorb(self, later: RequestOutput) -> None:
+        """Append a later output of the same request (tokens, text, logprobs; its state)."""
+        self.token_ids += later.token_ids
+        self.text += later.text
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        self.finished, self.finish_reason = later.finished, later.finish_reason
+        self.stop_reason, self.num_output_tokens = later.stop_reason, later.num_output_tokens

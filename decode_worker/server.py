@@ -34,7 +34,8 @@ from typing import Any
 
 import ray
 
-from cluster.engine import LLMEngine, Prefilled
+from cluster.engine import LLMEngine
+from cluster.engine_step import Prefilled
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
 from cluster.messages import GenerateRequest, PrefillRequest
 from cluster.replica import Replica, WorkerSpec

@@ -10,7 +10,7 @@ import pytest
 
 from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from cluster.async_engine import AsyncEngine
-from cluster.engine import CollectedStep, LaunchedStep
+from cluster.engine_step import CollectedStep, LaunchedStep
 from cluster.errors import WorkerError
 from cluster.request_output import RequestOutput
 from cluster.scheduler import SchedulerOutput

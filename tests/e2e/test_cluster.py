@@ -303,6 +303,7 @@ def test_p2p_transport_1p1d_matches_single_process(ray_serve, tiny_model, refere
     assert prefill.line and prefill.line_calls >= 1, (prefill.line, prefill.line_calls)
     m = _blocks_free(app)
     assert m['pdserve_kv_transfers_total{pool="decode"}'] >= 7
+    assert m['pdserve_line_calls_total{pool="prefill"}'] >= prefill.line_calls
 
 
 def test_tp2_on_both_pools_matches_single_process(ray_serve, tiny_model, reference):
