@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -37,8 +38,9 @@ class LineServer:
         """Listen on a free port of ``host`` (``address`` says which) and serve ``handlers``
         (method name -> async generator function of the call's argument)."""
         self.handlers = handlers
-        self.ongoing = 0  # calls running now (read from other threads: a plain int)
-        self.calls = 0  # calls taken, ever
+        # per method: calls running now, and calls taken ever (read from other threads)
+        self.open: Counter[str] = Counter()
+        self.taken: Counter[str] = Counter()
         self._tasks: set[asyncio.Task] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._closing = False
@@ -54,6 +56,11 @@ class LineServer:
             raise RuntimeError(f"line server could not listen on {host}")
         port = self._server.sockets[0].getsockname()[1]
         self.address = f"{host}:{port}"
+
+    @property
+    def ongoing(self) -> int:
+        """Calls running now, of every method."""
+        return sum(self.open.values())
 
     def _run(self, host: str, started: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
@@ -103,8 +110,8 @@ class LineServer:
             writer.close()
 
     async def _call(self, call: LineCall, send) -> None:
-        self.ongoing += 1
-        self.calls += 1
+        self.open[call.method] += 1
+        self.taken[call.method] += 1
         try:
             handler = self.handlers.get(call.method)
             if handler is None:
@@ -126,7 +133,7 @@ class LineServer:
             except (ConnectionError, OSError):
                 pass
         finally:
-            self.ongoing -= 1
+            self.open[call.method] -= 1
 
     def close(self, drain_s: float = 30.0) -> None:
         """Stop taking calls; wait up to ``drain_s`` for those running, cancel the rest."""

@@ -90,7 +90,7 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     kv_bytes: int = 0  # sent (prefill) or received (decode)
     kv_seconds: float = 0.0
     preemptions: int = 0
-    line_calls: int = 0  # prefill: calls taken on its direct line
+    line_calls: int = 0  # prefill: prefill calls taken on its direct line
     # gauges
     running: int = 0
     waiting: int = 0

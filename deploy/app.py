@@ -165,14 +165,15 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if transport == "auto":
         on_gpus = not spec.colocated and gpus["prefill"] > 0 and gpus["decode"] > 0
         transport = "nccl" if on_gpus else "object_store"
+    # decode pulls KV from prefill ranks directly: over the prefill replica's line, or else from
+    # rank actors it can call (a rank actor costs each prompt a few ms)
+    prefill_actors = transport == "nccl" and not spec.colocated and not spec.prefill.direct_line
     digest = weights_digest(path)
     max_len = spec.model.max_model_len or cfg.max_position_embeddings
 
     def worker(pool_name: str, role: str) -> WorkerSpec:
         pool = pools[pool_name]
-        # decode pulls KV from prefill ranks directly: over the prefill replica's line, or
-        # else from rank actors it can call (a rank actor costs each prompt a few ms)
-        actors = transport == "nccl" and pool_name == "prefill" and not pool.direct_line
+        actors = prefill_actors and pool_name == "prefill"
         engine = _engine_config(spec, pool, role, path, gpus[pool_name], actors)
         return WorkerSpec(
             spec.name,
@@ -199,7 +200,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                     spec.prefill,
                     "Prefill",
                     gpus["prefill"],
-                    transport == "nccl" and not spec.prefill.direct_line,
+                    prefill_actors,
                 ),
                 request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
             )

@@ -23,10 +23,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-import ray
 
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError, WorkerError
-from cluster.kv_transport.kv_peer import WAITING_CALLS
+from cluster.kv_transport.kv_peer import WAITING_CALLS, node_ip
 from cluster.line_server import LineServer
 from cluster.messages import FirstToken, PrefillAccepted, PrefillRequest, PrefillResult
 from cluster.model_runner import ModelRunner
@@ -47,8 +46,7 @@ class PrefillServer(Replica):
         self._met: set[str] = set()  # decode replicas whose layout was checked
         self.line: LineServer | None = None
         if spec.direct_line and spec.kv_transport == "nccl":
-            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-            self.line = LineServer({"prefill": self.prefill, "kv": self._kv}, host)
+            self.line = LineServer({"prefill": self.prefill, "kv": self._kv}, node_ip())
             self.stats.line = self.line.address
             if isinstance(self.engine.runner, ModelRunner):  # decode reaches its KV peer here
                 self.engine.runner.kv_line = self.line.address
@@ -57,12 +55,13 @@ class PrefillServer(Replica):
 
     def snapshot_stats(self):
         s = super().snapshot_stats()
-        s.line_calls = self.line.calls if self.line is not None else 0
+        s.line_calls = self.line.taken["prefill"] if self.line is not None else 0
         return s
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's hook: the calls its own metrics miss (those on the direct line)."""
-        return {LINE_ONGOING: float(self.line.ongoing if self.line is not None else 0)}
+        # prefill calls only: each one also has KV peer calls open on the line, which are not load
+        return {LINE_ONGOING: float(self.line.open["prefill"] if self.line is not None else 0)}
 
     def shutdown(self) -> None:
         """Stop taking line calls and let those running end (Serve drains only its own), then

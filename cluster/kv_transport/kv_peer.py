@@ -49,7 +49,8 @@ class KVNotSent(RuntimeError):
     stays usable."""
 
 
-def _node_ip() -> str:
+def node_ip() -> str:
+    """This node's address for other processes to reach (127.0.0.1 outside Ray)."""
     import ray
 
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
@@ -171,7 +172,7 @@ class KVPeer:
     # ---- decode side ----
 
     def listen(self, key: str) -> tuple[str, int]:
-        host = _node_ip()
+        host = node_ip()
         store = listen(host, self.timeout_s)
         with self._cond:
             self._stores[key] = store
@@ -270,4 +271,4 @@ class KVPeer:
 
 
 def local_peer_id() -> str:
-    return f"{_node_ip()}:{os.getpid()}"
+    return f"{node_ip()}:{os.getpid()}"
