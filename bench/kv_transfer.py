@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import platform
 import statistics
 import time
@@ -33,7 +34,13 @@ import ray
 import torch
 
 from bench.result_file import write_result
-from cluster.kv_layout import KVFingerprint
+from cluster.kv_layout import (
+    KVFingerprint,
+    block_rows,
+    device_index,
+    gather_blocks,
+    scatter_blocks,
+)
 from cluster.kv_transport.kv_peer import WAIT_THREADS, KVPeer, local_peer_id
 from cluster.kv_transport.p2p import P2PTransport
 from cluster.kv_transport.pair_group import CHUNK_BYTES
@@ -51,13 +58,17 @@ class CacheOnlyRunner:
         self.kv_caches = torch.zeros(
             layers, blocks, block_size, width, dtype=dtype, device=self.device
         )
+        self.kv_layout = (layers, block_size, width, str(dtype).removeprefix("torch."))
 
-    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
-        return self.kv_caches.index_select(1, torch.tensor(block_ids, device=self.device))
+    def read_kv(self, block_ids, layers=slice(None), out=None) -> torch.Tensor:
+        return gather_blocks(self.kv_caches, self.kv_rows(block_ids), layers, out)
 
-    def write_kv(self, block_ids: list[int], kv: torch.Tensor, layers=slice(None)) -> None:
-        cache = self.kv_caches[layers]
-        cache.index_copy_(1, torch.as_tensor(block_ids, device=self.device), kv)
+    def write_kv(self, block_ids, kv: torch.Tensor, layers=slice(None)) -> None:
+        scatter_blocks(self.kv_caches, self.kv_rows(block_ids), kv, layers)
+
+    def kv_rows(self, block_ids) -> torch.Tensor:
+        layers, blocks = self.kv_caches.shape[:2]
+        return block_rows(device_index(block_ids, self.device), layers, blocks)
 
 
 class BenchRank:
@@ -88,6 +99,29 @@ class BenchRank:
         if self.runner.device.type == "cuda":  # the copy's stream only: a send may be running
             torch.cuda.current_stream().synchronize()
         return start, time.perf_counter()
+
+    def step_then_stage(self, transfer_id: str, block_ids: list[int], step_ms: float) -> float:
+        """As the prefill engine does for a prompt's last step: queue the step (here a GPU
+        sleep of about ``step_ms``), stage the blocks behind it at once (so the transfer is
+        signalled and decode posts its receive while the step runs), then wait for the step's
+        end. Returns when it ended (this host's perf_counter, seen by a spinning synchronize)."""
+        torch.cuda._sleep(int(step_ms * self.cycles_per_ms))
+        end = torch.cuda.Event()
+        end.record()
+        self.peer.stage(transfer_id, block_ids)
+        end.synchronize()
+        return time.perf_counter()
+
+    @functools.cached_property
+    def cycles_per_ms(self) -> float:
+        """``torch.cuda._sleep`` cycles per millisecond on this GPU, measured."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1000)  # warm
+        start.record()
+        torch.cuda._sleep(10**7)
+        end.record()
+        end.synchronize()
+        return 10**7 / start.elapsed_time(end)
 
     @ray.method(concurrency_group="kv_wait")
     def kv_wait(self, name: str, *args):
@@ -171,7 +205,8 @@ class _Prefill:
 
 
 def _phases(send: dict, recv: dict, staged: float, done: float) -> dict[str, float]:
-    """Where a posted-early transfer's time goes: ms after staging started."""
+    """Where a posted-early transfer's time goes: ms after ``staged`` (staging started, or the
+    step before it ended: then the phases before it are negative)."""
     ms = {
         "prefill copy queued": send["copy queued"],
         "prefill saw it staged": send["staged"],
@@ -220,9 +255,11 @@ async def _run(args) -> dict:
             )
             label = "one message" if chunk >= 1 << 40 else f"{chunk >> 20} MB"
             grouped[label] = statistics.median(took[1][1:])
-        early, after, phases = [], [], []
-        for it in range(2 * (args.iters + 1)):
-            posted_early = it % 2 == 0
+        kinds = ("step", "early", "after") if args.device == "cuda" else ("early", "after")
+        took: dict[str, list[float]] = {k: [] for k in kinds}
+        phases: dict[str, list[dict[str, float]]] = {"step": [], "early": []}
+        for it in range(len(kinds) * (args.iters + 1)):
+            kind = kinds[it % len(kinds)]
             src = list(range(nblocks))
             dst = list(range(blocks - 1, blocks - 1 - nblocks, -1))  # other blocks, reversed
             await pre.fill.remote(src, seed=it)
@@ -235,36 +272,39 @@ async def _run(args) -> dict:
                 block_ids=dst,
             )
             handle = sender.announce(prefill, tid, dest)
-            if posted_early:
+            if kind == "after":
+                await pre.stage_timed.remote(tid, src)
+                start, done = await dec.receive.remote(handle, dest)
+            else:
                 receiving = dec.receive.remote(handle, dest)
                 await asyncio.sleep(0.05)  # posted and waiting, as while a prompt runs
-                staged, _ = await pre.stage_timed.remote(tid, src)
+                if kind == "step":
+                    start = await pre.step_then_stage.remote(tid, src, args.step_ms)
+                else:
+                    start, _ = await pre.stage_timed.remote(tid, src)
                 _, done = await receiving
-                took = done - staged
                 sent_at, got_at = await asyncio.gather(
                     pre.kv.remote("trace"), dec.kv.remote("trace")
                 )
-                if it >= 2:
-                    phases.append(_phases(dict(sent_at)[tid], dict(got_at)[tid], staged, done))
-            else:
-                await pre.stage_timed.remote(tid, src)
-                posted, done = await dec.receive.remote(handle, dest)
-                took = done - posted
+                if it >= len(kinds):
+                    phases[kind].append(_phases(dict(sent_at)[tid], dict(got_at)[tid], start, done))
             sent, got = await asyncio.gather(pre.checksum.remote(src), dec.checksum.remote(dst))
             if sent != got:
                 raise RuntimeError(f"{n} tokens: received blocks differ from the sent ones")
-            if it >= 2:  # the first of each kind warms up
-                (early if posted_early else after).append(took)
-        e_s, a_s = statistics.median(early), statistics.median(after)
-        rows.append({
-            "tokens": n, "bytes": nbytes, "raw_s": raw_s, "early_s": e_s, "after_s": a_s,
-            "raw_gbps": nbytes / raw_s / 1e9, "early_gbps": nbytes / e_s / 1e9,
-            "after_gbps": nbytes / a_s / 1e9, "early_pct_of_raw": 100 * raw_s / e_s,
-            "after_pct_of_raw": 100 * raw_s / a_s,
-            "early_phases_ms": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
-            "grouped_s": grouped,
-            "grouped_pct_of_raw": {k: 100 * raw_s / v for k, v in grouped.items()},
-        })  # fmt: skip
+            if it >= len(kinds):  # the first of each kind warms up
+                took[kind].append(done - start)
+        row = {"tokens": n, "bytes": nbytes, "raw_s": raw_s, "raw_gbps": nbytes / raw_s / 1e9}
+        for kind in kinds:
+            sec = statistics.median(took[kind])
+            row[f"{kind}_s"], row[f"{kind}_gbps"] = sec, nbytes / sec / 1e9
+            row[f"{kind}_pct_of_raw"] = 100 * raw_s / sec
+            if kind in phases:
+                row[f"{kind}_phases_ms"] = {
+                    k: statistics.median(p[k] for p in phases[kind]) for k in phases[kind][0]
+                }
+        row["grouped_s"] = grouped
+        row["grouped_pct_of_raw"] = {k: 100 * raw_s / v for k, v in grouped.items()}
+        rows.append(row)
     return {"config": vars(args), "rows": rows}
 
 
@@ -277,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--step-ms", type=float, default=5.0, help="the stand-in last prefill step")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     if not ray.is_initialized():
@@ -286,24 +327,27 @@ def main(argv: list[str] | None = None) -> int:
     result["device"], result["date"] = gpu, time.strftime("%Y-%m-%d")
     layout = f"{args.layers} layers x {args.width} x {args.dtype}, blocks of {args.block_size}"
     print(f"KV transfer on {gpu}: {layout}")
-    row = "{:>7} {:>8} {:>8} {:>9} {:>10} {:>7} {:>10} {:>7}"
-    print(row.format("tokens", "MB", "raw ms", "raw GB/s", "early ms", "% raw", "after ms",
-                     "% raw"))  # fmt: skip
+    kinds = [k for k in ("step", "early", "after") if f"{k}_s" in result["rows"][0]]
+    print(f"{'tokens':>7} {'MB':>8} {'raw ms':>8} {'raw GB/s':>9}"
+          + "".join(f" {k + ' ms':>9} {'% raw':>6}" for k in kinds))  # fmt: skip
     for r in result["rows"]:
-        print(row.format(r["tokens"], f"{r['bytes'] / 1e6:.1f}", f"{r['raw_s'] * 1e3:.3f}",
-                         f"{r['raw_gbps']:.1f}", f"{r['early_s'] * 1e3:.3f}",
-                         f"{r['early_pct_of_raw']:.1f}", f"{r['after_s'] * 1e3:.3f}",
-                         f"{r['after_pct_of_raw']:.1f}"))  # fmt: skip
+        print(f"{r['tokens']:>7} {r['bytes'] / 1e6:>8.1f} {r['raw_s'] * 1e3:>8.3f} "
+              f"{r['raw_gbps']:>9.1f}" + "".join(
+                  f" {r[k + '_s'] * 1e3:>9.3f} {r[k + '_pct_of_raw']:>6.1f}" for k in kinds
+              ))  # fmt: skip
     print("\nthe pair group's KV path alone (layer-group messages, scattered into blocks): "
           "ms and % of raw, by message size")  # fmt: skip
     for r in result["rows"]:
         cells = ", ".join(f"{k} {v * 1e3:.3f} ms ({r['grouped_pct_of_raw'][k]:.0f}%)"
                           for k, v in r["grouped_s"].items())  # fmt: skip
         print(f"{r['tokens']:>7}: {cells}")
-    print("\nposted early: ms after staging started (median)")
-    for r in result["rows"]:
-        steps = ", ".join(f"{k} {v:.3f}" for k, v in r["early_phases_ms"].items())
-        print(f"{r['tokens']:>7}: {steps}")
+    for kind, origin in (("step", "the step ended"), ("early", "staging started")):
+        if f"{kind}_phases_ms" not in result["rows"][0]:
+            continue
+        print(f"\n{kind}: ms after {origin} (median)")
+        for r in result["rows"]:
+            steps = ", ".join(f"{k} {v:.3f}" for k, v in r[f"{kind}_phases_ms"].items())
+            print(f"{r['tokens']:>7}: {steps}")
     write_result(result, "kv-transfer", gpu, args.out)
     return 0
 

@@ -1,4 +1,11 @@
-"""The paged KV layout both sides of a transfer must share, and its fingerprint."""
+"""The paged KV layout both sides of a transfer must share, its fingerprint, and the block
+copies in and out of it.
+
+A cache is [layers, blocks, block_size, width], contiguous. A prompt's blocks are copied as whole
+rows of the [layers * blocks, block_size * width] view (73 KB each in DeepSeek-V2-Lite's layout):
+``index_select`` along that view's first dimension runs near copy speed on an H200 (1.7 TB/s),
+2.8x faster than along the block dimension of the 4-D cache (``bench.kv_copy``).
+"""
 
 from __future__ import annotations
 
@@ -43,3 +50,49 @@ def fingerprint(
         row_width=cfg.kv_cache_dim,
         tp=tp,
     )
+
+
+def device_index(block_ids: list[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Block ids [n] int64 on ``device``. From a list on GPU: a pinned copy, queued on the
+    current stream without waiting for it (a plain copy would wait for the steps queued
+    before)."""
+    if isinstance(block_ids, torch.Tensor):
+        return block_ids.to(device, non_blocking=True)
+    idx = torch.tensor(block_ids, dtype=torch.int64)
+    if device.type == "cuda":
+        idx = idx.pin_memory()
+    return idx.to(device, non_blocking=True)
+
+
+def block_rows(index: torch.Tensor, num_layers: int, num_blocks: int) -> torch.Tensor:
+    """[num_layers, n] row ids of blocks ``index`` [n] (int64, on the cache's device) in the
+    cache's [layers * blocks, block_size * width] view: layer l's block b is row l * blocks + b.
+    Made once per transfer (three small kernels); a layer range is a slice of it, no kernel."""
+    base = torch.arange(num_layers, device=index.device).unsqueeze(1) * num_blocks  # [L, 1]
+    return base + index.unsqueeze(0)
+
+
+def gather_blocks(
+    cache: torch.Tensor, rows: torch.Tensor, layers: slice, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[len(layers), n, block_size, width]: a copy of the blocks whose ``block_rows`` are
+    ``rows`` [L, n], in ``layers`` of ``cache`` [L, blocks, block_size, width] (into ``out``
+    when given), queued on the current stream."""
+    num_layers, blocks, bs, width = cache.shape
+    part = rows[layers]  # [count, n]
+    if out is None:
+        out = torch.empty(*part.shape, bs, width, dtype=cache.dtype, device=cache.device)
+    assert out.is_contiguous() and out.shape == (*part.shape, bs, width), out.shape
+    flat = cache.view(num_layers * blocks, bs * width)
+    torch.index_select(flat, 0, part.reshape(-1), out=out.view(-1, bs * width))
+    return out
+
+
+def scatter_blocks(
+    cache: torch.Tensor, rows: torch.Tensor, kv: torch.Tensor, layers: slice
+) -> None:
+    """Write ``kv`` [len(layers), n, block_size, width] into the blocks whose ``block_rows``
+    are ``rows`` [L, n], in ``layers`` of ``cache``, queued on the current stream."""
+    num_layers, blocks, bs, width = cache.shape
+    flat = cache.view(num_layers * blocks, bs * width)
+    flat.index_copy_(0, rows[layers].reshape(-1), kv.reshape(-1, bs * width))

@@ -15,6 +15,7 @@ import torch
 from cluster.config import EngineConfig, ModelConfig
 from cluster.decode_graphs import DecodeGraphs, graph_buckets
 from cluster.executor import Executor
+from cluster.kv_layout import block_rows, device_index, gather_blocks, scatter_blocks
 from cluster.kv_transport.kv_peer import KVPeer, local_peer_id
 from cluster.kv_transport.peer_client import PeerClient
 from cluster.model.attention_metadata import AttentionMetadata
@@ -174,11 +175,19 @@ class ModelRunner(Executor):
 
     # ---- KV blocks in and out (prefill/decode handoff) ----
 
-    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
-        """[layers, n, block_size, width]: a copy of the given blocks, in order."""
-        return self.kv_caches.index_select(1, self._index(block_ids))
+    def read_kv(
+        self,
+        block_ids: list[int] | torch.Tensor,
+        layers: slice = slice(None),
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[layers, n, block_size, width]: a copy of the given blocks (of ``layers`` only, into
+        ``out`` when given), in order, queued on the current stream."""
+        return gather_blocks(self.kv_caches, self.kv_rows(block_ids), layers, out)
 
-    def write_kv(self, block_ids: list[int], kv: torch.Tensor, layers: slice = slice(None)) -> None:
+    def write_kv(
+        self, block_ids: list[int] | torch.Tensor, kv: torch.Tensor, layers: slice = slice(None)
+    ) -> None:
         """Scatter ``kv`` [layers, n, block_size, width] into the blocks (into ``layers`` of
         the cache only, for a part of a message), on the current stream."""
         cache = self.kv_caches[layers]
@@ -187,17 +196,13 @@ class ModelRunner(Executor):
             raise ValueError(
                 f"KV of shape {tuple(kv.shape)} for {len(block_ids)} blocks; expected {expect}"
             )
-        cache.index_copy_(1, self._index(block_ids), kv.to(device=self.device, dtype=cache.dtype))
+        kv = kv.to(device=self.device, dtype=cache.dtype)
+        scatter_blocks(self.kv_caches, self.kv_rows(block_ids), kv, layers)
 
-    def _index(self, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
-        """Block ids on the device. From a list on GPU: a pinned copy, queued on the current
-        stream without waiting for it (a plain copy would wait for the steps queued before)."""
-        if isinstance(block_ids, torch.Tensor):
-            return block_ids.to(self.device, non_blocking=True)
-        idx = torch.tensor(block_ids, dtype=torch.int64)
-        if self.device.type == "cuda":
-            idx = idx.pin_memory()
-        return idx.to(self.device, non_blocking=True)
+    def kv_rows(self, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """[layers, n]: the blocks' rows in the cache's row view (``kv_layout.block_rows``)."""
+        layers, blocks = self.kv_caches.shape[:2]
+        return block_rows(device_index(block_ids, self.device), layers, blocks)
 
     def stage_kv(self, transfer_id: str, block_ids: list[int]) -> int:
         return self.kv_peer.stage(transfer_id, block_ids)

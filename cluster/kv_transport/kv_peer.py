@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cluster.kv_transport.pair_group import DECODE, PairGroup, listen
+from cluster.kv_layout import gather_blocks, scatter_blocks
+from cluster.kv_transport.pair_group import DECODE, PairGroup, layer_groups, listen
 
 if TYPE_CHECKING:
     from cluster.model_runner import ModelRunner
@@ -66,7 +67,9 @@ class _Pair:
 @dataclass
 class _Staged:
     kv: torch.Tensor  # [layers, n, block_size, width]
-    ready: torch.cuda.Event | None  # recorded after the copy, on the stream that made it
+    # per layer group of the copy: (layers, event recorded after it on the stream that made
+    # it); a send of layer group g waits for its copy alone. Empty on CPU
+    ready: list[tuple[slice, torch.cuda.Event]]
     at: float
     called: float  # perf_counter when ``stage`` began, and when the copy was queued
     queued: float
@@ -90,13 +93,18 @@ class KVPeer:
 
     def stage(self, transfer_id: str, block_ids: list[int]) -> int:
         """Copy the blocks (on the runner's device) before the scheduler frees them. Queued on
-        the current stream; a send waits for the copy, not for the caller."""
+        the current stream, layer group by layer group (``layer_groups``): a send waits for
+        each group's copy, not for the caller, and sends group g while g + 1 is copied."""
         called = time.perf_counter()
-        kv = self.runner.read_kv(block_ids)  # [layers, n, block_size, width], contiguous
-        ready = None
-        if kv.is_cuda:
-            ready = torch.cuda.Event()
-            ready.record()
+        cache = self.runner.kv_caches  # [layers, blocks, block_size, width]
+        rows = self.runner.kv_rows(block_ids)  # [layers, n]
+        kv = cache.new_empty(rows.shape[0], rows.shape[1], *cache.shape[2:])
+        ready = []
+        for part in layer_groups(kv):
+            gather_blocks(cache, rows, part, kv[part])
+            if kv.is_cuda:
+                ready.append((part, torch.cuda.Event()))
+                ready[-1][1].record()
         queued, now = time.perf_counter(), time.monotonic()
         with self._cond:
             for tid in [t for t, st in self._staged.items() if now - st.at > STAGED_TTL_S]:
@@ -111,8 +119,8 @@ class KVPeer:
     def take(self, transfer_id: str) -> torch.Tensor:
         with self._cond:
             st = self._staged.pop(transfer_id)
-        if st.ready is not None:
-            st.ready.synchronize()
+        if st.ready:  # one stream: the last copy's event covers the others
+            st.ready[-1][1].synchronize()
         return st.kv
 
     def drop(self, transfer_id: str) -> None:
@@ -201,6 +209,7 @@ class KVPeer:
         index = torch.tensor(block_ids, dtype=torch.int64)
         if self.runner.device.type == "cuda":  # copied by the first write, on its stream,
             index = index.pin_memory()  # without holding the host; made before the signal
+        rows = None  # [layers, n] on the device, made by the first write
         pair, deadline, t = self._turn(key, seq, wait_s)
         try:
             word = pair.group.await_signal(transfer_id, deadline - time.monotonic())
@@ -211,9 +220,10 @@ class KVPeer:
             t["signalled"] = time.perf_counter()
 
             def write(layers: slice, part: torch.Tensor) -> None:
-                nonlocal index
-                index = index.to(self.runner.device, non_blocking=True)
-                self.runner.write_kv(index, part, layers)
+                nonlocal rows
+                if rows is None:
+                    rows = self.runner.kv_rows(index)
+                scatter_blocks(self.runner.kv_caches, rows, part, layers)
 
             t["posted recv"] = pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write)
             t["received"] = time.perf_counter()

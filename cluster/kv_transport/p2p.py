@@ -124,7 +124,8 @@ class P2PTransport(KVTransport):
         if not recv.done() and send.exception() is not None:
             if not isinstance(send.exception(), KVNotSent):  # close now: the receive still
                 await self._close(pair, key, src, dst)  # waiting wakes instead of timing out
-        await asyncio.wait([recv])
+        if not recv.done():  # (a wait on a done future still costs a turn of the loop)
+            await asyncio.wait([recv])
         if recv.exception() is None:
             # the KV is in its blocks: the send's own reply (a Ray round trip) is not waited
             # for; should it fail now, the pair is closed for the transfers after this one

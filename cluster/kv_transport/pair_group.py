@@ -21,14 +21,14 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from cluster.kv_transport.signal_line import SignalLine
+from cluster.kv_transport.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class PairGroup:
         cuda = device.type == "cuda"
         self._io = torch.cuda.Stream(device) if cuda else None  # KV messages
         self._side = torch.cuda.Stream(device) if cuda else None  # scattering received KV
-        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="kv-sync") if cuda else None
+        self._watchdog = Watchdog(self.abort, f"kv-watch-{key}") if cuda else None
         self._handshake()
 
     def _handshake(self) -> None:
@@ -127,18 +127,21 @@ class PairGroup:
         self.pg.recv([t], PREFILL, 0).wait()
         self._sync(t)
 
-    def send_kv(self, kv: torch.Tensor, ready: torch.cuda.Event | None = None) -> None:
+    def send_kv(
+        self, kv: torch.Tensor, ready: Sequence[tuple[slice, torch.cuda.Event]] = ()
+    ) -> None:
         """[layers, n, block_size, width], contiguous, as ``layer_groups(kv)`` messages, from a
-        stream of the group's own that waits for ``ready`` (the copy that made ``kv``) and not
-        for the model steps queued after it."""
+        stream of the group's own. ``ready``: (layers, event) of the copies that made ``kv``, in
+        layer order; each message waits for the copies of its layers, not for later ones nor
+        for the model steps queued after them."""
         assert self.rank == PREFILL and kv.is_contiguous()
         with self._on_io():
-            if ready is not None:
-                self._io.wait_event(ready)
-            works = [
-                self.pg.send([kv[layers]], DECODE, 0)
-                for layers in layer_groups(kv, self.chunk_bytes)
-            ]
+            works, waited = [], 0
+            for layers in layer_groups(kv, self.chunk_bytes):
+                while waited < len(ready) and ready[waited][0].start < layers.stop:
+                    self._io.wait_event(ready[waited][1])
+                    waited += 1
+                works.append(self.pg.send([kv[layers]], DECODE, 0))
             for work in works:  # posted back to back; on GPU these only order the stream
                 work.wait()
             self._finish(self._io)
@@ -173,23 +176,23 @@ class PairGroup:
         return posted
 
     def _finish(self, stream: torch.cuda.Stream | None) -> None:
-        """Wait for ``stream``'s work (the messages and what follows them) without holding the
-        GIL: the group's waiter thread synchronizes on an event (the driver spins, Python does
-        not: a Python poll loop kept the engine thread of the same process off the GIL for up
-        to a switch interval). After the group's timeout abort the communicator (a peer died
-        mid-message; its kernels then exit and the waiter returns) and raise."""
+        """Wait for ``stream``'s work (the messages and what follows them) in this thread,
+        without holding the GIL: a synchronize on an event (the driver spins, Python does not:
+        a Python poll loop kept the engine thread of the same process off the GIL for up to a
+        switch interval; a waiter thread cost two thread wake-ups per transfer). The group's
+        watchdog aborts the communicator once the wait outlasts the group's timeout (a peer
+        died mid-message; its kernels then exit and the synchronize returns); then raise."""
         if stream is None:
             return
         done = torch.cuda.Event()
         done.record(stream)
-        waited = self._waiter.submit(done.synchronize)
+        self._watchdog.arm(self.timeout_s)
         try:
-            waited.result(timeout=self.timeout_s)
-        except TimeoutError:
-            self.abort()
-            raise TimeoutError(
-                f"KV message on pair {self.key} not done in {self.timeout_s:.0f}s"
-            ) from None
+            done.synchronize()
+        finally:
+            expired = self._watchdog.disarm()
+        if expired:
+            raise TimeoutError(f"KV message on pair {self.key} not done in {self.timeout_s:.0f}s")
 
     def _on_io(self):
         return torch.cuda.stream(self._io) if self._io is not None else contextlib.nullcontext()
@@ -221,8 +224,8 @@ class PairGroup:
     def close(self) -> None:
         """End the group; a thread waiting for a signal wakes with "closed"."""
         self._line.shut()
-        if self._waiter is not None:
-            self._waiter.shutdown(wait=False)
+        if self._watchdog is not None:
+            self._watchdog.stop()
         try:
             self.pg.shutdown()
         except (AttributeError, RuntimeError):  # gloo groups and older torch have no shutdown
