@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bench.result_file import write_result
+from cluster.kv_layout import block_rows, gather_blocks, scatter_blocks
 from cluster.kv_transport.pair_group import layer_groups
 
 
@@ -52,29 +53,23 @@ def _time(fn, device: torch.device, iters: int) -> float:
     return statistics.median(times)
 
 
-def _flat_index(block_ids: torch.Tensor, layers: int, blocks: int) -> torch.Tensor:
-    """Row ids of a [layers * blocks, ...] view: layer l's block b is row l * blocks + b."""
-    base = torch.arange(layers, device=block_ids.device).unsqueeze(1) * blocks  # [layers, 1]
-    return (base + block_ids.unsqueeze(0)).reshape(-1)  # [layers * n]
-
-
 def copy_rows(cache: torch.Tensor, tokens: int, iters: int) -> dict[str, float]:
     layers, blocks, bs, width = cache.shape
     n = -(-tokens // bs)
     ids = torch.arange(blocks - 1, blocks - 1 - 2 * n, -2, device=cache.device)  # scattered
     flat = cache.view(layers * blocks, bs * width)
-    rows = _flat_index(ids, layers, blocks)
+    rows = block_rows(cache, ids)  # [layers, n]
     out = cache.index_select(1, ids)  # [layers, n, bs, width]
-    dev = cache.device
-    return {
+    every, dev = slice(None), cache.device
+    return {  # "flat": the transport's own gather_blocks / scatter_blocks
         "gather index_select(1)": _time(lambda: cache.index_select(1, ids), dev, iters),
-        "gather flat index_select(0)": _time(lambda: flat.index_select(0, rows), dev, iters),
+        "gather flat index_select(0)": _time(lambda: gather_blocks(cache, rows, every), dev, iters),
         "scatter index_copy_(1)": _time(lambda: cache.index_copy_(1, ids, out), dev, iters),
         "scatter flat index_copy_(0)": _time(
-            lambda: flat.index_copy_(0, rows, out.view(-1, bs * width)), dev, iters
+            lambda: scatter_blocks(cache, rows, out, every), dev, iters
         ),
         "scatter flat index_put_": _time(
-            lambda: flat.index_put_((rows,), out.view(-1, bs * width)), dev, iters
+            lambda: flat.index_put_((rows.reshape(-1),), out.view(-1, bs * width)), dev, iters
         ),
         "plain copy (same bytes)": _time(lambda: out.clone(), dev, iters),
     }

@@ -34,13 +34,7 @@ import ray
 import torch
 
 from bench.result_file import write_result
-from cluster.kv_layout import (
-    KVFingerprint,
-    block_rows,
-    device_index,
-    gather_blocks,
-    scatter_blocks,
-)
+from cluster.kv_layout import KVFingerprint, block_rows, gather_blocks, scatter_blocks
 from cluster.kv_transport.kv_peer import WAIT_THREADS, KVPeer, local_peer_id
 from cluster.kv_transport.p2p import P2PTransport
 from cluster.kv_transport.pair_group import CHUNK_BYTES
@@ -60,15 +54,11 @@ class CacheOnlyRunner:
         )
         self.kv_layout = (layers, block_size, width, str(dtype).removeprefix("torch."))
 
-    def read_kv(self, block_ids, layers=slice(None), out=None) -> torch.Tensor:
-        return gather_blocks(self.kv_caches, self.kv_rows(block_ids), layers, out)
+    def read_kv(self, block_ids) -> torch.Tensor:
+        return gather_blocks(self.kv_caches, block_rows(self.kv_caches, block_ids), slice(None))
 
     def write_kv(self, block_ids, kv: torch.Tensor, layers=slice(None)) -> None:
-        scatter_blocks(self.kv_caches, self.kv_rows(block_ids), kv, layers)
-
-    def kv_rows(self, block_ids) -> torch.Tensor:
-        layers, blocks = self.kv_caches.shape[:2]
-        return block_rows(device_index(block_ids, self.device), layers, blocks)
+        scatter_blocks(self.kv_caches, block_rows(self.kv_caches, block_ids), kv, layers)
 
 
 class BenchRank:

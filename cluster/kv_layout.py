@@ -64,11 +64,13 @@ def device_index(block_ids: list[int] | torch.Tensor, device: torch.device) -> t
     return idx.to(device, non_blocking=True)
 
 
-def block_rows(index: torch.Tensor, num_layers: int, num_blocks: int) -> torch.Tensor:
-    """[num_layers, n] row ids of blocks ``index`` [n] (int64, on the cache's device) in the
-    cache's [layers * blocks, block_size * width] view: layer l's block b is row l * blocks + b.
-    Made once per transfer (three small kernels); a layer range is a slice of it, no kernel."""
-    base = torch.arange(num_layers, device=index.device).unsqueeze(1) * num_blocks  # [L, 1]
+def block_rows(cache: torch.Tensor, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
+    """[layers, n] row ids of blocks ``block_ids`` [n] in the [layers * blocks, block_size *
+    width] view of ``cache``, on its device: layer l's block b is row l * blocks + b. Made once
+    per transfer (the index copy and three small kernels); a layer range is a slice of it."""
+    layers, blocks = cache.shape[:2]
+    index = device_index(block_ids, cache.device)  # [n]
+    base = torch.arange(layers, device=cache.device).unsqueeze(1) * blocks  # [layers, 1]
     return base + index.unsqueeze(0)
 
 

@@ -15,7 +15,7 @@ import torch
 from cluster.config import EngineConfig, ModelConfig
 from cluster.decode_graphs import DecodeGraphs, graph_buckets
 from cluster.executor import Executor
-from cluster.kv_layout import block_rows, device_index, gather_blocks, scatter_blocks
+from cluster.kv_layout import block_rows, gather_blocks, scatter_blocks
 from cluster.kv_transport.kv_peer import KVPeer, local_peer_id
 from cluster.kv_transport.peer_client import PeerClient
 from cluster.model.attention_metadata import AttentionMetadata
@@ -175,15 +175,9 @@ class ModelRunner(Executor):
 
     # ---- KV blocks in and out (prefill/decode handoff) ----
 
-    def read_kv(
-        self,
-        block_ids: list[int] | torch.Tensor,
-        layers: slice = slice(None),
-        out: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """[layers, n, block_size, width]: a copy of the given blocks (of ``layers`` only, into
-        ``out`` when given), in order, queued on the current stream."""
-        return gather_blocks(self.kv_caches, self.kv_rows(block_ids), layers, out)
+    def read_kv(self, block_ids: list[int]) -> torch.Tensor:
+        """[layers, n, block_size, width]: a copy of the given blocks, in order."""
+        return gather_blocks(self.kv_caches, block_rows(self.kv_caches, block_ids), slice(None))
 
     def write_kv(
         self, block_ids: list[int] | torch.Tensor, kv: torch.Tensor, layers: slice = slice(None)
@@ -197,12 +191,7 @@ class ModelRunner(Executor):
                 f"KV of shape {tuple(kv.shape)} for {len(block_ids)} blocks; expected {expect}"
             )
         kv = kv.to(device=self.device, dtype=cache.dtype)
-        scatter_blocks(self.kv_caches, self.kv_rows(block_ids), kv, layers)
-
-    def kv_rows(self, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
-        """[layers, n]: the blocks' rows in the cache's row view (``kv_layout.block_rows``)."""
-        layers, blocks = self.kv_caches.shape[:2]
-        return block_rows(device_index(block_ids, self.device), layers, blocks)
+        scatter_blocks(self.kv_caches, block_rows(self.kv_caches, block_ids), kv, layers)
 
     def stage_kv(self, transfer_id: str, block_ids: list[int]) -> int:
         return self.kv_peer.stage(transfer_id, block_ids)

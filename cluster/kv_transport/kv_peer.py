@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cluster.kv_layout import gather_blocks, scatter_blocks
+from cluster.kv_layout import block_rows, gather_blocks, scatter_blocks
 from cluster.kv_transport.pair_group import DECODE, PairGroup, layer_groups, listen
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ class KVPeer:
         each group's copy, not for the caller, and sends group g while g + 1 is copied."""
         called = time.perf_counter()
         cache = self.runner.kv_caches  # [layers, blocks, block_size, width]
-        rows = self.runner.kv_rows(block_ids)  # [layers, n]
+        rows = block_rows(cache, block_ids)  # [layers, n]
         kv = cache.new_empty(rows.shape[0], rows.shape[1], *cache.shape[2:])
         ready = []
         for part in layer_groups(kv):
@@ -222,7 +222,7 @@ class KVPeer:
             def write(layers: slice, part: torch.Tensor) -> None:
                 nonlocal rows
                 if rows is None:
-                    rows = self.runner.kv_rows(index)
+                    rows = block_rows(self.runner.kv_caches, index)
                 scatter_blocks(self.runner.kv_caches, rows, part, layers)
 
             t["posted recv"] = pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write)

@@ -13,14 +13,14 @@ def _cache(layers=3, blocks=7, bs=4, width=5) -> torch.Tensor:
 
 
 def test_block_rows_number_layer_l_block_b_as_l_times_blocks_plus_b():
-    rows = block_rows(torch.tensor([5, 2]), num_layers=3, num_blocks=7)
+    rows = block_rows(_cache(layers=3, blocks=7), torch.tensor([5, 2]))
     assert rows.tolist() == [[5, 2], [7 + 5, 7 + 2], [14 + 5, 14 + 2]]
 
 
 def test_gather_matches_index_select_on_the_block_dimension():
     cache = _cache()
     ids = device_index([6, 0, 3], cache.device)
-    rows = block_rows(ids, 3, 7)
+    rows = block_rows(cache, [6, 0, 3])
     assert torch.equal(gather_blocks(cache, rows, slice(None)), cache.index_select(1, ids))
     part = gather_blocks(cache, rows, slice(1, 3))
     assert torch.equal(part, cache[1:3].index_select(1, ids))
@@ -34,7 +34,7 @@ def test_scatter_writes_only_the_given_blocks_and_layers():
     cache = _cache()
     want = cache.clone()
     ids = torch.tensor([4, 1])
-    rows = block_rows(ids, 3, 7)
+    rows = block_rows(cache, ids)
     kv = torch.randn(2, 2, 4, 5)
     scatter_blocks(cache, rows, kv, slice(1, 3))
     want[1:3].index_copy_(1, ids, kv)
