@@ -10,11 +10,11 @@ layers, rows of 512 + 64, blocks of 64 tokens, bf16). The blocks of a prompt are
 
 - copy: milliseconds to gather a prompt's blocks into one buffer and to scatter them back, by
   kernel: ``index_select`` / ``index_copy_`` along the block dimension (what the transport used
-  first), and the same along the first dimension of a [layers * blocks, block_size * width] view
-  (whole 73 KB rows per index);
+  first), the same along the first dimension of a [layers * blocks, block_size * width] view
+  (whole 73 KB rows per index), and ``copy_rows`` (the Triton row copy the transport uses now);
 - nccl: milliseconds (receiver's view, host clock, after a sync) to move the same bytes as one
-  message, as layer groups of about 48 MB posted one by one, and as one message per layer posted
-  one by one and coalesced into one NCCL group.
+  message, as the transport's layer groups (``layer_groups``) posted one by one, and as one
+  message per layer posted one by one and coalesced into one NCCL group.
 """
 
 from __future__ import annotations
@@ -61,11 +61,14 @@ def copy_rows(cache: torch.Tensor, tokens: int, iters: int) -> dict[str, float]:
     rows = block_rows(cache, ids)  # [layers, n]
     out = cache.index_select(1, ids)  # [layers, n, bs, width]
     every, dev = slice(None), cache.device
-    return {  # "flat": the transport's own gather_blocks / scatter_blocks
+    idx, src = rows.reshape(-1), out.view(-1, bs * width)
+    return {  # "copy_rows": the transport's own gather_blocks / scatter_blocks
         "gather index_select(1)": _time(lambda: cache.index_select(1, ids), dev, iters),
-        "gather flat index_select(0)": _time(lambda: gather_blocks(cache, rows, every), dev, iters),
+        "gather flat index_select(0)": _time(lambda: flat.index_select(0, idx), dev, iters),
+        "gather flat copy_rows": _time(lambda: gather_blocks(cache, rows, every), dev, iters),
         "scatter index_copy_(1)": _time(lambda: cache.index_copy_(1, ids, out), dev, iters),
-        "scatter flat index_copy_(0)": _time(
+        "scatter flat index_copy_(0)": _time(lambda: flat.index_copy_(0, idx, src), dev, iters),
+        "scatter flat copy_rows": _time(
             lambda: scatter_blocks(cache, rows, out, every), dev, iters
         ),
         "scatter flat index_put_": _time(
@@ -109,7 +112,7 @@ def _worker(rank: int, args, port: int, queue) -> None:
             row["copy_s"] = copy_rows(cache, t, args.iters)
         shapes = {
             "one message": [slice(None)],
-            "48 MB layer groups": layer_groups(buf),
+            "layer groups (the transport's)": layer_groups(buf),
             "per layer": [slice(i, i + 1) for i in range(args.layers)],
         }
         nccl = {}

@@ -11,12 +11,19 @@ actor, the decode side a replica process whose KV peer is local. For each prompt
 length:
 - "raw": send/recv of one contiguous buffer of the same size over a pair group between the same
   two processes, nothing else (the receiver's median);
-- "posted early" (what the cluster does): decode posts ``P2PTransport.receive`` as the prefill
-  replica announces the transfer; the figure is from the moment the prefill rank starts staging
-  the prompt's blocks (the device copy, which the send waits for) to the moment the receive
-  returns in the decode process with the KV in its blocks (``time.perf_counter`` is one clock
-  for both processes of a host). It includes the staging copy: a request pays for it too;
-- "posted after": the receive is started only once the blocks are staged (the Ray calls to both
+- "step" (what a request pays when its KV moves after its last prefill step): decode posts
+  ``P2PTransport.receive`` as the prefill replica announces the transfer; the prefill rank
+  queues a stand-in for the prompt's last step (a GPU sleep of ``--step-ms``) and stages the
+  blocks behind it at once, as the engine does; the clock starts when the step ends and stops
+  when the receive returns in the decode process (``time.perf_counter`` is one clock for both
+  processes of a host), or, for "in blocks", when the decode KV peer's thread has seen the last
+  block written (the transport's own end; the rest is the wake-up of the awaiting coroutine);
+- "layered" (what the engine does for a KV of several messages): the same step as one sleep per
+  layer, with the events ``KVPeer.layer_marks`` asks for, so each layer group is copied and sent
+  while the later layers run; same clock. (A sleep does not compete with the copies and NCCL
+  for SMs and memory as a model's layers do: the serve benchmark shows that part.)
+- "early": from the moment the prefill rank starts staging, with nothing before it on the GPU;
+- "after": the receive is started only once the blocks are staged (the Ray calls to both
   ends then sit on the critical path), timed in the decode process.
 Every transfer's blocks are checked against what was sent.
 """
@@ -25,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import platform
 import statistics
 import time
@@ -37,11 +43,11 @@ from bench.result_file import write_result
 from cluster.kv_layout import KVFingerprint, block_rows, gather_blocks, scatter_blocks
 from cluster.kv_transport.kv_peer import WAIT_THREADS, KVPeer, local_peer_id
 from cluster.kv_transport.p2p import P2PTransport
-from cluster.kv_transport.pair_group import CHUNK_BYTES
+from cluster.kv_transport.pair_group import FIRST_BYTES
 from cluster.kv_transport.peer_client import PeerClient
 from cluster.messages import KVDestination
 
-CHUNKS = (16 << 20, CHUNK_BYTES, 128 << 20, 1 << 40)  # message sizes tried; the last: one message
+ENDS = (8 << 20, FIRST_BYTES, 64 << 20, 1 << 40)  # first/last message sizes tried; the last: one
 
 
 class CacheOnlyRunner:
@@ -66,6 +72,7 @@ class BenchRank:
         dev = "cuda:0" if device == "cuda" else "cpu"
         self.runner = CacheOnlyRunner(layers, blocks, block_size, width, getattr(torch, dtype), dev)
         self.peer = KVPeer(self.runner)
+        self._cycles = 0.0  # torch.cuda._sleep cycles per ms, once measured
 
     @ray.method(concurrency_group="kv")
     def kv(self, name: str, *args):
@@ -90,28 +97,43 @@ class BenchRank:
             torch.cuda.current_stream().synchronize()
         return start, time.perf_counter()
 
-    def step_then_stage(self, transfer_id: str, block_ids: list[int], step_ms: float) -> float:
-        """As the prefill engine does for a prompt's last step: queue the step (here a GPU
-        sleep of about ``step_ms``), stage the blocks behind it at once (so the transfer is
+    def step_then_stage(
+        self, transfer_id: str, block_ids: list[int], step_ms: float, layered: bool = False
+    ) -> float:
+        """As the prefill engine does for a prompt's last step: queue the step (here GPU sleeps
+        of about ``step_ms`` in all), stage the blocks behind it at once (so the transfer is
         signalled and decode posts its receive while the step runs), then wait for the step's
-        end. Returns when it ended (this host's perf_counter, seen by a spinning synchronize)."""
-        torch.cuda._sleep(int(step_ms * self.cycles_per_ms))
+        end. ``layered``: the step is one sleep per layer with the events the engine records
+        (``KVPeer.layer_marks``), so the KV streams out while the later "layers" run. Returns
+        when the step ended (this host's perf_counter, seen by a spinning synchronize)."""
+        layers = self.runner.kv_caches.shape[0]
+        marks = self.peer.layer_marks([len(block_ids)]) if layered else {}
+        if marks:
+            for i in range(layers):
+                torch.cuda._sleep(int(step_ms / layers * self.cycles_per_ms()))
+                if i in marks:
+                    marks[i].record()
+        else:
+            torch.cuda._sleep(int(step_ms * self.cycles_per_ms()))
         end = torch.cuda.Event()
         end.record()
-        self.peer.stage(transfer_id, block_ids)
+        self.peer.stage(transfer_id, block_ids, marks)
         end.synchronize()
         return time.perf_counter()
 
-    @functools.cached_property
     def cycles_per_ms(self) -> float:
-        """``torch.cuda._sleep`` cycles per millisecond on this GPU, measured."""
+        """``torch.cuda._sleep`` cycles per millisecond on this GPU, measured once. (Not a
+        ``functools.cached_property``: Python 3.11's holds a lock Ray cannot pickle.)"""
+        if self._cycles:
+            return self._cycles
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda._sleep(1000)  # warm
         start.record()
         torch.cuda._sleep(10**7)
         end.record()
         end.synchronize()
-        return 10**7 / start.elapsed_time(end)
+        self._cycles = 10**7 / start.elapsed_time(end)
+        return self._cycles
 
     @ray.method(concurrency_group="kv_wait")
     def kv_wait(self, name: str, *args):
@@ -129,13 +151,13 @@ class BenchRank:
         return times
 
     def grouped(
-        self, key: str, block_ids: list[int], iters: int, send: bool, chunk_bytes: int
+        self, key: str, block_ids: list[int], iters: int, send: bool, first_bytes: int
     ) -> list[float]:
         """Seconds per transfer of ``iters`` of the pair group's own KV path alone: the blocks'
-        copy sent in layer groups of about ``chunk_bytes`` and scattered into the same blocks
-        at the receiver (no staging, no signal, no turns)."""
+        copy sent in layer groups (``layer_groups`` with ends of ``first_bytes``) and
+        scattered into the same blocks at the receiver (no staging, no signal, no turns)."""
         group = self.peer._groups[key]
-        group.chunk_bytes = chunk_bytes
+        group.first_bytes = first_bytes
         kv = self.runner.read_kv(block_ids)  # [layers, n, block_size, width]
         index = torch.tensor(block_ids, device=self.runner.device)
         times = []
@@ -168,8 +190,8 @@ class BenchDecode:
     async def raw(self, key: str, nbytes: int, iters: int) -> list[float]:
         return await asyncio.to_thread(self.rank.raw, key, nbytes, iters, False)
 
-    async def grouped(self, key: str, block_ids: list[int], iters: int, chunk: int) -> list[float]:
-        return await asyncio.to_thread(self.rank.grouped, key, block_ids, iters, False, chunk)
+    async def grouped(self, key: str, block_ids: list[int], iters: int, ends: int) -> list[float]:
+        return await asyncio.to_thread(self.rank.grouped, key, block_ids, iters, False, ends)
 
     async def receive(self, handle, dest) -> tuple[float, float]:
         """(when the receive was posted, when it returned), on this host's perf_counter."""
@@ -238,16 +260,18 @@ async def _run(args) -> dict:
         )
         raw_s = statistics.median(raw[1][1:])  # receiver's view; the first message warms up
         grouped = {}  # the pair group's KV path alone, by message size
-        for chunk in CHUNKS:
+        for ends in ENDS:
             took = await asyncio.gather(
-                pre.grouped.remote("raw", list(range(nblocks)), args.iters + 1, True, chunk),
-                dec.grouped.remote("raw", list(range(nblocks)), args.iters + 1, chunk),
+                pre.grouped.remote("raw", list(range(nblocks)), args.iters + 1, True, ends),
+                dec.grouped.remote("raw", list(range(nblocks)), args.iters + 1, ends),
             )
-            label = "one message" if chunk >= 1 << 40 else f"{chunk >> 20} MB"
+            label = "one message" if ends >= 1 << 40 else f"ends {ends >> 20} MB"
             grouped[label] = statistics.median(took[1][1:])
-        kinds = ("step", "early", "after") if args.device == "cuda" else ("early", "after")
+        kinds = (
+            ("step", "layered", "early", "after") if args.device == "cuda" else ("early", "after")
+        )
         took: dict[str, list[float]] = {k: [] for k in kinds}
-        phases: dict[str, list[dict[str, float]]] = {"step": [], "early": []}
+        phases: dict[str, list[dict[str, float]]] = {"step": [], "layered": [], "early": []}
         for it in range(len(kinds) * (args.iters + 1)):
             kind = kinds[it % len(kinds)]
             src = list(range(nblocks))
@@ -268,8 +292,9 @@ async def _run(args) -> dict:
             else:
                 receiving = dec.receive.remote(handle, dest)
                 await asyncio.sleep(0.05)  # posted and waiting, as while a prompt runs
-                if kind == "step":
-                    start = await pre.step_then_stage.remote(tid, src, args.step_ms)
+                if kind in ("step", "layered"):
+                    layered = kind == "layered"
+                    start = await pre.step_then_stage.remote(tid, src, args.step_ms, layered)
                 else:
                     start, _ = await pre.stage_timed.remote(tid, src)
                 _, done = await receiving
@@ -292,6 +317,10 @@ async def _run(args) -> dict:
                 row[f"{kind}_phases_ms"] = {
                     k: statistics.median(p[k] for p in phases[kind]) for k in phases[kind][0]
                 }
+            if kind in ("step", "layered"):
+                sec = row[f"{kind}_phases_ms"]["decode blocks written"] / 1e3
+                row[f"{kind}_in_blocks_s"] = sec
+                row[f"{kind}_in_blocks_pct_of_raw"] = 100 * raw_s / sec
         row["grouped_s"] = grouped
         row["grouped_pct_of_raw"] = {k: 100 * raw_s / v for k, v in grouped.items()}
         rows.append(row)
@@ -317,13 +346,18 @@ def main(argv: list[str] | None = None) -> int:
     result["device"], result["date"] = gpu, time.strftime("%Y-%m-%d")
     layout = f"{args.layers} layers x {args.width} x {args.dtype}, blocks of {args.block_size}"
     print(f"KV transfer on {gpu}: {layout}")
-    kinds = [k for k in ("step", "early", "after") if f"{k}_s" in result["rows"][0]]
+    kinds = [
+        k
+        for k in ("step", "step_in_blocks", "layered", "layered_in_blocks", "early", "after")
+        if f"{k}_s" in result["rows"][0]
+    ]
+    heads = [k.replace("_in_blocks", " in") + " ms" for k in kinds]
     print(f"{'tokens':>7} {'MB':>8} {'raw ms':>8} {'raw GB/s':>9}"
-          + "".join(f" {k + ' ms':>9} {'% raw':>6}" for k in kinds))  # fmt: skip
+          + "".join(f" {h:>11} {'% raw':>6}" for h in heads))  # fmt: skip
     for r in result["rows"]:
         print(f"{r['tokens']:>7} {r['bytes'] / 1e6:>8.1f} {r['raw_s'] * 1e3:>8.3f} "
               f"{r['raw_gbps']:>9.1f}" + "".join(
-                  f" {r[k + '_s'] * 1e3:>9.3f} {r[k + '_pct_of_raw']:>6.1f}" for k in kinds
+                  f" {r[k + '_s'] * 1e3:>11.3f} {r[k + '_pct_of_raw']:>6.1f}" for k in kinds
               ))  # fmt: skip
     print("\nthe pair group's KV path alone (layer-group messages, scattered into blocks): "
           "ms and % of raw, by message size")  # fmt: skip
@@ -331,7 +365,12 @@ def main(argv: list[str] | None = None) -> int:
         cells = ", ".join(f"{k} {v * 1e3:.3f} ms ({r['grouped_pct_of_raw'][k]:.0f}%)"
                           for k, v in r["grouped_s"].items())  # fmt: skip
         print(f"{r['tokens']:>7}: {cells}")
-    for kind, origin in (("step", "the step ended"), ("early", "staging started")):
+    origins = (
+        ("step", "the step ended"),
+        ("layered", "the step ended"),
+        ("early", "staging started"),
+    )
+    for kind, origin in origins:
         if f"{kind}_phases_ms" not in result["rows"][0]:
             continue
         print(f"\n{kind}: ms after {origin} (median)")

@@ -2,9 +2,10 @@
 copies in and out of it.
 
 A cache is [layers, blocks, block_size, width], contiguous. A prompt's blocks are copied as whole
-rows of the [layers * blocks, block_size * width] view (73 KB each in DeepSeek-V2-Lite's layout):
-``index_select`` along that view's first dimension runs near copy speed on an H200 (1.7 TB/s),
-2.8x faster than along the block dimension of the 4-D cache (``bench.kv_copy``).
+rows of the [layers * blocks, block_size * width] view (73 KB each in DeepSeek-V2-Lite's layout)
+by ``copy_rows``: the Triton kernel on GPU (both directions at copy speed; PyTorch's
+``index_copy_`` scatters such rows at a third of it, and indexing the block dimension of the 4-D
+cache is slower still: ``bench.kv_copy``), PyTorch elsewhere.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from cluster.config import ModelConfig
 from cluster.errors import KVLayoutMismatch
+from kernels import row_copy_reference
 
 
 class KVFingerprint(msgspec.Struct, frozen=True):
@@ -86,7 +88,7 @@ def gather_blocks(
         out = torch.empty(*part.shape, bs, width, dtype=cache.dtype, device=cache.device)
     assert out.is_contiguous() and out.shape == (*part.shape, bs, width), out.shape
     flat = cache.view(num_layers * blocks, bs * width)
-    torch.index_select(flat, 0, part.reshape(-1), out=out.view(-1, bs * width))
+    _copy_rows(cache)(flat, out.view(-1, bs * width), src_rows=part.reshape(-1))
     return out
 
 
@@ -97,4 +99,23 @@ def scatter_blocks(
     are ``rows`` [L, n], in ``layers`` of ``cache``, queued on the current stream."""
     num_layers, blocks, bs, width = cache.shape
     flat = cache.view(num_layers * blocks, bs * width)
-    flat.index_copy_(0, rows[layers].reshape(-1), kv.reshape(-1, bs * width))
+    src = kv.reshape(-1, bs * width)
+    _copy_rows(cache)(src.contiguous(), flat, dst_rows=rows[layers].reshape(-1))
+
+
+def warm_up(cache: torch.Tensor) -> None:
+    """Run both block copies once on one block of ``cache`` (it is left as it was): on GPU the
+    first use of a Triton kernel in a process loads (or compiles) it, which should happen at
+    start-up, not in the first transfer's critical path."""
+    rows = block_rows(cache, [0])  # [layers, 1]
+    one = gather_blocks(cache, rows, slice(None))
+    scatter_blocks(cache, rows, one, slice(None))
+
+
+def _copy_rows(cache: torch.Tensor):
+    """``copy_rows`` for the cache's device: Triton on GPU, PyTorch elsewhere."""
+    if cache.is_cuda:
+        from kernels import row_copy_triton  # Triton only where it runs
+
+        return row_copy_triton.copy_rows
+    return row_copy_reference.copy_rows

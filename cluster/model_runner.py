@@ -15,7 +15,7 @@ import torch
 from cluster.config import EngineConfig, ModelConfig
 from cluster.decode_graphs import DecodeGraphs, graph_buckets
 from cluster.executor import Executor
-from cluster.kv_layout import block_rows, gather_blocks, scatter_blocks
+from cluster.kv_layout import block_rows, gather_blocks, scatter_blocks, warm_up
 from cluster.kv_transport.kv_peer import KVPeer, local_peer_id
 from cluster.kv_transport.peer_client import PeerClient
 from cluster.model.attention_metadata import AttentionMetadata
@@ -133,6 +133,7 @@ class ModelRunner(Executor):
         )
         self.kv_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.num_blocks = num_blocks
+        warm_up(self.kv_caches)  # the block copies load their kernels now
         if graphs:
             most = min(self.config.decode_graph_max_batch, self.config.scheduler.max_num_seqs)
             self.graphs = DecodeGraphs(
@@ -264,16 +265,30 @@ class ModelRunner(Executor):
         return BatchInputs(i64(ids), i64(pos), meta, i64(sample_rows))
 
     @torch.inference_mode()
-    def compute_logits(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run one step and return the logits of the sampled rows [N, vocab] float32."""
+    def compute_logits(
+        self, sched: SchedulerOutput, layer_done: dict[int, torch.cuda.Event] | None = None
+    ) -> torch.Tensor:
+        """Run one step and return the logits of the sampled rows [N, vocab] float32. Records
+        ``layer_done[i]`` once layer i of an eager step is queued (``layer_marks``); a step
+        replayed from a graph empties it."""
         if self.graphs is not None and self.graphs.fits(sched):
+            if layer_done:  # a replay marks no layer: the KV is staged after the step
+                layer_done.clear()
             logits = self.graphs.run(sched)  # [n, vocab], every chunk's row
             if all(c.sample for c in sched.chunks):
                 return logits
             rows = [i for i, c in enumerate(sched.chunks) if c.sample]
             return logits[torch.tensor(rows, dtype=torch.int64, device=self.device)]
         inputs = self.prepare(sched)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta)
+
+        def mark(i: int) -> None:
+            if i in layer_done:
+                layer_done[i].record()
+
+        mark_layers = mark if layer_done else None
+        hidden = self.model(
+            inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, mark_layers
+        )
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
     @torch.inference_mode()
@@ -281,26 +296,39 @@ class ModelRunner(Executor):
         """Queue one step: the model, then the sampling of every chunk with ``sample`` set.
         A decode step replayed from a graph with greedy or plain random sampling returns
         before the GPU is done with it."""
-        logits = self.compute_logits(sched)
+        layer_done = self.layer_marks(sched)
+        logits = self.compute_logits(sched, layer_done)
         sampled = [c for c in sched.chunks if c.sample]
         if not sampled:
             return None
         draw = self.sampler.draw(
             logits, [c.sampling for c in sampled], [c.num_output_tokens for c in sampled]
         )
-        self.stage_finished(sched)
+        self.stage_finished(sched, layer_done)
         return draw
 
     def collect(self, handle: Draw | None) -> list[SampledToken]:
         return [] if handle is None else handle.to_host()
 
-    def stage_finished(self, sched: SchedulerOutput) -> None:
+    def layer_marks(self, sched: SchedulerOutput) -> dict[int, torch.cuda.Event]:
+        """Prefill role: the layers after which the KV of a prompt this step finishes streams
+        out (``KVPeer.layer_marks``); empty for other roles."""
+        if self.config.role != "prefill":
+            return {}
+        bs = self.block_size
+        return self.kv_peer.layer_marks([-(-c.end // bs) for c in sched.chunks if c.sample])
+
+    def stage_finished(
+        self, sched: SchedulerOutput, layer_done: dict[int, torch.cuda.Event] | None = None
+    ) -> None:
         """Prefill role: stage the KV of every prompt this step finished (each sampled chunk
         ends its prompt: prefill samples one token), here on the rank, before the scheduler
-        frees the blocks; a send waiting for it starts at once. Other roles stage nothing."""
+        frees the blocks; a send waiting for it starts at once (layer group by layer group as
+        ``layer_done`` marks them, while the step still runs). Other roles stage nothing."""
         if self.config.role != "prefill":
             return
         bs = self.block_size
         for c in sched.chunks:
             if c.sample:
-                self.kv_peer.stage(c.request_id, list(c.block_ids[: -(-c.end // bs)]))
+                blocks = list(c.block_ids[: -(-c.end // bs)])
+                self.kv_peer.stage(c.request_id, blocks, layer_done)

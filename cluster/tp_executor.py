@@ -85,8 +85,9 @@ class TPRank:
     def execute(self, sched: SchedulerOutput) -> list[SampledToken] | None:
         if self.rank == 0:
             return self.runner.execute(sched)
-        self.runner.compute_logits(sched)  # takes part in the collectives
-        self.runner.stage_finished(sched)  # every rank keeps a copy for the decode ranks
+        layer_done = self.runner.layer_marks(sched)
+        self.runner.compute_logits(sched, layer_done)  # takes part in the collectives
+        self.runner.stage_finished(sched, layer_done)  # every rank keeps a copy for decode
         return None
 
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:

@@ -88,23 +88,68 @@ class KVPeer:
         self._trace: deque[tuple[str, dict[str, float]]] = deque(maxlen=256)
         self.wait_pool = ThreadPoolExecutor(WAIT_THREADS, thread_name_prefix="kv-wait")
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="kv")
+        self._copy_stream: torch.cuda.Stream | None = None  # streamed staging copies
+
+    def _copier(self) -> torch.cuda.Stream:
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.runner.device)
+        return self._copy_stream
 
     # ---- prefill side ----
 
-    def stage(self, transfer_id: str, block_ids: list[int]) -> int:
-        """Copy the blocks (on the runner's device) before the scheduler frees them. Queued on
-        the current stream, layer group by layer group (``layer_groups``): a send waits for
-        each group's copy, not for the caller, and sends group g while g + 1 is copied."""
+    def layer_marks(self, num_blocks: list[int]) -> dict[int, torch.cuda.Event]:
+        """Events for a step that finishes prompts of ``num_blocks`` blocks each, to record
+        once layer i of the step is queued (``DeepseekV3ForCausalLM.forward``'s
+        ``after_layer``): one after the last layer of every layer group but the last of each
+        prompt's KV (``layer_groups``). Empty on CPU, and when every such KV is one message."""
+        if self.runner.device.type != "cuda":
+            return {}
+        layers, _, bs, width = self.runner.kv_caches.shape
+        marks: set[int] = set()
+        for n in num_blocks:
+            kv = torch.empty(layers, n, bs, width, dtype=self.runner.kv_caches.dtype, device="meta")
+            marks.update(g.stop - 1 for g in layer_groups(kv)[:-1])
+        return {i: torch.cuda.Event() for i in sorted(marks)}
+
+    def stage(
+        self,
+        transfer_id: str,
+        block_ids: list[int],
+        layer_done: dict[int, torch.cuda.Event] | None = None,
+    ) -> int:
+        """Copy the blocks (on the runner's device) before the scheduler frees them, layer
+        group by layer group (``layer_groups``): a send waits for each group's copy, not for
+        the caller, and sends group g while g + 1 is copied. Queued on the current stream
+        behind the step that wrote the KV; with ``layer_done`` (``layer_marks``, recorded
+        during that step), group g's copy runs on a stream of its own as soon as the step's
+        layers up to g are done, so its send overlaps the step's later layers. The current
+        stream then waits for the copies: later steps cannot reuse the blocks before."""
         called = time.perf_counter()
         cache = self.runner.kv_caches  # [layers, blocks, block_size, width]
-        rows = block_rows(cache, block_ids)  # [layers, n]
-        kv = cache.new_empty(rows.shape[0], rows.shape[1], *cache.shape[2:])
+        shape = (cache.shape[0], len(block_ids), *cache.shape[2:])
+        groups = layer_groups(torch.empty(shape, dtype=cache.dtype, device="meta"))
         ready = []
-        for part in layer_groups(kv):
-            gather_blocks(cache, rows, part, kv[part])
-            if kv.is_cuda:
-                ready.append((part, torch.cuda.Event()))
-                ready[-1][1].record()
+        if cache.is_cuda and layer_done and any(g.stop - 1 in layer_done for g in groups[:-1]):
+            current, copier = torch.cuda.current_stream(), self._copier()
+            step_end = torch.cuda.Event()
+            step_end.record(current)
+            with torch.cuda.stream(copier):  # memory the step still uses is not handed out
+                kv = cache.new_empty(shape)  # [layers, n, block_size, width]
+                rows = block_rows(cache, block_ids)  # [layers, n]
+                for part in groups:
+                    copier.wait_event(layer_done.get(part.stop - 1, step_end))
+                    gather_blocks(cache, rows, part, kv[part])
+                    ready.append((part, torch.cuda.Event()))
+                    ready[-1][1].record(copier)
+            current.wait_event(ready[-1][1])
+        else:
+            kv = cache.new_empty(shape)
+            rows = block_rows(cache, block_ids)
+            for part in groups:
+                gather_blocks(cache, rows, part, kv[part])
+                if kv.is_cuda:
+                    ready.append((part, torch.cuda.Event()))
+                    ready[-1][1].record()
         queued, now = time.perf_counter(), time.monotonic()
         with self._cond:
             for tid in [t for t, st in self._staged.items() if now - st.at > STAGED_TTL_S]:

@@ -18,7 +18,9 @@ connects NCCL then, off the first transfer's path.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +35,8 @@ from cluster.kv_transport.watchdog import Watchdog
 log = logging.getLogger(__name__)
 
 PREFILL, DECODE = 0, 1
-CHUNK_BYTES = 48 << 20  # a KV message is cut into layer groups of about this size
+FIRST_BYTES = 16 << 20  # a KV's first and last messages: about this size (``layer_groups``)
+GROWTH = 4  # and each group at most this many times the one nearer the end
 _ASYNC_ERRORS = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 
@@ -73,6 +76,9 @@ class PairGroup:
             try:
                 options = dist.ProcessGroupNCCL.Options()
                 options._timeout = timeout
+                # the group's NCCL stream outranks the model's steps and the block copies: a
+                # message's kernel gets SMs as soon as one frees, not after queued copies
+                options.is_high_priority_stream = True
                 self.pg = dist.ProcessGroupNCCL(prefixed, rank, 2, options)
             finally:
                 if saved is None:
@@ -86,7 +92,7 @@ class PairGroup:
         else:
             port = int(store.get(f"sigport/{key}"))
             self._line = SignalLine.connect(store.host, port, timeout_s)
-        self.chunk_bytes = CHUNK_BYTES  # both ends must cut messages the same way
+        self.first_bytes = FIRST_BYTES  # both ends must cut messages the same way
         cuda = device.type == "cuda"
         self._io = torch.cuda.Stream(device) if cuda else None  # KV messages
         self._side = torch.cuda.Stream(device) if cuda else None  # scattering received KV
@@ -137,7 +143,7 @@ class PairGroup:
         assert self.rank == PREFILL and kv.is_contiguous()
         with self._on_io():
             works, waited = [], 0
-            for layers in layer_groups(kv, self.chunk_bytes):
+            for layers in layer_groups(kv, self.first_bytes):
                 while waited < len(ready) and ready[waited][0].start < layers.stop:
                     self._io.wait_event(ready[waited][1])
                     waited += 1
@@ -161,7 +167,7 @@ class PairGroup:
         posted = 0.0
         with self._on_io():
             buf = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, n, bs, width]
-            for layers in layer_groups(buf, self.chunk_bytes):
+            for layers in layer_groups(buf, self.first_bytes):
                 part = buf[layers]
                 work = self.pg.recv([part], PREFILL, 0)
                 posted = posted or time.perf_counter()
@@ -232,9 +238,25 @@ class PairGroup:
             pass
 
 
-def layer_groups(kv: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> list[slice]:
-    """Contiguous layer ranges of about ``chunk_bytes`` each; both ends cut the same way."""
+def layer_groups(kv: torch.Tensor, first_bytes: int | None = None) -> list[slice]:
+    """Contiguous layer ranges, small at both ends and large in the middle; both ends of a
+    pair cut the same way. A transfer's first message waits only for its own copy and its last
+    scatter is all that follows the last byte, so the ends are about ``first_bytes`` (at least
+    a layer); sizes grow by ``GROWTH`` toward the middle, so each group's copy is done while
+    the group before it is on the wire (a block copy runs about 5x faster than NCCL between
+    two H200s), and the middle is cut no finer than that needs: few messages (each costs
+    ~15 us). A KV under twice ``first_bytes`` is one message."""
+    first_bytes = FIRST_BYTES if first_bytes is None else first_bytes
     layers = kv.shape[0]
-    parts = max(1, min(layers, kv.numel() * kv.element_size() // chunk_bytes))
-    bounds = [round(i * layers / parts) for i in range(parts + 1)]
+    per_layer = kv.numel() * kv.element_size() / max(layers, 1)
+    ramp: list[int] = []  # group sizes in layers from the first one in
+    size = max(1, math.ceil(first_bytes / max(per_layer, 1)))
+    while 2 * (sum(ramp) + size) <= layers:
+        ramp.append(size)
+        size *= GROWTH
+    middle = layers - 2 * sum(ramp)
+    cuts = math.ceil(middle / (GROWTH * ramp[-1])) if ramp else 1
+    sizes = ramp + [middle * (i + 1) // cuts - middle * i // cuts for i in range(cuts)]
+    sizes += ramp[::-1]
+    bounds = [0, *itertools.accumulate(s for s in sizes if s)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]

@@ -5,6 +5,8 @@ Module names follow the Hugging Face checkpoint's tensor names, so weight loadin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -98,10 +100,13 @@ class DeepseekV3ForCausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_caches: torch.Tensor,  # [L, num_blocks, block_size, r + rope]
         meta: AttentionMetadata,
+        after_layer: Callable[[int], None] | None = None,  # called with i once layer i is queued
     ) -> torch.Tensor:  # [T, hidden], final-normed
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
             x = layer(positions, x, kv_caches[i], meta)
+            if after_layer is not None:
+                after_layer(i)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
