@@ -104,12 +104,15 @@ def scatter_blocks(
 
 
 def warm_up(cache: torch.Tensor) -> None:
-    """Run both block copies once on one block of ``cache`` (it is left as it was): on GPU the
-    first use of a Triton kernel in a process loads (or compiles) it, which should happen at
-    start-up, not in the first transfer's critical path."""
+    """Run both block copies on one block of ``cache`` (it is left as it was): on GPU the first
+    use of a Triton kernel in a process loads (or compiles) it, which should happen at
+    start-up, not in a transfer's critical path, on the engine thread. Twice: from the first
+    layer and from the second, as a layer group's row ids start 16-byte aligned or not (Triton
+    makes a kernel for each)."""
     rows = block_rows(cache, [0])  # [layers, 1]
-    one = gather_blocks(cache, rows, slice(None))
-    scatter_blocks(cache, rows, one, slice(None))
+    for layers in (slice(None), slice(1, None))[: cache.shape[0]]:
+        part = gather_blocks(cache, rows, layers)
+        scatter_blocks(cache, rows, part, layers)
 
 
 def _copy_rows(cache: torch.Tensor):

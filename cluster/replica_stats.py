@@ -35,8 +35,9 @@ HANDOFF = {
     "prefill_remote": "the prefill replica's own share: from the call's arrival to its token",
     "from_prefill": "from the prefill replica's reply to the decode replica having it",
     "first_out": "from the prefill result to the decode replica yielding the first token",
-    "kv_after_result": "from the prefill result to the KV in the decode blocks",
-    "join": "from the KV in the blocks to the decode engine holding the request",
+    "kv_after_result": "from the prefill result to the KV in the decode blocks (0: before it)",
+    "first_pulled": "from the prefill result to the stream asking past the first token",
+    "join": "from the KV in the blocks (and the ask) to the decode engine holding the request",
 }
 
 

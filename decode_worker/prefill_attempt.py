@@ -47,6 +47,7 @@ class PrefillAttempt:
         self.receiving: asyncio.Future | None = None  # the KV receive, once posted
         self.called_at = 0.0  # time.perf_counter() when the prefill call went out
         self.answered_at = 0.0  # time.perf_counter() when the reply came
+        self.landed_at = 0.0  # time.perf_counter() when the KV receive ended
         n = len(req.prompt_token_ids)
         self._reserving = asyncio.ensure_future(
             server.aengine.run_owned(lambda e: e.reserve(n), lambda e, ids: e.release(ids))
@@ -138,10 +139,11 @@ class PrefillAttempt:
             await s.transport.receive(handle, here, s.engine.runner, wait_s)
 
         self.receiving = asyncio.ensure_future(receive())
+        self.receiving.add_done_callback(lambda _: setattr(self, "landed_at", time.perf_counter()))
 
     async def kv_landed(self) -> None:
         """Wait (``kv_transfer_timeout_s`` at most) for the KV to be in the blocks."""
-        s = self.server
+        s, started = self.server, time.perf_counter()
         s.faults.maybe_fail("kv_transfer", self.req.request_id)
         assert self.receiving is not None
         try:
@@ -151,7 +153,11 @@ class PrefillAttempt:
         except Exception as e:  # noqa: BLE001 - reported as this attempt's failure
             what = "timed out" if isinstance(e, TimeoutError) else f"failed ({e})"
             raise RuntimeError(f"KV transfer {self.transfer_id} {what}") from e
-        s.stats.observe_handoff("kv_after_result", time.perf_counter() - self.answered_at)
+        # called once the stream asks past the first token (an async generator waits at its
+        # yield for that): the KV may have landed long before
+        landed = self.landed_at or time.perf_counter()
+        s.stats.observe_handoff("kv_after_result", max(landed - self.answered_at, 0.0))
+        s.stats.observe_handoff("first_pulled", started - self.answered_at)
 
     def release(self) -> None:
         """Free the blocks unless a request took them; not before a transfer still writing

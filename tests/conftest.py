@@ -8,6 +8,12 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite starts and stops Ray many times in one process. One CI run died with SIGSEGV right
+# after a driver's ray.shutdown() whose log shows Ray's metric-export threads still running past
+# the core worker's destruction (Ray has had such crashes: ray-project/ray#36885). pdserve's own
+# metrics do not use Ray's; the tests turn Ray's collection off, for the drivers and the
+# workers they start.
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 # Without CUDA, Triton kernels run under the interpreter on CPU tensors. TRITON_INTERPRET is read
 # when @triton.jit decorates a function, so it is set here, before any test imports a kernel.

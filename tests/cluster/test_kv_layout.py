@@ -3,9 +3,10 @@ block-dimension index ops, for whole caches and for layer ranges."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from cluster.kv_layout import block_rows, device_index, gather_blocks, scatter_blocks
+from cluster.kv_layout import block_rows, device_index, gather_blocks, scatter_blocks, warm_up
 
 
 def _cache(layers=3, blocks=7, bs=4, width=5) -> torch.Tensor:
@@ -43,3 +44,11 @@ def test_scatter_writes_only_the_given_blocks_and_layers():
     kv = torch.randn(3, 2, 4, 5)
     scatter_blocks(cache, rows, kv, slice(None))
     assert torch.equal(gather_blocks(cache, rows, slice(None)), kv)
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_warm_up_leaves_the_cache_as_it_was(layers):
+    cache = torch.randn(layers, 4, 2, 5)
+    before = cache.clone()
+    warm_up(cache)
+    assert torch.equal(cache, before)
