@@ -35,10 +35,14 @@ HANDOFF = {
     "prefill_remote": "the prefill replica's own share: from the call's arrival to its token",
     "from_prefill": "from the prefill replica's reply to the decode replica having it",
     "first_out": "from the prefill result to the decode replica yielding the first token",
+    "kv_signal": "from the prefill result to the decode KV peer having prefill's word (0: before)",
+    "kv_written": "from the prefill result to the decode KV peer seeing the blocks written",
     "kv_after_result": "from the prefill result to the KV in the decode blocks (0: before it)",
     "first_pulled": "from the prefill result to the stream asking past the first token",
     "join": "from the KV in the blocks (and the ask) to the decode engine holding the request",
 }
+
+P2P_ONLY = ("kv_signal", "kv_written")  # phases only the point-to-point transport times
 
 
 class Histogram(msgspec.Struct):

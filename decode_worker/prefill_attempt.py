@@ -156,6 +156,10 @@ class PrefillAttempt:
         # called once the stream asks past the first token (an async generator waits at its
         # yield for that): the KV may have landed long before
         landed = self.landed_at or time.perf_counter()
+        ph = s.transport.phases(self.transfer_id) or {}  # same-host clocks (perf_counter)
+        for phase, key in (("kv_signal", "signalled"), ("kv_written", "received")):
+            if key in ph:
+                s.stats.observe_handoff(phase, max(ph[key] - self.answered_at, 0.0))
         s.stats.observe_handoff("kv_after_result", max(landed - self.answered_at, 0.0))
         s.stats.observe_handoff("first_pulled", started - self.answered_at)
 

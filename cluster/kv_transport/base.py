@@ -51,6 +51,12 @@ class KVTransport(ABC):
         still runs, or None when the KV can only be collected after ``send``."""
         return None
 
+    def phases(self, transfer_id: str) -> dict[str, float] | None:
+        """Decode side, after ``receive``: when (``time.perf_counter`` on the receiving rank's
+        host) that rank got the prefill's word ("signalled") and saw the blocks written
+        ("received"), where the transport knows, and forgets them; None otherwise."""
+        return None
+
     @abstractmethod
     async def send(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
         """Prefill side: ship the KV staged under ``transfer_id`` towards ``dest``."""

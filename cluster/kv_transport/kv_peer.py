@@ -16,7 +16,6 @@ costs one signal, not the pair.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import threading
 import time
@@ -247,10 +246,11 @@ class KVPeer:
         dtype: str,
         block_ids: list[int],
         wait_s: float = 60.0,
-    ) -> int:
+    ) -> dict[str, float]:
         """Transfer ``seq`` of pair ``key``: wait for its turn and the prefill end's signal,
-        then receive the KV into ``block_ids``. ``KVNotSent`` when prefill said it will not
-        come; other errors mean the pair can no longer be trusted."""
+        then receive the KV into ``block_ids``; its phase times (``time.perf_counter``:
+        "posted", "turn", "signalled", "posted recv", "received"). ``KVNotSent`` when prefill
+        said it will not come; other errors mean the pair can no longer be trusted."""
         index = torch.tensor(block_ids, dtype=torch.int64)
         if self.runner.device.type == "cuda":  # copied by the first write, on its stream,
             index = index.pin_memory()  # without holding the host; made before the signal
@@ -273,7 +273,7 @@ class KVPeer:
             t["posted recv"] = pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write)
             t["received"] = time.perf_counter()
             self._trace.append((transfer_id, t))
-            return math.prod(shape) * getattr(torch, dtype).itemsize
+            return dict(t)
         finally:
             self._advance(pair)
 

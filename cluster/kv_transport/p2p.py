@@ -23,6 +23,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import OrderedDict
 
 import torch
 
@@ -34,6 +35,7 @@ from cluster.messages import KVDestination, KVHandle
 
 log = logging.getLogger(__name__)
 _GENERATIONS = itertools.count()  # pair groups of one process get distinct keys
+KEPT_PHASES = 1024  # transfers whose phase times wait for ``phases`` at most
 
 
 class P2PTransport(KVTransport):
@@ -44,6 +46,11 @@ class P2PTransport(KVTransport):
         self._locks: dict[str, asyncio.Lock] = {}
         self._open: dict[str, str] = {}  # "prefill peer>decode peer" -> the open group's key
         self._seq: dict[str, int] = {}  # group key -> the next transfer's sequence number
+        # transfer id -> the first receiving rank's phase times (``phases``); the oldest go
+        self._phases: OrderedDict[str, dict[str, float]] = OrderedDict()
+
+    def phases(self, transfer_id: str) -> dict[str, float] | None:
+        return self._phases.pop(transfer_id, None)
 
     def announce(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
         layers, block_size, width, dtype = executor.kv_layout
@@ -127,6 +134,10 @@ class P2PTransport(KVTransport):
         if not recv.done():  # (a wait on a done future still costs a turn of the loop)
             await asyncio.wait([recv])
         if recv.exception() is None:
+            if isinstance(recv.result(), dict) and tid not in self._phases:
+                self._phases[tid] = recv.result()
+                while len(self._phases) > KEPT_PHASES:
+                    self._phases.popitem(last=False)
             # the KV is in its blocks: the send's own reply (a Ray round trip) is not waited
             # for; should it fail now, the pair is closed for the transfers after this one
             if not send.done():

@@ -14,7 +14,7 @@ from cluster import CacheConfig, EngineConfig, SamplingParams
 from cluster.errors import KVLayoutMismatch, OverloadedError
 from cluster.messages import GenerateRequest
 from cluster.replica import WorkerSpec
-from cluster.replica_stats import HANDOFF
+from cluster.replica_stats import HANDOFF, P2P_ONLY
 from decode_worker.server import DecodeServer
 from prefill_worker.server import PrefillServer
 
@@ -124,7 +124,10 @@ def test_disaggregated_tokens_equal_colocated_and_prefill_batches(servers, tiny_
     assert decode.stats.requests["ok"] >= 8 and decode.transport.stats.transfers >= 8
     # every request's way to its first token is timed, phase by phase
     handoff = decode.stats.handoff
-    assert all(handoff[phase].count >= 8 for phase in HANDOFF), handoff
+    timed = [p for p in HANDOFF if decode.transport.name == "nccl" or p not in P2P_ONLY]
+    assert all(handoff[phase].count >= 8 for phase in timed), handoff
+    if decode.transport.name == "nccl":  # gloo here: prefill's word came before the blocks
+        assert handoff["kv_signal"].total <= handoff["kv_written"].total
     assert handoff["prefill_remote"].total < handoff["prefill_call"].total  # a part of the call
 
 
