@@ -112,7 +112,7 @@ def _worker(rank: int, args, port: int, queue) -> None:
             row["copy_s"] = copy_rows(cache, t, args.iters)
         shapes = {
             "one message": [slice(None)],
-            "layer groups (the transport's)": layer_groups(buf),
+            "layer groups (the transport's)": layer_groups(buf.shape[0], buf.nbytes),
             "per layer": [slice(i, i + 1) for i in range(args.layers)],
         }
         nccl = {}

@@ -15,6 +15,7 @@ costs one signal, not the pair.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -103,12 +104,13 @@ class KVPeer:
         prompt's KV (``layer_groups``). Empty on CPU, and when every such KV is one message."""
         if self.runner.device.type != "cuda":
             return {}
-        layers, _, bs, width = self.runner.kv_caches.shape
-        marks: set[int] = set()
-        for n in num_blocks:
-            kv = torch.empty(layers, n, bs, width, dtype=self.runner.kv_caches.dtype, device="meta")
-            marks.update(g.stop - 1 for g in layer_groups(kv)[:-1])
+        marks = {g.stop - 1 for n in num_blocks for g in self._layer_groups(n)[:-1]}
         return {i: torch.cuda.Event() for i in sorted(marks)}
+
+    def _layer_groups(self, num_blocks: int) -> list[slice]:
+        """The layer groups of a KV of ``num_blocks`` blocks of the runner's cache."""
+        cache = self.runner.kv_caches  # [layers, blocks, block_size, width]
+        return layer_groups(cache.shape[0], cache.shape[0] * num_blocks * cache[0, 0].nbytes)
 
     def stage(
         self,
@@ -126,29 +128,26 @@ class KVPeer:
         called = time.perf_counter()
         cache = self.runner.kv_caches  # [layers, blocks, block_size, width]
         shape = (cache.shape[0], len(block_ids), *cache.shape[2:])
-        groups = layer_groups(torch.empty(shape, dtype=cache.dtype, device="meta"))
-        ready = []
-        if cache.is_cuda and layer_done and any(g.stop - 1 in layer_done for g in groups[:-1]):
+        groups = self._layer_groups(len(block_ids))
+        streamed = cache.is_cuda and any(g.stop - 1 in (layer_done or {}) for g in groups[:-1])
+        if streamed:
             current, copier = torch.cuda.current_stream(), self._copier()
             step_end = torch.cuda.Event()
             step_end.record(current)
-            with torch.cuda.stream(copier):  # memory the step still uses is not handed out
-                kv = cache.new_empty(shape)  # [layers, n, block_size, width]
-                rows = block_rows(cache, block_ids)  # [layers, n]
-                for part in groups:
-                    copier.wait_event(layer_done.get(part.stop - 1, step_end))
-                    gather_blocks(cache, rows, part, kv[part])
-                    ready.append((part, torch.cuda.Event()))
-                    ready[-1][1].record(copier)
-            current.wait_event(ready[-1][1])
-        else:
-            kv = cache.new_empty(shape)
-            rows = block_rows(cache, block_ids)
+        ready = []
+        # on the copy stream, memory the step still uses is not handed out
+        with torch.cuda.stream(copier) if streamed else contextlib.nullcontext():
+            kv = cache.new_empty(shape)  # [layers, n, block_size, width]
+            rows = block_rows(cache, block_ids)  # [layers, n]
             for part in groups:
+                if streamed:
+                    copier.wait_event(layer_done.get(part.stop - 1, step_end))
                 gather_blocks(cache, rows, part, kv[part])
-                if kv.is_cuda:
+                if cache.is_cuda:  # recorded on the stream that made the copy
                     ready.append((part, torch.cuda.Event()))
                     ready[-1][1].record()
+        if streamed:
+            current.wait_event(ready[-1][1])
         queued, now = time.perf_counter(), time.monotonic()
         with self._cond:
             for tid in [t for t, st in self._staged.items() if now - st.at > STAGED_TTL_S]:

@@ -134,10 +134,9 @@ class P2PTransport(KVTransport):
         if not recv.done():  # (a wait on a done future still costs a turn of the loop)
             await asyncio.wait([recv])
         if recv.exception() is None:
-            if isinstance(recv.result(), dict) and tid not in self._phases:
-                self._phases[tid] = recv.result()
-                while len(self._phases) > KEPT_PHASES:
-                    self._phases.popitem(last=False)
+            self._phases.setdefault(tid, recv.result())  # the first rank's, with fan-out
+            while len(self._phases) > KEPT_PHASES:
+                self._phases.popitem(last=False)
             # the KV is in its blocks: the send's own reply (a Ray round trip) is not waited
             # for; should it fail now, the pair is closed for the transfers after this one
             if not send.done():

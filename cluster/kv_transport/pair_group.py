@@ -136,14 +136,14 @@ class PairGroup:
     def send_kv(
         self, kv: torch.Tensor, ready: Sequence[tuple[slice, torch.cuda.Event]] = ()
     ) -> None:
-        """[layers, n, block_size, width], contiguous, as ``layer_groups(kv)`` messages, from a
+        """[layers, n, block_size, width], contiguous, as ``layer_groups`` messages, from a
         stream of the group's own. ``ready``: (layers, event) of the copies that made ``kv``, in
         layer order; each message waits for the copies of its layers, not for later ones nor
         for the model steps queued after them."""
         assert self.rank == PREFILL and kv.is_contiguous()
         with self._on_io():
             works, waited = [], 0
-            for layers in layer_groups(kv, self.first_bytes):
+            for layers in layer_groups(kv.shape[0], kv.nbytes, self.first_bytes):
                 while waited < len(ready) and ready[waited][0].start < layers.stop:
                     self._io.wait_event(ready[waited][1])
                     waited += 1
@@ -167,7 +167,7 @@ class PairGroup:
         posted = 0.0
         with self._on_io():
             buf = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, n, bs, width]
-            for layers in layer_groups(buf, self.first_bytes):
+            for layers in layer_groups(buf.shape[0], buf.nbytes, self.first_bytes):
                 part = buf[layers]
                 work = self.pg.recv([part], PREFILL, 0)
                 posted = posted or time.perf_counter()
@@ -238,17 +238,17 @@ class PairGroup:
             pass
 
 
-def layer_groups(kv: torch.Tensor, first_bytes: int | None = None) -> list[slice]:
+def layer_groups(layers: int, nbytes: int, first_bytes: int | None = None) -> list[slice]:
     """Contiguous layer ranges, small at both ends and large in the middle; both ends of a
     pair cut the same way. A transfer's first message waits only for its own copy and its last
     scatter is all that follows the last byte, so the ends are about ``first_bytes`` (at least
     a layer); sizes grow by ``GROWTH`` toward the middle, so each group's copy is done while
     the group before it is on the wire (a block copy runs about 5x faster than NCCL between
     two H200s), and the middle is cut no finer than that needs: few messages (each costs
-    ~15 us). A KV under twice ``first_bytes`` is one message."""
+    ~15 us). A KV of ``layers`` layers and ``nbytes`` bytes under twice ``first_bytes`` is one
+    message."""
     first_bytes = FIRST_BYTES if first_bytes is None else first_bytes
-    layers = kv.shape[0]
-    per_layer = kv.numel() * kv.element_size() / max(layers, 1)
+    per_layer = nbytes / max(layers, 1)
     ramp: list[int] = []  # group sizes in layers from the first one in
     size = max(1, math.ceil(first_bytes / max(per_layer, 1)))
     while 2 * (sum(ramp) + size) <= layers:
