@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from cluster import trace_file
 from cluster.errors import OverloadedError
 from cluster.messages import (
     FirstToken,
@@ -162,6 +163,8 @@ class PrefillAttempt:
                 s.stats.observe_handoff(phase, max(ph[key] - self.answered_at, 0.0))
         s.stats.observe_handoff("kv_after_result", max(landed - self.answered_at, 0.0))
         s.stats.observe_handoff("first_pulled", started - self.answered_at)
+        times = {"called": self.called_at, "answered": self.answered_at, "landed": landed}
+        trace_file.record("decode replica", self.transfer_id, {**times, "pulled": started})
 
     def release(self) -> None:
         """Free the blocks unless a request took them; not before a transfer still writing

@@ -24,6 +24,7 @@ from typing import Any
 
 import msgspec
 
+from cluster import trace_file
 from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError, WorkerError
 from cluster.kv_transport.kv_peer import WAITING_CALLS, node_ip
 from cluster.line_server import LineServer
@@ -80,7 +81,7 @@ class PrefillServer(Replica):
         yield await asyncio.get_running_loop().run_in_executor(pool, peer.call, name, *args)
 
     async def prefill(self, req: PrefillRequest) -> AsyncIterator[PrefillAccepted | PrefillResult]:
-        start = time.time()
+        start, arrived = time.time(), time.perf_counter()
         dest = req.kv
         if dest.decode_replica not in self._met:
             self.fingerprint.check(dest.fingerprint)  # KVLayoutMismatch, at first contact
@@ -104,6 +105,7 @@ class PrefillServer(Replica):
             try:
                 yield PrefillAccepted(replica=self.serve_id, kv=early)
                 out = await running
+                prefilled = time.perf_counter()
             finally:
                 if not running.done():  # cancelled: the stream's own cleanup aborts the prompt
                     running.cancel()
@@ -140,6 +142,8 @@ class PrefillServer(Replica):
             self.stats.inflight -= 1
             self.request_ended(failed)
         lp = out.logprobs[0] if out.logprobs else None
+        times = {"arrived": arrived, "prefilled": prefilled, "replied": time.perf_counter()}
+        trace_file.record("prefill replica", rid, times)
         yield PrefillResult(
             request_id=req.request_id,
             prefill_replica=self.replica_id,

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cluster import trace_file
 from cluster.kv_layout import block_rows, gather_blocks, scatter_blocks
 from cluster.kv_transport.pair_group import DECODE, PairGroup, layer_groups, listen
 
@@ -216,6 +217,7 @@ class KVPeer:
             pair.group.send_kv(st.kv, st.ready)
             t["sent"] = time.perf_counter()
             self._trace.append((transfer_id, t))
+            trace_file.record("prefill peer", transfer_id, t)
             return st.kv.numel() * st.kv.element_size()
         finally:
             self._advance(pair)
@@ -269,9 +271,11 @@ class KVPeer:
                     rows = block_rows(self.runner.kv_caches, index)
                 scatter_blocks(self.runner.kv_caches, rows, part, layers)
 
-            t["posted recv"] = pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write)
+            timed = trace_file.enabled()
+            t.update(pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write, timed))
             t["received"] = time.perf_counter()
             self._trace.append((transfer_id, t))
+            trace_file.record("decode peer", transfer_id, t)
             return dict(t)
         finally:
             self._advance(pair)

@@ -157,29 +157,47 @@ class PairGroup:
         shape: tuple[int, ...],
         dtype: torch.dtype,
         write: Callable[[slice, torch.Tensor], None],
-    ) -> float:
+        gpu_times: bool = False,
+    ) -> dict[str, float]:
         """Receive what ``send_kv`` sent, handing each layer group to ``write(layers, part)`` as
         it lands; returns once every part is written. On GPU the receives are posted from the
         group's own stream (not behind the decode steps on the default one) and the writes run
         on a side stream, so group g is scattered while group g + 1 is on the wire. Returns
-        when (``time.perf_counter``) the first receive was posted."""
+        phase times (``time.perf_counter``): "posted recv", when the first receive was posted;
+        with ``gpu_times`` (GPU only; timing events cost a little) also when the GPU had the
+        first and the last part ("gpu first in", "gpu last in", as the side stream saw them)
+        and had written them all ("gpu written"), placed on the host clock from an event
+        recorded just before the first receive was posted (so early, if anything)."""
         assert self.rank == DECODE
-        posted = 0.0
+        t: dict[str, float] = {}
+        timed = gpu_times and self._side is not None
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if timed else []
         with self._on_io():
             buf = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, n, bs, width]
-            for layers in layer_groups(buf.shape[0], buf.nbytes, self.first_bytes):
+            groups = layer_groups(buf.shape[0], buf.nbytes, self.first_bytes)
+            if marks:
+                zero = time.perf_counter()
+                marks[0].record(self._io)
+            for g, layers in enumerate(groups):
                 part = buf[layers]
                 work = self.pg.recv([part], PREFILL, 0)
-                posted = posted or time.perf_counter()
+                t.setdefault("posted recv", time.perf_counter())
                 if self._side is None:  # gloo: the wait blocks (once: a second one hangs)
                     work.wait()
                     write(layers, part)
                     continue
                 with torch.cuda.stream(self._side):
                     work.wait()  # the side stream waits for this part, not the next ones
+                    for i, at in ((1, 0), (2, len(groups) - 1)):  # first and last in
+                        if marks and g == at:
+                            marks[i].record()
                     write(layers, part)
+            if marks:
+                marks[3].record(self._side)
             self._finish(self._side)
-        return posted
+        for name, mark in zip(("gpu first in", "gpu last in", "gpu written"), marks[1:]):
+            t[name] = zero + marks[0].elapsed_time(mark) / 1e3
+        return t
 
     def _finish(self, stream: torch.cuda.Stream | None) -> None:
         """Wait for ``stream``'s work (the messages and what follows them) in this thread,

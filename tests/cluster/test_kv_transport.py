@@ -328,3 +328,26 @@ def test_timeout_an_nccl_peer_that_dies_mid_transfer_fails_the_transfer_not_the_
     assert torch.equal(torch.cat([got[k] for k in sorted(got)]).cpu(), kv.cpu())
     for g in (pre, dec):
         g.close()
+
+
+def test_a_traced_transfer_records_both_peers_phases_on_one_clock(
+    tiny_model, tmp_path, monkeypatch
+):
+    """With PDSERVE_KV_TRACE set, each KV peer of a transfer writes its phase times; on one host
+    the two ends' clocks agree, so the decode end has the word after the prefill end staged."""
+    from bench.kv_trace import load
+
+    monkeypatch.setenv("PDSERVE_KV_TRACE", str(tmp_path))
+    cfg = ModelConfig.from_dir(tiny_model)
+    prefill, decode = _executor(tiny_model, 1, False), _executor(tiny_model, 1, False)
+    sender, receiver = make_transport("nccl"), make_transport("nccl")
+    sent = _fill(prefill, [1, 2, 3], seed=5)
+    asyncio.run(_move(sender, receiver, prefill, decode, [1, 2, 3], [9, 10, 11], "traced", cfg))
+    torch.testing.assert_close(decode.read_kv([9, 10, 11]), sent, rtol=0, atol=0)
+    rec = load(tmp_path)["traced"]
+    pre, dec = rec["prefill peer"], rec["decode peer"]
+    # (the prefill end times "signalled" once its write returned: the decode end may be first)
+    assert pre["stage called"] <= pre["staged"] <= pre["signalled"] <= pre["sent"]
+    assert pre["staged"] <= dec["signalled"] <= dec["posted recv"] <= dec["received"]
+    for ex in (prefill, decode):
+        ex.shutdown()
