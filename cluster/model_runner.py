@@ -315,8 +315,7 @@ class ModelRunner(Executor):
         out (``KVPeer.layer_marks``); empty for other roles."""
         if self.config.role != "prefill":
             return {}
-        bs = self.block_size
-        return self.kv_peer.layer_marks([-(-c.end // bs) for c in sched.chunks if c.sample])
+        return self.kv_peer.layer_marks([len(blocks) for _, blocks in self._finished(sched)])
 
     def stage_finished(
         self, sched: SchedulerOutput, layer_done: dict[int, torch.cuda.Event] | None = None
@@ -327,8 +326,13 @@ class ModelRunner(Executor):
         ``layer_done`` marks them, while the step still runs). Other roles stage nothing."""
         if self.config.role != "prefill":
             return
+        for request_id, blocks in self._finished(sched):
+            self.kv_peer.stage(request_id, blocks, layer_done)
+
+    def _finished(self, sched: SchedulerOutput) -> list[tuple[str, list[int]]]:
+        """(request id, the blocks its prompt's KV fills) of each prompt the step finishes
+        (each sampled chunk ends its prompt in the prefill role)."""
         bs = self.block_size
-        for c in sched.chunks:
-            if c.sample:
-                blocks = list(c.block_ids[: -(-c.end // bs)])
-                self.kv_peer.stage(c.request_id, blocks, layer_done)
+        return [
+            (c.request_id, list(c.block_ids[: -(-c.end // bs)])) for c in sched.chunks if c.sample
+        ]

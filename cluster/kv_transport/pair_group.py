@@ -188,9 +188,10 @@ class PairGroup:
                     continue
                 with torch.cuda.stream(self._side):
                     work.wait()  # the side stream waits for this part, not the next ones
-                    for i, at in ((1, 0), (2, len(groups) - 1)):  # first and last in
-                        if marks and g == at:
-                            marks[i].record()
+                    if marks and g == 0:
+                        marks[1].record()  # the first part in
+                    if marks and g == len(groups) - 1:
+                        marks[2].record()  # the last part in
                     write(layers, part)
             if marks:
                 marks[3].record(self._side)
