@@ -166,9 +166,7 @@ class BenchRank:
             if send:
                 group.send_kv(kv)
             else:
-                group.recv_kv(
-                    kv.shape, kv.dtype, lambda ls, part: self.runner.write_kv(index, part, ls)
-                )
+                group.recv_kv(kv.shape, kv.dtype, lambda got: self.runner.write_kv(index, got))
             times.append(time.perf_counter() - start)
         return times
 

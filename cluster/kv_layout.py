@@ -92,15 +92,31 @@ def gather_blocks(
     return out
 
 
+def host_rows(cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+    """``block_rows`` made on the host: [layers, n] int64, pinned when ``cache`` is on a GPU.
+    Made ahead of a transfer, it reaches the device in one copy queued with the scatter that
+    reads it (``scatter_blocks``), not in the four small steps ``block_rows`` takes there."""
+    layers, blocks = cache.shape[:2]
+    ids = torch.tensor(block_ids, dtype=torch.int64)  # [n]
+    rows = torch.arange(layers, dtype=torch.int64).unsqueeze(1) * blocks + ids.unsqueeze(0)
+    return rows.pin_memory() if cache.is_cuda else rows
+
+
 def scatter_blocks(
     cache: torch.Tensor, rows: torch.Tensor, kv: torch.Tensor, layers: slice
 ) -> None:
     """Write ``kv`` [len(layers), n, block_size, width] into the blocks whose ``block_rows``
-    are ``rows`` [L, n], in ``layers`` of ``cache``, queued on the current stream."""
+    are ``rows`` [L, n] (or ``host_rows``), in ``layers`` of ``cache``, queued on the current
+    stream."""
     num_layers, blocks, bs, width = cache.shape
     flat = cache.view(num_layers * blocks, bs * width)
     src = kv.reshape(-1, bs * width)
-    _copy_rows(cache)(src.contiguous(), flat, dst_rows=rows[layers].reshape(-1))
+    if not src.is_contiguous():
+        src = src.contiguous()
+    dst = rows[layers].reshape(-1)  # [len(layers) * n]
+    if dst.device != cache.device:  # host rows: one copy, not waiting for the stream's work
+        dst = dst.to(cache.device, non_blocking=True)
+    _copy_rows(cache)(src, flat, dst_rows=dst)
 
 
 def warm_up(cache: torch.Tensor) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
+from cluster import trace_file
 from cluster.async_engine import AsyncEngine
 from cluster.config import EngineConfig
 from cluster.engine import LLMEngine
@@ -106,6 +107,7 @@ class Replica:
         self._registry = get_registry(spec.app) if ray.is_initialized() else None
         self._reporter = threading.Thread(target=self._report_loop, daemon=True)
         self._reporter.start()
+        trace_file.watch_gc()
 
     # ---- stats ----
 

@@ -50,11 +50,20 @@ class Draw:
 
     def to_host(self) -> list[SampledToken]:
         """Wait for the device and hand the tokens over, one per row."""
-        tokens = self.tokens.tolist()
+        parts = [self.tokens, *(() if self.chosen is None else (self.chosen,)), *(self.top or ())]
+        if self.tokens.is_cuda:
+            # into pinned memory, then a wait on an event: a copy into pageable memory waits
+            # for the step inside the driver, and other threads' copies wait behind it there
+            # (a KV transfer's on the decode side, which then lands a step or more late)
+            parts = [x.to("cpu", non_blocking=True) for x in parts]
+            done = torch.cuda.Event()
+            done.record()
+            done.synchronize()
+        tokens = parts[0].tolist()
         if self.chosen is None:
             return [SampledToken(t) for t in tokens]
-        chosen = self.chosen.tolist()
-        top_v, top_i = (None, None) if self.top is None else (t.tolist() for t in self.top)
+        chosen = parts[1].tolist()
+        top_v, top_i = (None, None) if self.top is None else (t.tolist() for t in parts[2:])
         out = []
         for i, (t, w) in enumerate(zip(tokens, self.want)):
             if w is None:

@@ -21,6 +21,7 @@ import torch
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster import trace_file
 from cluster.config import EngineConfig, ModelConfig
 from cluster.executor import Executor
 from cluster.kv_transport.kv_peer import WAIT_THREADS
@@ -80,6 +81,7 @@ class TPRank:
         """Allocate (and capture the decode graphs); kernels, device, whether graphs replay."""
         self.runner.allocate_kv(num_blocks)
         graphs = self.runner.graphs is not None and bool(self.runner.graphs.graphs)
+        trace_file.watch_gc()
         return self.runner.kernel_names, self.runner.device_name, graphs
 
     def execute(self, sched: SchedulerOutput) -> list[SampledToken] | None:

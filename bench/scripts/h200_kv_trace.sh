@@ -7,8 +7,10 @@
 # at the decode replica). TAG names the files. Environment variables given to this script reach
 # every Ray worker (`pdserve up` starts the head with them), e.g.
 #   CUDA_DEVICE_MAX_CONNECTIONS=32 TAG=-conn32 bash bench/scripts/h200_kv_trace.sh
+# A PYTHONPATH given to it is kept after its own (a folder holding a sitecustomize.py changes
+# every process of the deployment: how session 16 ran its unkept variants).
 set -u
-export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:.${PYTHONPATH:+:$PYTHONPATH} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-bench/results}
 TAG=${TAG:-}
 M=${MODEL:-/tmp/dsv2-lite}

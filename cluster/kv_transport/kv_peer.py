@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cluster import trace_file
-from cluster.kv_layout import block_rows, gather_blocks, scatter_blocks
+from cluster.kv_layout import block_rows, gather_blocks, host_rows, scatter_blocks
 from cluster.kv_transport.pair_group import DECODE, PairGroup, layer_groups, listen
 
 if TYPE_CHECKING:
@@ -250,12 +250,10 @@ class KVPeer:
     ) -> dict[str, float]:
         """Transfer ``seq`` of pair ``key``: wait for its turn and the prefill end's signal,
         then receive the KV into ``block_ids``; its phase times (``time.perf_counter``:
-        "posted", "turn", "signalled", "posted recv", "received"). ``KVNotSent`` when prefill
-        said it will not come; other errors mean the pair can no longer be trusted."""
-        index = torch.tensor(block_ids, dtype=torch.int64)
-        if self.runner.device.type == "cuda":  # copied by the first write, on its stream,
-            index = index.pin_memory()  # without holding the host; made before the signal
-        rows = None  # [layers, n] on the device, made by the first write
+        "posted", "turn", "signalled", "posted recv", "queued", "received"). ``KVNotSent`` when
+        prefill said it will not come; other errors mean the pair can no longer be trusted."""
+        cache = self.runner.kv_caches  # [layers, blocks, block_size, width]
+        rows = host_rows(cache, block_ids)  # [layers, n]: made before the signal, off its path
         pair, deadline, t = self._turn(key, seq, wait_s)
         try:
             word = pair.group.await_signal(transfer_id, deadline - time.monotonic())
@@ -265,11 +263,8 @@ class KVPeer:
                 raise KVNotSent(f"transfer {transfer_id}: {word}")
             t["signalled"] = time.perf_counter()
 
-            def write(layers: slice, part: torch.Tensor) -> None:
-                nonlocal rows
-                if rows is None:
-                    rows = block_rows(self.runner.kv_caches, index)
-                scatter_blocks(self.runner.kv_caches, rows, part, layers)
+            def write(kv: torch.Tensor) -> None:  # [layers, n, block_size, width]
+                scatter_blocks(cache, rows, kv, slice(None))
 
             timed = trace_file.enabled()
             t.update(pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write, timed))

@@ -10,9 +10,9 @@ Beside the group, a signal line (``signal_line.py``, its port passed through the
 one word per transfer, prefill to decode: "ok" (the KV follows on the group) or why it will not
 come. A decode rank waits on the word, not on a posted NCCL receive, so a transfer can wait long
 before its prefill ends without an NCCL timeout, and a prefill that fails costs its pair nothing.
-A request's KV moves in a few layer-group messages; the receiver scatters each into its blocks
-on a side stream while the next one arrives. A one-element message when the group is made
-connects NCCL then, off the first transfer's path.
+A request's KV moves in a few layer-group messages; the receiver posts them all at once and
+scatters the whole KV into its blocks behind the last. A one-element message when the group is
+made connects NCCL then, off the first transfer's path.
 """
 
 from __future__ import annotations
@@ -94,8 +94,7 @@ class PairGroup:
             self._line = SignalLine.connect(store.host, port, timeout_s)
         self.first_bytes = FIRST_BYTES  # both ends must cut messages the same way
         cuda = device.type == "cuda"
-        self._io = torch.cuda.Stream(device) if cuda else None  # KV messages
-        self._side = torch.cuda.Stream(device) if cuda else None  # scattering received KV
+        self._io = torch.cuda.Stream(device) if cuda else None  # KV messages and their copies
         self._watchdog = Watchdog(self.abort, f"kv-watch-{key}") if cuda else None
         self._handshake()
 
@@ -148,7 +147,9 @@ class PairGroup:
                     self._io.wait_event(ready[waited][1])
                     waited += 1
                 works.append(self.pg.send([kv[layers]], DECODE, 0))
-            for work in works:  # posted back to back; on GPU these only order the stream
+            # posted back to back. With NCCL a wait only orders the io stream, and one peer's
+            # messages run in order on one NCCL stream: after the last is after them all
+            for work in works if self._io is None else works[-1:]:
                 work.wait()
             self._finish(self._io)
 
@@ -156,47 +157,52 @@ class PairGroup:
         self,
         shape: tuple[int, ...],
         dtype: torch.dtype,
-        write: Callable[[slice, torch.Tensor], None],
+        write: Callable[[torch.Tensor], None],
         gpu_times: bool = False,
     ) -> dict[str, float]:
-        """Receive what ``send_kv`` sent, handing each layer group to ``write(layers, part)`` as
-        it lands; returns once every part is written. On GPU the receives are posted from the
-        group's own stream (not behind the decode steps on the default one) and the writes run
-        on a side stream, so group g is scattered while group g + 1 is on the wire. Returns
-        phase times (``time.perf_counter``): "posted recv", when the first receive was posted;
-        with ``gpu_times`` (GPU only; timing events cost a little) also when the GPU had the
-        first and the last part ("gpu first in", "gpu last in", as the side stream saw them)
-        and had written them all ("gpu written"), placed on the host clock from an event
-        recorded just before the first receive was posted (so early, if anything)."""
+        """Receive what ``send_kv`` sent into one buffer [layers, n, block_size, width] and hand
+        it to ``write``; returns once it is written. On GPU the receives are posted from the
+        group's own stream (not behind the decode steps on the default one) and ``write`` is
+        queued on that stream behind the last of them: the whole receive is a handful of host
+        calls, queued at once, since each call of this thread can wait on other threads of the
+        process (the GIL, the driver: BENCHMARKS.md). Scattering after the last message rather
+        than each layer group while the next one arrives costs about 0.1 ms (2k-8k tokens of
+        DeepSeek-V2-Lite on an H200). Returns phase times (``time.perf_counter``): "posted
+        recv", the first receive posted, and "queued", everything queued; with ``gpu_times``
+        (GPU only; timing events cost a little) also when the GPU had it all in ("gpu in") and
+        written ("gpu written"), placed on the host clock from an event recorded just before
+        the first receive (a stream that is idle reaches an event when the host queues it)."""
         assert self.rank == DECODE
         t: dict[str, float] = {}
-        timed = gpu_times and self._side is not None
-        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if timed else []
+        timed = gpu_times and self._io is not None
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if timed else []
         with self._on_io():
             buf = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, n, bs, width]
             groups = layer_groups(buf.shape[0], buf.nbytes, self.first_bytes)
+            if self._io is None:  # gloo: each wait blocks (once: a second one hangs)
+                for layers in groups:
+                    work = self.pg.recv([buf[layers]], PREFILL, 0)
+                    t.setdefault("posted recv", time.perf_counter())
+                    work.wait()
+                write(buf)
+                t["queued"] = time.perf_counter()
+                return t
             if marks:
                 zero = time.perf_counter()
-                marks[0].record(self._io)
-            for g, layers in enumerate(groups):
-                part = buf[layers]
-                work = self.pg.recv([part], PREFILL, 0)
+                marks[0].record()
+            works = []
+            for layers in groups:
+                works.append(self.pg.recv([buf[layers]], PREFILL, 0))
                 t.setdefault("posted recv", time.perf_counter())
-                if self._side is None:  # gloo: the wait blocks (once: a second one hangs)
-                    work.wait()
-                    write(layers, part)
-                    continue
-                with torch.cuda.stream(self._side):
-                    work.wait()  # the side stream waits for this part, not the next ones
-                    if marks and g == 0:
-                        marks[1].record()  # the first part in
-                    if marks and g == len(groups) - 1:
-                        marks[2].record()  # the last part in
-                    write(layers, part)
+            works[-1].wait()  # and so after them all (as in ``send_kv``)
             if marks:
-                marks[3].record(self._side)
-            self._finish(self._side)
-        for name, mark in zip(("gpu first in", "gpu last in", "gpu written"), marks[1:]):
+                marks[1].record()
+            write(buf)
+            if marks:
+                marks[2].record()
+            t["queued"] = time.perf_counter()
+            self._finish(self._io)
+        for name, mark in zip(("gpu in", "gpu written"), marks[1:]):
             t[name] = zero + marks[0].elapsed_time(mark) / 1e3
         return t
 

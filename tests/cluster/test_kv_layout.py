@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.kv_layout import block_rows, device_index, gather_blocks, scatter_blocks, warm_up
+from cluster.kv_layout import (
+    block_rows,
+    device_index,
+    gather_blocks,
+    host_rows,
+    scatter_blocks,
+    warm_up,
+)
 
 
 def _cache(layers=3, blocks=7, bs=4, width=5) -> torch.Tensor:
@@ -44,6 +51,26 @@ def test_scatter_writes_only_the_given_blocks_and_layers():
     kv = torch.randn(3, 2, 4, 5)
     scatter_blocks(cache, rows, kv, slice(None))
     assert torch.equal(gather_blocks(cache, rows, slice(None)), kv)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_host_rows_are_the_block_rows_and_scatter_from_the_host(device):
+    """Rows made on the host (pinned for a GPU cache) number the blocks as ``block_rows`` does,
+    and a scatter given them writes what it writes with the device's own."""
+    device = torch.device(device)
+    cache = _cache(layers=4, blocks=9).to(device)
+    ids = [8, 0, 5]
+    rows = host_rows(cache, ids)
+    assert rows.device.type == "cpu" and rows.is_pinned() == (device.type == "cuda")
+    assert torch.equal(rows, block_rows(cache, ids).cpu())
+    kv = torch.randn(4, 3, 4, 5, device=device)
+    by_host, by_device = cache.clone(), cache.clone()
+    scatter_blocks(by_host, rows, kv, slice(None))
+    scatter_blocks(by_device, block_rows(cache, ids), kv, slice(None))
+    assert torch.equal(by_host, by_device)
+    assert torch.equal(gather_blocks(by_host, block_rows(cache, ids), slice(None)), kv)
+    others = device_index([1, 2, 3, 4, 6, 7], device)
+    assert torch.equal(by_host.index_select(1, others), cache.index_select(1, others))
 
 
 @pytest.mark.parametrize("layers", [1, 3])

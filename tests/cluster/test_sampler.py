@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cluster.sampler import Sampler, token_seed
@@ -47,13 +48,21 @@ def test_greedy_and_seeded_rows_in_one_batch():
     assert token_seed(42, 3) != token_seed(42, 4) and token_seed(1, 0) != token_seed(0, 1)
 
 
-def test_logprobs_are_log_softmax():
-    sampler = Sampler(torch.device("cpu"), 0)
-    logits = torch.randn(2, 30)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_logprobs_are_log_softmax(device):
+    """On either device (from a GPU the draw comes back through pinned memory)."""
+    sampler = Sampler(torch.device(device), 0)
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(1))
     out = sampler(
-        logits, [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0)], [0, 0]
+        logits.to(device),
+        [SamplingParams(temperature=0, logprobs=2), SamplingParams(temperature=0)],
+        [0, 0],
     )
-    ref = torch.log_softmax(logits[0], -1)
-    assert out[0].logprob == ref.max().item()
+    ref = torch.log_softmax(logits[0].double(), -1)
+    assert out[0].token_id == ref.argmax().item()
+    assert out[0].logprob == pytest.approx(ref.max().item(), abs=1e-5)
     assert [t for t, _ in out[0].top_logprobs] == ref.topk(2).indices.tolist()
+    top_values = [v for _, v in out[0].top_logprobs]
+    assert top_values == pytest.approx(ref.topk(2).values.tolist(), abs=1e-5)
+    assert out[1].token_id == logits[1].argmax().item()
     assert out[1].logprob is None and out[1].top_logprobs is None
