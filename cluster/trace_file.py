@@ -7,7 +7,8 @@ Each process that takes part in a hand-off appends one JSON line per transfer to
 "decode replica"), the transfer id, and its phase times as ``time.perf_counter()`` values.
 On Linux that clock is the system's monotonic clock, the same in every process of a host, so
 the records of one transfer from its two ends line up on one time axis (the KV peers of a pair
-on different hosts do not, and ``bench.kv_trace`` keeps only one host's).
+on different hosts do not, and ``bench.kv_trace`` keeps only one host's). A replica or rank
+process that calls ``watch_gc`` adds its garbage collections of 1 ms or more (side "gc").
 """
 
 from __future__ import annotations

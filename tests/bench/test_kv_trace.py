@@ -66,3 +66,19 @@ def test_main_says_so_when_no_transfer_is_complete(tmp_path, capsys):
     _write(tmp_path, 2, [("prefill peer", "x/1", {"sent": 1.0})])
     assert kv_trace.main([str(tmp_path)]) == 1
     assert "no transfer" in capsys.readouterr().out
+
+
+def test_gc_pauses_are_listed_and_marked_when_they_overlap_a_transfer(tmp_path, capsys):
+    _transfer(tmp_path, "a/1", called=10.0, kv_late_s=0.004)  # decode side: 10.0 to 10.104
+    _write(tmp_path, 1, [("gc", "gc2/1/10.05", {"start": 10.05, "stop": 10.07}),
+                         ("gc", "gc0/2/20.0", {"start": 20.0, "stop": 20.0015})])  # fmt: skip
+    pauses = kv_trace.gc_pauses(kv_trace.load(tmp_path))
+    assert [(g["pid"], g["generation"], g["in_transfer"]) for g in pauses] == [
+        (1, 2, True),
+        (2, 0, False),
+    ]
+    assert pauses[0]["ms"] == pytest.approx(20.0)
+    out = tmp_path / "kv-trace.json"
+    assert kv_trace.main([str(tmp_path), "--out", str(out)]) == 0
+    assert "2 garbage collections" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())["gc_pauses"]) == 2
