@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
+from cluster.batch_inputs import BatchInputs
 from cluster.config import EngineConfig, ModelConfig
 from cluster.decode_graphs import DecodeGraphs, graph_buckets
 from cluster.executor import Executor
 from cluster.kv_layout import block_rows, gather_blocks, scatter_blocks, warm_up
 from cluster.kv_transport.kv_peer import KVPeer, local_peer_id
 from cluster.kv_transport.peer_client import PeerClient
-from cluster.model.attention_metadata import AttentionMetadata
 from cluster.model.deepseek_v3 import DeepseekV3ForCausalLM
 from cluster.model.weights import load_weights
 from cluster.parallel import SINGLE, TensorParallel
@@ -30,16 +29,6 @@ log = logging.getLogger(__name__)
 
 # the ops a pure decode step calls: their backends must be graph-safe for decode graphs
 DECODE_OPS = ("mla_decode", "moe_small", "moe_large")
-
-
-@dataclass(frozen=True)
-class BatchInputs:
-    """The tensors of one step."""
-
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    meta: AttentionMetadata
-    sample_rows: torch.Tensor  # [N] int64: the token rows whose logits are sampled
 
 
 class ModelRunner(Executor):
@@ -215,55 +204,6 @@ class ModelRunner(Executor):
 
     # ---- one step ----
 
-    def prepare(self, sched: SchedulerOutput) -> BatchInputs:
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        sample_rows: list[int] = []
-        dec_tables: list[tuple[int, ...]] = []
-        dec_lens: list[int] = []
-        cu_q, cu_k, ctx_slots = [0], [0], []
-        max_q = max_k = 0
-        for c in sched.chunks:
-            ids.extend(c.token_ids)
-            for p in range(c.start, c.end):
-                pos.append(p)
-                slots.append(c.block_ids[p // bs] * bs + p % bs)
-            if c.sample:
-                sample_rows.append(len(ids) - 1)
-            if len(c.token_ids) == 1:  # decode: paged attention over the block table
-                assert not cu_k[1:], "single-token chunks must come before prefill chunks"
-                dec_tables.append(c.block_ids)
-                dec_lens.append(c.end)
-            else:  # prefill: attend over the whole context gathered from the cache
-                cu_q.append(cu_q[-1] + len(c.token_ids))
-                cu_k.append(cu_k[-1] + c.end)
-                ctx_slots.extend(c.block_ids[p // bs] * bs + p % bs for p in range(c.end))
-                max_q, max_k = max(max_q, len(c.token_ids)), max(max_k, c.end)
-        dev = self.device
-        width = max((len(t) for t in dec_tables), default=0)
-        table = [list(t) + [0] * (width - len(t)) for t in dec_tables]
-
-        def i32(x):
-            return torch.tensor(x, dtype=torch.int32, device=dev)
-
-        def i64(x):
-            return torch.tensor(x, dtype=torch.int64, device=dev)
-
-        meta = AttentionMetadata(
-            slot_mapping=i64(slots),
-            num_decode_tokens=len(dec_lens),
-            decode_block_table=i32(table).view(len(table), width),
-            decode_seq_lens=i32(dec_lens),
-            prefill_cu_seqlens_q=i32(cu_q),
-            prefill_cu_seqlens_k=i32(cu_k),
-            prefill_ctx_slots=i64(ctx_slots),
-            prefill_max_q=max_q,
-            prefill_max_k=max_k,
-        )
-        return BatchInputs(i64(ids), i64(pos), meta, i64(sample_rows))
-
     @torch.inference_mode()
     def compute_logits(
         self, sched: SchedulerOutput, layer_done: dict[int, torch.cuda.Event] | None = None
@@ -279,7 +219,7 @@ class ModelRunner(Executor):
                 return logits
             rows = [i for i, c in enumerate(sched.chunks) if c.sample]
             return logits[torch.tensor(rows, dtype=torch.int64, device=self.device)]
-        inputs = self.prepare(sched)
+        inputs = BatchInputs.of(sched, self.block_size, self.device)
 
         def mark(i: int) -> None:
             if i in layer_done:

@@ -1,0 +1,37 @@
+"""A step's tensors from its schedule: a decode chunk's paged table, a prefill chunk's context."""
+
+from __future__ import annotations
+
+import torch
+
+from cluster.batch_inputs import BatchInputs
+from cluster.sampling_params import SamplingParams
+from cluster.scheduler import ScheduledChunk, SchedulerOutput
+
+
+def _chunk(tokens, start, blocks, sample=True) -> ScheduledChunk:
+    return ScheduledChunk("r", tuple(tokens), start, tuple(blocks), sample, SamplingParams(), 0)
+
+
+def test_a_decode_then_a_prefill_chunk():
+    bs = 4
+    decode = _chunk([7], start=5, blocks=[3, 9])  # position 5: block 9, row 1
+    prefill = _chunk([1, 2, 3], start=2, blocks=[6, 2], sample=False)  # positions 2-4
+    b = BatchInputs.of(SchedulerOutput((decode, prefill)), bs, torch.device("cpu"))
+    assert b.input_ids.tolist() == [7, 1, 2, 3]
+    assert b.positions.tolist() == [5, 2, 3, 4]
+    assert b.sample_rows.tolist() == [0]  # the prefill chunk does not reach its last token
+    m = b.meta
+    assert m.slot_mapping.tolist() == [9 * bs + 1, 6 * bs + 2, 6 * bs + 3, 2 * bs + 0]
+    assert m.num_decode_tokens == 1
+    assert m.decode_block_table.tolist() == [[3, 9]] and m.decode_seq_lens.tolist() == [6]
+    assert m.prefill_cu_seqlens_q.tolist() == [0, 3] and m.prefill_cu_seqlens_k.tolist() == [0, 5]
+    assert m.prefill_ctx_slots.tolist() == [24, 25, 26, 27, 8]  # the context, positions 0-4
+    assert (m.prefill_max_q, m.prefill_max_k) == (3, 5)
+
+
+def test_decode_tables_are_padded_to_the_longest():
+    chunks = (_chunk([1], 0, [4]), _chunk([2], 6, [5, 8]))
+    m = BatchInputs.of(SchedulerOutput(chunks), 4, torch.device("cpu")).meta
+    assert m.decode_block_table.tolist() == [[4, 0], [5, 8]]
+    assert m.decode_block_table.dtype == torch.int32 and m.slot_mapping.dtype == torch.int64
