@@ -57,7 +57,7 @@ class Draw:
             # (a KV transfer's on the decode side, which then lands a step or more late)
             parts = [x.to("cpu", non_blocking=True) for x in parts]
             done = torch.cuda.Event()
-            done.record()
+            done.record(torch.cuda.current_stream(self.tokens.device))  # the copies' stream
             done.synchronize()
         tokens = parts[0].tolist()
         if self.chosen is None:

@@ -189,17 +189,17 @@ class PairGroup:
                 return t
             if marks:
                 zero = time.perf_counter()
-                marks[0].record()
+                marks[0].record(self._io)
             works = []
             for layers in groups:
                 works.append(self.pg.recv([buf[layers]], PREFILL, 0))
                 t.setdefault("posted recv", time.perf_counter())
             works[-1].wait()  # and so after them all (as in ``send_kv``)
             if marks:
-                marks[1].record()
+                marks[1].record(self._io)
             write(buf)
             if marks:
-                marks[2].record()
+                marks[2].record(self._io)
             t["queued"] = time.perf_counter()
             self._finish(self._io)
         for name, mark in zip(("gpu in", "gpu written"), marks[1:]):
