@@ -66,13 +66,17 @@ def device_index(block_ids: list[int] | torch.Tensor, device: torch.device) -> t
     return idx.to(device, non_blocking=True)
 
 
-def block_rows(cache: torch.Tensor, block_ids: list[int] | torch.Tensor) -> torch.Tensor:
+def block_rows(
+    cache: torch.Tensor, block_ids: list[int] | torch.Tensor, device: torch.device | None = None
+) -> torch.Tensor:
     """[layers, n] row ids of blocks ``block_ids`` [n] in the [layers * blocks, block_size *
-    width] view of ``cache``, on its device: layer l's block b is row l * blocks + b. Made once
-    per transfer (the index copy and three small kernels); a layer range is a slice of it."""
+    width] view of ``cache``, on ``device`` (the cache's by default): layer l's block b is row
+    l * blocks + b. Made once per transfer (the index copy and three small kernels); a layer
+    range is a slice of it."""
     layers, blocks = cache.shape[:2]
-    index = device_index(block_ids, cache.device)  # [n]
-    base = torch.arange(layers, device=cache.device).unsqueeze(1) * blocks  # [layers, 1]
+    device = cache.device if device is None else device
+    index = device_index(block_ids, device)  # [n]
+    base = torch.arange(layers, device=device).unsqueeze(1) * blocks  # [layers, 1]
     return base + index.unsqueeze(0)
 
 
@@ -96,9 +100,7 @@ def host_rows(cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
     """``block_rows`` made on the host: [layers, n] int64, pinned when ``cache`` is on a GPU.
     Made ahead of a transfer, it reaches the device in one copy queued with the scatter that
     reads it (``scatter_blocks``), not in the four small steps ``block_rows`` takes there."""
-    layers, blocks = cache.shape[:2]
-    ids = torch.tensor(block_ids, dtype=torch.int64)  # [n]
-    rows = torch.arange(layers, dtype=torch.int64).unsqueeze(1) * blocks + ids.unsqueeze(0)
+    rows = block_rows(cache, block_ids, torch.device("cpu"))
     return rows.pin_memory() if cache.is_cuda else rows
 
 

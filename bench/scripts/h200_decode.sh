@@ -2,11 +2,7 @@
 # GPU session: GPU tests (decode CUDA graphs, TP=2, 1P1D over NCCL), then the decode-step
 # bench (graphs on/off, profile) and the transformers peer on DeepSeek-V2-Lite's shape.
 # Run from the repo root on the two-H200 machine with the Ray wheels in .whl (see README).
-set -u
-export PYTHONPATH=/tmp/site:. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-bench/results}
-M=${MODEL:-/tmp/dsv2-lite}
-[ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+source "$(dirname "$0")/gpu_env.sh"
 if [ ! -f "$M/config.json" ]; then
   (time python3 -m deploy.cli make-model --preset deepseek-v2-lite --mxfp4 --out "$M") > "$OUT/make-model.log" 2>&1 &
 fi

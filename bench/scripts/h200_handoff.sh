@@ -3,11 +3,7 @@
 # run at a new rate repeats. 1P1D at 0.5 req/s, then the decode pool's handoff phases from
 # /metrics (pdserve_handoff_seconds: prefill call, the prefill replica's share, KV after the
 # result, joining the decode batch); colocated 2x1 at 2 req/s twice in a row.
-set -u
-export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-bench/results}
-M=${MODEL:-/tmp/dsv2-lite}
-[ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+source "$(dirname "$0")/gpu_env.sh"
 [ -f "$M/config.json" ] || python3 -m deploy.cli make-model --preset deepseek-v2-lite --mxfp4 --out "$M" > /dev/null
 bench() {
   python3 -m bench.serve --url http://127.0.0.1:8000 --model-path "$M" --input-len-range 2048:8192 \

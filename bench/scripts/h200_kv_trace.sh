@@ -7,16 +7,8 @@
 # at the decode replica). TAG names the files. Environment variables given to this script reach
 # every Ray worker (`pdserve up` starts the head with them), e.g.
 #   CUDA_DEVICE_MAX_CONNECTIONS=32 TAG=-conn32 bash bench/scripts/h200_kv_trace.sh
-# A PYTHONPATH given to it is kept after its own (a folder holding a sitecustomize.py changes
-# every process of the deployment: how session 16 ran its unkept variants).
-set -u
-export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:.${PYTHONPATH:+:$PYTHONPATH} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-bench/results}
-TAG=${TAG:-}
-M=${MODEL:-/tmp/dsv2-lite}
-S=$(date +%s)
-stamp() { echo "== $1 at $(( $(date +%s) - S ))s"; }
-[ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+# A PYTHONPATH given to it is kept (gpu_env.sh): how session 16 ran its unkept variants.
+source "$(dirname "$0")/gpu_env.sh"
 [ -f "$M/config.json" ] || python3 -m deploy.cli make-model --preset deepseek-v2-lite --mxfp4 --out "$M" > /dev/null
 stamp model
 run() {  # rate, requests, label

@@ -4,13 +4,7 @@
 # breakdown, decode steps one after another against the serving loop's overlapped order, and
 # TP=2 decode steps. Every phase is time-boxed and prints as it goes. Then, in a second call:
 #   RATES=0.5,2,4 N=32 SLO_TTFT_MS=1000 SLO_TPOT_MS=40 bash bench/scripts/h200_pd_vs_colocated.sh
-set -u
-export PYTHONPATH=/tmp/site:. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-bench/results}
-M=${MODEL:-/tmp/dsv2-lite}
-S=$(date +%s)
-stamp() { echo "== $1 at $(( $(date +%s) - S ))s"; }
-[ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+source "$(dirname "$0")/gpu_env.sh"
 MAKER=""
 if [ ! -f "$M/config.json" ]; then
   python3 -m deploy.cli make-model --preset deepseek-v2-lite --mxfp4 --out "$M" > /tmp/make-model.log 2>&1 &

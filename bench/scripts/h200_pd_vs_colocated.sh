@@ -4,15 +4,10 @@
 # Env: RATES (req/s, comma-separated), N (requests per rate), SLO_TTFT_MS, SLO_TPOT_MS, IN, OUT_LEN,
 # TAG (names the files), WARM (requests of a warm-up run at 4 req/s before the sweep, not kept;
 # default 16: the first run after start-up pays for first-use compilation, 0 skips it).
-set -u
-export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-bench/results}
-M=${MODEL:-/tmp/dsv2-lite}
+source "$(dirname "$0")/gpu_env.sh"
 RATES=${RATES:-1,2,3,4}
 N=${N:-48}
-TAG=${TAG:-}
 WARM=${WARM:-16}
-[ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 [ -f "$M/config.json" ] || python3 -m deploy.cli make-model --preset deepseek-v2-lite --mxfp4 --out "$M" > /dev/null
 for name in colocated_2x1 1p1d; do
   sed "s#/data/dsv2-lite#$M#" "deploy/configs/deepseek_v2_lite_${name}_gpu.yaml" > "/tmp/$name.yaml"

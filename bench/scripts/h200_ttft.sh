@@ -9,14 +9,7 @@
 # then the request-by-request TTFT table of the two. TAG (e.g. -default) names the files; the
 # Serve mode is what `pdserve up` starts (throughput-optimized unless
 # RAY_SERVE_THROUGHPUT_OPTIMIZED=0 is exported).
-set -u
-export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:. NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-bench/results}
-TAG=${TAG:-}
-M=${MODEL:-/tmp/dsv2-lite}
-S=$(date +%s)
-stamp() { echo "== $1 at $(( $(date +%s) - S ))s"; }
-[ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+source "$(dirname "$0")/gpu_env.sh"
 quiet() { grep --line-buffered -v Warning; }
 
 if [ "${1:-}" = check ]; then
