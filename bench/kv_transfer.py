@@ -166,7 +166,9 @@ class BenchRank:
             if send:
                 group.send_kv(kv)
             else:
-                group.recv_kv(kv.shape, kv.dtype, lambda got: self.runner.write_kv(index, got))
+                group.recv_kv(
+                    kv.shape, kv.dtype, lambda ls, got: self.runner.write_kv(index, got, ls)
+                )
             times.append(time.perf_counter() - start)
         return times
 
@@ -212,6 +214,19 @@ class _Prefill:
 
     def kv_peers(self) -> list[PeerClient]:
         return [PeerClient(self.actor._actor_id.hex(), actor=self.actor)]
+
+
+async def _traced(rank, tid: str, wait_s: float = 5.0) -> dict[str, float]:
+    """Transfer ``tid``'s phases from ``rank``'s KV peer. The sending thread records them once
+    its last message is done on its GPU, which can be after the receiver has returned."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = dict(await rank.kv.remote("trace")).get(tid)
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the prefill peer recorded no phases for {tid} in {wait_s} s")
+        await asyncio.sleep(0.002)
 
 
 def _phases(send: dict, recv: dict, staged: float, done: float) -> dict[str, float]:
@@ -296,11 +311,11 @@ async def _run(args) -> dict:
                 else:
                     start, _ = await pre.stage_timed.remote(tid, src)
                 _, done = await receiving
-                sent_at, got_at = await asyncio.gather(
-                    pre.kv.remote("trace"), dec.kv.remote("trace")
-                )
                 if it >= len(kinds):
-                    phases[kind].append(_phases(dict(sent_at)[tid], dict(got_at)[tid], start, done))
+                    sent_at, got_at = await asyncio.gather(
+                        _traced(pre, tid), dec.kv.remote("trace")
+                    )
+                    phases[kind].append(_phases(sent_at, dict(got_at)[tid], start, done))
             sent, got = await asyncio.gather(pre.checksum.remote(src), dec.checksum.remote(dst))
             if sent != got:
                 raise RuntimeError(f"{n} tokens: received blocks differ from the sent ones")

@@ -11,8 +11,8 @@ one word per transfer, prefill to decode: "ok" (the KV follows on the group) or 
 come. A decode rank waits on the word, not on a posted NCCL receive, so a transfer can wait long
 before its prefill ends without an NCCL timeout, and a prefill that fails costs its pair nothing.
 A request's KV moves in a few layer-group messages; the receiver posts them all at once and
-scatters the whole KV into its blocks behind the last. A one-element message when the group is
-made connects NCCL then, off the first transfer's path.
+scatters each into its blocks on a side stream while the next one arrives. A one-element
+message when the group is made connects NCCL then, off the first transfer's path.
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ class PairGroup:
         self.first_bytes = FIRST_BYTES  # both ends must cut messages the same way
         cuda = device.type == "cuda"
         self._io = torch.cuda.Stream(device) if cuda else None  # KV messages and their copies
+        self._side = torch.cuda.Stream(device) if cuda else None  # scattering received parts
         self._watchdog = Watchdog(self.abort, f"kv-watch-{key}") if cuda else None
         self._handshake()
 
@@ -157,21 +158,20 @@ class PairGroup:
         self,
         shape: tuple[int, ...],
         dtype: torch.dtype,
-        write: Callable[[torch.Tensor], None],
+        write: Callable[[slice, torch.Tensor], None],
         gpu_times: bool = False,
     ) -> dict[str, float]:
-        """Receive what ``send_kv`` sent into one buffer [layers, n, block_size, width] and hand
-        it to ``write``; returns once it is written. On GPU the receives are posted from the
-        group's own stream (not behind the decode steps on the default one) and ``write`` is
-        queued on that stream behind the last of them: the whole receive is a handful of host
-        calls, queued at once, since each call of this thread can wait on other threads of the
-        process (the GIL, the driver: BENCHMARKS.md). Scattering after the last message rather
-        than each layer group while the next one arrives costs about 0.1 ms (2k-8k tokens of
-        DeepSeek-V2-Lite on an H200). Returns phase times (``time.perf_counter``): "posted
-        recv", the first receive posted, and "queued", everything queued; with ``gpu_times``
-        (GPU only; timing events cost a little) also when the GPU had it all in ("gpu in") and
-        written ("gpu written"), placed on the host clock from an event recorded just before
-        the first receive (a stream that is idle reaches an event when the host queues it)."""
+        """Receive what ``send_kv`` sent, handing each layer group to ``write(layers, part)``
+        (part: [len(layers), n, block_size, width]); returns once every part is written. On GPU
+        all receives are posted at once from the group's own stream (not behind the decode
+        steps on the default one), then each part's ``write`` is queued on a side stream behind
+        that part's receive only, so group g is scattered while group g + 1 is on the wire and
+        only the last (small) group's scatter follows the last byte. Returns phase times
+        (``time.perf_counter``): "posted recv", the first receive posted, and "queued",
+        everything queued; with ``gpu_times`` (GPU only; timing events cost a little) also when
+        the GPU had the last part in ("gpu in") and all parts written ("gpu written"), placed
+        on the host clock from an event recorded just before the first receive (a stream that
+        is idle reaches an event when the host queues it)."""
         assert self.rank == DECODE
         t: dict[str, float] = {}
         timed = gpu_times and self._io is not None
@@ -184,7 +184,7 @@ class PairGroup:
                     work = self.pg.recv([buf[layers]], PREFILL, 0)
                     t.setdefault("posted recv", time.perf_counter())
                     work.wait()
-                write(buf)
+                    write(layers, buf[layers])
                 t["queued"] = time.perf_counter()
                 return t
             if marks:
@@ -194,14 +194,16 @@ class PairGroup:
             for layers in groups:
                 works.append(self.pg.recv([buf[layers]], PREFILL, 0))
                 t.setdefault("posted recv", time.perf_counter())
-            works[-1].wait()  # and so after them all (as in ``send_kv``)
-            if marks:
-                marks[1].record(self._io)
-            write(buf)
-            if marks:
-                marks[2].record(self._io)
+            with torch.cuda.stream(self._side):
+                for g, (layers, work) in enumerate(zip(groups, works)):
+                    work.wait()  # the side stream waits for this part, not the later ones
+                    if marks and g == len(groups) - 1:
+                        marks[1].record(self._side)
+                    write(layers, buf[layers])
+                if marks:
+                    marks[2].record(self._side)
             t["queued"] = time.perf_counter()
-            self._finish(self._io)
+            self._finish(self._side)
         for name, mark in zip(("gpu in", "gpu written"), marks[1:]):
             t[name] = zero + marks[0].elapsed_time(mark) / 1e3
         return t

@@ -295,8 +295,9 @@ def test_timeout_an_nccl_peer_that_dies_mid_transfer_fails_the_transfer_not_the_
     def written() -> tuple[dict, callable]:
         got: dict[str, torch.Tensor] = {}
 
-        def write(kv: torch.Tensor) -> None:
-            got["kv"] = kv.clone()
+        def write(layers: slice, part: torch.Tensor) -> None:  # each layer group in turn
+            got.setdefault("kv", torch.empty(shape, dtype=part.dtype, device=part.device))
+            got["kv"][layers] = part
 
         return got, write
 

@@ -32,3 +32,43 @@ def test_a_small_kv_is_one_message_and_a_large_one_a_few():
     assert _sizes(27, 9_400_000) == [2, 8, 7, 8, 2]  # DeepSeek-V2-Lite, 8k tokens
     assert _sizes(27, 37_700_000) == [1, 4, 8, 9, 4, 1]  # 32k tokens: 6 messages, not 21
     assert _sizes(61, 37_700_000) == [1, 4, 16, 19, 16, 4, 1]
+
+
+def test_a_kv_of_several_messages_reaches_write_part_by_part_in_layer_order():
+    """Over gloo between two threads: ``send_kv`` cuts a KV into layer groups and ``recv_kv``
+    hands each part to ``write(layers, part)`` in layer order, every layer once, bit-exact."""
+    import threading
+
+    import torch
+
+    from cluster.kv_transport.pair_group import DECODE, PairGroup, listen
+
+    cpu = torch.device("cpu")
+    store = listen("127.0.0.1", 10.0)
+    joined: dict[str, PairGroup] = {}
+    joiner = threading.Thread(
+        target=lambda: joined.update(
+            p=PairGroup.connect("127.0.0.1", store.port, "parts", cpu, 10.0)
+        )
+    )
+    joiner.start()
+    dec = PairGroup(store, "parts", DECODE, cpu, timeout_s=10.0)
+    joiner.join(timeout=30)
+    pre = joined["p"]
+    kv = torch.randn(7, 3, 4, 8)  # [layers, n, block_size, width]: 384 bytes a layer
+    for g in (pre, dec):
+        g.first_bytes = 400  # both ends cut alike: ends of two layers
+    want = layer_groups(7, kv.nbytes, 400)
+    assert len(want) > 2
+    sender = threading.Thread(target=pre.send_kv, args=(kv,))
+    sender.start()
+    parts: list[tuple[slice, torch.Tensor]] = []
+    times = dec.recv_kv(
+        tuple(kv.shape), kv.dtype, lambda ls, part: parts.append((ls, part.clone()))
+    )
+    sender.join(timeout=30)
+    assert [ls for ls, _ in parts] == want
+    assert torch.equal(torch.cat([part for _, part in parts]), kv)
+    assert times["posted recv"] <= times["queued"]
+    for g in (pre, dec):
+        g.close()
