@@ -24,6 +24,7 @@ from cluster.parallel import SINGLE, TensorParallel
 from cluster.sampler import Draw, SampledToken, Sampler
 from cluster.scheduler import SchedulerOutput
 from kernels import DeviceInfo, KernelSet
+from kernels.compile_watch import WATCH
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class ModelRunner(Executor):
         self.dtype = config.resolve_dtype(self.device)
         self.block_size = config.cache.block_size
         # ===== kernels =====
+        if self.device.type == "cuda":
+            WATCH.install()  # Triton compiles after start-up are logged (``allocate_kv``)
         self.device_info = DeviceInfo.detect(self.device)
         self.kernels = KernelSet.resolve(
             self.device_info,
@@ -141,6 +144,8 @@ class ModelRunner(Executor):
             self.kv_caches.numel() * self.kv_caches.element_size() / 2**20,
             num_blocks * self.block_size,
         )
+        if self.device.type == "cuda":
+            WATCH.serving()  # start-up's kernels are compiled: a later compile stalls a step
 
     def propose_num_blocks(self) -> int:
         """How many blocks fit: the configured count, or what memory allows."""
