@@ -98,10 +98,8 @@ def gather_blocks(
 
 def host_rows(cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
     """``block_rows`` made on the host: [layers, n] int64, pinned when ``cache`` is on a GPU.
-    Made ahead of a transfer, it reaches the device in one copy queued on the stream of the
-    scatters that read it (``scatter_blocks`` copies host rows itself; a receiver of several
-    parts copies them once, by its first part), not in the four small steps ``block_rows``
-    takes there."""
+    Made ahead of a transfer, it reaches the device in one copy on the stream that scatters,
+    not in the four small steps ``block_rows`` takes there."""
     rows = block_rows(cache, block_ids, torch.device("cpu"))
     return rows.pin_memory() if cache.is_cuda else rows
 

@@ -84,11 +84,16 @@ class CompileWatch:
     # ---- Triton's hooks (keyword arguments as ``JITFunction._call_hook`` passes them) ----
 
     def _before(self, *, key: Any, **kwargs: Any) -> bool | None:
+        at = (threading.get_ident(), _hashable(key))
         with self._lock:
-            self._started[(threading.get_ident(), _hashable(key))] = time.perf_counter()
+            self._started[at] = time.perf_counter()
         previous = self._previous[0]
         # a true result tells Triton to skip the compile: only a hook set before may say so
-        return previous(key=key, **kwargs) if previous is not None else None
+        skip = previous(key=key, **kwargs) if previous is not None else None
+        if skip:  # no compile, so no after-hook call to end this one
+            with self._lock:
+                self._started.pop(at, None)
+        return skip
 
     def _after(self, *, key: Any, fn: Any, compile: dict, **kwargs: Any) -> Any:
         stop = time.perf_counter()

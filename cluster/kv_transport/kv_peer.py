@@ -263,12 +263,11 @@ class KVPeer:
                 raise KVNotSent(f"transfer {transfer_id}: {word}")
             t["signalled"] = time.perf_counter()
 
-            on_device: list[torch.Tensor] = []  # the rows, copied once by the first write
-
             def write(layers: slice, kv: torch.Tensor) -> None:  # [len(layers), n, bs, width]
-                if not on_device:  # on the writes' stream, while the later parts arrive
-                    on_device.append(rows.to(cache.device, non_blocking=True))
-                scatter_blocks(cache, on_device[0], kv, layers)
+                nonlocal rows
+                if rows.device != cache.device:  # once, by the first part, on the writes'
+                    rows = rows.to(cache.device, non_blocking=True)  # stream: later parts arrive
+                scatter_blocks(cache, rows, kv, layers)
 
             timed = trace_file.enabled()
             t.update(pair.group.recv_kv(tuple(shape), getattr(torch, dtype), write, timed))

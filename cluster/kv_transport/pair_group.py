@@ -94,7 +94,7 @@ class PairGroup:
             self._line = SignalLine.connect(store.host, port, timeout_s)
         self.first_bytes = FIRST_BYTES  # both ends must cut messages the same way
         cuda = device.type == "cuda"
-        self._io = torch.cuda.Stream(device) if cuda else None  # KV messages and their copies
+        self._io = torch.cuda.Stream(device) if cuda else None  # KV messages
         self._side = torch.cuda.Stream(device) if cuda else None  # scattering received parts
         self._watchdog = Watchdog(self.abort, f"kv-watch-{key}") if cuda else None
         self._handshake()
