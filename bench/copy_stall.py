@@ -1,7 +1,7 @@
 """Whether one thread's wait for a GPU step holds up another thread's CUDA calls, by how the
 waiting thread fetches the step's result. One GPU, one process, two threads:
 
-    python -m bench.copy_stall            # a CUDA GPU
+    python -m pdserve.bench.copy_stall            # a CUDA GPU
 
 - the "engine" thread queues a ~``--step-ms`` step (a GPU sleep and a tiny kernel), then fetches
   a few int64s of it, as a decode engine fetches its sampled tokens: "pageable" copies them into
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from bench.result_file import write_result
+from pdserve.bench.result_file import write_result
 
 MODES = ("pageable", "pinned", "none")
 CALLS = ("h2d pinned", "kernel", "event record", "d2d copy")
@@ -98,7 +98,7 @@ def run_mode(mode: str, cycles: int, samples: int) -> dict[str, dict[str, float]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.copy_stall", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.copy_stall", description=__doc__)
     p.add_argument("--step-ms", type=float, default=6.0, help="the engine's step (default 6)")
     p.add_argument("--samples", type=int, default=300, help="timed rounds per mode")
     p.add_argument("--out", help="JSON path (default bench/results/copy-stall-<gpu>.json)")

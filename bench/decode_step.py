@@ -1,7 +1,7 @@
 """Decode step time of our engine, with and without CUDA graphs, and where a step's GPU time goes.
 
-    python -m bench.decode_step --model /data/dsv2-lite --batches 1,8,32,64
-    python -m bench.decode_step --model /tmp/tiny --device cpu --batches 1,2 --steps 4  # smoke
+    python -m pdserve.bench.decode_step --model /data/dsv2-lite --batches 1,8,32,64
+    python -m pdserve.bench.decode_step --model /tmp/tiny --device cpu --batches 1,2 --steps 4
 
 For each batch size B: B requests with random prompts of ``--context`` tokens are prefilled,
 then ``--steps`` whole engine steps (schedule, model, sample, detokenize) are timed once every
@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
-from bench.result_file import write_result
-from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
-from cluster.model.attention import MLAAttention
-from cluster.model.moe import MoEBlock
+from pdserve.bench.result_file import write_result
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from pdserve.cluster.model.attention import MLAAttention
+from pdserve.cluster.model.moe import MoEBlock
 
 WARM_STEPS = 3
 MARGIN = 64  # tokens past the timed steps each request may produce

@@ -1,6 +1,6 @@
 """Correctness and speed of the FlashInfer SM90 MoE adapter, where FlashInfer can run.
 
-``python -m bench.flashinfer_check [--json PATH]``: exits 2, naming the reason, when
+``python -m pdserve.bench.flashinfer_check [--json PATH]``: exits 2, naming the reason, when
 ``kernels.moe_flashinfer.unavailable()`` says FlashInfer (or its fused_moe_90 module) is missing.
 Otherwise: (1) against moe_mxfp4_torch on DeepSeek-V3, DeepSeek-V2-Lite and GPT-OSS-120B shapes
 (GPT-OSS: 2880 padded to 2944, clamped SwiGLU, biases) with invalid expert ids planted and the
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from triton.testing import do_bench
 
-from kernels.moe_flashinfer import moe_flashinfer, prepare, unavailable
-from kernels.moe_reference import moe_mxfp4_torch
-from kernels.moe_triton_grouped import moe_grouped_triton
+from pdserve.kernels.moe_flashinfer import moe_flashinfer, prepare, unavailable
+from pdserve.kernels.moe_reference import moe_mxfp4_torch
+from pdserve.kernels.moe_triton_grouped import moe_grouped_triton
 from tests.kernels.kernel_cases import REAL_MOE_SHAPES, random_moe, random_routing, rel_err
 
 SPEED_M = (1, 16, 128, 1024, 4096, 16384)

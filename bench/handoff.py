@@ -6,8 +6,8 @@ back, which end at the first token; then the KV after the result and joining the
 and both pools' TTFT histograms, and prints each as a mean over the requests since a baseline
 saved with ``--save`` (or since the deployment started). Writes JSON.
 
-    python -m bench.handoff --save /tmp/base.txt   # then load it, e.g. pdserve bench ...
-    python -m bench.handoff --since /tmp/base.txt --out bench/results/handoff.json
+    python -m pdserve.bench.handoff --save /tmp/base.txt   # then load it, e.g. pdserve bench ...
+    python -m pdserve.bench.handoff --since /tmp/base.txt --out bench/results/handoff.json
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def means(metrics: str, baseline: str = "") -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.handoff", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.handoff", description=__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--out", help="JSON path (default: print only)")
     p.add_argument("--save", help="keep this /metrics text as the baseline of a later run")

@@ -1,6 +1,6 @@
 """Hugging Face transformers' own generation on our checkpoint: the decode-throughput peer.
 
-    python -m bench.hf_peer --model /data/dsv2-lite --batches 1,8,32,64 \
+    python -m pdserve.bench.hf_peer --model /data/dsv2-lite --batches 1,8,32,64 \
         --ours bench/results/decode-step-NVIDIA_H200.json
 
 Builds transformers' ``DeepseekV3ForCausalLM`` in bf16 on the GPU from the same directory our
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from bench.result_file import write_result
-from kernels.mxfp4 import dequantize_mxfp4
+from pdserve.bench.result_file import write_result
+from pdserve.kernels.mxfp4 import dequantize_mxfp4
 
 
 def _dequantized(raw: dict[str, torch.Tensor], prefix: str, name: str) -> torch.Tensor:

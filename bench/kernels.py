@@ -1,5 +1,6 @@
 """Kernel benchmarks on one GPU, each figure beside a plain PyTorch baseline and the ceilings
-measured in the same run. ``python -m bench.kernels [--sweep] [--budget-s S] [--json PATH]``.
+measured in the same run:
+``python -m pdserve.bench.kernels [--sweep] [--budget-s S] [--json PATH]``.
 
 Ceilings: a 1 GiB device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul.
 MoE decode (moe_small): GB/s = bytes of the distinct experts hit / time. MoE prefill (moe_large):
@@ -21,12 +22,12 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from bench.result_file import write_result
-from kernels import triton_configs
-from kernels.mla_decode_triton import mla_decode_triton
-from kernels.moe_reference import MoeWeights, SwiGLU, moe_mxfp4_torch
-from kernels.moe_triton_grouped import moe_grouped_triton
-from kernels.moe_triton_small_m import moe_small_triton
+from pdserve.bench.result_file import write_result
+from pdserve.kernels import triton_configs
+from pdserve.kernels.mla_decode_triton import mla_decode_triton
+from pdserve.kernels.moe_reference import MoeWeights, SwiGLU, moe_mxfp4_torch
+from pdserve.kernels.moe_triton_grouped import moe_grouped_triton
+from pdserve.kernels.moe_triton_small_m import moe_small_triton
 
 DEV = "cuda"  # the smoke test of this script swaps in "cpu" (interpreter)
 MODELS = {  # name: (hidden, experts, top_k, intermediate)
@@ -271,9 +272,9 @@ def compiled_resources() -> list[dict]:
 
 def _compiled_resources() -> list[dict]:
     """Shared memory, registers, spills and MMA flavour of every kernel compiled in this run."""
-    import kernels.mla_decode_triton as mla
-    import kernels.moe_triton_grouped as grp
-    import kernels.moe_triton_small_m as sml
+    import pdserve.kernels.mla_decode_triton as mla
+    import pdserve.kernels.moe_triton_grouped as grp
+    import pdserve.kernels.moe_triton_small_m as sml
 
     rows = []
     for fn in (
@@ -314,7 +315,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "command": "python -m bench.kernels" + (" --sweep" if args.sweep else ""),
+        "command": "python -m pdserve.bench.kernels" + (" --sweep" if args.sweep else ""),
     }
     out["ceilings"] = ceil = ceilings()
     print(

@@ -1,8 +1,8 @@
 """The pieces of a KV transfer, one by one, on two GPUs: copying a prompt's blocks out of and into
 a paged cache (by kernel), and moving the bytes over NCCL (by message shape).
 
-    python -m bench.kv_copy                       # two GPUs
-    python -m bench.kv_copy --device cpu --tokens 1024   # gloo, a smoke run
+    python -m pdserve.bench.kv_copy                       # two GPUs
+    python -m pdserve.bench.kv_copy --device cpu --tokens 1024   # gloo, a smoke run
 
 The cache is DeepSeek-V2-Lite's layout by default ([layers, blocks, block_size, width]: 27
 layers, rows of 512 + 64, blocks of 64 tokens, bf16). The blocks of a prompt are scattered
@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench.result_file import write_result
-from cluster.kv_layout import block_rows, gather_blocks, scatter_blocks
-from cluster.kv_transport.pair_group import layer_groups
+from pdserve.bench.result_file import write_result
+from pdserve.cluster.kv_layout import block_rows, gather_blocks, scatter_blocks
+from pdserve.cluster.kv_transport.pair_group import layer_groups
 
 
 def _sync(device: torch.device) -> None:
@@ -134,7 +134,7 @@ def _worker(rank: int, args, port: int, queue) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.kv_copy", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.kv_copy", description=__doc__)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tokens", default="1024,8192,32768")
     p.add_argument("--layers", type=int, default=27)

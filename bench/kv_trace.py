@@ -6,7 +6,7 @@ transfers, in the order of their medians; and the garbage collections the proces
 marked where one overlapped a transfer. Writes JSON.
 
     PDSERVE_KV_TRACE=/tmp/kvtrace pdserve up -c deploy.yaml   # then load it, then
-    python -m bench.kv_trace /tmp/kvtrace --skip 8 --out bench/results/kv-trace.json
+    python -m pdserve.bench.kv_trace /tmp/kvtrace --skip 8 --out bench/results/kv-trace.json
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def summary(rows: list[dict[str, float]]) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.kv_trace", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.kv_trace", description=__doc__)
     p.add_argument("folder", help="the PDSERVE_KV_TRACE folder")
     p.add_argument("--skip", type=int, default=0, help="leave out the first N transfers")
     p.add_argument("--out", help="JSON path (default: print only)")

@@ -1,8 +1,8 @@
 """KV transfer bandwidth: the p2p transport's effective bandwidth for one prompt's KV against raw
 send/recv between the same two processes, measured in the same run.
 
-    python -m bench.kv_transfer                      # two GPUs: NCCL
-    python -m bench.kv_transfer --device cpu --tokens 256,1024   # gloo, a smoke run
+    python -m pdserve.bench.kv_transfer                      # two GPUs: NCCL
+    python -m pdserve.bench.kv_transfer --device cpu --tokens 256,1024   # gloo, a smoke run
 
 Two Ray actors, one GPU each, hold a real paged KV cache (DeepSeek-V2-Lite's layout by default:
 27 layers, rows of 512 + 64, blocks of 64 tokens, bf16), as in a 1P1D deployment whose
@@ -39,13 +39,13 @@ import time
 import ray
 import torch
 
-from bench.result_file import write_result
-from cluster.kv_layout import KVFingerprint, block_rows, gather_blocks, scatter_blocks
-from cluster.kv_transport.kv_peer import WAIT_THREADS, KVPeer, local_peer_id
-from cluster.kv_transport.p2p import P2PTransport
-from cluster.kv_transport.pair_group import FIRST_BYTES
-from cluster.kv_transport.peer_client import PeerClient
-from cluster.messages import KVDestination
+from pdserve.bench.result_file import write_result
+from pdserve.cluster.kv_layout import KVFingerprint, block_rows, gather_blocks, scatter_blocks
+from pdserve.cluster.kv_transport.kv_peer import WAIT_THREADS, KVPeer, local_peer_id
+from pdserve.cluster.kv_transport.p2p import P2PTransport
+from pdserve.cluster.kv_transport.pair_group import FIRST_BYTES
+from pdserve.cluster.kv_transport.peer_client import PeerClient
+from pdserve.cluster.messages import KVDestination
 
 ENDS = (8 << 20, FIRST_BYTES, 64 << 20, 1 << 40)  # first/last message sizes tried; the last: one
 
@@ -341,7 +341,7 @@ async def _run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.kv_transfer", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.kv_transfer", description=__doc__)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tokens", default="1024,4096,8192,16384,32768")
     p.add_argument("--layers", type=int, default=27)

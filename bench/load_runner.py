@@ -17,10 +17,10 @@ import json
 import time
 from dataclasses import dataclass
 
-from bench.progress import Progress
-from bench.request_record import RequestRecord
-from bench.sse_client import SSEClient
-from bench.trace import Trace, TraceRequest, prompt_text, prompt_token_ids
+from pdserve.bench.progress import Progress
+from pdserve.bench.request_record import RequestRecord
+from pdserve.bench.sse_client import SSEClient
+from pdserve.bench.trace import Trace, TraceRequest, prompt_text, prompt_token_ids
 
 WARMUP_RUN = 1_000_000  # the prompt stream of warm-up requests: never a measured run's
 

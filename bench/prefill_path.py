@@ -3,7 +3,7 @@ in the replica's process, and in a TP=1 rank actor (what a prefill replica runs 
 NCCL KV transport, so that decode replicas can call its KV peer). The difference is what the
 rank actor costs each prompt (a Ray call per step, the step's plan and tokens serialized).
 
-    python -m bench.prefill_path --model /tmp/dsv2-lite --tokens 2048,4096,8192
+    python -m pdserve.bench.prefill_path --model /tmp/dsv2-lite --tokens 2048,4096,8192
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import time
 import ray
 import torch
 
-from bench.result_file import write_result
-from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from pdserve.bench.result_file import write_result
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 
 
 def _engine(args, rank_actor: bool) -> LLMEngine:

@@ -1,4 +1,5 @@
-"""Load generator for an OpenAI-compatible server: ``python -m bench.serve`` (``pdserve bench``).
+"""Load generator for an OpenAI-compatible server: ``pdserve bench`` (``python -m
+pdserve.bench.serve``).
 
 Streams a seeded trace of requests (fixed or uniform lengths, or a JSON-lines file) at a fixed or
 Poisson rate, or at several rates (``--sweep-rates``), and reports TTFT, TPOT, ITL and E2E
@@ -27,9 +28,9 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.load_runner import LoadRunner, RequestShape, wall_s
-from bench.serve_plots import plot_compare, plot_run
-from bench.serve_report import (
+from pdserve.bench.load_runner import LoadRunner, RequestShape, wall_s
+from pdserve.bench.serve_plots import plot_compare, plot_run
+from pdserve.bench.serve_report import (
     SCHEMA,
     load_result,
     paired_table,
@@ -39,8 +40,8 @@ from bench.serve_report import (
     sweep_table,
     write_result,
 )
-from bench.sse_client import SSEClient
-from bench.trace import (
+from pdserve.bench.sse_client import SSEClient
+from pdserve.bench.trace import (
     ARRIVALS,
     DEFAULT_VOCAB_HIGH,
     MIN_TOKEN_ID,
@@ -97,7 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.serve", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m pdserve.bench.serve", description=__doc__.split("\n")[0]
+    )
     add_arguments(p)
     return run(p.parse_args(argv))
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serve_report import format_rate, records_of
-from bench.trace import rate_from_json
+from pdserve.bench.serve_report import format_rate, records_of
+from pdserve.bench.trace import rate_from_json
 
 
 def plot_run(result: dict, stem: Path) -> list[Path]:

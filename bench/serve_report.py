@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.request_record import RequestRecord
-from bench.trace import rate_from_json
+from pdserve.bench.request_record import RequestRecord
+from pdserve.bench.trace import rate_from_json
 
 SCHEMA = "pdserve.bench.serve/1"  # the "schema" field of every result file
 PERCENTILES = (50, 90, 99)

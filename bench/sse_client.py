@@ -16,7 +16,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.request_record import RequestRecord
+from pdserve.bench.request_record import RequestRecord
 
 _JSON = {"Content-Type": "application/json"}
 

@@ -1,10 +1,10 @@
 """What every process agrees on: configs, requests and messages, the model, the KV layout, the
 engine both workers run."""
 
-from cluster.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from cluster.engine import LLMEngine
-from cluster.request_output import RequestOutput
-from cluster.sampling_params import SamplingParams
+from pdserve.cluster.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.cluster.engine import LLMEngine
+from pdserve.cluster.request_output import RequestOutput
+from pdserve.cluster.sampling_params import SamplingParams
 
 __all__ = [
     "CacheConfig",

@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.engine import LLMEngine
-from cluster.engine_step import CollectedStep
-from cluster.errors import WorkerError
-from cluster.request_output import RequestOutput
+from pdserve.cluster.engine import LLMEngine
+from pdserve.cluster.engine_step import CollectedStep
+from pdserve.cluster.errors import WorkerError
+from pdserve.cluster.request_output import RequestOutput
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.model.attention_metadata import AttentionMetadata
-from cluster.scheduler import SchedulerOutput
+from pdserve.cluster.model.attention_metadata import AttentionMetadata
+from pdserve.cluster.scheduler import SchedulerOutput
 
 
 @dataclass(frozen=True)

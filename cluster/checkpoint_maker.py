@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from cluster.presets import preset_config
-from cluster.tokenizer_trainer import train_tokenizer
-from kernels.mxfp4 import dequantize_mxfp4, random_mxfp4
+from pdserve.cluster.presets import preset_config
+from pdserve.cluster.tokenizer_trainer import train_tokenizer
+from pdserve.kernels.mxfp4 import dequantize_mxfp4, random_mxfp4
 
 SHARD_BYTES = 2 << 30
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}

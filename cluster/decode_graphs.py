@@ -21,8 +21,8 @@ import time
 import torch
 from torch import nn
 
-from cluster.model.attention_metadata import AttentionMetadata
-from cluster.scheduler import SchedulerOutput
+from pdserve.cluster.model.attention_metadata import AttentionMetadata
+from pdserve.cluster.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
 

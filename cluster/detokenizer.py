@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cluster.tokenizer import Tokenizer
+from pdserve.cluster.tokenizer import Tokenizer
 
 _PROMPT_CONTEXT = 4  # prompt tokens decoded with the output so the first piece spaces right
 

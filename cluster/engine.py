@@ -9,20 +9,20 @@ import itertools
 import logging
 from collections.abc import Sequence
 
-from cluster.block_manager import BlockManager
-from cluster.config import EngineConfig, ModelConfig
-from cluster.detokenizer import IncrementalDetokenizer
-from cluster.engine_step import CollectedStep, LaunchedStep, Prefilled, make_output
-from cluster.errors import OverloadedError, RequestError
-from cluster.executor import Executor
-from cluster.messages import FirstToken
-from cluster.model_runner import ModelRunner
-from cluster.request import FinishReason, Request, RequestStatus
-from cluster.request_output import RequestOutput
-from cluster.sampler import SampledToken
-from cluster.sampling_params import SamplingParams
-from cluster.scheduler import Scheduler, SchedulerOutput
-from cluster.tokenizer import Tokenizer
+from pdserve.cluster.block_manager import BlockManager
+from pdserve.cluster.config import EngineConfig, ModelConfig
+from pdserve.cluster.detokenizer import IncrementalDetokenizer
+from pdserve.cluster.engine_step import CollectedStep, LaunchedStep, Prefilled, make_output
+from pdserve.cluster.errors import OverloadedError, RequestError
+from pdserve.cluster.executor import Executor
+from pdserve.cluster.messages import FirstToken
+from pdserve.cluster.model_runner import ModelRunner
+from pdserve.cluster.request import FinishReason, Request, RequestStatus
+from pdserve.cluster.request_output import RequestOutput
+from pdserve.cluster.sampler import SampledToken
+from pdserve.cluster.sampling_params import SamplingParams
+from pdserve.cluster.scheduler import Scheduler, SchedulerOutput
+from pdserve.cluster.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -302,6 +302,6 @@ def _make_executor(config: EngineConfig, model_config: ModelConfig, max_model_le
         raise ValueError(f"tp must be >= 1, got {config.tp}")
     if config.tp == 1 and not config.rank_actors:
         return ModelRunner(config, model_config, max_model_len)
-    from cluster.tp_executor import RayTPExecutor  # imports ray
+    from pdserve.cluster.tp_executor import RayTPExecutor  # imports ray
 
     return RayTPExecutor(config, model_config, max_model_len)

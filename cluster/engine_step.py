@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.detokenizer import IncrementalDetokenizer
-from cluster.request import FinishReason, Request
-from cluster.request_output import RequestOutput, TokenLogprob
-from cluster.sampler import SampledToken
-from cluster.scheduler import SchedulerOutput
+from pdserve.cluster.detokenizer import IncrementalDetokenizer
+from pdserve.cluster.request import FinishReason, Request
+from pdserve.cluster.request_output import RequestOutput, TokenLogprob
+from pdserve.cluster.sampler import SampledToken
+from pdserve.cluster.scheduler import SchedulerOutput
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cluster.sampler import SampledToken
-from cluster.scheduler import SchedulerOutput
+from pdserve.cluster.sampler import SampledToken
+from pdserve.cluster.scheduler import SchedulerOutput
 
 if TYPE_CHECKING:
-    from cluster.kv_transport.peer_client import PeerClient
+    from pdserve.cluster.kv_transport.peer_client import PeerClient
 
 
 class Executor(ABC):

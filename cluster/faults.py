@@ -12,7 +12,7 @@ import os
 import random
 import threading
 
-from cluster.errors import WorkerError
+from pdserve.cluster.errors import WorkerError
 
 POINTS = ("prefill", "kv_transfer", "decode_step")
 ENV = "PDSERVE_FAULTS"

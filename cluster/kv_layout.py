@@ -13,9 +13,9 @@ from __future__ import annotations
 import msgspec
 import torch
 
-from cluster.config import ModelConfig
-from cluster.errors import KVLayoutMismatch
-from kernels import row_copy_reference
+from pdserve.cluster.config import ModelConfig
+from pdserve.cluster.errors import KVLayoutMismatch
+from pdserve.kernels import row_copy_reference
 
 
 class KVFingerprint(msgspec.Struct, frozen=True):
@@ -136,7 +136,7 @@ def warm_up(cache: torch.Tensor) -> None:
 def _copy_rows(cache: torch.Tensor):
     """``copy_rows`` for the cache's device: Triton on GPU, PyTorch elsewhere."""
     if cache.is_cuda:
-        from kernels import row_copy_triton  # Triton only where it runs
+        from pdserve.kernels import row_copy_triton  # Triton only where it runs
 
         return row_copy_triton.copy_rows
     return row_copy_reference.copy_rows

@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-from cluster.line_protocol import (
+from pdserve.cluster.line_protocol import (
     LineCall,
     LineCancel,
     LineEnd,

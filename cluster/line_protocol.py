@@ -15,7 +15,7 @@ from typing import Any
 
 import msgspec
 
-from cluster.errors import WorkerError
+from pdserve.cluster.errors import WorkerError
 
 _LEN = struct.Struct(">I")
 MAX_FRAME = 256 << 20  # a frame longer than this is a broken peer, not a message

@@ -17,8 +17,8 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from cluster.errors import WorkerError
-from cluster.line_protocol import (
+from pdserve.cluster.errors import WorkerError
+from pdserve.cluster.line_protocol import (
     LineCall,
     LineCancel,
     LineEnd,

@@ -11,8 +11,8 @@ from typing import Any
 
 import msgspec
 
-from cluster.kv_layout import KVFingerprint
-from cluster.sampling_params import SamplingParams
+from pdserve.cluster.kv_layout import KVFingerprint
+from pdserve.cluster.sampling_params import SamplingParams
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):

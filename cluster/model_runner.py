@@ -11,20 +11,20 @@ import time
 
 import torch
 
-from cluster.batch_inputs import BatchInputs
-from cluster.config import EngineConfig, ModelConfig
-from cluster.decode_graphs import DecodeGraphs, graph_buckets
-from cluster.executor import Executor
-from cluster.kv_layout import block_rows, gather_blocks, scatter_blocks, warm_up
-from cluster.kv_transport.kv_peer import KVPeer, local_peer_id
-from cluster.kv_transport.peer_client import PeerClient
-from cluster.model.deepseek_v3 import DeepseekV3ForCausalLM
-from cluster.model.weights import load_weights
-from cluster.parallel import SINGLE, TensorParallel
-from cluster.sampler import Draw, SampledToken, Sampler
-from cluster.scheduler import SchedulerOutput
-from kernels import DeviceInfo, KernelSet
-from kernels.compile_watch import WATCH
+from pdserve.cluster.batch_inputs import BatchInputs
+from pdserve.cluster.config import EngineConfig, ModelConfig
+from pdserve.cluster.decode_graphs import DecodeGraphs, graph_buckets
+from pdserve.cluster.executor import Executor
+from pdserve.cluster.kv_layout import block_rows, gather_blocks, scatter_blocks, warm_up
+from pdserve.cluster.kv_transport.kv_peer import KVPeer, local_peer_id
+from pdserve.cluster.kv_transport.peer_client import PeerClient
+from pdserve.cluster.model.deepseek_v3 import DeepseekV3ForCausalLM
+from pdserve.cluster.model.weights import load_weights
+from pdserve.cluster.parallel import SINGLE, TensorParallel
+from pdserve.cluster.sampler import Draw, SampledToken, Sampler
+from pdserve.cluster.scheduler import SchedulerOutput
+from pdserve.kernels import DeviceInfo, KernelSet
+from pdserve.kernels.compile_watch import WATCH
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
-from cluster import trace_file
-from cluster.async_engine import AsyncEngine
-from cluster.config import EngineConfig
-from cluster.engine import LLMEngine
-from cluster.faults import FaultInjector
-from cluster.kv_layout import KVFingerprint, fingerprint
-from cluster.kv_transport import make_transport
-from cluster.replica_registry import REPORT_PERIOD_S, get_registry
-from cluster.replica_stats import ReplicaStats
+from pdserve.cluster import trace_file
+from pdserve.cluster.async_engine import AsyncEngine
+from pdserve.cluster.config import EngineConfig
+from pdserve.cluster.engine import LLMEngine
+from pdserve.cluster.faults import FaultInjector
+from pdserve.cluster.kv_layout import KVFingerprint, fingerprint
+from pdserve.cluster.kv_transport import make_transport
+from pdserve.cluster.replica_registry import REPORT_PERIOD_S, get_registry
+from pdserve.cluster.replica_stats import ReplicaStats
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import ray
 
-from cluster.replica_stats import HANDOFF, Histogram, PrefillLine, ReplicaStats
+from pdserve.cluster.replica_stats import HANDOFF, Histogram, PrefillLine, ReplicaStats
 
 NAMESPACE = "pdserve"
 REPORT_PERIOD_S = 0.25

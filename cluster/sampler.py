@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.sampling_params import SamplingParams
+from pdserve.cluster.sampling_params import SamplingParams
 
 _MASK = (1 << 63) - 1
 

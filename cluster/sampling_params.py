@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
-from cluster.errors import RequestError
+from pdserve.cluster.errors import RequestError
 
 MAX_LOGPROBS = 20  # top logprobs a request may ask for, as OpenAI allows
 

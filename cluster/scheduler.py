@@ -13,10 +13,10 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from cluster.block_manager import BlockManager
-from cluster.config import SchedulerConfig
-from cluster.request import FinishReason, Request, RequestStatus
-from cluster.sampling_params import SamplingParams
+from pdserve.cluster.block_manager import BlockManager
+from pdserve.cluster.config import SchedulerConfig
+from pdserve.cluster.request import FinishReason, Request, RequestStatus
+from pdserve.cluster.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,13 @@ import torch
 from ray.util.placement_group import get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from cluster import trace_file
-from cluster.config import EngineConfig, ModelConfig
-from cluster.executor import Executor
-from cluster.kv_transport.kv_peer import WAIT_THREADS
-from cluster.kv_transport.peer_client import PeerClient
-from cluster.sampler import SampledToken
-from cluster.scheduler import SchedulerOutput
+from pdserve.cluster import trace_file
+from pdserve.cluster.config import EngineConfig, ModelConfig
+from pdserve.cluster.executor import Executor
+from pdserve.cluster.kv_transport.kv_peer import WAIT_THREADS
+from pdserve.cluster.kv_transport.peer_client import PeerClient
+from pdserve.cluster.sampler import SampledToken
+from pdserve.cluster.scheduler import SchedulerOutput
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ class TPRank:
         """Join the group, load this rank's shard; returns how many KV blocks would fit."""
         import torch.distributed as dist
 
-        from cluster.model_runner import ModelRunner
-        from cluster.nccl_comm import NcclComm
-        from cluster.parallel import TensorParallel
+        from pdserve.cluster.model_runner import ModelRunner
+        from pdserve.cluster.nccl_comm import NcclComm
+        from pdserve.cluster.parallel import TensorParallel
 
         config = self.config
         if config.gpus_per_rank > 0:

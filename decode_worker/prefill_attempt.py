@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from cluster import trace_file
-from cluster.errors import OverloadedError
-from cluster.messages import (
+from pdserve.cluster import trace_file
+from pdserve.cluster.errors import OverloadedError
+from pdserve.cluster.messages import (
     FirstToken,
     GenerateRequest,
     KVDestination,
@@ -31,7 +31,7 @@ from cluster.messages import (
 )
 
 if TYPE_CHECKING:
-    from decode_worker.server import DecodeServer
+    from pdserve.decode_worker.server import DecodeServer
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from cluster.line_client import LineClient
-from cluster.replica_stats import PrefillLine
+from pdserve.cluster.line_client import LineClient
+from pdserve.cluster.replica_stats import PrefillLine
 
 
 class PrefillLines:

@@ -34,14 +34,14 @@ from typing import Any
 
 import ray
 
-from cluster.engine import LLMEngine
-from cluster.engine_step import Prefilled
-from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
-from cluster.messages import GenerateRequest, PrefillRequest
-from cluster.replica import Replica, WorkerSpec
-from cluster.request_output import RequestOutput
-from decode_worker.prefill_attempt import PrefillAttempt
-from decode_worker.prefill_lines import PrefillLines
+from pdserve.cluster.engine import LLMEngine
+from pdserve.cluster.engine_step import Prefilled
+from pdserve.cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
+from pdserve.cluster.messages import GenerateRequest, PrefillRequest
+from pdserve.cluster.replica import Replica, WorkerSpec
+from pdserve.cluster.request_output import RequestOutput
+from pdserve.decode_worker.prefill_attempt import PrefillAttempt
+from pdserve.decode_worker.prefill_lines import PrefillLines
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
-from deploy.openai_errors import AuthenticationError
-from deploy.reply import error_json
+from pdserve.deploy.openai_errors import AuthenticationError
+from pdserve.deploy.reply import error_json
 
 ENV = "PDSERVE_API_KEYS"
 OPEN_PATHS = frozenset({"/health"})  # probed by load balancers: no key needed

@@ -17,16 +17,16 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from cluster.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from cluster.replica import WorkerSpec
-from cluster.replica_registry import get_registry
-from decode_worker.server import DecodeServer
-from deploy.ingress import Ingress
-from deploy.ingress_settings import IngressSettings
-from deploy.prefill_autoscaling import PREFILL_POLICY
-from deploy.prefill_router import ROUTER_CLASS
-from deploy.schema import AppSpec, ModelSpec, PoolSpec
-from prefill_worker.server import PrefillServer
+from pdserve.cluster.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.cluster.replica import WorkerSpec
+from pdserve.cluster.replica_registry import get_registry
+from pdserve.decode_worker.server import DecodeServer
+from pdserve.deploy.ingress import Ingress
+from pdserve.deploy.ingress_settings import IngressSettings
+from pdserve.deploy.prefill_autoscaling import PREFILL_POLICY
+from pdserve.deploy.prefill_router import ROUTER_CLASS
+from pdserve.deploy.schema import AppSpec, ModelSpec, PoolSpec
+from pdserve.prefill_worker.server import PrefillServer
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def resolve_model(spec: ModelSpec) -> Path:
     if not (path / "config.json").is_file():
         if spec.preset is None:
             raise ValueError(f"no checkpoint at {str(path)!r} and no preset to make one")
-        from cluster.checkpoint_maker import make_model
+        from pdserve.cluster.checkpoint_maker import make_model
 
         log.info("making a %s checkpoint at %s", spec.preset, path)
         make_model(path, spec.preset, seed=spec.seed)

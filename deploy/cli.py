@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 
 
 def _make_model(args: argparse.Namespace) -> int:
-    from cluster.checkpoint_maker import make_model
+    from pdserve.cluster.checkpoint_maker import make_model
 
     start = time.perf_counter()
     out = make_model(args.out, args.preset, mxfp4=args.mxfp4, dtype=args.dtype, seed=args.seed)
@@ -18,7 +19,13 @@ def _make_model(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+    from pdserve.cluster import (
+        CacheConfig,
+        EngineConfig,
+        LLMEngine,
+        SamplingParams,
+        SchedulerConfig,
+    )
 
     config = EngineConfig(
         model=args.model,
@@ -55,7 +62,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from deploy import local_ray, serve_app
+    from pdserve.deploy import local_head, serve_app
 
     if args.config:
         app_args, http = serve_app.load_config(args.config)
@@ -72,25 +79,52 @@ def _up(args: argparse.Namespace) -> int:
         ingress["port"] = http["port"] = args.port
     http.setdefault("host", ingress.get("host", "127.0.0.1"))
     http.setdefault("port", ingress.get("port", 8000))
-    started = local_ray.connect(args.address)
-    if started:
-        print("started a local Ray head (`pdserve down` stops it)")
-    name = serve_app.deploy(app_args, http)
-    print(f"deploying {name} ...")
-    serve_app.wait_running(name)
-    url = f"http://{http['host']}:{http['port']}"
-    serve_app.wait_healthy(url)
+    started = False
+    try:
+        started = local_head.connect(args.address)
+        _trap_sigterm()
+        if started:
+            print("started a local Ray head (`pdserve down` stops it)")
+        name = serve_app.deploy(app_args, http)
+        print(f"deploying {name} ...")
+        serve_app.wait_running(name)
+        url = f"http://{http['host']}:{http['port']}"
+        serve_app.wait_healthy(url)
+    except BaseException as e:
+        _undo_up(started, app_args.get("name", "pdserve"))
+        if isinstance(e, KeyboardInterrupt):
+            print("pdserve up: interrupted", file=sys.stderr)
+            return 130
+        raise
     mode = "colocated" if app_args.get("prefill", {}) is None else "prefill/decode"
     print(f"{name} is up ({mode}): {url}/v1  (health {url}/health, metrics {url}/metrics)")
     return 0
 
 
+def _undo_up(started: bool, name: str) -> None:
+    """An ``up`` that did not finish stops the head it started; on a cluster it joined, it
+    says what it may have left."""
+    import ray
+
+    from pdserve.deploy import local_head
+
+    record = local_head.HeadRecord.read() if started else None
+    joined = ray.is_initialized() and record is None
+    ray.shutdown()
+    if record is not None:
+        local_head.stop(record)
+        print("stopped the Ray head this `pdserve up` started", file=sys.stderr)
+    elif joined:
+        print(f"{name!r} may be partly deployed; `pdserve down` removes it", file=sys.stderr)
+
+
 def _status(args: argparse.Namespace) -> int:
     from ray import serve
 
-    from deploy import local_ray, serve_app
+    from pdserve.deploy import local_head, serve_app
 
-    local_ray.connect_existing(args.address)
+    local_head.connect_existing(args.address)
+    _trap_sigterm()
     app = serve.status().applications.get(args.name)
     if app is None:
         raise ValueError(f"no application named {args.name!r} is deployed")
@@ -112,9 +146,10 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from deploy import local_ray, serve_app
+    from pdserve.deploy import local_head, serve_app
 
-    local_ray.connect_existing(args.address)
+    local_head.connect_existing(args.address)
+    _trap_sigterm()
     want = {p: n for p, n in (("prefill", args.prefill), ("decode", args.decode)) if n is not None}
     if not want:
         raise ValueError("give --prefill N and/or --decode M")
@@ -130,25 +165,37 @@ def _scale(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
+    """The head ``up`` started: every process of it stopped (Serve's replicas with it). A
+    cluster given by --address: the app deleted from it, and its registry; the rest stays."""
+    from pdserve.deploy import local_head
 
-    from cluster.replica_registry import NAMESPACE, registry_name
-    from deploy import local_ray
-
-    local_ray.connect_existing(args.address)
-    serve.shutdown()
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["namespace"] == NAMESPACE and actor["name"].startswith(registry_name("")):
-            ray.kill(ray.get_actor(actor["name"], namespace=NAMESPACE))
-    print("serve shut down")
-    if local_ray.stop_if_started():
-        print("stopped the local Ray head")
+    record = None if args.address else local_head.HeadRecord.read()
+    if record is not None:
+        pids = local_head.stop(record)
+        print(f"stopped the local Ray head pdserve started ({len(pids)} processes)")
+        return 0
+    local_head.connect_existing(args.address)
+    _trap_sigterm()
+    _delete_app(args.name)
     return 0
 
 
+def _delete_app(name: str) -> None:
+    import ray
+    from ray import serve
+
+    from pdserve.cluster.replica_registry import NAMESPACE, registry_name
+
+    serve.delete(name)
+    try:
+        ray.kill(ray.get_actor(registry_name(name), namespace=NAMESPACE))
+    except ValueError:  # no registry: the app never reached its replicas
+        pass
+    print(f"deleted the app {name!r}")
+
+
 def _demo(args: argparse.Namespace) -> int:
-    from deploy.demo import run_demo
+    from pdserve.deploy.demo import run_demo
 
     return run_demo(port=args.port, max_tokens=args.max_tokens)
 
@@ -207,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--decode", type=int)
             p.add_argument("--timeout", type=float, default=600)
 
-    from bench import serve as bench_serve
+    from pdserve.bench import serve as bench_serve
 
     p = sub.add_parser("bench", help="load generator against a running endpoint (bench.serve)")
     bench_serve.add_arguments(p)
@@ -227,11 +274,31 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    level = logging.getLogger().level
+    # Serve sets its own logger's level when it starts: filter what is below ours
+    logging.getLogger("ray.serve").addFilter(lambda record: record.levelno >= level)
+    _trap_sigterm()
     try:
         return args.fn(args)
     except ValueError as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2
+    except (RuntimeError, TimeoutError, ConnectionError) as e:
+        print(f"pdserve: {args.command} failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"pdserve {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _trap_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so that what a command started is cleaned up. Again after
+    ``ray.init``, whose core worker installs its own handler (which aborts)."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from msgspec import UNSET
 
-from cluster.request_output import RequestOutput
-from deploy.job import Choice, Job
-from deploy.logprob_formatter import LogprobFormatter
-from deploy.openai_responses import Completion, CompletionChoice
+from pdserve.cluster.request_output import RequestOutput
+from pdserve.deploy.job import Choice, Job
+from pdserve.deploy.logprob_formatter import LogprobFormatter
+from pdserve.deploy.openai_responses import Completion, CompletionChoice
 
 
 class CompletionFormat:

@@ -9,7 +9,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from deploy.sse import read_events
+from pdserve.deploy.sse import read_events
 
 PROMPTS = (
     "Tell me about the expert router.",
@@ -66,8 +66,8 @@ def stream_chat(url: str, model: str, prompt: str, max_tokens: int) -> Streamed:
 def run_demo(port: int = 8000, max_tokens: int = 48) -> int:
     import ray
 
-    from deploy import serve_app
-    from deploy.local_ray import logical_cpus
+    from pdserve.deploy import serve_app
+    from pdserve.deploy.local_head import logical_cpus
 
     t0 = time.perf_counter()
     ray.init(
@@ -95,7 +95,6 @@ def run_demo(port: int = 8000, max_tokens: int = 48) -> int:
         print("(random weights: the text is noise; the tokens equal a single-process run's)")
         return 0
     finally:
-        from ray import serve
-
-        serve.shutdown()
+        # the demo's Ray runs in this process: its end stops every replica, at once and quietly
+        # (serve.shutdown would drain them first, and its controller's end logs an error line)
         ray.shutdown()

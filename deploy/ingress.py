@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from cluster.errors import OverloadedError
-from cluster.messages import GenerateRequest
-from cluster.request_output import RequestOutput
-from deploy.api_keys import ENV
-from deploy.ingress_settings import IngressSettings
-from deploy.openai_app import build_app
-from deploy.openai_server import OpenAIServer
+from pdserve.cluster.errors import OverloadedError
+from pdserve.cluster.messages import GenerateRequest
+from pdserve.cluster.request_output import RequestOutput
+from pdserve.deploy.api_keys import ENV
+from pdserve.deploy.ingress_settings import IngressSettings
+from pdserve.deploy.openai_app import build_app
+from pdserve.deploy.openai_server import OpenAIServer
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -45,7 +45,7 @@ class Ingress:
     Serve application, whose replicas ``ClusterView`` reports on for /health and /metrics."""
 
     def __init__(self, decode: DeploymentHandle, settings: IngressSettings, app_name: str) -> None:
-        from cluster.replica_registry import ClusterView  # imports Ray's replica state
+        from pdserve.cluster.replica_registry import ClusterView  # imports Ray's replica state
 
         configured = len(settings.api_keys)
         settings = settings.with_env_keys(os.environ)

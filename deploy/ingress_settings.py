@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from deploy.api_keys import check_key, keys_from_env
+from pdserve.deploy.api_keys import check_key, keys_from_env
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from cluster.messages import GenerateRequest
-from cluster.request_output import RequestOutput, TokenLogprob
-from cluster.sampling_params import SamplingParams
-from deploy.openai_responses import Usage
+from pdserve.cluster.messages import GenerateRequest
+from pdserve.cluster.request_output import RequestOutput, TokenLogprob
+from pdserve.cluster.sampling_params import SamplingParams
+from pdserve.deploy.openai_responses import Usage
 
 
 @dataclass

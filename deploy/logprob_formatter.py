@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from cluster.request_output import TokenLogprob
-from cluster.tokenizer import Tokenizer
-from deploy.openai_responses import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from pdserve.cluster.request_output import TokenLogprob
+from pdserve.cluster.tokenizer import Tokenizer
+from pdserve.deploy.openai_responses import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    TopLogprob,
+)
 
 _FLOOR = -9999.0  # JSON has no -inf; vLLM clamps the same way
 

@@ -18,13 +18,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from deploy.api_keys import APIKeyGuard, APIKeys
-from deploy.openai_errors import PayloadTooLargeError, RouteError
-from deploy.openai_responses import encode
-from deploy.openai_server import OpenAIServer
-from deploy.openapi_document import openapi_document
-from deploy.reply import JSONReply, Reply, StreamReply, error_json
-from deploy.sse import EventStreamResponse
+from pdserve.deploy.api_keys import APIKeyGuard, APIKeys
+from pdserve.deploy.openai_errors import PayloadTooLargeError, RouteError
+from pdserve.deploy.openai_responses import encode
+from pdserve.deploy.openai_server import OpenAIServer
+from pdserve.deploy.openapi_document import openapi_document
+from pdserve.deploy.reply import JSONReply, Reply, StreamReply, error_json
+from pdserve.deploy.sse import EventStreamResponse
 
 
 def build_app(server: OpenAIServer) -> Starlette:

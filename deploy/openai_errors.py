@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.errors import ModelNotFoundError, OverloadedError, RequestError, WorkerError
+from pdserve.cluster.errors import ModelNotFoundError, OverloadedError, RequestError, WorkerError
 
 log = logging.getLogger(__name__)
 

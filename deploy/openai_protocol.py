@@ -14,8 +14,8 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
-from cluster.errors import RequestError
-from cluster.sampling_params import SamplingParams
+from pdserve.cluster.errors import RequestError
+from pdserve.cluster.sampling_params import SamplingParams
 
 # JSON integers must fit an int64 (seeds, counts); msgspec would accept any size
 Int = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]

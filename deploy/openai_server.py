@@ -13,22 +13,22 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import Any
 
-from cluster.config import ModelConfig
-from cluster.errors import ModelNotFoundError, RequestError
-from cluster.sampling_params import MAX_LOGPROBS, SamplingParams
-from cluster.tokenizer import Tokenizer
-from deploy.chat_format import ChatFormat
-from deploy.completion_format import CompletionFormat
-from deploy.ingress_settings import IngressSettings
-from deploy.job import Job
-from deploy.logprob_formatter import LogprobFormatter
-from deploy.openai_errors import error_reply
-from deploy.openai_protocol import ChatCompletionRequest, CompletionRequest, decode_request
-from deploy.openai_responses import ModelCard, ModelList, encode
-from deploy.prompt_encoder import PromptEncoder
-from deploy.reply import JSONReply, Reply, StreamReply, error_json
-from deploy.sse import DONE, event
-from deploy.stream_merge import Generate, merge_streams
+from pdserve.cluster.config import ModelConfig
+from pdserve.cluster.errors import ModelNotFoundError, RequestError
+from pdserve.cluster.sampling_params import MAX_LOGPROBS, SamplingParams
+from pdserve.cluster.tokenizer import Tokenizer
+from pdserve.deploy.chat_format import ChatFormat
+from pdserve.deploy.completion_format import CompletionFormat
+from pdserve.deploy.ingress_settings import IngressSettings
+from pdserve.deploy.job import Job
+from pdserve.deploy.logprob_formatter import LogprobFormatter
+from pdserve.deploy.openai_errors import error_reply
+from pdserve.deploy.openai_protocol import ChatCompletionRequest, CompletionRequest, decode_request
+from pdserve.deploy.openai_responses import ModelCard, ModelList, encode
+from pdserve.deploy.prompt_encoder import PromptEncoder
+from pdserve.deploy.reply import JSONReply, Reply, StreamReply, error_json
+from pdserve.deploy.sse import DONE, event
+from pdserve.deploy.stream_merge import Generate, merge_streams
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import msgspec
 
-from cluster.sampling_params import MAX_LOGPROBS
-from deploy.ingress_settings import IngressSettings
-from deploy.openai_protocol import (
+from pdserve.cluster.sampling_params import MAX_LOGPROBS
+from pdserve.deploy.ingress_settings import IngressSettings
+from pdserve.deploy.openai_protocol import (
     MAX_STOP,
     MAX_STOP_CHARS,
     MAX_STOP_TOKEN_IDS,
@@ -24,7 +24,7 @@ from deploy.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
 )
-from deploy.openai_responses import ChatCompletion, Completion, ModelList
+from pdserve.deploy.openai_responses import ChatCompletion, Completion, ModelList
 
 _REF = "#/components/schemas/{name}"
 _ERROR = {

@@ -13,9 +13,9 @@ from typing import Any
 
 from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 
-from prefill_worker.server import LINE_ONGOING
+from pdserve.prefill_worker.server import LINE_ONGOING
 
-PREFILL_POLICY = "deploy.prefill_autoscaling:count_line_calls"
+PREFILL_POLICY = "pdserve.deploy.prefill_autoscaling:count_line_calls"
 
 
 def line_calls(ctx: Any) -> float:

@@ -14,7 +14,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-ROUTER_CLASS = "deploy.prefill_router:AvoidTriedReplicas"
+ROUTER_CLASS = "pdserve.deploy.prefill_router:AvoidTriedReplicas"
 
 
 def without_tried(replicas: Sequence[Any], avoid: Sequence[str]) -> list[Any]:

@@ -7,9 +7,9 @@ import asyncio
 from collections.abc import Callable
 from typing import TypeVar
 
-from cluster.errors import RequestError
-from cluster.tokenizer import PromptTooLong, Tokenizer
-from deploy.ingress_settings import IngressSettings
+from pdserve.cluster.errors import RequestError
+from pdserve.cluster.tokenizer import PromptTooLong, Tokenizer
+from pdserve.deploy.ingress_settings import IngressSettings
 
 _THREAD_TOKENIZE_CHARS = 1 << 16  # longer text is tokenized off the event loop
 T = TypeVar("T")

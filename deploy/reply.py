@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from deploy.openai_errors import error_reply
-from deploy.openai_responses import encode
+from pdserve.deploy.openai_errors import error_reply
+from pdserve.deploy.openai_responses import encode
 
 
 @dataclass(frozen=True)

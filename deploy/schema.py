@@ -19,10 +19,10 @@ from pydantic import (
     model_validator,
 )
 
-from cluster.faults import ENV as FAULTS_ENV
-from cluster.faults import POINTS
-from deploy.api_keys import check_key
-from kernels.registry import OPS
+from pdserve.cluster.faults import ENV as FAULTS_ENV
+from pdserve.cluster.faults import POINTS
+from pdserve.deploy.api_keys import check_key
+from pdserve.kernels.registry import OPS
 
 
 class _Strict(BaseModel):

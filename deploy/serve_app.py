@@ -19,7 +19,7 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-IMPORT_PATH = "deploy.app:build_app"
+IMPORT_PATH = "pdserve.deploy.app:build_app"
 POOL_DEPLOYMENTS = {"prefill": "Prefill", "decode": "Decode"}
 
 
@@ -46,6 +46,13 @@ def deploy(args: dict[str, Any], http: dict[str, Any], overrides: list[dict] | N
     """Start Serve's proxy (if it is not up) and deploy the app; returns the app name."""
     name = args.get("name", "pdserve")
     serve.start(http_options=http)
+    have = _client().http_config
+    want = (http.get("host", have.host), int(http.get("port", have.port)))
+    if (have.host, have.port) != want:  # Serve keeps the options it started with
+        raise ValueError(
+            f"Serve on this cluster already listens on {have.host}:{have.port}, not "
+            f"{want[0]}:{want[1]}: deploy there (--port {have.port}), or `pdserve down` first"
+        )
     app = {"name": name, "route_prefix": "/", "import_path": IMPORT_PATH, "args": args}
     if overrides:
         app["deployments"] = overrides
@@ -107,7 +114,7 @@ def wait_healthy(url: str, timeout_s: float = 600.0) -> None:
 
 
 def replica_stats(name: str) -> list:
-    from cluster.replica_registry import ClusterView
+    from pdserve.cluster.replica_registry import ClusterView
 
     return asyncio.run(ClusterView(name).snapshot())
 

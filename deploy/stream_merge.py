@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 
-from cluster.errors import WorkerError
-from cluster.messages import GenerateRequest
-from cluster.request_output import RequestOutput
+from pdserve.cluster.errors import WorkerError
+from pdserve.cluster.messages import GenerateRequest
+from pdserve.cluster.request_output import RequestOutput
 
 Generate = Callable[[GenerateRequest], AsyncIterator[RequestOutput]]
 

@@ -7,13 +7,13 @@ backends register themselves beside it and the registry picks per worker.
 import importlib
 import importlib.util
 
-from kernels import triton_configs
-from kernels.device import DeviceInfo
-from kernels.kernel_set import KernelSet, PreparedMoe
-from kernels.mla_reference import mla_decode_torch, mla_prefill_torch
-from kernels.moe_reference import MoeWeights, SwiGLU, moe_mxfp4_torch
-from kernels.registry import REGISTRY, Backend, Choice, Registry
-from kernels.routing import grouped_topk
+from pdserve.kernels import triton_configs
+from pdserve.kernels.device import DeviceInfo
+from pdserve.kernels.kernel_set import KernelSet, PreparedMoe
+from pdserve.kernels.mla_reference import mla_decode_torch, mla_prefill_torch
+from pdserve.kernels.moe_reference import MoeWeights, SwiGLU, moe_mxfp4_torch
+from pdserve.kernels.registry import REGISTRY, Backend, Choice, Registry
+from pdserve.kernels.routing import grouped_topk
 
 REGISTRY.register(Backend("moe_small", "torch", lambda: moe_mxfp4_torch, "any", priority=0))
 REGISTRY.register(Backend("moe_large", "torch", lambda: moe_mxfp4_torch, "any", priority=0))
@@ -22,10 +22,11 @@ REGISTRY.register(Backend("mla_prefill", "torch", lambda: mla_prefill_torch, "an
 
 
 def _lazy(module: str, attr: str):
-    """A callable that imports kernels.<module> on first use (Triton compiles nothing before)."""
+    """A callable that imports pdserve.kernels.<module> on first use (nothing is compiled
+    before)."""
 
     def get():
-        return getattr(importlib.import_module(f"kernels.{module}"), attr)
+        return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
 
     return get
 

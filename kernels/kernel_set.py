@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from kernels.device import DeviceInfo
-from kernels.moe_reference import MoeWeights, SwiGLU
-from kernels.registry import OPS, REGISTRY, Choice, Registry
-from kernels.triton_configs import MOE_CROSSOVER_M
+from pdserve.kernels.device import DeviceInfo
+from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
+from pdserve.kernels.registry import OPS, REGISTRY, Choice, Registry
+from pdserve.kernels.triton_configs import MOE_CROSSOVER_M
 
 # Tokens per MoE call at and above which the large-M backend runs. Replaced per GPU by the
 # crossover that bench.kernels measures (triton_configs.MOE_CROSSOVER_M, keyed by GPU name);

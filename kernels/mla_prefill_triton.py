@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import triton_configs
-from kernels.moe_triton_common import interpreting, mma, output_like
+from pdserve.kernels import triton_configs
+from pdserve.kernels.moe_triton_common import interpreting, mma, output_like
 
 LOG2E = 1.4426950408889634
 

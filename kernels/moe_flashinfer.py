@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from kernels.moe_reference import MoeWeights, SwiGLU
-from kernels.mxfp4 import E8M0_BIAS, dequantize_mxfp4
+from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
+from pdserve.kernels.mxfp4 import E8M0_BIAS, dequantize_mxfp4
 
 ALIGN = 128  # the SM90 scale interleave packs 4 groups of 32 per K tile: K % 128 == 0
 

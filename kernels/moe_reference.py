@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.mxfp4 import dequantize_mxfp4
+from pdserve.kernels.mxfp4 import dequantize_mxfp4
 
 
 @dataclass(frozen=True)

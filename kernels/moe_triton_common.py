@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.moe_reference import MoeWeights, SwiGLU
+from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 
 MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -155,8 +155,9 @@ def _topk_sum_kernel(
     for k in tl.static_range(TOPK):
         slot = m * TOPK + k
         e = tl.load(ids_ptr + slot)
-        ok = (e >= 0) & (e < E)
-        y = tl.load(ys_ptr + slot.to(tl.int64) * stride_ys + cols, mask=cmask & ok, other=0.0)
+        # the id's test made per column: Triton 3.9's interpreter mistypes a block & scalar mask
+        ok = cmask & (cols * 0 + e >= 0) & (cols * 0 + e < E)
+        y = tl.load(ys_ptr + slot.to(tl.int64) * stride_ys + cols, mask=ok, other=0.0)
         acc += y.to(tl.float32)
     tl.store(out_ptr + m.to(tl.int64) * stride_out + cols, acc, mask=cmask)
 

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import triton_configs
-from kernels.moe_reference import MoeWeights, SwiGLU
-from kernels.moe_triton_common import (
+from pdserve.kernels import triton_configs
+from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
+from pdserve.kernels.moe_triton_common import (
     check_moe_inputs,
     dequant_tile,
     fit_block_k,

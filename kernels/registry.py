@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kernels.device import DeviceInfo
+from pdserve.kernels.device import DeviceInfo
 
 OPS = ("moe_small", "moe_large", "mla_decode", "mla_prefill")
 ROLES = ("prefill", "decode", "colocated")

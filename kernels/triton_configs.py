@@ -31,7 +31,7 @@ def _large(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict[str, Conf
 # expert sees about M*K/E of them at decode, so 16 serves every bucket; more loop in chunks),
 # BLOCK_N output features, BLOCK_K reduction step (a multiple of 32, one E8M0 group per 32;
 # launchers halve it until it divides the reduction dim). The H100 entries are the winners of
-# ``python -m bench.kernels --sweep`` on an H100 80GB HBM3 (2026-11-22, DeepSeek-V3 shapes);
+# ``python -m pdserve.bench.kernels --sweep`` on an H100 80GB HBM3 (2026-11-22, DeepSeek-V3 shapes);
 # "sm90" (the H200) reuses them untuned.
 _H100_SMALL = {
     4: {"gemm1": _small(64, 256), "gemm2": _small(64, 256)},

@@ -4,8 +4,8 @@ that finished it (``ModelRunner.stage_finished``), before the blocks are freed."
 
 from __future__ import annotations
 
-from cluster.engine import LLMEngine
-from cluster.request import Request
+from pdserve.cluster.engine import LLMEngine
+from pdserve.cluster.request import Request
 
 
 class PrefillEngine(LLMEngine):

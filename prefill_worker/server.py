@@ -24,15 +24,15 @@ from typing import Any
 
 import msgspec
 
-from cluster import trace_file
-from cluster.errors import KVLayoutMismatch, OverloadedError, RequestError, WorkerError
-from cluster.kv_transport.kv_peer import WAITING_CALLS, node_ip
-from cluster.line_server import LineServer
-from cluster.messages import FirstToken, PrefillAccepted, PrefillRequest, PrefillResult
-from cluster.model_runner import ModelRunner
-from cluster.replica import Replica, WorkerSpec
-from cluster.request_output import RequestOutput
-from prefill_worker.prefill_engine import PrefillEngine
+from pdserve.cluster import trace_file
+from pdserve.cluster.errors import KVLayoutMismatch, OverloadedError, RequestError, WorkerError
+from pdserve.cluster.kv_transport.kv_peer import WAITING_CALLS, node_ip
+from pdserve.cluster.line_server import LineServer
+from pdserve.cluster.messages import FirstToken, PrefillAccepted, PrefillRequest, PrefillResult
+from pdserve.cluster.model_runner import ModelRunner
+from pdserve.cluster.replica import Replica, WorkerSpec
+from pdserve.cluster.request_output import RequestOutput
+from pdserve.prefill_worker.prefill_engine import PrefillEngine
 
 log = logging.getLogger(__name__)
 

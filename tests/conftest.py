@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +35,17 @@ if not HAS_CUDA:
     _interpreter._patch_lang_tensor = _patched
 
 
+@pytest.fixture
+def tests_importable(tmp_path, monkeypatch):
+    """Put ``tests`` on sys.path (for processes this test spawns, which import their target by
+    its module's name) through a folder that holds only a link to it: the repository root
+    itself would expose the rooms' folders under their own names."""
+    root = tmp_path / "tests-root"
+    root.mkdir()
+    (root / "tests").symlink_to(Path(__file__).resolve().parent)
+    monkeypatch.syspath_prepend(str(root))
+
+
 def pytest_collection_modifyitems(config, items):
     gpus = torch.cuda.device_count() if HAS_CUDA else 0
     for item in items:
@@ -61,7 +73,7 @@ YARN_OVERRIDES = {
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """The ``tiny`` preset: q_lora_rank set, plain rope, bf16 weights."""
-    from cluster.checkpoint_maker import make_model
+    from pdserve.cluster.checkpoint_maker import make_model
 
     return str(make_model(tmp_path_factory.mktemp("tiny"), "tiny", seed=0))
 
@@ -69,7 +81,7 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def yarn_model(tmp_path_factory) -> str:
     """``tiny`` with q_lora_rank null and YaRN (mscale != mscale_all_dim), float32 weights."""
-    from cluster.checkpoint_maker import make_model
+    from pdserve.cluster.checkpoint_maker import make_model
 
     path = tmp_path_factory.mktemp("yarn")
     return str(make_model(path, "tiny", dtype="float32", seed=3, overrides=YARN_OVERRIDES))

@@ -1,13 +1,16 @@
-# Sourced by the h200_*.sh scripts: the GPU machine's environment (the wheels in /tmp/site,
-# installed on a fresh machine; NCCL multicast off), OUT (results), TAG (file names), M (the
-# model folder, made by each script as it needs) and `stamp NAME` (seconds since the start).
-# A PYTHONPATH given to a script is kept after /tmp/site and the repo (a folder holding a
-# sitecustomize.py then changes every process of a deployment).
+# Sourced by the h200_*.sh scripts: the GPU machine's environment (the wheels in /tmp/site:
+# Ray's bundle installed on a fresh machine, the project's own wheel, built from this tree by
+# `pip wheel --no-deps -w .whl .`, on every call; NCCL multicast off), OUT (results), TAG (file
+# names), M (the model folder, made by each script as it needs) and `stamp NAME` (seconds since
+# the start). PYTHONSAFEPATH keeps the repository root off sys.path (the project imports as
+# pdserve.*, never by its folders' names). A PYTHONPATH given to a script is kept after
+# /tmp/site (a folder holding a sitecustomize.py then changes every process of a deployment).
 set -u
-export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site:.${PYTHONPATH:+:$PYTHONPATH} NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-bench/results}
 TAG=${TAG:-}
 M=${MODEL:-/tmp/dsv2-lite}
 S=$(date +%s)
 stamp() { echo "== $1 at $(( $(date +%s) - S ))s"; }
 [ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/pdserve-*.whl

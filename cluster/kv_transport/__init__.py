@@ -1,9 +1,9 @@
 """KV transports behind one interface: Ray's object store, and point to point through
 torch.distributed (NCCL between GPUs, gloo on CPU)."""
 
-from cluster.kv_transport.base import KVTransport, TransferStats
-from cluster.kv_transport.object_store import ObjectStoreTransport
-from cluster.kv_transport.p2p import P2PTransport
+from pdserve.cluster.kv_transport.base import KVTransport, TransferStats
+from pdserve.cluster.kv_transport.object_store import ObjectStoreTransport
+from pdserve.cluster.kv_transport.p2p import P2PTransport
 
 TRANSPORTS = {"object_store": ObjectStoreTransport, "nccl": P2PTransport}
 

@@ -18,8 +18,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.executor import Executor
-from cluster.messages import KVDestination, KVHandle
+from pdserve.cluster.executor import Executor
+from pdserve.cluster.messages import KVDestination, KVHandle
 
 
 @dataclass

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cluster import trace_file
-from cluster.kv_layout import block_rows, gather_blocks, host_rows, scatter_blocks
-from cluster.kv_transport.pair_group import DECODE, PairGroup, layer_groups, listen
+from pdserve.cluster import trace_file
+from pdserve.cluster.kv_layout import block_rows, gather_blocks, host_rows, scatter_blocks
+from pdserve.cluster.kv_transport.pair_group import DECODE, PairGroup, layer_groups, listen
 
 if TYPE_CHECKING:
-    from cluster.model_runner import ModelRunner
+    from pdserve.cluster.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import time
 import ray
 import torch
 
-from cluster.executor import Executor
-from cluster.kv_transport.base import KVTransport
-from cluster.messages import KVDestination, KVHandle
+from pdserve.cluster.executor import Executor
+from pdserve.cluster.kv_transport.base import KVTransport
+from pdserve.cluster.messages import KVDestination, KVHandle
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 

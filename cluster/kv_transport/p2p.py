@@ -27,11 +27,11 @@ from collections import OrderedDict
 
 import torch
 
-from cluster.executor import Executor
-from cluster.kv_transport.base import KVTransport
-from cluster.kv_transport.kv_peer import KVNotSent
-from cluster.kv_transport.peer_client import PeerClient
-from cluster.messages import KVDestination, KVHandle
+from pdserve.cluster.executor import Executor
+from pdserve.cluster.kv_transport.base import KVTransport
+from pdserve.cluster.kv_transport.kv_peer import KVNotSent
+from pdserve.cluster.kv_transport.peer_client import PeerClient
+from pdserve.cluster.messages import KVDestination, KVHandle
 
 log = logging.getLogger(__name__)
 _GENERATIONS = itertools.count()  # pair groups of one process get distinct keys

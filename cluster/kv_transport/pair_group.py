@@ -29,8 +29,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from cluster.kv_transport.signal_line import SignalLine
-from cluster.kv_transport.watchdog import Watchdog
+from pdserve.cluster.kv_transport.signal_line import SignalLine
+from pdserve.cluster.kv_transport.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from cluster.kv_transport.kv_peer import WAITING_CALLS, KVPeer
-from cluster.line_client import LineClient
+from pdserve.cluster.kv_transport.kv_peer import WAITING_CALLS, KVPeer
+from pdserve.cluster.line_client import LineClient
 
 
 class PeerClient:

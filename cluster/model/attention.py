@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cluster.config import ModelConfig
-from cluster.model.attention_metadata import AttentionMetadata
-from cluster.model.layers import Linear, RMSNorm
-from cluster.model.rope import RotaryEmbedding
-from cluster.parallel import TensorParallel
-from kernels import KernelSet
+from pdserve.cluster.config import ModelConfig
+from pdserve.cluster.model.attention_metadata import AttentionMetadata
+from pdserve.cluster.model.layers import Linear, RMSNorm
+from pdserve.cluster.model.rope import RotaryEmbedding
+from pdserve.cluster.parallel import TensorParallel
+from pdserve.kernels import KernelSet
 
 LATENT_NORM_EPS = 1e-6  # transformers builds q_a_layernorm and kv_a_layernorm with the default eps
 

@@ -10,14 +10,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from cluster.config import ModelConfig
-from cluster.model.attention import MLAAttention
-from cluster.model.attention_metadata import AttentionMetadata
-from cluster.model.layers import DenseMLP, LMHead, RMSNorm, VocabEmbedding
-from cluster.model.moe import MoEBlock
-from cluster.model.rope import RotaryEmbedding
-from cluster.parallel import TensorParallel
-from kernels import KernelSet
+from pdserve.cluster.config import ModelConfig
+from pdserve.cluster.model.attention import MLAAttention
+from pdserve.cluster.model.attention_metadata import AttentionMetadata
+from pdserve.cluster.model.layers import DenseMLP, LMHead, RMSNorm, VocabEmbedding
+from pdserve.cluster.model.moe import MoEBlock
+from pdserve.cluster.model.rope import RotaryEmbedding
+from pdserve.cluster.parallel import TensorParallel
+from pdserve.kernels import KernelSet
 
 
 class DecoderLayer(nn.Module):

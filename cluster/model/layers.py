@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.parallel import TensorParallel
+from pdserve.cluster.parallel import TensorParallel
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cluster.config import ModelConfig
-from cluster.model.layers import DenseMLP, Loadable, _copy, _empty
-from cluster.parallel import TensorParallel
-from kernels import KernelSet, MoeWeights, SwiGLU, grouped_topk
-from kernels.mxfp4 import BLOCK, quantize_mxfp4
+from pdserve.cluster.config import ModelConfig
+from pdserve.cluster.model.layers import DenseMLP, Loadable, _copy, _empty
+from pdserve.cluster.parallel import TensorParallel
+from pdserve.kernels import KernelSet, MoeWeights, SwiGLU, grouped_topk
+from pdserve.kernels.mxfp4 import BLOCK, quantize_mxfp4
 
 _PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
 

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from cluster.config import RopeConfig, yarn_mscale
+from pdserve.cluster.config import RopeConfig, yarn_mscale
 
 
 def inv_freq_and_attention_factor(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from cluster.model.layers import Loadable
+from pdserve.cluster.model.layers import Loadable
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 

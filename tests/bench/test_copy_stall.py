@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import copy_stall
+from pdserve.bench import copy_stall
 
 
 def test_quantiles_of_call_times():

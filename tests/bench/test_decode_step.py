@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bench.decode_step import main, split_kernel_time
+from pdserve.bench.decode_step import main, split_kernel_time
 
 
 def test_decode_step_bench_writes_a_row_per_batch_and_mode(tiny_model, tmp_path):

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from bench.handoff import means
-from cluster.replica_registry import render_prometheus
-from cluster.replica_stats import ReplicaStats
+from pdserve.bench.handoff import means
+from pdserve.cluster.replica_registry import render_prometheus
+from pdserve.cluster.replica_stats import ReplicaStats
 
 
 def test_means_per_phase_and_pool_from_rendered_metrics():

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from bench.hf_peer import load
-from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
-from cluster.checkpoint_maker import make_model
+from pdserve.bench.hf_peer import load
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from pdserve.cluster.checkpoint_maker import make_model
 
 
 def test_the_peer_built_from_mxfp4_experts_generates_our_tokens(tmp_path):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench import kv_trace
+from pdserve.bench import kv_trace
 
 
 def _write(folder, pid: int, records: list[tuple[str, str, dict]]) -> None:

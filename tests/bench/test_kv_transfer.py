@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from bench import kv_transfer
+from pdserve.bench import kv_transfer
 
 
 def test_kv_transfer_bench_smoke(tmp_path):

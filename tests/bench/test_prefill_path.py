@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from bench.prefill_path import main
+from pdserve.bench.prefill_path import main
 
 
 def test_prefill_path_bench_times_both_ways_per_length(tiny_model, tmp_path):

@@ -9,10 +9,10 @@ import socket
 
 import pytest
 
-from bench.request_record import RequestRecord
-from bench.serve import main
-from bench.serve_report import SCHEMA, summarize
-from bench.trace import arrival_times
+from pdserve.bench.request_record import RequestRecord
+from pdserve.bench.serve import main
+from pdserve.bench.serve_report import SCHEMA, summarize
+from pdserve.bench.trace import arrival_times
 
 from .conftest import MODEL
 

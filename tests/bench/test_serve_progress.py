@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from bench.progress import Progress
+from pdserve.bench.progress import Progress
 
 
 def test_plain_bar_counts_requests_and_errors(monkeypatch, capsys):

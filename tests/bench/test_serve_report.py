@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from bench.request_record import RequestRecord
-from bench.serve_report import (
+from pdserve.bench.request_record import RequestRecord
+from pdserve.bench.serve_report import (
     SCHEMA,
     load_result,
     paired_table,
@@ -178,7 +178,7 @@ def test_paired_ttft_compares_request_by_request_and_only_the_same_trace():
 
 
 def test_compare_scores_stored_runs_again_under_a_given_slo(tmp_path, capsys):
-    from bench.serve import main as bench
+    from pdserve.bench.serve import main as bench
 
     # TPOT 10 ms and 30 ms; TTFT 100 ms: both meet a 40 ms TPOT target, one meets 20 ms
     records = [ok_record(0, [0.1, 0.11], 0.11), ok_record(1, [0.1, 0.13], 0.13)]

@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from bench import serve
-from bench.trace import (
+from pdserve.bench import serve
+from pdserve.bench.trace import (
     MIN_TOKEN_ID,
     arrival_times,
     load_trace,

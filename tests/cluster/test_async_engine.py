@@ -8,12 +8,12 @@ import random
 
 import pytest
 
-from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
-from cluster.async_engine import AsyncEngine
-from cluster.engine_step import CollectedStep, LaunchedStep
-from cluster.errors import WorkerError
-from cluster.request_output import RequestOutput
-from cluster.scheduler import SchedulerOutput
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from pdserve.cluster.async_engine import AsyncEngine
+from pdserve.cluster.engine_step import CollectedStep, LaunchedStep
+from pdserve.cluster.errors import WorkerError
+from pdserve.cluster.request_output import RequestOutput
+from pdserve.cluster.scheduler import SchedulerOutput
 
 
 def _config(path: str) -> EngineConfig:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from cluster.batch_inputs import BatchInputs
-from cluster.sampling_params import SamplingParams
-from cluster.scheduler import ScheduledChunk, SchedulerOutput
+from pdserve.cluster.batch_inputs import BatchInputs
+from pdserve.cluster.sampling_params import SamplingParams
+from pdserve.cluster.scheduler import ScheduledChunk, SchedulerOutput
 
 
 def _chunk(tokens, start, blocks, sample=True) -> ScheduledChunk:

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster import CacheConfig, EngineConfig, LLMEngine, ModelConfig, SamplingParams
-from cluster.checkpoint_maker import make_model
-from cluster.tokenizer import Tokenizer
-from cluster.tokenizer_trainer import ASSISTANT, BOS, EOS, USER
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, ModelConfig, SamplingParams
+from pdserve.cluster.checkpoint_maker import make_model
+from pdserve.cluster.tokenizer import Tokenizer
+from pdserve.cluster.tokenizer_trainer import ASSISTANT, BOS, EOS, USER
 
 
 def test_tiny_checkpoint_files_and_config(tiny_model):

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from cluster.config import EngineConfig, ModelConfig, RopeConfig, yarn_mscale
-from cluster.presets import preset_config
+from pdserve.cluster.config import EngineConfig, ModelConfig, RopeConfig, yarn_mscale
+from pdserve.cluster.presets import preset_config
 
 YARN = {
     "type": "yarn",

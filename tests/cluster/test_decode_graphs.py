@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
-from cluster.decode_graphs import graph_buckets
-from cluster.scheduler import ScheduledChunk, SchedulerOutput
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from pdserve.cluster.decode_graphs import graph_buckets
+from pdserve.cluster.scheduler import ScheduledChunk, SchedulerOutput
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 
 NEW_TOKENS = 16
 LENGTHS = (1, 2, 7, 15, 16, 17, 64, 130, 301)

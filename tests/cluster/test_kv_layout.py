@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.kv_layout import (
+from pdserve.cluster.kv_layout import (
     block_rows,
     device_index,
     gather_blocks,

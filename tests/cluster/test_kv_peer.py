@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.kv_transfer import CacheOnlyRunner
-from cluster.kv_layout import block_rows, scatter_blocks
-from cluster.kv_transport.kv_peer import KVPeer
+from pdserve.bench.kv_transfer import CacheOnlyRunner
+from pdserve.cluster.kv_layout import block_rows, scatter_blocks
+from pdserve.cluster.kv_transport.kv_peer import KVPeer
 
 
 @pytest.mark.gpu
@@ -50,8 +50,8 @@ def test_a_prefill_engine_streams_the_same_kv_it_stages_after_the_step(tiny_mode
     """The tiny model's KV is one message at the real message sizes; with ends of one byte each
     of its three layers is a group, copied during the step: the staged KV is bit for bit what
     the copy after the step makes."""
-    from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
-    from cluster.kv_transport import pair_group
+    from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+    from pdserve.cluster.kv_transport import pair_group
 
     engine = LLMEngine(
         EngineConfig(

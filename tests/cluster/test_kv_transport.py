@@ -9,13 +9,13 @@ import time
 import pytest
 import torch
 
-from cluster.config import CacheConfig, EngineConfig, ModelConfig
-from cluster.kv_layout import fingerprint
-from cluster.kv_transport import make_transport
-from cluster.kv_transport.kv_peer import KVNotSent
-from cluster.messages import KVDestination
-from cluster.model_runner import ModelRunner
-from cluster.tp_executor import RayTPExecutor
+from pdserve.cluster.config import CacheConfig, EngineConfig, ModelConfig
+from pdserve.cluster.kv_layout import fingerprint
+from pdserve.cluster.kv_transport import make_transport
+from pdserve.cluster.kv_transport.kv_peer import KVNotSent
+from pdserve.cluster.messages import KVDestination
+from pdserve.cluster.model_runner import ModelRunner
+from pdserve.cluster.tp_executor import RayTPExecutor
 
 BLOCKS = 32
 
@@ -146,7 +146,7 @@ def test_timeout_a_pair_group_message_from_a_dead_peer_fails_within_its_bound():
     """A receive whose sender never sends (it died) raises after ``timeout_s``, not never."""
     import threading
 
-    from cluster.kv_transport.pair_group import DECODE, PairGroup, listen
+    from pdserve.cluster.kv_transport.pair_group import DECODE, PairGroup, listen
 
     cpu = torch.device("cpu")
     store = listen("127.0.0.1", 10.0)
@@ -274,7 +274,7 @@ def test_timeout_an_nccl_peer_that_dies_mid_transfer_fails_the_transfer_not_the_
     pair group between the same GPUs then moves KV intact."""
     import threading
 
-    from cluster.kv_transport.pair_group import DECODE, PairGroup, listen
+    from pdserve.cluster.kv_transport.pair_group import DECODE, PairGroup, listen
 
     pre_dev, dec_dev = torch.device("cuda:0"), torch.device("cuda:1")
     shape = (4, 3, 16, 64)
@@ -336,7 +336,7 @@ def test_a_traced_transfer_records_both_peers_phases_on_one_clock(
 ):
     """With PDSERVE_KV_TRACE set, each KV peer of a transfer writes its phase times; on one host
     the two ends' clocks agree, so the decode end has the word after the prefill end staged."""
-    from bench.kv_trace import load
+    from pdserve.bench.kv_trace import load
 
     monkeypatch.setenv("PDSERVE_KV_TRACE", str(tmp_path))
     cfg = ModelConfig.from_dir(tiny_model)

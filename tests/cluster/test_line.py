@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-from cluster.errors import OverloadedError, RequestError
-from cluster.line_client import LineClient
-from cluster.line_protocol import split_address
-from cluster.line_server import LineServer
+from pdserve.cluster.errors import OverloadedError, RequestError
+from pdserve.cluster.line_client import LineClient
+from pdserve.cluster.line_protocol import split_address
+from pdserve.cluster.line_server import LineServer
 
 
 class Callee:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.kv_transport.pair_group import FIRST_BYTES, GROWTH, layer_groups
+from pdserve.cluster.kv_transport.pair_group import FIRST_BYTES, GROWTH, layer_groups
 
 
 def _sizes(layers: int, layer_bytes: int, first_bytes: int = FIRST_BYTES) -> list[int]:
@@ -41,7 +41,7 @@ def test_a_kv_of_several_messages_reaches_write_part_by_part_in_layer_order():
 
     import torch
 
-    from cluster.kv_transport.pair_group import DECODE, PairGroup, listen
+    from pdserve.cluster.kv_transport.pair_group import DECODE, PairGroup, listen
 
     cpu = torch.device("cpu")
     store = listen("127.0.0.1", 10.0)

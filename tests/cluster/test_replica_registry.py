@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import time
 
-from cluster.replica_registry import STALE_S, RegistryState, render_prometheus
-from cluster.replica_stats import Histogram, ReplicaStats
+from pdserve.cluster.replica_registry import STALE_S, RegistryState, render_prometheus
+from pdserve.cluster.replica_stats import Histogram, ReplicaStats
 
 
 def _stats(rid: str, pool: str, gen: str, **kw) -> ReplicaStats:

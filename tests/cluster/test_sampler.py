@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.sampler import Sampler, token_seed
-from cluster.sampling_params import SamplingParams
+from pdserve.cluster.sampler import Sampler, token_seed
+from pdserve.cluster.sampling_params import SamplingParams
 
 LOGITS = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
 

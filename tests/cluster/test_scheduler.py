@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from cluster.block_manager import BlockManager
-from cluster.config import SchedulerConfig
-from cluster.request import FinishReason, Request, RequestStatus
-from cluster.sampling_params import SamplingParams
-from cluster.scheduler import Scheduler
+from pdserve.cluster.block_manager import BlockManager
+from pdserve.cluster.config import SchedulerConfig
+from pdserve.cluster.request import FinishReason, Request, RequestStatus
+from pdserve.cluster.sampling_params import SamplingParams
+from pdserve.cluster.scheduler import Scheduler
 
 SP = SamplingParams(max_tokens=100)
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from cluster.kv_transport.signal_line import SignalLine
+from pdserve.cluster.kv_transport.signal_line import SignalLine
 
 
 def _pair() -> tuple[SignalLine, SignalLine]:

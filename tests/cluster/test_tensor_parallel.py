@@ -8,13 +8,13 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from cluster.block_manager import BlockManager
-from cluster.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
-from cluster.model_runner import ModelRunner
-from cluster.parallel import TensorParallel
-from cluster.request import Request
-from cluster.sampling_params import SamplingParams
-from cluster.scheduler import Scheduler
+from pdserve.cluster.block_manager import BlockManager
+from pdserve.cluster.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.cluster.model_runner import ModelRunner
+from pdserve.cluster.parallel import TensorParallel
+from pdserve.cluster.request import Request
+from pdserve.cluster.sampling_params import SamplingParams
+from pdserve.cluster.scheduler import Scheduler
 
 
 def _logits(path: str, tp: TensorParallel) -> list[torch.Tensor]:
@@ -49,7 +49,7 @@ def _rank(rank: int, path: str, init: str, queue) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_tp2_matches_single_process(tiny_model, tmp_path):
+def test_tp2_matches_single_process(tiny_model, tmp_path, tests_importable):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
@@ -74,7 +74,7 @@ def test_tp2_over_nccl_matches_one_gpu(tiny_model):
     decode steps replayed from CUDA graphs and without."""
     import ray
 
-    from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+    from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
 
     started = not ray.is_initialized()
     if started:

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.tokenizer import PromptTooLong, Tokenizer
-from cluster.tokenizer_trainer import ASSISTANT, BOS, EOS, USER
+from pdserve.cluster.tokenizer import PromptTooLong, Tokenizer
+from pdserve.cluster.tokenizer_trainer import ASSISTANT, BOS, EOS, USER
 
 MARKERS = "\ufdd0\ufdd1"  # the tokenizer's internal markers, which user text may not carry
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from cluster import trace_file
+from pdserve.cluster import trace_file
 
 
 def test_nothing_is_written_unless_a_folder_is_named(tmp_path, monkeypatch):

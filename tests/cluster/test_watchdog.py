@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from cluster.kv_transport.watchdog import Watchdog
+from pdserve.cluster.kv_transport.watchdog import Watchdog
 
 
 def test_a_wait_that_outlasts_its_bound_is_expired():

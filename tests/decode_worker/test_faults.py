@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
-from cluster.errors import OverloadedError, RequestError, WorkerError
-from cluster.faults import FaultInjector
-from cluster.messages import GenerateRequest, PrefillAccepted
-from decode_worker.server import DecodeServer
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from pdserve.cluster.errors import OverloadedError, RequestError, WorkerError
+from pdserve.cluster.faults import FaultInjector
+from pdserve.cluster.messages import GenerateRequest, PrefillAccepted
+from pdserve.decode_worker.server import DecodeServer
 from tests.decode_worker.test_server import (
     _collect,
     _eventually,
@@ -57,7 +57,7 @@ def setup(tiny_model):
     """A prefill server (object store), and the tokens a single process makes for PROMPT."""
     import ray
 
-    from prefill_worker.server import PrefillServer
+    from pdserve.prefill_worker.server import PrefillServer
 
     started = not ray.is_initialized()
     if started:

@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from cluster.errors import OverloadedError
-from decode_worker.server import DecodeServer
+from pdserve.cluster.errors import OverloadedError
+from pdserve.decode_worker.server import DecodeServer
 from tests.decode_worker.test_faults import GREEDY, PROMPT, _clean, _decode, setup  # noqa: F401
 from tests.decode_worker.test_server import _collect, _PrefillHandle, _spec
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
-from cluster.replica_stats import PrefillLine
-from decode_worker.prefill_lines import PrefillLines
+from pdserve.cluster.replica_stats import PrefillLine
+from pdserve.decode_worker.prefill_lines import PrefillLines
 
 
 def test_choice_skips_tried_replicas_and_prefers_the_less_loaded():

@@ -10,13 +10,13 @@ import time
 import msgspec
 import pytest
 
-from cluster import CacheConfig, EngineConfig, SamplingParams
-from cluster.errors import KVLayoutMismatch, OverloadedError
-from cluster.messages import GenerateRequest
-from cluster.replica import WorkerSpec
-from cluster.replica_stats import HANDOFF, P2P_ONLY
-from decode_worker.server import DecodeServer
-from prefill_worker.server import PrefillServer
+from pdserve.cluster import CacheConfig, EngineConfig, SamplingParams
+from pdserve.cluster.errors import KVLayoutMismatch, OverloadedError
+from pdserve.cluster.messages import GenerateRequest
+from pdserve.cluster.replica import WorkerSpec
+from pdserve.cluster.replica_stats import HANDOFF, P2P_ONLY
+from pdserve.decode_worker.server import DecodeServer
+from pdserve.prefill_worker.server import PrefillServer
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 

@@ -13,13 +13,13 @@ from typing import Any
 import httpx
 import pytest
 
-from cluster import CacheConfig, EngineConfig, LLMEngine, SchedulerConfig
-from cluster.async_engine import AsyncEngine
-from cluster.messages import GenerateRequest
-from cluster.request_output import RequestOutput
-from deploy.ingress_settings import IngressSettings
-from deploy.openai_app import build_app
-from deploy.openai_server import OpenAIServer
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SchedulerConfig
+from pdserve.cluster.async_engine import AsyncEngine
+from pdserve.cluster.messages import GenerateRequest
+from pdserve.cluster.request_output import RequestOutput
+from pdserve.deploy.ingress_settings import IngressSettings
+from pdserve.deploy.openai_app import build_app
+from pdserve.deploy.openai_server import OpenAIServer
 
 MODEL = "tiny-chat"
 MAX_MODEL_LEN = 128

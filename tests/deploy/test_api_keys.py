@@ -10,10 +10,10 @@ import openai
 import pytest
 from pydantic import ValidationError
 
-from deploy.api_keys import ENV, APIKeys, keys_from_env
-from deploy.app import build_app
-from deploy.ingress_settings import IngressSettings
-from deploy.schema import AppSpec
+from pdserve.deploy.api_keys import ENV, APIKeys, keys_from_env
+from pdserve.deploy.app import build_app
+from pdserve.deploy.ingress_settings import IngressSettings
+from pdserve.deploy.schema import AppSpec
 from tests.deploy.conftest import BASE_URL, MODEL, client, error_of, run
 
 KEYS = ("sk-first-0123456789", "sk-second-abcdef")

@@ -3,7 +3,7 @@ plain text, over HTTP as in the tokenizer; completions prompts follow ``prompt_s
 
 from __future__ import annotations
 
-from cluster.sampling_params import SamplingParams
+from pdserve.cluster.sampling_params import SamplingParams
 from tests.deploy.conftest import MODEL, client, run
 
 GREEDY = {"temperature": 0, "ignore_eos": True, "return_token_ids": True}

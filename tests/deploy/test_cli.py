@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from deploy.cli import main
+from pdserve.deploy.cli import main
 
 
 def test_make_model_then_generate(tmp_path, capsys):

@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from cluster.sampling_params import SamplingParams
+from pdserve.cluster.sampling_params import SamplingParams
 from tests.deploy.conftest import BASE_URL, MAX_MODEL_LEN, MODEL, client, error_of, run, sse
 
 PROMPTS = ["The model and the cache", [17, 300, 42, 9, 512, 77, 5], "Hello"]

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray.exceptions import RayTaskError
 
-from cluster.errors import OverloadedError, RequestError, WorkerError
-from cluster.request_output import RequestOutput
+from pdserve.cluster.errors import OverloadedError, RequestError, WorkerError
+from pdserve.cluster.request_output import RequestOutput
 from tests.deploy.conftest import BASE_URL, MAX_MODEL_LEN, MODEL, client, error_of, run, sse
 
 COMPLETION = {"model": MODEL, "prompt": "Hello", "max_tokens": 2}

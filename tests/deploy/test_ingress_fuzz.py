@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deploy.openai_protocol import ChatCompletionRequest, CompletionRequest
+from pdserve.deploy.openai_protocol import ChatCompletionRequest, CompletionRequest
 from tests.deploy.conftest import MODEL, client, error_of, run, sse
 
 TIMEOUT_S = 30

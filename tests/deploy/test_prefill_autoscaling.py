@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from deploy.app import _deployment_options
-from deploy.prefill_autoscaling import PREFILL_POLICY, count_line_calls, line_calls
-from deploy.schema import PoolSpec
-from prefill_worker.server import LINE_ONGOING
+from pdserve.deploy.app import _deployment_options
+from pdserve.deploy.prefill_autoscaling import PREFILL_POLICY, count_line_calls, line_calls
+from pdserve.deploy.schema import PoolSpec
+from pdserve.prefill_worker.server import LINE_ONGOING
 
 
 def _ctx(serve_requests: float, line_per_replica: list[float], replicas: int = 2):

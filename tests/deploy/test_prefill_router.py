@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import torch
 
-from cluster.kv_layout import KVFingerprint
-from cluster.messages import KVDestination, PrefillRequest
-from cluster.sampling_params import SamplingParams
-from deploy.prefill_router import AvoidTriedReplicas, _avoid, without_tried
+from pdserve.cluster.kv_layout import KVFingerprint
+from pdserve.cluster.messages import KVDestination, PrefillRequest
+from pdserve.cluster.sampling_params import SamplingParams
+from pdserve.deploy.prefill_router import AvoidTriedReplicas, _avoid, without_tried
 
 
 def _replica(uid: str):

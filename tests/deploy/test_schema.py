@@ -8,10 +8,10 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from cluster.config import ModelConfig
-from deploy.app import _check_tp, _deployment_options, weights_digest
-from deploy.schema import AppSpec, PoolSpec
-from deploy.serve_app import load_config
+from pdserve.cluster.config import ModelConfig
+from pdserve.deploy.app import _check_tp, _deployment_options, weights_digest
+from pdserve.deploy.schema import AppSpec, PoolSpec
+from pdserve.deploy.serve_app import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from deploy.sse import DONE, event, read_events
+from pdserve.deploy.sse import DONE, event, read_events
 
 
 def test_read_events_gives_each_data_event_up_to_done():

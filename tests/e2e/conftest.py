@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
 
 GREEDY_TOKENS = 12
 
@@ -72,7 +72,7 @@ class App:
 
 
 def deploy(port: int, args: dict) -> App:
-    from deploy import serve_app
+    from pdserve.deploy import serve_app
 
     name = serve_app.deploy(args, {"host": "127.0.0.1", "port": port})
     serve_app.wait_running(name, timeout_s=600)

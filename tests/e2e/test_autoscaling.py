@@ -27,7 +27,7 @@ def _complete(url: str, prompt: list[int]) -> None:
 
 
 def test_prefill_pool_scales_up_on_line_calls(ray_serve, tiny_model):
-    from deploy import serve_app
+    from pdserve.deploy import serve_app
 
     prefill = {
         "autoscaling_config": {

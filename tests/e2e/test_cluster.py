@@ -195,7 +195,7 @@ def test_invalid_input_gets_named_4xx_and_serving_goes_on(pd, reference):
 
 
 def _scale(app: App, prefill: int, decode: int) -> None:
-    from deploy import serve_app
+    from pdserve.deploy import serve_app
 
     serve_app.scale(app.name, {"prefill": prefill, "decode": decode})
     deadline = __import__("time").monotonic() + 300
@@ -216,7 +216,7 @@ def _scale(app: App, prefill: int, decode: int) -> None:
 def test_2p1d_and_1p2d_match_single_process(pd, reference, prefill, decode):
     _scale(pd, prefill, decode)
     _check_topology(pd, reference, seed=3 + prefill)
-    from deploy import serve_app
+    from pdserve.deploy import serve_app
 
     busy = [s for s in serve_app.replica_stats(pd.name) if s.requests.get("ok")]
     assert {s.pool for s in busy} == {"prefill", "decode"}
@@ -294,7 +294,7 @@ def test_p2p_transport_1p1d_matches_single_process(ray_serve, tiny_model, refere
     args = app_args(tiny_model, dict(pool), dict(pool))
     app = deploy(ray_serve, {**args, "kv_transport": "nccl"})
     _check_topology(app, reference, seed=9)
-    from deploy import serve_app
+    from pdserve.deploy import serve_app
 
     stats = serve_app.replica_stats(app.name)
     assert {s.kv_transport for s in stats} == {"nccl"}
@@ -310,7 +310,7 @@ def test_tp2_on_both_pools_matches_single_process(ray_serve, tiny_model, referen
     pool = {"num_replicas": 1, "tp": 2, "num_kv_blocks": 256}
     app = deploy(ray_serve, app_args(tiny_model, dict(pool), dict(pool)))
     _check_topology(app, reference, seed=8)
-    from deploy import serve_app
+    from pdserve.deploy import serve_app
 
     assert {s.tp for s in serve_app.replica_stats(app.name)} == {2}
     _blocks_free(app)

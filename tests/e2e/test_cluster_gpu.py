@@ -1,40 +1,76 @@
-"""1P1D on GPUs, bf16, Triton kernels: one GPU shared (KV over the object store) and two GPUs
-(KV over NCCL); greedy tokens equal the single-process engine on the same GPU."""
+"""1P1D on GPUs, Triton kernels: one GPU shared (KV over the object store) and two GPUs (KV over
+NCCL), against the single-process engine on the same GPU.
+
+In float32 the greedy tokens are equal. In bf16 a prefill replica, a decode replica and a
+single-process engine may round differently (each runs its own step shapes through the
+kernels), so a near-tie between two tokens can go either way: there every token the cluster
+picks must be, given the same prefix, the single-process engine's pick or within ``BF16_TIE``
+nats of it."""
 
 from __future__ import annotations
 
 import pytest
 
-from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
 from tests.e2e.conftest import deploy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
+PROMPTS = ("The expert router", "A much longer prompt about caches, " * 20, "x")
+MAX_TOKENS = 24
+BF16_TIE = 0.1  # nats between the reference's best token and the cluster's, where they differ
 
-def _matches_single_process(ray_serve, tiny_model, name: str, pool: dict):
-    """Deploy 1P1D with ``pool`` for both pools; three prompts' greedy tokens over HTTP equal
-    the single-process engine's; every decode block comes back. Returns the app."""
-    model = {"path": tiny_model, "name": "tiny", "block_size": 64, "dtype": "bfloat16"}
+
+def _reference(tiny_model, dtype: str) -> LLMEngine:
+    cache = CacheConfig(block_size=64, num_blocks=256)
+    return LLMEngine(EngineConfig(model=tiny_model, dtype=dtype, device="cuda", cache=cache))
+
+
+def _greedy(ref: LLMEngine, ids: list[int], n: int, logprobs: int | None = None):
+    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=logprobs)
+    return ref.generate([ids], sp)[0]
+
+
+def _tie_gaps(ref: LLMEngine, prompt: list[int], got: list[int]) -> list[float]:
+    """Where ``got`` leaves the reference's greedy path, the reference's logprob gap between
+    its pick and ``got``'s token (asserted at most ``BF16_TIE``); the reference then continues
+    from ``got``'s prefix. One gap per divergence."""
+    gaps, pos = [], 0
+    while pos < len(got):
+        out = _greedy(ref, prompt + got[:pos], len(got) - pos, logprobs=5)
+        for want, lp in zip(out.token_ids, out.logprobs):
+            if got[pos] != want:
+                top = dict(lp.top)
+                assert got[pos] in top, f"token {pos}: {got[pos]} not in the top 5 {lp.top}"
+                gaps.append(lp.logprob - top[got[pos]])
+                assert gaps[-1] <= BF16_TIE, f"token {pos}: a gap of {gaps[-1]:.3f} nats"
+                pos += 1
+                break
+            pos += 1
+    return gaps
+
+
+def _check_against_single_process(ray_serve, tiny_model, name: str, pool: dict, dtype: str):
+    """Deploy 1P1D with ``pool`` for both pools and ``dtype``; the cluster's greedy tokens over
+    HTTP equal the single-process engine's (float32) or differ only at near-ties (bf16); every
+    decode block comes back. Returns the app."""
+    model = {"path": tiny_model, "name": "tiny", "block_size": 64, "dtype": dtype}
     app = deploy(
         ray_serve, {"name": name, "model": model, "prefill": dict(pool), "decode": dict(pool)}
     )
-    ref = LLMEngine(
-        EngineConfig(
-            model=tiny_model,
-            dtype="bfloat16",
-            device="cuda",
-            cache=CacheConfig(block_size=64, num_blocks=256),
-        )
-    )
-    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    for prompt in ("The expert router", "A much longer prompt about caches, " * 20, "x"):
+    ref = _reference(tiny_model, dtype)
+    for prompt in PROMPTS:
         ids = ref.tokenize(prompt)
-        want = ref.generate([ids], sp)[0].token_ids
-        body = {"model": "tiny", "prompt": ids, "max_tokens": 24, "temperature": 0,
+        body = {"model": "tiny", "prompt": ids, "max_tokens": MAX_TOKENS, "temperature": 0,
                 "ignore_eos": True, "return_token_ids": True}  # fmt: skip
         code, r = app.post("/v1/completions", body)
         assert code == 200, r
-        assert r["choices"][0]["token_ids"] == want, prompt[:30]
+        got = r["choices"][0]["token_ids"]
+        if dtype == "float32":
+            assert got == _greedy(ref, ids, MAX_TOKENS).token_ids, prompt[:30]
+        else:
+            gaps = _tie_gaps(ref, ids, got)
+            print(f"{name} {prompt[:20]!r}: {len(gaps)} near-ties, gaps {gaps}")
     used = 'pdserve_kv_blocks_used{pool="decode"}'
     moved = 'pdserve_kv_transfers_total{pool="decode"}'
     # replicas report every few seconds: wait for a report made after the requests
@@ -43,16 +79,17 @@ def _matches_single_process(ray_serve, tiny_model, name: str, pool: dict):
     return app
 
 
-def test_1p1d_on_one_gpu_matches_single_process(ray_serve, tiny_model):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_1p1d_on_one_gpu_matches_single_process(ray_serve, tiny_model, dtype):
     pool = {"num_replicas": 1, "gpus_per_rank": 0.5, "kv_cache_memory_fraction": 0.2}
-    _matches_single_process(ray_serve, tiny_model, "gpu", pool)
+    _check_against_single_process(ray_serve, tiny_model, f"gpu-{dtype}", pool, dtype)
 
 
 @pytest.mark.multi_gpu
 def test_1p1d_nccl_across_two_gpus_matches_single_process(ray_serve, tiny_model):
     """One GPU each; kv_transport auto picks NCCL; decode pulls from a prefill rank actor."""
     pool = {"num_replicas": 1, "gpus_per_rank": 1, "kv_cache_memory_fraction": 0.3}
-    app = _matches_single_process(ray_serve, tiny_model, "nccl", pool)
-    from deploy import serve_app
+    app = _check_against_single_process(ray_serve, tiny_model, "nccl", pool, "bfloat16")
+    from pdserve.deploy import serve_app
 
     assert {s.kv_transport for s in serve_app.replica_stats(app.name)} == {"nccl"}

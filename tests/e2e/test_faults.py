@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from deploy.sse import read_events
+from pdserve.deploy.sse import read_events
 from tests.e2e.conftest import App, app_args, deploy
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def test_200_requests_under_injected_faults_complete_or_fail_clearly(
     # between runs: about 60% complete on average (114 of 200 in one run)
     assert ok + errors == 200 and ok >= 40 and errors > 0, (ok, errors)
     _healthy_and_clean(app)
-    from deploy import serve_app
+    from pdserve.deploy import serve_app
 
     injected = sum(s.requests.get("prefill_retry", 0) for s in serve_app.replica_stats(app.name))
     assert injected > 0  # prefill and transfer faults happened and were retried

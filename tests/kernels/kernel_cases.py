@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.moe_reference import MoeWeights, SwiGLU
-from kernels.mxfp4 import E8M0_BIAS
+from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
+from pdserve.kernels.mxfp4 import E8M0_BIAS
 
 GPT_OSS_ACT = SwiGLU(alpha=1.702, beta=1.0, limit=7.0)
 

@@ -10,7 +10,7 @@ import torch
 from triton import knobs
 from triton.runtime.jit import JitFunctionInfo
 
-from kernels.compile_watch import CompileWatch
+from pdserve.kernels.compile_watch import CompileWatch
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_start_up_compiles_are_counted_and_later_ones_warned_with_their_constexp
     watch.install()  # once: a second install must not chain the watch to itself
     assert hooks.jit_cache_hook == watch._before
     _compile(hooks, "_moe_kernel", "k1", {(1,): 64})
-    with caplog.at_level(logging.INFO, logger="kernels.compile_watch"):
+    with caplog.at_level(logging.INFO, logger="pdserve.kernels.compile_watch"):
         watch.serving()
         _compile(hooks, "_moe_kernel", "k2", {(1,): 128})
     assert watch.totals()["start-up"][0] == 1 and watch.totals()["serving"][0] == 1

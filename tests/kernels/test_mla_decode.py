@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.mla_decode_triton import mla_decode_triton
-from kernels.mla_reference import mla_decode_torch
+from pdserve.kernels.mla_decode_triton import mla_decode_triton
+from pdserve.kernels.mla_reference import mla_decode_torch
 from tests.kernels.kernel_cases import nan_like, poison_cuda_allocator, rel_err
 
 SMALL = dict(BLOCK_H=16, BLOCK_N=16, num_warps=4, num_stages=1)
@@ -113,8 +113,8 @@ def test_cuda_graph_replay_gpu():
 def test_sm120_sized_configs_compile_and_run_on_hopper():
     """The ``default`` configs are the ones an SM120 GPU (99 KiB shared memory per block) gets:
     compile and run each at DeepSeek's shapes here, and check what the compiled kernels use."""
-    import kernels.mla_decode_triton as mla
-    from kernels.triton_configs import MLA_DECODE
+    import pdserve.kernels.mla_decode_triton as mla
+    from pdserve.kernels.triton_configs import MLA_DECODE
 
     def compiled() -> dict[int, object]:
         caches = (*mla._decode_kernel.device_caches.values(),)

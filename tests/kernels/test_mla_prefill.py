@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.mla_prefill_triton import mla_prefill_triton
-from kernels.mla_reference import mla_prefill_torch
+from pdserve.kernels.mla_prefill_triton import mla_prefill_triton
+from pdserve.kernels.mla_reference import mla_prefill_torch
 from tests.kernels.kernel_cases import nan_like, poison_cuda_allocator, rel_err
 
 SMALL = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)

@@ -11,11 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from kernels import REGISTRY, moe_flashinfer
-from kernels.device import H100
-from kernels.moe_flashinfer import emulate, reorder_pad, undo_reorder_pad
-from kernels.moe_reference import SwiGLU, moe_mxfp4_torch
-from kernels.mxfp4 import dequantize_mxfp4
+from pdserve.kernels import REGISTRY, moe_flashinfer
+from pdserve.kernels.device import H100
+from pdserve.kernels.moe_flashinfer import emulate, reorder_pad, undo_reorder_pad
+from pdserve.kernels.moe_reference import SwiGLU, moe_mxfp4_torch
+from pdserve.kernels.mxfp4 import dequantize_mxfp4
 from tests.kernels.kernel_cases import GPT_OSS_ACT, random_moe, random_routing, rel_err
 
 

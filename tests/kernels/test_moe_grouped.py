@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.moe_reference import SwiGLU, moe_mxfp4_torch
-from kernels.moe_triton_grouped import align_by_expert, moe_grouped_triton
+from pdserve.kernels.moe_reference import SwiGLU, moe_mxfp4_torch
+from pdserve.kernels.moe_triton_grouped import align_by_expert, moe_grouped_triton
 from tests.kernels.kernel_cases import (
     GPT_OSS_ACT,
     REAL_MOE_SHAPES,

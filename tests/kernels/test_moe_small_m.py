@@ -7,11 +7,11 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import moe_triton_small_m
-from kernels.moe_reference import SwiGLU, moe_mxfp4_torch
-from kernels.moe_triton_common import dequant_tile, fit_block_k, interpreting
-from kernels.moe_triton_small_m import moe_small_triton
-from kernels.mxfp4 import dequantize_mxfp4
+from pdserve.kernels import moe_triton_small_m
+from pdserve.kernels.moe_reference import SwiGLU, moe_mxfp4_torch
+from pdserve.kernels.moe_triton_common import dequant_tile, fit_block_k, interpreting
+from pdserve.kernels.moe_triton_small_m import moe_small_triton
+from pdserve.kernels.mxfp4 import dequantize_mxfp4
 from tests.kernels.kernel_cases import (
     GPT_OSS_ACT,
     REAL_MOE_SHAPES,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels.mxfp4 import (
+from pdserve.kernels.mxfp4 import (
     dequantize_mxfp4,
     e2m1_decode,
     e2m1_encode,

@@ -8,10 +8,9 @@ import sys
 
 import pytest
 
-import kernels
-from kernels import REGISTRY, KernelSet, Registry, triton_configs
-from kernels.device import B200, H100, H200, RTX_PRO_6000, DeviceInfo
-from kernels.registry import OPS
+from pdserve.kernels import REGISTRY, KernelSet, Registry, triton_configs
+from pdserve.kernels.device import B200, H100, H200, RTX_PRO_6000, DeviceInfo
+from pdserve.kernels.registry import OPS
 
 GPUS = {"sm90": H100, "sm100": B200, "sm120": RTX_PRO_6000}
 
@@ -105,17 +104,17 @@ def test_kernel_set_loads_triton_and_the_measured_crossover(monkeypatch):
 
 def test_import_kernels_does_not_load_triton_kernels():
     code = (
-        "import sys, kernels; "
-        "mods = [m for m in sys.modules if m.startswith('kernels.') and 'triton' in m "
-        "and m != 'kernels.triton_configs']; "
+        "import sys, pdserve.kernels; "
+        "mods = [m for m in sys.modules if m.startswith('pdserve.kernels.') and 'triton' in m "
+        "and m != 'pdserve.kernels.triton_configs']; "
         "assert not mods, mods; assert 'triton' not in sys.modules, 'triton imported'"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=kernels.__path__[0] + "/..")
+    subprocess.run([sys.executable, "-P", "-c", code], check=True)
 
 
 def test_dtype_a_backend_does_not_compute_in_falls_back_to_torch():
-    from kernels import KernelSet
-    from kernels.device import H100
+    from pdserve.kernels import KernelSet
+    from pdserve.kernels.device import H100
 
     assert KernelSet.resolve(H100, "decode", dtype="bfloat16").names()["moe_small"] == "triton"
     ks = KernelSet.resolve(H100, "decode", dtype="float64")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import row_copy_reference, row_copy_triton
+from pdserve.kernels import row_copy_reference, row_copy_triton
 
 
 def _case(dtype, rows, width, n, device, seed=0):

@@ -4,8 +4,8 @@ Ray workers included) the GIL switch interval PDSERVE_SWITCH_MS (ms; Python's de
     PYTHONPATH=bench/scripts/gil_switch PDSERVE_SWITCH_MS=0.5 TAG=-sw05 \\
         bash bench/scripts/h200_kv_trace.sh
 
-An experiment's switch, not a setting of pdserve (BENCHMARKS.md, session 16: it did not move
-the late KV)."""
+An experiment's switch, not a setting of pdserve (BENCHMARKS.md: a 0.5 ms interval did not
+move the late KV)."""
 
 import os
 import sys

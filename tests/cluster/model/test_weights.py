@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
-from cluster.model.moe import MXFP4Experts
-from kernels.mxfp4 import quantize_mxfp4
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from pdserve.cluster.model.moe import MXFP4Experts
+from pdserve.kernels.mxfp4 import quantize_mxfp4
 
 _EXPERT = "mlp.experts."
 
@@ -100,7 +100,7 @@ def test_representable_experts_survive_quantize_at_load_bit_for_bit(tiny_model):
     tensors = {}
     for f in Path(tiny_model).glob("*.safetensors"):
         tensors.update(load_file(str(f)))
-    from kernels.mxfp4 import dequantize_mxfp4
+    from pdserve.kernels.mxfp4 import dequantize_mxfp4
 
     mod = next(m for m in engine.runner.model.modules() if isinstance(m, MXFP4Experts))
     layer = next(n for n in tensors if ".experts.0.gate_proj" in n).split(".mlp")[0]
