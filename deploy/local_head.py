@@ -2,11 +2,13 @@
 head that ``pdserve up`` starts (and ``pdserve down`` stops), which outlives the command.
 
 A head that ``up`` starts gets a temp folder and ports of its own and runs in a process session
-of its own, so every process of it (GCS, raylet, agents, workers, replicas) shares one process
-group. ``up`` records that group before the head starts; ``down``, an interrupted ``up`` and
-any later ``up`` that finds the recorded head no longer answering stop exactly those processes
-(SIGTERM, then SIGKILL), and no other Ray cluster on the machine. An address that does not
-answer is reported by a probe with a deadline: nothing waits on Ray's own reconnect loops.
+of its own: its GCS, raylet and agents share one process group, and its workers (replicas
+among them, each in a group of its own) are the raylet's descendants and name the temp folder
+on their command lines. ``up`` records the group and the folder before the head starts;
+``down``, an interrupted ``up`` and any later ``up`` that finds the recorded head no longer
+answering stop exactly those processes (SIGTERM, then SIGKILL), and no other Ray cluster on the
+machine. An address that does not answer is reported by a probe with a deadline: nothing waits
+on Ray's own reconnect loops.
 """
 
 from __future__ import annotations
