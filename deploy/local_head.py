@@ -312,22 +312,21 @@ def connect(address: str | None) -> bool:
 
 
 def connect_existing(address: str | None) -> None:
-    """Join the cluster at ``address``, else the local head ``up`` started, else "auto" (a
-    cluster started by hand), for ``status`` and ``scale``; ValueError within seconds if none
-    answers."""
+    """Join the cluster at ``address`` (or $RAY_ADDRESS), else the local head ``up`` started,
+    for ``status`` and ``scale``; ValueError within seconds if none answers."""
     address = address or os.environ.get("RAY_ADDRESS") or None
-    record = None if address else HeadRecord.read()
-    if record is not None:
-        why = record.alive() if record.address else "it never started"
-        if why is not None:
-            raise ValueError(
-                f"the Ray head pdserve started ({record.address or record.temp_dir}) does not "
-                f"answer: {why}. `pdserve down` clears it; `pdserve up` starts a new one"
-            )
-        address = record.address
-    try:
-        join(address or "auto")
-    except ValueError as e:
-        if record is None and not address:
-            raise ValueError("no Ray cluster is running here; start one with `pdserve up`") from e
-        raise
+    if address:
+        join(address)
+        return
+    record = HeadRecord.read()
+    if record is None:
+        raise ValueError(
+            "no Ray cluster is running here: `pdserve up` starts one; --address names another"
+        )
+    why = record.alive() if record.address else "it never started"
+    if why is not None:
+        raise ValueError(
+            f"the Ray head pdserve started ({record.address or record.temp_dir}) does not "
+            f"answer: {why}. `pdserve down` clears it; `pdserve up` starts a new one"
+        )
+    join(record.address)

@@ -23,13 +23,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):
-    """A HOME of its own: ``up`` records its head in HOME/.pdserve/head.json. Leaves no head."""
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("needs a machine without a Ray cluster in this process")
+    """A HOME of its own: ``up`` records its head in HOME/.pdserve/head.json. Leaves no head.
+    A Ray cluster of this process (other tests') is no concern: ``up`` starts a head of its
+    own, on ports of its own, and ``down`` stops that head's processes alone."""
     monkeypatch.setenv("HOME", str(tmp_path))
+    # a user's shell: not the address or the token mode this process's own ray.init exported
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     yield tmp_path
     if (tmp_path / ".pdserve" / "head.json").exists():
         _pdserve("down", check=False)
