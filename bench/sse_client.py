@@ -65,9 +65,12 @@ class SSEClient:
                 raise RuntimeError(f"GET /v1/models: HTTP {resp.status}: {_message(body)}")
         return [m["id"] for m in json.loads(body)["data"]]
 
-    async def stream(self, path: str, body: bytes, record: RequestRecord) -> None:
+    async def stream(
+        self, path: str, body: bytes, record: RequestRecord, token_ids: list[int] | None = None
+    ) -> None:
         """POST the JSON ``body`` to ``path`` and time its event stream into ``record``: chunk
-        and end times are offsets from the moment of this call."""
+        and end times are offsets from the moment of this call. ``token_ids``, if given, gets
+        the output token ids the stream carries (``return_token_ids``)."""
         sent = time.perf_counter()
         done = False
         try:
@@ -91,7 +94,7 @@ class SSEClient:
                         if text == b"[DONE]":
                             done = True
                             continue
-                        error = _take_event(json.loads(text), now, record)
+                        error = _take_event(json.loads(text), now, record, token_ids)
                         if error is not None:
                             record.fail(error, now)
                             return
@@ -109,7 +112,9 @@ class SSEClient:
             record.ok = True
 
 
-def _take_event(event: dict[str, Any], now: float, record: RequestRecord) -> str | None:
+def _take_event(
+    event: dict[str, Any], now: float, record: RequestRecord, token_ids: list[int] | None
+) -> str | None:
     """Add one parsed ``data:`` event to ``record``; the error message if it is an error."""
     if "error" in event:
         err = event["error"]
@@ -124,6 +129,8 @@ def _take_event(event: dict[str, Any], now: float, record: RequestRecord) -> str
         ids = choice.get("token_ids")
         if ids is not None:
             n = len(ids)
+            if token_ids is not None:
+                token_ids.extend(ids)
         else:
             text = choice["delta"].get("content") if "delta" in choice else choice.get("text")
             n = 1 if text else 0

@@ -182,6 +182,7 @@ class CacheConfig:
     num_blocks: int | None = None  # fixed count; None sizes the cache from memory
     gpu_memory_fraction: float = 0.9  # of free GPU memory after weights, for the KV cache
     cpu_kv_bytes: int = 1 << 30  # KV cache size on CPU
+    prefix_caching: bool = True  # keep full blocks' KV after a request, reuse it by content
 
 
 @dataclass(frozen=True)

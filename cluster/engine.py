@@ -40,7 +40,9 @@ class LLMEngine:
             )
         self.max_model_len = limit
         self.runner = executor or _make_executor(config, self.model_config, limit)
-        self.blocks = BlockManager(self.runner.num_blocks, config.cache.block_size)
+        self.blocks = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching
+        )
         self.scheduler = Scheduler(config.scheduler, self.blocks, limit)
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:

@@ -117,6 +117,9 @@ class Replica:
         s.running, s.waiting = len(e.scheduler.running), len(e.scheduler.waiting)
         s.kv_blocks_used = e.blocks.num_used
         s.preemptions = e.scheduler.num_preemptions
+        s.prefix_query_tokens = e.scheduler.num_prefix_query_tokens
+        s.prefix_hit_tokens = e.scheduler.num_prefix_hit_tokens
+        s.kv_blocks_cached = e.blocks.num_cached
         t = self.transport.stats
         s.kv_transfers, s.kv_bytes, s.kv_seconds = t.transfers, t.nbytes, t.seconds
         s.heartbeat = time.time()

@@ -157,6 +157,18 @@ def render_prometheus(stats: list[ReplicaStats]) -> str:
             "preemptions",
         ),
         (
+            "prefix_cache_queries_total",
+            "counter",
+            "Prompt tokens admitted to a batch, looked up in the prefix cache.",
+            "prefix_query_tokens",
+        ),
+        (
+            "prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens whose KV the prefix cache held (not computed).",
+            "prefix_hit_tokens",
+        ),
+        (
             "line_calls_total",
             "counter",
             "Prefill calls taken on the prefill replicas' direct lines (not through Serve).",
@@ -167,6 +179,12 @@ def render_prometheus(stats: list[ReplicaStats]) -> str:
         ("inflight_requests", "gauge", "Requests held by the pool in any stage.", "inflight"),
         ("kv_blocks_used", "gauge", "KV cache blocks in use.", "kv_blocks_used"),
         ("kv_blocks_total", "gauge", "KV cache blocks in all.", "kv_blocks_total"),
+        (
+            "kv_blocks_cached",
+            "gauge",
+            "Free KV blocks that keep a prefix's KV for reuse.",
+            "kv_blocks_cached",
+        ),
     )
     for name, kind, doc, field in sums:
         family(name, kind, doc)

@@ -95,6 +95,8 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     kv_bytes: int = 0  # sent (prefill) or received (decode)
     kv_seconds: float = 0.0
     preemptions: int = 0
+    prefix_query_tokens: int = 0  # prompt tokens admitted to the engine's batch
+    prefix_hit_tokens: int = 0  # of which the prefix cache held the KV
     line_calls: int = 0  # prefill: prefill calls taken on its direct line
     # gauges
     running: int = 0
@@ -102,6 +104,7 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     inflight: int = 0  # requests this replica is serving, in any stage
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    kv_blocks_cached: int = 0  # unreferenced blocks kept for prefix hits (counted as free)
     busy: float = 0.0  # share of recent wall time spent in model steps
     # latency histograms
     ttft: Histogram = msgspec.field(default_factory=Histogram)

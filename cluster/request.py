@@ -40,6 +40,11 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # when its first chunk ran (queueing ends)
     error: str | None = None
+    # prefix cache: content keys of its full blocks (grown as needed), how many of its blocks
+    # are keyed in the block manager, and the tokens its last admission found cached
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_keyed_blocks: int = 0
+    num_cached_tokens: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -5,6 +5,11 @@ the token budget goes to prompts, a chunk at a time (a long prompt spans several
 join between steps and leave as soon as they finish. When a request needs a KV block and none is
 free, the most recently admitted request is preempted: its blocks are freed and it is re-queued
 at the front to recompute its prompt and the tokens it already produced.
+
+Prefix cache: a request admitted from the queue takes the cached blocks of the longest prefix
+of its tokens (whole blocks, leaving at least one token to run) and starts computing after it.
+A request's full blocks are keyed once their KV is written: at the next plan (the step that
+computed them is done by then, or runs before any step that reads them), and when it leaves.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from pdserve.cluster.block_hash import extend_block_hashes
 from pdserve.cluster.block_manager import BlockManager
 from pdserve.cluster.config import SchedulerConfig
 from pdserve.cluster.request import FinishReason, Request, RequestStatus
@@ -63,6 +69,8 @@ class Scheduler:
         # admission leaves this many blocks free so running requests can keep decoding
         self.watermark = blocks.num_blocks // 100
         self.num_preemptions = 0  # since start, for metrics
+        self.num_prefix_query_tokens = 0  # prompt tokens admitted, since start
+        self.num_prefix_hit_tokens = 0  # of which the prefix cache held the KV
 
     # ---- queue ----
 
@@ -89,6 +97,7 @@ class Scheduler:
             return
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
+            self._key_blocks(req)
         else:
             self.waiting.remove(req)
         self.blocks.free(req.block_ids)
@@ -109,6 +118,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
+        for req in self.running:  # KV of every token planned before is written by now
+            self._key_blocks(req)
         # decodes first, then prompts already being prefilled, each in admission order
         order = [r for r in self.running if r.num_uncomputed_tokens == 1]
         order += [r for r in self.running if r.num_uncomputed_tokens > 1]
@@ -124,16 +135,30 @@ class Scheduler:
             chunks.append(self._take(req, n))
             scheduled.add(req.request_id)
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        # no admission in a step that preempted: blocks are short, and a request preempted
+        # now would come straight back and take the blocks its preemption freed
+        while (
+            self.waiting
+            and not preempted
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
             req = self.waiting[0]
+            cached = self._match_prefix(req)
             n = self._chunk_len(req, budget)
-            need = self.blocks.blocks_for(n)
+            need = self.blocks.blocks_for(req.num_computed_tokens + n) - len(cached)
             if need > self.blocks.num_free - (self.watermark if self.running else 0):
+                self.blocks.free(cached)  # back to the cache; matched again next time
+                req.block_ids, req.num_computed_tokens = [], 0
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            req.block_ids = self.blocks.allocate(need)
+            req.block_ids = cached + self.blocks.allocate(need)
+            req.num_keyed_blocks = len(cached)
+            req.num_cached_tokens = req.num_computed_tokens
+            self.num_prefix_query_tokens += req.num_tokens
+            self.num_prefix_hit_tokens += req.num_computed_tokens
             chunks.append(self._take(req, n))
             budget -= n
         chunks.sort(key=lambda c: len(c.token_ids) != 1)  # stable: decodes first
@@ -160,10 +185,38 @@ class Scheduler:
             req.block_ids.extend(self.blocks.allocate(need))
         return True
 
+    def _match_prefix(self, req: Request) -> list[int]:
+        """Reference the cached blocks of ``req``'s longest cached prefix (whole blocks, at
+        least one token left to run) and count them as computed."""
+        if not self.blocks.prefix_caching:
+            return []
+        full = (req.num_tokens - 1) // self.blocks.block_size
+        keys = extend_block_hashes(
+            req.block_hashes, req.all_token_ids, self.blocks.block_size, full
+        )
+        cached = self.blocks.match(keys[:full])
+        req.block_ids = list(cached)
+        req.num_computed_tokens = len(cached) * self.blocks.block_size
+        return cached
+
+    def _key_blocks(self, req: Request) -> None:
+        """Key ``req``'s full blocks whose KV has been computed (cached once it lets go)."""
+        full = req.num_computed_tokens // self.blocks.block_size
+        if not self.blocks.prefix_caching or full <= req.num_keyed_blocks:
+            return
+        keys = extend_block_hashes(
+            req.block_hashes, req.all_token_ids, self.blocks.block_size, full
+        )
+        for i in range(req.num_keyed_blocks, full):
+            self.blocks.cache(req.block_ids[i], keys[i])
+        req.num_keyed_blocks = full
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
+        self._key_blocks(req)
         self.blocks.free(req.block_ids)
         req.block_ids = []
+        req.num_keyed_blocks = 0
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1

@@ -98,6 +98,7 @@ def _engine_config(
             num_blocks=pool.num_kv_blocks,
             gpu_memory_fraction=pool.kv_cache_memory_fraction,
             cpu_kv_bytes=pool.kv_cache_cpu_bytes,
+            prefix_caching=pool.prefix_caching,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=pool.max_num_seqs,

@@ -107,6 +107,12 @@ class PoolSpec(_Strict):
         256 << 20, ge=1 << 20, description="KV cache size when the pool runs on CPU."
     )
     num_kv_blocks: int | None = Field(None, ge=1, description="Fixed KV block count (tests).")
+    prefix_caching: bool = Field(
+        True,
+        description="Keep the KV of full blocks after a request ends and reuse it for any later "
+        "prompt that starts with the same tokens (evicted, least recently used first, only when "
+        "blocks are needed).",
+    )
     kernels: dict[str, str] = Field(
         default_factory=dict, description=f"Kernel backend per op, overriding the registry: {OPS}."
     )

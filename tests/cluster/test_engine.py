@@ -234,3 +234,34 @@ def test_greedy_is_deterministic_across_engines(tiny_model, alone):
     prompts, expected = alone
     torch.manual_seed(1234)  # global RNG state must not matter
     assert [o.token_ids for o in _engine(tiny_model).generate(prompts, GREEDY)] == expected
+
+
+def test_prefix_cache_gives_the_tokens_of_computing_everything(tiny_model):
+    """float64, so the two paths must agree exactly: a shared system prompt, then a second turn
+    that repeats the first turn's prompt and answer, with the cache on and off."""
+
+    def engine(prefix_caching: bool) -> LLMEngine:
+        return LLMEngine(
+            EngineConfig(
+                model=tiny_model,
+                dtype="float64",
+                cache=CacheConfig(block_size=16, num_blocks=64, prefix_caching=prefix_caching),
+                scheduler=SchedulerConfig(max_num_batched_tokens=40),
+            )
+        )
+
+    on, off = engine(True), engine(False)
+    rng = random.Random(3)
+    system = [rng.randrange(4, on.vocab_size) for _ in range(37)]
+    firsts = [system + [rng.randrange(4, on.vocab_size) for _ in range(9)] for _ in range(3)]
+    got = {}
+    for name, eng in (("on", on), ("off", off)):
+        turn1 = [o.token_ids for o in eng.generate(firsts, GREEDY)]
+        turn2 = [p + t + [11, 12, 13] for p, t in zip(firsts, turn1)]
+        got[name] = (turn1, [o.token_ids for o in eng.generate(turn2, GREEDY)])
+        assert eng.blocks.num_used == 0
+    assert got["on"] == got["off"]
+    sched = on.scheduler
+    # turn 2 finds each conversation's turn 1 (its prompt and all but its last answer token)
+    assert sched.num_prefix_hit_tokens >= 3 * 48
+    assert off.scheduler.num_prefix_hit_tokens == 0 and off.blocks.num_cached == 0

@@ -15,9 +15,10 @@ from pdserve.cluster.scheduler import Scheduler
 SP = SamplingParams(max_tokens=100)
 
 
-def _sched(num_blocks=64, block_size=4, **kw) -> Scheduler:
+def _sched(num_blocks=64, block_size=4, prefix_caching=True, **kw) -> Scheduler:
     cfg = SchedulerConfig(**{"max_num_batched_tokens": 16, "max_num_seqs": 8, **kw})
-    return Scheduler(cfg, BlockManager(num_blocks, block_size), max_model_len=1000)
+    blocks = BlockManager(num_blocks, block_size, prefix_caching)
+    return Scheduler(cfg, blocks, max_model_len=1000)
 
 
 def _req(rid: str, n: int) -> Request:
@@ -75,7 +76,7 @@ def test_max_num_seqs_limits_admission():
 
 
 def test_preemption_frees_the_newest_and_requeues_it_first():
-    s = _sched(num_blocks=6, block_size=4, max_num_batched_tokens=64)
+    s = _sched(num_blocks=6, block_size=4, max_num_batched_tokens=64, prefix_caching=False)
     s.add(_req("old", 8))
     s.add(_req("new", 12))
     _sample(s, s.schedule())  # 2 + 3 blocks used, 1 free
@@ -115,8 +116,9 @@ def test_a_step_never_preempts_a_request_it_already_scheduled():
             req = s.requests.get(rid)
             if req is not None and len(req.output_token_ids) >= 4:
                 s.finish(req, FinishReason.LENGTH)
-        used = sum(len(r.block_ids) for r in s.running)
-        assert used == s.blocks.num_used
+        held = [b for r in s.running for b in r.block_ids]  # prefixes shared: a block twice
+        assert len(set(held)) == s.blocks.num_used
+        assert all(s.blocks._ref[b] == held.count(b) for b in set(held))
     for rid in list(s.requests):
         s.abort(rid)
     assert s.blocks.num_used == 0
@@ -156,3 +158,92 @@ def test_block_manager_counts_and_refuses():
         bm.free(a[:1])
     with pytest.raises(ValueError):
         BlockManager(0, 16)
+
+
+def _finish_after_prefill(s: Scheduler, rid: str) -> None:
+    while True:
+        out = s.schedule()
+        _sample(s, out)
+        if any(c.request_id == rid and c.sample for c in out.chunks):
+            s.finish(s.requests[rid], FinishReason.LENGTH)
+            return
+
+
+def test_a_shared_prefix_is_not_computed_again():
+    s = _sched(num_blocks=16, block_size=4)
+    s.add(Request("a", list(range(10)), SP))  # two full blocks, then 2 tokens
+    _finish_after_prefill(s, "a")
+    assert s.blocks.num_used == 0 and s.blocks.num_cached == 2
+    s.add(Request("b", list(range(8)) + [50, 51, 52], SP))
+    (c,) = s.schedule().chunks
+    assert (c.start, c.token_ids) == (8, (50, 51, 52)) and c.sample
+    b = s.requests["b"]
+    assert b.num_cached_tokens == 8 and s.num_prefix_hit_tokens == 8
+    assert s.num_prefix_query_tokens == 10 + 11
+    assert s.blocks.num_cached == 0  # both cached blocks are b's now
+
+
+def test_a_wholly_cached_prompt_still_runs_its_last_token():
+    s = _sched(num_blocks=16, block_size=4)
+    s.add(Request("a", list(range(8)), SP))
+    _finish_after_prefill(s, "a")
+    s.add(Request("b", list(range(8)), SP))
+    (c,) = s.schedule().chunks
+    assert (c.start, c.token_ids, c.sample) == (4, (4, 5, 6, 7), True)  # one block left to run
+
+
+def test_output_tokens_key_blocks_for_the_next_turn():
+    s = _sched(num_blocks=16, block_size=4)
+    s.add(Request("turn1", list(range(6)), SP))
+    for _ in range(4):  # prompt, then 3 decodes: 6 + 3 tokens with KV, 4 outputs
+        _sample(s, s.schedule(), token=60)
+    turn1 = s.requests["turn1"]
+    history = turn1.all_token_ids
+    s.finish(turn1, FinishReason.STOP)
+    assert s.blocks.num_cached == 2  # 9 computed tokens: two full blocks
+    s.add(Request("turn2", history + [70, 71], SP))
+    (c,) = s.schedule().chunks
+    assert c.start == 8 and c.token_ids == tuple(history[8:] + [70, 71])
+
+
+def test_a_preempted_request_resumes_from_its_cached_prefix():
+    s = _sched(num_blocks=6, block_size=4, max_num_batched_tokens=64)
+    s.add(Request("old", [90 + i for i in range(8)], SP))
+    s.add(Request("new", list(range(12)), SP))
+    _sample(s, s.schedule())  # 2 + 3 blocks used, 1 free
+    out = s.schedule()
+    while "new" not in out.preempted:
+        _sample(s, out)
+        out = s.schedule()
+    assert not [c for c in out.chunks if c.request_id == "new"]  # no re-admission in this step
+    _sample(s, out)
+    new = s.requests["new"]
+    s.finish(s.requests["old"], FinishReason.LENGTH)
+    (c,) = s.schedule().chunks
+    assert c.request_id == "new" and c.start > 0 and c.end == new.num_tokens
+    assert c.start == new.num_cached_tokens  # the blocks old's growth did not evict
+
+
+def test_shared_prefixes_under_pressure_leak_nothing():
+    rng = random.Random(1)
+    s = _sched(num_blocks=10, block_size=2, max_num_batched_tokens=10, max_num_seqs=5)
+    system = [5, 6, 7, 8, 9]
+    n = 0
+    for _ in range(400):
+        if rng.random() < 0.35:
+            s.add(Request(f"r{n}", system[: rng.randint(0, 5)] + [rng.randint(10, 20)], SP))
+            n += 1
+        if s.running and rng.random() < 0.05:
+            s.abort(rng.choice(s.running).request_id)
+        out = s.schedule()
+        _sample(s, out)
+        for c in out.chunks:
+            req = s.requests.get(c.request_id)
+            if req is not None and len(req.output_token_ids) >= 3:
+                s.finish(req, FinishReason.LENGTH)
+        held = [b for r in s.running for b in r.block_ids]
+        assert len(set(held)) == s.blocks.num_used
+    for rid in list(s.requests):
+        s.abort(rid)
+    assert s.blocks.num_used == 0 and s.blocks.num_free == 10
+    assert s.num_prefix_hit_tokens > 0 and s.blocks.num_evicted > 0

@@ -129,6 +129,9 @@ def test_1p1d_matches_single_process(pd, reference):
     _check_topology(pd, reference, seed=1)
     m = _blocks_free(pd)
     assert m['pdserve_kv_transfers_total{pool="decode"}'] >= 7  # every request's KV moved
+    # each prompt went twice: the second time the prefill replica had its full blocks cached
+    hits = m['pdserve_prefix_cache_hits_total{pool="prefill"}']
+    assert 0 < hits < m['pdserve_prefix_cache_queries_total{pool="prefill"}']
 
 
 def test_32_concurrent_streams_complete_and_free_every_block(pd, reference):
@@ -314,3 +317,25 @@ def test_tp2_on_both_pools_matches_single_process(ray_serve, tiny_model, referen
 
     assert {s.tp for s in serve_app.replica_stats(app.name)} == {2}
     _blocks_free(app)
+
+
+def test_conversations_bench_counts_what_the_prefix_cache_saved(pd, tmp_path, capsys):
+    """bench.conversations on 1P1D: every turn answered; later turns find their history cached
+    on the prefill replica, so fewer prompt tokens are computed than admitted."""
+    from pdserve.bench.conversations import main
+
+    out = tmp_path / "conv.json"
+    argv = [
+        "--url", pd.url, "--conversations", "3", "--turns", "3", "--system-len", "40",
+        "--user-len", "8", "--output-len", "6", "--vocab-size", "1000", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    s = result["summary"]
+    assert s["requests"] == 9 and s["failed"] == 0 and s["prompt_pool"] == "prefill"
+    prompts = [r["input_len"] for r in result["records"]]
+    assert prompts[:3] == [48, 62, 76]  # each turn: the last prompt, its 6 answers, 8 new
+    assert s["prompt_tokens_admitted"] == 3 * (48 + 62 + 76)
+    assert 0 < s["prompt_tokens_cached"] and s["prompt_tokens_computed"] < 3 * (48 + 62 + 76)
+    assert s["kv_bytes_moved"] > 0
+    assert "prompt_tokens_computed" in capsys.readouterr().out

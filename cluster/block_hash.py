@@ -1,0 +1,27 @@
+"""Content keys of full KV blocks: a hash chain over their tokens.
+
+Block i's key hashes block i - 1's key and block i's token ids, so equal keys mean equal
+prefixes, not just equal blocks, and two engines that hash the same tokens agree (blake2b,
+not Python's per-process ``hash``). Integers and bytes only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Sequence
+
+SEED = b"pdserve-kv-block"
+
+
+def extend_block_hashes(
+    hashes: list[bytes], token_ids: Sequence[int], block_size: int, num_blocks: int
+) -> list[bytes]:
+    """Grow ``hashes`` (the keys of ``token_ids``' first blocks, in place) to ``num_blocks``
+    keys; returns it. Only whole blocks get keys: ``num_blocks * block_size`` tokens at most."""
+    assert num_blocks * block_size <= len(token_ids), (num_blocks, block_size, len(token_ids))
+    for i in range(len(hashes), num_blocks):
+        h = hashlib.blake2b(hashes[-1] if hashes else SEED, digest_size=16)
+        h.update(array("q", token_ids[i * block_size : (i + 1) * block_size]).tobytes())
+        hashes.append(h.digest())
+    return hashes
