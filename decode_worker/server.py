@@ -34,6 +34,7 @@ from typing import Any
 
 import ray
 
+from pdserve.cluster.block_hash import extend_block_hashes
 from pdserve.cluster.engine import LLMEngine
 from pdserve.cluster.engine_step import Prefilled
 from pdserve.cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
@@ -62,7 +63,11 @@ class DecodeServer(Replica):
     def prefill_stream(self, call: PrefillRequest) -> tuple[str | None, Any]:
         """Send ``call`` to a prefill replica: (its Serve id, the reply stream) over a direct
         line, or (None, Serve's response stream) when no line is left to try."""
-        chosen = self.lines.choose(call.avoid) if self.lines is not None else None
+        chosen = None
+        if self.lines is not None:
+            ids, bs = call.prompt_token_ids, self.engine.blocks.block_size
+            keys = extend_block_hashes([], ids, bs, (len(ids) - 1) // bs)  # as prefill matches
+            chosen = self.lines.choose(call.avoid, keys)
         if chosen is None:
             return None, self.prefill.options(stream=True).prefill.remote(call)
         serve_id, client = chosen

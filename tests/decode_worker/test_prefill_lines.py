@@ -41,3 +41,39 @@ def test_lines_to_replicas_gone_from_the_registry_are_dropped_once_idle():
     b._calls.clear()
     lines.choose(())
     assert set(lines._clients) == {"h:3"}
+
+
+def _keys(tokens: list[int]) -> list[bytes]:
+    from pdserve.cluster.block_hash import extend_block_hashes
+
+    return extend_block_hashes([], tokens, 4, len(tokens) // 4)
+
+
+def test_a_prompt_goes_where_its_longest_prefix_went_unless_that_replica_is_busy():
+    lines = PrefillLines()
+    lines.update([PrefillLine("a", "h:1", 0), PrefillLine("b", "h:2", 0)])
+    system = list(range(16))
+    first, _ = lines.choose((), _keys(system + [90, 91, 92, 93]))
+    for i in range(20):  # every later prompt sharing the system prompt follows it
+        assert lines.choose((), _keys(system + [100 + i] * 4))[0] == first
+    other = "b" if first == "a" else "a"
+    # a conversation's next turn finds its own, longer prefix even on the other replica
+    lines.routes.record(_keys(system + [7] * 8), other)
+    assert lines.choose((), _keys(system + [7] * 8 + [8] * 4))[0] == other
+    # the holder busier than the other by more than the slack: load wins
+    address = {"a": "h:1", "b": "h:2"}
+    lines.update([PrefillLine(first, address[first], 3), PrefillLine(other, address[other], 0)])
+    assert all(lines.choose((), _keys(system + [5] * 4))[0] == other for _ in range(10))
+    assert lines.affinity_picks >= 21
+
+
+def test_routes_forget_the_least_recently_used_keys_beyond_capacity():
+    from pdserve.decode_worker.prefix_routes import PrefixRoutes
+
+    routes = PrefixRoutes(capacity=4)
+    routes.record(_keys(list(range(12))), "a")  # 3 keys
+    routes.record(_keys([50] * 8), "b")  # 2 more: the oldest key goes
+    assert len(routes) == 4
+    assert routes.longest(_keys(list(range(12))), {"a", "b"}) == ("a", 3)
+    assert routes.longest(_keys(list(range(4))), {"a", "b"}) == (None, 0)  # forgotten
+    assert routes.longest(_keys([50] * 8), {"a"}) == (None, 0)  # b not among the choices

@@ -339,3 +339,26 @@ def test_conversations_bench_counts_what_the_prefix_cache_saved(pd, tmp_path, ca
     assert 0 < s["prompt_tokens_cached"] and s["prompt_tokens_computed"] < 3 * (48 + 62 + 76)
     assert s["kv_bytes_moved"] > 0
     assert "prompt_tokens_computed" in capsys.readouterr().out
+
+
+def test_prompts_sharing_a_prefix_go_to_the_prefill_replica_that_caches_it(
+    ray_serve, tiny_model, reference
+):
+    """2P1D over direct lines: a system prompt's later users follow the first to the prefill
+    replica that computed it (both are idle, so load never outweighs the hit), and hit its
+    cache; the tokens equal the single process's."""
+    args = app_args(tiny_model, {"num_replicas": 2, "num_kv_blocks": 256}, {"num_kv_blocks": 256})
+    app = deploy(ray_serve, {**args, "kv_transport": "nccl"})
+    system = list(range(40, 120))
+    for i in range(6):
+        prompt = system + [200 + i, 201 + i, 202 + i]
+        status, r = app.post(
+            "/v1/completions",
+            {"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0,
+             "ignore_eos": True, "return_token_ids": True},
+        )  # fmt: skip
+        assert status == 200, r
+        assert r["choices"][0]["token_ids"] == reference(prompt, 4)
+    m = _blocks_free(app)
+    # 80 shared tokens: 5 full blocks of 16 found cached by each of the 5 later prompts
+    assert m['pdserve_prefix_cache_hits_total{pool="prefill"}'] == 5 * 80
