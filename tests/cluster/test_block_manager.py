@@ -24,13 +24,19 @@ def test_keys_chain_the_prefix():
         extend_block_hashes([], list(range(6)), 4, 2)  # only whole blocks get keys
 
 
-def test_released_keyed_blocks_are_cached_and_matched():
-    bm = BlockManager(8, 4)
-    ids = bm.allocate(3)
-    keys = _keys(list(range(12)))
+def _cached_prefix(bm: BlockManager, tokens: list[int]) -> tuple[list[int], list[bytes]]:
+    """Blocks that held ``tokens``, keyed and released: (their ids, their keys)."""
+    keys = _keys(tokens)
+    ids = bm.allocate(len(keys))
     for b, k in zip(ids, keys):
         bm.cache(b, k)
     bm.free(ids)
+    return ids, keys
+
+
+def test_released_keyed_blocks_are_cached_and_matched():
+    bm = BlockManager(8, 4)
+    ids, keys = _cached_prefix(bm, list(range(12)))
     assert bm.num_used == 0 and bm.num_free == 8 and bm.num_cached == 3
     assert bm.match(keys[:2] + [b"other"]) == ids[:2]  # the longest cached prefix
     assert bm.num_used == 2 and bm.num_cached == 1
@@ -44,11 +50,7 @@ def test_released_keyed_blocks_are_cached_and_matched():
 
 def test_allocation_evicts_cached_blocks_tail_first_after_free_ones():
     bm = BlockManager(4, 4)
-    ids = bm.allocate(3)
-    keys = _keys(list(range(12)))
-    for b, k in zip(ids, keys):
-        bm.cache(b, k)
-    bm.free(ids)
+    ids, keys = _cached_prefix(bm, list(range(12)))
     (fresh,) = bm.allocate(1)
     assert fresh not in ids and bm.num_cached == 3  # a plain free block first
     (evicted,) = bm.allocate(1)
