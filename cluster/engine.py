@@ -157,6 +157,7 @@ class LLMEngine:
         leave the scheduler (their blocks are freed). The next step can be planned now."""
         applied = []
         it = iter(self.runner.collect(launched.handle))
+        self.scheduler.written(launched.sched)
         for chunk in launched.sched.chunks:
             if not chunk.sample:
                 continue
@@ -269,6 +270,7 @@ class LLMEngine:
         else:  # nothing below can fail: the blocks now belong to the request
             self._reserved -= 1
             req.block_ids, req.num_computed_tokens = list(block_ids), len(req.prompt_token_ids)
+            req.num_written_tokens = req.num_computed_tokens  # the transport wrote it
             req.status = RequestStatus.RUNNING
             self.scheduler.add_running(req)
         self._detok[req.request_id] = prefilled.detok

@@ -40,6 +40,9 @@ class Request:
     num_preemptions: int = 0
     first_scheduled_time: float | None = None  # when its first chunk ran (queueing ends)
     error: str | None = None
+    # tokens whose KV a finished step wrote (num_computed_tokens runs ahead: it counts tokens
+    # planned); only these may be keyed: a failed step leaves its tokens' KV unwritten
+    num_written_tokens: int = 0
     # prefix cache: content keys of its full blocks (grown as needed), how many of its blocks
     # are keyed in the block manager, and the tokens its last admission found cached
     block_hashes: list[bytes] = field(default_factory=list)

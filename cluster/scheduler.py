@@ -8,8 +8,9 @@ at the front to recompute its prompt and the tokens it already produced.
 
 Prefix cache: a request admitted from the queue takes the cached blocks of the longest prefix
 of its tokens (whole blocks, leaving at least one token to run) and starts computing after it.
-A request's full blocks are keyed once their KV is written: at the next plan (the step that
-computed them is done by then, or runs before any step that reads them), and when it leaves.
+A request's full blocks are keyed once a step that wrote their KV has been collected
+(``written``): at the next plan, and when it leaves. A step that failed writes nothing: its
+tokens' blocks are never keyed.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
-        for req in self.running:  # KV of every token planned before is written by now
+        for req in self.running:
             self._key_blocks(req)
         # decodes first, then prompts already being prefilled, each in admission order
         order = [r for r in self.running if r.num_uncomputed_tokens == 1]
@@ -156,7 +157,7 @@ class Scheduler:
             self.running.append(req)
             req.block_ids = cached + self.blocks.allocate(need)
             req.num_keyed_blocks = len(cached)
-            req.num_cached_tokens = req.num_computed_tokens
+            req.num_cached_tokens = req.num_written_tokens = req.num_computed_tokens
             self.num_prefix_query_tokens += req.num_tokens
             self.num_prefix_hit_tokens += req.num_computed_tokens
             chunks.append(self._take(req, n))
@@ -199,9 +200,16 @@ class Scheduler:
         req.num_computed_tokens = len(cached) * self.blocks.block_size
         return cached
 
+    def written(self, sched: SchedulerOutput) -> None:
+        """``sched`` ran to the end: its chunks' KV is in their blocks."""
+        for c in sched.chunks:
+            req = self.requests.get(c.request_id)
+            if req is not None and req.status == RequestStatus.RUNNING:
+                req.num_written_tokens = max(req.num_written_tokens, c.end)
+
     def _key_blocks(self, req: Request) -> None:
-        """Key ``req``'s full blocks whose KV has been computed (cached once it lets go)."""
-        full = req.num_computed_tokens // self.blocks.block_size
+        """Key ``req``'s full blocks whose KV a collected step wrote (cached once it lets go)."""
+        full = req.num_written_tokens // self.blocks.block_size
         if not self.blocks.prefix_caching or full <= req.num_keyed_blocks:
             return
         keys = extend_block_hashes(
@@ -216,7 +224,7 @@ class Scheduler:
         self._key_blocks(req)
         self.blocks.free(req.block_ids)
         req.block_ids = []
-        req.num_keyed_blocks = 0
+        req.num_keyed_blocks = req.num_written_tokens = 0
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1

@@ -26,7 +26,9 @@ def _req(rid: str, n: int) -> Request:
 
 
 def _sample(s: Scheduler, out, token: int = 7) -> None:
-    """What the engine does after a step: append a token to every sampled request."""
+    """What the engine does after a step: mark its KV written, append a token to every sampled
+    request."""
+    s.written(out)
     for c in out.chunks:
         if c.sample:
             s.requests[c.request_id].output_token_ids.append(token)
@@ -247,3 +249,14 @@ def test_shared_prefixes_under_pressure_leak_nothing():
         s.abort(rid)
     assert s.blocks.num_used == 0 and s.blocks.num_free == 10
     assert s.num_prefix_hit_tokens > 0 and s.blocks.num_evicted > 0
+
+
+def test_a_step_that_failed_keys_nothing():
+    s = _sched(num_blocks=16, block_size=4)
+    s.add(Request("a", list(range(10)), SP))
+    s.schedule()  # the step fails: the engine never marks it written
+    s.finish(s.requests["a"], FinishReason.ERROR)
+    assert s.blocks.num_cached == 0
+    s.add(Request("b", list(range(10)), SP))
+    (c,) = s.schedule().chunks
+    assert c.start == 0  # computed again, not read from blocks nobody wrote
