@@ -50,7 +50,12 @@ def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
             gpus_per_rank=1 if args.tp > 1 else 0,
             decode_graphs=graphs,
             decode_graph_max_batch=max_batch,
-            cache=CacheConfig(block_size=args.block_size, num_blocks=max_batch * blocks_per_seq),
+            # every prompt computed in full: the prefill timings repeat one prompt
+            cache=CacheConfig(
+                block_size=args.block_size,
+                num_blocks=max_batch * blocks_per_seq,
+                prefix_caching=False,
+            ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_batch,
                 max_num_batched_tokens=max(8192, args.context),

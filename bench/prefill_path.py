@@ -32,7 +32,9 @@ def _engine(args, rank_actor: bool) -> LLMEngine:
             role="prefill",
             rank_actors=rank_actor,
             gpus_per_rank=1 if rank_actor and args.device == "cuda" else 0,
-            cache=CacheConfig(block_size=64, num_blocks=2 * (longest // 64 + 2)),
+            cache=CacheConfig(  # every prompt computed in full
+                block_size=64, num_blocks=2 * (longest // 64 + 2), prefix_caching=False
+            ),
             scheduler=SchedulerConfig(
                 max_num_seqs=4, max_num_batched_tokens=longest, max_model_len=longest + 64
             ),

@@ -12,7 +12,18 @@ bench() {
     --label "$4" --out "$OUT/serve-v2lite-$4.json" 2>&1 | grep -v Warning | grep -E "==|TTFT|TPOT|goodput"
 }
 for name in 1p1d colocated_2x1; do
-  sed "s#/data/dsv2-lite#$M#" "deploy/configs/deepseek_v2_lite_${name}_gpu.yaml" > "/tmp/$name.yaml"
+  # the prefix cache off: the colocated runs repeat one trace, which would find it cached
+  python3 - "$M" "deploy/configs/deepseek_v2_lite_${name}_gpu.yaml" "/tmp/$name.yaml" <<'PY'
+import sys, yaml
+model, src, dst = sys.argv[1:]
+cfg = yaml.safe_load(open(src))
+args = cfg["applications"][0]["args"]
+args["model"]["path"] = model
+for pool in ("prefill", "decode"):
+    if args.get(pool) is not None:
+        args[pool]["prefix_caching"] = False
+yaml.safe_dump(cfg, open(dst, "w"))
+PY
   timeout 200 python3 -m pdserve up -c "/tmp/$name.yaml" 2>&1 | grep -v Warning | tail -1
   if [ "$name" = 1p1d ]; then
     bench 0.5 24 1 1p1d-low-load
