@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +26,56 @@ from safetensors.torch import save_file
 
 from pdserve.cluster.presets import preset_config
 from pdserve.cluster.tokenizer_trainer import train_tokenizer
-from pdserve.kernels.mxfp4 import dequantize_mxfp4, random_mxfp4
+from pdserve.kernels.mxfp4 import (
+    BLOCK,
+    WORD_RANGE,
+    dequantize_mxfp4,
+    random_mxfp4,
+    scale_for_std,
+)
 
 SHARD_BYTES = 2 << 30
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+PIECE = 1 << 22  # elements a thread fills at a time
+
+
+def _parallel(out: torch.Tensor, fill: Callable, g: torch.Generator) -> torch.Tensor:
+    """Fill ``out`` in pieces along its first dim on every core: ``fill(piece, generator)``,
+    each piece's generator seeded from one draw of ``g`` and its index, so the values depend on
+    the seed alone, not on the number of threads."""
+    base = int(torch.randint(0, 2**62, (1,), generator=g))
+    rows = max(1, PIECE // max(1, out[0].numel())) if out.dim() > 1 else out.shape[0]
+    starts = list(range(0, out.shape[0], rows))
+
+    def one(i: int) -> None:
+        fill(out[starts[i] : starts[i] + rows], torch.Generator().manual_seed(base + i))
+
+    with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
+        list(pool.map(one, range(len(starts))))  # torch releases the GIL while it draws
+    return out
 
 
 def _normal(
     shape: tuple[int, ...], std: float, g: torch.Generator, dtype: torch.dtype
 ) -> torch.Tensor:
-    return (torch.randn(shape, generator=g) * std).to(dtype)
+    def fill(piece: torch.Tensor, gen: torch.Generator) -> None:
+        piece.copy_(torch.randn(piece.shape, generator=gen).mul_(std))
+
+    return _parallel(torch.empty(shape, dtype=dtype), fill, g)
+
+
+def _mxfp4(shape: tuple[int, ...], std: float, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """``random_mxfp4``'s codes and scales, drawn on every core: packed bytes straight from
+    random 64-bit words (uniform bytes are two uniform E2M1 codes)."""
+    *lead, k = shape
+
+    def fill(piece: torch.Tensor, gen: torch.Generator) -> None:
+        words = piece.view(-1).view(torch.int64)
+        torch.randint(*WORD_RANGE, words.shape, dtype=torch.int64, generator=gen, out=words)
+
+    packed = _parallel(torch.empty((*lead, k // 2), dtype=torch.uint8), fill, g)
+    scales = torch.full((*lead, k // BLOCK), scale_for_std(std), dtype=torch.uint8)
+    return packed, scales
 
 
 def _tensors(
@@ -82,8 +124,8 @@ def _tensors(
             yield m + "shared_experts.down_proj.weight", lin(h, shared, 0.5)
         if mxfp4:
             # GPT-OSS layout: gate/up rows interleaved, blocks [E, rows, K/32, 16]
-            w13, s13 = random_mxfp4((e, 2 * inter, h), 1 / math.sqrt(h), g)
-            w2, s2 = random_mxfp4((e, h, inter), 0.5 / math.sqrt(inter), g)
+            w13, s13 = _mxfp4((e, 2 * inter, h), 1 / math.sqrt(h), g)
+            w2, s2 = _mxfp4((e, h, inter), 0.5 / math.sqrt(inter), g)
             yield m + "experts.gate_up_proj_blocks", w13.view(e, 2 * inter, h // 32, 16)
             yield m + "experts.gate_up_proj_scales", s13
             yield m + "experts.down_proj_blocks", w2.view(e, h, inter // 32, 16)

@@ -8,6 +8,8 @@ scale bytes ``[..., K // 32]``. Everything here is exact: a dequantized value is
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BLOCK = 32  # elements sharing one E8M0 scale
@@ -131,12 +133,22 @@ def random_mxfp4(
     """Random MXFP4 weights [..., K] whose dequantized values have roughly the given std.
 
     Codes are uniform over the 16 E2M1 codes (std of the grid about 3.1) and every block gets the
-    power-of-two scale nearest to ``std / 3.1``: a random checkpoint is cheap at any size.
+    power-of-two scale nearest to ``std / 3.1``: a random checkpoint is cheap at any size. The
+    packed bytes are drawn directly, eight at a time as random 64-bit words: uniform bytes are
+    two independent uniform codes each.
     """
     *lead, k = shape
     if k % BLOCK:
         raise ValueError(f"MXFP4 needs the input dim to be a multiple of {BLOCK}, got {k}")
-    codes = torch.randint(0, 16, (*lead, k), dtype=torch.uint8, generator=generator)
-    exp = round(torch.log2(torch.tensor(std / 3.1)).item())
-    scales = torch.full((*lead, k // BLOCK), E8M0_BIAS + exp, dtype=torch.uint8)
-    return pack_fp4(codes), scales
+    nbytes = math.prod(lead) * k // 2  # a multiple of 16: K is a multiple of 32
+    words = torch.randint(*WORD_RANGE, (nbytes // 8,), dtype=torch.int64, generator=generator)
+    scales = torch.full((*lead, k // BLOCK), scale_for_std(std), dtype=torch.uint8)
+    return words.view(torch.uint8).view(*lead, k // 2), scales
+
+
+WORD_RANGE = (-(2**63), 2**63 - 1)  # torch.randint bounds for (nearly) uniform 64-bit words
+
+
+def scale_for_std(std: float) -> int:
+    """The E8M0 scale code that gives uniform random E2M1 codes (std about 3.1) about ``std``."""
+    return E8M0_BIAS + round(math.log2(std / 3.1))
