@@ -15,13 +15,22 @@ SEED = b"pdserve-kv-block"
 
 
 def extend_block_hashes(
-    hashes: list[bytes], token_ids: Sequence[int], block_size: int, num_blocks: int
+    hashes: list[bytes],
+    token_ids: Sequence[int],
+    block_size: int,
+    num_blocks: int,
+    first: int = 0,
 ) -> list[bytes]:
-    """Grow ``hashes`` (the keys of ``token_ids``' first blocks, in place) to ``num_blocks``
-    keys; returns it. Only whole blocks get keys: ``num_blocks * block_size`` tokens at most."""
-    assert num_blocks * block_size <= len(token_ids), (num_blocks, block_size, len(token_ids))
+    """Grow ``hashes`` (the keys of a sequence's first blocks, in place) to ``num_blocks`` keys;
+    returns it. ``token_ids`` holds the sequence from token ``first`` on (at most the start of
+    the first block still without a key), so a caller need not copy what has keys already. Only
+    whole blocks get keys: ``num_blocks * block_size`` tokens at most."""
+    end = first + len(token_ids)
+    assert num_blocks * block_size <= end, (num_blocks, block_size, end)
+    assert first <= len(hashes) * block_size, (first, len(hashes), block_size)
     for i in range(len(hashes), num_blocks):
+        start = i * block_size - first
         h = hashlib.blake2b(hashes[-1] if hashes else SEED, digest_size=16)
-        h.update(array("q", token_ids[i * block_size : (i + 1) * block_size]).tobytes())
+        h.update(array("q", token_ids[start : start + block_size]).tobytes())
         hashes.append(h.digest())
     return hashes

@@ -192,10 +192,7 @@ class Scheduler:
         if not self.blocks.prefix_caching:
             return []
         full = (req.num_tokens - 1) // self.blocks.block_size
-        keys = extend_block_hashes(
-            req.block_hashes, req.all_token_ids, self.blocks.block_size, full
-        )
-        cached = self.blocks.match(keys[:full])
+        cached = self.blocks.match(self._block_keys(req, full)[:full])
         req.block_ids = list(cached)
         req.num_computed_tokens = len(cached) * self.blocks.block_size
         return cached
@@ -212,12 +209,18 @@ class Scheduler:
         full = req.num_written_tokens // self.blocks.block_size
         if not self.blocks.prefix_caching or full <= req.num_keyed_blocks:
             return
-        keys = extend_block_hashes(
-            req.block_hashes, req.all_token_ids, self.blocks.block_size, full
-        )
+        keys = self._block_keys(req, full)
         for i in range(req.num_keyed_blocks, full):
             self.blocks.cache(req.block_ids[i], keys[i])
         req.num_keyed_blocks = full
+
+    def _block_keys(self, req: Request, n: int) -> list[bytes]:
+        """``req``'s first ``n`` block keys, hashing (and copying) only the tokens of blocks
+        without a key yet: this runs in every plan, for requests decoding into new blocks."""
+        bs = self.blocks.block_size
+        first = len(req.block_hashes) * bs
+        tokens = req.token_slice(first, max(first, n * bs))
+        return extend_block_hashes(req.block_hashes, tokens, bs, n, first)
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)

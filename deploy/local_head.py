@@ -107,14 +107,14 @@ class HeadRecord:
         """None if the head's GCS and raylet both run, else what is missing (then no driver
         can join it: with the raylet gone one would wait for it)."""
         table = _process_table()
-        args = [table[pid][2] for pid in self.processes() if pid in table]
+        args = [table[pid][2] for pid in self.processes(table)]
         missing = [p for p in ("gcs_server", "raylet") if not any(p in a for a in args)]
         return f"its {' and '.join(missing)} stopped" if missing else None
 
-    def processes(self) -> list[int]:
+    def processes(self, table: dict[int, tuple[int, int, str]] | None = None) -> list[int]:
         """The head's live processes: its process group's Ray processes, anything naming its
-        temp folder, and their descendants."""
-        table = _process_table()
+        temp folder, and their descendants (in ``table``, else in a fresh ``ps``)."""
+        table = _process_table() if table is None else table
         own = {
             pid
             for pid, (ppid, pgid, args) in table.items()

@@ -164,7 +164,7 @@ HUGE = [
     ("unknown field 1e999", "c", b'"x_future": 1e999', 200, None),  # valid JSON, ignored
     ("prompt of 10**6 ids", "c", {"prompt": [7] * 10**6}, 400, "1000000 tokens"),
     ("prompt batch of 10**4", "c", {"prompt": ["Hi"] * 10**4}, 400, "at most 256"),
-    ("stop 10**5 strings", "c", {"stop": ["x"] * 10**5}, 400, "stop has 100000 strings"),
+    ("100000 stop strings", "c", {"stop": ["x"] * 10**5}, 400, "stop has 100000 strings"),
     ("stop of 10**6 chars", "h", {"stop": "x" * 10**6}, 400, "stop[0] has 1000000"),
     ("stop_token_ids 10**5", "c", {"stop_token_ids": [5] * 10**5}, 400, "stop_token_ids has"),
     ("messages 10**4", "h", {"messages": CHAT["messages"] * 10**4}, 400, "context limit"),

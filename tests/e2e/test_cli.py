@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.deploy.local_head import HeadRecord
+from pdserve.deploy.local_head import HeadRecord, _process_table
 
 pytestmark = pytest.mark.slow
 
@@ -142,5 +142,4 @@ def test_up_at_an_address_where_nothing_answers_fails_at_once(home):
 
 
 def _ps() -> dict[int, str]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return {int(p): a for p, _, a in (line.strip().partition(" ") for line in out.splitlines())}
+    return {pid: args for pid, (_, _, args) in _process_table().items()}
