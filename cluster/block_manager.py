@@ -94,6 +94,19 @@ class BlockManager:
         self._key_of[block] = key
         self._block_of[key] = block
 
+    def count_cached(self, keys: list[bytes]) -> int:
+        """How many of ``keys``, from the first, have a block now (referenced or cached). It
+        only reads, so another thread may ask for a hint: the answer may be stale by the time
+        it acts on it (``match`` then finds fewer)."""
+        if not self.prefix_caching:
+            return 0
+        n = 0
+        for key in keys:
+            if key not in self._block_of:
+                break
+            n += 1
+        return n
+
     def match(self, keys: list[bytes]) -> list[int]:
         """The blocks holding the longest prefix of ``keys``, each now referenced once more."""
         if not self.prefix_caching:

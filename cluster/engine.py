@@ -13,7 +13,7 @@ from pdserve.cluster.block_manager import BlockManager
 from pdserve.cluster.config import EngineConfig, ModelConfig
 from pdserve.cluster.detokenizer import IncrementalDetokenizer
 from pdserve.cluster.engine_step import CollectedStep, LaunchedStep, Prefilled, make_output
-from pdserve.cluster.errors import OverloadedError, RequestError
+from pdserve.cluster.errors import OverloadedError, PrefixEvicted, RequestError
 from pdserve.cluster.executor import Executor
 from pdserve.cluster.messages import FirstToken
 from pdserve.cluster.model_runner import ModelRunner
@@ -223,19 +223,30 @@ class LLMEngine:
 
     # ---- prefill/decode handoff ----
 
-    def reserve(self, num_tokens: int) -> list[int]:
-        """Blocks for a prompt whose KV another replica computes; OverloadedError when the
-        cache or the running-request limit has no room for it now."""
+    def reserve(self, num_tokens: int, prefix_keys: Sequence[bytes] = ()) -> list[int]:
+        """Blocks for a prompt whose KV another replica computes: first the cached blocks of
+        ``prefix_keys`` (its first full blocks, whose KV this engine holds: they need not
+        travel), then fresh ones. OverloadedError when the cache or the running-request limit
+        has no room for it now; PrefixEvicted when a block of the prefix is gone."""
         need = self.blocks.blocks_for(num_tokens)
+        held = self.blocks.match(list(prefix_keys))
+        if len(held) < len(prefix_keys):
+            self.blocks.free(held)
+            raise PrefixEvicted(
+                f"{len(prefix_keys) - len(held)} of the prompt's {len(prefix_keys)} cached "
+                "prefix blocks were evicted"
+            )
         free = self.blocks.num_free - self.scheduler.watermark
         running = len(self.scheduler.running) + len(self.scheduler.waiting) + self._reserved
-        if need > free or running >= self.config.scheduler.max_num_seqs:
+        if need - len(held) > free or running >= self.config.scheduler.max_num_seqs:
+            self.blocks.free(held)
             raise OverloadedError(
-                f"decode replica is full: {need} KV blocks wanted, {max(free, 0)} free; "
+                f"decode replica is full: {need - len(held)} KV blocks wanted, "
+                f"{max(free, 0)} free; "
                 f"{running} requests of {self.config.scheduler.max_num_seqs} admitted"
             )
         self._reserved += 1
-        return self.blocks.allocate(need)
+        return held + self.blocks.allocate(need - len(held))
 
     def release(self, block_ids: list[int]) -> None:
         """Give back blocks from ``reserve`` that never became a request."""
@@ -256,10 +267,13 @@ class LLMEngine:
         reason = self._decide(req, tok, detok)
         return Prefilled(req, detok, make_output(req, tok, reason, detok, first=True))
 
-    def adopt(self, prefilled: Prefilled, block_ids: list[int] | None) -> None:
+    def adopt(
+        self, prefilled: Prefilled, block_ids: list[int] | None, num_held_blocks: int = 0
+    ) -> None:
         """Start decoding a ``first_output`` request: from ``block_ids`` (from ``reserve``),
-        which a transport filled with its prompt's KV; or, with None, as a request whose prompt
-        and first token this engine computes again (the way a preempted request comes back).
+        whose first ``num_held_blocks`` this engine's prefix cache held and the rest a
+        transport filled with its prompt's KV; or, with None, as a request whose prompt and
+        first token this engine computes again (the way a preempted request comes back).
         If it raises, a reservation is untouched (the caller releases it)."""
         req = prefilled.request
         assert not prefilled.output.finished, "a finished request has nothing to decode"
@@ -273,6 +287,8 @@ class LLMEngine:
             req.num_written_tokens = req.num_computed_tokens  # the transport wrote it
             req.status = RequestStatus.RUNNING
             self.scheduler.add_running(req)
+            self.scheduler.num_prefix_query_tokens += len(req.prompt_token_ids)
+            self.scheduler.num_prefix_hit_tokens += num_held_blocks * self.blocks.block_size
         self._detok[req.request_id] = prefilled.detok
         self._sent_prompt.add(req.request_id)
 

@@ -43,3 +43,8 @@ class WorkerError(RuntimeError):
 
 class KVLayoutMismatch(WorkerError):
     """A prefill and a decode replica disagree on the KV layout: a deployment error."""
+
+
+class PrefixEvicted(RuntimeError):
+    """Cached KV blocks a decode replica counted on for a prompt's prefix were evicted before
+    its reservation took them: the attempt is retried, counting again."""

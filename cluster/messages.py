@@ -31,12 +31,16 @@ class KVDestination(msgspec.Struct, frozen=True, kw_only=True):
 
     transfer_id: str  # unique per attempt: late data of a failed attempt is recognised and dropped
     decode_replica: str  # the decode replica's id
-    num_blocks: int  # prefill sends this many blocks, in order
+    num_blocks: int  # the prompt's KV fills this many blocks
+    # decode holds the KV of blocks before this one from its own prefix cache (the previous turn
+    # of a conversation ran there): prefill sends blocks first_block .. num_blocks - 1, in order
+    first_block: int = 0
     fingerprint: KVFingerprint  # the decode side's layout, checked by prefill on first contact
     endpoint: Any = (
         None  # transport-specific address (NCCL: rank endpoints); None for the object store
     )
-    block_ids: list[int] = msgspec.field(default_factory=list)  # decode side: where they land
+    block_ids: list[int] = msgspec.field(default_factory=list)  # decode side: where the sent
+    # blocks land (num_blocks - first_block of them)
 
 
 class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,7 +63,7 @@ class KVHandle(msgspec.Struct, frozen=True, kw_only=True):
 
     transport: str  # "object_store" or "nccl"
     transfer_id: str
-    num_blocks: int
+    num_blocks: int  # blocks it carries (KVDestination's first_block on)
     nbytes: int
     payload: Any = (
         None  # object store: the ObjectRef of the [layers, blocks, block_size, width] tensor

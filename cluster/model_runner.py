@@ -275,9 +275,12 @@ class ModelRunner(Executor):
             self.kv_peer.stage(request_id, blocks, layer_done)
 
     def _finished(self, sched: SchedulerOutput) -> list[tuple[str, list[int]]]:
-        """(request id, the blocks its prompt's KV fills) of each prompt the step finishes
-        (each sampled chunk ends its prompt in the prefill role)."""
+        """(request id, the blocks of its prompt's KV that travel) of each prompt the step
+        finishes (each sampled chunk ends its prompt in the prefill role): from the chunk's
+        ``first_sent_block`` (decode holds those before) to the prompt's last block."""
         bs = self.block_size
         return [
-            (c.request_id, list(c.block_ids[: -(-c.end // bs)])) for c in sched.chunks if c.sample
+            (c.request_id, list(c.block_ids[c.first_sent_block : -(-c.end // bs)]))
+            for c in sched.chunks
+            if c.sample
         ]

@@ -122,6 +122,7 @@ class Replica:
         s.kv_blocks_cached = e.blocks.num_cached
         t = self.transport.stats
         s.kv_transfers, s.kv_bytes, s.kv_seconds = t.transfers, t.nbytes, t.seconds
+        s.kv_bytes_saved = t.saved_nbytes
         s.heartbeat = time.time()
         return s
 

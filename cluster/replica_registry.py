@@ -151,6 +151,12 @@ def render_prometheus(stats: list[ReplicaStats]) -> str:
         ),
         ("kv_transfer_seconds_total", "counter", "Seconds spent moving KV.", "kv_seconds"),
         (
+            "kv_transfer_saved_bytes_total",
+            "counter",
+            "KV bytes not sent: the decode replica's prefix cache held those blocks.",
+            "kv_bytes_saved",
+        ),
+        (
             "preemptions_total",
             "counter",
             "Requests preempted for lack of KV blocks.",
@@ -159,13 +165,14 @@ def render_prometheus(stats: list[ReplicaStats]) -> str:
         (
             "prefix_cache_queries_total",
             "counter",
-            "Prompt tokens admitted to a batch, looked up in the prefix cache.",
+            "Prompt tokens admitted to a batch (decode: handed over by prefill), looked up "
+            "in the prefix cache.",
             "prefix_query_tokens",
         ),
         (
             "prefix_cache_hits_total",
             "counter",
-            "Prompt tokens whose KV the prefix cache held (not computed).",
+            "Prompt tokens whose KV the prefix cache held: not computed (decode: not received).",
             "prefix_hit_tokens",
         ),
         (

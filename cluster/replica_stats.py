@@ -94,9 +94,10 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     kv_transfers: int = 0
     kv_bytes: int = 0  # sent (prefill) or received (decode)
     kv_seconds: float = 0.0
+    kv_bytes_saved: int = 0  # decode: KV bytes not received, its prefix cache held them
     preemptions: int = 0
     prefix_query_tokens: int = 0  # prompt tokens admitted to the engine's batch
-    prefix_hit_tokens: int = 0  # of which the prefix cache held the KV
+    prefix_hit_tokens: int = 0  # of which the prefix cache held the KV (decode: not received)
     line_calls: int = 0  # prefill: prefill calls taken on its direct line
     # gauges
     running: int = 0

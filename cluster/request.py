@@ -48,6 +48,8 @@ class Request:
     block_hashes: list[bytes] = field(default_factory=list)
     num_keyed_blocks: int = 0
     num_cached_tokens: int = 0
+    # prefill role: the prompt's KV transfer starts at this block (decode holds those before)
+    first_sent_block: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:

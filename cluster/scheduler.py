@@ -37,6 +37,7 @@ class ScheduledChunk:
     sample: bool  # the chunk reaches the last known token: sample the next one
     sampling: SamplingParams
     num_output_tokens: int  # tokens produced so far (keys per-token seeded sampling)
+    first_sent_block: int = 0  # prefill role: the first block of the prompt's KV transfer
 
     @property
     def end(self) -> int:
@@ -248,4 +249,5 @@ class Scheduler:
             sample=start + n == req.num_tokens,
             sampling=req.sampling,
             num_output_tokens=len(req.output_token_ids),
+            first_sent_block=req.first_sent_block,
         )

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from pdserve.cluster import trace_file
+from pdserve.cluster.block_hash import extend_block_hashes
 from pdserve.cluster.errors import OverloadedError
 from pdserve.cluster.messages import (
     FirstToken,
@@ -49,14 +50,27 @@ class PrefillAttempt:
         self.called_at = 0.0  # time.perf_counter() when the prefill call went out
         self.answered_at = 0.0  # time.perf_counter() when the reply came
         self.landed_at = 0.0  # time.perf_counter() when the KV receive ended
-        n = len(req.prompt_token_ids)
+        ids, blocks = req.prompt_token_ids, server.engine.blocks
+        # the prompt's full-block keys, the last token left out (as prefill matches its cache)
+        self.keys = extend_block_hashes(
+            [], ids, blocks.block_size, (len(ids) - 1) // blocks.block_size
+        )
+        # blocks this replica's prefix cache holds (the conversation's earlier turns ran here):
+        # prefill sends only those after them. Counted here, so the call need not wait for the
+        # engine thread; should one be evicted meanwhile the reservation fails and a retry
+        # counts again
+        self.held = blocks.count_cached(self.keys)
+        held_keys = self.keys[: self.held]
         self._reserving = asyncio.ensure_future(
-            server.aengine.run_owned(lambda e: e.reserve(n), lambda e, ids: e.release(ids))
+            server.aengine.run_owned(
+                lambda e: e.reserve(len(ids), held_keys), lambda e, got: e.release(got)
+            )
         )
 
     @property
     def blocks(self) -> list[int]:
-        """The reserved blocks (once ``first_token`` returned)."""
+        """The reserved blocks (once ``first_token`` returned): the ``held`` cached ones, then
+        those the transfer fills."""
         return self._reserving.result()
 
     @property
@@ -73,6 +87,7 @@ class PrefillAttempt:
             transfer_id=self.transfer_id,
             decode_replica=s.replica_id,
             num_blocks=s.engine.blocks.blocks_for(len(req.prompt_token_ids)),
+            first_block=self.held,
             fingerprint=s.fingerprint,
             endpoint=s.transport.endpoint(),
         )
@@ -84,7 +99,7 @@ class PrefillAttempt:
             avoid=tuple(self.tried),
         )
         self.called_at, called_at = time.perf_counter(), time.time()
-        target, stream = s.prefill_stream(call)
+        target, stream = s.prefill_stream(call, self.keys)
         if target is not None:  # a line: should it fail before accepting, a retry avoids it
             self.tried.append(target)
         result: list[PrefillResult] = []
@@ -136,7 +151,7 @@ class PrefillAttempt:
 
         async def receive() -> None:
             blocks = await asyncio.shield(self._reserving)
-            here = msgspec.structs.replace(dest, block_ids=blocks)
+            here = msgspec.structs.replace(dest, block_ids=blocks[self.held :])  # the sent ones
             await s.transport.receive(handle, here, s.engine.runner, wait_s)
 
         self.receiving = asyncio.ensure_future(receive())

@@ -34,7 +34,6 @@ from typing import Any
 
 import ray
 
-from pdserve.cluster.block_hash import extend_block_hashes
 from pdserve.cluster.engine import LLMEngine
 from pdserve.cluster.engine_step import Prefilled
 from pdserve.cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
@@ -60,13 +59,12 @@ class DecodeServer(Replica):
         if self.lines is not None:
             self.lines.update(ray.get(registry.prefill_lines.remote(), timeout=5))
 
-    def prefill_stream(self, call: PrefillRequest) -> tuple[str | None, Any]:
+    def prefill_stream(self, call: PrefillRequest, keys: list[bytes]) -> tuple[str | None, Any]:
         """Send ``call`` to a prefill replica: (its Serve id, the reply stream) over a direct
-        line, or (None, Serve's response stream) when no line is left to try."""
+        line, or (None, Serve's response stream) when no line is left to try. ``keys``: the
+        prompt's full-block keys, for the replica likely to cache its prefix."""
         chosen = None
         if self.lines is not None:
-            ids, bs = call.prompt_token_ids, self.engine.blocks.block_size
-            keys = extend_block_hashes([], ids, bs, (len(ids) - 1) // bs)  # as prefill matches
             chosen = self.lines.choose(call.avoid, keys)
         if chosen is None:
             return None, self.prefill.options(stream=True).prefill.remote(call)
@@ -153,7 +151,7 @@ class DecodeServer(Replica):
                     continue
 
                 def start(e: LLMEngine, p: Prefilled = prefilled, a=attempt) -> None:
-                    e.adopt(p, a.blocks)
+                    e.adopt(p, a.blocks, a.held)
                     a.handed = True
 
                 async for out in self._joined(rid, start):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pdserve.cluster.engine import LLMEngine
 from pdserve.cluster.request import Request
+from pdserve.cluster.sampling_params import SamplingParams
 
 
 class PrefillEngine(LLMEngine):
@@ -14,6 +15,14 @@ class PrefillEngine(LLMEngine):
         # request id -> seconds it queued before its first chunk ran, for prompts whose KV
         # is staged
         self.captured: dict[str, float] = {}
+
+    def add_prompt(
+        self, prompt_ids: list[int], sampling: SamplingParams, request_id: str, first_block: int
+    ) -> None:
+        """Queue a prompt whose KV goes out from block ``first_block`` on (the decode replica
+        holds the blocks before); OverloadedError when too many wait already."""
+        self.add_request(prompt_ids, sampling, request_id, bounded=True)
+        self.scheduler.requests[request_id].first_sent_block = first_block
 
     def on_finish(self, req: Request) -> None:
         # the prompt's blocks: KV for exactly the prompt tokens; the sampled token has none yet

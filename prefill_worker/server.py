@@ -83,6 +83,12 @@ class PrefillServer(Replica):
     async def prefill(self, req: PrefillRequest) -> AsyncIterator[PrefillAccepted | PrefillResult]:
         start, arrived = time.time(), time.perf_counter()
         dest = req.kv
+        if not 0 <= dest.first_block < dest.num_blocks:  # at least the last block travels
+            raise RequestError(
+                f"first_block {dest.first_block} is outside the prompt's {dest.num_blocks} "
+                "KV blocks",
+                "kv",
+            )
         if dest.decode_replica not in self._met:
             self.fingerprint.check(dest.fingerprint)  # KVLayoutMismatch, at first contact
             self._met.add(dest.decode_replica)
@@ -99,7 +105,7 @@ class PrefillServer(Replica):
             # the prompt goes to the engine first; the accepted item travels while it runs
             stream = self.aengine.stream(
                 rid,
-                lambda e: e.add_request(req.prompt_token_ids, sampling, rid, bounded=True) and None,
+                lambda e: e.add_prompt(req.prompt_token_ids, sampling, rid, dest.first_block),
             )
             running = asyncio.ensure_future(_last(stream))
             try:

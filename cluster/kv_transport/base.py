@@ -7,9 +7,10 @@ transport and returns a ``KVHandle``, which travels back to decode inside the ``
 A transport whose receive can start before the prompt ends (point to point) also ``announce``s
 the handle when the prompt is admitted, so decode posts its receive early.
 Decode side: ``receive(handle, dest, executor, wait_s)`` writes the KV into the blocks
-``dest.block_ids`` names and returns once they hold it. Every transport counts bytes and
-seconds; each must keep the order of transfers per (prefill, decode) pair and must not deadlock
-with many in flight.
+``dest.block_ids`` names and returns once they hold it. Only the blocks from
+``dest.first_block`` on travel: decode holds those before in its own prefix cache. Every
+transport counts bytes and seconds; each must keep the order of transfers per (prefill, decode)
+pair and must not deadlock with many in flight.
 """
 
 from __future__ import annotations
@@ -27,11 +28,20 @@ class TransferStats:
     transfers: int = 0
     nbytes: int = 0
     seconds: float = 0.0
+    # decode side: bytes the same transfers would have carried for the blocks the decode
+    # replica held from its own prefix cache (``KVDestination.first_block``), so never sent
+    saved_nbytes: int = 0
 
-    def add(self, nbytes: int, seconds: float) -> None:
+    def add(self, nbytes: int, seconds: float, saved_nbytes: int = 0) -> None:
         self.transfers += 1
         self.nbytes += nbytes
         self.seconds += seconds
+        self.saved_nbytes += saved_nbytes
+
+
+def held_nbytes(handle: KVHandle, dest: KVDestination) -> int:
+    """Bytes of the blocks ``dest`` held already, at the size ``handle``'s blocks have."""
+    return handle.nbytes // max(handle.num_blocks, 1) * dest.first_block
 
 
 class KVTransport(ABC):

@@ -15,7 +15,7 @@ import ray
 import torch
 
 from pdserve.cluster.executor import Executor
-from pdserve.cluster.kv_transport.base import KVTransport
+from pdserve.cluster.kv_transport.base import KVTransport, held_nbytes
 from pdserve.cluster.messages import KVDestination, KVHandle
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -52,4 +52,4 @@ class ObjectStoreTransport(KVTransport):
         raw = await ref
         kv = torch.from_numpy(raw.copy()).view(_DTYPES[dtype]).view(shape)
         await asyncio.to_thread(executor.write_kv, dest.block_ids, kv)
-        self.stats.add(handle.nbytes, time.perf_counter() - start)
+        self.stats.add(handle.nbytes, time.perf_counter() - start, held_nbytes(handle, dest))

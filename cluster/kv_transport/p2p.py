@@ -28,7 +28,7 @@ from collections import OrderedDict
 import torch
 
 from pdserve.cluster.executor import Executor
-from pdserve.cluster.kv_transport.base import KVTransport
+from pdserve.cluster.kv_transport.base import KVTransport, held_nbytes
 from pdserve.cluster.kv_transport.kv_peer import KVNotSent
 from pdserve.cluster.kv_transport.peer_client import PeerClient
 from pdserve.cluster.messages import KVDestination, KVHandle
@@ -54,7 +54,7 @@ class P2PTransport(KVTransport):
 
     def announce(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
         layers, block_size, width, dtype = executor.kv_layout
-        n = dest.num_blocks
+        n = dest.num_blocks - dest.first_block  # decode holds the blocks before
         return KVHandle(
             transport=self.name,
             transfer_id=transfer_id,
@@ -99,7 +99,8 @@ class P2PTransport(KVTransport):
                 asyncio.ensure_future(src[i].call("drop", handle.transfer_id))
         task = asyncio.ensure_future(transfer())
         await asyncio.shield(task)  # cancelled or not, the transfers run to their end
-        self.stats.add(handle.nbytes * len(dst), time.perf_counter() - start)
+        saved = held_nbytes(handle, dest) * len(dst)
+        self.stats.add(handle.nbytes * len(dst), time.perf_counter() - start, saved)
 
     async def _pull(
         self,

@@ -60,6 +60,20 @@ def test_allocation_evicts_cached_blocks_tail_first_after_free_ones():
     assert bm.num_free == 4
 
 
+def test_counting_a_cached_prefix_takes_nothing_and_a_matched_one_is_never_evicted():
+    bm = BlockManager(4, 4)
+    ids, keys = _cached_prefix(bm, list(range(12)))
+    assert bm.count_cached(keys + [b"other"]) == 3 and bm.num_cached == 3  # only counted
+    held = bm.match(keys[:2])  # a transfer's reservation: the rest of the prompt comes over
+    fresh = bm.allocate(2)  # everything else, evicting the unheld tail
+    assert set(fresh) & set(held) == set() and bm.count_cached(keys) == 2
+    with pytest.raises(RuntimeError, match="asked for 1 KV blocks with 0 free"):
+        bm.allocate(1)
+    bm.free(held + fresh)
+    assert bm.num_free == 4 and bm.count_cached(keys) == 2
+    assert BlockManager(4, 4, prefix_caching=False).count_cached(keys) == 0
+
+
 def test_a_key_stays_with_the_first_block_that_holds_it():
     bm = BlockManager(4, 4)
     a, b = bm.allocate(2)

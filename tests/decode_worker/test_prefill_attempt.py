@@ -1,18 +1,26 @@
 """A prefill attempt does not wait for the decode replica's engine thread: the prefill call goes
 out while the KV blocks are still being reserved; a replica with no room cancels the call it
-made, and every block comes back on both sides."""
+made, and every block comes back on both sides. A prompt whose prefix the decode replica caches
+(a conversation's next turn) is sent from the first block it lacks: eviction before the
+reservation, a failed transfer and a cancelled request sharing the prefix are retried or
+cleaned up without a leaked block."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
+import msgspec
 import pytest
 
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine
 from pdserve.cluster.errors import OverloadedError
+from pdserve.cluster.faults import FaultInjector
+from pdserve.cluster.messages import GenerateRequest
 from pdserve.decode_worker.server import DecodeServer
 from tests.decode_worker.test_faults import GREEDY, PROMPT, _clean, _decode, setup  # noqa: F401
-from tests.decode_worker.test_server import _collect, _PrefillHandle, _spec
+from tests.decode_worker.test_server import _collect, _eventually, _keys, _PrefillHandle, _spec
 
 
 class _Watching:
@@ -62,4 +70,116 @@ def test_no_room_cancels_the_call_already_made(tiny_model, setup):  # noqa: F811
     assert asyncio.run(run()) == want
     assert len(calls) == 2 and decode.stats.requests.get("prefill_retry") is None
     _clean(decode, prefill)
+    decode.shutdown()
+
+
+TURN_1 = list(range(300, 340))  # 40 tokens; with its 8-token answer, 47 have KV: 2 full blocks
+
+
+@pytest.fixture(scope="module")
+def turns(tiny_model):
+    """(turn 1's answer, turn 2's prompt, turn 2's tokens) as one process makes them."""
+    ref = LLMEngine(
+        EngineConfig(
+            model=tiny_model, dtype="float64", device="cpu", cache=CacheConfig(block_size=16)
+        )
+    )
+    answer = ref.generate([TURN_1], GREEDY)[0].token_ids
+    second = TURN_1 + answer + list(range(400, 420))  # 68 tokens: 5 blocks, 2 of them held
+    return answer, second, ref.generate([second], GREEDY)[0].token_ids
+
+
+def _after_turn_1(tiny_model, prefill, answer, handle=None) -> DecodeServer:
+    decode = _decode(tiny_model, handle or _PrefillHandle(prefill))
+    assert asyncio.run(_collect(decode, "turn-1", TURN_1, GREEDY)) == answer
+    _eventually(lambda: decode.engine.blocks.num_cached == 2)
+    return decode
+
+
+def test_prefix_evicted_after_it_was_counted_fails_that_attempt_and_the_retry_counts_again(
+    tiny_model,
+    setup,  # noqa: F811
+    turns,
+):
+    prefill, _ = setup
+    answer, second, want = turns
+    seen = []
+    decode = _after_turn_1(
+        tiny_model, prefill, answer, _Watching(_PrefillHandle(prefill), seen.append)
+    )
+    blocks, count = decode.engine.blocks, decode.engine.blocks.count_cached
+
+    def count_then_evict(keys):
+        n = count(keys)
+        if len(seen) == 1:  # the first attempt of turn 2: the cache is emptied behind its back
+            blocks.free(blocks.allocate(blocks.num_free))
+        return n
+
+    blocks.count_cached = count_then_evict
+    assert asyncio.run(_collect(decode, "turn-2", second, GREEDY)) == want
+    assert [r.kv.first_block for r in seen[1:]] == [2, 0]  # counted 2, then none left
+    assert decode.stats.requests.get("prefill_retry") == 1
+    assert decode.transport.stats.saved_nbytes == 0
+    _clean(decode, prefill)
+    decode.shutdown()
+
+
+def test_failed_transfer_into_a_held_prefix_is_retried_and_the_prefix_stays_cached(
+    tiny_model,
+    setup,  # noqa: F811
+    turns,
+):
+    prefill, _ = setup
+    answer, second, want = turns
+    decode = _after_turn_1(tiny_model, prefill, answer)
+    decode.faults = FaultInjector({"kv_transfer": 1.0})
+    original, calls = decode.faults.maybe_fail, []
+
+    def once(point, what=""):
+        calls.append(point)
+        if len(calls) == 1:
+            original(point, what)
+
+    decode.faults.maybe_fail = once
+    assert asyncio.run(_collect(decode, "turn-2", second, GREEDY)) == want
+    assert decode.stats.requests.get("prefill_retry") == 1
+    t = decode.transport.stats  # both attempts held the 2 blocks; one landed
+    assert t.saved_nbytes > 0
+    _clean(decode, prefill)
+    # turn 2's KV is cached for a turn 3: 67 tokens written, 4 full blocks
+    assert decode.engine.blocks.count_cached(_keys(second + want, 4)) == 4
+    decode.shutdown()
+
+
+def test_cancelling_one_of_two_requests_sharing_a_held_prefix_leaks_nothing(
+    tiny_model,
+    setup,  # noqa: F811
+    turns,
+):
+    prefill, _ = setup
+    answer, second, want = turns
+    decode = _after_turn_1(tiny_model, prefill, answer)
+
+    streaming = asyncio.Event()
+
+    async def cancelled_midway() -> None:
+        sp = msgspec.structs.replace(GREEDY, max_tokens=200)
+        req = GenerateRequest(
+            request_id="gone", prompt_token_ids=second, sampling=sp, arrival_time=time.time()
+        )
+        async for _ in decode.generate(req):
+            streaming.set()  # decoding from the held prefix
+
+    async def run():
+        kept = asyncio.create_task(_collect(decode, "kept", second, GREEDY))
+        gone = asyncio.create_task(cancelled_midway())
+        await asyncio.wait_for(streaming.wait(), 30)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        return await kept
+
+    assert asyncio.run(run()) == want
+    _clean(decode, prefill)
+    assert decode.engine.blocks.count_cached(_keys(second, 2)) == 2
     decode.shutdown()

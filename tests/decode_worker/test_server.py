@@ -210,3 +210,37 @@ def test_full_decode_replica_answers_overloaded_at_once(tiny_model, servers):
     assert len(asyncio.run(run())) == GREEDY.max_tokens
     _eventually(lambda: small.engine.blocks.num_used == 0)
     small.shutdown()
+
+
+def test_a_conversations_next_turn_sends_only_the_blocks_decode_lacks(servers, tiny_model):
+    """Turn 2 resends turn 1's prompt and answer: the decode replica still caches their KV, so
+    prefill sends only the blocks after them, and the tokens are those of one process."""
+    prefill, decode = servers
+    ref = decode.engine.__class__(
+        EngineConfig(
+            model=tiny_model, dtype="float64", device="cpu", cache=CacheConfig(block_size=16)
+        )
+    )
+    first = list(range(100, 140))  # 40 tokens
+    answer = ref.generate([first], GREEDY)[0].token_ids  # 10
+    second = first + answer + list(range(200, 220))  # 70 tokens: 5 blocks
+    want = ref.generate([second], GREEDY)[0].token_ids
+    t, blocks = decode.transport.stats, decode.engine.blocks
+    assert asyncio.run(_collect(decode, "turn-1", first)) == answer
+    # turn 1 wrote KV for 49 tokens (the last answer token has none): 3 full blocks cached
+    _eventually(lambda: blocks.count_cached(_keys(second, 4)) == 3)
+    moved, saved = t.nbytes, t.saved_nbytes
+    hits = decode.engine.scheduler.num_prefix_hit_tokens
+    assert asyncio.run(_collect(decode, "turn-2", second)) == want
+    block_bytes = t.nbytes - moved  # turn 2 received 2 blocks
+    assert block_bytes > 0 and block_bytes % 2 == 0
+    assert t.saved_nbytes - saved == 3 * block_bytes // 2
+    assert decode.engine.scheduler.num_prefix_hit_tokens - hits == 3 * 16
+    assert decode.engine.blocks.num_used == 0 and prefill.engine.blocks.num_used == 0
+    _eventually(lambda: _staged(prefill) == 0)
+
+
+def _keys(tokens: list[int], n: int) -> list[bytes]:
+    from pdserve.cluster.block_hash import extend_block_hashes
+
+    return extend_block_hashes([], tokens, 16, n)
