@@ -11,8 +11,10 @@ Conversations run side by side, each turn after the one before. Prompts are toke
 
 From the deployment's ``/metrics`` before and after: prompt tokens admitted to a batch and
 those the prefix cache held, in the pool that computes prompts (prefill; decode when
-colocated), so the tokens computed are their difference, and the KV bytes the decode pool
-received. Printed as a table; ``--out`` writes them with every turn's record as JSON.
+colocated), so the tokens computed are their difference; the KV bytes the decode pool
+received, and those it did not need because its own prefix cache held them (a conversation's
+earlier turns ran there: Serve's router sends each turn where its prefix went). Printed as a
+table; ``--out`` writes them with every turn's record as JSON.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ COUNTERS = {  # metric -> what it counts, summed over the label given
     "prefix_cache_queries_total": "prompt tokens admitted",
     "prefix_cache_hits_total": "of which cached",
     "kv_transfer_bytes_total": "KV bytes moved",
+    "kv_transfer_saved_bytes_total": "KV bytes decode held, not moved",
     "prompt_tokens_total": "prompt tokens served",
 }
 
@@ -115,6 +118,8 @@ def summary(records: list[RequestRecord], delta: dict) -> dict:
     pool = "prefill" if queries.get("prefill") else "decode"
     admitted = queries.get(pool, 0.0)
     hits = delta["prefix_cache_hits_total"].get(pool, 0.0)
+    moved = delta["kv_transfer_bytes_total"].get("decode", 0.0)
+    held = delta["kv_transfer_saved_bytes_total"].get("decode", 0.0)
     return {
         "requests": len(records),
         "failed": sum(not r.ok for r in records),
@@ -124,7 +129,13 @@ def summary(records: list[RequestRecord], delta: dict) -> dict:
         "prompt_tokens_admitted": admitted,
         "prompt_tokens_cached": hits,
         "prompt_tokens_computed": admitted - hits,
-        "kv_bytes_moved": delta["kv_transfer_bytes_total"].get("decode", 0.0),
+        "kv_bytes_moved": moved,
+        "kv_bytes_held_by_decode": held,
+        # what the transfers would have carried without the decode side's prefix cache
+        "kv_bytes_fewer_x": (moved + held) / moved if moved else None,
+        "decode_prefix_tokens_held": delta["prefix_cache_hits_total"].get("decode", 0.0)
+        if pool == "prefill"
+        else 0.0,
     }
 
 

@@ -49,7 +49,7 @@ class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):
     sampling: SamplingParams  # the request's own; prefill samples exactly one token with it
     kv: KVDestination
     avoid: tuple[str, ...] = ()  # Serve ids of prefill replicas this request failed on: a retry
-    # goes elsewhere while another replica exists (deploy/prefill_router.py)
+    # goes elsewhere while another replica exists (deploy/prefix_router.py)
 
 
 class FirstToken(msgspec.Struct, frozen=True):

@@ -4,7 +4,7 @@ longest prefix. Bounded, least recently used keys forgotten first. Integers and 
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 
 CAPACITY = 1 << 17  # keys: 128k blocks of prompts (8M tokens at 64 per block), about 10 MB
@@ -13,7 +13,12 @@ CAPACITY = 1 << 17  # keys: 128k blocks of prompts (8M tokens at 64 per block), 
 class PrefixRoutes:
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        self._owner: OrderedDict[bytes, str] = OrderedDict()  # block key -> prefill serve id
+        self._owner: OrderedDict[bytes, str] = OrderedDict()  # block key -> replica's serve id
+        self._owned: Counter[str] = Counter()  # serve id -> keys it owns here
+
+    def owned(self, serve_id: str) -> int:
+        """Blocks of prompts last sent to ``serve_id``: what its cache likely holds of ours."""
+        return self._owned[serve_id]
 
     def __len__(self) -> int:
         return len(self._owner)
@@ -30,7 +35,13 @@ class PrefixRoutes:
     def record(self, keys: Sequence[bytes], serve_id: str) -> None:
         """``serve_id`` now holds the prefix ``keys`` name (it computed or reused them)."""
         for key in keys:
+            before = self._owner.get(key)
+            if before != serve_id:
+                if before is not None:
+                    self._owned[before] -= 1
+                self._owned[serve_id] += 1
             self._owner[key] = serve_id
             self._owner.move_to_end(key)
         while len(self._owner) > self.capacity:
-            self._owner.popitem(last=False)
+            _, gone = self._owner.popitem(last=False)
+            self._owned[gone] -= 1

@@ -24,7 +24,7 @@ from pdserve.decode_worker.server import DecodeServer
 from pdserve.deploy.ingress import Ingress
 from pdserve.deploy.ingress_settings import IngressSettings
 from pdserve.deploy.prefill_autoscaling import PREFILL_POLICY
-from pdserve.deploy.prefill_router import ROUTER_CLASS
+from pdserve.deploy.prefix_router import DECODE_SLACK, PREFILL_SLACK, ROUTER_CLASS
 from pdserve.deploy.schema import AppSpec, ModelSpec, PoolSpec
 from pdserve.prefill_worker.server import PrefillServer
 
@@ -152,6 +152,13 @@ def generation(spec: AppSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _router(spec: AppSpec, slack: int) -> RequestRouterConfig:
+    """Serve routes each pool's requests to the replica that got the prompt's prefix before
+    (``deploy/prefix_router.py``)."""
+    kwargs = {"block_size": spec.model.block_size, "slack": slack}
+    return RequestRouterConfig(request_router_class=ROUTER_CLASS, request_router_kwargs=kwargs)
+
+
 def build_app(args: dict[str, Any]) -> serve.Application:
     spec = AppSpec.model_validate(args)
     gen = generation(spec)
@@ -203,14 +210,17 @@ def build_app(args: dict[str, Any]) -> serve.Application:
                     gpus["prefill"],
                     prefill_actors,
                 ),
-                request_router_config=RequestRouterConfig(request_router_class=ROUTER_CLASS),
+                request_router_config=_router(spec, PREFILL_SLACK),
             )
             .bind(worker("prefill", "prefill"))
         )
     role = "colocated" if spec.colocated else "decode"
     decode = (
         serve.deployment(DecodeServer)
-        .options(**_deployment_options(spec.decode, "Decode", gpus["decode"]))
+        .options(
+            **_deployment_options(spec.decode, "Decode", gpus["decode"]),
+            request_router_config=_router(spec, DECODE_SLACK),
+        )
         .bind(worker("decode", role), prefill)
     )
     settings = IngressSettings(

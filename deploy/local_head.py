@@ -213,7 +213,9 @@ def start_head() -> HeadRecord:
     temp_dir = TEMP_ROOT / str(gcs_port)
     _forget_stopped_heads()
     cmd = [
-        "ray",
+        sys.executable,  # Ray's CLI of this interpreter: a venv need not be on PATH
+        "-m",
+        "ray.scripts.scripts",
         "start",
         "--head",
         f"--port={gcs_port}",

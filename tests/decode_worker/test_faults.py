@@ -97,7 +97,7 @@ def test_prefill_fault_is_retried_with_fresh_blocks(tiny_model, setup):
 
 class _TwoReplicas:
     """Two prefill replicas behind a router that avoids what a request names (as
-    ``deploy/prefill_router.py`` does): "bad", which admits the prompt and then fails, looks
+    ``deploy/prefix_router.py`` does): "bad", which admits the prompt and then fails, looks
     least loaded and is picked unless avoided; the other is the real prefill server."""
 
     def __init__(self, good: _PrefillHandle) -> None:

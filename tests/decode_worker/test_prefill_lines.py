@@ -77,3 +77,6 @@ def test_routes_forget_the_least_recently_used_keys_beyond_capacity():
     assert routes.longest(_keys(list(range(12))), {"a", "b"}) == ("a", 3)
     assert routes.longest(_keys(list(range(4))), {"a", "b"}) == (None, 0)  # forgotten
     assert routes.longest(_keys([50] * 8), {"a"}) == (None, 0)  # b not among the choices
+    assert routes.owned("a") == 2 and routes.owned("b") == 2
+    routes.record(_keys([50] * 8), "a")  # b's prefix went to a since
+    assert routes.owned("a") == 4 and routes.owned("b") == 0

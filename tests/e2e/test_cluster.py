@@ -319,14 +319,20 @@ def test_tp2_on_both_pools_matches_single_process(ray_serve, tiny_model, referen
     _blocks_free(app)
 
 
-def test_conversations_bench_counts_what_the_prefix_cache_saved(pd, tmp_path, capsys):
-    """bench.conversations on 1P1D: every turn answered; later turns find their history cached
-    on the prefill replica, so fewer prompt tokens are computed than admitted."""
+def test_conversations_bench_counts_what_the_prefix_caches_saved(
+    ray_serve, tiny_model, tmp_path, capsys
+):
+    """bench.conversations on 1P2D: every turn answered; later turns find their history cached
+    on the prefill replica, so fewer prompt tokens are computed than admitted; and Serve's
+    router sends each later turn to the decode replica that ran the earlier ones, which holds
+    their KV, so prefill sends only the blocks after it."""
     from pdserve.bench.conversations import main
 
+    decode = {"num_replicas": 2, "num_kv_blocks": 256}
+    app = deploy(ray_serve, app_args(tiny_model, {"num_replicas": 1, "num_kv_blocks": 256}, decode))
     out = tmp_path / "conv.json"
     argv = [
-        "--url", pd.url, "--conversations", "3", "--turns", "3", "--system-len", "40",
+        "--url", app.url, "--conversations", "3", "--turns", "3", "--system-len", "40",
         "--user-len", "8", "--output-len", "6", "--vocab-size", "1000", "--out", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
@@ -337,8 +343,15 @@ def test_conversations_bench_counts_what_the_prefix_cache_saved(pd, tmp_path, ca
     assert prompts[:3] == [48, 62, 76]  # each turn: the last prompt, its 6 answers, 8 new
     assert s["prompt_tokens_admitted"] == 3 * (48 + 62 + 76)
     assert 0 < s["prompt_tokens_cached"] and s["prompt_tokens_computed"] < 3 * (48 + 62 + 76)
-    assert s["kv_bytes_moved"] > 0
+    # turn 2 finds turn 1's 53 tokens with KV (3 blocks of 16) on its decode replica, turn 3
+    # turn 2's 67 (4 blocks); a turn 1 may find the 40-token system prompt's 2 blocks
+    held = s["decode_prefix_tokens_held"]
+    assert 3 * (48 + 64) <= held <= 3 * (48 + 64 + 32), held
+    assert s["kv_bytes_moved"] > 0 and s["kv_bytes_held_by_decode"] > 0
+    # blocks sent per conversation: turn 1 3 of 3 (or 1), turn 2 1 of 4, turn 3 1 of 5
+    assert s["kv_bytes_fewer_x"] >= 12 / 5, s
     assert "prompt_tokens_computed" in capsys.readouterr().out
+    _blocks_free(app)
 
 
 def test_prompts_sharing_a_prefix_go_to_the_prefill_replica_that_caches_it(
