@@ -4,8 +4,11 @@ Tensor names are the hub's (per-expert ``mlp.experts.{i}.{gate,up,down}_proj.wei
 transformers loads the directory too. Routed experts hold MXFP4-representable values, so
 quantizing them at load is lossless; with ``mxfp4=True`` they are stored pre-quantized in the
 GPT-OSS layout instead (``gate_up_proj_blocks`` with interleaved gate/up rows, ``*_scales``),
-which is the only way the large presets fit on a disk. Shards are written as they fill, so
-memory stays at one shard.
+which is the only way the large presets fit on a disk. With ``fp8=True`` every projection
+(attention, dense MLPs, shared and routed experts) is stored as DeepSeek publishes its models:
+float8 E4M3 with a float32 ``weight_scale_inv`` per 128x128 block; norms, the router, the
+embeddings and the LM head stay in ``dtype``. Shards are written as they fill, so memory stays
+at one shard.
 
 Scales are chosen so the random model is well conditioned: every projection keeps activations
 near unit scale, and the logits spread by a few units, so greedy choices are not near-ties.
@@ -26,6 +29,7 @@ from safetensors.torch import save_file
 
 from pdserve.cluster.presets import preset_config
 from pdserve.cluster.tokenizer_trainer import train_tokenizer
+from pdserve.kernels.fp8_blocks import quantize_fp8_blocks
 from pdserve.kernels.mxfp4 import (
     BLOCK,
     WORD_RANGE,
@@ -79,6 +83,21 @@ def _mxfp4(shape: tuple[int, ...], std: float, g: torch.Generator) -> tuple[torc
 
 
 def _tensors(
+    cfg: dict[str, Any], g: torch.Generator, dtype: torch.dtype, mxfp4: bool, fp8: bool
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, t in _plain_tensors(cfg, g, dtype, mxfp4):
+        module = name.removesuffix(".weight").rsplit(".", 1)[-1]  # q_a_proj, gate, lm_head...
+        if not fp8 or not name.endswith(".weight") or "_proj" not in module:  # norms, router,
+            # embeddings and the LM head stay unquantized
+            yield name, t
+            continue
+        # routed experts' values are MXFP4's: power-of-two block scales keep them exact
+        codes, scale = quantize_fp8_blocks(t, power_of_two=".mlp.experts." in name)
+        yield name, codes
+        yield name + "_scale_inv", scale
+
+
+def _plain_tensors(
     cfg: dict[str, Any], g: torch.Generator, dtype: torch.dtype, mxfp4: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
     h, heads = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -149,6 +168,7 @@ def make_model(
     preset: str = "tiny",
     *,
     mxfp4: bool = False,
+    fp8: bool = False,
     dtype: str = "bfloat16",
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
@@ -156,6 +176,8 @@ def make_model(
     """Write config, tokenizer and random weights into ``out``; returns the directory."""
     if dtype not in DTYPES:
         raise ValueError(f"unsupported checkpoint dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    if mxfp4 and fp8:
+        raise ValueError("choose one of mxfp4 (experts pre-quantized) and fp8 (every linear)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = preset_config(preset, overrides)
@@ -171,6 +193,13 @@ def make_model(
     cfg["torch_dtype"] = dtype
     if mxfp4:
         cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+    if fp8:  # DeepSeek-V3's own, word for word
+        cfg["quantization_config"] = {
+            "activation_scheme": "dynamic",
+            "fmt": "e4m3",
+            "quant_method": "fp8",
+            "weight_block_size": [128, 128],
+        }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = {
         "bos_token_id": cfg["bos_token_id"],
@@ -192,7 +221,7 @@ def make_model(
         weight_map.update({k: name for k in shards[-1]})
         shards[-1], sizes[-1] = {}, 0
 
-    for name, tensor in _tensors(cfg, g, DTYPES[dtype], mxfp4):
+    for name, tensor in _tensors(cfg, g, DTYPES[dtype], mxfp4, fp8):
         nbytes = tensor.numel() * tensor.element_size()
         if sizes[-1] and sizes[-1] + nbytes > SHARD_BYTES:
             flush()

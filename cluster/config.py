@@ -91,7 +91,10 @@ class ModelConfig:
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    experts_prequantized: bool = False  # experts stored as MXFP4 *_blocks/*_scales
+    # "" (bf16/fp32 weights), "mxfp4" (experts stored as MXFP4 *_blocks/*_scales, GPT-OSS
+    # layout) or "fp8" (DeepSeek's release format: linears in E4M3 with block scales)
+    quant_method: str = ""
+    fp8_block: tuple[int, int] | None = None  # fp8: the scales' block shape [out, in]
     checkpoint_dtype: str = "bfloat16"
 
     @staticmethod
@@ -108,8 +111,7 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         quant = cfg.get("quantization_config") or {}
-        if quant and quant.get("quant_method") != "mxfp4":
-            raise ValueError(f"unsupported quantization {quant.get('quant_method')!r}; only mxfp4")
+        method, fp8_block = _quantization(quant)
         return ModelConfig(
             vocab_size=cfg["vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -138,7 +140,8 @@ class ModelConfig:
             attention_bias=bool(cfg.get("attention_bias", False)),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
-            experts_prequantized=bool(quant),
+            quant_method=method,
+            fp8_block=fp8_block,
             checkpoint_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
         )
 
@@ -172,6 +175,35 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.num_hidden_layers * self.kv_cache_dim * torch.finfo(dtype).bits // 8
+
+
+def _quantization(quant: dict[str, Any]) -> tuple[str, tuple[int, int] | None]:
+    """(quant_method, fp8 block shape) of a ``quantization_config``; ValueError naming what is
+    supported for anything else."""
+    if not quant:
+        return "", None
+    method = quant.get("quant_method")
+    if method == "mxfp4":
+        return method, None
+    if method != "fp8":
+        raise ValueError(
+            f"unsupported quantization {method!r}; supported: mxfp4 (routed experts in the "
+            "GPT-OSS layout) and fp8 (E4M3 weights with 128x128 block scales, as DeepSeek "
+            "publishes them)"
+        )
+    if quant.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(f"unsupported fp8 fmt {quant['fmt']!r}; only e4m3")
+    if quant.get("activation_scheme", "dynamic") != "dynamic":
+        raise ValueError(
+            f"unsupported fp8 activation_scheme {quant['activation_scheme']!r}; only dynamic"
+        )
+    block = quant.get("weight_block_size")
+    if block is None or list(block) != [128, 128]:
+        raise ValueError(
+            f"unsupported fp8 weight_block_size {block!r}; only [128, 128] (one scale per "
+            "128x128 block, DeepSeek's layout)"
+        )
+    return method, (128, 128)
 
 
 @dataclass(frozen=True)

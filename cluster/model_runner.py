@@ -72,7 +72,9 @@ class ModelRunner(Executor):
                 dtype=self.dtype,
                 tp=tp,
             )
-        n = load_weights(self.model, config.model, model_config.num_hidden_layers)
+        n = load_weights(
+            self.model, config.model, model_config.num_hidden_layers, model_config.fp8_block
+        )
         self.model.eval()
         log.info(
             "loaded %d tensors from %s as %s on %s in %.1fs",

@@ -13,7 +13,9 @@ def _make_model(args: argparse.Namespace) -> int:
     from pdserve.cluster.checkpoint_maker import make_model
 
     start = time.perf_counter()
-    out = make_model(args.out, args.preset, mxfp4=args.mxfp4, dtype=args.dtype, seed=args.seed)
+    out = make_model(
+        args.out, args.preset, mxfp4=args.mxfp4, fp8=args.fp8, dtype=args.dtype, seed=args.seed
+    )
     print(f"wrote {args.preset} checkpoint to {out} in {time.perf_counter() - start:.1f}s")
     return 0
 
@@ -208,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-model", help="write a random-weight checkpoint of a preset's shape")
     p.add_argument("--preset", default="tiny", help="tiny, deepseek-v2-lite or deepseek-v3-4l")
     p.add_argument("--out", required=True, help="directory to write")
-    p.add_argument("--mxfp4", action="store_true", help="store routed experts pre-quantized")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--mxfp4", action="store_true", help="store routed experts pre-quantized")
+    quant.add_argument(
+        "--fp8",
+        action="store_true",
+        help="store every projection as DeepSeek does: float8 E4M3, 128x128 block scales",
+    )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_make_model)

@@ -55,6 +55,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))
 
 
+FP8_OVERRIDES = {"hidden_size": 160}
+
 YARN_OVERRIDES = {
     "q_lora_rank": None,
     "max_position_embeddings": 4096,
@@ -76,6 +78,50 @@ def tiny_model(tmp_path_factory) -> str:
     from pdserve.cluster.checkpoint_maker import make_model
 
     return str(make_model(tmp_path_factory.mktemp("tiny"), "tiny", seed=0))
+
+
+@pytest.fixture(scope="session")
+def fp8_model(tmp_path_factory) -> str:
+    """``tiny`` in DeepSeek's release format: every projection float8 E4M3 with 128x128 block
+    scales (hidden 160: partial blocks at every edge), written by ``make-model --fp8``."""
+    from pdserve.cluster.checkpoint_maker import make_model
+
+    path = tmp_path_factory.mktemp("fp8")
+    return str(make_model(path, "tiny", fp8=True, dtype="float32", seed=5, overrides=FP8_OVERRIDES))
+
+
+@pytest.fixture(scope="session")
+def fp8_model_dequantized(fp8_model, tmp_path_factory) -> str:
+    """``fp8_model`` dequantized to float32 by this fixture's own arithmetic (one Kronecker
+    product per weight, not the loader's code), without its quantization_config: what
+    transformers loads as the reference."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path_factory.mktemp("fp8-dequantized")
+    src = Path(fp8_model)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copy(f, dst / f.name)
+    cfg = json.loads((dst / "config.json").read_text())
+    del cfg["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if t.dtype == torch.float8_e4m3fn:
+            scale = tensors[name + "_scale_inv"]
+            full = torch.kron(scale, torch.ones(128, 128))[: t.shape[0], : t.shape[1]]
+            t = t.float() * full
+        out[name] = t.contiguous()
+    save_file(out, str(dst / "model.safetensors"))
+    return str(dst)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,10 @@
-"""Load a Hugging Face safetensors checkpoint (one file or many shards) into a model."""
+"""Load a Hugging Face safetensors checkpoint (one file or many shards) into a model; FP8
+block-scaled linears (DeepSeek's release format) are dequantized on the way."""
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,11 @@ from safetensors import safe_open
 from torch import nn
 
 from pdserve.cluster.model.layers import Loadable
+from pdserve.kernels.fp8_blocks import dequantize_fp8_blocks
+from pdserve.kernels.mxfp4 import BLOCK, dequantize_mxfp4, quantize_mxfp4
+
+log = logging.getLogger(__name__)
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz)
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
@@ -35,6 +42,70 @@ def iter_checkpoint(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
+class ExpertConversion:
+    """The error of storing FP8 routed experts as MXFP4, measured on the first ``limit``
+    expert weights the checkpoint holds (the rest convert the same way)."""
+
+    def __init__(self, limit: int = 96) -> None:
+        self.limit, self.tensors = limit, 0
+        self.err_sq = self.ref_sq = self.max_abs = 0.0
+
+    def measure(self, w: torch.Tensor) -> None:  # [out, in], dequantized float32
+        if self.tensors >= self.limit or w.shape[-1] % BLOCK:
+            return
+        diff = dequantize_mxfp4(*quantize_mxfp4(w)) - w
+        self.err_sq += float(diff.double().pow(2).sum())
+        self.ref_sq += float(w.double().pow(2).sum())
+        self.max_abs = max(self.max_abs, float(diff.abs().max()))
+        self.tensors += 1
+
+    @property
+    def relative_rms(self) -> float:
+        return (self.err_sq / self.ref_sq) ** 0.5 if self.ref_sq else 0.0
+
+
+def fp8_dequantized(
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    block: tuple[int, int],
+    conversion: ExpertConversion | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each float8 ``X.weight`` paired with its ``X.weight_scale_inv`` (in either order, in any
+    shard), as one float32 ``X.weight``; other tensors pass through. Routed experts' weights
+    are measured by ``conversion`` on the way. An unpaired one is an error at the end."""
+    weights: dict[str, torch.Tensor] = {}
+    scales: dict[str, torch.Tensor] = {}
+
+    def pair(name: str, w: torch.Tensor, scale: torch.Tensor) -> tuple[str, torch.Tensor]:
+        try:
+            value = dequantize_fp8_blocks(w, scale, block)
+        except ValueError as e:
+            raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
+        if conversion is not None and ".mlp.experts." in name:
+            conversion.measure(value)
+        return name, value
+
+    for name, t in tensors:
+        if name.endswith(".weight_scale_inv"):
+            base = name.removesuffix("_scale_inv")
+            if base in weights:
+                yield pair(base, weights.pop(base), t)
+            else:
+                scales[base] = t
+        elif t.dtype == torch.float8_e4m3fn:
+            if name in scales:
+                yield pair(name, t, scales.pop(name))
+            else:
+                weights[name] = t
+        else:
+            yield name, t
+    if weights or scales:
+        raise ValueError(
+            f"checkpoint has {len(weights)} float8 weights without a weight_scale_inv "
+            f"({sorted(weights)[:3]}) and {len(scales)} scales without a weight "
+            f"({sorted(scales)[:3]})"
+        )
+
+
 def _ignored(name: str, num_layers: int) -> bool:
     m = _LAYER.match(name)
     if m and int(m.group(1)) >= num_layers:
@@ -42,15 +113,28 @@ def _ignored(name: str, num_layers: int) -> bool:
     return name.endswith("rotary_emb.inv_freq")
 
 
-def load_weights(model: nn.Module, path: str | Path, num_layers: int) -> int:
+def load_weights(
+    model: nn.Module, path: str | Path, num_layers: int, fp8_block: tuple[int, int] | None = None
+) -> int:
     """Route every tensor to the deepest module whose path prefixes its name; then check that
     nothing is missing and let the model finish (tie embeddings, prepare MoE kernels).
-    Returns the number of tensors loaded."""
+    ``fp8_block``: the checkpoint's linears are FP8 with scales per block of this shape; they
+    are dequantized on the way (routed experts then become MXFP4 like any others, the error of
+    that conversion logged once). Returns the number of tensors loaded."""
     modules = {name: m for name, m in model.named_modules() if hasattr(m, "load_weight")}
     count = 0
-    for name, tensor in iter_checkpoint(path):
+    tensors = iter_checkpoint(path)
+    conversion = ExpertConversion() if fp8_block is not None else None
+    if fp8_block is not None:
+        tensors = fp8_dequantized(tensors, fp8_block, conversion)
+    for name, tensor in tensors:
         if _ignored(name, num_layers):
             continue
+        if tensor.dtype in FLOAT8:
+            raise ValueError(
+                f"checkpoint tensor {name!r} is {tensor.dtype}, but config.json names no fp8 "
+                "quantization_config (quant_method fp8, weight_block_size [128, 128])"
+            )
         parts = name.split(".")
         for cut in range(len(parts) - 1, 0, -1):
             target = modules.get(".".join(parts[:cut]))
@@ -60,6 +144,14 @@ def load_weights(model: nn.Module, path: str | Path, num_layers: int) -> int:
         else:
             raise ValueError(f"checkpoint tensor {name!r} matches no module of the model")
         count += 1
+    if conversion is not None and conversion.tensors:
+        log.info(
+            "FP8 routed experts stored as MXFP4: relative RMS error %.3g, largest %.3g, over "
+            "the first %d expert weights",
+            conversion.relative_rms,
+            conversion.max_abs,
+            conversion.tensors,
+        )
     model.post_load()
     missing = [
         f"{prefix}.{n}"

@@ -54,13 +54,47 @@ def test_v2_lite_preset_has_no_q_lora():
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"scoring_func": "softmax"}, "scoring_func"),
         ({"rope_scaling": {"type": "longrope"}}, "rope type"),
-        ({"quantization_config": {"quant_method": "fp8"}}, "quantization"),
+        ({"quantization_config": {"quant_method": "fp8"}}, r"weight_block_size None.*\[128, 128\]"),
+        ({"quantization_config": {"quant_method": "awq"}}, "'awq'; supported: mxfp4 .* and fp8"),
+        (
+            {"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}},
+            r"weight_block_size \[64, 64\]",
+        ),
+        (
+            {"quantization_config": {"quant_method": "fp8", "fmt": "e5m2"}},
+            "fp8 fmt 'e5m2'; only e4m3",
+        ),
+        (
+            {
+                "quantization_config": {
+                    "quant_method": "fp8",
+                    "activation_scheme": "static",
+                    "weight_block_size": [128, 128],
+                }
+            },
+            "activation_scheme 'static'; only dynamic",
+        ),
     ],
 )
 def test_unsupported_configs_are_named(change, needle):
     cfg = preset_config("tiny", {"vocab_size": 100, **change})
     with pytest.raises(ValueError, match=needle):
         ModelConfig.from_hf(cfg)
+
+
+def test_deepseeks_fp8_quantization_config_is_read():
+    fp8 = {
+        "activation_scheme": "dynamic",
+        "fmt": "e4m3",
+        "quant_method": "fp8",
+        "weight_block_size": [128, 128],
+    }
+    cfg = ModelConfig.from_hf(
+        preset_config("tiny", {"vocab_size": 100, "quantization_config": fp8})
+    )
+    assert cfg.quant_method == "fp8" and cfg.fp8_block == (128, 128)
+    plain = ModelConfig.from_hf(preset_config("tiny", {"vocab_size": 100}))
+    assert plain.quant_method == "" and plain.fp8_block is None
 
 
 def test_engine_config_dtype_and_device():

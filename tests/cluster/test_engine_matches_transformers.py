@@ -91,3 +91,24 @@ def test_greedy_tokens_match_transformers_yarn_without_q_lora(yarn_model):
 @pytest.mark.parametrize("which", ["tiny_model", "yarn_model"])
 def test_last_position_logits_match_transformers(which, request):
     _check_logits(request.getfixturevalue(which), (1, 33, 257), seed=4)
+
+
+def test_fp8_checkpoint_gives_transformers_tokens_on_its_dequantized_weights(
+    fp8_model, fp8_model_dequantized
+):
+    """DeepSeek's release format (float8 E4M3, 128x128 block scales; its routed experts hold
+    MXFP4-representable values, so storing them as MXFP4 loses nothing) against transformers
+    on the same weights dequantized."""
+    engine, hf = _engine(fp8_model), _hf(fp8_model_dequantized)
+    prompts = _prompts(engine.vocab_size, (1, 17, 130), seed=6)
+    outs = engine.generate(
+        prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    )
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == _hf_greedy(hf, prompt, NEW_TOKENS), f"prompt of {len(prompt)}"
+    rid = engine.add_request(prompts[1], SamplingParams(max_tokens=1))
+    ours = engine.runner.compute_logits(engine.scheduler.schedule())[0]
+    with torch.inference_mode():
+        ref = hf(torch.tensor([prompts[1]])).logits[0, -1].float()
+    torch.testing.assert_close(ours.cpu(), ref, rtol=1e-4, atol=1e-4)
+    engine.abort(rid)

@@ -375,3 +375,33 @@ def test_prompts_sharing_a_prefix_go_to_the_prefill_replica_that_caches_it(
     m = _blocks_free(app)
     # 80 shared tokens: 5 full blocks of 16 found cached by each of the 5 later prompts
     assert m['pdserve_prefix_cache_hits_total{pool="prefill"}'] == 5 * 80
+
+
+def test_fp8_checkpoint_served_1p1d_gives_transformers_tokens(
+    ray_serve, fp8_model, fp8_model_dequantized
+):
+    """DeepSeek's release format (float8 E4M3 linears, 128x128 block scales), written by
+    ``make-model --fp8``, deployed 1P1D in float32: transformers' greedy tokens on the
+    dequantized weights. Prompts go one at a time, so no batch mixes float32 sums."""
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    args = app_args(fp8_model, {"num_replicas": 1, "num_kv_blocks": 128}, {"num_kv_blocks": 128})
+    args["model"]["dtype"] = "float32"
+    app = deploy(ray_serve, args)
+    hf = DeepseekV3ForCausalLM.from_pretrained(fp8_model_dequantized, dtype=torch.float32).eval()
+    for prompt in _prompts(1000, 3, seed=11, hi=90):
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            want = hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_TOKENS,
+                do_sample=False, eos_token_id=None, pad_token_id=0,
+            )[0, len(prompt) :].tolist()  # fmt: skip
+        status, r = app.post(
+            "/v1/completions",
+            {"model": "tiny", "prompt": prompt, "max_tokens": GREEDY_TOKENS, "temperature": 0,
+             "ignore_eos": True, "return_token_ids": True},
+        )  # fmt: skip
+        assert status == 200, r
+        assert r["choices"][0]["token_ids"] == want, f"prompt of {len(prompt)} tokens"
+    _blocks_free(app)

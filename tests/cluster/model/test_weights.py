@@ -129,3 +129,44 @@ def test_missing_and_unknown_tensors_are_named(tiny_model, tmp_path):
     path = _rewrite(tiny_model, tmp_path / "extra", extra)
     with pytest.raises(ValueError, match="bogus_proj"):
         _engine(path)
+
+
+def test_fp8_weights_pair_with_their_scales_in_any_order():
+    from pdserve.cluster.model.weights import fp8_dequantized
+    from pdserve.kernels.fp8_blocks import quantize_fp8_blocks
+
+    a, b = torch.randn(130, 40), torch.randn(8, 200)
+    (qa, sa), (qb, sb) = quantize_fp8_blocks(a), quantize_fp8_blocks(b)
+    stream = [
+        ("x.a.weight_scale_inv", sa),  # a scale before its weight (another shard)
+        ("x.b.weight", qb),
+        ("x.norm.weight", torch.ones(3)),  # passes through
+        ("x.a.weight", qa),
+        ("x.b.weight_scale_inv", sb),
+    ]
+    out = dict(fp8_dequantized(iter(stream), (128, 128)))
+    assert list(out) == ["x.norm.weight", "x.a.weight", "x.b.weight"]
+    assert out["x.a.weight"].dtype == torch.float32
+    assert torch.allclose(out["x.a.weight"], a, rtol=1 / 16, atol=1e-2)
+    with pytest.raises(
+        ValueError, match=r"1 float8 weights without a weight_scale_inv \(\['y'\]\)"
+    ):
+        list(fp8_dequantized(iter([("y", qa)]), (128, 128)))
+    with pytest.raises(ValueError, match=r"'x.a.weight': FP8 block scales of shape \(1, 2\)"):
+        list(fp8_dequantized(iter([("x.a.weight", qa), ("x.a.weight_scale_inv", sb)]), (128, 128)))
+
+
+def test_fp8_checkpoint_logs_its_expert_conversion_and_needs_its_config(
+    fp8_model, tmp_path, caplog
+):
+    with caplog.at_level("INFO", logger="pdserve.cluster.model.weights"):
+        _engine(fp8_model)
+    # make-model's FP8 experts hold MXFP4 values: exact (2 MoE layers x 8 experts x 3)
+    assert "relative RMS error 0, largest 0, over the first 48 expert weights" in caplog.text
+    bare = tmp_path / "no-config"
+    shutil.copytree(fp8_model, bare)
+    cfg = json.loads((bare / "config.json").read_text())
+    del cfg["quantization_config"]
+    (bare / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="float8_e4m3fn, but config.json names no fp8"):
+        _engine(str(bare))
