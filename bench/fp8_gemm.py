@@ -1,0 +1,113 @@
+"""The FP8 block-scaled linear (``kernels/fp8_gemm_triton.py``) against bf16 matmul, at
+DeepSeek-V3's projection shapes, with the ceilings measured in the same run:
+
+    python -P -m pdserve.bench.fp8_gemm [--m 1,8,64,512,2048,8192] [--out PATH]
+
+Per (projection, M): ours (activation quantization included) and ``torch.nn.functional.linear``
+in bf16 on the dequantized weight, in ms (``triton.testing.do_bench`` medians) and TFLOP/s
+(2 M N K / time), ours as % of the FP8 ceiling and bf16's as % of the bf16 ceiling. Ceilings:
+an 8192^3 bf16 matmul and an 8192^3 FP8 ``torch._scaled_mm`` (one scale per tensor). Every row
+first checks ours against the PyTorch reference (``rel_err``). ``--device cpu`` runs the kernel
+under Triton's interpreter at small shapes: a check that the script works, not a timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+
+import torch
+
+# a projection's (N, K) = (output, input features) at DeepSeek-V3's dims
+SHAPES = {
+    "q_a_proj": (1536, 7168),
+    "q_b_proj": (24576, 1536),
+    "kv_a_proj_with_mqa": (576, 7168),
+    "o_proj": (7168, 16384),
+    "dense gate+up": (36864, 7168),
+    "dense down_proj": (7168, 18432),
+}
+SMALL_SHAPES = {"small": (200, 384)}  # --device cpu
+
+
+def _ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def ceilings(dev: str, n: int = 8192) -> dict[str, float]:
+    x = torch.randn(n, n, device=dev).bfloat16()
+    y = torch.randn(n, n, device=dev).bfloat16()
+    bf16 = 2 * n**3 / _ms(lambda: x @ y) / 1e9
+    a, b = x.to(torch.float8_e4m3fn), y.to(torch.float8_e4m3fn).t()  # b column-major, as it needs
+    one = torch.ones((), device=dev)
+    fp8 = 2 * n**3 / _ms(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16)) / 1e9
+    return {"bf16_TFLOPs": bf16, "fp8_TFLOPs": fp8}
+
+
+def row(name: str, n: int, k: int, m: int, dev: str, timed: bool) -> dict:
+    from pdserve.kernels.fp8_blocks import dequantize_fp8_blocks, quantize_fp8_blocks
+    from pdserve.kernels.fp8_gemm_triton import fp8_block_linear_torch, fp8_block_linear_triton
+
+    g = torch.Generator(device=dev).manual_seed(m)
+    w, s = quantize_fp8_blocks(torch.randn(n, k, device=dev, generator=g) / k**0.5)
+    x = torch.randn(m, k, device=dev, generator=g).to(
+        torch.bfloat16 if dev == "cuda" else torch.float32
+    )
+    ours = fp8_block_linear_triton(x, w, s).float()
+    ref = fp8_block_linear_torch(x, w, s).float()
+    r = {"proj": name, "N": n, "K": k, "M": m}
+    r["rel_err"] = float((ours - ref).norm() / ref.norm().clamp_min(1e-30))
+    if timed:
+        dense = dequantize_fp8_blocks(w, s, dtype=x.dtype)
+        flops = 2 * m * n * k
+        r["ours_ms"] = _ms(lambda: fp8_block_linear_triton(x, w, s))
+        r["bf16_ms"] = _ms(lambda: torch.nn.functional.linear(x, dense))
+        r["ours_TFLOPs"] = flops / r["ours_ms"] / 1e9
+        r["bf16_TFLOPs"] = flops / r["bf16_ms"] / 1e9
+        r["bf16_over_ours"] = r["bf16_ms"] / r["ours_ms"]
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.fp8_gemm", description=__doc__)
+    p.add_argument("--m", default="1,8,64,512,2048,8192", help="token counts, comma-separated")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--out", help="result JSON (default bench/results/fp8_gemm-<gpu>.json)")
+    args = p.parse_args(argv)
+    dev = args.device
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --device cpu for the interpreter check")
+    if dev == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+    ms_list = [int(v) for v in args.m.split(",")]
+    timed = dev == "cuda"
+    gpu = torch.cuda.get_device_name() if timed else "cpu"
+    out: dict = {"gpu": gpu, "date": datetime.date.today().isoformat(), "rows": []}
+    if timed:
+        out["ceilings"] = ceil = ceilings(dev)
+        print(f"{gpu}: bf16 matmul {ceil['bf16_TFLOPs']:.0f}, FP8 {ceil['fp8_TFLOPs']:.0f} TFLOP/s")
+    print(f"{'projection':20}{'M':>6}{'rel err':>10}{'ours ms':>10}{'%fp8':>7}{'bf16 ms':>10}"
+          f"{'%bf16':>7}{'bf16/ours':>10}")  # fmt: skip
+    for name, (n, k) in (SHAPES if timed else SMALL_SHAPES).items():
+        for m in ms_list:
+            r = row(name, n, k, m, dev, timed)
+            out["rows"].append(r)
+            if timed:
+                r["pct_fp8"] = 100 * r["ours_TFLOPs"] / ceil["fp8_TFLOPs"]
+                r["pct_bf16"] = 100 * r["bf16_TFLOPs"] / ceil["bf16_TFLOPs"]
+                print(f"{name:20}{m:>6}{r['rel_err']:>10.1e}{r['ours_ms']:>10.3f}"
+                      f"{r['pct_fp8']:>7.1f}{r['bf16_ms']:>10.3f}{r['pct_bf16']:>7.1f}"
+                      f"{r['bf16_over_ours']:>9.2f}x")  # fmt: skip
+            else:
+                print(f"{name:20}{m:>6}{r['rel_err']:>10.1e}")
+    from pdserve.bench.result_file import write_result
+
+    write_result(out, "fp8_gemm", gpu, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,142 @@
+"""FP8 block-scaled linear in Triton: y = x W^T with W float8 E4M3 and one float32 scale per
+128 x 128 block (DeepSeek's release format, ``fp8_blocks.py``), x quantized on the fly to E4M3
+per token in groups of 128 along K, as DeepSeek's own inference code does.
+
+Two launches: ``act_quant`` (one program per token and 128-group: amax, scale, codes), then the
+GEMM, whose K loop steps one 128-wide block at a time: an FP8 ``tl.dot`` per step (wgmma on
+Hopper) into float32, scaled by the token's and the weight block's scales, summed. The reference
+is ``fp8_block_linear_torch``; on CPU the tests run both under ``TRITON_INTERPRET=1``.
+Tile sizes are a first pick per M, not tuned on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pdserve.kernels.fp8_blocks import E4M3_MAX, FP8_BLOCK, expand_scales
+
+GROUP = FP8_BLOCK[1]  # activation scales: one per token per 128 values of K, as the weight's
+
+
+@triton.jit
+def _act_quant(x, q, s, K, KB, stride_x, stride_q, GROUP: tl.constexpr, FP8_MAX: tl.constexpr):
+    m, kb = tl.program_id(0), tl.program_id(1)
+    k = kb * GROUP + tl.arange(0, GROUP)
+    v = tl.load(x + m * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(v), axis=0)
+    scale = tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)  # IEEE divisions, as torch's
+    codes = tl.clamp(_e4m3_rne(tl.div_rn(v, scale)), -FP8_MAX, FP8_MAX)  # on E4M3's grid
+    tl.store(q + m * stride_q + k, codes.to(q.dtype.element_ty), mask=k < K)
+    tl.store(s + m * KB + kb, scale)
+
+
+@triton.jit
+def _e4m3_rne(x):
+    """x (float32) rounded to the nearest E4M3 value, ties to even, in float32 arithmetic: the
+    cast after it is exact under any rounding mode (Triton's interpreter truncates)."""
+    exp = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 |x|) for normals
+    exp = tl.maximum(exp, -6)  # E4M3's subnormals share the smallest normal's step
+    step = ((exp - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2 ** (exp - 3): 3 mantissa bits
+    magic = 12582912.0  # 1.5 * 2**23: adding and subtracting it rounds to an integer, ties to even
+    return ((x / step + magic) - magic) * step
+
+
+def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8_e4m3fn [M, K], float32 scales [M, ceil(K / 128)])."""
+    m, k = x.shape
+    kb = triton.cdiv(k, GROUP)
+    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((m, kb), dtype=torch.float32, device=x.device)
+    if m:
+        _act_quant[(m, kb)](x, q, s, k, kb, x.stride(0), q.stride(0), GROUP, E4M3_MAX)
+    return q, s
+
+
+@triton.jit
+def _gemm(
+    a, a_s, b, b_s, c,
+    M, N, K, KB,
+    stride_a, stride_b, stride_c,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, KB):
+        k = kb * BLOCK_K + rk
+        at = tl.load(
+            a + rm[:, None] * stride_a + k[None, :],
+            mask=(rm[:, None] < M) & (k[None, :] < K),
+            other=0.0,
+        )  # [BM, BK] fp8
+        bt = tl.load(
+            b + rn[None, :] * stride_b + k[:, None],
+            mask=(rn[None, :] < N) & (k[:, None] < K),
+            other=0.0,
+        )  # [BK, BN] fp8
+        sa = tl.load(a_s + rm * KB + kb, mask=rm < M, other=0.0)  # [BM]
+        # the weight's blocks are BLOCK_K x BLOCK_K (128 x 128): rows rn share scale row rn // 128
+        sb = tl.load(b_s + (rn // BLOCK_K) * KB + kb, mask=rn < N, other=0.0)  # [BN]
+        acc += tl.dot(at, bt, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
+    out = acc.to(c.dtype.element_ty)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(c + rm[:, None] * stride_c + rn[None, :], out, mask=mask)
+
+
+def _tiles(m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for M tokens: small tiles for decode batches."""
+    if m <= 16:
+        return 16, 64, 4, 4
+    if m <= 64:
+        return 64, 64, 4, 4
+    return 128, 128, 8, 3
+
+
+def fp8_block_linear_triton(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """x [M, K] (bf16 / fp32) @ weight [N, K] float8 with block scales [ceil(N/128),
+    ceil(K/128)] -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert weight.shape[1] == k and weight.dtype == torch.float8_e4m3fn, (x.shape, weight.shape)
+    kb = triton.cdiv(k, GROUP)
+    assert scale.shape == (triton.cdiv(n, GROUP), kb), (scale.shape, weight.shape)
+    qa, sa = act_quant(x)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    bm, bn, warps, stages = _tiles(m)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    _gemm[grid](
+        qa, sa, weight, scale.contiguous(), out, m, n, k, kb,
+        qa.stride(0), weight.stride(0), out.stride(0),
+        bm, bn, GROUP, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+def act_quant_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of ``act_quant``."""
+    m, k = x.shape
+    kb = -(-k // GROUP)
+    xf = torch.nn.functional.pad(x.float(), (0, kb * GROUP - k)).view(m, kb, GROUP)
+    amax = xf.abs().amax(dim=-1)  # [M, KB]
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    codes = (xf / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).view(m, kb * GROUP)[:, :k]
+    return codes.to(torch.float8_e4m3fn), scale
+
+
+def fp8_block_linear_torch(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """The reference: both operands quantized as the kernel has them, dequantized, multiplied
+    in float32."""
+    qa, sa = act_quant_torch(x)
+    a = qa.float() * expand_scales(sa, qa.shape, (1, GROUP))
+    w = weight.float() * expand_scales(scale, weight.shape)
+    return (a @ w.T).to(x.dtype)

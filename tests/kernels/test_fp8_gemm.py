@@ -1,0 +1,56 @@
+"""The FP8 block-scaled linear (Triton; under the interpreter on CPU) against its PyTorch
+reference: activation codes and scales bit for bit, outputs to float32 summation order, at
+shapes with partial 128-blocks in M, N and K."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.kernels.fp8_blocks import dequantize_fp8_blocks, quantize_fp8_blocks
+from pdserve.kernels.fp8_gemm_triton import (
+    act_quant,
+    act_quant_torch,
+    fp8_block_linear_torch,
+    fp8_block_linear_triton,
+)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(m: int, n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, k)  # groups of unlike sizes
+    w, s = quantize_fp8_blocks(torch.randn(n, k, generator=g) * 0.05)
+    return x.to(DEV), w.to(DEV), s.to(DEV)
+
+
+@pytest.mark.parametrize("m, k", [(1, 128), (5, 130), (33, 300)])
+def test_activation_codes_and_scales_match_the_reference_exactly(m, k):
+    x, _, _ = _case(m, 8, k)
+    q, s = act_quant(x)
+    rq, rs = act_quant_torch(x)
+    assert torch.equal(s, rs)
+    assert torch.equal(q.view(torch.uint8), rq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 256, 256), (7, 200, 130), (40, 130, 384), (70, 64, 128)])
+def test_block_linear_matches_the_reference(m, n, k):
+    x, w, s = _case(m, n, k, seed=m)
+    got = fp8_block_linear_triton(x, w, s)
+    want = fp8_block_linear_torch(x, w, s)
+    assert got.shape == (m, n) and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and near the unquantized product: activations' E4M3 rounding only
+    exact = x @ dequantize_fp8_blocks(w.cpu(), s.cpu()).to(DEV).T
+    assert ((got - exact).norm() / exact.norm()) < 0.05
+
+
+def test_bfloat16_activations_and_an_empty_batch():
+    x, w, s = _case(9, 128, 256, seed=3)
+    got = fp8_block_linear_triton(x.bfloat16(), w, s)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        got.float(), fp8_block_linear_torch(x.bfloat16(), w, s).float(), rtol=1e-2, atol=1e-2
+    )
+    assert fp8_block_linear_triton(x[:0], w, s).shape == (0, 128)
