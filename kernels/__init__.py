@@ -9,6 +9,7 @@ import importlib.util
 
 from pdserve.kernels import triton_configs
 from pdserve.kernels.device import DeviceInfo
+from pdserve.kernels.fp8_blocks import linear_dense, prepare_dense
 from pdserve.kernels.kernel_set import KernelSet, PreparedMoe
 from pdserve.kernels.mla_reference import mla_decode_torch, mla_prefill_torch
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU, moe_mxfp4_torch
@@ -19,6 +20,17 @@ REGISTRY.register(Backend("moe_small", "torch", lambda: moe_mxfp4_torch, "any", 
 REGISTRY.register(Backend("moe_large", "torch", lambda: moe_mxfp4_torch, "any", priority=0))
 REGISTRY.register(Backend("mla_decode", "torch", lambda: mla_decode_torch, "any", priority=0))
 REGISTRY.register(Backend("mla_prefill", "torch", lambda: mla_prefill_torch, "any", priority=0))
+REGISTRY.register(
+    Backend(
+        "linear_fp8",
+        "torch",
+        lambda: linear_dense,
+        "any",
+        priority=0,
+        prepare=lambda: prepare_dense,
+        graph_safe=True,  # a plain matmul
+    )
+)
 
 
 def _lazy(module: str, attr: str):
@@ -60,6 +72,23 @@ for _op, _module, _fn in (
             graph_safe=True,  # grids and split counts come from shapes (decode graphs rely on it)
         )
     )
+
+# FP8 tl.dot needs sm_89+ (Ada, Hopper)
+REGISTRY.register(
+    Backend(
+        "linear_fp8",
+        "triton",
+        _lazy("fp8_gemm_triton", "linear"),
+        "cuda",
+        priority=10,
+        min_sm=89,
+        min_smem=triton_configs.fp8_linear_smem(),
+        dtypes=("bfloat16", "float32"),
+        unavailable=_triton_missing,
+        prepare=_lazy("fp8_gemm_triton", "prepare"),
+        graph_safe=True,  # grids come from shapes, no host sync
+    )
+)
 
 # FlashInfer's CUTLASS W4A16 MoE is built for sm_90a alone, and only pays off at prefill sizes.
 REGISTRY.register(

@@ -68,3 +68,14 @@ def quantize_fp8_blocks(
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     codes = (wf / expand_scales(scale, w.shape, block)).clamp(-E4M3_MAX, E4M3_MAX)
     return codes.to(torch.float8_e4m3fn), scale
+
+
+def prepare_dense(args: tuple[torch.Tensor, torch.Tensor, torch.dtype]) -> torch.Tensor:
+    """The ``torch`` backend of ``linear_fp8``: (fp8 weight, scales, dtype) -> the dequantized
+    weight, once at load."""
+    weight, scale, dtype = args
+    return dequantize_fp8_blocks(weight, scale, dtype=dtype)
+
+
+def linear_dense(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, weight)

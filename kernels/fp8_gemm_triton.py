@@ -6,7 +6,7 @@ Two launches: ``act_quant`` (one program per token and 128-group: amax, scale, c
 GEMM, whose K loop steps one 128-wide block at a time: an FP8 ``tl.dot`` per step (wgmma on
 Hopper) into float32, scaled by the token's and the weight block's scales, summed. The reference
 is ``fp8_block_linear_torch``; on CPU the tests run both under ``TRITON_INTERPRET=1``.
-Tile sizes are a first pick per M, not tuned on a GPU.
+Tile sizes: ``triton_configs.FP8_LINEAR_TILES``, a first pick per M, not tuned on a GPU.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.fp8_blocks import E4M3_MAX, FP8_BLOCK, expand_scales
+from pdserve.kernels.triton_configs import fp8_linear_tiles
 
 GROUP = FP8_BLOCK[1]  # activation scales: one per token per 128 values of K, as the weight's
 
@@ -87,15 +88,6 @@ def _gemm(
     tl.store(c + rm[:, None] * stride_c + rn[None, :], out, mask=mask)
 
 
-def _tiles(m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for M tokens: small tiles for decode batches."""
-    if m <= 16:
-        return 16, 64, 4, 4
-    if m <= 64:
-        return 64, 64, 4, 4
-    return 128, 128, 8, 3
-
-
 def fp8_block_linear_triton(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
@@ -110,7 +102,7 @@ def fp8_block_linear_triton(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    bm, bn, warps, stages = _tiles(m)
+    bm, bn, warps, stages = fp8_linear_tiles(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _gemm[grid](
         qa, sa, weight, scale.contiguous(), out, m, n, k, kb,
@@ -118,6 +110,17 @@ def fp8_block_linear_triton(
         bm, bn, GROUP, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return out
+
+
+def prepare(args: tuple[torch.Tensor, torch.Tensor, torch.dtype]) -> tuple[torch.Tensor, ...]:
+    """The ``triton`` backend of ``linear_fp8``: the weight stays FP8 (half bf16's bytes)."""
+    weight, scale, _ = args
+    return weight.contiguous(), scale.float().contiguous()
+
+
+def linear(x: torch.Tensor, prepared: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    weight, scale = prepared
+    return fp8_block_linear_triton(x.contiguous(), weight, scale)
 
 
 def act_quant_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,8 @@ class KernelSet:
     prepare_large: Callable[[MoeWeights], Any]
     mla_decode: Callable
     mla_prefill: Callable
+    linear_fp8: Callable  # (x [T, K], prepared) -> [T, N]
+    prepare_linear_fp8: Callable[[tuple], Any]  # (fp8 weight, block scales, dtype) -> prepared
     moe_crossover_m: int = DEFAULT_MOE_CROSSOVER_M
 
     @staticmethod
@@ -66,6 +68,8 @@ class KernelSet:
             prepare_large=large.prepare(),
             mla_decode=choices["mla_decode"].backend.load(),
             mla_prefill=choices["mla_prefill"].backend.load(),
+            linear_fp8=choices["linear_fp8"].backend.load(),
+            prepare_linear_fp8=choices["linear_fp8"].backend.prepare(),
             moe_crossover_m=moe_crossover_m,
         )
 

@@ -7,6 +7,9 @@ Ops and their contracts (see ``moe_reference`` and ``mla_reference``):
   wrong shape.
 - ``mla_decode``: paged, absorbed MLA decode.
 - ``mla_prefill``: causal variable-length attention, chunked over a cached prefix.
+- ``linear_fp8``: a linear whose weight is FP8 with 128x128 block scales (DeepSeek's release
+  format): dequantized once at load (``torch``), or an FP8 GEMM with activations quantized per
+  token in groups of 128 (``triton``).
 
 A backend states the device kind, compute capabilities and shared memory it needs, and an
 ``unavailable()`` probe (a missing package, say). ``select`` takes the best one that fits the
@@ -22,7 +25,7 @@ from typing import Any
 
 from pdserve.kernels.device import DeviceInfo
 
-OPS = ("moe_small", "moe_large", "mla_decode", "mla_prefill")
+OPS = ("moe_small", "moe_large", "mla_decode", "mla_prefill", "linear_fp8")
 ROLES = ("prefill", "decode", "colocated")
 
 
@@ -49,7 +52,8 @@ class Backend:
     roles: tuple[str, ...] = ROLES  # roles it is chosen for by default
     dtypes: tuple[str, ...] | None = None  # activation dtypes it computes in; None: any
     unavailable: Callable[[], str | None] = _always  # why it cannot run here, or None
-    prepare: Callable[[], Callable[[Any], Any]] = lambda: _identity  # weight preprocessing (MoE)
+    # weight preprocessing: MoE experts, or (weight, scale, dtype) of an FP8 linear
+    prepare: Callable[[], Callable[[Any], Any]] = lambda: _identity
     # launches depend on shapes alone, with no host sync: it may run inside a CUDA graph
     graph_safe: bool = False
 

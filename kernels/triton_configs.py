@@ -132,3 +132,26 @@ def default_smem(op: str) -> int:
         for bucket in table["default"].values()
         for name, c in bucket.items()
     )
+
+
+# FP8 block linear (fp8_gemm_triton.py): (largest M, BLOCK_M, BLOCK_N, num_warps, num_stages),
+# the first row whose M bound holds; BLOCK_K is the 128 of the scale blocks. A first pick per M
+# (small tiles for decode batches), not tuned on a GPU.
+FP8_LINEAR_TILES = (
+    (16, 16, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (None, 128, 128, 8, 3),
+)
+
+
+def fp8_linear_tiles(m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for M tokens."""
+    for bound, bm, bn, warps, stages in FP8_LINEAR_TILES:
+        if bound is None or m <= bound:
+            return bm, bn, warps, stages
+    raise AssertionError("the last row has no bound")
+
+
+def fp8_linear_smem() -> int:
+    """Shared memory the FP8 linear's largest tile stages: 1-byte A and B tiles of 128 deep."""
+    return max((bm + bn) * 128 * stages for _, bm, bn, _, stages in FP8_LINEAR_TILES)

@@ -45,18 +45,21 @@ class MLAAttention(nn.Module):
         h, qk = cfg.hidden_size, cfg.qk_head_dim
         n = cfg.num_attention_heads
         kw = dict(dtype=dtype, tp=tp)
+        # FP8 checkpoints: the projections keep their FP8 weights; kv_b_proj is dequantized,
+        # as absorbed decode reads its weight as W_UK and W_UV
+        fp8 = dict(kw, fp8=(cfg.fp8_block, kernels) if cfg.fp8_block else None)
         if cfg.q_lora_rank is None:
-            self.q_proj = Linear(h, n * qk, mode="column", **kw)
+            self.q_proj = Linear(h, n * qk, mode="column", **fp8)
         else:
-            self.q_a_proj = Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias, **kw)
+            self.q_a_proj = Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias, **fp8)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, dtype)
-            self.q_b_proj = Linear(cfg.q_lora_rank, n * qk, mode="column", **kw)
+            self.q_b_proj = Linear(cfg.q_lora_rank, n * qk, mode="column", **fp8)
         self.kv_a_proj_with_mqa = Linear(
-            h, self.rank + self.rope_dim, bias=cfg.attention_bias, **kw
+            h, self.rank + self.rope_dim, bias=cfg.attention_bias, **fp8
         )
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS, dtype)
         self.kv_b_proj = Linear(self.rank, n * (self.nope + self.v_dim), mode="column", **kw)
-        self.o_proj = Linear(n * self.v_dim, h, mode="row", bias=cfg.attention_bias, **kw)
+        self.o_proj = Linear(n * self.v_dim, h, mode="row", bias=cfg.attention_bias, **fp8)
 
     def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, nope, r] and W_UV [H, v, r]: views of kv_b_proj's weight, no copies."""

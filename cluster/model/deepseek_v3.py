@@ -13,7 +13,7 @@ from torch import nn
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.attention import MLAAttention
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
-from pdserve.cluster.model.layers import DenseMLP, LMHead, RMSNorm, VocabEmbedding
+from pdserve.cluster.model.layers import DenseMLP, Linear, LMHead, RMSNorm, VocabEmbedding
 from pdserve.cluster.model.moe import MoEBlock
 from pdserve.cluster.model.rope import RotaryEmbedding
 from pdserve.cluster.parallel import TensorParallel
@@ -119,5 +119,5 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
             self.lm_head.mark_loaded("weight")
         for m in self.modules():
-            if isinstance(m, MoEBlock):
+            if isinstance(m, (MoEBlock, Linear)):
                 m.post_load()

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.cluster.parallel import TensorParallel
+from pdserve.kernels import KernelSet
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -69,6 +70,11 @@ class Linear(Loadable):
 
     A row-parallel layer returns this rank's partial sum; the caller all-reduces (once per block,
     after adding the other partial sums it owns).
+
+    Given ``fp8`` (the checkpoint's FP8 block shape, and the worker's kernels) the layer takes
+    its weight as stored, float8 with ``weight_scale_inv`` block scales (``takes_fp8``), and
+    runs the kernels' ``linear_fp8`` (an FP8 GEMM, or the weight dequantized once at load);
+    unless this rank's shard would split a scale block, when it takes the weight dequantized.
     """
 
     def __init__(
@@ -80,32 +86,54 @@ class Linear(Loadable):
         tp: TensorParallel,
         mode: str = "replicated",
         bias: bool = False,
+        fp8: tuple[tuple[int, int], KernelSet] | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("replicated", "column", "row"):
             raise ValueError(f"unknown linear mode {mode!r}")
-        self.mode, self.tp = mode, tp
+        self.mode, self.tp, self.dtype = mode, tp, dtype
         out_l = tp.split(out_features, "output features") if mode == "column" else out_features
         in_l = tp.split(in_features, "input features") if mode == "row" else in_features
-        self.weight = _empty(out_l, in_l, dtype=dtype)
+        split = {"column": out_l, "row": in_l}.get(mode)
+        self.takes_fp8 = fp8 is not None and (tp.size == 1 or split % fp8[0][0] == 0)
+        self.kernels, self.prepared = (fp8[1] if fp8 else None), None
+        if self.takes_fp8:
+            (bo, bi), f8 = fp8[0], dict(dtype=torch.float8_e4m3fn)
+            self.block = (bo, bi)
+            self.weight = _empty(out_l, in_l, **f8)
+            self.weight_scale_inv = _empty(-(-out_l // bo), -(-in_l // bi), dtype=torch.float32)
+        else:
+            self.weight = _empty(out_l, in_l, dtype=dtype)
         self.bias = _empty(out_l, dtype=dtype) if bias else None
-        self.expected = ("weight", "bias") if bias else ("weight",)
+        self.expected = ("weight",) + (("weight_scale_inv",) if self.takes_fp8 else ())
+        self.expected += ("bias",) if bias else ()
+
+    def post_load(self) -> None:
+        """An FP8 layer's weight in its kernel's form (FP8 kept, or dequantized)."""
+        if self.takes_fp8:
+            args = (self.weight.data, self.weight_scale_inv.data, self.dtype)
+            self.prepared = self.kernels.prepare_linear_fp8(args)
+            if isinstance(self.prepared, torch.Tensor):  # dequantized: the FP8 copy goes
+                self.weight.data = self.weight.data.new_empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a row-parallel bias is added by rank 0 only, so the all-reduce counts it once
         bias = self.bias if self.mode != "row" or self.tp.rank == 0 else None
+        if self.takes_fp8:
+            y = self.kernels.linear_fp8(x, self.prepared)
+            return y if bias is None else y + bias
         return F.linear(x, self.weight, bias)
 
     def shard(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        """This rank's slice of a whole checkpoint tensor."""
-        r = self.tp.rank
-        if self.mode == "column":
-            n = tensor.shape[0] // self.tp.size
-            return tensor[r * n : (r + 1) * n]
-        if self.mode == "row" and name == "weight":
-            n = tensor.shape[1] // self.tp.size
-            return tensor[:, r * n : (r + 1) * n]
-        return tensor
+        """This rank's slice of a whole checkpoint tensor; of the block scales, the blocks of
+        its slice (which starts and ends on block edges: ``takes_fp8``)."""
+        if self.mode == "replicated" or self.tp.size == 1 or (self.mode, name) == ("row", "bias"):
+            return tensor
+        r, dim = self.tp.rank, 0 if self.mode == "column" else 1
+        n = self.weight.shape[dim]
+        if name == "weight_scale_inv":
+            n //= self.block[dim]
+        return tensor.narrow(dim, r * n, n)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.expected:

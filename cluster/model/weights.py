@@ -68,32 +68,36 @@ def fp8_dequantized(
     tensors: Iterator[tuple[str, torch.Tensor]],
     block: tuple[int, int],
     conversion: ExpertConversion | None = None,
+    keep: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each float8 ``X.weight`` paired with its ``X.weight_scale_inv`` (in either order, in any
-    shard), as one float32 ``X.weight``; other tensors pass through. Routed experts' weights
-    are measured by ``conversion`` on the way. An unpaired one is an error at the end."""
+    shard), as one float32 ``X.weight``, or as the pair itself where module ``X`` is in
+    ``keep`` (it runs FP8); other tensors pass through. Routed experts' weights are measured by
+    ``conversion`` on the way. An unpaired one is an error at the end."""
     weights: dict[str, torch.Tensor] = {}
     scales: dict[str, torch.Tensor] = {}
 
-    def pair(name: str, w: torch.Tensor, scale: torch.Tensor) -> tuple[str, torch.Tensor]:
+    def pair(name: str, w: torch.Tensor, scale: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if name.removesuffix(".weight") in keep:
+            return [(name, w), (name + "_scale_inv", scale)]
         try:
             value = dequantize_fp8_blocks(w, scale, block)
         except ValueError as e:
             raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
         if conversion is not None and ".mlp.experts." in name:
             conversion.measure(value)
-        return name, value
+        return [(name, value)]
 
     for name, t in tensors:
         if name.endswith(".weight_scale_inv"):
             base = name.removesuffix("_scale_inv")
             if base in weights:
-                yield pair(base, weights.pop(base), t)
+                yield from pair(base, weights.pop(base), t)
             else:
                 scales[base] = t
         elif t.dtype == torch.float8_e4m3fn:
             if name in scales:
-                yield pair(name, t, scales.pop(name))
+                yield from pair(name, t, scales.pop(name))
             else:
                 weights[name] = t
         else:
@@ -125,12 +129,13 @@ def load_weights(
     count = 0
     tensors = iter_checkpoint(path)
     conversion = ExpertConversion() if fp8_block is not None else None
+    keep = frozenset(n for n, m in model.named_modules() if getattr(m, "takes_fp8", False))
     if fp8_block is not None:
-        tensors = fp8_dequantized(tensors, fp8_block, conversion)
+        tensors = fp8_dequantized(tensors, fp8_block, conversion, keep)
     for name, tensor in tensors:
         if _ignored(name, num_layers):
             continue
-        if tensor.dtype in FLOAT8:
+        if tensor.dtype in FLOAT8 and name.removesuffix(".weight") not in keep:
             raise ValueError(
                 f"checkpoint tensor {name!r} is {tensor.dtype}, but config.json names no fp8 "
                 "quantization_config (quant_method fp8, weight_block_size [128, 128])"

@@ -1,0 +1,68 @@
+"""FP8 linears: the weight and its block scales sharded together over tensor-parallel ranks,
+a shard that would split a block falling back to a dequantized weight, and both backends of
+``linear_fp8`` (dequantized at load; the FP8 GEMM, under Triton's interpreter here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.cluster.model.layers import Linear
+from pdserve.cluster.parallel import TensorParallel
+from pdserve.kernels import KernelSet
+from pdserve.kernels.device import H100, DeviceInfo
+from pdserve.kernels.fp8_blocks import dequantize_fp8_blocks, quantize_fp8_blocks
+from pdserve.kernels.fp8_gemm_triton import fp8_block_linear_torch
+
+CPU_KERNELS = KernelSet.resolve(DeviceInfo.cpu(), "decode")
+
+
+def _fp8_linear(w, s, mode, rank, size, kernels=CPU_KERNELS, bias=None) -> Linear:
+    out, inp = w.shape
+    tp = TensorParallel(rank=rank, size=size)
+    lin = Linear(inp, out, dtype=torch.float32, tp=tp, mode=mode, bias=bias is not None,
+                 fp8=((128, 128), kernels))  # fmt: skip
+    lin.load_weight("weight", w)
+    lin.load_weight("weight_scale_inv", s)
+    if bias is not None:
+        lin.load_weight("bias", bias)
+    assert lin.missing_weights() == []
+    lin.post_load()
+    return lin
+
+
+@pytest.mark.parametrize("mode, size", [("column", 3), ("row", 2), ("replicated", 1)])
+def test_fp8_shards_carry_their_scale_blocks(mode, size):
+    g = torch.Generator().manual_seed(0)
+    w, s = quantize_fp8_blocks(torch.randn(384, 512, generator=g))  # scales [3, 4], all unequal
+    dense = dequantize_fp8_blocks(w, s)
+    x = torch.randn(5, 512, generator=g)
+    full = x @ dense.T
+    parts = []
+    for r in range(size):
+        lin = _fp8_linear(w, s, mode, r, size)
+        assert lin.takes_fp8
+        parts.append(lin(x if mode != "row" else x[:, r * 256 : (r + 1) * 256]))
+    got = torch.cat(parts, dim=1) if mode == "column" else sum(parts)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-4)
+
+
+def test_a_shard_that_would_split_a_block_takes_the_weight_dequantized():
+    lin = Linear(256, 192, dtype=torch.float32, tp=TensorParallel(rank=1, size=2),
+                 mode="column", fp8=((128, 128), CPU_KERNELS))  # fmt: skip
+    assert not lin.takes_fp8 and lin.weight.dtype == torch.float32  # 96 rows per rank
+    assert lin.expected == ("weight",)
+
+
+def test_the_fp8_gemm_backend_runs_the_layer():
+    """An H100's kernels on CPU tensors: ``linear_fp8`` is the Triton FP8 GEMM (interpreted),
+    the bias added once; its result is the reference's (activations quantized)."""
+    kernels = KernelSet.resolve(H100, "decode")
+    assert kernels.names()["linear_fp8"] == "triton"
+    g = torch.Generator().manual_seed(1)
+    w, s = quantize_fp8_blocks(torch.randn(200, 300, generator=g) * 0.1)
+    bias = torch.randn(200, generator=g)
+    lin = _fp8_linear(w, s, "replicated", 0, 1, kernels, bias)
+    assert lin.weight.dtype == torch.float8_e4m3fn  # kept: half of bf16's bytes
+    x = torch.randn(7, 300, generator=g)
+    torch.testing.assert_close(lin(x), fp8_block_linear_torch(x, w, s) + bias, rtol=1e-5, atol=1e-5)
