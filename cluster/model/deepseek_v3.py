@@ -39,7 +39,8 @@ class DecoderLayer(nn.Module):
         if cfg.is_moe_layer(layer):
             self.mlp: nn.Module = MoEBlock(cfg, kernels=kernels, dtype=dtype, tp=tp)
         else:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, tp=tp)
+            fp8 = (cfg.fp8_block, kernels) if cfg.fp8_block else None
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, tp=tp, fp8=fp8)
 
     def forward(
         self,
@@ -119,5 +120,5 @@ class DeepseekV3ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
             self.lm_head.mark_loaded("weight")
         for m in self.modules():
-            if isinstance(m, (MoEBlock, Linear)):
+            if isinstance(m, (MoEBlock, Linear, DenseMLP)):
                 m.post_load()

@@ -144,29 +144,66 @@ class Linear(Loadable):
 
 class DenseMLP(Loadable):
     """down(silu(gate(x)) * up(x)), gate and up in one column-parallel matmul. Returns a partial
-    sum under tensor parallelism."""
+    sum under tensor parallelism. Given ``fp8`` (see ``Linear``) and this rank's intermediate
+    shard in whole blocks, gate and up keep their FP8 weights, stacked with their block scales
+    (``fp8_names`` tells the loader), and down_proj is an FP8 ``Linear``."""
 
     expected = ("gate_proj.weight", "up_proj.weight")  # down_proj is a Linear of its own
 
-    def __init__(self, hidden: int, inter: int, *, dtype: torch.dtype, tp: TensorParallel) -> None:
+    def __init__(
+        self,
+        hidden: int,
+        inter: int,
+        *,
+        dtype: torch.dtype,
+        tp: TensorParallel,
+        fp8: tuple[tuple[int, int], KernelSet] | None = None,
+    ) -> None:
         super().__init__()
-        self.inter = tp.split(inter, "MLP intermediate size")
-        self.gate_up_weight = _empty(2 * self.inter, hidden, dtype=dtype)  # [gate; up] shards
-        self.down_proj = Linear(inter, hidden, dtype=dtype, tp=tp, mode="row")
-        self.tp = tp
+        self.inter, self.tp, self.dtype = tp.split(inter, "MLP intermediate size"), tp, dtype
+        self.down_proj = Linear(inter, hidden, dtype=dtype, tp=tp, mode="row", fp8=fp8)
+        self.fp8 = fp8 is not None and self.inter % fp8[0][0] == 0
+        self.prepared = None
+        if self.fp8:
+            (bo, bi), self.kernels = fp8
+            self.gate_up_weight = _empty(2 * self.inter, hidden, dtype=torch.float8_e4m3fn)
+            self.gate_up_scale = _empty(2 * self.inter // bo, -(-hidden // bi), dtype=torch.float32)
+            self.expected = self.expected + (
+                "gate_proj.weight_scale_inv",
+                "up_proj.weight_scale_inv",
+            )
+        else:
+            self.gate_up_weight = _empty(2 * self.inter, hidden, dtype=dtype)  # [gate; up] shards
+
+    def fp8_names(self) -> tuple[str, ...]:
+        """The projections whose stored FP8 weight and scales this module takes as they are."""
+        return ("gate_proj", "up_proj") if self.fp8 else ()
+
+    def post_load(self) -> None:
+        if self.fp8:
+            args = (self.gate_up_weight.data, self.gate_up_scale.data, self.dtype)
+            self.prepared = self.kernels.prepare_linear_fp8(args)
+            if isinstance(self.prepared, torch.Tensor):  # dequantized: the FP8 copy goes
+                self.gate_up_weight.data = self.gate_up_weight.data.new_empty(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, self.gate_up_weight)  # [T, 2I]
+        if self.fp8:
+            h = self.kernels.linear_fp8(x, self.prepared)  # [T, 2I]
+        else:
+            h = F.linear(x, self.gate_up_weight)  # [T, 2I]
         return self.down_proj(F.silu(h[:, : self.inter]) * h[:, self.inter :])
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self.expected:
-            r, n = self.tp.rank, self.inter
-            half = 0 if name.startswith("gate") else 1
-            dst = self.gate_up_weight.data[half * n : (half + 1) * n]
-            _copy(dst, tensor[r * n : (r + 1) * n], name)
-        else:
+        if name not in self.expected:
             raise ValueError(f"unexpected MLP tensor {name!r}")
+        r, n = self.tp.rank, self.inter
+        half = 0 if name.startswith("gate") else 1
+        if name.endswith("weight_scale_inv"):  # block rows of this rank's shard
+            n //= self.gate_up_weight.shape[0] // self.gate_up_scale.shape[0]
+            dst = self.gate_up_scale.data[half * n : (half + 1) * n]
+        else:
+            dst = self.gate_up_weight.data[half * n : (half + 1) * n]
+        _copy(dst, tensor[r * n : (r + 1) * n], name)
         self.mark_loaded(name)
 
 

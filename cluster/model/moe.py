@@ -120,6 +120,7 @@ class MoEBlock(nn.Module):
                 cfg.moe_intermediate_size * cfg.n_shared_experts,
                 dtype=dtype,
                 tp=tp,
+                fp8=(cfg.fp8_block, kernels) if cfg.fp8_block else None,
             )
             if cfg.n_shared_experts
             else None

@@ -110,6 +110,15 @@ def fp8_dequantized(
         )
 
 
+def _fp8_modules(model: nn.Module) -> Iterator[str]:
+    """Paths of the projections that take their stored FP8 weight and scales as they are."""
+    for path, m in model.named_modules():
+        if getattr(m, "takes_fp8", False):
+            yield path
+        for name in getattr(m, "fp8_names", lambda: ())():
+            yield f"{path}.{name}"
+
+
 def _ignored(name: str, num_layers: int) -> bool:
     m = _LAYER.match(name)
     if m and int(m.group(1)) >= num_layers:
@@ -129,7 +138,7 @@ def load_weights(
     count = 0
     tensors = iter_checkpoint(path)
     conversion = ExpertConversion() if fp8_block is not None else None
-    keep = frozenset(n for n, m in model.named_modules() if getattr(m, "takes_fp8", False))
+    keep = frozenset(_fp8_modules(model))
     if fp8_block is not None:
         tensors = fp8_dequantized(tensors, fp8_block, conversion, keep)
     for name, tensor in tensors:

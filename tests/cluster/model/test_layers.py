@@ -66,3 +66,40 @@ def test_the_fp8_gemm_backend_runs_the_layer():
     assert lin.weight.dtype == torch.float8_e4m3fn  # kept: half of bf16's bytes
     x = torch.randn(7, 300, generator=g)
     torch.testing.assert_close(lin(x), fp8_block_linear_torch(x, w, s) + bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", [CPU_KERNELS, KernelSet.resolve(H100, "decode")],
+                         ids=["dequantized", "fp8-gemm"])  # fmt: skip
+def test_fp8_dense_mlp_stacks_gate_and_up_with_their_scales_per_rank(kernels):
+    from pdserve.cluster.model.layers import DenseMLP
+
+    g = torch.Generator().manual_seed(2)
+    stored = {
+        name: quantize_fp8_blocks(torch.randn(shape, generator=g) * 0.05)
+        for name, shape in (("gate_proj", (512, 256)), ("up_proj", (512, 256)),
+                            ("down_proj", (256, 512)))
+    }  # fmt: skip
+    dense = {k: dequantize_fp8_blocks(*v) for k, v in stored.items()}
+    x = torch.randn(3, 256, generator=g)
+    h = torch.nn.functional.silu(x @ dense["gate_proj"].T) * (x @ dense["up_proj"].T)
+    want = h @ dense["down_proj"].T
+    got = 0
+    for r in range(2):  # 256 intermediate rows per rank: two scale blocks each
+        mlp = DenseMLP(256, 512, dtype=torch.float32, tp=TensorParallel(rank=r, size=2),
+                       fp8=((128, 128), kernels))  # fmt: skip
+        assert mlp.fp8_names() == ("gate_proj", "up_proj") and mlp.down_proj.takes_fp8
+        for name, (w, s) in stored.items():
+            if name == "down_proj":
+                mlp.down_proj.load_weight("weight", w)
+                mlp.down_proj.load_weight("weight_scale_inv", s)
+            else:
+                mlp.load_weight(f"{name}.weight", w)
+                mlp.load_weight(f"{name}.weight_scale_inv", s)
+        assert mlp.missing_weights() == [] and mlp.down_proj.missing_weights() == []
+        mlp.post_load()
+        mlp.down_proj.post_load()
+        got = got + mlp(x)
+    if kernels is CPU_KERNELS:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # activations quantized to E4M3 on the way in to each GEMM: a few % of the output
+        assert (got - want).norm() / want.norm() < 0.05
