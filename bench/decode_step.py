@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from pdserve.bench import step_floor
 from pdserve.bench.result_file import write_result
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from pdserve.cluster.model.attention import MLAAttention
@@ -108,11 +109,31 @@ def time_steps(engine: LLMEngine, batch: int, args) -> dict[str, float]:
     overlapped = _overlapped_steps(engine, args.steps)
     assert len(engine.scheduler.running) == batch
     replay = _replay_ms(engine, batch, args.steps)
+    floor = _floor(engine, args.copy_GBps)
     _drain(engine)
     med = statistics.median(times)
-    return {"batch": batch, "step_ms": med * 1e3, "p90_ms": sorted(times)[int(0.9 * len(times))]
-            * 1e3, "tokens_per_s": batch / med, "overlap_ms": overlapped * 1e3,
-            "overlap_tokens_per_s": batch / overlapped, "replay_ms": replay}  # fmt: skip
+    row = {"batch": batch, "step_ms": med * 1e3, "p90_ms": sorted(times)[int(0.9 * len(times))]
+           * 1e3, "tokens_per_s": batch / med, "overlap_ms": overlapped * 1e3,
+           "overlap_tokens_per_s": batch / overlapped, "replay_ms": replay}  # fmt: skip
+    row.update(floor)
+    if floor:
+        row["step_over_floor"] = row["step_ms"] / floor["floor_ms"]
+    return row
+
+
+def _floor(engine: LLMEngine, copy_gbps: float) -> dict[str, Any]:
+    """The step's floor (``step_floor``): bytes it must read, at the run's copy bandwidth. An
+    in-process engine only (a TP group's model lives in its rank actors)."""
+    if not hasattr(engine.runner, "model"):
+        return {}
+    b = step_floor.step_bytes(engine)
+    return {
+        "floor_ms": b.total / copy_gbps / 1e6,
+        "weight_bytes": b.weights,
+        "expert_bytes": b.experts,
+        "kv_bytes": b.kv,
+        "experts_hit": list(b.experts_hit),
+    }
 
 
 def _overlapped_steps(engine: LLMEngine, steps: int) -> float:
@@ -148,8 +169,9 @@ def _replay_ms(engine: LLMEngine, batch: int, steps: int) -> float | None:
     return start.elapsed_time(end) / steps
 
 
-def time_prefill(engine: LLMEngine, tokens: int) -> dict[str, float]:
-    """One prompt of ``tokens`` tokens to its first token (median of three)."""
+def time_prefill(engine: LLMEngine, tokens: int, tflops: float) -> dict[str, float]:
+    """One prompt of ``tokens`` tokens to its first token (median of three), and its FLOP rate
+    against ``tflops``, the run's matmul ceiling (in-process engines)."""
     rng = random.Random(tokens)
     prompt = [rng.randrange(4, engine.vocab_size) for _ in range(tokens)]
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
@@ -158,7 +180,14 @@ def time_prefill(engine: LLMEngine, tokens: int) -> dict[str, float]:
         t0 = time.perf_counter()
         engine.generate([prompt], one)
         times.append(time.perf_counter() - t0)
-    return {"tokens": tokens, "ms": statistics.median(times) * 1e3, "first_ms": times[0] * 1e3}
+    med = statistics.median(times)
+    row = {"tokens": tokens, "ms": med * 1e3, "first_ms": times[0] * 1e3,
+           "tokens_per_s": tokens / med}  # fmt: skip
+    if hasattr(engine.runner, "model"):
+        flops = step_floor.prefill_flops(engine.model_config, engine.runner.model, tokens)
+        row["TFLOPs"] = flops / med / 1e12
+        row["pct_matmul"] = 100 * row["TFLOPs"] / tflops
+    return row
 
 
 # ===== profile =====
@@ -280,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "host": platform.node(),
     }
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available()
+                          else args.device if args.device != "auto" else "cpu")  # fmt: skip
+    args.copy_GBps = step_floor.copy_bandwidth(device)
+    args.matmul_TFLOPs = step_floor.matmul_tflops(device)
+    result["ceilings"] = {"copy_GBps": args.copy_GBps, "matmul_TFLOPs": args.matmul_TFLOPs}
+    print(f"ceilings: copy {args.copy_GBps:.0f} GB/s, bf16 matmul {args.matmul_TFLOPs:.1f} TFLOP/s")
     for mode in args.modes.split(","):
         engine = _engine(args, mode, max(batches))
         result["device"] = engine.runner.device_name
@@ -288,18 +323,27 @@ def main(argv: list[str] | None = None) -> int:
         result[f"graphs_{mode}"] = rows
         print(f"\ndecode_graphs={mode} ({engine.runner.device_name}, context {args.context})")
         print(f"{'batch':>6} {'step ms':>9} {'p90 ms':>9} {'tok/s':>10} {'overlap ms':>11} "
-              f"{'tok/s':>10} {'replay ms':>10}")  # fmt: skip
+              f"{'tok/s':>10} {'replay ms':>10} {'floor ms':>9} {'step/floor':>11}")  # fmt: skip
         for r in rows:
             replay = "-" if r["replay_ms"] is None else f"{r['replay_ms']:.2f}"
+            floor = (
+                f"{r['floor_ms']:>9.3f} {r['step_over_floor']:>10.1f}x" if r.get("floor_ms") else ""
+            )
             print(f"{r['batch']:>6} {r['step_ms']:>9.2f} {r['p90_ms']:>9.2f} "
                   f"{r['tokens_per_s']:>10.1f} {r['overlap_ms']:>11.2f} "
-                  f"{r['overlap_tokens_per_s']:>10.1f} {replay:>10}")  # fmt: skip
+                  f"{r['overlap_tokens_per_s']:>10.1f} {replay:>10} {floor}")  # fmt: skip
         if args.prefill_lens and mode == "off":
-            result["prefill"] = [time_prefill(engine, n) for n in args.prefill_tokens]
+            result["prefill"] = [
+                time_prefill(engine, n, args.matmul_TFLOPs) for n in args.prefill_tokens
+            ]
             for r in result["prefill"]:
-                print(
-                    f"prefill of {r['tokens']} tokens: {r['ms']:.1f} ms (first {r['first_ms']:.1f})"
+                rate = (
+                    f", {r['TFLOPs']:.2f} TFLOP/s = {r['pct_matmul']:.1f}% of matmul"
+                    if "TFLOPs" in r
+                    else ""
                 )
+                print(f"prefill of {r['tokens']} tokens: {r['ms']:.1f} ms (first "
+                      f"{r['first_ms']:.1f}), {r['tokens_per_s']:.0f} tok/s{rate}")  # fmt: skip
         if args.profile and mode == "off":
             prof = [profile_steps(engine, b, args) for b in (batches[0], batches[-1])]
             result["profile_eager"] = prof

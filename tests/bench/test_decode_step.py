@@ -18,6 +18,11 @@ def test_decode_step_bench_writes_a_row_per_batch_and_mode(tiny_model, tmp_path)
         assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in result[mode])
         assert all(r["overlap_ms"] > 0 for r in result[mode])
     assert result["prefill"][0]["tokens"] == 40 and result["prefill"][0]["ms"] > 0
+    assert result["prefill"][0]["TFLOPs"] > 0 and result["prefill"][0]["pct_matmul"] > 0
+    assert result["ceilings"]["copy_GBps"] > 0 and result["ceilings"]["matmul_TFLOPs"] > 0
+    for r in result["graphs_off"]:  # every step against its floor
+        assert r["floor_ms"] > 0 and r["step_over_floor"] == r["step_ms"] / r["floor_ms"]
+        assert len(r["experts_hit"]) == 2  # the tiny model's two MoE layers
 
 
 def test_kernel_time_goes_to_the_innermost_range_that_holds_its_start():

@@ -1,0 +1,63 @@
+"""A decode step's floor on the tiny model: the weights it reads counted independently from the
+checkpoint's shapes, the routed experts its routing hits, the KV of every request's context;
+and a prompt's FLOPs."""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.bench.step_floor import expert_bytes, prefill_flops, step_bytes, weight_bytes
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from pdserve.cluster.model.moe import MoEBlock
+
+
+def _engine(path: str) -> LLMEngine:
+    cfg = EngineConfig(model=path, dtype="float32", role="decode", cache=CacheConfig(block_size=16))
+    return LLMEngine(cfg)
+
+
+def _checkpoint_bytes(engine: LLMEngine, itemsize: int = 4) -> int:
+    """Weights a step reads, from the model's config alone (float32, no FP8)."""
+    c = engine.model_config
+    h, n, qk = c.hidden_size, c.num_attention_heads, c.qk_head_dim
+    q = h * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * n * qk  # q_a, its norm, q_b
+    kv = h * (c.kv_lora_rank + c.qk_rope_head_dim) + c.kv_lora_rank  # kv_a, its norm
+    kv += c.kv_lora_rank * n * (c.qk_nope_head_dim + c.v_head_dim)  # kv_b
+    attn = q + kv + n * c.v_head_dim * h  # and o_proj
+    norms = 2 * h
+    dense = 3 * h * c.intermediate_size
+    moe = c.n_routed_experts * h + c.n_routed_experts + 3 * h * c.moe_intermediate_size
+    layers = sum(
+        attn + norms + (moe if c.is_moe_layer(i) else dense) for i in range(c.num_hidden_layers)
+    )
+    return (layers + h + c.vocab_size * h) * itemsize  # + final norm + LM head
+
+
+def test_a_steps_bytes_are_its_weights_its_routed_experts_and_its_kv(tiny_model):
+    engine = _engine(tiny_model)
+    assert weight_bytes(engine.runner.model) == _checkpoint_bytes(engine)
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    for i in range(3):
+        engine.add_request([5 + i] * (10 + 7 * i), sp)
+    for _ in range(4):  # every request prefilled, then decoding
+        engine.step()
+    context = sum(r.num_computed_tokens for r in engine.scheduler.running)
+    b = step_bytes(engine)
+    cfg = engine.model_config
+    assert b.kv == context * cfg.kv_bytes_per_token(torch.float32)
+    assert len(b.experts_hit) == 2
+    assert all(cfg.num_experts_per_tok <= n <= min(3 * 2, 8) for n in b.experts_hit)
+    block = next(m for m in engine.runner.model.modules() if isinstance(m, MoEBlock))
+    assert expert_bytes(block) == 3 * 128 * 64 // 2 + 3 * 128 * 64 // 32  # codes + scales
+    assert b.experts == sum(b.experts_hit) * expert_bytes(block)
+    assert b.total == b.weights + b.experts + b.kv
+
+
+def test_a_prompts_flops_grow_with_its_length_and_the_square_of_its_attention(tiny_model):
+    engine = _engine(tiny_model)
+    cfg, model = engine.model_config, engine.runner.model
+    one, two = prefill_flops(cfg, model, 100), prefill_flops(cfg, model, 200)
+    attn = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+    linear = (one - attn * 100 * 101) / 100  # per token
+    assert two == linear * 200 + attn * 200 * 201
+    assert linear > 2 * cfg.vocab_size * cfg.hidden_size  # the LM head at least
