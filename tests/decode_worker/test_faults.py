@@ -80,6 +80,20 @@ def _decode(model: str, handle, **spec) -> DecodeServer:
     return DecodeServer(dataclasses.replace(base, **spec), handle)
 
 
+def fail_once(decode: DecodeServer, point: str) -> None:
+    """Inject one fault at ``point`` into ``decode``: its first check there fails, later ones
+    pass."""
+    decode.faults = FaultInjector({point: 1.0})
+    original, calls = decode.faults.maybe_fail, []
+
+    def once(where, what=""):
+        calls.append(where)
+        if len(calls) == 1:
+            original(where, what)
+
+    decode.faults.maybe_fail = once
+
+
 def _clean(decode: DecodeServer, prefill) -> None:
     _eventually(lambda: decode.engine.blocks.num_used == 0 and decode.engine._reserved == 0)
     _eventually(lambda: prefill.engine.blocks.num_used == 0 and _staged(prefill) == 0)
@@ -174,16 +188,7 @@ def test_prefill_timeout_fails_that_attempt_only(tiny_model, setup):
 def test_kv_transfer_fault_is_retried(tiny_model, setup):
     prefill, want = setup
     decode = _decode(tiny_model, _PrefillHandle(prefill))
-    decode.faults = FaultInjector({"kv_transfer": 1.0})
-    calls = []
-    original = decode.faults.maybe_fail
-
-    def once(point, what=""):
-        calls.append(point)
-        if len(calls) == 1:
-            original(point, what)
-
-    decode.faults.maybe_fail = once
+    fail_once(decode, "kv_transfer")
     assert asyncio.run(_collect(decode, "kv-retry", PROMPT, GREEDY)) == want
     assert (
         decode.stats.requests.get("prefill_retry") == 1

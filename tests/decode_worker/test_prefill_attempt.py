@@ -16,10 +16,16 @@ import pytest
 
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine
 from pdserve.cluster.errors import OverloadedError
-from pdserve.cluster.faults import FaultInjector
 from pdserve.cluster.messages import GenerateRequest
 from pdserve.decode_worker.server import DecodeServer
-from tests.decode_worker.test_faults import GREEDY, PROMPT, _clean, _decode, setup  # noqa: F401
+from tests.decode_worker.test_faults import (  # noqa: F401
+    GREEDY,
+    PROMPT,
+    _clean,
+    _decode,
+    fail_once,
+    setup,
+)
 from tests.decode_worker.test_server import _collect, _eventually, _keys, _PrefillHandle, _spec
 
 
@@ -132,15 +138,7 @@ def test_failed_transfer_into_a_held_prefix_is_retried_and_the_prefix_stays_cach
     prefill, _ = setup
     answer, second, want = turns
     decode = _after_turn_1(tiny_model, prefill, answer)
-    decode.faults = FaultInjector({"kv_transfer": 1.0})
-    original, calls = decode.faults.maybe_fail, []
-
-    def once(point, what=""):
-        calls.append(point)
-        if len(calls) == 1:
-            original(point, what)
-
-    decode.faults.maybe_fail = once
+    fail_once(decode, "kv_transfer")
     assert asyncio.run(_collect(decode, "turn-2", second, GREEDY)) == want
     assert decode.stats.requests.get("prefill_retry") == 1
     t = decode.transport.stats  # both attempts held the 2 blocks; one landed
