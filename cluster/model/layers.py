@@ -27,6 +27,17 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     dst.copy_(src.to(dtype=dst.dtype))
 
 
+def _prepare_fp8(
+    kernels: KernelSet, weight: nn.Parameter, scale: nn.Parameter, dtype: torch.dtype
+) -> object:
+    """An FP8 weight in its ``linear_fp8`` kernel's form; a kernel that dequantized it leaves
+    the FP8 copy empty (the memory goes)."""
+    prepared = kernels.prepare_linear_fp8((weight.data, scale.data, dtype))
+    if isinstance(prepared, torch.Tensor):
+        weight.data = weight.data.new_empty(0)
+    return prepared
+
+
 class Loadable(nn.Module):
     """Tracks which of ``expected`` names have been loaded."""
 
@@ -111,10 +122,9 @@ class Linear(Loadable):
     def post_load(self) -> None:
         """An FP8 layer's weight in its kernel's form (FP8 kept, or dequantized)."""
         if self.takes_fp8:
-            args = (self.weight.data, self.weight_scale_inv.data, self.dtype)
-            self.prepared = self.kernels.prepare_linear_fp8(args)
-            if isinstance(self.prepared, torch.Tensor):  # dequantized: the FP8 copy goes
-                self.weight.data = self.weight.data.new_empty(0)
+            self.prepared = _prepare_fp8(
+                self.kernels, self.weight, self.weight_scale_inv, self.dtype
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # a row-parallel bias is added by rank 0 only, so the all-reduce counts it once
@@ -181,10 +191,8 @@ class DenseMLP(Loadable):
 
     def post_load(self) -> None:
         if self.fp8:
-            args = (self.gate_up_weight.data, self.gate_up_scale.data, self.dtype)
-            self.prepared = self.kernels.prepare_linear_fp8(args)
-            if isinstance(self.prepared, torch.Tensor):  # dequantized: the FP8 copy goes
-                self.gate_up_weight.data = self.gate_up_weight.data.new_empty(0)
+            w, scale = self.gate_up_weight, self.gate_up_scale
+            self.prepared = _prepare_fp8(self.kernels, w, scale, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8:
