@@ -28,7 +28,8 @@ class KVFingerprint(msgspec.Struct, frozen=True):
     block_size: int
     num_layers: int
     row_width: int  # kv_lora_rank + rope dim
-    tp: int
+    # no tensor-parallel size: MLA's cache holds the latent, which every rank of a TP group
+    # keeps whole, so a prefill group of any size can fill a decode group of any size
 
     def check(self, other: KVFingerprint) -> None:
         if self != other:
@@ -41,7 +42,7 @@ class KVFingerprint(msgspec.Struct, frozen=True):
 
 
 def fingerprint(
-    cfg: ModelConfig, weights_digest: str, dtype: torch.dtype, block_size: int, tp: int
+    cfg: ModelConfig, weights_digest: str, dtype: torch.dtype, block_size: int
 ) -> KVFingerprint:
     return KVFingerprint(
         model=f"DeepseekV3ForCausalLM/h{cfg.hidden_size}/l{cfg.num_hidden_layers}/v{cfg.vocab_size}",
@@ -50,7 +51,6 @@ def fingerprint(
         block_size=block_size,
         num_layers=cfg.num_hidden_layers,
         row_width=cfg.kv_cache_dim,
-        tp=tp,
     )
 
 

@@ -75,7 +75,6 @@ class Replica:
             spec.weights_digest,
             spec.engine.resolve_dtype(spec.engine.resolve_device()),
             spec.engine.cache.block_size,
-            spec.engine.tp,
         )
         self.stats = ReplicaStats(
             pool=spec.pool,

@@ -82,7 +82,12 @@ class PoolSpec(_Strict):
     autoscaling_config: AutoscalingSpec | None = Field(
         None, description="Scale this pool on load, independently of the other pool."
     )
-    tp: int = Field(1, ge=1, description="Tensor-parallel ranks per replica, one process each.")
+    tp: int = Field(
+        1,
+        ge=1,
+        description="Tensor-parallel ranks per replica, one process each. The pools may differ: "
+        "every rank keeps the whole KV cache, so any prefill group fills any decode group.",
+    )
     gpus_per_rank: float | None = Field(
         None, ge=0, description="GPUs per rank; default 1 when the Ray cluster has GPUs, else 0."
     )

@@ -55,7 +55,7 @@ def _fill(executor, block_ids: list[int], seed: int) -> torch.Tensor:
 
 
 def _dest(tid: str, block_ids: list[int], cfg: ModelConfig) -> KVDestination:
-    fp = fingerprint(cfg, "d", torch.float32, 16, 1)
+    fp = fingerprint(cfg, "d", torch.float32, 16)
     return KVDestination(
         transfer_id=tid,
         decode_replica="d0",

@@ -309,6 +309,26 @@ def test_p2p_transport_1p1d_matches_single_process(ray_serve, tiny_model, refere
     assert m['pdserve_line_calls_total{pool="prefill"}'] >= prefill.line_calls
 
 
+@pytest.mark.parametrize(
+    "prefill_tp, decode_tp, transport", [(2, 1, "nccl"), (1, 2, "object_store")]
+)
+def test_pools_of_unequal_tp_match_single_process(
+    ray_serve, tiny_model, reference, prefill_tp, decode_tp, transport
+):
+    """Every rank keeps MLA's latent cache whole, so a prefill group of one size fills a decode
+    group of another: point to point, one prefill rank serves both decode ranks, or one of two
+    prefill ranks serves the decode rank; through the object store, rank 0's copy goes."""
+    args = app_args(
+        tiny_model,
+        {"num_replicas": 1, "num_kv_blocks": 256, "tp": prefill_tp},
+        {"num_replicas": 1, "num_kv_blocks": 256, "tp": decode_tp},
+    )
+    app = deploy(ray_serve, {**args, "kv_transport": transport})
+    _check_topology(app, reference, seed=12)
+    m = _blocks_free(app)
+    assert m['pdserve_kv_transfers_total{pool="decode"}'] >= 7
+
+
 def test_tp2_on_both_pools_matches_single_process(ray_serve, tiny_model, reference):
     pool = {"num_replicas": 1, "tp": 2, "num_kv_blocks": 256}
     app = deploy(ray_serve, app_args(tiny_model, dict(pool), dict(pool)))
