@@ -44,6 +44,7 @@ def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             model=args.model,
+            random_weights_seed=args.random_weights,
             dtype=args.dtype,
             device=args.device,
             role="decode",
@@ -281,6 +282,13 @@ def profile_steps(engine: LLMEngine, batch: int, args) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True)
+    p.add_argument(
+        "--random-weights",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="draw the weights at load from SEED (a make-model --config-only dir)",
+    )
     p.add_argument("--batches", default="1,8,32,64")
     p.add_argument("--context", type=int, default=512, help="prompt tokens per request")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch")

@@ -62,6 +62,9 @@ def _parallel(out: torch.Tensor, fill: Callable, g: torch.Generator) -> torch.Te
 def _normal(
     shape: tuple[int, ...], std: float, g: torch.Generator, dtype: torch.dtype
 ) -> torch.Tensor:
+    if g.device.type != "cpu":  # a GPU draws fast enough alone
+        return torch.randn(shape, generator=g, device=g.device).mul_(std).to(dtype)
+
     def fill(piece: torch.Tensor, gen: torch.Generator) -> None:
         piece.copy_(torch.randn(piece.shape, generator=gen).mul_(std))
 
@@ -72,13 +75,18 @@ def _mxfp4(shape: tuple[int, ...], std: float, g: torch.Generator) -> tuple[torc
     """``random_mxfp4``'s codes and scales, drawn on every core: packed bytes straight from
     random 64-bit words (uniform bytes are two uniform E2M1 codes)."""
     *lead, k = shape
+    dev = g.device
+    scales = torch.full((*lead, k // BLOCK), scale_for_std(std), dtype=torch.uint8, device=dev)
+    if dev.type != "cpu":
+        n = math.prod(lead) * k // 16  # 64-bit words: K is a multiple of 32
+        words = torch.randint(*WORD_RANGE, (n,), dtype=torch.int64, generator=g, device=dev)
+        return words.view(torch.uint8).view(*lead, k // 2), scales
 
     def fill(piece: torch.Tensor, gen: torch.Generator) -> None:
         words = piece.view(-1).view(torch.int64)
         torch.randint(*WORD_RANGE, words.shape, dtype=torch.int64, generator=gen, out=words)
 
     packed = _parallel(torch.empty((*lead, k // 2), dtype=torch.uint8), fill, g)
-    scales = torch.full((*lead, k // BLOCK), scale_for_std(std), dtype=torch.uint8)
     return packed, scales
 
 
@@ -163,6 +171,18 @@ def _plain_tensors(
     yield "lm_head.weight", lin(cfg["vocab_size"], h, 3.0)
 
 
+def random_tensors(
+    cfg: dict[str, Any], seed: int, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors ``make_model(..., mxfp4=True, seed=seed)`` writes for config ``cfg``, drawn
+    on ``device`` instead of read from a disk (``EngineConfig.random_weights_seed``): the same
+    values on CPU; on a GPU its own generator's, the same on every rank of every replica, as
+    each draws every tensor whole in the same order."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    dtype = DTYPES.get(str(cfg.get("torch_dtype")), torch.bfloat16)
+    yield from _plain_tensors(cfg, g, dtype, mxfp4=True)
+
+
 def make_model(
     out: str | Path,
     preset: str = "tiny",
@@ -172,8 +192,11 @@ def make_model(
     dtype: str = "bfloat16",
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
+    weights: bool = True,
 ) -> Path:
-    """Write config, tokenizer and random weights into ``out``; returns the directory."""
+    """Write config, tokenizer and random weights into ``out``; returns the directory.
+    ``weights=False`` writes config and tokenizer alone, for engines that draw the weights at
+    load (``random_tensors``), as the mxfp4 checkpoint of this seed would hold them."""
     if dtype not in DTYPES:
         raise ValueError(f"unsupported checkpoint dtype {dtype!r}; choose from {sorted(DTYPES)}")
     if mxfp4 and fp8:
@@ -191,7 +214,7 @@ def make_model(
     if cfg["vocab_size"] < n_tok:
         raise ValueError(f"vocab_size {cfg['vocab_size']} is smaller than the tokenizer's {n_tok}")
     cfg["torch_dtype"] = dtype
-    if mxfp4:
+    if mxfp4 or not weights:
         cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
     if fp8:  # DeepSeek-V3's own, word for word
         cfg["quantization_config"] = {
@@ -207,6 +230,8 @@ def make_model(
         "do_sample": False,
     }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if not weights:
+        return out
 
     g = torch.Generator().manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]

@@ -236,6 +236,9 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU), "bfloat16", "float32", "float64"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:N"
     seed: int = 0
+    # weights drawn at load from this seed, on the device, instead of read from ``model``'s
+    # safetensors (which need not exist): benchmarks of models larger than a disk
+    random_weights_seed: int | None = None
     role: str = "colocated"  # "prefill", "decode" or "colocated": picks kernels
     tp: int = 1  # tensor-parallel ranks; > 1 runs one Ray actor per rank
     gpus_per_rank: float = 0.0  # Ray GPU resources per rank (0 on CPU)

@@ -73,13 +73,18 @@ class ModelRunner(Executor):
                 tp=tp,
             )
         n = load_weights(
-            self.model, config.model, model_config.num_hidden_layers, model_config.fp8_block
+            self.model,
+            config.model,
+            model_config.num_hidden_layers,
+            model_config.fp8_block,
+            config.random_weights_seed,
+            self.device,
         )
         self.model.eval()
         log.info(
             "loaded %d tensors from %s as %s on %s in %.1fs",
             n,
-            config.model,
+            config.model if config.random_weights_seed is None else "a random draw",
             self.dtype,
             self.device,
             time.perf_counter() - start,

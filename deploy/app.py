@@ -43,13 +43,17 @@ def resolve_model(spec: ModelSpec) -> Path:
         from pdserve.cluster.checkpoint_maker import make_model
 
         log.info("making a %s checkpoint at %s", spec.preset, path)
-        make_model(path, spec.preset, seed=spec.seed)
+        make_model(path, spec.preset, seed=spec.seed, weights=spec.random_weights_seed is None)
     return path
 
 
-def weights_digest(path: Path) -> str:
-    """Identifies a checkpoint cheaply: its config and the names and sizes of its shards."""
+def weights_digest(path: Path, random_seed: int | None = None) -> str:
+    """Identifies a checkpoint cheaply: its config and the names and sizes of its shards, or
+    the seed its weights are drawn from."""
     h = hashlib.sha256((path / "config.json").read_bytes())
+    if random_seed is not None:
+        h.update(f"random:{random_seed}".encode())
+        return h.hexdigest()[:16]
     for f in sorted(path.glob("*.safetensors")):
         h.update(f"{f.name}:{f.stat().st_size}".encode())
     return h.hexdigest()[:16]
@@ -84,6 +88,7 @@ def _engine_config(
         dtype=spec.model.dtype,
         device="cuda" if gpus > 0 else "cpu",
         seed=spec.model.seed,
+        random_weights_seed=spec.model.random_weights_seed,
         role=role,
         kernel_overrides=dict(pool.kernels),
         decode_graphs="auto" if pool.cuda_graphs else "off",
@@ -176,7 +181,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     # decode pulls KV from prefill ranks directly: over the prefill replica's line, or else from
     # rank actors it can call (a rank actor costs each prompt a few ms)
     prefill_actors = transport == "nccl" and not spec.colocated and not spec.prefill.direct_line
-    digest = weights_digest(path)
+    digest = weights_digest(path, spec.model.random_weights_seed)
     max_len = spec.model.max_model_len or cfg.max_position_embeddings
 
     def worker(pool_name: str, role: str) -> WorkerSpec:

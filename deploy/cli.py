@@ -14,7 +14,13 @@ def _make_model(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     out = make_model(
-        args.out, args.preset, mxfp4=args.mxfp4, fp8=args.fp8, dtype=args.dtype, seed=args.seed
+        args.out,
+        args.preset,
+        mxfp4=args.mxfp4,
+        fp8=args.fp8,
+        dtype=args.dtype,
+        seed=args.seed,
+        weights=not args.config_only,
     )
     print(f"wrote {args.preset} checkpoint to {out} in {time.perf_counter() - start:.1f}s")
     return 0
@@ -216,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fp8",
         action="store_true",
         help="store every projection as DeepSeek does: float8 E4M3, 128x128 block scales",
+    )
+    quant.add_argument(
+        "--config-only",
+        action="store_true",
+        help="write config and tokenizer alone, for model.random_weights_seed (weights drawn "
+        "at load)",
     )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=0)

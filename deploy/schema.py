@@ -49,6 +49,14 @@ class ModelSpec(_Strict):
     )
     block_size: int = Field(64, ge=1, le=1024, description="Tokens per KV block, on both pools.")
     seed: int = Field(0, description="Seed of each replica's sampler for unseeded requests.")
+    random_weights_seed: int | None = Field(
+        None,
+        description="Draw the weights at load from this seed, on each rank's device, instead "
+        "of reading safetensors: benchmarks of models too large for a disk (`pdserve "
+        "make-model --config-only` writes the config and tokenizer this needs). On CPU the "
+        "values are those `make-model --mxfp4` writes for the seed; a GPU draws its own, the "
+        "same on every rank of every replica.",
+    )
 
     @model_validator(mode="after")
     def _path_or_preset(self) -> ModelSpec:

@@ -127,16 +127,33 @@ def _ignored(name: str, num_layers: int) -> bool:
 
 
 def load_weights(
-    model: nn.Module, path: str | Path, num_layers: int, fp8_block: tuple[int, int] | None = None
+    model: nn.Module,
+    path: str | Path,
+    num_layers: int,
+    fp8_block: tuple[int, int] | None = None,
+    random_seed: int | None = None,
+    device: torch.device | None = None,
 ) -> int:
     """Route every tensor to the deepest module whose path prefixes its name; then check that
     nothing is missing and let the model finish (tie embeddings, prepare MoE kernels).
     ``fp8_block``: the checkpoint's linears are FP8 with scales per block of this shape; they
     are dequantized on the way (routed experts then become MXFP4 like any others, the error of
-    that conversion logged once). Returns the number of tensors loaded."""
+    that conversion logged once). ``random_seed``: no checkpoint is read; the tensors are drawn
+    on ``device`` (``checkpoint_maker.random_tensors``). Returns the number of tensors loaded."""
     modules = {name: m for name, m in model.named_modules() if hasattr(m, "load_weight")}
     count = 0
-    tensors = iter_checkpoint(path)
+    if random_seed is None:
+        tensors = iter_checkpoint(path)
+    else:
+        if fp8_block is not None:
+            raise ValueError(
+                "random weights are drawn in the MXFP4 layout; this config.json names fp8: "
+                "use a directory from `pdserve make-model --config-only`"
+            )
+        from pdserve.cluster.checkpoint_maker import random_tensors
+
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        tensors = random_tensors(cfg, random_seed, device or torch.device("cpu"))
     conversion = ExpertConversion() if fp8_block is not None else None
     keep = frozenset(_fp8_modules(model))
     if fp8_block is not None:

@@ -86,3 +86,40 @@ def test_random_weights_depend_on_the_seed_not_on_the_thread_count(monkeypatch):
     counts = torch.bincount(unpack_fp4(q1).flatten().long(), minlength=16).float()
     assert counts.min() > 0.9 * counts.mean()  # every E2M1 code about as often
     assert 0.015 < dequantize_mxfp4(q1, s1, torch.float32).std() < 0.03
+
+
+def test_weights_drawn_at_load_are_the_checkpoints_of_their_seed(tmp_path):
+    """``make-model --config-only`` and ``random_weights_seed``: on CPU the same tensors, so the
+    same tokens, as the MXFP4 checkpoint of that seed; no safetensors read or written."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pdserve.cluster.checkpoint_maker import random_tensors
+
+    full = make_model(tmp_path / "full", "tiny", mxfp4=True, seed=7)
+    bare = make_model(tmp_path / "bare", "tiny", seed=7, weights=False)
+    assert not list(bare.glob("*.safetensors"))
+    assert json.loads((bare / "config.json").read_text()) == json.loads(
+        (full / "config.json").read_text()
+    )
+    stored = {}
+    for f in full.glob("*.safetensors"):
+        stored.update(load_file(str(f)))
+    cfg = json.loads((bare / "config.json").read_text())
+    drawn = dict(random_tensors(cfg, 7, torch.device("cpu")))
+    assert drawn.keys() == stored.keys()
+    assert all(torch.equal(drawn[k], stored[k]) for k in stored)
+
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    cache = CacheConfig(block_size=16)
+    want = LLMEngine(EngineConfig(model=str(full), cache=cache)).generate(["a prompt"], sp)
+    engine = LLMEngine(EngineConfig(model=str(bare), cache=cache, random_weights_seed=7))
+    assert engine.generate(["a prompt"], sp)[0].token_ids == want[0].token_ids
+    other = LLMEngine(EngineConfig(model=str(bare), cache=cache, random_weights_seed=8))
+    logits = [e.runner.model.lm_head.weight for e in (engine, other)]
+    assert not torch.equal(*logits)  # another seed, other weights
+
+
+def test_random_weights_refuse_an_fp8_config(fp8_model):
+    with pytest.raises(ValueError, match="MXFP4 layout; this config.json names fp8"):
+        LLMEngine(EngineConfig(model=fp8_model, random_weights_seed=0))

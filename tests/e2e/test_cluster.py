@@ -425,3 +425,29 @@ def test_fp8_checkpoint_served_1p1d_gives_transformers_tokens(
         assert status == 200, r
         assert r["choices"][0]["token_ids"] == want, f"prompt of {len(prompt)} tokens"
     _blocks_free(app)
+
+
+def test_weights_drawn_at_load_serve_1p1d_like_their_checkpoint(ray_serve, tmp_path):
+    """``model.random_weights_seed``: the preset's directory is made without weights, both
+    pools draw them at load, and the tokens are those of the MXFP4 checkpoint of that seed."""
+    from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+    from pdserve.cluster.checkpoint_maker import make_model
+
+    full = make_model(tmp_path / "full", "tiny", mxfp4=True, seed=3)
+    ref = LLMEngine(
+        EngineConfig(model=str(full), dtype="float64", cache=CacheConfig(block_size=16))
+    )
+    args = app_args(str(tmp_path / "bare"), {"num_kv_blocks": 128}, {"num_kv_blocks": 128})
+    args["model"].update(preset="tiny", random_weights_seed=3)
+    app = deploy(ray_serve, args)
+    assert not list((tmp_path / "bare").glob("*.safetensors"))
+    sp = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0, ignore_eos=True)
+    for prompt in _prompts(ref.vocab_size, 3, seed=13, hi=60):
+        status, r = app.post(
+            "/v1/completions",
+            {"model": "tiny", "prompt": prompt, "max_tokens": GREEDY_TOKENS, "temperature": 0,
+             "ignore_eos": True, "return_token_ids": True},
+        )  # fmt: skip
+        assert status == 200, r
+        assert r["choices"][0]["token_ids"] == ref.generate([prompt], sp)[0].token_ids
+    _blocks_free(app)
