@@ -118,6 +118,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
     },
 }
+# DeepSeek-V3 whole (671B parameters): 3 dense layers, then 58 MoE layers. Its random MXFP4
+# checkpoint (about 360 GB of experts) exceeds most disks: draw it at load instead
+# (`make-model --config-only`, then model.random_weights_seed)
+PRESETS["deepseek-v3"] = {
+    **PRESETS["deepseek-v3-4l"],
+    "num_hidden_layers": 61,
+    "first_k_dense_replace": 3,
+}
 
 
 def preset_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -214,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("make-model", help="write a random-weight checkpoint of a preset's shape")
-    p.add_argument("--preset", default="tiny", help="tiny, deepseek-v2-lite or deepseek-v3-4l")
+    p.add_argument(
+        "--preset", default="tiny", help="tiny, deepseek-v2-lite, deepseek-v3-4l or deepseek-v3"
+    )
     p.add_argument("--out", required=True, help="directory to write")
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--mxfp4", action="store_true", help="store routed experts pre-quantized")

@@ -82,6 +82,14 @@ def test_unsupported_configs_are_named(change, needle):
         ModelConfig.from_hf(cfg)
 
 
+def test_full_v3_preset_has_v3s_layers_and_parameter_count():
+    cfg = ModelConfig.from_hf(preset_config("deepseek-v3"))
+    assert cfg.num_hidden_layers == 61 and cfg.first_k_dense_replace == 3
+    moe_layers = sum(cfg.is_moe_layer(i) for i in range(61))
+    experts = moe_layers * (cfg.n_routed_experts + 1) * 3 * 7168 * 2048  # routed + shared
+    assert moe_layers == 58 and 650e9 < experts < 660e9  # of V3's 671B
+
+
 def test_deepseeks_fp8_quantization_config_is_read():
     fp8 = {
         "activation_scheme": "dynamic",
