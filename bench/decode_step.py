@@ -18,7 +18,6 @@ Prints tables and writes JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import platform
 import random
@@ -28,11 +27,9 @@ from typing import Any
 
 import torch
 
-from pdserve.bench import step_floor
+from pdserve.bench import step_floor, step_profile
 from pdserve.bench.result_file import write_result
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
-from pdserve.cluster.model.attention import MLAAttention
-from pdserve.cluster.model.moe import MoEBlock
 
 WARM_STEPS = 3
 MARGIN = 64  # tokens past the timed steps each request may produce
@@ -191,92 +188,11 @@ def time_prefill(engine: LLMEngine, tokens: int, tflops: float) -> dict[str, flo
     return row
 
 
-# ===== profile =====
-
-
-@contextlib.contextmanager
-def _labelled(model: torch.nn.Module):
-    """Wrap attention and MoE modules, and all-reduces, in profiler ranges."""
-    handles, ranges = [], {}
-
-    def pre(name):
-        def hook(mod, _):
-            r = torch.profiler.record_function(name)
-            r.__enter__()
-            ranges[id(mod)] = r
-
-        return hook
-
-    def post(mod, _, out):
-        ranges.pop(id(mod)).__exit__(None, None, None)
-
-    for m in model.modules():
-        name = "pd::attention" if isinstance(m, MLAAttention) else None
-        name = "pd::moe" if isinstance(m, MoEBlock) else name
-        if name:
-            handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post)]
-    import torch.distributed as dist
-
-    real = dist.all_reduce
-
-    def all_reduce(*a, **kw):
-        with torch.profiler.record_function("pd::all_reduce"):
-            return real(*a, **kw)
-
-    dist.all_reduce = all_reduce
-    try:
-        yield
-    finally:
-        dist.all_reduce = real
-        for h in handles:
-            h.remove()
-
-
-def split_kernel_time(
-    spans: list[tuple[float, float, str]], kernels: list[tuple[float, float, str]]
-) -> dict[str, float]:
-    """Sum kernel durations by the innermost labelled span (start, end, part) on the GPU
-    timeline that holds each kernel's start; kernels outside every span go to "rest". Time
-    decides, not the launching op: Triton launches belong to no aten op."""
-    parts: dict[str, float] = {"rest": 0.0}
-    spans = sorted(spans, key=lambda s: s[1] - s[0])  # innermost (shortest) first
-    for k_start, k_end, _ in kernels:
-        part = next((name for s, e, name in spans if s <= k_start < e), "rest")
-        parts[part] = parts.get(part, 0.0) + (k_end - k_start)
-    return parts
-
-
 def profile_steps(engine: LLMEngine, batch: int, args) -> dict[str, Any]:
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     _fill(engine, batch, args, seed=1000 + batch)
-    steps = 5
-    with (
-        _labelled(engine.runner.model),
-        profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof,
-    ):
-        for _ in range(steps):
-            engine.step()
-        _sync(engine)
+    out = step_profile.profile(engine)
     _drain(engine)
-    # device events: kernels and copies, and the ranges' spans on the GPU timeline (us)
-    dev = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    spans = [(e.time_range.start, e.time_range.end, e.name[4:]) for e in dev
-             if e.name.startswith("pd::")]  # fmt: skip
-    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in dev
-               if not e.name.startswith("pd::")]  # fmt: skip
-    parts = split_kernel_time(spans, kernels)
-    out = {k: parts.get(k, 0.0) / steps / 1e3 for k in ("attention", "moe", "all_reduce", "rest")}
-    by_name: dict[str, float] = {}
-    for start, end, name in kernels:
-        by_name[name[:80]] = by_name.get(name[:80], 0.0) + end - start
-    out["gpu_total"] = sum(by_name.values()) / steps / 1e3
-    out["mla_decode_kernel"] = sum(t for n, t in by_name.items() if "_decode_kernel" in n
-                                   or "_combine_kernel" in n) / steps / 1e3  # fmt: skip
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
-    out["top_kernels"] = {name: t / steps / 1e3 for name, t in top}
-    return {"batch": batch, "kernels": len(kernels) // steps, **out}
+    return {"batch": batch, **out}
 
 
 def main(argv: list[str] | None = None) -> int:

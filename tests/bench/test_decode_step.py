@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from pdserve.bench.decode_step import main, split_kernel_time
+from pdserve.bench.decode_step import main
+from pdserve.bench.step_profile import split_kernel_time
 
 
 def test_decode_step_bench_writes_a_row_per_batch_and_mode(tiny_model, tmp_path):
