@@ -177,10 +177,12 @@ def random_tensors(
     """The tensors ``make_model(..., mxfp4=True, seed=seed)`` writes for config ``cfg``, drawn
     on ``device`` instead of read from a disk (``EngineConfig.random_weights_seed``): the same
     values on CPU; on a GPU its own generator's, the same on every rank of every replica, as
-    each draws every tensor whole in the same order."""
+    each draws every tensor whole in the same order. An fp8 config gets its projections as
+    ``fp8=True`` stores them, its routed experts still as MXFP4 codes."""
     g = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES.get(str(cfg.get("torch_dtype")), torch.bfloat16)
-    yield from _plain_tensors(cfg, g, dtype, mxfp4=True)
+    fp8 = (cfg.get("quantization_config") or {}).get("quant_method") == "fp8"
+    yield from _tensors(cfg, g, dtype, mxfp4=True, fp8=fp8)
 
 
 def make_model(
@@ -214,7 +216,7 @@ def make_model(
     if cfg["vocab_size"] < n_tok:
         raise ValueError(f"vocab_size {cfg['vocab_size']} is smaller than the tokenizer's {n_tok}")
     cfg["torch_dtype"] = dtype
-    if mxfp4 or not weights:
+    if mxfp4 or not (weights or fp8):
         cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
     if fp8:  # DeepSeek-V3's own, word for word
         cfg["quantization_config"] = {

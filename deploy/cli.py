@@ -225,11 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="store every projection as DeepSeek does: float8 E4M3, 128x128 block scales",
     )
-    quant.add_argument(
+    p.add_argument(
         "--config-only",
         action="store_true",
         help="write config and tokenizer alone, for model.random_weights_seed (weights drawn "
-        "at load)",
+        "at load; with --fp8, projections drawn as FP8)",
     )
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=0)

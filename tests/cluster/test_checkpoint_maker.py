@@ -120,6 +120,22 @@ def test_weights_drawn_at_load_are_the_checkpoints_of_their_seed(tmp_path):
     assert not torch.equal(*logits)  # another seed, other weights
 
 
-def test_random_weights_refuse_an_fp8_config(fp8_model):
-    with pytest.raises(ValueError, match="MXFP4 layout; this config.json names fp8"):
-        LLMEngine(EngineConfig(model=fp8_model, random_weights_seed=0))
+def test_weights_drawn_at_load_for_an_fp8_config_keep_fp8_projections(tmp_path):
+    import torch
+
+    bare = make_model(tmp_path / "fp8", "tiny", fp8=True, weights=False, dtype="float32")
+    assert (
+        json.loads((bare / "config.json").read_text())["quantization_config"]["quant_method"]
+        == "fp8"
+    )
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    engines = [
+        LLMEngine(EngineConfig(model=str(bare), cache=CacheConfig(block_size=16),
+                               random_weights_seed=2))
+        for _ in range(2)
+    ]  # fmt: skip
+    attn = engines[0].runner.model.model.layers[0].self_attn
+    assert attn.q_a_proj.takes_fp8 and attn.o_proj.takes_fp8
+    assert attn.q_a_proj.prepared.dtype == torch.float32  # CPU: dequantized once at load
+    a, b = (e.generate(["fp8 draw"], sp)[0].token_ids for e in engines)
+    assert a == b and len(a) == 8
