@@ -15,6 +15,8 @@ from pdserve.kernels.fp8_blocks import dequantize_fp8_blocks, quantize_fp8_block
 from pdserve.kernels.fp8_gemm_triton import fp8_block_linear_torch
 
 CPU_KERNELS = KernelSet.resolve(DeviceInfo.cpu(), "decode")
+# the FP8 GEMM backend runs on the GPU where there is one, else under Triton's interpreter
+GEMM_DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _fp8_linear(w, s, mode, rank, size, kernels=CPU_KERNELS, bias=None) -> Linear:
@@ -62,10 +64,12 @@ def test_the_fp8_gemm_backend_runs_the_layer():
     g = torch.Generator().manual_seed(1)
     w, s = quantize_fp8_blocks(torch.randn(200, 300, generator=g) * 0.1)
     bias = torch.randn(200, generator=g)
-    lin = _fp8_linear(w, s, "replicated", 0, 1, kernels, bias)
+    with torch.device(GEMM_DEV):
+        lin = _fp8_linear(w, s, "replicated", 0, 1, kernels, bias)
     assert lin.weight.dtype == torch.float8_e4m3fn  # kept: half of bf16's bytes
     x = torch.randn(7, 300, generator=g)
-    torch.testing.assert_close(lin(x), fp8_block_linear_torch(x, w, s) + bias, rtol=1e-5, atol=1e-5)
+    want = fp8_block_linear_torch(x, w, s) + bias
+    torch.testing.assert_close(lin(x.to(GEMM_DEV)).cpu(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kernels", [CPU_KERNELS, KernelSet.resolve(H100, "decode")],
@@ -84,9 +88,11 @@ def test_fp8_dense_mlp_stacks_gate_and_up_with_their_scales_per_rank(kernels):
     h = torch.nn.functional.silu(x @ dense["gate_proj"].T) * (x @ dense["up_proj"].T)
     want = h @ dense["down_proj"].T
     got = 0
+    dev = "cpu" if kernels is CPU_KERNELS else GEMM_DEV
     for r in range(2):  # 256 intermediate rows per rank: two scale blocks each
-        mlp = DenseMLP(256, 512, dtype=torch.float32, tp=TensorParallel(rank=r, size=2),
-                       fp8=((128, 128), kernels))  # fmt: skip
+        with torch.device(dev):
+            mlp = DenseMLP(256, 512, dtype=torch.float32, tp=TensorParallel(rank=r, size=2),
+                           fp8=((128, 128), kernels))  # fmt: skip
         assert mlp.fp8_names() == ("gate_proj", "up_proj") and mlp.down_proj.takes_fp8
         for name, (w, s) in stored.items():
             if name == "down_proj":
@@ -98,7 +104,7 @@ def test_fp8_dense_mlp_stacks_gate_and_up_with_their_scales_per_rank(kernels):
         assert mlp.missing_weights() == [] and mlp.down_proj.missing_weights() == []
         mlp.post_load()
         mlp.down_proj.post_load()
-        got = got + mlp(x)
+        got = got + mlp(x.to(dev)).cpu()
     if kernels is CPU_KERNELS:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:  # activations quantized to E4M3 on the way in to each GEMM: a few % of the output
