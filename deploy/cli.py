@@ -22,7 +22,8 @@ def _make_model(args: argparse.Namespace) -> int:
         seed=args.seed,
         weights=not args.config_only,
     )
-    print(f"wrote {args.preset} checkpoint to {out} in {time.perf_counter() - start:.1f}s")
+    what = "config and tokenizer" if args.config_only else "checkpoint"
+    print(f"wrote {args.preset} {what} to {out} in {time.perf_counter() - start:.1f}s")
     return 0
 
 
