@@ -11,7 +11,8 @@ a GPU, 256 MiB on CPU; bytes read + written, as ``bench.kernels`` counts them):
   during one eager step, untimed;
 - KV: every request's context, all layers.
 Prefill: the FLOPs of a prompt (2 per weight touched per token: the weights above, the top-k
-routed and the shared experts; the causal attention's QK and PV products, MLA unabsorbed) over
+routed and the shared experts, the LM head for the last token only; the causal attention's QK
+and PV products, MLA unabsorbed) over
 a bf16 matmul of 8192^3 (a GPU) or 1024^3 (CPU).
 """
 
@@ -137,8 +138,9 @@ def prefill_flops(cfg: ModelConfig, model: torch.nn.Module, tokens: int) -> floa
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     params += moe_layers * cfg.num_experts_per_tok * per_expert
+    head = cfg.vocab_size * cfg.hidden_size  # the LM head scores the last token alone
     attn = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-    return 2.0 * tokens * params + 2.0 * attn * tokens * (tokens + 1) / 2
+    return 2.0 * tokens * (params - head) + 2.0 * head + 2.0 * attn * tokens * (tokens + 1) / 2
 
 
 def copy_bandwidth(device: torch.device) -> float:

@@ -176,8 +176,9 @@ def random_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """The tensors ``make_model(..., mxfp4=True, seed=seed)`` writes for config ``cfg``, drawn
     on ``device`` instead of read from a disk (``EngineConfig.random_weights_seed``): the same
-    values on CPU; on a GPU its own generator's, the same on every rank of every replica, as
-    each draws every tensor whole in the same order. An fp8 config gets its projections as
+    values on CPU; on a GPU its own generator's, the same on every GPU of one model (the
+    kernels' grid, and so the draw, depends on the SM count), as each rank draws every tensor
+    whole in the same order. An fp8 config gets its projections as
     ``fp8=True`` stores them, its routed experts still as MXFP4 codes."""
     g = torch.Generator(device=device).manual_seed(seed)
     dtype = DTYPES.get(str(cfg.get("torch_dtype")), torch.bfloat16)

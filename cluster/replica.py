@@ -70,9 +70,12 @@ class Replica:
         self.aengine = AsyncEngine(self.engine, name=f"engine-{self.replica_id}")
         self.transport = make_transport(spec.kv_transport)
         runner = self.engine.runner
+        digest = spec.weights_digest
+        if spec.engine.random_weights_seed is not None:  # a draw depends on the device's model
+            digest += f" drawn on {runner.device_name}"  # (a GPU's SM count): refuse a mix
         self.fingerprint: KVFingerprint = fingerprint(
             self.engine.model_config,
-            spec.weights_digest,
+            digest,
             spec.engine.resolve_dtype(spec.engine.resolve_device()),
             spec.engine.cache.block_size,
         )

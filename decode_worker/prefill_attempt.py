@@ -39,10 +39,17 @@ log = logging.getLogger(__name__)
 
 class PrefillAttempt:
     def __init__(
-        self, server: DecodeServer, req: GenerateRequest, number: int, tried: list[str]
+        self,
+        server: DecodeServer,
+        req: GenerateRequest,
+        number: int,
+        tried: list[str],
+        use_cached: bool = True,
     ) -> None:
         """Starts reserving blocks for ``req``'s prompt now. ``tried``: the prefill replicas
-        earlier attempts went to (a retry avoids them); this attempt's joins them."""
+        earlier attempts went to (a retry avoids them); this attempt's joins them.
+        ``use_cached``: count the prompt's prefix this replica caches (False after one was
+        evicted under an attempt: the prompt's KV then comes whole)."""
         self.server, self.req, self.tried = server, req, tried
         self.transfer_id = f"{req.request_id}/{number}-{uuid.uuid4().hex[:8]}"
         self.handed = False  # set on the engine thread once a request owns the blocks
@@ -59,7 +66,7 @@ class PrefillAttempt:
         # prefill sends only those after them. Counted here, so the call need not wait for the
         # engine thread; should one be evicted meanwhile the reservation fails and a retry
         # counts again
-        self.held = blocks.count_cached(self.keys)
+        self.held = blocks.count_cached(self.keys) if use_cached else 0
         held_keys = self.keys[: self.held]
         self._reserving = asyncio.ensure_future(
             server.aengine.run_owned(

@@ -36,7 +36,7 @@ import ray
 
 from pdserve.cluster.engine import LLMEngine
 from pdserve.cluster.engine_step import Prefilled
-from pdserve.cluster.errors import KVLayoutMismatch, OverloadedError, RequestError
+from pdserve.cluster.errors import KVLayoutMismatch, OverloadedError, PrefixEvicted, RequestError
 from pdserve.cluster.messages import GenerateRequest, PrefillRequest
 from pdserve.cluster.replica import Replica, WorkerSpec
 from pdserve.cluster.request_output import RequestOutput
@@ -124,8 +124,10 @@ class DecodeServer(Replica):
         errors: list[str] = []
         tried: list[str] = []  # prefill replicas that took an attempt: a retry avoids them
         prefilled: Prefilled | None = None  # once the first token went out
-        for number in range(1 + spec.prefill_retries):
-            attempt = PrefillAttempt(self, req, number, tried)
+        number, held = 0, True  # attempts failed; whether to count the cached prefix
+        while number <= spec.prefill_retries:
+            attempt = PrefillAttempt(self, req, number, tried, held)
+            called = len(tried)
             try:
                 try:
                     first = await attempt.first_token()
@@ -142,12 +144,20 @@ class DecodeServer(Replica):
                     await attempt.kv_landed()
                 except (RequestError, KVLayoutMismatch):
                     raise  # the request or the deployment is wrong: no retry helps
+                except PrefixEvicted:
+                    # this replica's own cache moved under the attempt, not the prefill
+                    # replica's doing: the same attempt again, counting no cached prefix
+                    del tried[called:]
+                    held = False
+                    log.info("%s: a cached prefix block was evicted; sending it whole", rid)
+                    continue
                 except Exception as e:  # noqa: BLE001 - a failed attempt; the next one may do
                     if attempt.full:
                         raise  # this replica has no room for the prompt: 503 at once
                     errors.append(f"{type(e).__name__}: {e}")
                     log.warning("%s: prefill attempt %d failed: %s", rid, number + 1, errors[-1])
                     self.stats.count("prefill_retry")
+                    number += 1
                     continue
 
                 def start(e: LLMEngine, p: Prefilled = prefilled, a=attempt) -> None:

@@ -37,7 +37,9 @@ REPLICA_CPUS = 0.25  # the replica process of a TP group, which schedules but ho
 def resolve_model(spec: ModelSpec) -> Path:
     """The checkpoint directory, made from the preset first if it is not there yet."""
     path = Path(spec.path).expanduser() if spec.path else MODEL_CACHE / str(spec.preset)
-    if not (path / "config.json").is_file():
+    # a preset's directory made for weights drawn at load holds no weights to read
+    bare = spec.random_weights_seed is None and not any(path.glob("*.safetensors"))
+    if not (path / "config.json").is_file() or (bare and spec.preset is not None):
         if spec.preset is None:
             raise ValueError(f"no checkpoint at {str(path)!r} and no preset to make one")
         from pdserve.cluster.checkpoint_maker import make_model

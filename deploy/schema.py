@@ -55,7 +55,8 @@ class ModelSpec(_Strict):
         "of reading safetensors: benchmarks of models too large for a disk (`pdserve "
         "make-model --config-only` writes the config and tokenizer this needs). On CPU the "
         "values are those `make-model --mxfp4` writes for the seed; a GPU draws its own, the "
-        "same on every rank of every replica.",
+        "same on every GPU of its model (a draw depends on the SM count): pools drawn on "
+        "different devices are refused at first contact.",
     )
 
     @model_validator(mode="after")

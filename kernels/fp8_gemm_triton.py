@@ -23,7 +23,7 @@ GROUP = FP8_BLOCK[1]  # activation scales: one per token per 128 values of K, as
 
 @triton.jit
 def _act_quant(x, q, s, K, KB, stride_x, stride_q, GROUP: tl.constexpr, FP8_MAX: tl.constexpr):
-    m, kb = tl.program_id(0), tl.program_id(1)
+    m, kb = tl.program_id(0).to(tl.int64), tl.program_id(1)
     k = kb * GROUP + tl.arange(0, GROUP)
     v = tl.load(x + m * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(v), axis=0)
@@ -63,8 +63,9 @@ def _gemm(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 rows and columns: offsets of M x N outputs and M x K inputs pass 2**31
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, KB):

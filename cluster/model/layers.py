@@ -105,8 +105,12 @@ class Linear(Loadable):
         self.mode, self.tp, self.dtype = mode, tp, dtype
         out_l = tp.split(out_features, "output features") if mode == "column" else out_features
         in_l = tp.split(in_features, "input features") if mode == "row" else in_features
-        split = {"column": out_l, "row": in_l}.get(mode)
-        self.takes_fp8 = fp8 is not None and (tp.size == 1 or split % fp8[0][0] == 0)
+        # a shard must start and end on scale blocks: rows (column mode) or columns (row mode)
+        split = {"column": (out_l, 0), "row": (in_l, 1)}.get(mode)
+        whole = (
+            split is None or tp.size == 1 or (fp8 is not None and split[0] % fp8[0][split[1]] == 0)
+        )
+        self.takes_fp8 = fp8 is not None and whole
         self.kernels, self.prepared = (fp8[1] if fp8 else None), None
         if self.takes_fp8:
             (bo, bi), f8 = fp8[0], dict(dtype=torch.float8_e4m3fn)

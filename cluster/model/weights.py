@@ -95,6 +95,8 @@ def fp8_dequantized(
                 yield from pair(base, weights.pop(base), t)
             else:
                 scales[base] = t
+        elif t.dtype in FLOAT8 and t.dtype != torch.float8_e4m3fn:
+            yield name, t  # refused by the caller, naming its dtype
         elif t.dtype == torch.float8_e4m3fn:
             if name in scales:
                 yield from pair(name, t, scales.pop(name))
@@ -151,12 +153,15 @@ def load_weights(
         tensors = random_tensors(cfg, random_seed, device or torch.device("cpu"))
     conversion = ExpertConversion() if fp8_block is not None else None
     keep = frozenset(_fp8_modules(model))
+    tensors = ((n, t) for n, t in tensors if not _ignored(n, num_layers))  # before dequantizing
     if fp8_block is not None:
         tensors = fp8_dequantized(tensors, fp8_block, conversion, keep)
     for name, tensor in tensors:
-        if _ignored(name, num_layers):
-            continue
         if tensor.dtype in FLOAT8 and name.removesuffix(".weight") not in keep:
+            if fp8_block is not None:  # the pairing passes on only E4M3 weights and scales
+                raise ValueError(
+                    f"checkpoint tensor {name!r} is {tensor.dtype}; only float8_e4m3fn"
+                )
             raise ValueError(
                 f"checkpoint tensor {name!r} is {tensor.dtype}, but config.json names no fp8 "
                 "quantization_config (quant_method fp8, weight_block_size [128, 128])"

@@ -58,6 +58,7 @@ def test_a_prompts_flops_grow_with_its_length_and_the_square_of_its_attention(ti
     cfg, model = engine.model_config, engine.runner.model
     one, two = prefill_flops(cfg, model, 100), prefill_flops(cfg, model, 200)
     attn = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-    linear = (one - attn * 100 * 101) / 100  # per token
-    assert two == linear * 200 + attn * 200 * 201
-    assert linear > 2 * cfg.vocab_size * cfg.hidden_size  # the LM head at least
+    linear = (two - one - attn * (200 * 201 - 100 * 101)) / 100  # per token, the head aside
+    head = one - linear * 100 - attn * 100 * 101
+    assert head == 2 * cfg.vocab_size * cfg.hidden_size  # the LM head: the last token only
+    assert linear > 2 * 3 * cfg.hidden_size * cfg.intermediate_size  # a dense MLP at least

@@ -95,23 +95,30 @@ def turns(tiny_model):
     return answer, second, ref.generate([second], GREEDY)[0].token_ids
 
 
-def _after_turn_1(tiny_model, prefill, answer, handle=None) -> DecodeServer:
-    decode = _decode(tiny_model, handle or _PrefillHandle(prefill))
+def _after_turn_1(tiny_model, prefill, answer, handle=None, **spec) -> DecodeServer:
+    decode = _decode(tiny_model, handle or _PrefillHandle(prefill), **spec)
     assert asyncio.run(_collect(decode, "turn-1", TURN_1, GREEDY)) == answer
     _eventually(lambda: decode.engine.blocks.num_cached == 2)
     return decode
 
 
-def test_prefix_evicted_after_it_was_counted_fails_that_attempt_and_the_retry_counts_again(
+def test_prefix_evicted_after_it_was_counted_is_sent_whole_by_the_same_attempt_again(
     tiny_model,
     setup,  # noqa: F811
     turns,
 ):
+    """Not a prefill failure: no retry is spent (there is none left here, nor a fallback),
+    and the prefill replica is not avoided."""
     prefill, _ = setup
     answer, second, want = turns
     seen = []
     decode = _after_turn_1(
-        tiny_model, prefill, answer, _Watching(_PrefillHandle(prefill), seen.append)
+        tiny_model,
+        prefill,
+        answer,
+        _Watching(_PrefillHandle(prefill), seen.append),
+        prefill_retries=0,
+        local_prefill_fallback=False,
     )
     blocks, count = decode.engine.blocks, decode.engine.blocks.count_cached
 
@@ -123,8 +130,9 @@ def test_prefix_evicted_after_it_was_counted_fails_that_attempt_and_the_retry_co
 
     blocks.count_cached = count_then_evict
     assert asyncio.run(_collect(decode, "turn-2", second, GREEDY)) == want
-    assert [r.kv.first_block for r in seen[1:]] == [2, 0]  # counted 2, then none left
-    assert decode.stats.requests.get("prefill_retry") == 1
+    assert [r.kv.first_block for r in seen[1:]] == [2, 0]  # counted 2, then sent whole
+    assert [r.avoid for r in seen[1:]] == [(), ()]
+    assert decode.stats.requests.get("prefill_retry") is None
     assert decode.transport.stats.saved_nbytes == 0
     _clean(decode, prefill)
     decode.shutdown()

@@ -33,7 +33,9 @@ def _fp8_linear(w, s, mode, rank, size, kernels=CPU_KERNELS, bias=None) -> Linea
     return lin
 
 
-@pytest.mark.parametrize("mode, size", [("column", 3), ("row", 2), ("replicated", 1)])
+@pytest.mark.parametrize(
+    "mode, size", [("column", 3), ("row", 2), ("replicated", 1), ("replicated", 2)]
+)
 def test_fp8_shards_carry_their_scale_blocks(mode, size):
     g = torch.Generator().manual_seed(0)
     w, s = quantize_fp8_blocks(torch.randn(384, 512, generator=g))  # scales [3, 4], all unequal
@@ -45,6 +47,10 @@ def test_fp8_shards_carry_their_scale_blocks(mode, size):
         lin = _fp8_linear(w, s, mode, r, size)
         assert lin.takes_fp8
         parts.append(lin(x if mode != "row" else x[:, r * 256 : (r + 1) * 256]))
+    if mode == "replicated":  # every rank the whole product
+        for part in parts:
+            torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-4)
+        return
     got = torch.cat(parts, dim=1) if mode == "column" else sum(parts)
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-4)
 

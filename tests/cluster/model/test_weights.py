@@ -152,6 +152,8 @@ def test_fp8_weights_pair_with_their_scales_in_any_order():
         ValueError, match=r"1 float8 weights without a weight_scale_inv \(\['y'\]\)"
     ):
         list(fp8_dequantized(iter([("y", qa)]), (128, 128)))
+    e5m2 = torch.zeros(2, 2, dtype=torch.float8_e5m2)  # passed on, for the loader to refuse
+    assert list(fp8_dequantized(iter([("z.weight", e5m2)]), (128, 128))) == [("z.weight", e5m2)]
     with pytest.raises(ValueError, match=r"'x.a.weight': FP8 block scales of shape \(1, 2\)"):
         list(fp8_dequantized(iter([("x.a.weight", qa), ("x.a.weight_scale_inv", sb)]), (128, 128)))
 
