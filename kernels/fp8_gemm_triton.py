@@ -4,12 +4,16 @@ per token in groups of 128 along K, as DeepSeek's own inference code does.
 
 Two launches: ``act_quant`` (one program per token and 128-group: amax, scale, codes), then the
 GEMM, whose K loop steps one 128-wide block at a time: an FP8 ``tl.dot`` per step (wgmma on
-Hopper) into float32, scaled by the token's and the weight block's scales, summed. The reference
+Hopper) into float32, scaled by the token's and the weight block's scales, summed. When the
+output has few tiles (decode batches, narrow projections) K is split over more programs, whose
+float32 partial sums one more kernel adds up (``split_k``). The reference
 is ``fp8_block_linear_torch``; on CPU the tests run both under ``TRITON_INTERPRET=1``.
 Tile sizes: ``triton_configs.FP8_LINEAR_TILES``, a first pick per M, not tuned on a GPU.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -58,17 +62,19 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @triton.jit
 def _gemm(
     a, a_s, b, b_s, c,
-    M, N, K, KB,
-    stride_a, stride_b, stride_c,
+    M, N, K, KB, KB_PER,
+    stride_a, stride_b, stride_c, stride_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    """Program (m, n, s) sums K blocks [s * KB_PER, (s + 1) * KB_PER) of its output tile into
+    ``c`` (split s of a float32 [splits, M, N] buffer when K is split, else the output)."""
+    pid_m, pid_n, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     # int64 rows and columns: offsets of M x N outputs and M x K inputs pass 2**31
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kb in range(0, KB):
+    for kb in range(split * KB_PER, tl.minimum(split * KB_PER + KB_PER, KB)):
         k = kb * BLOCK_K + rk
         at = tl.load(
             a + rm[:, None] * stride_a + k[None, :],
@@ -86,14 +92,32 @@ def _gemm(
         acc += tl.dot(at, bt, out_dtype=tl.float32) * sa[:, None] * sb[None, :]
     out = acc.to(c.dtype.element_ty)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
+    c += split.to(tl.int64) * stride_split
     tl.store(c + rm[:, None] * stride_c + rn[None, :], out, mask=mask)
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: one program at a time
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_k(m: int, n: int, kb: int, device: torch.device) -> int:
+    """How many pieces to split K into: a few output tiles (a decode batch, a narrow projection)
+    leave most SMs idle while each walks the whole K; split until about one program per SM,
+    each piece at least 4 of the K blocks, 16 pieces at most."""
+    bm, bn, _, _ = fp8_linear_tiles(m)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    return max(1, min(_num_sms(device) // tiles, kb // 4, 16))
+
+
 def fp8_block_linear_triton(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, splits: int | None = None
 ) -> torch.Tensor:
     """x [M, K] (bf16 / fp32) @ weight [N, K] float8 with block scales [ceil(N/128),
-    ceil(K/128)] -> [M, N] in x's dtype."""
+    ceil(K/128)] -> [M, N] in x's dtype. ``splits``: K split in that many pieces, summed in
+    float32 after (default ``split_k``'s choice for the device)."""
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k and weight.dtype == torch.float8_e4m3fn, (x.shape, weight.shape)
@@ -104,12 +128,18 @@ def fp8_block_linear_triton(
     if m == 0:
         return out
     bm, bn, warps, stages = fp8_linear_tiles(m)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
+    splits = split_k(m, n, kb, x.device) if splits is None else max(1, min(splits, kb))
+    per = triton.cdiv(kb, splits)
+    splits = triton.cdiv(kb, per)  # no empty piece
+    dst = out if splits == 1 else torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), splits)
     _gemm[grid](
-        qa, sa, weight, scale.contiguous(), out, m, n, k, kb,
-        qa.stride(0), weight.stride(0), out.stride(0),
+        qa, sa, weight, scale.contiguous(), dst, m, n, k, kb, per,
+        qa.stride(0), weight.stride(0), n, m * n,
         bm, bn, GROUP, num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    if splits > 1:
+        torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(0))
     return out
 
 

@@ -46,6 +46,25 @@ def test_block_linear_matches_the_reference(m, n, k):
     assert ((got - exact).norm() / exact.norm()) < 0.05
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_k_split_in_pieces_sums_to_the_reference(splits):
+    x, w, s = _case(5, 200, 900, seed=splits)  # 8 K blocks, the last partial: uneven pieces
+    got = fp8_block_linear_triton(x, w, s, splits=splits)
+    torch.testing.assert_close(got, fp8_block_linear_torch(x, w, s), rtol=1e-5, atol=1e-5)
+
+
+def test_k_is_split_only_when_few_tiles_leave_sms_idle(monkeypatch):
+    from pdserve.kernels import fp8_gemm_triton
+
+    monkeypatch.setattr(fp8_gemm_triton, "_num_sms", lambda device: 132)  # an H200's
+    gpu = torch.device("cuda")
+    assert fp8_gemm_triton.split_k(1, 576, 56, gpu) == 14  # kv_a_proj at decode: 9 tiles
+    assert fp8_gemm_triton.split_k(1, 1536, 56, gpu) == 5  # q_a_proj: 24 tiles
+    assert fp8_gemm_triton.split_k(1, 576, 8, gpu) == 2  # a short K: pieces of 4 blocks at least
+    assert fp8_gemm_triton.split_k(1, 7168, 128, gpu) == 1  # o_proj: 112 tiles already
+    assert fp8_gemm_triton.split_k(2048, 36864, 56, gpu) == 1  # prefill: tiles to spare
+
+
 def test_bfloat16_activations_and_an_empty_batch():
     x, w, s = _case(9, 128, 256, seed=3)
     got = fp8_block_linear_triton(x.bfloat16(), w, s)
