@@ -233,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "host": platform.node(),
     }
-    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available()
-                          else args.device if args.device != "auto" else "cpu")  # fmt: skip
+    device = EngineConfig(model=args.model, device=args.device).resolve_device()
     args.copy_GBps = step_floor.copy_bandwidth(device)
     args.matmul_TFLOPs = step_floor.matmul_tflops(device)
     result["ceilings"] = {"copy_GBps": args.copy_GBps, "matmul_TFLOPs": args.matmul_TFLOPs}

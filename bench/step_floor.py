@@ -19,14 +19,13 @@ a bf16 matmul of 8192^3 (a GPU) or 1024^3 (CPU).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.moe import MoEBlock
-from pdserve.kernels import grouped_topk
 
 
 @dataclass(frozen=True)
@@ -41,37 +40,32 @@ class StepBytes:
         return self.weights + self.experts + self.kv
 
 
-def _tensors(x) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, tuple):
-        return [t for t in x if isinstance(t, torch.Tensor)]
-    return []
+def _read_whole(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor a step reads whole (see the module's docstring), each
+    once: parameters and buffers, and the weights kernels hold in their own form (FP8 layers'
+    ``prepared``, named ``<module>.prepared.weight`` and ``.scale``)."""
+    seen: set[int] = set()
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
+    for path, m in model.named_modules():
+        prepared = None if isinstance(m, MoEBlock) else getattr(m, "prepared", None)
+        if isinstance(prepared, torch.Tensor):
+            named.append((f"{path}.prepared.weight", prepared))
+        elif isinstance(prepared, tuple):
+            parts = ("weight", *["scale"] * (len(prepared) - 1))
+            named += [(f"{path}.prepared.{p}", t) for p, t in zip(parts, prepared)]
+    for name, t in named:
+        if name.startswith("model.embed_tokens.") or ".mlp.experts." in name:
+            continue
+        if "rotary" in name or name.endswith("._have") or not t.numel():
+            continue
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            yield name, t
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of every tensor a step reads whole (see the module's docstring), each once."""
-    seen: set[int] = set()
-    total = 0
-
-    def add(t: torch.Tensor) -> None:
-        nonlocal total
-        if t.numel() and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-
-    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
-    for name, t in named:
-        if name.startswith("model.embed_tokens.") or ".mlp.experts." in name:
-            continue
-        if "rotary" in name or name.endswith("._have"):
-            continue
-        add(t)
-    for m in model.modules():  # weights a kernel holds in its own form (FP8 layers)
-        if not isinstance(m, MoEBlock):
-            for t in _tensors(getattr(m, "prepared", None)):
-                add(t)
-    return total
+    return sum(t.numel() * t.element_size() for _, t in _read_whole(model))
 
 
 def expert_bytes(block: MoEBlock) -> int:
@@ -90,14 +84,7 @@ def step_bytes(engine) -> StepBytes:
     hit: list[int] = []
 
     def record(block: MoEBlock, args) -> None:
-        cfg, x = block.cfg, args[0]
-        dt = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(dt), block.gate.weight.to(dt))
-        _, ids = grouped_topk(
-            logits, cfg.num_experts_per_tok, correction_bias=block.gate.e_score_correction_bias,
-            n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
-            routed_scaling_factor=cfg.routed_scaling_factor,
-        )  # fmt: skip
+        _, ids = block.route(args[0])  # the layer's own routing, again
         hit.append(int(torch.unique(ids).numel()))
 
     context = sum(r.num_computed_tokens for r in engine.scheduler.running)
@@ -116,25 +103,11 @@ def step_bytes(engine) -> StepBytes:
 
 def prefill_flops(cfg: ModelConfig, model: torch.nn.Module, tokens: int) -> float:
     """FLOPs of one prompt of ``tokens`` tokens (see the module's docstring)."""
-    seen: set[int] = set()
-    params = 0
-
-    def add(t: torch.Tensor) -> None:
-        nonlocal params
-        if t.dim() == 2 and t.numel() and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            params += t.numel()
-
-    for name, t in model.named_parameters(remove_duplicate=False):
-        skip = name.startswith("model.embed_tokens.") or ".mlp.experts." in name
-        if not skip and "scale" not in name.rsplit(".", 1)[-1]:  # matrices, not block scales
-            add(t)
-    for m in model.modules():  # an FP8 layer's weight in its kernel's form
-        prepared = getattr(m, "prepared", None) if not isinstance(m, MoEBlock) else None
-        if isinstance(prepared, torch.Tensor):
-            add(prepared)
-        elif isinstance(prepared, tuple):
-            add(prepared[0])
+    params = sum(  # matrices, not their block scales; norms and biases are a rounding error
+        t.numel()
+        for name, t in _read_whole(model)
+        if t.dim() == 2 and "scale" not in name.rsplit(".", 1)[-1]
+    )
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     params += moe_layers * cfg.num_experts_per_tok * per_expert

@@ -34,3 +34,9 @@ def extend_block_hashes(
         h.update(array("q", token_ids[start : start + block_size]).tobytes())
         hashes.append(h.digest())
     return hashes
+
+
+def prompt_block_keys(token_ids: Sequence[int], block_size: int) -> list[bytes]:
+    """The keys of a prompt's full blocks, its last token left out: the prefix an engine can
+    match in its cache (at least one token must still run)."""
+    return extend_block_hashes([], token_ids, block_size, (len(token_ids) - 1) // block_size)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from pdserve.cluster import trace_file
-from pdserve.cluster.block_hash import extend_block_hashes
+from pdserve.cluster.block_hash import prompt_block_keys
 from pdserve.cluster.errors import OverloadedError
 from pdserve.cluster.messages import (
     FirstToken,
@@ -58,10 +58,9 @@ class PrefillAttempt:
         self.answered_at = 0.0  # time.perf_counter() when the reply came
         self.landed_at = 0.0  # time.perf_counter() when the KV receive ended
         ids, blocks = req.prompt_token_ids, server.engine.blocks
-        # the prompt's full-block keys, the last token left out (as prefill matches its cache)
-        self.keys = extend_block_hashes(
-            [], ids, blocks.block_size, (len(ids) - 1) // blocks.block_size
-        )
+        # the prompt's full-block keys, for this replica's cache and for the choice of a line
+        wanted = blocks.prefix_caching or server.lines is not None
+        self.keys = prompt_block_keys(ids, blocks.block_size) if wanted else []
         # blocks this replica's prefix cache holds (the conversation's earlier turns ran here):
         # prefill sends only those after them. Counted here, so the call need not wait for the
         # engine thread; should one be evicted meanwhile the reservation fails and a retry

@@ -53,13 +53,11 @@ class PrefillLines:
             return line.inflight + self._client(line.address).ongoing
 
         pick = min(random.sample(list(left.values()), min(2, len(left))), key=load)
-        owner, _ = self.routes.longest(keys, set(left))
-        if owner is not None and load(left[owner]) <= load(pick) + AFFINITY_SLACK:
-            pick = left[owner]
-            self.affinity_picks += 1
-        if keys:
-            self.routes.record(keys, pick.serve_id)
-        return pick.serve_id, self._client(pick.address)
+        chosen, decided = self.routes.prefer(
+            keys, set(left), pick.serve_id, lambda sid: load(left[sid]), AFFINITY_SLACK
+        )
+        self.affinity_picks += decided
+        return chosen, self._client(left[chosen].address)
 
     def _client(self, address: str) -> LineClient:
         client = self._clients.get(address)

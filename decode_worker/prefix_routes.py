@@ -5,7 +5,7 @@ longest prefix. Bounded, least recently used keys forgotten first. Integers and 
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 CAPACITY = 1 << 17  # keys: 128k blocks of prompts (8M tokens at 64 per block), about 10 MB
 
@@ -31,6 +31,24 @@ class PrefixRoutes:
             if owner in among:
                 return owner, n
         return None, 0
+
+    def prefer(
+        self,
+        keys: Sequence[bytes],
+        among: set[str],
+        pick: str,
+        load: Callable[[str], int],
+        slack: int,
+    ) -> tuple[str, bool]:
+        """Where a prompt of ``keys`` goes: the replica in ``among`` that got its longest prefix,
+        unless its ``load`` exceeds ``pick``'s by more than ``slack``, then ``pick``; recorded
+        as the prefix's holder. Returns (serve id, whether the prefix decided)."""
+        owner, _ = self.longest(keys, among)
+        decided = owner is not None and load(owner) <= load(pick) + slack
+        chosen = owner if decided else pick
+        if keys:
+            self.record(keys, chosen)
+        return chosen, decided
 
     def record(self, keys: Sequence[bytes], serve_id: str) -> None:
         """``serve_id`` now holds the prefix ``keys`` name (it computed or reused them)."""

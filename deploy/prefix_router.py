@@ -22,7 +22,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from pdserve.cluster.block_hash import extend_block_hashes
+from pdserve.cluster.block_hash import prompt_block_keys
 from pdserve.decode_worker.prefix_routes import PrefixRoutes
 
 ROUTER_CLASS = "pdserve.deploy.prefix_router:PrefixAffinityRouter"
@@ -63,9 +63,7 @@ class PrefixAffinityRouter(RequestRouter):
     def keys(self, pending: PendingRequest | None) -> list[bytes]:
         """The prompt's full-block keys, the last token left out (as an engine matches)."""
         ids = getattr(_request(pending), "prompt_token_ids", None)
-        if not ids:
-            return []
-        return extend_block_hashes([], ids, self.block_size, (len(ids) - 1) // self.block_size)
+        return prompt_block_keys(ids, self.block_size) if ids else []
 
     def queue_len(self, replica: RunningReplica) -> int:
         return self.replica_queue_len_cache.get(replica.replica_id) or 0
@@ -84,13 +82,15 @@ class PrefixAffinityRouter(RequestRouter):
         pick = min(
             two, key=lambda r: (self.queue_len(r), self.routes.owned(r.replica_id.unique_id))
         )
-        keys = self.keys(pending_request)
         by_id = {r.replica_id.unique_id: r for r in kept}
-        owner, _ = self.routes.longest(keys, set(by_id))
-        if owner is not None and self.queue_len(by_id[owner]) <= self.queue_len(pick) + self.slack:
-            pick = by_id[owner]
-            self.affinity_picks += 1
-        if keys:  # Serve sends to the first rank unless its queue is full
-            self.routes.record(keys, pick.replica_id.unique_id)
+        chosen, decided = self.routes.prefer(
+            self.keys(pending_request),
+            set(by_id),
+            pick.replica_id.unique_id,
+            lambda rid: self.queue_len(by_id[rid]),
+            self.slack,
+        )  # recorded there: Serve sends to the first rank unless its queue is full
+        self.affinity_picks += decided
+        pick = by_id[chosen]
         rest = [r for r in two if r is not pick]
         return [[pick], rest] if rest else [[pick]]

@@ -139,7 +139,7 @@ def fp8_block_linear_triton(
         bm, bn, GROUP, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if splits > 1:
-        torch.sum(dst, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dst.sum(0))
+        out.copy_(dst.sum(0))
     return out
 
 

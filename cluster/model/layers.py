@@ -179,7 +179,8 @@ class DenseMLP(Loadable):
         self.fp8 = fp8 is not None and self.inter % fp8[0][0] == 0
         self.prepared = None
         if self.fp8:
-            (bo, bi), self.kernels = fp8
+            self.block, self.kernels = fp8
+            bo, bi = self.block
             self.gate_up_weight = _empty(2 * self.inter, hidden, dtype=torch.float8_e4m3fn)
             self.gate_up_scale = _empty(2 * self.inter // bo, -(-hidden // bi), dtype=torch.float32)
             self.expected = self.expected + (
@@ -211,7 +212,7 @@ class DenseMLP(Loadable):
         r, n = self.tp.rank, self.inter
         half = 0 if name.startswith("gate") else 1
         if name.endswith("weight_scale_inv"):  # block rows of this rank's shard
-            n //= self.gate_up_weight.shape[0] // self.gate_up_scale.shape[0]
+            n //= self.block[0]
             dst = self.gate_up_scale.data[half * n : (half + 1) * n]
         else:
             dst = self.gate_up_weight.data[half * n : (half + 1) * n]

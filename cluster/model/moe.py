@@ -131,10 +131,18 @@ class MoEBlock(nn.Module):
         self.prepared = self.kernels.prepare_moe(self.experts.weights())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H] partial sum
+        topk_weights, topk_ids = self.route(x)
+        y = self.kernels.moe(x, self.prepared, topk_ids, topk_weights, self.act)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's experts: (weights [T, K] float32, ids [T, K])."""
         cfg = self.cfg
         dt = torch.promote_types(x.dtype, torch.float32)  # float32 at least, like transformers
         logits = F.linear(x.to(dt), self.gate.weight.to(dt))  # [T, E]
-        topk_weights, topk_ids = grouped_topk(
+        return grouped_topk(
             logits,
             cfg.num_experts_per_tok,
             correction_bias=self.gate.e_score_correction_bias,
@@ -142,8 +150,4 @@ class MoEBlock(nn.Module):
             topk_group=cfg.topk_group,
             norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor,
-        )  # [T, K] float32, [T, K]
-        y = self.kernels.moe(x, self.prepared, topk_ids, topk_weights, self.act)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        )

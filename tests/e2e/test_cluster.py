@@ -106,6 +106,17 @@ def _check_topology(app: App, reference, seed: int) -> None:
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == GREEDY_TOKENS
 
 
+def _greedy(app: App, prompt: list[int], n: int = GREEDY_TOKENS) -> list[int]:
+    """The ``n`` greedy token ids ``app`` returns for ``prompt`` (one non-streaming call)."""
+    status, r = app.post(
+        "/v1/completions",
+        {"model": "tiny", "prompt": prompt, "max_tokens": n, "temperature": 0,
+         "ignore_eos": True, "return_token_ids": True},
+    )  # fmt: skip
+    assert status == 200, r
+    return r["choices"][0]["token_ids"]
+
+
 def _blocks_free(app: App) -> dict[str, float]:
     def free(m):
         return all(
@@ -385,13 +396,7 @@ def test_prompts_sharing_a_prefix_go_to_the_prefill_replica_that_caches_it(
     system = list(range(40, 120))
     for i in range(6):
         prompt = system + [200 + i, 201 + i, 202 + i]
-        status, r = app.post(
-            "/v1/completions",
-            {"model": "tiny", "prompt": prompt, "max_tokens": 4, "temperature": 0,
-             "ignore_eos": True, "return_token_ids": True},
-        )  # fmt: skip
-        assert status == 200, r
-        assert r["choices"][0]["token_ids"] == reference(prompt, 4)
+        assert _greedy(app, prompt, 4) == reference(prompt, 4)
     m = _blocks_free(app)
     # 80 shared tokens: 5 full blocks of 16 found cached by each of the 5 later prompts
     assert m['pdserve_prefix_cache_hits_total{pool="prefill"}'] == 5 * 80
@@ -417,13 +422,7 @@ def test_fp8_checkpoint_served_1p1d_gives_transformers_tokens(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_TOKENS,
                 do_sample=False, eos_token_id=None, pad_token_id=0,
             )[0, len(prompt) :].tolist()  # fmt: skip
-        status, r = app.post(
-            "/v1/completions",
-            {"model": "tiny", "prompt": prompt, "max_tokens": GREEDY_TOKENS, "temperature": 0,
-             "ignore_eos": True, "return_token_ids": True},
-        )  # fmt: skip
-        assert status == 200, r
-        assert r["choices"][0]["token_ids"] == want, f"prompt of {len(prompt)} tokens"
+        assert _greedy(app, prompt) == want, f"prompt of {len(prompt)} tokens"
     _blocks_free(app)
 
 
@@ -443,11 +442,5 @@ def test_weights_drawn_at_load_serve_1p1d_like_their_checkpoint(ray_serve, tmp_p
     assert not list((tmp_path / "bare").glob("*.safetensors"))
     sp = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0, ignore_eos=True)
     for prompt in _prompts(ref.vocab_size, 3, seed=13, hi=60):
-        status, r = app.post(
-            "/v1/completions",
-            {"model": "tiny", "prompt": prompt, "max_tokens": GREEDY_TOKENS, "temperature": 0,
-             "ignore_eos": True, "return_token_ids": True},
-        )  # fmt: skip
-        assert status == 200, r
-        assert r["choices"][0]["token_ids"] == ref.generate([prompt], sp)[0].token_ids
+        assert _greedy(app, prompt) == ref.generate([prompt], sp)[0].token_ids
     _blocks_free(app)
