@@ -9,10 +9,10 @@ a GPU, 256 MiB on CPU; bytes read + written, as ``bench.kernels`` counts them):
 - routed experts: the distinct experts the step's routing picks in each MoE layer, at the bytes
   of one expert (MXFP4 codes and scales); the routing is recomputed from each MoE layer's input
   during one eager step, untimed;
-- KV: every request's context, all layers.
+- KV: every request's context, all layers (a sliding-window layer's window at most).
 Prefill: the FLOPs of a prompt (2 per weight touched per token: the weights above, the top-k
 routed and the shared experts, the LM head for the last token only; the causal attention's QK
-and PV products, MLA unabsorbed) over
+and PV products, MLA unabsorbed, within sliding windows) over
 a bf16 matmul of 8192^3 (a GPU) or 1024^3 (CPU).
 """
 
@@ -25,7 +25,10 @@ from dataclasses import dataclass
 import torch
 
 from pdserve.cluster.config import ModelConfig
+from pdserve.cluster.model.gpt_oss import GptOssMoE
 from pdserve.cluster.model.moe import MoEBlock
+
+MOE_BLOCKS = (MoEBlock, GptOssMoE)  # both have ``route`` and MXFP4 ``experts``
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,7 @@ def _read_whole(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     seen: set[int] = set()
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers()]
     for path, m in model.named_modules():
-        prepared = None if isinstance(m, MoEBlock) else getattr(m, "prepared", None)
+        prepared = None if isinstance(m, MOE_BLOCKS) else getattr(m, "prepared", None)
         if isinstance(prepared, torch.Tensor):
             named.append((f"{path}.prepared.weight", prepared))
         elif isinstance(prepared, tuple):
@@ -68,11 +71,17 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for _, t in _read_whole(model))
 
 
-def expert_bytes(block: MoEBlock) -> int:
-    """Bytes of one routed expert of ``block``: its MXFP4 codes and scales."""
-    w = block.experts
-    per_layer = sum(t.numel() * t.element_size() for t in (w.w13, w.s13, w.w2, w.s2))
-    return per_layer // block.cfg.n_routed_experts
+def expert_bytes(block: MoEBlock | GptOssMoE) -> int:
+    """Bytes of one routed expert of ``block``: its MXFP4 codes and scales (and biases)."""
+    return block.experts.weights().expert_nbytes()
+
+
+def kv_bytes(cfg: ModelConfig, contexts: list[int], dtype: torch.dtype) -> int:
+    """KV bytes attention reads for requests of ``contexts`` tokens: every layer's whole
+    context, a sliding layer's window at most."""
+    row = cfg.kv_cache_dim * torch.finfo(dtype).bits // 8
+    windows = [cfg.window(i) for i in range(cfg.num_hidden_layers)]
+    return row * sum(min(c, w) if w else c for c in contexts for w in windows)
 
 
 def step_bytes(engine) -> StepBytes:
@@ -80,14 +89,14 @@ def step_bytes(engine) -> StepBytes:
     layer's routing picks; returns what that step must read. In-process engines only."""
     runner = engine.runner
     model = runner.model
-    blocks = [m for m in model.modules() if isinstance(m, MoEBlock)]
+    blocks = [m for m in model.modules() if isinstance(m, MOE_BLOCKS)]
     hit: list[int] = []
 
-    def record(block: MoEBlock, args) -> None:
+    def record(block: MoEBlock | GptOssMoE, args) -> None:
         _, ids = block.route(args[0])  # the layer's own routing, again
         hit.append(int(torch.unique(ids).numel()))
 
-    context = sum(r.num_computed_tokens for r in engine.scheduler.running)
+    contexts = [r.num_computed_tokens for r in engine.scheduler.running]
     handles = [b.register_forward_pre_hook(record) for b in blocks]
     graphs, runner.graphs = runner.graphs, None  # hooks run in eager steps only
     try:
@@ -96,7 +105,7 @@ def step_bytes(engine) -> StepBytes:
         runner.graphs = graphs
         for h in handles:
             h.remove()
-    kv = context * engine.model_config.kv_bytes_per_token(runner.dtype)
+    kv = kv_bytes(engine.model_config, contexts, runner.dtype)
     experts = sum(n * expert_bytes(b) for n, b in zip(hit, blocks))
     return StepBytes(weight_bytes(model), experts, kv, tuple(hit))
 
@@ -112,8 +121,12 @@ def prefill_flops(cfg: ModelConfig, model: torch.nn.Module, tokens: int) -> floa
     moe_layers = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
     params += moe_layers * cfg.num_experts_per_tok * per_expert
     head = cfg.vocab_size * cfg.hidden_size  # the LM head scores the last token alone
-    attn = cfg.num_hidden_layers * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)
-    return 2.0 * tokens * (params - head) + 2.0 * head + 2.0 * attn * tokens * (tokens + 1) / 2
+    per_pair = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim)  # a (q, k) pair's
+    pairs = 0  # (query, key) pairs over all layers: causal, within a sliding layer's window
+    for i in range(cfg.num_hidden_layers):
+        w = cfg.window(i) or tokens
+        pairs += sum(min(p + 1, w) for p in range(tokens))
+    return 2.0 * tokens * (params - head) + 2.0 * head + 2.0 * per_pair * pairs
 
 
 def copy_bandwidth(device: torch.device) -> float:

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from pdserve.bench.step_floor import MOE_BLOCKS
 from pdserve.cluster import LLMEngine
 from pdserve.cluster.model.attention import MLAAttention
-from pdserve.cluster.model.moe import MoEBlock
+from pdserve.cluster.model.gqa_attention import GQAAttention
 
 
 @contextlib.contextmanager
@@ -33,8 +34,8 @@ def _labelled(model: torch.nn.Module):
         ranges.pop(id(mod)).__exit__(None, None, None)
 
     for m in model.modules():
-        name = "pd::attention" if isinstance(m, MLAAttention) else None
-        name = "pd::moe" if isinstance(m, MoEBlock) else name
+        name = "pd::attention" if isinstance(m, (MLAAttention, GQAAttention)) else None
+        name = "pd::moe" if isinstance(m, MOE_BLOCKS) else name
         if name:
             handles += [m.register_forward_pre_hook(pre(name)), m.register_forward_hook(post)]
     import torch.distributed as dist
@@ -94,7 +95,7 @@ def profile(engine: LLMEngine, steps: int = 5) -> dict[str, Any]:
     for start, end, name in kernels:
         by_name[name[:80]] = by_name.get(name[:80], 0.0) + end - start
     out["gpu_total"] = sum(by_name.values()) / steps / 1e3
-    out["mla_decode_kernel"] = sum(t for n, t in by_name.items() if "_decode_kernel" in n
+    out["attention_decode_kernel"] = sum(t for n, t in by_name.items() if "_decode_kernel" in n
                                    or "_combine_kernel" in n) / steps / 1e3  # fmt: skip
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     out["top_kernels"] = {name: t / steps / 1e3 for name, t in top}

@@ -1,4 +1,5 @@
-"""Write a random-weight Hugging Face checkpoint of the DeepSeek-V3 architecture.
+"""Write a random-weight Hugging Face checkpoint of the DeepSeek-V3 architecture, or of
+GPT-OSS's (``gpt_oss_tensors``: the released names and layouts, a harmony tokenizer).
 
 Tensor names are the hub's (per-expert ``mlp.experts.{i}.{gate,up,down}_proj.weight``), so
 transformers loads the directory too. Routed experts hold MXFP4-representable values, so
@@ -18,81 +19,31 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from pdserve.cluster.presets import preset_config
+from pdserve.cluster.gpt_oss_tensors import gpt_oss_tensors
+from pdserve.cluster.presets import GPT_OSS_PRESETS, preset_config
+from pdserve.cluster.random_draw import mxfp4 as draw_mxfp4
+from pdserve.cluster.random_draw import normal
 from pdserve.cluster.tokenizer_trainer import train_tokenizer
 from pdserve.kernels.fp8_blocks import quantize_fp8_blocks
-from pdserve.kernels.mxfp4 import (
-    BLOCK,
-    WORD_RANGE,
-    dequantize_mxfp4,
-    random_mxfp4,
-    scale_for_std,
-)
+from pdserve.kernels.mxfp4 import dequantize_mxfp4, random_mxfp4
 
 SHARD_BYTES = 2 << 30
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-PIECE = 1 << 22  # elements a thread fills at a time
-
-
-def _parallel(out: torch.Tensor, fill: Callable, g: torch.Generator) -> torch.Tensor:
-    """Fill ``out`` in pieces along its first dim on every core: ``fill(piece, generator)``,
-    each piece's generator seeded from one draw of ``g`` and its index, so the values depend on
-    the seed alone, not on the number of threads."""
-    base = int(torch.randint(0, 2**62, (1,), generator=g))
-    rows = max(1, PIECE // max(1, out[0].numel())) if out.dim() > 1 else out.shape[0]
-    starts = list(range(0, out.shape[0], rows))
-
-    def one(i: int) -> None:
-        fill(out[starts[i] : starts[i] + rows], torch.Generator().manual_seed(base + i))
-
-    with ThreadPoolExecutor(min(len(starts), os.cpu_count() or 1)) as pool:
-        list(pool.map(one, range(len(starts))))  # torch releases the GIL while it draws
-    return out
-
-
-def _normal(
-    shape: tuple[int, ...], std: float, g: torch.Generator, dtype: torch.dtype
-) -> torch.Tensor:
-    if g.device.type != "cpu":  # a GPU draws fast enough alone
-        return torch.randn(shape, generator=g, device=g.device).mul_(std).to(dtype)
-
-    def fill(piece: torch.Tensor, gen: torch.Generator) -> None:
-        piece.copy_(torch.randn(piece.shape, generator=gen).mul_(std))
-
-    return _parallel(torch.empty(shape, dtype=dtype), fill, g)
-
-
-def _mxfp4(shape: tuple[int, ...], std: float, g: torch.Generator) -> tuple[torch.Tensor, ...]:
-    """``random_mxfp4``'s codes and scales, drawn on every core: packed bytes straight from
-    random 64-bit words (uniform bytes are two uniform E2M1 codes)."""
-    *lead, k = shape
-    dev = g.device
-    scales = torch.full((*lead, k // BLOCK), scale_for_std(std), dtype=torch.uint8, device=dev)
-    if dev.type != "cpu":
-        n = math.prod(lead) * k // 16  # 64-bit words: K is a multiple of 32
-        words = torch.randint(*WORD_RANGE, (n,), dtype=torch.int64, generator=g, device=dev)
-        return words.view(torch.uint8).view(*lead, k // 2), scales
-
-    def fill(piece: torch.Tensor, gen: torch.Generator) -> None:
-        words = piece.view(-1).view(torch.int64)
-        torch.randint(*WORD_RANGE, words.shape, dtype=torch.int64, generator=gen, out=words)
-
-    packed = _parallel(torch.empty((*lead, k // 2), dtype=torch.uint8), fill, g)
-    return packed, scales
 
 
 def _tensors(
     cfg: dict[str, Any], g: torch.Generator, dtype: torch.dtype, mxfp4: bool, fp8: bool
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    if cfg["architectures"][0] == "GptOssForCausalLM":
+        yield from gpt_oss_tensors(cfg, g, dtype, mxfp4)
+        return
     for name, t in _plain_tensors(cfg, g, dtype, mxfp4):
         module = name.removesuffix(".weight").rsplit(".", 1)[-1]  # q_a_proj, gate, lm_head...
         if not fp8 or not name.endswith(".weight") or "_proj" not in module:  # norms, router,
@@ -113,12 +64,12 @@ def _plain_tensors(
     r, rope = cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
 
     def lin(out: int, inp: int, gain: float = 1.0) -> torch.Tensor:
-        return _normal((out, inp), gain / math.sqrt(inp), g, dtype)
+        return normal((out, inp), gain / math.sqrt(inp), g, dtype)
 
     def ones(n: int) -> torch.Tensor:
-        return (1.0 + _normal((n,), 0.1, g, torch.float32)).to(dtype)
+        return (1.0 + normal((n,), 0.1, g, torch.float32)).to(dtype)
 
-    yield "model.embed_tokens.weight", _normal((cfg["vocab_size"], h), 1.0, g, dtype)
+    yield "model.embed_tokens.weight", normal((cfg["vocab_size"], h), 1.0, g, dtype)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         yield p + "input_layernorm.weight", ones(h)
@@ -143,7 +94,7 @@ def _plain_tensors(
             continue
         e, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
         yield m + "gate.weight", lin(e, h, 2.0)
-        yield m + "gate.e_score_correction_bias", _normal((e,), 0.05, g, torch.float32)
+        yield m + "gate.e_score_correction_bias", normal((e,), 0.05, g, torch.float32)
         if cfg["n_shared_experts"]:
             shared = inter * cfg["n_shared_experts"]
             yield m + "shared_experts.gate_proj.weight", lin(shared, h)
@@ -151,8 +102,8 @@ def _plain_tensors(
             yield m + "shared_experts.down_proj.weight", lin(h, shared, 0.5)
         if mxfp4:
             # GPT-OSS layout: gate/up rows interleaved, blocks [E, rows, K/32, 16]
-            w13, s13 = _mxfp4((e, 2 * inter, h), 1 / math.sqrt(h), g)
-            w2, s2 = _mxfp4((e, h, inter), 0.5 / math.sqrt(inter), g)
+            w13, s13 = draw_mxfp4((e, 2 * inter, h), 1 / math.sqrt(h), g)
+            w2, s2 = draw_mxfp4((e, h, inter), 0.5 / math.sqrt(inter), g)
             yield m + "experts.gate_up_proj_blocks", w13.view(e, 2 * inter, h // 32, 16)
             yield m + "experts.gate_up_proj_scales", s13
             yield m + "experts.down_proj_blocks", w2.view(e, h, inter // 32, 16)
@@ -204,14 +155,20 @@ def make_model(
         raise ValueError(f"unsupported checkpoint dtype {dtype!r}; choose from {sorted(DTYPES)}")
     if mxfp4 and fp8:
         raise ValueError("choose one of mxfp4 (experts pre-quantized) and fp8 (every linear)")
+    gpt_oss = preset in GPT_OSS_PRESETS
+    if gpt_oss and fp8:
+        raise ValueError(f"preset {preset!r} has no fp8 format; GPT-OSS ships mxfp4 experts")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = preset_config(preset, overrides)
     n_tok = train_tokenizer(
         out,
-        vocab_size=4096 if preset != "tiny" else 1024,
+        vocab_size=1024 if preset.endswith("tiny") else 4096,
         max_length=cfg["max_position_embeddings"],
+        style="harmony" if gpt_oss else "deepseek",
     )
+    if gpt_oss:  # the tokenizer's ids: GPT-OSS stops at <|return|> and <|call|>
+        cfg.update(harmony_ids(out))
     if cfg["vocab_size"] is None:
         cfg["vocab_size"] = n_tok
     if cfg["vocab_size"] < n_tok:
@@ -219,6 +176,13 @@ def make_model(
     cfg["torch_dtype"] = dtype
     if mxfp4 or not (weights or fp8):
         cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": []}
+        if gpt_oss:  # as the released checkpoints name them
+            cfg["quantization_config"]["modules_to_not_convert"] = [
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head",
+            ]
     if fp8:  # DeepSeek-V3's own, word for word
         cfg["quantization_config"] = {
             "activation_scheme": "dynamic",
@@ -228,7 +192,7 @@ def make_model(
         }
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = {
-        "bos_token_id": cfg["bos_token_id"],
+        "bos_token_id": cfg.get("bos_token_id"),
         "eos_token_id": cfg["eos_token_id"],
         "do_sample": False,
     }
@@ -260,3 +224,15 @@ def make_model(
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out
+
+
+def harmony_ids(tokenizer_dir: Path) -> dict[str, Any]:
+    """config.json's token ids of a harmony tokenizer: GPT-OSS generation ends at <|return|>
+    (the final answer), <|call|> (a tool call) or <|endoftext|>, as its generation_config."""
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    return {
+        "bos_token_id": ids["<|startoftext|>"],
+        "eos_token_id": [ids["<|return|>"], ids["<|endoftext|>"], ids["<|call|>"]],
+        "pad_token_id": ids["<|endoftext|>"],
+    }

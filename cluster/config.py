@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM", "GptOssForCausalLM")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,10 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The DeepSeek-V3 architecture's dimensions, read from a checkpoint's config.json."""
+    """A model's dimensions, read from a checkpoint's config.json: the DeepSeek-V3 architecture
+    (MLA attention, sigmoid group-limited routing, shared experts), or GPT-OSS (grouped-query
+    attention with sinks and sliding-window layers, softmax top-k routing, expert biases), whose
+    fields the DeepSeek ones map onto (``hf_config``)."""
 
     vocab_size: int
     hidden_size: int
@@ -96,54 +99,24 @@ class ModelConfig:
     quant_method: str = ""
     fp8_block: tuple[int, int] | None = None  # fp8: the scales' block shape [out, in]
     checkpoint_dtype: str = "bfloat16"
+    architecture: str = "DeepseekV3ForCausalLM"
+    # grouped-query attention (GPT-OSS); qk_rope_head_dim and v_head_dim equal head_dim there
+    num_key_value_heads: int = 0
+    head_dim: int = 0
+    sliding_window: int = 0  # tokens a sliding layer's query sees, itself included
+    layer_types: tuple[str, ...] = ()  # "sliding_attention" or "full_attention" per layer
+    # the experts' gated activation (kernels.SwiGLU): plain SiLU gating unless set
+    swiglu_alpha: float = 1.0
+    swiglu_beta: float = 0.0
+    swiglu_limit: float | None = None
 
     @staticmethod
     def from_hf(cfg: dict[str, Any]) -> ModelConfig:
-        archs = cfg.get("architectures") or ["DeepseekV3ForCausalLM"]
-        if archs[0] not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {archs[0]!r}; supported: {SUPPORTED_ARCHITECTURES}"
-            )
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; only silu")
-        if cfg.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ValueError(f"unsupported scoring_func {cfg['scoring_func']!r}; only sigmoid")
-        eos = cfg.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        quant = cfg.get("quantization_config") or {}
-        method, fp8_block = _quantization(quant)
-        return ModelConfig(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            moe_intermediate_size=cfg["moe_intermediate_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=cfg["num_attention_heads"],
-            q_lora_rank=cfg.get("q_lora_rank"),
-            kv_lora_rank=cfg["kv_lora_rank"],
-            qk_nope_head_dim=cfg["qk_nope_head_dim"],
-            qk_rope_head_dim=cfg["qk_rope_head_dim"],
-            v_head_dim=cfg["v_head_dim"],
-            n_routed_experts=cfg["n_routed_experts"],
-            n_shared_experts=cfg.get("n_shared_experts") or 0,
-            num_experts_per_tok=cfg["num_experts_per_tok"],
-            n_group=cfg.get("n_group") or 1,
-            topk_group=cfg.get("topk_group") or 1,
-            first_k_dense_replace=cfg.get("first_k_dense_replace") or 0,
-            norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
-            routed_scaling_factor=float(cfg.get("routed_scaling_factor", 1.0)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
-            rope=RopeConfig.from_hf(cfg),
-            rope_interleave=bool(cfg.get("rope_interleave", True)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", False)),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            quant_method=method,
-            fp8_block=fp8_block,
-            checkpoint_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
-        )
+        """Read a checkpoint's config.json dict (``hf_config``); ValueError naming anything
+        unsupported."""
+        from pdserve.cluster.hf_config import model_config
+
+        return model_config(cfg)
 
     @staticmethod
     def from_dir(path: str | Path) -> ModelConfig:
@@ -157,13 +130,30 @@ class ModelConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def is_gqa(self) -> bool:
+        """Grouped-query attention with a K/V cache (GPT-OSS), not MLA's latent cache."""
+        return self.num_key_value_heads > 0
+
+    @property
     def kv_cache_dim(self) -> int:
-        """Width of one cached token: the normalized latent, then the rotated rope key."""
+        """Width of one cached token. MLA: the normalized latent, then the rotated rope key.
+        GQA: per KV head, its rotated key then its value (every KV head on every
+        tensor-parallel rank, so any rank's cache is whole, as MLA's is)."""
+        if self.is_gqa:
+            return 2 * self.num_key_value_heads * self.head_dim
         return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def window(self, layer: int) -> int:
+        """Tokens layer ``layer``'s queries see (themselves included); 0: all."""
+        sliding = self.layer_types and self.layer_types[layer] == "sliding_attention"
+        return self.sliding_window if sliding else 0
 
     @property
     def softmax_scale(self) -> float:
-        """1/sqrt of the unabsorbed q.k width, times YaRN's mscale(factor)**2 when configured."""
+        """1/sqrt of the unabsorbed q.k width, times YaRN's mscale(factor)**2 when configured
+        (DeepSeek); GPT-OSS: 1/sqrt(head_dim)."""
+        if self.is_gqa:
+            return self.head_dim**-0.5
         scale = self.qk_head_dim**-0.5
         if self.rope.rope_type != "default" and self.rope.mscale_all_dim:
             m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
@@ -175,35 +165,6 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.num_hidden_layers * self.kv_cache_dim * torch.finfo(dtype).bits // 8
-
-
-def _quantization(quant: dict[str, Any]) -> tuple[str, tuple[int, int] | None]:
-    """(quant_method, fp8 block shape) of a ``quantization_config``; ValueError naming what is
-    supported for anything else."""
-    if not quant:
-        return "", None
-    method = quant.get("quant_method")
-    if method == "mxfp4":
-        return method, None
-    if method != "fp8":
-        raise ValueError(
-            f"unsupported quantization {method!r}; supported: mxfp4 (routed experts in the "
-            "GPT-OSS layout) and fp8 (E4M3 weights with 128x128 block scales, as DeepSeek "
-            "publishes them)"
-        )
-    if quant.get("fmt", "e4m3") != "e4m3":
-        raise ValueError(f"unsupported fp8 fmt {quant['fmt']!r}; only e4m3")
-    if quant.get("activation_scheme", "dynamic") != "dynamic":
-        raise ValueError(
-            f"unsupported fp8 activation_scheme {quant['activation_scheme']!r}; only dynamic"
-        )
-    block = quant.get("weight_block_size")
-    if block is None or list(block) != [128, 128]:
-        raise ValueError(
-            f"unsupported fp8 weight_block_size {block!r}; only [128, 128] (one scale per "
-            "128x128 block, DeepSeek's layout)"
-        )
-    return method, (128, 128)
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,15 @@ class KVFingerprint(msgspec.Struct, frozen=True):
     decode replica first meet; any difference is a deployment error, never a silent corruption."""
 
     model: str  # architecture + dims, e.g. "DeepseekV3ForCausalLM/h7168/l61/v129280"
+    # (GPT-OSS's windows and head counts are in the weights digest, a digest of config.json)
     weights: str  # a digest of the checkpoint's config (same shapes, same weights directory)
     dtype: str  # cache dtype, e.g. "bfloat16"
     block_size: int
     num_layers: int
-    row_width: int  # kv_lora_rank + rope dim
-    # no tensor-parallel size: MLA's cache holds the latent, which every rank of a TP group
-    # keeps whole, so a prefill group of any size can fill a decode group of any size
+    row_width: int  # kv_lora_rank + rope dim (MLA); 2 * KV heads * head dim (GQA)
+    # no tensor-parallel size: MLA's cache holds the latent, and GQA's all KV heads, which every
+    # rank of a TP group keeps whole, so a prefill group of any size can fill a decode group of
+    # any size
 
     def check(self, other: KVFingerprint) -> None:
         if self != other:
@@ -45,7 +47,7 @@ def fingerprint(
     cfg: ModelConfig, weights_digest: str, dtype: torch.dtype, block_size: int
 ) -> KVFingerprint:
     return KVFingerprint(
-        model=f"DeepseekV3ForCausalLM/h{cfg.hidden_size}/l{cfg.num_hidden_layers}/v{cfg.vocab_size}",
+        model=f"{cfg.architecture}/h{cfg.hidden_size}/l{cfg.num_hidden_layers}/v{cfg.vocab_size}",
         weights=weights_digest,
         dtype=str(dtype).removeprefix("torch."),
         block_size=block_size,

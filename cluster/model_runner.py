@@ -1,6 +1,7 @@
 """Turns a scheduled step (integers) into tensors, runs the model, samples.
 
-Owns the model, the paged KV cache ``[layers, num_blocks, block_size, kv_lora_rank + rope]`` and
+Owns the model, the paged KV cache ``[layers, num_blocks, block_size, width]`` (width: MLA's
+latent and rope key, or GQA's keys and values, ``ModelConfig.kv_cache_dim``) and
 the sampler. Both workers use it: prefill runs chunks, decode runs single tokens, colocated both.
 """
 
@@ -18,7 +19,7 @@ from pdserve.cluster.executor import Executor
 from pdserve.cluster.kv_layout import block_rows, gather_blocks, scatter_blocks, warm_up
 from pdserve.cluster.kv_transport.kv_peer import KVPeer, local_peer_id
 from pdserve.cluster.kv_transport.peer_client import PeerClient
-from pdserve.cluster.model.deepseek_v3 import DeepseekV3ForCausalLM
+from pdserve.cluster.model.causal_lm import build
 from pdserve.cluster.model.weights import load_weights
 from pdserve.cluster.parallel import SINGLE, TensorParallel
 from pdserve.cluster.sampler import Draw, SampledToken, Sampler
@@ -29,7 +30,8 @@ from pdserve.kernels.compile_watch import WATCH
 log = logging.getLogger(__name__)
 
 # the ops a pure decode step calls: their backends must be graph-safe for decode graphs
-DECODE_OPS = ("mla_decode", "moe_small", "moe_large")
+DECODE_OPS = ("moe_small", "moe_large")
+ATTENTION_DECODE_OP = {False: "mla_decode", True: "gqa_decode"}  # by ModelConfig.is_gqa
 
 
 class ModelRunner(Executor):
@@ -65,7 +67,7 @@ class ModelRunner(Executor):
         # ===== model =====
         start = time.perf_counter()
         with torch.device(self.device):
-            self.model = DeepseekV3ForCausalLM(
+            self.model = build(
                 model_config,
                 max_positions=max_model_len,
                 kernels=self.kernels,
@@ -111,7 +113,8 @@ class ModelRunner(Executor):
                     "decode CUDA graphs off: the tensor-parallel collectives cannot be captured"
                 )
                 return "off"
-            unsafe = self.kernels.not_graph_safe(DECODE_OPS)  # the PyTorch references sync
+            ops = DECODE_OPS + (ATTENTION_DECODE_OP[self.model_config.is_gqa],)
+            unsafe = self.kernels.not_graph_safe(ops)  # the PyTorch references sync
             if unsafe:
                 log.info("decode CUDA graphs off: %s cannot be captured", unsafe)
                 return "off"

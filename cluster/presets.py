@@ -128,10 +128,78 @@ PRESETS["deepseek-v3"] = {
 }
 
 
+# GPT-OSS: the released config.json's fields (eos ids are the trained tokenizer's, set by the
+# checkpoint maker); every other layer a sliding window of 128 tokens, the first one sliding
+_GPT_OSS: dict[str, Any] = {
+    "architectures": ["GptOssForCausalLM"],
+    "model_type": "gpt_oss",
+    "hidden_act": "silu",
+    "attention_bias": True,
+    "attention_dropout": 0.0,
+    "head_dim": 64,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "num_experts_per_tok": 4,
+    "experts_per_token": 4,
+    "sliding_window": 128,
+    "rms_norm_eps": 1e-5,
+    "swiglu_alpha": 1.702,
+    "swiglu_limit": 7.0,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+    "max_position_embeddings": 131072,
+    "rope_theta": 150000.0,
+    "rope_scaling": {
+        "rope_type": "yarn",
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 4096,
+    },
+    "use_cache": True,
+}
+GPT_OSS_PRESETS: dict[str, dict[str, Any]] = {
+    # seconds on CPU: 4 layers (2 sliding of 8 tokens), 8 experts, GQA groups of 2
+    "gpt-oss-tiny": {
+        "vocab_size": None,
+        "hidden_size": 128,
+        "intermediate_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 16,
+        "num_local_experts": 8,
+        "sliding_window": 8,
+        "max_position_embeddings": 2048,
+        "rope_scaling": {**_GPT_OSS["rope_scaling"], "original_max_position_embeddings": 64},
+    },
+    "gpt-oss-20b": {
+        "vocab_size": 201088,
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_hidden_layers": 24,
+        "num_local_experts": 32,
+    },
+    "gpt-oss-120b": {
+        "vocab_size": 201088,
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "num_hidden_layers": 36,
+        "num_local_experts": 128,
+    },
+}
+PRESETS.update(GPT_OSS_PRESETS)
+
+
 def preset_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    cfg = {**copy.deepcopy(_COMMON), **copy.deepcopy(PRESETS[name])}
+    common = _GPT_OSS if name in GPT_OSS_PRESETS else _COMMON
+    cfg = {**copy.deepcopy(common), **copy.deepcopy(PRESETS[name])}
     for key, value in (overrides or {}).items():
         cfg[key] = value
+    if name in GPT_OSS_PRESETS and "layer_types" not in (overrides or {}):
+        kinds = ("sliding_attention", "full_attention")
+        cfg["layer_types"] = [kinds[i % 2] for i in range(cfg["num_hidden_layers"])]
     return cfg

@@ -1,11 +1,13 @@
-"""Train a small byte-level BPE tokenizer offline, with DeepSeek-V3's special tokens and a chat
-template in its style, and save it in Hugging Face format."""
+"""Train a small byte-level BPE tokenizer offline and save it in Hugging Face format: with
+DeepSeek-V3's special tokens and a chat template in its style, or with GPT-OSS's (harmony)."""
 
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
+
+from pdserve.cluster import harmony
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -70,35 +72,61 @@ def corpus(num_lines: int = 4000, seed: int = 0) -> list[str]:
     return lines
 
 
-def train_tokenizer(out: str | Path, vocab_size: int = 2048, max_length: int = 2048) -> int:
-    """Write tokenizer.json and tokenizer_config.json into ``out``; returns the vocabulary size."""
+STYLES = ("deepseek", "harmony")
+
+
+def train_tokenizer(
+    out: str | Path, vocab_size: int = 2048, max_length: int = 2048, style: str = "deepseek"
+) -> int:
+    """Write tokenizer.json and tokenizer_config.json into ``out``; returns the vocabulary size.
+
+    ``style="deepseek"``: ``SPECIAL_TOKENS`` get ids 0..3, BOS is added to every encoding, EOS
+    ends a reply. ``style="harmony"``: ``harmony.SPECIAL_TOKENS`` get ids 0..8 in their order
+    (``<|return|>`` 7 and ``<|call|>`` 8 end a reply), no BOS is added, eos ``<|return|>``, pad
+    ``<|endoftext|>``, and ``harmony.CHAT_TEMPLATE``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if style not in STYLES:
+        raise ValueError(f"unknown tokenizer style {style!r}; choose from {list(STYLES)}")
+    specials = SPECIAL_TOKENS if style == "deepseek" else harmony.SPECIAL_TOKENS
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(corpus(), trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, 0)]
-    )
+    if style == "deepseek":
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, 0)]
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "pad_token": EOS,
-        "add_bos_token": True,
-        "model_max_length": max_length,
-        "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
-    }
+    if style == "deepseek":
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": EOS,
+            "add_bos_token": True,
+            "model_max_length": max_length,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
+    else:
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": harmony.STARTOFTEXT,
+            "eos_token": harmony.RETURN,
+            "pad_token": harmony.ENDOFTEXT,
+            "model_max_length": max_length,
+            "clean_up_tokenization_spaces": False,
+            "chat_template": harmony.CHAT_TEMPLATE,
+        }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     return tok.get_vocab_size()

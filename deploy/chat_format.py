@@ -1,9 +1,15 @@
-"""``/v1/chat/completions`` responses and stream chunks, built from a Job's choices."""
+"""``/v1/chat/completions`` responses and stream chunks, built from a Job's choices.
+
+A choice with a harmony parser (a model that answers in harmony's channels) takes its message
+from its token ids: the final channel's text is ``content``, the analysis channel's
+``reasoning_content``; otherwise ``content`` is the engine's text.
+"""
 
 from __future__ import annotations
 
 from msgspec import UNSET
 
+from pdserve.cluster.harmony import HarmonyParser
 from pdserve.cluster.request_output import RequestOutput
 from pdserve.deploy.job import Choice, Job
 from pdserve.deploy.logprob_formatter import LogprobFormatter
@@ -18,9 +24,16 @@ from pdserve.deploy.openai_responses import (
 
 
 class ChatFormat:
-    def __init__(self, job: Job, logprobs: LogprobFormatter | None) -> None:
+    def __init__(
+        self,
+        job: Job,
+        logprobs: LogprobFormatter | None,
+        parsers: list[HarmonyParser | None] | None = None,
+    ) -> None:
         self.job = job
         self.logprobs = logprobs  # None: the request asked for no logprobs
+        # per choice: the harmony parser of its reply, or None (content is the engine's text)
+        self.parsers = parsers or [None] * len(job.choices)
 
     def opening(self) -> list[ChatCompletionChunk]:
         """Each choice's first chunk, ``{"role": "assistant", "content": ""}``; the first one
@@ -39,9 +52,16 @@ class ChatFormat:
         """The stream chunk for ``out``, just added to ``choice``; None when it carries nothing
         to send (text held back by the decode side, and no token ids or logprobs wanted)."""
         job = self.job
-        if not (out.text or out.finished or self.logprobs or job.return_token_ids):
+        parser = self.parsers[choice.index]
+        if parser is None:
+            text, reasoning = out.text, ""
+        else:
+            text, reasoning = parser.feed(out.token_ids, out.finished)
+        if not (text or reasoning or out.finished or self.logprobs or job.return_token_ids):
             return None
-        delta = Delta(content=out.text) if out.text or not out.finished else Delta()
+        delta = Delta(content=text) if text or not (reasoning or out.finished) else Delta()
+        if reasoning:
+            delta.reasoning_content = reasoning
         c = ChatChunkChoice(index=choice.index, delta=delta)
         if out.finished:
             c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
@@ -63,7 +83,7 @@ class ChatFormat:
         for choice in job.choices:
             c = ChatChoice(
                 index=choice.index,
-                message=AssistantMessage(content=choice.text),
+                message=self._message(choice),
                 finish_reason=choice.finish_reason,
                 stop_reason=choice.stop_reason,
             )
@@ -78,6 +98,16 @@ class ChatFormat:
         if job.return_token_ids:
             out.prompt_token_ids = job.prompts[0]
         return out
+
+    def _message(self, choice: Choice) -> AssistantMessage:
+        parser = self.parsers[choice.index]
+        if parser is None:
+            return AssistantMessage(content=choice.text)
+        content, reasoning = parser.feed(choice.token_ids, finished=True)
+        message = AssistantMessage(content=content)
+        if reasoning:
+            message.reasoning_content = reasoning
+        return message
 
     def _wrap(self, choices: list[ChatChunkChoice]) -> ChatCompletionChunk:
         job = self.job

@@ -216,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-model", help="write a random-weight checkpoint of a preset's shape")
     p.add_argument(
-        "--preset", default="tiny", help="tiny, deepseek-v2-lite, deepseek-v3-4l or deepseek-v3"
+        "--preset",
+        default="tiny",
+        help="tiny, deepseek-v2-lite, deepseek-v3-4l, deepseek-v3, gpt-oss-tiny, gpt-oss-20b or "
+        "gpt-oss-120b",
     )
     p.add_argument("--out", required=True, help="directory to write")
     quant = p.add_mutually_exclusive_group()

@@ -74,6 +74,7 @@ class ChatLogprobs(msgspec.Struct, kw_only=True):
 class AssistantMessage(msgspec.Struct, kw_only=True):
     role: str = "assistant"
     content: str
+    reasoning_content: str | UnsetType = UNSET  # a harmony model's thinking, when it wrote any
 
 
 class ChatChoice(msgspec.Struct, kw_only=True):
@@ -98,6 +99,7 @@ class ChatCompletion(msgspec.Struct, kw_only=True):
 class Delta(msgspec.Struct, kw_only=True):
     role: str | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    reasoning_content: str | UnsetType = UNSET
 
 
 class ChatChunkChoice(msgspec.Struct, kw_only=True):

@@ -15,6 +15,7 @@ from typing import Any
 
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.errors import ModelNotFoundError, RequestError
+from pdserve.cluster.harmony import HarmonyTokens, reply_parser
 from pdserve.cluster.sampling_params import MAX_LOGPROBS, SamplingParams
 from pdserve.cluster.tokenizer import Tokenizer
 from pdserve.deploy.chat_format import ChatFormat
@@ -58,6 +59,7 @@ class OpenAIServer:
     ) -> None:
         self.settings = settings
         self.tokenizer = Tokenizer(settings.model_path)
+        self.harmony = HarmonyTokens.of(self.tokenizer)  # None: replies are plain text
         self.prompts = PromptEncoder(self.tokenizer, settings)
         self.vocab_size = ModelConfig.from_dir(settings.model_path).vocab_size
         self.token_text = LogprobFormatter(self.tokenizer)
@@ -82,7 +84,11 @@ class OpenAIServer:
             req = decode_request(body, ChatCompletionRequest)
             job = await self._chat_job(req)
             lp = self.token_text if req.logprobs else None
-            return await self._run(job, ChatFormat(job, lp))
+            parsers = None
+            if self.harmony is not None:  # each reply split into its channels
+                tok, ids = self.tokenizer, self.harmony
+                parsers = [reply_parser(tok, ids, r.sampling) for r in job.requests]
+            return await self._run(job, ChatFormat(job, lp, parsers))
         except Exception as e:  # noqa: BLE001
             return error_json(e)
 

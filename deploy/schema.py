@@ -34,7 +34,8 @@ class ModelSpec(_Strict):
     preset: str | None = Field(
         None,
         description="Make a random checkpoint of this shape (tiny, deepseek-v2-lite, "
-        "deepseek-v3-4l) at `path`, or in ~/.cache/pdserve/models, if none is there yet.",
+        "deepseek-v3-4l, deepseek-v3, gpt-oss-tiny, gpt-oss-20b, gpt-oss-120b) at `path`, or in "
+        "~/.cache/pdserve/models, if none is there yet.",
     )
     name: str | None = Field(
         None, description="Model id clients send; default: the directory name."

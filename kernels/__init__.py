@@ -43,6 +43,12 @@ def _lazy(module: str, attr: str):
     return get
 
 
+for _op in ("gqa_decode", "gqa_prefill"):
+    REGISTRY.register(
+        Backend(_op, "torch", _lazy("gqa_reference", f"{_op}_torch"), "any", priority=0)
+    )
+
+
 def _triton_missing() -> str | None:
     return None if importlib.util.find_spec("triton") else "triton is not installed"
 
@@ -57,6 +63,8 @@ for _op, _module, _fn in (
     ("moe_large", "moe_triton_grouped", "moe_grouped_triton"),
     ("mla_decode", "mla_decode_triton", "mla_decode_triton"),
     ("mla_prefill", "mla_prefill_triton", "mla_prefill_triton"),
+    ("gqa_decode", "gqa_decode_triton", "gqa_decode_triton"),
+    ("gqa_prefill", "gqa_prefill_triton", "gqa_prefill_triton"),
 ):
     REGISTRY.register(
         Backend(

@@ -38,6 +38,8 @@ class KernelSet:
     prepare_large: Callable[[MoeWeights], Any]
     mla_decode: Callable
     mla_prefill: Callable
+    gqa_decode: Callable
+    gqa_prefill: Callable
     linear_fp8: Callable  # (x [T, K], prepared) -> [T, N]
     prepare_linear_fp8: Callable[[tuple], Any]  # (fp8 weight, block scales, dtype) -> prepared
     moe_crossover_m: int = DEFAULT_MOE_CROSSOVER_M
@@ -68,6 +70,8 @@ class KernelSet:
             prepare_large=large.prepare(),
             mla_decode=choices["mla_decode"].backend.load(),
             mla_prefill=choices["mla_prefill"].backend.load(),
+            gqa_decode=choices["gqa_decode"].backend.load(),
+            gqa_prefill=choices["gqa_prefill"].backend.load(),
             linear_fp8=choices["linear_fp8"].backend.load(),
             prepare_linear_fp8=choices["linear_fp8"].backend.prepare(),
             moe_crossover_m=moe_crossover_m,

@@ -7,6 +7,9 @@ Ops and their contracts (see ``moe_reference`` and ``mla_reference``):
   wrong shape.
 - ``mla_decode``: paged, absorbed MLA decode.
 - ``mla_prefill``: causal variable-length attention, chunked over a cached prefix.
+- ``gqa_decode``: paged grouped-query decode with attention sinks and a sliding window
+  (GPT-OSS; ``gqa_reference``).
+- ``gqa_prefill``: its causal variable-length prefill.
 - ``linear_fp8``: a linear whose weight is FP8 with 128x128 block scales (DeepSeek's release
   format): dequantized once at load (``torch``), or an FP8 GEMM with activations quantized per
   token in groups of 128 (``triton``).
@@ -25,7 +28,15 @@ from typing import Any
 
 from pdserve.kernels.device import DeviceInfo
 
-OPS = ("moe_small", "moe_large", "mla_decode", "mla_prefill", "linear_fp8")
+OPS = (
+    "moe_small",
+    "moe_large",
+    "mla_decode",
+    "mla_prefill",
+    "linear_fp8",
+    "gqa_decode",
+    "gqa_prefill",
+)
 ROLES = ("prefill", "decode", "colocated")
 
 

@@ -117,8 +117,20 @@ def moe_smem(cfg: Config, halves: int, elem_bytes: int = 2) -> int:
     return max(cfg["num_stages"], 1) * per_stage + halves * bn * bk * elem_bytes
 
 
+# GQA attention (gqa_*_triton.py): untuned first picks, not yet measured on a GPU
+GQA_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=2)
+GQA_PREFILL = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+GQA_HEAD_DIM = 64  # GPT-OSS's, for the shared-memory estimates
+
+
 def default_smem(op: str) -> int:
     """What the default configs of an op need at most: the registry's min_smem for it."""
+    d = GQA_HEAD_DIM
+    if op == "gqa_decode":  # a query group padded to 16 rows, staged K and V tiles
+        return (16 * d + GQA_DECODE["num_stages"] * GQA_DECODE["BLOCK_N"] * 2 * d) * 2
+    if op == "gqa_prefill":
+        c = GQA_PREFILL
+        return (c["BLOCK_M"] * d + c["num_stages"] * c["BLOCK_N"] * 2 * d) * 2
     if op == "mla_decode":
         return max(mla_decode_smem(c, 576) for c in MLA_DECODE["default"].values())
     if op == "mla_prefill":  # q tile + staged K and V tiles at DeepSeek's 192 / 128

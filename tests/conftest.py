@@ -131,3 +131,59 @@ def yarn_model(tmp_path_factory) -> str:
 
     path = tmp_path_factory.mktemp("yarn")
     return str(make_model(path, "tiny", dtype="float32", seed=3, overrides=YARN_OVERRIDES))
+
+
+GPT_OSS_WINDOW = 6  # tokens a sliding layer sees: prompts run both shorter and longer
+
+
+def write_hf_gpt_oss(out: Path, seed: int = 0) -> str:
+    """A small GPT-OSS checkpoint written by transformers (``save_pretrained``) in float32:
+    sliding layers of ``GPT_OSS_WINDOW`` tokens, random sinks and biases, experts whose values
+    MXFP4 represents exactly (the engine stores them as MXFP4), scaled so greedy choices are
+    not near-ties; the project's trained tokenizer beside it."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    from pdserve.cluster.tokenizer_trainer import train_tokenizer
+    from pdserve.kernels.mxfp4 import dequantize_mxfp4, random_mxfp4
+
+    vocab = train_tokenizer(out, vocab_size=512)
+    cfg = GptOssConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=64, head_dim=16,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=4, num_experts_per_tok=2, sliding_window=GPT_OSS_WINDOW,
+        max_position_embeddings=1024, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 32},  # YaRN within the prompts
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    model = GptOssForCausalLM(cfg).eval()
+
+    def mx(shape: tuple[int, int], std: float) -> torch.Tensor:
+        return dequantize_mxfp4(*random_mxfp4(shape, std, g), torch.float32)
+
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("experts.gate_up_proj"):  # [E, H, 2I]: gate/up interleaved
+                for e in range(p.shape[0]):
+                    p[e, :, 0::2], p[e, :, 1::2] = mx((i, h), h**-0.5).T, mx((i, h), h**-0.5).T
+            elif name.endswith("experts.down_proj"):  # [E, I, H]
+                for e in range(p.shape[0]):
+                    p[e] = mx((h, i), 0.5 * i**-0.5).T
+            elif name.endswith("norm.weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("sinks") or name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 if "sinks" in name else 0.3))
+            elif name.endswith("embed_tokens.weight"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:  # projections, the router, the LM head: [out, in]
+                gain = 3.0 if "lm_head" in name else 2.0 if "router" in name else 1.0
+                p.copy_(torch.randn(p.shape, generator=g) * gain / p.shape[1] ** 0.5)
+    model.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_model(tmp_path_factory) -> str:
+    return write_hf_gpt_oss(tmp_path_factory.mktemp("gpt-oss"))

@@ -100,7 +100,7 @@ class KVPeer:
 
     def layer_marks(self, num_blocks: list[int]) -> dict[int, torch.cuda.Event]:
         """Events for a step that finishes prompts of ``num_blocks`` blocks each, to record
-        once layer i of the step is queued (``DeepseekV3ForCausalLM.forward``'s
+        once layer i of the step is queued (``CausalLM.forward``'s
         ``after_layer``): one after the last layer of every layer group but the last of each
         prompt's KV (``layer_groups``). Empty on CPU, and when every such KV is one message."""
         if self.runner.device.type != "cuda":

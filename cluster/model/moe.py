@@ -40,12 +40,16 @@ class Router(Loadable):
 
 
 class MXFP4Experts(Loadable):
-    """Routed experts of one layer, this rank's intermediate shard, stored as MXFP4."""
+    """Routed experts of one layer, this rank's intermediate shard, stored as MXFP4.
 
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel) -> None:
+    GPT-OSS's (``cfg.is_gqa``) have biases and its fused tensors' layouts: transformers'
+    ``gate_up_proj`` [E, H, 2I] with gate/up columns interleaved and ``down_proj`` [E, I, H];
+    DeepSeek's fused ones are [E, 2I, H] (gate half first) and [E, H, I]."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> None:
         super().__init__()
         e, h = cfg.n_routed_experts, cfg.hidden_size
-        self.tp = tp
+        self.tp, self.gpt_oss = tp, cfg.is_gqa
         self.inter = tp.split(cfg.moe_intermediate_size, "moe_intermediate_size")
         i = self.inter
         if h % BLOCK or i % BLOCK:
@@ -59,13 +63,18 @@ class MXFP4Experts(Loadable):
         self.register_buffer("w2", torch.empty(e, h, i // 2, **u8))
         self.register_buffer("s2", torch.empty(e, h, i // BLOCK, **u8))
         self.register_buffer("_have", torch.zeros(e, 3, dtype=torch.bool), persistent=False)
+        # GPT-OSS: down's bias is added once, by rank 0; the others hold zeros
+        self.register_buffer("b13", torch.empty(e, 2 * i, dtype=dtype) if self.gpt_oss else None)
+        self.register_buffer("b2", torch.zeros(e, h, dtype=dtype) if self.gpt_oss else None)
+        if self.gpt_oss:
+            self.expected = ("gate_up_proj_bias", "down_proj_bias")
 
     def weights(self) -> MoeWeights:
-        return MoeWeights(self.w13, self.s13, self.w2, self.s2)
+        return MoeWeights(self.w13, self.s13, self.w2, self.s2, self.b13, self.b2)
 
     def missing_weights(self) -> list[str]:
         missing = (~self._have).nonzero().tolist()
-        return [f"{e}.{list(_PROJ)[p]}.weight" for e, p in missing[:8]]
+        return [f"{e}.{list(_PROJ)[p]}.weight" for e, p in missing[:8]] + super().missing_weights()
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         i, r = self.inter, self.tp.rank
@@ -79,6 +88,12 @@ class MXFP4Experts(Loadable):
                 dst = slice(proj * i, (proj + 1) * i)
                 self.w13[e, dst], self.s13[e, dst] = quantize_mxfp4(tensor[rows])
             self._have[e, proj] = True
+        elif self.gpt_oss and name in ("gate_up_proj", "down_proj", "gate_up_proj_bias"):
+            self._load_gpt_oss(name, tensor, rows)
+        elif self.gpt_oss and name == "down_proj_bias":  # [E, H]
+            if r == 0:
+                _copy(self.b2, tensor, name)
+            self.mark_loaded(name)
         elif name == "gate_up_proj":  # transformers >= 5 fused: [E, 2I, H], gate half first
             full = tensor.shape[1] // 2
             for e in range(tensor.shape[0]):
@@ -104,6 +119,23 @@ class MXFP4Experts(Loadable):
         else:
             raise ValueError(f"unexpected expert tensor {name!r}")
 
+    def _load_gpt_oss(self, name: str, tensor: torch.Tensor, rows: slice) -> None:
+        """transformers' GPT-OSS tensors: columns of gate_up interleaved (2j gate j, 2j+1 up
+        j), weights stored [in, out]."""
+        if name == "gate_up_proj_bias":  # [E, 2I]
+            _copy(
+                self.b13, torch.cat((tensor[:, 0::2][:, rows], tensor[:, 1::2][:, rows]), 1), name
+            )
+            self.mark_loaded(name)
+            return
+        for e in range(tensor.shape[0]):
+            if name == "gate_up_proj":  # [E, H, 2I]
+                gate, up = tensor[e, :, 0::2][:, rows].T, tensor[e, :, 1::2][:, rows].T
+                self.w13[e], self.s13[e] = quantize_mxfp4(torch.cat((gate, up)))  # [2I, H]
+            else:  # down_proj [E, I, H]
+                self.w2[e], self.s2[e] = quantize_mxfp4(tensor[e][rows].T)  # [H, I]
+        self._have[:, [0, 1] if name == "gate_up_proj" else [2]] = True
+
 
 class MoEBlock(nn.Module):
     def __init__(
@@ -113,7 +145,7 @@ class MoEBlock(nn.Module):
         self.cfg, self.kernels = cfg, kernels
         self.act = SwiGLU()
         self.gate = Router(cfg, dtype)
-        self.experts = MXFP4Experts(cfg, tp)
+        self.experts = MXFP4Experts(cfg, tp, dtype)
         self.shared_experts = (
             DenseMLP(
                 cfg.hidden_size,

@@ -62,3 +62,32 @@ def test_a_prompts_flops_grow_with_its_length_and_the_square_of_its_attention(ti
     head = one - linear * 100 - attn * 100 * 101
     assert head == 2 * cfg.vocab_size * cfg.hidden_size  # the LM head: the last token only
     assert linear > 2 * 3 * cfg.hidden_size * cfg.intermediate_size  # a dense MLP at least
+
+
+def test_a_gpt_oss_steps_kv_stops_at_the_window_and_its_experts_carry_biases(gpt_oss_model):
+    """Sliding layers (window 6) read at most 6 tokens of KV; an expert's bytes hold its MXFP4
+    codes, scales and biases; the weights are counted from the config alone."""
+    from pdserve.bench.step_floor import MOE_BLOCKS
+
+    engine = _engine(gpt_oss_model)
+    c = engine.model_config
+    h, n, kv, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    attn = (h + 1) * (n + 2 * kv) * d + (n * d + 1) * h + n  # q, k, v, o with biases; sinks
+    router = c.n_routed_experts * (h + 1)
+    layers = c.num_hidden_layers * (attn + 2 * h + router)
+    assert weight_bytes(engine.runner.model) == (layers + h + c.vocab_size * h) * 4
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    for length in (3, 20):
+        engine.add_request(list(range(10, 10 + length)), sp)
+    for _ in range(3):
+        engine.step()
+    contexts = [r.num_computed_tokens for r in engine.scheduler.running]
+    assert contexts and max(contexts) > 6
+    b = step_bytes(engine)
+    row = 2 * kv * d * 4  # float32 K and V of every KV head
+    assert b.kv == row * sum(2 * c_ + 2 * min(c_, 6) for c_ in contexts)  # 2 full, 2 sliding
+    block = next(m for m in engine.runner.model.modules() if isinstance(m, MOE_BLOCKS))
+    i = c.moe_intermediate_size
+    codes = 3 * h * i // 2 + 3 * h * i // 32
+    assert expert_bytes(block) == codes + (2 * i + h) * 4
+    assert len(b.experts_hit) == 4 and b.experts == sum(b.experts_hit) * expert_bytes(block)

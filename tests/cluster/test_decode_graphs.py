@@ -60,7 +60,10 @@ def test_buckets():
         graph_buckets(0)
 
 
-def test_padded_decode_steps_give_the_tokens_of_plain_steps(tiny_model, monkeypatch):
+@pytest.mark.parametrize("which", ["tiny_model", "gpt_oss_model"])
+def test_padded_decode_steps_give_the_tokens_of_plain_steps(which, request, monkeypatch):
+    """Both attention families: MLA, and GQA with sinks and a window of 6 tokens."""
+    tiny_model = request.getfixturevalue(which)
     plain = _engine(tiny_model, "off")
     prompts = _prompts(plain.vocab_size, 7)
     expected = _staggered(plain, prompts)

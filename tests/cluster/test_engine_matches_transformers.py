@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from tests.hf_reference import hf_greedy
 
 NEW_TOKENS = 16
 LENGTHS = (1, 2, 7, 15, 16, 17, 64, 130, 301)
@@ -37,21 +38,6 @@ def _prompts(vocab: int, lengths, seed: int) -> list[list[int]]:
     return [torch.randint(4, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-@torch.inference_mode()
-def _hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    # an explicit mask: otherwise generate() takes BOS (id 0 = pad id) for padding and masks it
-    out = hf.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=n,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
-
-
 def _check_tokens(path: str, lengths, seed: int) -> None:
     engine, hf = _engine(path), _hf(path)
     prompts = _prompts(engine.vocab_size, lengths, seed)
@@ -61,7 +47,7 @@ def _check_tokens(path: str, lengths, seed: int) -> None:
     )
     for prompt, out in zip(prompts, outs):
         ids = engine.tokenize(prompt)
-        assert out.token_ids == _hf_greedy(hf, ids, NEW_TOKENS), f"prompt of {len(ids)} tokens"
+        assert out.token_ids == hf_greedy(hf, ids, NEW_TOKENS), f"prompt of {len(ids)} tokens"
         assert out.num_output_tokens == NEW_TOKENS and out.finish_reason == "length"
     assert engine.blocks.num_used == 0
 
@@ -105,7 +91,7 @@ def test_fp8_checkpoint_gives_transformers_tokens_on_its_dequantized_weights(
         prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
     )
     for prompt, out in zip(prompts, outs):
-        assert out.token_ids == _hf_greedy(hf, prompt, NEW_TOKENS), f"prompt of {len(prompt)}"
+        assert out.token_ids == hf_greedy(hf, prompt, NEW_TOKENS), f"prompt of {len(prompt)}"
     rid = engine.add_request(prompts[1], SamplingParams(max_tokens=1))
     ours = engine.runner.compute_logits(engine.scheduler.schedule())[0]
     with torch.inference_mode():

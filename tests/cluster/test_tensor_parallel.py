@@ -1,5 +1,6 @@
 """TP=2 over gloo: sharded heads, MLPs, experts (MXFP4 blocks split on the intermediate dim) and
-vocabulary reproduce the single-process logits, prefill and decode alike."""
+vocabulary reproduce the single-process logits, prefill and decode alike, for both
+architectures."""
 
 from __future__ import annotations
 
@@ -49,7 +50,10 @@ def _rank(rank: int, path: str, init: str, queue) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_tp2_matches_single_process(tiny_model, tmp_path, tests_importable):
+@pytest.mark.parametrize("which", ["tiny_model", "gpt_oss_model"])
+def test_tp2_matches_single_process(which, request, tmp_path, tests_importable):
+    """GPT-OSS: query heads, sinks and expert biases split; every rank keeps all KV heads."""
+    tiny_model = request.getfixturevalue(which)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"

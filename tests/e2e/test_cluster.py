@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import GREEDY_TOKENS, App, app_args, deploy
+from tests.hf_reference import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -416,12 +417,7 @@ def test_fp8_checkpoint_served_1p1d_gives_transformers_tokens(
     app = deploy(ray_serve, args)
     hf = DeepseekV3ForCausalLM.from_pretrained(fp8_model_dequantized, dtype=torch.float32).eval()
     for prompt in _prompts(1000, 3, seed=11, hi=90):
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            want = hf.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=GREEDY_TOKENS,
-                do_sample=False, eos_token_id=None, pad_token_id=0,
-            )[0, len(prompt) :].tolist()  # fmt: skip
+        want = hf_greedy(hf, prompt, GREEDY_TOKENS)
         assert _greedy(app, prompt) == want, f"prompt of {len(prompt)} tokens"
     _blocks_free(app)
 
@@ -443,4 +439,22 @@ def test_weights_drawn_at_load_serve_1p1d_like_their_checkpoint(ray_serve, tmp_p
     sp = SamplingParams(max_tokens=GREEDY_TOKENS, temperature=0, ignore_eos=True)
     for prompt in _prompts(ref.vocab_size, 3, seed=13, hi=60):
         assert _greedy(app, prompt) == ref.generate([prompt], sp)[0].token_ids
+    _blocks_free(app)
+
+
+@pytest.mark.parametrize("transport", ["object_store", "nccl"])
+def test_gpt_oss_served_1p1d_gives_transformers_tokens(ray_serve, gpt_oss_model, transport):
+    """A GPT-OSS checkpoint written by transformers (sliding layers of 6 tokens, random sinks
+    and biases), deployed 1P1D in float32: transformers' greedy tokens, for prompts shorter and
+    longer than the window, the KV moved by either transport. One prompt at a time."""
+    import torch
+    from transformers import GptOssForCausalLM
+
+    args = app_args(gpt_oss_model, {"num_kv_blocks": 128}, {"num_kv_blocks": 128})
+    args["model"].update(dtype="float32", block_size=4)
+    app = deploy(ray_serve, {**args, "kv_transport": transport})
+    hf = GptOssForCausalLM.from_pretrained(gpt_oss_model, dtype=torch.float32).eval()
+    for prompt in ([7], [11, 12, 13, 14], list(range(20, 45))):  # window: 6 tokens
+        want = hf_greedy(hf, prompt, GREEDY_TOKENS)
+        assert _greedy(app, prompt) == want, f"prompt of {len(prompt)} tokens"
     _blocks_free(app)

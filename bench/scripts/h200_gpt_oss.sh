@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One GPU call (under 600 s): GPT-OSS on one H200. The GQA attention tests on the GPU, then a
+# gpt-oss-20b-shaped model (random weights drawn at load: make-model --config-only) in bf16:
+# decode steps at batch 1, 8 and 64 against their floor (sliding layers read 128 tokens of KV),
+# with a profile of where a step's GPU time goes, and 4k/16k prefills against the matmul
+# ceiling.
+source "$(dirname "$0")/gpu_env.sh"
+[ -f /tmp/cfg-gpt-oss-20b/config.json ] || python3 -m pdserve make-model --preset gpt-oss-20b \
+  --config-only --out /tmp/cfg-gpt-oss-20b > /dev/null
+stamp tests
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gqa_attention.py \
+  tests/cluster/test_gpt_oss_matches_transformers.py > /tmp/tests.log 2>&1
+grep -E "passed|failed|^E " /tmp/tests.log | tail -8
+stamp floor-gpt-oss-20b
+timeout 300 python3 -m pdserve.bench.decode_step --model /tmp/cfg-gpt-oss-20b --random-weights 0 \
+  --batches 1,8,64 --context 1024 --steps 16 --modes auto --prefill-lens 4096,16384 --profile \
+  --out "$OUT/decode-step-floor-gpt-oss-20b-H200${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -24
+stamp done
