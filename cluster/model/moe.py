@@ -13,7 +13,7 @@ from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.layers import DenseMLP, Loadable, _copy, _empty
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.kernels import KernelSet, MoeWeights, SwiGLU, grouped_topk
-from pdserve.kernels.mxfp4 import BLOCK, quantize_mxfp4
+from pdserve.kernels.mxfp4 import BLOCK, pack_fp4, quantize_mxfp4, unpack_fp4
 
 _PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
 
@@ -42,21 +42,31 @@ class Router(Loadable):
 class MXFP4Experts(Loadable):
     """Routed experts of one layer, this rank's intermediate shard, stored as MXFP4.
 
+    A shard that does not start and end on 32-element blocks (GPT-OSS's 2880 over 4 ranks:
+    720) is held in the whole blocks around it (``lo`` to ``lo + inter``): the elements
+    outside it, other ranks', are zeros (their gate/up rows give zero activations, their down
+    columns add nothing), and every value keeps its checkpoint block and scale.
+
     GPT-OSS's (``cfg.is_gqa``) have biases and its fused tensors' layouts: transformers'
     ``gate_up_proj`` [E, H, 2I] with gate/up columns interleaved and ``down_proj`` [E, I, H];
     DeepSeek's fused ones are [E, 2I, H] (gate half first) and [E, H, I]."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, dtype: torch.dtype) -> None:
         super().__init__()
-        e, h = cfg.n_routed_experts, cfg.hidden_size
+        e, h, full = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.tp, self.gpt_oss = tp, cfg.is_gqa
-        self.inter = tp.split(cfg.moe_intermediate_size, "moe_intermediate_size")
-        i = self.inter
-        if h % BLOCK or i % BLOCK:
+        own = tp.split(full, "moe_intermediate_size")
+        if h % BLOCK or full % BLOCK:
             raise ValueError(
-                f"MXFP4 experts need hidden ({h}) and per-rank expert intermediate ({i}) sizes "
-                f"that are multiples of {BLOCK}"
+                f"MXFP4 experts need hidden ({h}) and expert intermediate ({full}) sizes that "
+                f"are multiples of {BLOCK}"
             )
+        start, end = tp.rank * own, (tp.rank + 1) * own
+        self.lo = start // BLOCK * BLOCK
+        self.inter = i = -(-end // BLOCK) * BLOCK - self.lo  # held: whole blocks
+        local = torch.arange(i, device="cpu") + self.lo
+        foreign = ((local < start) | (local >= end)).nonzero().squeeze(1)
+        self.foreign = foreign if foreign.numel() else None  # local ids of others' elements
         u8 = dict(dtype=torch.uint8)
         self.register_buffer("w13", torch.empty(e, 2 * i, h // 2, **u8))  # gate rows, then up
         self.register_buffer("s13", torch.empty(e, 2 * i, h // BLOCK, **u8))
@@ -76,64 +86,78 @@ class MXFP4Experts(Loadable):
         missing = (~self._have).nonzero().tolist()
         return [f"{e}.{list(_PROJ)[p]}.weight" for e, p in missing[:8]] + super().missing_weights()
 
+    def _mine(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """The held range of intermediate dim ``dim`` of ``t``, others' elements zeroed."""
+        part = t.narrow(dim, self.lo, self.inter)
+        if self.foreign is None:
+            return part
+        return part.index_fill(dim, self.foreign.to(part.device), 0)
+
+    def _gate_up(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """[..., 2 * inter, ...] of this rank's gate rows then up rows, from whole [..., I, ...]
+        halves whose intermediate dim is 1."""
+        return torch.cat((self._mine(gate, 1), self._mine(up, 1)), dim=1)
+
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
-        i, r = self.inter, self.tp.rank
-        rows = slice(r * i, (r + 1) * i)  # this rank's intermediate range
+        i = self.inter
         parts = name.split(".")
         if len(parts) == 3 and parts[0].isdigit() and parts[1] in _PROJ and parts[2] == "weight":
             e, proj = int(parts[0]), _PROJ[parts[1]]  # per-expert tensors, as on the hub
             if proj == 2:  # down [H, I]
-                self.w2[e], self.s2[e] = quantize_mxfp4(tensor[:, rows])
+                self.w2[e], self.s2[e] = quantize_mxfp4(self._mine(tensor, 1))
             else:  # gate / up [I, H]
                 dst = slice(proj * i, (proj + 1) * i)
-                self.w13[e, dst], self.s13[e, dst] = quantize_mxfp4(tensor[rows])
+                self.w13[e, dst], self.s13[e, dst] = quantize_mxfp4(self._mine(tensor, 0))
             self._have[e, proj] = True
         elif self.gpt_oss and name in ("gate_up_proj", "down_proj", "gate_up_proj_bias"):
-            self._load_gpt_oss(name, tensor, rows)
+            self._load_gpt_oss(name, tensor)
         elif self.gpt_oss and name == "down_proj_bias":  # [E, H]
-            if r == 0:
+            if self.tp.rank == 0:
                 _copy(self.b2, tensor, name)
             self.mark_loaded(name)
         elif name == "gate_up_proj":  # transformers >= 5 fused: [E, 2I, H], gate half first
             full = tensor.shape[1] // 2
+            gate_up = self._gate_up(tensor[:, :full], tensor[:, full:])  # [E, 2i, H]
             for e in range(tensor.shape[0]):
-                gate, up = tensor[e, :full][rows], tensor[e, full:][rows]
-                self.w13[e], self.s13[e] = quantize_mxfp4(torch.cat((gate, up)))
+                self.w13[e], self.s13[e] = quantize_mxfp4(gate_up[e])
             self._have[:, :2] = True
         elif name == "down_proj":  # [E, H, I]
             for e in range(tensor.shape[0]):
-                self.w2[e], self.s2[e] = quantize_mxfp4(tensor[e][:, rows])
+                self.w2[e], self.s2[e] = quantize_mxfp4(self._mine(tensor[e], 1))
             self._have[:, 2] = True
         elif name in ("gate_up_proj_blocks", "gate_up_proj_scales"):
             # GPT-OSS layout: rows interleaved (2j gate j, 2j+1 up j); blocks [E, 2I, K/32, 16]
             t = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
-            gate_up = torch.cat((t[:, 0::2][:, rows], t[:, 1::2][:, rows]), dim=1)
+            gate_up = self._gate_up(t[:, 0::2], t[:, 1::2])  # zero codes: zero values
             _copy(self.w13 if name.endswith("blocks") else self.s13, gate_up, name)
             self._have[:, :2] = True
-        elif name in ("down_proj_blocks", "down_proj_scales"):  # [E, H, I/32, 16] / [E, H, I/32]
-            per = 16 if name.endswith("blocks") else 1  # bytes per 32-element group
-            t = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
-            cols = slice(r * i // BLOCK * per, (r + 1) * i // BLOCK * per)
-            _copy(self.w2 if name.endswith("blocks") else self.s2, t[:, :, cols], name)
+        elif name == "down_proj_blocks":  # [E, H, I/32, 16]: two codes a byte
+            held = tensor.reshape(*tensor.shape[:2], -1).narrow(2, self.lo // 2, i // 2)
+            if self.foreign is not None:  # others' codes zeroed
+                codes = unpack_fp4(held).index_fill(2, self.foreign.to(held.device), 0)
+                held = pack_fp4(codes)  # [E, H, i / 2]
+            _copy(self.w2, held, name)
             self._have[:, 2] = True
+        elif name == "down_proj_scales":  # [E, H, I/32]: the held range is whole blocks
+            _copy(self.s2, tensor.narrow(2, self.lo // BLOCK, i // BLOCK), name)
         else:
             raise ValueError(f"unexpected expert tensor {name!r}")
 
-    def _load_gpt_oss(self, name: str, tensor: torch.Tensor, rows: slice) -> None:
+    def _load_gpt_oss(self, name: str, tensor: torch.Tensor) -> None:
         """transformers' GPT-OSS tensors: columns of gate_up interleaved (2j gate j, 2j+1 up
         j), weights stored [in, out]."""
         if name == "gate_up_proj_bias":  # [E, 2I]
-            _copy(
-                self.b13, torch.cat((tensor[:, 0::2][:, rows], tensor[:, 1::2][:, rows]), 1), name
-            )
+            _copy(self.b13, self._gate_up(tensor[:, 0::2], tensor[:, 1::2]), name)
             self.mark_loaded(name)
             return
-        for e in range(tensor.shape[0]):
-            if name == "gate_up_proj":  # [E, H, 2I]
-                gate, up = tensor[e, :, 0::2][:, rows].T, tensor[e, :, 1::2][:, rows].T
-                self.w13[e], self.s13[e] = quantize_mxfp4(torch.cat((gate, up)))  # [2I, H]
-            else:  # down_proj [E, I, H]
-                self.w2[e], self.s2[e] = quantize_mxfp4(tensor[e][rows].T)  # [H, I]
+        if name == "gate_up_proj":  # [E, H, 2I] -> [E, 2i, H]
+            t = tensor.transpose(1, 2)
+            gate_up = self._gate_up(t[:, 0::2], t[:, 1::2])
+            for e in range(tensor.shape[0]):
+                self.w13[e], self.s13[e] = quantize_mxfp4(gate_up[e])
+        else:  # down_proj [E, I, H]
+            for e in range(tensor.shape[0]):
+                self.w2[e], self.s2[e] = quantize_mxfp4(self._mine(tensor[e], 0).T)  # [H, i]
         self._have[:, [0, 1] if name == "gate_up_proj" else [2]] = True
 
 

@@ -67,7 +67,8 @@ def test_bad_maker_arguments(tmp_path):
         make_model(tmp_path / "y", "tiny", dtype="int8")
 
 
-def test_weights_drawn_at_load_are_the_checkpoints_of_their_seed(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "gpt-oss-tiny"])
+def test_weights_drawn_at_load_are_the_checkpoints_of_their_seed(tmp_path, preset):
     """``make-model --config-only`` and ``random_weights_seed``: on CPU the same tensors, so the
     same tokens, as the MXFP4 checkpoint of that seed; no safetensors read or written."""
     import torch
@@ -75,8 +76,8 @@ def test_weights_drawn_at_load_are_the_checkpoints_of_their_seed(tmp_path):
 
     from pdserve.cluster.checkpoint_maker import random_tensors
 
-    full = make_model(tmp_path / "full", "tiny", mxfp4=True, seed=7)
-    bare = make_model(tmp_path / "bare", "tiny", seed=7, weights=False)
+    full = make_model(tmp_path / "full", preset, mxfp4=True, seed=7)
+    bare = make_model(tmp_path / "bare", preset, seed=7, weights=False)
     assert not list(bare.glob("*.safetensors"))
     assert json.loads((bare / "config.json").read_text()) == json.loads(
         (full / "config.json").read_text()

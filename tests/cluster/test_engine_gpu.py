@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
-from tests.cluster.test_engine_matches_transformers import _hf, _hf_greedy, _prompts
+from tests.cluster.test_engine_matches_transformers import _hf, _prompts
+from tests.hf_reference import hf_greedy
 
 pytestmark = pytest.mark.gpu
 
@@ -37,7 +38,7 @@ def test_float32_on_the_gpu_matches_transformers(which, request):
     engine, hf = _engine(path, "float32"), _hf(path)
     prompts = _prompts(engine.vocab_size, (1, 17, 130, 301), seed=11)
     for prompt, out in zip(prompts, engine.generate(prompts, GREEDY)):
-        assert out.token_ids == _hf_greedy(hf, prompt, 16), f"prompt of {len(prompt)} tokens"
+        assert out.token_ids == hf_greedy(hf, prompt, 16), f"prompt of {len(prompt)} tokens"
 
 
 def test_bfloat16_triton_kernels_agree_with_the_torch_reference(tiny_model):

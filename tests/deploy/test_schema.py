@@ -65,8 +65,7 @@ def test_tp_must_split_the_model(tiny_model):
     _check_tp("decode", 2, cfg)
     with pytest.raises(ValueError, match="num_attention_heads"):
         _check_tp("decode", 3, cfg)
-    with pytest.raises(ValueError, match="multiple of 32"):
-        _check_tp("prefill", 4, cfg)  # 64 expert dims / 4 = 16 per rank
+    _check_tp("prefill", 4, cfg)  # 64 expert dims / 4 = 16 per rank: held in 32-blocks
 
 
 def test_placement_of_single_rank_and_tp_replicas():
