@@ -1,5 +1,5 @@
-"""TP=2 over gloo: sharded heads, MLPs, experts (MXFP4 blocks split on the intermediate dim) and
-vocabulary reproduce the single-process logits, prefill and decode alike, for both
+"""TP=2 and 4 over gloo: sharded heads, MLPs, experts (MXFP4 blocks split on the intermediate
+dim) and vocabulary reproduce the single-process logits, prefill and decode alike, for both
 architectures."""
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ def _logits(path: str, tp: TensorParallel) -> list[torch.Tensor]:
     return out
 
 
-def _rank(rank: int, path: str, init: str, queue) -> None:
-    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
-    tp = TensorParallel(rank, 2, torch.distributed.group.WORLD)
+def _rank(rank: int, size: int, path: str, init: str, queue) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    torch.set_num_threads(1)
+    tp = TensorParallel(rank, size, torch.distributed.group.WORLD)
     logits = _logits(path, tp)
     if rank == 0:
         queue.put([t.tolist() for t in logits])
@@ -51,13 +52,22 @@ def _rank(rank: int, path: str, init: str, queue) -> None:
 
 
 @pytest.mark.parametrize(
-    "which", ["tiny_model", "gpt_oss_model", "gpt-oss-96-released", "gpt-oss-96-transformers"]
+    "which, size",
+    [
+        ("tiny_model", 2),
+        ("gpt_oss_model", 2),
+        ("gpt-oss-96-released", 2),
+        ("gpt-oss-96-transformers", 2),
+        ("tiny_model", 4),
+        ("gpt-oss-96-released", 4),
+    ],
 )
-def test_tp2_matches_single_process(which, request, tmp_path, tests_importable):
+def test_tp_matches_single_process(which, size, request, tmp_path, tests_importable):
     """GPT-OSS: query heads, sinks and expert biases split; every rank keeps all KV heads.
     gpt-oss-96: experts of 96, over two ranks 48 each, which 32-element MXFP4 blocks do not
     align with (held in whole blocks, others' elements zero), in the released MXFP4 layout and
-    in transformers'."""
+    in transformers'. Four ranks: one MLA head each, 16 (tiny) or 24 (gpt-oss-96) expert dims
+    each, GPT-OSS's query-head pairs on one KV head each."""
     if which.startswith("gpt-oss-96"):
         from pdserve.cluster.checkpoint_maker import make_model
 
@@ -69,7 +79,9 @@ def test_tp2_matches_single_process(which, request, tmp_path, tests_importable):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     init = f"file://{tmp_path / 'rendezvous'}"
-    procs = [ctx.Process(target=_rank, args=(r, tiny_model, init, queue)) for r in range(2)]
+    procs = [
+        ctx.Process(target=_rank, args=(r, size, tiny_model, init, queue)) for r in range(size)
+    ]
     for p in procs:
         p.start()
     got = queue.get(timeout=120)
