@@ -102,9 +102,14 @@ class Tokenizer:
             raise PromptTooLong(len(text), at_least, limit)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], limit: int | None = None
+        self,
+        messages: list[dict[str, Any]],
+        limit: int | None = None,
+        template_args: dict[str, Any] | None = None,
     ) -> list[int]:
         """Render the conversation and tokenize it; the template supplies any BOS itself.
+        ``template_args``: variables the template may read beside the messages (harmony's
+        ``reasoning_effort``); a template that reads none ignores them.
         Control tokens in the messages' strings become ordinary text (see the module doc).
         Raises ValueError when the template cannot render the conversation, or when message
         text would still make a control token (a template that cuts the markers off it: the
@@ -112,7 +117,8 @@ class Tokenizer:
         has more tokens."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; use /v1/completions")
-        text = self._render(_mark(messages, self._control_re))
+        args = dict(template_args or {})
+        text = self._render(_mark(messages, self._control_re), args)
         if limit is not None:
             self.check_length(_unmarked(text), limit)
         if not any(self._control_re.search(s) for s in _strings(messages)):
@@ -121,7 +127,7 @@ class Tokenizer:
         # the template's own control tokens: the same conversation, each control token in its
         # text replaced by as many characters that make none
         masked = _mark(messages, self._control_re, lambda m: _MASK * len(m.group()))
-        template_ids = self.hf.encode(self._render(masked), add_special_tokens=False)
+        template_ids = self.hf.encode(self._render(masked, args), add_special_tokens=False)
         for token, i in self._control.items():
             if ids.count(i) > template_ids.count(i):
                 raise ValueError(
@@ -130,11 +136,13 @@ class Tokenizer:
                 )
         return ids
 
-    def _render(self, messages: list[dict[str, Any]]) -> str:
+    def _render(self, messages: list[dict[str, Any]], args: dict[str, Any]) -> str:
         from jinja2 import TemplateError  # transformers renders templates with jinja2
 
         try:
-            text = self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.hf.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **args
+            )
         except (TemplateError, TypeError, KeyError, IndexError, AttributeError) as e:
             raise ValueError(f"the chat template cannot render the conversation: {e}") from None
         if not isinstance(text, str):

@@ -32,6 +32,9 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool | None = None
 
 
+REASONING_EFFORTS = ("low", "medium", "high")
+
+
 class _Common(msgspec.Struct, kw_only=True):
     """Fields both endpoints share. JSON null is "not given" everywhere, as OpenAI takes it:
     ``__post_init__`` puts the defaults of counts and flags in; the others stay None."""
@@ -198,9 +201,18 @@ class ChatCompletionRequest(_Common, kw_only=True):
     functions: list[Any] | None = None
     tool_choice: Any = None
     response_format: ResponseFormat | None = None
+    # reasoning models' effort, as OpenAI names it: reaches the chat template (harmony's
+    # system message says "Reasoning: low|medium|high"); templates without it ignore it
+    reasoning_effort: str | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
+        if self.reasoning_effort not in (None, *REASONING_EFFORTS):
+            raise RequestError(
+                f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got "
+                f"{self.reasoning_effort!r}",
+                "reasoning_effort",
+            )
         if self.tools or self.functions:
             name = "tools" if self.tools else "functions"
             _unsupported(name, f"{name} (function calling) is not supported")

@@ -165,7 +165,8 @@ class OpenAIServer:
                 "top_logprobs",
             )
         conversation = req.conversation()
-        ids = await self.prompts.conversation(conversation)
+        args = {"reasoning_effort": req.reasoning_effort} if req.reasoning_effort else None
+        ids = await self.prompts.conversation(conversation, args)
         self._check_prompt(ids, "the conversation", "messages")
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         max_tokens = self._max_tokens(req.requested_max_tokens, param, len(ids), "conversation")

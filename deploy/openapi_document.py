@@ -20,6 +20,7 @@ from pdserve.deploy.openai_protocol import (
     MAX_STOP,
     MAX_STOP_CHARS,
     MAX_STOP_TOKEN_IDS,
+    REASONING_EFFORTS,
     ROLES,
     ChatCompletionRequest,
     CompletionRequest,
@@ -171,4 +172,5 @@ def _narrow_chat(schema: dict[str, Any], message: dict[str, Any]) -> None:
     schema["properties"]["messages"]["minItems"] = 1
     _set(schema, "max_completion_tokens", schema["properties"]["max_tokens"]["anyOf"][0])
     _set(schema, "top_logprobs", _int(0, MAX_LOGPROBS))
+    _set(schema, "reasoning_effort", {"type": "string", "enum": list(REASONING_EFFORTS)})
     _set(message, "role", {"type": "string", "enum": list(ROLES)})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pdserve.cluster.errors import RequestError
 from pdserve.cluster.tokenizer import PromptTooLong, Tokenizer
@@ -43,11 +43,16 @@ class PromptEncoder:
         except (TypeError, ValueError) as e:
             raise RequestError(f"cannot tokenize the prompt: {e}", "prompt") from None
 
-    async def conversation(self, conversation: list[dict[str, str]]) -> list[int]:
-        """The chat template applied to ``conversation``: message text is plain text."""
+    async def conversation(
+        self, conversation: list[dict[str, str]], template_args: dict[str, Any] | None = None
+    ) -> list[int]:
+        """The chat template applied to ``conversation`` (and ``template_args``, the variables
+        it may read beside the messages): message text is plain text."""
 
         def run() -> list[int]:
-            return self.tokenizer.apply_chat_template(conversation, limit=self.limit)
+            return self.tokenizer.apply_chat_template(
+                conversation, limit=self.limit, template_args=template_args
+            )
 
         try:
             return await self._run(run, sum(len(m["content"]) for m in conversation))

@@ -192,3 +192,27 @@ def test_a_live_engine_on_a_harmony_checkpoint(served, harmony_model):
     assert "".join(d.get("content", "") for d in deltas) == content
     assert "".join(d.get("reasoning_content", "") for d in deltas) == reasoning
     assert [t for e in events[1:-1] for c in e["choices"] for t in c["token_ids"]] == ids
+
+
+def test_reasoning_effort_reaches_the_chat_template(served, harmony_model, reply):
+    """OpenAI's ``reasoning_effort`` is rendered into harmony's system message; a value
+    outside low/medium/high is a 400 naming it."""
+    tok = Tokenizer(harmony_model)
+    app = harmony_app(served, harmony_model, scripted(tok, reply))
+
+    async def go():
+        async with client(app) as c:
+            out = []
+            for effort in ("high", None, "extreme"):
+                body = {**BODY, "return_token_ids": True}
+                if effort:
+                    body["reasoning_effort"] = effort
+                out.append(await c.post("/v1/chat/completions", json=body))
+            return out
+
+    high, default, bad = run(go())
+    prompt = tok.decode(high.json()["prompt_token_ids"], skip_special_tokens=False)
+    assert "Reasoning: high" in prompt
+    default_prompt = tok.decode(default.json()["prompt_token_ids"], skip_special_tokens=False)
+    assert "Reasoning: medium" in default_prompt
+    assert bad.status_code == 400 and "reasoning_effort" in bad.text
