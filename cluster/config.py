@@ -123,7 +123,17 @@ class ModelConfig:
         config_file = Path(path) / "config.json"
         if not config_file.is_file():
             raise ValueError(f"no config.json in model directory {str(path)!r}")
-        return ModelConfig.from_hf(json.loads(config_file.read_text()))
+        cfg = json.loads(config_file.read_text())
+        # generation_config.json's end tokens count too (GPT-OSS lists <|call|> and
+        # <|endoftext|> there, beside config.json's <|return|>)
+        gen_file = Path(path) / "generation_config.json"
+        if gen_file.is_file():
+            ids = []
+            for c in (cfg, json.loads(gen_file.read_text())):
+                eos = c.get("eos_token_id")
+                ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+            cfg["eos_token_id"] = list(dict.fromkeys(ids)) or None
+        return ModelConfig.from_hf(cfg)
 
     @property
     def qk_head_dim(self) -> int:

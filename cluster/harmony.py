@@ -105,7 +105,8 @@ def reply_parser(
 class HarmonyParser:
     """Splits one reply's generated token ids, fed as they come, into ``content`` (the final
     channel's text, and any other channel's but analysis) and ``reasoning`` (the analysis
-    channel's). Header tokens (``<|start|>``, the role, ``<|channel|>`` and its name,
+    channel's). Messages with a recipient (tool calls, tool results: tools are not served)
+    show nowhere. Header tokens (``<|start|>``, the role, ``<|channel|>`` and its name,
     ``<|constrain|>`` and its type, ``<|message|>``) and message ends never show. Text written
     outside any message header (a model that does not follow the format) is content.
 
@@ -129,6 +130,7 @@ class HarmonyParser:
         self.header: list[int] = []
         self.body = self._detokenizer()
         self.reasoning_body = False  # the current message is in the analysis channel
+        self.hidden_body = False  # the current message has a recipient (a tool call or result)
         self.stopped = False
         self._content: list[str] = []
         self._reasoning: list[str] = []
@@ -166,7 +168,8 @@ class HarmonyParser:
             return  # a header token out of place: never text
         else:
             if self.state == self._BETWEEN:  # text after a message's end, without a header
-                self.state, self.body, self.reasoning_body = self._BODY, self._detokenizer(), False
+                self.state, self.body = self._BODY, self._detokenizer()
+                self.reasoning_body = self.hidden_body = False
             if self.body.add(t) is not None:
                 self.stopped = True
                 self._close_body()
@@ -176,6 +179,10 @@ class HarmonyParser:
     def _open_body(self) -> None:
         self.state, self.body = self._BODY, self._detokenizer()
         self.reasoning_body = self._channel() == REASONING_CHANNEL
+        # ``to=functions.name`` (a tool call) or a tool's ``functions.name to=assistant``
+        # (its result): addressed to a tool or from one, never the user's text
+        header = self.tok.decode(self.header, skip_special_tokens=True)
+        self.hidden_body = any(w.startswith("to=") for w in header.split())
 
     def _close_body(self) -> None:
         self._emit(self.body.take(finished=True))
@@ -193,7 +200,7 @@ class HarmonyParser:
         return words[0] if words else None
 
     def _emit(self, text: str) -> None:
-        if text:
+        if text and not self.hidden_body:
             (self._reasoning if self.reasoning_body else self._content).append(text)
 
     def _detokenizer(self) -> IncrementalDetokenizer:

@@ -82,26 +82,22 @@ def _gpt_oss(cfg: dict[str, Any]) -> ModelConfig:
     method, _ = _quantization(cfg.get("quantization_config") or {})
     if method == "fp8":
         raise ValueError("unsupported quantization 'fp8' for GptOssForCausalLM; only mxfp4")
+    # absent keys take GptOssConfig's defaults; an explicit null, what transformers derives
     layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    kv_heads = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    kv_heads = cfg.get("num_key_value_heads", 8) or heads
+    head_dim = cfg.get("head_dim", 64) or cfg["hidden_size"] // heads
     if heads % kv_heads:
         raise ValueError(
             f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
         )
-    window = int(cfg.get("sliding_window") or 0)
-    types = tuple(
-        cfg.get("layer_types")
-        or [LAYER_TYPES[i % 2] if window else "full_attention" for i in range(layers)]
-    )
+    window = int(cfg.get("sliding_window", 128) or 0)  # null: sliding layers see everything
+    types = tuple(cfg.get("layer_types") or [LAYER_TYPES[i % 2] for i in range(layers)])
     if len(types) != layers or set(types) - set(LAYER_TYPES):
         raise ValueError(f"layer_types {list(types)} must name one of {LAYER_TYPES} per layer")
-    if "sliding_attention" in types and window <= 0:
-        raise ValueError(f"sliding_attention layers need a positive sliding_window, not {window}")
     rope = cfg
     if not (cfg.get("rope_parameters") or cfg.get("rope_scaling")):  # transformers' default
         rope = {**cfg, "rope_parameters": GPT_OSS_ROPE}
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts")
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 128
     return ModelConfig(
         vocab_size=cfg["vocab_size"],
         hidden_size=cfg["hidden_size"],
@@ -116,7 +112,7 @@ def _gpt_oss(cfg: dict[str, Any]) -> ModelConfig:
         v_head_dim=head_dim,
         n_routed_experts=experts,
         n_shared_experts=0,
-        num_experts_per_tok=cfg.get("num_experts_per_tok") or cfg.get("experts_per_token") or 4,
+        num_experts_per_tok=cfg.get("num_experts_per_tok") or 4,  # as transformers reads it
         n_group=1,
         topk_group=1,
         first_k_dense_replace=0,

@@ -77,6 +77,9 @@ def gqa_decode_torch(
     acc = torch.promote_types(q.dtype, torch.float32)
     out = torch.empty_like(q)
     for i, n in enumerate(seq_lens.tolist()):
+        if n == 0:  # a padding row: nothing to attend to
+            out[i] = 0
+            continue
         blocks = block_table[i, : -(-n // bs)].long()
         rows = kv_cache[blocks].reshape(-1, kv_cache.shape[-1])[:n].to(acc)  # [n, KVH*2*D]
         kv = rows.view(n, -1, 2, d)  # [n, KVH, 2, D]

@@ -27,9 +27,11 @@ class DecoderLayer(nn.Module):
     ) -> None:
         super().__init__()
         self.tp = tp
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.is_gqa)
         self.self_attn = attn
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.is_gqa
+        )
         self.mlp = mlp
 
     def forward(
@@ -59,7 +61,7 @@ class DecoderModel(nn.Module):
         # one table for all layers; a buffer of the model, not of any layer, so it loads nothing
         self.rotary = rotary
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.is_gqa)
 
 
 class CausalLM(nn.Module):

@@ -89,7 +89,7 @@ class GQAAttention(Loadable):
                 self.window,
             )
         if nd < t:
-            ctx = cache_rows[meta.prefill_ctx_slots][:, self.kv_cols]  # [Tk, KVl * 2 * D]
+            ctx = cache_rows[:, self.kv_cols][meta.prefill_ctx_slots]  # [Tk, KVl * 2 * D]
             ctx = ctx.view(ctx.shape[0], -1, 2, d)  # [Tk, KVl, 2, D]
             out[nd:] = self.kernels.gqa_prefill(
                 q[nd:],

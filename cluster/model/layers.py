@@ -55,18 +55,22 @@ class Loadable(nn.Module):
 
 
 class RMSNorm(Loadable):
-    """RMSNorm computed in float32, as transformers' DeepseekV3RMSNorm does."""
+    """RMSNorm computed in float32, as transformers' DeepseekV3RMSNorm does (the normalized
+    value rounded to the model dtype, then scaled), or with ``round_once`` as GptOssRMSNorm
+    does (scaled in float32, rounded once)."""
 
     expected = ("weight",)
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype, round_once: bool = False) -> None:
         super().__init__()
-        self.eps = eps
+        self.eps, self.round_once = eps, round_once
         self.weight = _empty(dim, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.round_once:
+            return (self.weight * h).to(x.dtype)  # bf16 weight * float32: float32
         return self.weight * h.to(x.dtype)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:

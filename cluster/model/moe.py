@@ -84,7 +84,12 @@ class MXFP4Experts(Loadable):
 
     def missing_weights(self) -> list[str]:
         missing = (~self._have).nonzero().tolist()
-        return [f"{e}.{list(_PROJ)[p]}.weight" for e, p in missing[:8]] + super().missing_weights()
+        names = [f"{e}.{list(_PROJ)[p]}.weight" for e, p in missing[:8]]
+        for proj in ("gate_up_proj", "down_proj"):  # the released layout: codes and scales
+            pair = {f"{proj}_blocks", f"{proj}_scales"}
+            if len(pair & self._loaded) == 1:
+                names += sorted(pair - self._loaded)
+        return names + super().missing_weights()
 
     def _mine(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """The held range of intermediate dim ``dim`` of ``t``, others' elements zeroed."""
@@ -93,6 +98,15 @@ class MXFP4Experts(Loadable):
             return part
         return part.index_fill(dim, self.foreign.to(part.device), 0)
 
+    def _down(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A float down projection [H, I] as this rank's MXFP4 (codes [H, inter / 2], scales):
+        the held blocks quantized whole, as at TP=1 (a block's scale is that of all its
+        elements), then others' codes zeroed."""
+        codes, scales = quantize_mxfp4(w.narrow(1, self.lo, self.inter))
+        if self.foreign is not None:
+            codes = pack_fp4(unpack_fp4(codes).index_fill(1, self.foreign.to(w.device), 0))
+        return codes, scales
+
     def _gate_up(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """[..., 2 * inter, ...] of this rank's gate rows then up rows, from whole [..., I, ...]
         halves whose intermediate dim is 1."""
@@ -100,11 +114,13 @@ class MXFP4Experts(Loadable):
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         i = self.inter
+        if name.endswith(("_blocks", "_scales")):
+            self.mark_loaded(name)
         parts = name.split(".")
         if len(parts) == 3 and parts[0].isdigit() and parts[1] in _PROJ and parts[2] == "weight":
             e, proj = int(parts[0]), _PROJ[parts[1]]  # per-expert tensors, as on the hub
             if proj == 2:  # down [H, I]
-                self.w2[e], self.s2[e] = quantize_mxfp4(self._mine(tensor, 1))
+                self.w2[e], self.s2[e] = self._down(tensor)
             else:  # gate / up [I, H]
                 dst = slice(proj * i, (proj + 1) * i)
                 self.w13[e, dst], self.s13[e, dst] = quantize_mxfp4(self._mine(tensor, 0))
@@ -123,7 +139,7 @@ class MXFP4Experts(Loadable):
             self._have[:, :2] = True
         elif name == "down_proj":  # [E, H, I]
             for e in range(tensor.shape[0]):
-                self.w2[e], self.s2[e] = quantize_mxfp4(self._mine(tensor[e], 1))
+                self.w2[e], self.s2[e] = self._down(tensor[e])
             self._have[:, 2] = True
         elif name in ("gate_up_proj_blocks", "gate_up_proj_scales"):
             # GPT-OSS layout: rows interleaved (2j gate j, 2j+1 up j); blocks [E, 2I, K/32, 16]
@@ -157,7 +173,7 @@ class MXFP4Experts(Loadable):
                 self.w13[e], self.s13[e] = quantize_mxfp4(gate_up[e])
         else:  # down_proj [E, I, H]
             for e in range(tensor.shape[0]):
-                self.w2[e], self.s2[e] = quantize_mxfp4(self._mine(tensor[e], 0).T)  # [H, i]
+                self.w2[e], self.s2[e] = self._down(tensor[e].T)  # [H, I]
         self._have[:, [0, 1] if name == "gate_up_proj" else [2]] = True
 
 

@@ -189,14 +189,28 @@ def test_a_character_split_over_tokens_comes_out_whole(tok):
 
 
 def test_header_parts_never_show(tok):
-    # a recipient and a content type in the header; an unfinished header at the end
+    # a content type in the header; an unfinished header at the end
     ids = ids_of(
         tok,
-        "<|channel|>commentary to=functions.lookup <|constrain|>json<|message|>{}<|call|>"
+        "<|channel|>commentary <|constrain|>json<|message|>{}<|end|>"
         "<|start|>assistant<|channel|>anal",
     )
     assert parse(tok, ids) == ("{}", "")
     assert joined(streamed(tok, ids)) == ("{}", "")
+
+
+def test_tool_calls_and_tool_results_never_show(tok):
+    """Messages with a recipient: a call (``to=functions.x``) and a tool's result (``functions.x
+    to=assistant``); tools are not served, their text is nobody's content."""
+    ids = ids_of(
+        tok,
+        "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+        '{"city":"Paris"}<|call|><|start|>functions.get_weather to=assistant<|channel|>'
+        'commentary<|message|>{"temp": 20}<|end|><|start|>assistant<|channel|>final<|message|>'
+        "It is 20C.<|return|>",
+    )
+    assert parse(tok, ids) == ("It is 20C.", "")
+    assert joined(streamed(tok, ids)) == ("It is 20C.", "")
 
 
 def test_stop_strings_cut_the_channel_where_the_engine_stopped(tok):

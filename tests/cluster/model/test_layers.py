@@ -115,3 +115,18 @@ def test_fp8_dense_mlp_stacks_gate_and_up_with_their_scales_per_rank(kernels):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     else:  # activations quantized to E4M3 on the way in to each GEMM: a few % of the output
         assert (got - want).norm() / want.norm() < 0.05
+
+
+def test_gpt_oss_norm_rounds_as_transformers_does_in_bf16():
+    """GptOssRMSNorm scales in float32 and rounds once; DeepSeek's rounds, then scales."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+
+    from pdserve.cluster.model.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 2880, generator=g).bfloat16()
+    ref = GptOssRMSNorm(2880, eps=1e-5).bfloat16()
+    ref.weight.data = (1 + 0.1 * torch.randn(2880, generator=g)).bfloat16()
+    ours = RMSNorm(2880, 1e-5, torch.bfloat16, round_once=True)
+    ours.weight.data = ref.weight.data.clone()
+    assert torch.equal(ours(x), ref(x))

@@ -1,0 +1,43 @@
+"""MXFP4 experts split over tensor-parallel ranks off the 32-element blocks: each rank's
+elements dequantize to what one rank holding them all would, for float checkpoints too."""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.cluster.config import ModelConfig
+from pdserve.cluster.model.moe import MXFP4Experts
+from pdserve.cluster.parallel import TensorParallel
+from pdserve.cluster.presets import preset_config
+from pdserve.kernels.mxfp4 import dequantize_mxfp4
+
+
+def test_unaligned_shards_of_a_float_checkpoint_keep_one_ranks_values():
+    cfg = ModelConfig.from_hf({**preset_config("gpt-oss-tiny"), "vocab_size": 64,
+                               "intermediate_size": 96})  # fmt: skip
+    e, h, inter = cfg.n_routed_experts, cfg.hidden_size, 96
+    g = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(e, h, 2 * inter, generator=g)  # not MXFP4-representable
+    down = torch.randn(e, inter, h, generator=g)
+
+    def load(tp: TensorParallel) -> MXFP4Experts:
+        m = MXFP4Experts(cfg, tp, torch.float32)
+        m.load_weight("gate_up_proj", gate_up)
+        m.load_weight("down_proj", down)
+        return m
+
+    whole = load(TensorParallel())
+    w2 = dequantize_mxfp4(whole.w2, whole.s2)  # [E, H, 96]
+    w13 = dequantize_mxfp4(whole.w13, whole.s13)  # [E, 192, H]
+    for rank in range(2):
+        part = load(TensorParallel(rank, 2))
+        lo, own = part.lo, slice(48 * rank, 48 * (rank + 1))
+        assert part.inter == 64 and lo == (0, 32)[rank]
+        held = dequantize_mxfp4(part.w2, part.s2)  # [E, H, 64]: columns lo..lo + 64
+        mine = torch.zeros_like(held)
+        mine[:, :, own.start - lo : own.stop - lo] = w2[:, :, own]
+        assert torch.equal(held, mine)  # own columns as at TP=1, others' zero
+        rows = dequantize_mxfp4(part.w13, part.s13)  # [E, 128, H]: gate rows, then up rows
+        for half in range(2):
+            got = rows[:, half * 64 : (half + 1) * 64][:, own.start - lo : own.stop - lo]
+            assert torch.equal(got, w13[:, half * inter :][:, own])
