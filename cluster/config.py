@@ -128,10 +128,9 @@ class ModelConfig:
         # <|endoftext|> there, beside config.json's <|return|>)
         gen_file = Path(path) / "generation_config.json"
         if gen_file.is_file():
-            ids = []
-            for c in (cfg, json.loads(gen_file.read_text())):
-                eos = c.get("eos_token_id")
-                ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
+            from pdserve.cluster.hf_config import eos_ids
+
+            ids = eos_ids(cfg) + eos_ids(json.loads(gen_file.read_text()))
             cfg["eos_token_id"] = list(dict.fromkeys(ids)) or None
         return ModelConfig.from_hf(cfg)
 

@@ -33,7 +33,8 @@ def model_config(cfg: dict[str, Any]) -> ModelConfig:
     return _deepseek(cfg)
 
 
-def _eos(cfg: dict[str, Any]) -> tuple[int, ...]:
+def eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
+    """``eos_token_id`` of a config.json or generation_config.json dict: one id, a list, or none."""
     eos = cfg.get("eos_token_id")
     return tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
 
@@ -69,7 +70,7 @@ def _deepseek(cfg: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", False)),
         bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos(cfg),
+        eos_token_ids=eos_ids(cfg),
         quant_method=method,
         fp8_block=fp8_block,
         checkpoint_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
@@ -125,7 +126,7 @@ def _gpt_oss(cfg: dict[str, Any]) -> ModelConfig:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", True)),
         bos_token_id=cfg.get("bos_token_id"),
-        eos_token_ids=_eos(cfg),
+        eos_token_ids=eos_ids(cfg),
         quant_method=method,
         checkpoint_dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16"),
         architecture="GptOssForCausalLM",

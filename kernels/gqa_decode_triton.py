@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels import triton_configs
-from pdserve.kernels.mla_decode_triton import _num_sms, _num_splits
+from pdserve.kernels.mla_decode_triton import sm_count, split_count
 from pdserve.kernels.moe_triton_common import interpreting, mma, output_like, upcast_dots
 
 LOG2E = 1.4426950408889634
@@ -146,12 +146,19 @@ def _check(q, kv_cache, block_table, seq_lens, sinks, window) -> None:
         raise ValueError(f"block_table {tuple(block_table.shape)} must be [B={b}, max_blocks]")
     if seq_lens.shape != (b,) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"seq_lens {tuple(seq_lens.shape)} {seq_lens.dtype} must be [B] int")
+    check_sinks_window(q, sinks, window, "decode")
+
+
+def check_sinks_window(q: torch.Tensor, sinks, window: int, what: str) -> None:
+    """The checks both GQA kernels make of their sinks [H], window and device (``what``:
+    "decode" or "prefill", for the message)."""
+    h = q.shape[1]
     if sinks is not None and (sinks.shape != (h,) or not sinks.is_floating_point()):
         raise ValueError(f"sinks {tuple(sinks.shape)} {sinks.dtype} must be [H={h}] float")
     if window < 0:
         raise ValueError(f"window {window} is negative")
     if not interpreting() and not q.is_cuda:
-        raise ValueError(f"the Triton GQA decode runs on CUDA tensors, q is on {q.device}")
+        raise ValueError(f"the Triton GQA {what} runs on CUDA tensors, q is on {q.device}")
 
 
 def gqa_decode_triton(
@@ -182,7 +189,7 @@ def gqa_decode_triton(
         ctx = block_table.shape[1] * page  # the longest context the table can hold
         if window:
             ctx = min(ctx, window + cfg["BLOCK_N"])  # the window plus its first tile's lead
-        num_splits = _num_splits(b, kv_heads, ctx, cfg["BLOCK_N"], _num_sms(q.device))
+        num_splits = split_count(b, kv_heads, ctx, cfg["BLOCK_N"], sm_count(q.device))
     seq_lens = seq_lens.contiguous()
     sinks = sinks.contiguous() if sinks is not None else None
     if num_splits > 1:

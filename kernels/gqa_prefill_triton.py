@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels import triton_configs
-from pdserve.kernels.moe_triton_common import interpreting, mma, output_like, upcast_dots
+from pdserve.kernels.gqa_decode_triton import check_sinks_window
+from pdserve.kernels.moe_triton_common import mma, output_like, upcast_dots
 
 LOG2E = 1.4426950408889634
 _LOG2E = tl.constexpr(LOG2E)
@@ -102,12 +103,7 @@ def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, sinks, window) -> None:
         raise ValueError("q, k and v need unit stride in the head dim")
     if cu_seqlens_q.shape != cu_seqlens_k.shape or cu_seqlens_q.dim() != 1:
         raise ValueError(f"cu_seqlens {tuple(cu_seqlens_q.shape)} vs {tuple(cu_seqlens_k.shape)}")
-    if sinks is not None and (sinks.shape != (h,) or not sinks.is_floating_point()):
-        raise ValueError(f"sinks {tuple(sinks.shape)} {sinks.dtype} must be [H={h}] float")
-    if window < 0:
-        raise ValueError(f"window {window} is negative")
-    if not interpreting() and not q.is_cuda:
-        raise ValueError(f"the Triton GQA prefill runs on CUDA tensors, q is on {q.device}")
+    check_sinks_window(q, sinks, window, "prefill")
 
 
 def gqa_prefill_triton(

@@ -115,7 +115,7 @@ def _combine_kernel(
 
 
 @lru_cache(maxsize=16)
-def _num_sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return (
         torch.cuda.get_device_properties(device).multi_processor_count
         if device.type == "cuda"
@@ -123,7 +123,7 @@ def _num_sms(device: torch.device) -> int:
     )
 
 
-def _num_splits(batch: int, head_blocks: int, max_ctx: int, block_n: int, num_sms: int) -> int:
+def split_count(batch: int, head_blocks: int, max_ctx: int, block_n: int, num_sms: int) -> int:
     """Enough (sequence, head block, split) programs for ~2 per SM, each split >= 2 KV tiles,
     at most 128 splits (the combine then reads 128 partial rows per head)."""
     want = triton.cdiv(2 * num_sms, batch * head_blocks)
@@ -168,8 +168,8 @@ def mla_decode_triton(
     page = kv_cache.shape[1]
     head_blocks = triton.cdiv(h, cfg["BLOCK_H"])
     if num_splits is None:
-        sms = _num_sms(q.device)
-        num_splits = _num_splits(b, head_blocks, block_table.shape[1] * page, cfg["BLOCK_N"], sms)
+        sms = sm_count(q.device)
+        num_splits = split_count(b, head_blocks, block_table.shape[1] * page, cfg["BLOCK_N"], sms)
     block_v = max(16, triton.next_power_of_2(v_dim))
     block_r = max(16, triton.next_power_of_2(d - v_dim)) if d > v_dim else 16
     seq_lens = seq_lens.contiguous()
