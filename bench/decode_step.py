@@ -219,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    modes = args.modes.split(",")
+    if args.profile and "off" not in modes:
+        p.error(f"--profile traces eager steps: add off to --modes (got {args.modes!r})")
     if args.tp > 1:
         if args.profile:
             p.error("--profile traces this process: use --tp 1")
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     args.matmul_TFLOPs = step_floor.matmul_tflops(device)
     result["ceilings"] = {"copy_GBps": args.copy_GBps, "matmul_TFLOPs": args.matmul_TFLOPs}
     print(f"ceilings: copy {args.copy_GBps:.0f} GB/s, bf16 matmul {args.matmul_TFLOPs:.1f} TFLOP/s")
-    for mode in args.modes.split(","):
+    for mode in modes:
         engine = _engine(args, mode, max(batches))
         result["device"] = engine.runner.device_name
         result["kernels"] = engine.runner.kernel_names
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{r['batch']:>6} {r['step_ms']:>9.2f} {r['p90_ms']:>9.2f} "
                   f"{r['tokens_per_s']:>10.1f} {r['overlap_ms']:>11.2f} "
                   f"{r['overlap_tokens_per_s']:>10.1f} {replay:>10} {floor}")  # fmt: skip
-        if args.prefill_lens and mode == "off":
+        if args.prefill_tokens and mode == modes[0]:  # a prompt's steps run eagerly in every mode
             result["prefill"] = [
                 time_prefill(engine, n, args.matmul_TFLOPs) for n in args.prefill_tokens
             ]
@@ -279,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['attention_decode_kernel']:>13.3f} "
                       f"{r['moe']:>8.3f} {r['all_reduce']:>11.3f} {r['rest']:>8.3f} "
                       f"{r['gpu_total']:>8.3f}")  # fmt: skip
+            for r in prof:
+                print(
+                    f"batch {r['batch']}: {r['kernels']} kernels per step "
+                    f"({r['kernels_by_part']}); most time: "
+                    + ", ".join(f"{n[:40]} {t:.3f}" for n, t in list(r["top_kernels"].items())[:5])
+                )
         engine.runner.shutdown()  # a TP group's rank actors hold their GPUs until then
         del engine
         gc.collect()

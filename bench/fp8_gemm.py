@@ -4,7 +4,8 @@ DeepSeek-V3's projection shapes, with the ceilings measured in the same run:
     python -P -m pdserve.bench.fp8_gemm [--m 1,8,64,512,2048,8192] [--out PATH]
 
 Per (projection, M): ours (activation quantization included) and ``torch.nn.functional.linear``
-in bf16 on the dequantized weight, in ms (``triton.testing.do_bench`` medians) and TFLOP/s
+in bf16 on the dequantized weight, in ms (medians of CUDA-graph replays with the L2 flushed
+before each, as a decode step under graphs runs them: no Python launch time) and TFLOP/s
 (2 M N K / time), ours as % of the FP8 ceiling and bf16's as % of the bf16 ceiling. Ceilings:
 an 8192^3 bf16 matmul and an 8192^3 FP8 ``torch._scaled_mm`` (one scale per tensor). Every row
 first checks ours against the PyTorch reference (``rel_err``). ``--device cpu`` runs the kernel
@@ -63,8 +64,10 @@ def row(name: str, n: int, k: int, m: int, dev: str, timed: bool) -> dict:
     if timed:
         dense = dequantize_fp8_blocks(w, s, dtype=x.dtype)
         flops = 2 * m * n * k
-        r["ours_ms"] = _ms(lambda: fp8_block_linear_triton(x, w, s))
-        r["bf16_ms"] = _ms(lambda: torch.nn.functional.linear(x, dense))
+        from pdserve.bench.kernels import ms_graph
+
+        r["ours_ms"] = ms_graph(fp8_block_linear_triton, x, w, s)
+        r["bf16_ms"] = ms_graph(torch.nn.functional.linear, x, dense)
         r["ours_TFLOPs"] = flops / r["ours_ms"] / 1e9
         r["bf16_TFLOPs"] = flops / r["bf16_ms"] / 1e9
         r["bf16_over_ours"] = r["bf16_ms"] / r["ours_ms"]

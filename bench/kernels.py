@@ -13,7 +13,9 @@ winners; paste the printed tables into kernels/triton_configs.py under the GPU's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -33,7 +35,11 @@ DEV = "cuda"  # the smoke test of this script swaps in "cpu" (interpreter)
 MODELS = {  # name: (hidden, experts, top_k, intermediate)
     "deepseek-v3": (7168, 256, 8, 2048),
     "deepseek-v2-lite": (2048, 64, 6, 1408),
+    "gpt-oss-20b": (2880, 32, 4, 2880),  # biases, GPT-OSS's clamped SwiGLU
+    "gpt-oss-120b": (2880, 128, 4, 2880),
 }
+GPT_OSS_ACT = SwiGLU(alpha=1.702, beta=1.0, limit=7.0)
+PARTS = ("moe_decode", "moe_crossover", "moe_prefill", "mla_decode")
 DECODE_M = (1, 4, 16, 64, 128)
 PREFILL_M = (512, 1024, 2048, 4096, 8192, 16384)
 CROSS_M = (1, 4, 16, 32, 64, 128, 256, 512)
@@ -149,9 +155,19 @@ def moe_case(model: str, m: int, seed: int = 0):
         )
     )
     ids = torch.rand(m, e, device=DEV, generator=g).topk(k, dim=-1).indices  # [M, K]
+    if model.startswith("gpt-oss"):
+        w = dataclasses.replace(
+            w,
+            b13=torch.randn(e, 2 * i, device=DEV, generator=g).bfloat16(),
+            b2=torch.randn(e, h, device=DEV, generator=g).bfloat16(),
+        )
     tw = torch.rand(m, k, device=DEV, generator=g)
     x = torch.randn(m, h, device=DEV, generator=g).bfloat16()
     return x, w, ids, tw
+
+
+def moe_act(model: str) -> SwiGLU:
+    return GPT_OSS_ACT if model.startswith("gpt-oss") else SwiGLU()
 
 
 def mla_case(heads: int, b: int, ctx: int, cache: torch.Tensor):
@@ -307,7 +323,11 @@ def main() -> None:
     ap.add_argument("--sweep-s", type=float, default=150.0, help="time the sweep may take")
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop adding points after this")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {PARTS}")
     args = ap.parse_args()
+    parts = args.parts.split(",")
+    if bad := sorted(set(parts) - set(PARTS)):
+        ap.error(f"unknown --parts {bad}; known: {PARTS}")
     t0 = time.time()
     gpu = torch.cuda.get_device_name()
     out = {
@@ -315,7 +335,7 @@ def main() -> None:
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "command": "python -m pdserve.bench.kernels" + (" --sweep" if args.sweep else ""),
+        "command": " ".join(["python -m pdserve.bench.kernels", *sys.argv[1:]]),
     }
     out["ceilings"] = ceil = ceilings()
     print(
@@ -326,12 +346,12 @@ def main() -> None:
     act = SwiGLU()
     dev = torch.device(DEV)
     rows = out["moe_decode"] = []
-    for model in MODELS:
+    for model in MODELS if "moe_decode" in parts else ():
         for m in DECODE_M if model == "deepseek-v3" else (1, 16, 64):
             case = moe_case(model, m)
             nbytes = case[2].unique().numel() * case[1].expert_nbytes()
-            t = ms_graph(moe_small_triton, *case, act)
-            t_ref = ms(moe_mxfp4_torch, *case, act)
+            t = ms_graph(moe_small_triton, *case, moe_act(model))
+            t_ref = ms(moe_mxfp4_torch, *case, moe_act(model))
             gbps = nbytes / t / 1e6
             rows.append(
                 {
@@ -346,7 +366,7 @@ def main() -> None:
                 }
             )
     cross = out["moe_crossover"] = []
-    for m in CROSS_M:
+    for m in CROSS_M if "moe_crossover" in parts else ():
         case = moe_case("deepseek-v3", m)
         small = ms_graph(moe_small_triton, *case, act)
         grouped = ms_graph(moe_grouped_triton, *case, act)
@@ -354,7 +374,8 @@ def main() -> None:
     wins = [r["grouped_ms"] < r["small_ms"] for r in cross]
     out["moe_crossover_m"] = next((r["M"] for j, r in enumerate(cross) if all(wins[j:])), None)
     rows = out["moe_prefill"] = []
-    for model, m in [("deepseek-v3", m) for m in PREFILL_M] + [("deepseek-v2-lite", 4096)]:
+    prefill = [("deepseek-v3", m) for m in PREFILL_M] + [("deepseek-v2-lite", 4096)]
+    for model, m in prefill if "moe_prefill" in parts else ():
         if time.time() - t0 > args.budget_s:
             rows.append({"model": model, "M": m, "skipped": "time budget"})
             continue
@@ -379,8 +400,9 @@ def main() -> None:
         del case
     rows = out["mla_decode"] = []
     blocks = max(b * c for _, b, c in MLA_GRID) // 64
-    cache = torch.empty(blocks, 64, 576, dtype=torch.bfloat16, device=DEV).normal_()  # 4.8 GB
-    for heads, b, ctx in MLA_GRID:
+    if "mla_decode" in parts:
+        cache = torch.empty(blocks, 64, 576, dtype=torch.bfloat16, device=DEV).normal_()  # 4.8 GB
+    for heads, b, ctx in MLA_GRID if "mla_decode" in parts else ():
         if time.time() - t0 > args.budget_s:
             rows.append({"heads": heads, "B": b, "ctx": ctx, "skipped": "time budget"})
             continue

@@ -97,6 +97,8 @@ def profile(engine: LLMEngine, steps: int = 5) -> dict[str, Any]:
     out["gpu_total"] = sum(by_name.values()) / steps / 1e3
     out["attention_decode_kernel"] = sum(t for n, t in by_name.items() if "_decode_kernel" in n
                                    or "_combine_kernel" in n) / steps / 1e3  # fmt: skip
+    counts = split_kernel_time(spans, [(s, s + 1, n) for s, _, n in kernels])  # one per kernel
+    out["kernels_by_part"] = {k: round(v / steps, 1) for k, v in counts.items()}
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     out["top_kernels"] = {name: t / steps / 1e3 for name, t in top}
     return {"kernels": len(kernels) // steps, **out}

@@ -160,7 +160,8 @@ def act_quant_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     kb = -(-k // GROUP)
     xf = torch.nn.functional.pad(x.float(), (0, kb * GROUP - k)).view(m, kb, GROUP)
     amax = xf.abs().amax(dim=-1)  # [M, KB]
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    # by a tensor, not a Python number: CUDA's torch multiplies by a scalar divisor's reciprocal
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
     codes = (xf / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).view(m, kb * GROUP)[:, :k]
     return codes.to(torch.float8_e4m3fn), scale
 

@@ -17,6 +17,6 @@ timeout 150 python3 -m pdserve.bench.gqa_attention --budget-s 100 \
   --json "$OUT/gqa-attention-H200${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -30
 stamp floor-gpt-oss-20b
 timeout $(( 570 - ($(date +%s) - S) )) python3 -m pdserve.bench.decode_step --model /tmp/cfg-gpt-oss-20b --random-weights 0 \
-  --batches 1,8,64 --context 1024 --steps 16 --modes auto --prefill-lens 4096,16384 --profile \
+  --batches 1,8,64 --context 1024 --steps 16 --modes auto,off --prefill-lens 4096,16384 --profile \
   --out "$OUT/decode-step-floor-gpt-oss-20b-H200${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -24
 stamp done

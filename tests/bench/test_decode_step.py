@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from pdserve.bench.decode_step import main
 from pdserve.bench.step_profile import split_kernel_time
 
@@ -24,6 +26,12 @@ def test_decode_step_bench_writes_a_row_per_batch_and_mode(tiny_model, tmp_path)
     for r in result["graphs_off"]:  # every step against its floor
         assert r["floor_ms"] > 0 and r["step_over_floor"] == r["step_ms"] / r["floor_ms"]
         assert len(r["experts_hit"]) == 2  # the tiny model's two MoE layers
+
+
+def test_a_profile_without_eager_steps_is_refused_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "/nonexistent", "--modes", "auto", "--profile"])
+    assert "add off to --modes (got 'auto')" in capsys.readouterr().err
 
 
 def test_kernel_time_goes_to_the_innermost_range_that_holds_its_start():

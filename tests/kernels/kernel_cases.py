@@ -90,3 +90,28 @@ def poison_cuda_allocator(nbytes: int = 1 << 30) -> None:
     """Fill freed cached CUDA memory with NaN so that kernel scratch buffers start poisoned."""
     junk = torch.full((nbytes // 4,), float("nan"), dtype=torch.float32, device="cuda")
     del junk
+
+
+def assert_fp8_gemm_close(got: torch.Tensor, x: torch.Tensor, weight, scale) -> None:
+    """The FP8 block linear's output against its reference, taken in float64 on the CPU. The
+    interpreter sums in float32: equal to 1e-5. Hopper's FP8 MMA keeps about 14 bits of its
+    accumulator within one 128-wide K block (DeepSeek-V3's report, section 3.3.2), so on a GPU
+    each element may be off by a small share of the sum of |a * w| over K: at most 2**-9 of it
+    here, far below a wrong scale or block (errors of the size of the output itself)."""
+    from pdserve.kernels.fp8_blocks import expand_scales
+    from pdserve.kernels.fp8_gemm_triton import GROUP, act_quant_torch
+
+    qa, sa = act_quant_torch(x.cpu())
+    a = qa.double() * expand_scales(sa, qa.shape, (1, GROUP)).double()
+    w = weight.cpu().double() * expand_scales(scale.cpu(), weight.shape).double()
+    want, size = a @ w.T, a.abs() @ w.abs().T
+    err = (got.cpu().double() - want).abs()
+    if got.device.type == "cpu":
+        bound = 1e-5 + 1e-5 * want.abs()
+    else:
+        bound = 1e-6 + 2.0**-9 * size
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), (
+        f"{int((err > bound).sum())} of {err.numel()} elements off; the worst by "
+        f"{err.flatten()[worst]:.3g} (bound {bound.flatten()[worst]:.3g})"
+    )

@@ -12,7 +12,7 @@ from pdserve.cluster.parallel import TensorParallel
 from pdserve.kernels import KernelSet
 from pdserve.kernels.device import H100, DeviceInfo
 from pdserve.kernels.fp8_blocks import dequantize_fp8_blocks, quantize_fp8_blocks
-from pdserve.kernels.fp8_gemm_triton import fp8_block_linear_torch
+from tests.kernels.kernel_cases import assert_fp8_gemm_close
 
 CPU_KERNELS = KernelSet.resolve(DeviceInfo.cpu(), "decode")
 # the FP8 GEMM backend runs on the GPU where there is one, else under Triton's interpreter
@@ -74,8 +74,7 @@ def test_the_fp8_gemm_backend_runs_the_layer():
         lin = _fp8_linear(w, s, "replicated", 0, 1, kernels, bias)
     assert lin.weight.dtype == torch.float8_e4m3fn  # kept: half of bf16's bytes
     x = torch.randn(7, 300, generator=g)
-    want = fp8_block_linear_torch(x, w, s) + bias
-    torch.testing.assert_close(lin(x.to(GEMM_DEV)).cpu(), want, rtol=1e-5, atol=1e-5)
+    assert_fp8_gemm_close(lin(x.to(GEMM_DEV)) - bias.to(GEMM_DEV), x, w, s)
 
 
 @pytest.mark.parametrize("kernels", [CPU_KERNELS, KernelSet.resolve(H100, "decode")],
