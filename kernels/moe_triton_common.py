@@ -107,6 +107,40 @@ def swiglu(gate, up, alpha, beta, limit, HAS_LIMIT: tl.constexpr):
 
 
 @triton.jit
+def k_masks(rmask, nmask, k0, K, TAIL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Load masks of one K tile at k0: activations [BM, BK], packed weights [BN, BK/2] and
+    scales [BN, BK/32]. A TAIL tile is cut at K (a multiple of 32): masked codes read as 0,
+    masked scales as 127 (2 ** 0), so the tile past K adds exact zeros."""
+    if TAIL:
+        xm = rmask[:, None] & ((k0 + tl.arange(0, BLOCK_K)) < K)[None, :]
+        wm = nmask[:, None] & ((k0 + 2 * tl.arange(0, BLOCK_K // 2)) < K)[None, :]
+        sm = nmask[:, None] & ((k0 + 32 * tl.arange(0, BLOCK_K // 32)) < K)[None, :]
+    else:
+        xm = rmask[:, None]
+        wm = nmask[:, None]
+        sm = nmask[:, None]
+    return xm, wm, sm
+
+
+@triton.jit
+def _gate_up_step(
+    acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, k0, K,
+    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+):  # fmt: skip
+    """The gate and up accumulators after the K tile at k0."""
+    xm, wm, sm = k_masks(rmask, nmask, k0, K, TAIL, BLOCK_K)
+    xt = tl.load(x_ptrs + k0, mask=xm, other=0.0)  # [BM, BK]
+    wg = tl.load(wg_ptrs + k0 // 2, mask=wm, other=0)
+    sg = tl.load(sg_ptrs + k0 // 32, mask=sm, other=127)
+    acc_g = mma(xt, tl.trans(dequant_tile(wg, sg, BLOCK_N, BLOCK_K, DTYPE, FAST)), acc_g, UPCAST)
+    wu = tl.load(wu_ptrs + k0 // 2, mask=wm, other=0)
+    su = tl.load(su_ptrs + k0 // 32, mask=sm, other=127)
+    acc_u = mma(xt, tl.trans(dequant_tile(wu, su, BLOCK_N, BLOCK_K, DTYPE, FAST)), acc_u, UPCAST)
+    return acc_g, acc_u
+
+
+@triton.jit
 def gate_up_swiglu(
     x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptrs, H, I, stride_wn, stride_sn,
     alpha, beta, limit,
@@ -123,17 +157,17 @@ def gate_up_swiglu(
     su_ptrs = sg_ptrs + I * stride_sn
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        xt = tl.load(x_ptrs + k0, mask=rmask[:, None], other=0.0)  # [BM, BK]
-        wg = tl.load(wg_ptrs + k0 // 2, mask=nmask[:, None], other=0)
-        sg = tl.load(sg_ptrs + k0 // 32, mask=nmask[:, None], other=0)
-        wt = tl.trans(dequant_tile(wg, sg, BLOCK_N, BLOCK_K, DTYPE, FAST))  # [BK, BN]
-        acc_g = mma(xt, wt, acc_g, UPCAST)
-        wu = tl.load(wu_ptrs + k0 // 2, mask=nmask[:, None], other=0)
-        su = tl.load(su_ptrs + k0 // 32, mask=nmask[:, None], other=0)
-        acc_u = mma(
-            xt, tl.trans(dequant_tile(wu, su, BLOCK_N, BLOCK_K, DTYPE, FAST)), acc_u, UPCAST
-        )
+    h_main = H - H % BLOCK_K  # whole K tiles, unmasked (pipelined); then at most one partial
+    for k0 in range(0, h_main, BLOCK_K):
+        acc_g, acc_u = _gate_up_step(
+            acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, k0, H,
+            DTYPE, UPCAST, FAST, BLOCK_N, BLOCK_K, False,
+        )  # fmt: skip
+    if h_main < H:
+        acc_g, acc_u = _gate_up_step(
+            acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, h_main, H,
+            DTYPE, UPCAST, FAST, BLOCK_N, BLOCK_K, True,
+        )  # fmt: skip
     if HAS_BIAS:
         acc_g += tl.load(b_ptrs, mask=nmask, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptrs + I, mask=nmask, other=0.0).to(tl.float32)[None, :]

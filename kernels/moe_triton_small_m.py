@@ -26,9 +26,9 @@ from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 from pdserve.kernels.moe_triton_common import (
     check_moe_inputs,
     dequant_tile,
-    fit_block_k,
     gate_up_swiglu,
     interpreting,
+    k_masks,
     mma,
     output_like,
     topk_sum,
@@ -98,6 +98,20 @@ def _gemm1_kernel(
 
 
 @triton.jit
+def _down_step(
+    acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, k0, K,
+    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+):  # fmt: skip
+    """The down projection's accumulator [BM, BN] after the K tile at k0."""
+    hm, wm, sm = k_masks(rmask, nmask, k0, K, TAIL, BLOCK_K)
+    ht = tl.load(h_ptrs + k0, mask=hm, other=0.0)  # [BM, BK]
+    w = tl.load(w_ptrs + k0 // 2, mask=wm, other=0)
+    sc = tl.load(sc_ptrs + k0 // 32, mask=sm, other=127)
+    return mma(ht, tl.trans(dequant_tile(w, sc, BLOCK_N, BLOCK_K, DTYPE, FAST)), acc, UPCAST)
+
+
+@triton.jit
 def _gemm2_kernel(
     h_ptr, w_ptr, s_ptr, b_ptr, tw_ptr, ys_ptr, expert_ptr, start_ptr, count_ptr, slots_ptr,
     H, I, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_ym,
@@ -122,11 +136,13 @@ def _gemm2_kernel(
         slot = tl.load(slots_ptr + start + r, mask=rmask, other=0).to(tl.int64)  # [BM]
         h_ptrs = h_ptr + slot[:, None] * stride_hm + kk[None, :]
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
-            ht = tl.load(h_ptrs + k0, mask=rmask[:, None], other=0.0)  # [BM, BK]
-            w = tl.load(w_ptrs + k0 // 2, mask=nmask[:, None], other=0)
-            sc = tl.load(sc_ptrs + k0 // 32, mask=nmask[:, None], other=0)
-            acc = mma(ht, tl.trans(dequant_tile(w, sc, BLOCK_N, BLOCK_K, dtype, FAST)), acc, UPCAST)
+        i_main = I - I % BLOCK_K  # whole K tiles, unmasked (pipelined); then at most one partial
+        for k0 in range(0, i_main, BLOCK_K):
+            acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, k0, I, dtype, UPCAST,
+                             FAST, BLOCK_N, BLOCK_K, False)  # fmt: skip
+        if i_main < I:
+            acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, i_main, I, dtype, UPCAST,
+                             FAST, BLOCK_N, BLOCK_K, True)  # fmt: skip
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tw = tl.load(tw_ptr + slot, mask=rmask, other=0.0)  # [BM] routing weights
@@ -166,7 +182,7 @@ def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
     )  # fmt: skip
     up = upcast_dots(x.dtype)
     fast = x.dtype == torch.bfloat16 and not interpreting()
-    c1, c2 = fit_block_k(cfg["gemm1"], hidden), fit_block_k(cfg["gemm2"], inter)
+    c1, c2 = cfg["gemm1"], cfg["gemm2"]  # K tiles past H or I are masked (a multiple of 32)
     h = torch.empty(s, inter, dtype=x.dtype, device=dev)  # [S, I]
     b13, b2 = weights.b13, weights.b2
     limit = 0.0 if act.limit is None else float(act.limit)

@@ -77,8 +77,16 @@ def test_repeated_expert_in_one_token(device):
 
 def test_many_tiles_k_steps_and_row_chunks(device):
     # two experts and 20 tokens: 20 slots per expert > BLOCK_M=16 (two row chunks); H=96 is not a
-    # multiple of BLOCK_K=64, so gemm1 steps through K by 32; I=64 in one step; several N tiles
+    # multiple of BLOCK_K=64: gemm1 takes one whole K tile and a masked one of 32; I=64 in one
+    # step; several N tiles
     check(device, 20, torch.float32, GPT_OSS_ACT, True, e=2, h=96, i=64, k=2, cfg=tiles(16, 16, 64))
+
+
+def test_k_tiles_past_the_reduction_dim_are_masked(device):
+    # GPT-OSS's 2880 = 11 * 256 + 64 in miniature: H=352 is one 256 tile and a masked tail of 96;
+    # I=160 is a masked tile alone (BLOCK_K 256 > I); bf16, biases, every scale group in play
+    check(device, 3, torch.float32, GPT_OSS_ACT, True, h=352, i=160, cfg=tiles(16, 32, 256))
+    check(device, 4, torch.bfloat16, GPT_OSS_ACT, True, h=352, i=160, cfg=tiles(16, 32, 256))
 
 
 @triton.jit
