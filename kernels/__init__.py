@@ -47,6 +47,10 @@ for _op in ("gqa_decode", "gqa_prefill"):
     REGISTRY.register(
         Backend(_op, "torch", _lazy("gqa_reference", f"{_op}_torch"), "any", priority=0)
     )
+for _op in ("rms_norm", "rope"):  # elementwise kernels and a reduction: capturable as they are
+    REGISTRY.register(
+        Backend(_op, "torch", _lazy(f"{_op}_reference", f"{_op}_torch"), "any", graph_safe=True)
+    )
 
 
 def _triton_missing() -> str | None:
@@ -78,6 +82,22 @@ for _op, _module, _fn in (
             dtypes=("bfloat16", "float32"),  # what the tests cover, on CPU and on the H100
             unavailable=_triton_missing,
             graph_safe=True,  # grids and split counts come from shapes (decode graphs rely on it)
+        )
+    )
+
+# one launch each for the norms and rotations the torch versions spread over several kernels
+for _op in ("rms_norm", "rope"):
+    REGISTRY.register(
+        Backend(
+            _op,
+            "triton",
+            _lazy(f"{_op}_triton", f"{_op}_triton"),
+            "cuda",
+            priority=10,
+            min_sm=80,
+            dtypes=("bfloat16", "float32"),
+            unavailable=_triton_missing,
+            graph_safe=True,
         )
     )
 

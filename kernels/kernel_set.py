@@ -42,6 +42,8 @@ class KernelSet:
     gqa_prefill: Callable
     linear_fp8: Callable  # (x [T, K], prepared) -> [T, N]
     prepare_linear_fp8: Callable[[tuple], Any]  # (fp8 weight, block scales, dtype) -> prepared
+    rms_norm: Callable  # (x, weight, eps, round_once, residual) -> norm, or (norm, x + residual)
+    rope: Callable  # (positions, x, cos, sin, interleave) -> rotated x
     moe_crossover_m: int = DEFAULT_MOE_CROSSOVER_M
 
     @staticmethod
@@ -74,6 +76,8 @@ class KernelSet:
             gqa_prefill=choices["gqa_prefill"].backend.load(),
             linear_fp8=choices["linear_fp8"].backend.load(),
             prepare_linear_fp8=choices["linear_fp8"].backend.prepare(),
+            rms_norm=choices["rms_norm"].backend.load(),
+            rope=choices["rope"].backend.load(),
             moe_crossover_m=moe_crossover_m,
         )
 

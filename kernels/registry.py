@@ -10,6 +10,8 @@ Ops and their contracts (see ``moe_reference`` and ``mla_reference``):
 - ``gqa_decode``: paged grouped-query decode with attention sinks and a sliding window
   (GPT-OSS; ``gqa_reference``).
 - ``gqa_prefill``: its causal variable-length prefill.
+- ``rms_norm``: RMSNorm, optionally after the residual add (``rms_norm_reference``).
+- ``rope``: the rotary embedding of queries and keys (``rope_reference``).
 - ``linear_fp8``: a linear whose weight is FP8 with 128x128 block scales (DeepSeek's release
   format): dequantized once at load (``torch``), or an FP8 GEMM with activations quantized per
   token in groups of 128 (``triton``).
@@ -36,6 +38,8 @@ OPS = (
     "linear_fp8",
     "gqa_decode",
     "gqa_prefill",
+    "rms_norm",
+    "rope",
 )
 ROLES = ("prefill", "decode", "colocated")
 

@@ -52,12 +52,14 @@ class MLAAttention(nn.Module):
             self.q_proj = Linear(h, n * qk, mode="column", **fp8)
         else:
             self.q_a_proj = Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias, **fp8)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, dtype)
+            self.q_a_layernorm = RMSNorm(
+                cfg.q_lora_rank, LATENT_NORM_EPS, dtype, kernel=kernels.rms_norm
+            )
             self.q_b_proj = Linear(cfg.q_lora_rank, n * qk, mode="column", **fp8)
         self.kv_a_proj_with_mqa = Linear(
             h, self.rank + self.rope_dim, bias=cfg.attention_bias, **fp8
         )
-        self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS, dtype)
+        self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS, dtype, kernel=kernels.rms_norm)
         self.kv_b_proj = Linear(self.rank, n * (self.nope + self.v_dim), mode="column", **kw)
         self.o_proj = Linear(n * self.v_dim, h, mode="row", bias=cfg.attention_bias, **fp8)
 

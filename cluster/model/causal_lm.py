@@ -20,31 +20,42 @@ from pdserve.kernels import KernelSet
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention and MLP, each added to the residual after its all-reduce."""
+    """Pre-norm attention and MLP, each added to the residual after its all-reduce. Each add
+    runs in the norm after it (one kernel): a layer returns the residual stream and its MLP's
+    output, which the next layer's first norm (or the final norm) adds."""
 
     def __init__(
-        self, cfg: ModelConfig, attn: nn.Module, mlp: nn.Module, dtype: torch.dtype, tp
+        self,
+        cfg: ModelConfig,
+        attn: nn.Module,
+        mlp: nn.Module,
+        dtype: torch.dtype,
+        tp,
+        kernels: KernelSet,
     ) -> None:
         super().__init__()
         self.tp = tp
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.is_gqa)
+        norm = dict(round_once=cfg.is_gqa, kernel=kernels.rms_norm)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, **norm)
         self.self_attn = attn
-        self.post_attention_layernorm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.is_gqa
-        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, **norm)
         self.mlp = mlp
 
     def forward(
         self,
-        positions: torch.Tensor,
-        x: torch.Tensor,
+        positions: torch.Tensor,  # [T]
+        x: torch.Tensor,  # [T, hidden], the residual stream
+        pending: torch.Tensor | None,  # [T, hidden], the previous layer's MLP output, or None
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
-        x = x + self.tp.all_reduce(h)
-        h = self.mlp(self.post_attention_layernorm(x))
-        return x + self.tp.all_reduce(h)
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # (residual stream, this layer's MLP output)
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            h, x = self.input_layernorm(x, pending)
+        h = self.self_attn(positions, h, kv_cache, meta)
+        h, x = self.post_attention_layernorm(x, self.tp.all_reduce(h))
+        return x, self.tp.all_reduce(self.mlp(h))
 
 
 class DecoderModel(nn.Module):
@@ -55,13 +66,16 @@ class DecoderModel(nn.Module):
         rotary: RotaryEmbedding,
         dtype: torch.dtype,
         tp: TensorParallel,
+        kernels: KernelSet,
     ) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tp=tp)
         # one table for all layers; a buffer of the model, not of any layer, so it loads nothing
         self.rotary = rotary
         self.layers = nn.ModuleList(layers)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.is_gqa)
+        self.norm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, dtype, cfg.is_gqa, kernel=kernels.rms_norm
+        )
 
 
 class CausalLM(nn.Module):
@@ -73,13 +87,14 @@ class CausalLM(nn.Module):
         rotary: RotaryEmbedding,
         make_layer: Callable[[int, RotaryEmbedding], DecoderLayer],
         *,
+        kernels: KernelSet,
         dtype: torch.dtype,
         tp: TensorParallel,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         layers = [make_layer(i, rotary) for i in range(cfg.num_hidden_layers)]
-        self.model = DecoderModel(cfg, layers, rotary, dtype, tp)
+        self.model = DecoderModel(cfg, layers, rotary, dtype, tp, kernels)
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tp=tp)
 
     def forward(
@@ -90,12 +105,14 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         after_layer: Callable[[int], None] | None = None,  # called with i once layer i is queued
     ) -> torch.Tensor:  # [T, hidden], final-normed
-        x = self.model.embed_tokens(input_ids)
+        x, pending = self.model.embed_tokens(input_ids), None
         for i, layer in enumerate(self.model.layers):
-            x = layer(positions, x, kv_caches[i], meta)
+            x, pending = layer(positions, x, pending, kv_caches[i], meta)
             if after_layer is not None:
                 after_layer(i)
-        return self.model.norm(x)
+        if pending is None:  # no layers
+            return self.model.norm(x)
+        return self.model.norm(x, pending)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in float32 (float64 for a float64 model)."""

@@ -25,7 +25,12 @@ class DeepseekV3ForCausalLM(CausalLM):
         tp: TensorParallel,
     ) -> None:
         rotary = RotaryEmbedding(
-            cfg.qk_rope_head_dim, max_positions, cfg.rope, cfg.rope_interleave, dtype
+            cfg.qk_rope_head_dim,
+            max_positions,
+            cfg.rope,
+            cfg.rope_interleave,
+            dtype,
+            kernel=kernels.rope,
         )
         fp8 = (cfg.fp8_block, kernels) if cfg.fp8_block else None
 
@@ -35,6 +40,6 @@ class DeepseekV3ForCausalLM(CausalLM):
                 mlp: torch.nn.Module = MoEBlock(cfg, kernels=kernels, dtype=dtype, tp=tp)
             else:
                 mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, tp=tp, fp8=fp8)
-            return DecoderLayer(cfg, attn, mlp, dtype, tp)
+            return DecoderLayer(cfg, attn, mlp, dtype, tp, kernels)
 
-        super().__init__(cfg, rotary, layer, dtype=dtype, tp=tp)
+        super().__init__(cfg, rotary, layer, kernels=kernels, dtype=dtype, tp=tp)

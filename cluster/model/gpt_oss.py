@@ -70,11 +70,13 @@ class GptOssForCausalLM(CausalLM):
         dtype: torch.dtype,
         tp: TensorParallel,
     ) -> None:
-        rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope, False, dtype)
+        rotary = RotaryEmbedding(
+            cfg.head_dim, max_positions, cfg.rope, False, dtype, kernel=kernels.rope
+        )
 
         def layer(i: int, rope: RotaryEmbedding) -> DecoderLayer:
             attn = GQAAttention(cfg, i, rope=rope, kernels=kernels, dtype=dtype, tp=tp)
             mlp = GptOssMoE(cfg, kernels=kernels, dtype=dtype, tp=tp)
-            return DecoderLayer(cfg, attn, mlp, dtype, tp)
+            return DecoderLayer(cfg, attn, mlp, dtype, tp, kernels)
 
-        super().__init__(cfg, rotary, layer, dtype=dtype, tp=tp)
+        super().__init__(cfg, rotary, layer, kernels=kernels, dtype=dtype, tp=tp)

@@ -7,12 +7,15 @@ whose name starts with the module's path (``name`` is the rest, e.g. ``"weight"`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.kernels import KernelSet
+from pdserve.kernels.rms_norm_reference import rms_norm_torch
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -57,21 +60,29 @@ class Loadable(nn.Module):
 class RMSNorm(Loadable):
     """RMSNorm computed in float32, as transformers' DeepseekV3RMSNorm does (the normalized
     value rounded to the model dtype, then scaled), or with ``round_once`` as GptOssRMSNorm
-    does (scaled in float32, rounded once)."""
+    does (scaled in float32, rounded once); through the worker's ``rms_norm`` kernel
+    (``kernels/rms_norm_reference.py`` is the contract and the CPU path)."""
 
     expected = ("weight",)
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype, round_once: bool = False) -> None:
+    def __init__(
+        self,
+        dim: int,
+        eps: float,
+        dtype: torch.dtype,
+        round_once: bool = False,
+        kernel: Callable = rms_norm_torch,
+    ) -> None:
         super().__init__()
-        self.eps, self.round_once = eps, round_once
+        self.eps, self.round_once, self.kernel = eps, round_once, kernel
         self.weight = _empty(dim, dtype=dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.round_once:
-            return (self.weight * h).to(x.dtype)  # bf16 weight * float32: float32
-        return self.weight * h.to(x.dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> norm(x); with ``residual``: (norm(x + residual), x + residual), the add
+        and the norm in one kernel."""
+        return self.kernel(x, self.weight, self.eps, self.round_once, residual)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         if name != "weight":

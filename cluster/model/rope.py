@@ -7,11 +7,13 @@ bit for bit with its DeepseekV3 implementation.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from pdserve.cluster.config import RopeConfig, yarn_mscale
+from pdserve.kernels.rope_reference import rope_torch
 
 
 def inv_freq_and_attention_factor(rope: RopeConfig, dim: int) -> tuple[torch.Tensor, float]:
@@ -48,13 +50,20 @@ def inv_freq_and_attention_factor(rope: RopeConfig, dim: int) -> tuple[torch.Ten
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for positions [0, max_positions), in the model dtype."""
+    """cos/sin tables for positions [0, max_positions), in the model dtype, applied by the
+    worker's ``rope`` kernel (``kernels/rope_reference.py`` is the contract and the CPU path)."""
 
     def __init__(
-        self, dim: int, max_positions: int, rope: RopeConfig, interleave: bool, dtype: torch.dtype
+        self,
+        dim: int,
+        max_positions: int,
+        rope: RopeConfig,
+        interleave: bool,
+        dtype: torch.dtype,
+        kernel: Callable = rope_torch,
     ) -> None:
         super().__init__()
-        self.interleave = interleave
+        self.interleave, self.kernel = interleave, kernel
         inv_freq, attention_factor = inv_freq_and_attention_factor(rope, dim)
         freqs = torch.arange(max_positions).float()[:, None] * inv_freq[None, :]  # [P, dim/2]
         self.register_buffer("cos", (freqs.cos() * attention_factor).to(dtype), persistent=False)
@@ -66,12 +75,4 @@ class RotaryEmbedding(nn.Module):
         Interleaved: pairs are (x[2i], x[2i+1]); otherwise (x[i], x[i + dim/2]). Both give the
         output transformers gives, so q.k products agree with it.
         """
-        shape = (positions.shape[0],) + (1,) * (x.dim() - 2) + (-1,)
-        cos = self.cos[positions].view(shape)  # [T, 1.., dim/2]
-        sin = self.sin[positions].view(shape)
-        if self.interleave:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-        else:
-            half = x.shape[-1] // 2
-            x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return self.kernel(positions, x, self.cos, self.sin, self.interleave)

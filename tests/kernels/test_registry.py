@@ -47,7 +47,9 @@ def test_triton_beats_torch_on_every_gpu(gpu, role):
 def test_triton_configs_fit_sm120_shared_memory():
     for op in OPS:
         triton = next(b for b in REGISTRY.backends[op] if b.name == "triton")
-        assert 0 < triton.min_smem <= RTX_PRO_6000.smem_per_block, op
+        assert triton.min_smem <= RTX_PRO_6000.smem_per_block, op
+        staged = op not in ("rms_norm", "rope")  # those two stage no tiles in shared memory
+        assert (triton.min_smem > 0) == staged, op
     small_smem = dataclasses.replace(RTX_PRO_6000, smem_per_block=48 * 1024)
     choice = REGISTRY.select("mla_decode", small_smem, "decode")
     assert choice.backend.name == "torch"
