@@ -47,10 +47,12 @@ for _op in ("gqa_decode", "gqa_prefill"):
     REGISTRY.register(
         Backend(_op, "torch", _lazy("gqa_reference", f"{_op}_torch"), "any", priority=0)
     )
-for _op in ("rms_norm", "rope"):  # elementwise kernels and a reduction: capturable as they are
-    REGISTRY.register(
-        Backend(_op, "torch", _lazy(f"{_op}_reference", f"{_op}_torch"), "any", graph_safe=True)
-    )
+for _op, _module, _fn in (  # elementwise kernels, reductions, top-k: capturable as they are
+    ("rms_norm", "rms_norm_reference", "rms_norm_torch"),
+    ("rope", "rope_reference", "rope_torch"),
+    ("grouped_topk", "routing", "grouped_topk"),
+):
+    REGISTRY.register(Backend(_op, "torch", _lazy(_module, _fn), "any", graph_safe=True))
 
 
 def _triton_missing() -> str | None:
@@ -85,13 +87,17 @@ for _op, _module, _fn in (
         )
     )
 
-# one launch each for the norms and rotations the torch versions spread over several kernels
-for _op in ("rms_norm", "rope"):
+# one launch each for the norms, rotations and routing the torch versions spread over kernels
+for _op, _module, _fn in (
+    ("rms_norm", "rms_norm_triton", "rms_norm_triton"),
+    ("rope", "rope_triton", "rope_triton"),
+    ("grouped_topk", "routing_triton", "grouped_topk_triton"),
+):
     REGISTRY.register(
         Backend(
             _op,
             "triton",
-            _lazy(f"{_op}_triton", f"{_op}_triton"),
+            _lazy(_module, _fn),
             "cuda",
             priority=10,
             min_sm=80,

@@ -44,6 +44,7 @@ class KernelSet:
     prepare_linear_fp8: Callable[[tuple], Any]  # (fp8 weight, block scales, dtype) -> prepared
     rms_norm: Callable  # (x, weight, eps, round_once, residual) -> norm, or (norm, x + residual)
     rope: Callable  # (positions, x, cos, sin, interleave) -> rotated x
+    grouped_topk: Callable  # (logits, top_k, **routing) -> (weights, ids)
     moe_crossover_m: int = DEFAULT_MOE_CROSSOVER_M
 
     @staticmethod
@@ -78,6 +79,7 @@ class KernelSet:
             prepare_linear_fp8=choices["linear_fp8"].backend.prepare(),
             rms_norm=choices["rms_norm"].backend.load(),
             rope=choices["rope"].backend.load(),
+            grouped_topk=choices["grouped_topk"].backend.load(),
             moe_crossover_m=moe_crossover_m,
         )
 

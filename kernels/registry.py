@@ -12,6 +12,7 @@ Ops and their contracts (see ``moe_reference`` and ``mla_reference``):
 - ``gqa_prefill``: its causal variable-length prefill.
 - ``rms_norm``: RMSNorm, optionally after the residual add (``rms_norm_reference``).
 - ``rope``: the rotary embedding of queries and keys (``rope_reference``).
+- ``grouped_topk``: DeepSeek-V3's group-limited top-k routing (``routing``).
 - ``linear_fp8``: a linear whose weight is FP8 with 128x128 block scales (DeepSeek's release
   format): dequantized once at load (``torch``), or an FP8 GEMM with activations quantized per
   token in groups of 128 (``triton``).
@@ -40,6 +41,7 @@ OPS = (
     "gqa_prefill",
     "rms_norm",
     "rope",
+    "grouped_topk",
 )
 ROLES = ("prefill", "decode", "colocated")
 

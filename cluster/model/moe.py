@@ -12,7 +12,7 @@ from torch import nn
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.layers import DenseMLP, Loadable, _copy, _empty
 from pdserve.cluster.parallel import TensorParallel
-from pdserve.kernels import KernelSet, MoeWeights, SwiGLU, grouped_topk
+from pdserve.kernels import KernelSet, MoeWeights, SwiGLU
 from pdserve.kernels.mxfp4 import BLOCK, pack_fp4, quantize_mxfp4, unpack_fp4
 
 _PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
@@ -214,7 +214,7 @@ class MoEBlock(nn.Module):
         cfg = self.cfg
         dt = torch.promote_types(x.dtype, torch.float32)  # float32 at least, like transformers
         logits = F.linear(x.to(dt), self.gate.weight.to(dt))  # [T, E]
-        return grouped_topk(
+        return self.kernels.grouped_topk(
             logits,
             cfg.num_experts_per_tok,
             correction_bias=self.gate.e_score_correction_bias,

@@ -1,0 +1,98 @@
+"""DeepSeek-V3's group-limited top-k in one Triton launch: op ``grouped_topk``, backend
+``triton``. Contract: ``routing.grouped_topk`` (sigmoid scores, the correction bias for
+selection only, groups ranked by their two best biased scores, the best ``topk_group`` groups'
+experts competing, weights the unbiased scores, normalized and scaled). PyTorch spends about 18
+kernels on it per MoE layer; this is one program per token.
+
+Selection is by repeated arg-max over the row held in registers (K and the group count are
+small); ties go to the lower expert id (``torch.topk`` leaves their order unspecified). The
+weights' sum runs in another order than torch's: equal to a float32 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _grouped_topk_kernel(
+    logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, scale,
+    TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):  # fmt: skip
+    m = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    valid = e < E
+    x = tl.load(logits_ptr + m * stride_l + e, mask=valid, other=0.0).to(tl.float32)
+    scores = tl.sigmoid(x)  # [BE]
+    choice = scores
+    if HAS_BIAS:
+        choice = scores + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
+    choice = tl.where(valid, choice, float("-inf"))
+    if N_GROUP > 1 and TOPK_GROUP < N_GROUP:
+        per = E // N_GROUP
+        group = e // per  # [BE]; padding lanes land past the last group
+        g = tl.arange(0, BLOCK_G)  # padding groups hold no expert: -inf, never kept
+        # a group's score: the sum of its two best biased scores (its one best if it has one)
+        best = tl.max(tl.where(group[None, :] == g[:, None], choice[None, :], float("-inf")), 1)
+        first = tl.argmax(
+            tl.where(group[None, :] == g[:, None], choice[None, :], float("-inf")), 1
+        )  # [G]
+        rest = tl.where(
+            (group[None, :] == g[:, None]) & (e[None, :] != first[:, None]),
+            choice[None, :],
+            float("-inf"),
+        )
+        second = tl.max(rest, 1)
+        gscore = tl.where(second > float("-inf"), best + second, best)  # [G]
+        keep = g < 0  # [BG], all false
+        for _ in tl.static_range(TOPK_GROUP):
+            pick = tl.argmax(tl.where(keep, float("-inf"), gscore), 0)
+            keep = keep | (g == pick)
+        kept = tl.max(tl.where(group[None, :] == g[:, None], keep[:, None].to(tl.int32), 0), 0)
+        choice = tl.where(kept > 0, choice, float("-inf"))
+    k = tl.arange(0, BLOCK_K)
+    ids = tl.zeros([BLOCK_K], dtype=tl.int64)
+    w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        pick = tl.argmax(choice, 0)
+        ids = tl.where(k == j, pick.to(tl.int64), ids)
+        w = tl.where(k == j, tl.sum(tl.where(e == pick, scores, 0.0), 0), w)
+        choice = tl.where(e == pick, float("-inf"), choice)
+    if NORM:
+        w = w / (tl.sum(w, 0) + 1e-20)
+    tl.store(w_ptr + m * TOP_K + k, w * scale, mask=k < TOP_K)
+    tl.store(ids_ptr + m * TOP_K + k, ids, mask=k < TOP_K)
+
+
+def grouped_topk_triton(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [M, E] float32 -> (weights [M, K] float32, ids [M, K] int64)."""
+    m, e = router_logits.shape
+    if e % n_group:
+        raise ValueError(f"{e} experts do not split into n_group={n_group} groups")
+    assert router_logits.dtype == torch.float32 and router_logits.stride(-1) == 1
+    weights = torch.empty((m, top_k), dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty((m, top_k), dtype=torch.int64, device=router_logits.device)
+    if m:
+        bias = correction_bias if correction_bias is not None else router_logits
+        _grouped_topk_kernel[(m,)](
+            router_logits, bias, weights, ids, e, router_logits.stride(0),
+            float(routed_scaling_factor),
+            TOP_K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group,
+            HAS_BIAS=correction_bias is not None, NORM=norm_topk_prob,
+            BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
+            BLOCK_G=triton.next_power_of_2(n_group), num_warps=4,
+        )  # fmt: skip
+    return weights, ids

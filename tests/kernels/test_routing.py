@@ -1,0 +1,43 @@
+"""grouped_topk, Triton (interpreter on CPU, compiled on CUDA), against the PyTorch version: the
+same experts per token and their weights, at DeepSeek-V3's routing (256 experts in 8 groups,
+4 kept, top-8, correction bias), V2-Lite's shape (64 experts, one group, top-6), groups not a
+power of two, and without normalization."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.kernels.routing import grouped_topk
+from pdserve.kernels.routing_triton import grouped_topk_triton
+
+CASES = {  # E, top_k, n_group, topk_group, bias, norm, scale
+    "deepseek-v3": (256, 8, 8, 4, True, True, 2.5),
+    "v2-lite-shape": (64, 6, 1, 1, True, True, 1.0),
+    "three-groups": (24, 3, 3, 2, False, False, 1.0),
+    "one-expert-groups": (8, 2, 8, 3, True, True, 1.0),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_same_experts_and_weights_as_the_reference(device, case):
+    e, k, n_group, topk_group, bias, norm, scale = CASES[case]
+    g = torch.Generator().manual_seed(e + k)
+    logits = (torch.randn(9, e, generator=g) * 2).to(device)
+    cb = (torch.randn(e, generator=g) * 0.1).to(device) if bias else None
+    kw = dict(correction_bias=cb, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
+              routed_scaling_factor=scale)  # fmt: skip
+    w, ids = grouped_topk_triton(logits, k, **kw)
+    rw, rids = grouped_topk(logits, k, **kw)
+    assert ids.dtype == rids.dtype == torch.int64 and w.dtype == torch.float32
+    ids, order = ids.sort(dim=-1)
+    rids, rorder = rids.sort(dim=-1)
+    assert torch.equal(ids, rids)
+    torch.testing.assert_close(w.gather(1, order), rw.gather(1, rorder), rtol=1e-6, atol=1e-7)
+
+
+def test_an_empty_batch_and_uneven_groups(device):
+    w, ids = grouped_topk_triton(torch.zeros(0, 64, device=device), 6, n_group=1)
+    assert w.shape == ids.shape == (0, 6)
+    with pytest.raises(ValueError, match="do not split into n_group=3"):
+        grouped_topk_triton(torch.zeros(2, 64, device=device), 6, n_group=3)
