@@ -12,6 +12,7 @@ head to the softmax's denominator; a sliding layer's query sees the last ``windo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
@@ -54,6 +55,22 @@ class GQAAttention(Loadable):
         self.o_proj = Linear(heads * d, h, mode="row", bias=bias, dtype=dtype, tp=tp)
         self.sinks = _empty(self.heads, dtype=torch.float32)  # this rank's heads' logits
 
+    def post_load(self) -> None:
+        """q, k and v projected by one GEMM: their weights (and biases) stacked in one matrix,
+        each layer's own parameter then a view of its rows (no second copy)."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        rows = [p.weight.shape[0] for p in projs]
+        for name in ("weight", "bias"):
+            parts = [getattr(p, name) for p in projs]
+            if parts[0] is None:
+                self.qkv_bias = None
+                continue
+            fused = torch.cat([t.data for t in parts])  # [(Hl + 2 KVH) * D, ...]
+            for t, view in zip(parts, fused.split(rows)):
+                t.data = view
+            self.register_buffer(f"qkv_{name}", fused, persistent=False)
+        self.qkv_rows = rows
+
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         if name != "sinks":
             raise ValueError(f"unexpected attention tensor {name!r}")
@@ -69,9 +86,10 @@ class GQAAttention(Loadable):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden], a partial sum under tensor parallelism
         t, d = x.shape[0], self.head_dim
-        q = self.rope(positions, self.q_proj(x).view(t, self.heads, d))  # [T, Hl, D]
-        k = self.rope(positions, self.k_proj(x).view(t, self.kv_heads, d))  # [T, KVH, D]
-        v = self.v_proj(x).view(t, self.kv_heads, d)
+        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_rows, dim=-1)
+        q = self.rope(positions, q.view(t, self.heads, d))  # [T, Hl, D]
+        k = self.rope(positions, k.view(t, self.kv_heads, d))  # [T, KVH, D]
+        v = v.view(t, self.kv_heads, d)
         cache_rows = kv_cache.view(-1, kv_cache.shape[-1])  # [slots, KVH * 2 * D]
         cache_rows.index_copy_(0, meta.slot_mapping, torch.stack((k, v), dim=2).view(t, -1))
         mine = kv_cache[..., self.kv_cols]  # [N, bs, KVl * 2 * D], a view: this rank's heads
