@@ -14,6 +14,6 @@ def to_dtype_rne(x, DTYPE: tl.constexpr):
     the cast after it is exact under any rounding mode."""
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        bits = bits + ((bits >> 16) & 1) + 0x7FFF  # half of the dropped part, ties to even
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)  # shifts keep uint32
     return x.to(DTYPE)

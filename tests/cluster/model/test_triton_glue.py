@@ -1,0 +1,50 @@
+"""The model with the Triton norm, rope and routing kernels (interpreted on CPU) in place of
+the PyTorch ones: the same greedy tokens, for a DeepSeek-V3-style model (MLA: strided latent
+rows and rope columns, grouped top-k) and for GPT-OSS (split-half rope, GPT-OSS's norm, the
+fused residual adds of both)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
+from pdserve.cluster.model.layers import RMSNorm
+from pdserve.cluster.model.rope import RotaryEmbedding
+from pdserve.kernels.rms_norm_triton import rms_norm_triton
+from pdserve.kernels.rope_triton import rope_triton
+from pdserve.kernels.routing_triton import grouped_topk_triton
+
+
+def _engine(model: str) -> LLMEngine:
+    cache = CacheConfig(block_size=16, num_blocks=64)
+    return LLMEngine(EngineConfig(model=model, device="cpu", dtype="float32", cache=cache))
+
+
+def _swap_in_triton(engine: LLMEngine) -> int:
+    """Every norm, rotation and router of the engine's model through the Triton kernels."""
+    swapped = 0
+    for m in engine.runner.model.modules():
+        if isinstance(m, RMSNorm):
+            m.kernel, swapped = rms_norm_triton, swapped + 1
+        elif isinstance(m, RotaryEmbedding):
+            m.kernel, swapped = rope_triton, swapped + 1
+        elif hasattr(m, "kernels") and hasattr(m, "gate"):  # DeepSeek's MoE block
+            m.kernels = dataclasses.replace(m.kernels, grouped_topk=grouped_topk_triton)
+            swapped += 1
+    return swapped
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "gpt_oss_model"])
+def test_triton_glue_gives_the_same_greedy_tokens(which, request):
+    model = request.getfixturevalue(which)
+    prompts = [[5, 9, 13, 2, 7, 11, 3], [4] * 20 + [8, 6]]
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    want = [o.token_ids for o in _engine(model).generate(prompts, sp)]
+    engine = _engine(model)
+    assert _swap_in_triton(engine) > 3
+    with torch.no_grad():
+        got = [o.token_ids for o in engine.generate(prompts, sp)]
+    assert got == want
