@@ -50,6 +50,7 @@ def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
             gpus_per_rank=1 if args.tp > 1 else 0,
             decode_graphs=graphs,
             decode_graph_max_batch=max_batch,
+            kernel_overrides=args.kernel_overrides,
             # every prompt computed in full: the prefill timings repeat one prompt
             cache=CacheConfig(
                 block_size=args.block_size,
@@ -216,8 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (one GPU each)")
     p.add_argument("--profile", action="store_true", help="eager steps' GPU time by launcher")
     p.add_argument("--prefill-lens", default="", help="also time one prompt of each length")
+    p.add_argument(
+        "--kernels", default="", help="kernel overrides, e.g. rms_norm=triton,rope=triton"
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    try:
+        args.kernel_overrides = dict(kv.split("=", 1) for kv in args.kernels.split(",") if kv)
+    except ValueError:
+        p.error(f"--kernels takes op=backend pairs separated by commas, got {args.kernels!r}")
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
     if args.profile and "off" not in modes:
@@ -234,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         "tp": args.tp,
         "context": args.context,
         "steps": args.steps,
+        "kernel_overrides": args.kernel_overrides,
         "date": time.strftime("%Y-%m-%d"),
         "host": platform.node(),
     }

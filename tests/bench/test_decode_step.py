@@ -28,6 +28,17 @@ def test_decode_step_bench_writes_a_row_per_batch_and_mode(tiny_model, tmp_path)
         assert len(r["experts_hit"]) == 2  # the tiny model's two MoE layers
 
 
+def test_kernel_overrides_reach_the_engine(tiny_model, tmp_path):
+    out = tmp_path / "k.json"
+    args = ["--model", tiny_model, "--device", "cpu", "--batches", "1", "--steps", "2"]
+    args += ["--context", "8", "--modes", "off", "--kernels", "rope=torch", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["kernel_overrides"] == {"rope": "torch"} and result["kernels"]["rope"] == "torch"
+    with pytest.raises(SystemExit):
+        main(["--model", tiny_model, "--kernels", "rope"])
+
+
 def test_a_profile_without_eager_steps_is_refused_before_any_work(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "/nonexistent", "--modes", "auto", "--profile"])

@@ -1,7 +1,7 @@
-"""The model with the Triton norm, rope and routing kernels (interpreted on CPU) in place of
-the PyTorch ones: the same greedy tokens, for a DeepSeek-V3-style model (MLA: strided latent
-rows and rope columns, grouped top-k) and for GPT-OSS (split-half rope, GPT-OSS's norm, the
-fused residual adds of both)."""
+"""The model with the Triton norm, rope and routing kernels (interpreted on CPU, compiled on a
+GPU) in place of the PyTorch ones: the same greedy tokens, for a DeepSeek-V3-style model (MLA:
+strided latent rows and rope columns, grouped top-k) and for GPT-OSS (split-half rope, GPT-OSS's
+norm), with the residual adds fused into the norms in both."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from pdserve.kernels.rms_norm_triton import rms_norm_triton
 from pdserve.kernels.rope_triton import rope_triton
 from pdserve.kernels.routing_triton import grouped_topk_triton
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled there, else interpreted
+
 
 def _engine(model: str) -> LLMEngine:
     cache = CacheConfig(block_size=16, num_blocks=64)
-    return LLMEngine(EngineConfig(model=model, device="cpu", dtype="float32", cache=cache))
+    return LLMEngine(EngineConfig(model=model, device=DEVICE, dtype="float32", cache=cache))
 
 
 def _swap_in_triton(engine: LLMEngine) -> int:
