@@ -78,6 +78,26 @@ def _gpus(pool: PoolSpec, cluster_gpus: float) -> float:
     return 1.0 if cluster_gpus > 0 else 0.0
 
 
+def kv_transport(spec: AppSpec, gpus: dict[str, float]) -> str:
+    """The transport ``auto`` stands for: NCCL where both pools hold whole GPUs, else Ray's
+    object store. Ranks holding a fraction of a GPU may share one device with the other pool's,
+    and NCCL cannot join two ranks on one device (each transfer would fail and decode fall back
+    to prefilling locally), so ``nccl`` with fractional GPUs is refused."""
+    if spec.colocated:
+        return spec.kv_transport if spec.kv_transport != "auto" else "object_store"
+    on_gpus = gpus["prefill"] > 0 and gpus["decode"] > 0
+    shared = on_gpus and min(gpus["prefill"], gpus["decode"]) < 1
+    if spec.kv_transport == "nccl" and shared:
+        raise ValueError(
+            f"kv_transport nccl needs whole GPUs per rank (gpus_per_rank prefill "
+            f"{gpus['prefill']}, decode {gpus['decode']}): NCCL cannot join two ranks on one "
+            "device; use object_store or auto"
+        )
+    if spec.kv_transport != "auto":
+        return spec.kv_transport
+    return "nccl" if on_gpus and not shared else "object_store"
+
+
 def _engine_config(
     spec: AppSpec, pool: PoolSpec, role: str, path: Path, gpus: float, rank_actors: bool
 ) -> EngineConfig:
@@ -172,10 +192,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
         _check_tp(name, pool.tp, cfg)
     cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     gpus = {name: _gpus(pool, cluster_gpus) for name, pool in pools.items()}
-    transport = spec.kv_transport
-    if transport == "auto":
-        on_gpus = not spec.colocated and gpus["prefill"] > 0 and gpus["decode"] > 0
-        transport = "nccl" if on_gpus else "object_store"
+    transport = kv_transport(spec, gpus)
     # decode pulls KV from prefill ranks directly: over the prefill replica's line, or else from
     # rank actors it can call (a rank actor costs each prompt a few ms)
     prefill_actors = transport == "nccl" and not spec.colocated and not spec.prefill.direct_line

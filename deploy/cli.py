@@ -203,6 +203,19 @@ def _delete_app(name: str) -> None:
     print(f"deleted the app {name!r}")
 
 
+def _build_kernels(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pdserve.kernels.flashinfer_aot import build
+
+    build(
+        install_dir=args.install_dir and Path(args.install_dir),
+        work=args.work_dir and Path(args.work_dir),
+        jobs=args.jobs,
+    )
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pdserve.deploy.demo import run_demo
 
@@ -285,6 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="load generator against a running endpoint (bench.serve)")
     bench_serve.add_arguments(p)
     p.set_defaults(fn=bench_serve.run)
+
+    p = sub.add_parser(
+        "build-kernels",
+        help="build FlashInfer's SM90 bf16 x MXFP4 MoE module ahead of time (needs nvcc, no GPU)",
+    )
+    p.add_argument(
+        "--install-dir", help="AOT folder to install into (default: the installed FlashInfer's)"
+    )
+    p.add_argument("--work-dir", help="build folder (default: ~/.cache/pdserve/flashinfer-aot)")
+    p.add_argument("--jobs", type=int, help="parallel compiles (default: by cores and memory)")
+    p.set_defaults(fn=_build_kernels)
 
     p = sub.add_parser(
         "demo", help="local Ray, tiny model, 1 prefill + 1 decode, streamed requests"

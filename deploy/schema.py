@@ -261,7 +261,8 @@ class AppSpec(_Strict):
         "auto",
         description="How KV moves from prefill to decode: object_store (Ray's), or nccl (point "
         "to point through torch.distributed; gloo when the pools run on CPU); auto: nccl when "
-        "both pools hold GPUs, else object_store.",
+        "both pools hold whole GPUs per rank, else object_store (NCCL cannot join two ranks "
+        "that share one GPU).",
     )
     ingress: IngressSpec = Field(default_factory=IngressSpec, description="The HTTP front.")
     faults: dict[str, float] = Field(

@@ -9,9 +9,10 @@ weights are exact zeros and padded intermediate units output SwiGLU(0, 0) = 0.
 
 The reordering and padding are plain torch (``reorder_pad``), unit-tested on CPU together with
 a torch emulation of the ``[up; gate]`` semantics (``emulate``). The FlashInfer call itself needs
-the ``fused_moe_90`` module, whose JIT build takes about 45 minutes on 16 cores: ``unavailable``
-names what is missing so that the registry falls back to the Triton MoE. Set
-PDSERVE_FLASHINFER_ALLOW_JIT=1 to accept that build on first use.
+the ``fused_moe_90`` module, whose JIT build takes about 45 minutes on 16 cores; ``pdserve
+build-kernels`` (``flashinfer_aot``) builds the part this adapter calls ahead of time.
+``unavailable`` names what is missing so that the registry falls back to the Triton MoE. Set
+PDSERVE_FLASHINFER_ALLOW_JIT=1 to accept the full build on first use.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 from pdserve.kernels.mxfp4 import E8M0_BIAS, dequantize_mxfp4
 
+MODULE = "fused_moe_90"  # what FlashInfer names the SM90 CUTLASS MoE module
 ALIGN = 128  # the SM90 scale interleave packs 4 groups of 32 per K tile: K % 128 == 0
 
 
@@ -134,17 +136,21 @@ def unavailable() -> str | None:
         return f"flashinfer >= 0.6.10 with the SM90 interleave helpers is not importable ({err})"
     if os.environ.get("PDSERVE_FLASHINFER_ALLOW_JIT") == "1":
         return None
-    try:
-        from flashinfer.jit.fused_moe import gen_cutlass_fused_moe_sm90_module
+    try:  # where build_and_load looks, without making the spec (that writes 154 sources)
+        from flashinfer.jit import env as jit_env
 
-        spec = gen_cutlass_fused_moe_sm90_module()
-        if spec.is_aot or spec.jit_library_path.exists():
-            return None
+        found = [
+            d / MODULE / f"{MODULE}.so"
+            for d in (jit_env.FLASHINFER_AOT_DIR, jit_env.FLASHINFER_JIT_DIR)
+        ]
     except Exception as err:  # any failure of the probe means we cannot rely on the module
-        return f"cannot probe flashinfer's fused_moe_90 module ({type(err).__name__}: {err})"
+        return f"cannot probe flashinfer's {MODULE} module ({type(err).__name__}: {err})"
+    if any(p.exists() for p in found):
+        return None
     return (
-        "flashinfer's fused_moe_90 module is neither prebuilt (flashinfer-jit-cache) nor in the "
-        "JIT cache; its build takes ~45 min (set PDSERVE_FLASHINFER_ALLOW_JIT=1 to allow it)"
+        f"flashinfer's {MODULE} module is in neither {found[0].parent.parent} nor the JIT cache: "
+        "build it once with `pdserve build-kernels` (nvcc, no GPU needed; about 25 minutes on "
+        "2 cores), or set PDSERVE_FLASHINFER_ALLOW_JIT=1 to accept a 45-minute build on first use"
     )
 
 

@@ -93,3 +93,24 @@ def test_1p1d_nccl_across_two_gpus_matches_single_process(ray_serve, tiny_model)
     from pdserve.deploy import serve_app
 
     assert {s.kv_transport for s in serve_app.replica_stats(app.name)} == {"nccl"}
+
+
+def test_prefill_through_flashinfer_moe_matches_the_triton_path(ray_serve, tiny_model):
+    """Where FlashInfer's fused_moe_90 module is installed (``pdserve build-kernels``) on an
+    SM90 GPU, the prefill pool's large-M MoE is FlashInfer's (as ``pdserve status`` reports
+    it) and the cluster's bf16 greedy tokens match the single-process Triton engine's up to
+    near-ties. The long prompt's prefill runs at M above the MoE crossover."""
+    import torch
+
+    from pdserve.deploy import serve_app
+    from pdserve.kernels.moe_flashinfer import unavailable
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("FlashInfer's CUTLASS MoE module is built for sm_90a")
+    if reason := unavailable():
+        pytest.skip(reason)
+    pool = {"num_replicas": 1, "gpus_per_rank": 0.5, "kv_cache_memory_fraction": 0.2}
+    app = _check_against_single_process(ray_serve, tiny_model, "fi", pool, "bfloat16")
+    kernels = {s.pool: s.kernels for s in serve_app.replica_stats(app.name)}
+    assert kernels["prefill"]["moe_large"] == "flashinfer_cutlass", kernels
+    assert kernels["decode"]["moe_large"] != "flashinfer_cutlass", kernels
