@@ -50,6 +50,7 @@ def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
             gpus_per_rank=1 if args.tp > 1 else 0,
             decode_graphs=graphs,
             decode_graph_max_batch=max_batch,
+            warmup_steps=False,  # the steps timed here are run before their timing
             kernel_overrides=args.kernel_overrides,
             # every prompt computed in full: the prefill timings repeat one prompt
             cache=CacheConfig(

@@ -219,6 +219,9 @@ class EngineConfig:
     # "eager": the same padded bucket path without capture (CPU tests of the padding)
     decode_graphs: str = "auto"
     decode_graph_max_batch: int = 128  # larger decode steps run eagerly
+    # on GPUs, run the eager step shapes once at start-up (cluster/step_warmup.py) so that
+    # their kernels compile before the first request
+    warmup_steps: bool = True
     kv_message_timeout_s: float = 60.0  # a point-to-point KV message fails after this long
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

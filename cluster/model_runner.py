@@ -24,6 +24,7 @@ from pdserve.cluster.model.weights import load_weights
 from pdserve.cluster.parallel import SINGLE, TensorParallel
 from pdserve.cluster.sampler import Draw, SampledToken, Sampler
 from pdserve.cluster.scheduler import SchedulerOutput
+from pdserve.cluster.step_warmup import warmup_steps
 from pdserve.kernels import DeviceInfo, KernelSet
 from pdserve.kernels.compile_watch import WATCH
 
@@ -155,7 +156,40 @@ class ModelRunner(Executor):
             num_blocks * self.block_size,
         )
         if self.device.type == "cuda":
+            if self.config.warmup_steps:
+                self.warm_up_steps()
             WATCH.serving()  # start-up's kernels are compiled: a later compile stalls a step
+
+    @torch.inference_mode()
+    def warm_up_steps(self) -> int:
+        """Run the eager steps ``step_warmup`` lists over the empty cache, then zero it: their
+        kernels compile now, not during the first requests. Every rank of a tensor-parallel
+        group runs the same steps. Returns how many ran."""
+        sched = self.config.scheduler
+        steps = warmup_steps(
+            limit=sched.max_num_batched_tokens,
+            crossover=self.kernels.moe_crossover_m,
+            block_size=self.block_size,
+            num_blocks=self.num_blocks,
+            max_model_len=self.max_model_len,
+            decodes=self.config.role != "prefill",
+            graph_max_batch=self.graphs.max_batch if self.graphs else 0,
+            max_num_seqs=sched.max_num_seqs,
+        )
+        start, before = time.perf_counter(), WATCH.totals()["start-up"][0]
+        for step in steps:
+            self.compute_logits(step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.kv_caches.zero_()
+        log.info(
+            "warm-up: %d eager steps (%s tokens) in %.1fs, %d Triton compiles",
+            len(steps),
+            ",".join(str(s.num_tokens) for s in steps),
+            time.perf_counter() - start,
+            WATCH.totals()["start-up"][0] - before,
+        )
+        return len(steps)
 
     def propose_num_blocks(self) -> int:
         """How many blocks fit: the configured count, or what memory allows."""

@@ -1,0 +1,85 @@
+"""Start-up steps that compile the kernels eager steps launch, before the first request.
+
+Triton compiles a kernel at its first launch with a new specialization (``kernels/compile_watch``):
+another config bucket (the MoE tables are keyed by token count), an integer argument that newly
+equals 1 or divides by 16, another ``constexpr`` such as a window or a prefix. Decode graphs
+compile their buckets when they are captured; the eager steps (prefill chunks, mixed steps,
+decode batches larger than the largest graph) would compile during the first requests, each
+compile stalling every request of its step for 0.3 to 2 s. ``warmup_steps`` lists synthetic
+steps that meet those specializations: one chunk of each token count of ``token_counts``
+(powers of two, one past each, the MoE crossover and the step's limit), a chunk behind a
+cached prefix, and, for roles that decode, a mixed step and decode batches. The runner runs
+them over the still-empty cache (``ModelRunner.warm_up_steps``) and zeroes it after.
+
+Schedulers reason about integers: this builds ``SchedulerOutput``s only; the runner makes tensors.
+"""
+
+from __future__ import annotations
+
+from pdserve.cluster.sampling_params import SamplingParams
+from pdserve.cluster.scheduler import ScheduledChunk, SchedulerOutput
+
+WARMUP_ID = "warmup"
+
+
+def token_counts(limit: int, crossover: int) -> list[int]:
+    """Token counts up to ``limit`` that meet each MoE bucket and integer specialization: 1, 3,
+    each power of two from 16 and one past it, the crossover and one below it, the limit."""
+    counts = {1, 3, crossover - 1, crossover, limit}
+    p = 16
+    while p <= limit:
+        counts |= {p, p + 1}
+        p *= 2
+    return sorted(c for c in counts if 1 <= c <= limit)
+
+
+def _chunks(sizes: list[tuple[int, int]], block_size: int) -> SchedulerOutput:
+    """One step of (tokens, start) chunks of zeros, decodes first as the scheduler orders them;
+    each request gets as many blocks as the longest needs, so block ids stay disjoint."""
+    sizes = sorted(sizes, key=lambda s: s[0] != 1)
+    per = max(-(-(start + n) // block_size) for n, start in sizes)
+    return SchedulerOutput(
+        chunks=tuple(
+            ScheduledChunk(
+                request_id=f"{WARMUP_ID}-{i}",
+                token_ids=(0,) * n,
+                start=start,
+                block_ids=tuple(range(i * per, i * per + -(-(start + n) // block_size))),
+                sample=True,
+                sampling=SamplingParams(max_tokens=1),
+                num_output_tokens=0,
+            )
+            for i, (n, start) in enumerate(sizes)
+        )
+    )
+
+
+def warmup_steps(
+    limit: int,
+    crossover: int,
+    block_size: int,
+    num_blocks: int,
+    max_model_len: int,
+    decodes: bool,
+    graph_max_batch: int = 0,
+    max_num_seqs: int = 1,
+) -> list[SchedulerOutput]:
+    """The steps to run at start-up. ``limit``: tokens per step; ``decodes``: the role runs
+    decode steps (mixed steps and eager decode batches above ``graph_max_batch``). Steps that
+    need more blocks than the cache holds, or positions past ``max_model_len``, are left out."""
+    steps = [_chunks([(n, 0)], block_size) for n in token_counts(limit, crossover)]
+    if limit > block_size:
+        steps.append(_chunks([(min(17, limit - block_size), block_size)], block_size))
+    if decodes:
+        context = min(2 * block_size, max_model_len - 1)
+        if limit > 18:
+            steps.append(_chunks([(1, context), (17, 0)], block_size))
+        batches = [b for b in (graph_max_batch + 1, max_num_seqs) if b > graph_max_batch]
+        for b in sorted({min(b, limit, max_num_seqs) for b in batches}):
+            steps.append(_chunks([(1, context)] * b, block_size))
+
+    def fits(step: SchedulerOutput) -> bool:
+        used = {b for c in step.chunks for b in c.block_ids}
+        return len(used) <= num_blocks and max(c.end for c in step.chunks) <= max_model_len
+
+    return [s for s in steps if fits(s)]
