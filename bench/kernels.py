@@ -6,7 +6,9 @@ Ceilings: a 1 GiB device-to-device copy (bytes read + written) and an 8192^3 bf1
 MoE decode (moe_small): GB/s = bytes of the distinct experts hit / time. MoE prefill (moe_large):
 TFLOP/s = 6 * valid slots * H * I / time. MLA decode: GB/s of KV read and TFLOP/s of
 2 * B * H * ctx * (D + v_dim). Times: triton.testing.do_bench medians (warm-up 25 ms, 100 ms of
-repeats, L2 flushed before each). ``--sweep`` first times candidate tile configs and uses the
+repeats, L2 flushed before each). MoE rows carry the peers of ``bench/moe_peers.py`` that can
+run here (FlashInfer's CUTLASS MoE), checked against ours on the same inputs, then timed; "ours /
+peer" over 1 means ours is faster. ``--sweep`` first times candidate tile configs and uses the
 winners; paste the printed tables into kernels/triton_configs.py under the GPU's name.
 """
 
@@ -24,6 +26,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from pdserve.bench.moe_peers import Peers
 from pdserve.bench.result_file import write_result
 from pdserve.kernels import triton_configs
 from pdserve.kernels.mla_decode_triton import mla_decode_triton
@@ -138,6 +141,22 @@ def ms_graph(fn, *args, rep_ms: float = 100.0, **kwargs) -> float:
     times = sorted(s.elapsed_time(e) for s, e in events)
     del graph
     return times[len(times) // 2]
+
+
+def time_peers(peers: Peers, case: tuple, act: SwiGLU, ours: torch.Tensor, ours_ms: float) -> dict:
+    """The peers' times on ``case`` (CUDA-graph replays where they capture, else eager) and
+    our speed over the best one's (> 1: ours is faster)."""
+    got: dict[str, dict] = {name: {"skipped": why} for name, why in peers.skipped.items()}
+    for name, call in peers.calls(*case, act, ours).items():
+        if isinstance(call, str):
+            got[name] = {"skipped": call}
+            continue
+        try:
+            got[name] = {"ms": ms_graph(call), "timing": "graph"}
+        except RuntimeError:  # does not capture: launches included
+            got[name] = {"ms": ms(call), "timing": "eager"}
+    best = min((v["ms"] for v in got.values() if "ms" in v), default=None)
+    return {"peers": got, "vs_best_peer": None if best is None else best / ours_ms}
 
 
 def moe_case(model: str, m: int, seed: int = 0):
@@ -345,6 +364,8 @@ def main() -> None:
         sweep(gpu, out, t0 + args.sweep_s)
     act = SwiGLU()
     dev = torch.device(DEV)
+    peers = Peers()
+    out["peers_skipped"] = dict(peers.skipped)
     rows = out["moe_decode"] = []
     for model in MODELS if "moe_decode" in parts else ():
         for m in DECODE_M if model == "deepseek-v3" else (1, 16, 64):
@@ -353,8 +374,10 @@ def main() -> None:
             t = ms_graph(moe_small_triton, *case, moe_act(model))
             t_ref = ms(moe_mxfp4_torch, *case, moe_act(model))
             gbps = nbytes / t / 1e6
+            ours = moe_small_triton(*case, moe_act(model))
             rows.append(
-                {
+                time_peers(peers, case, moe_act(model), ours, t)
+                | {
                     "model": model,
                     "M": m,
                     "ms": t,
@@ -385,8 +408,10 @@ def main() -> None:
         t = ms_graph(moe_grouped_triton, *case, act)
         t_ref = ms(moe_mxfp4_torch, *case, act)
         tf = flops / t / 1e9
+        ours = moe_grouped_triton(*case, act)
         rows.append(
-            {
+            time_peers(peers, case, act, ours, t)
+            | {
                 "model": model,
                 "M": m,
                 "ms": t,
@@ -433,29 +458,43 @@ def main() -> None:
     print(f"in {out['wall_s']:.0f} s")
 
 
+def _peer(r: dict) -> str:
+    """The best peer's ms and our speed over its (or "-" where no peer ran)."""
+    times = [v["ms"] for v in r.get("peers", {}).values() if "ms" in v]
+    if not times:
+        return f"{'-':>9}{'-':>8}"
+    return f"{min(times):>9.3f}{r['vs_best_peer']:>7.2f}x"
+
+
 def report(out: dict) -> None:
     c = out["ceilings"]
     print(
         f"\n{out['gpu']}  copy {c['copy_GBps']:.0f} GB/s  matmul {c['matmul_TFLOPs']:.0f} TFLOP/s"
     )
-    print("MoE decode (moe_small)      M     ms    GB/s  %copy  torch ms  speedup")
+    for name, why in out.get("peers_skipped", {}).items():
+        print(f"peer {name} not run: {why}")
+    print(
+        "MoE decode (moe_small)      M     ms    GB/s  %copy  torch ms  speedup  peer ms  ours/peer"
+    )
     for r in out["moe_decode"]:
         print(
             f"  {r['model']:<22}{r['M']:>5}{r['ms']:>8.3f}{r['GBps']:>8.0f}{r['pct_copy']:>7.1f}"
-            f"{r['torch_ms']:>10.2f}{r['speedup']:>8.1f}x"
+            f"{r['torch_ms']:>10.2f}{r['speedup']:>8.1f}x{_peer(r)}"
         )
     print("crossover (deepseek-v3)     M  small ms  grouped ms")
     for r in out["moe_crossover"]:
         print(f"  {'':<22}{r['M']:>5}{r['small_ms']:>10.3f}{r['grouped_ms']:>11.3f}")
     print(f"  -> grouped from M = {out['moe_crossover_m']}")
-    print("MoE prefill (moe_large)     M     ms  TFLOP/s  %mm  torch ms  speedup")
+    print(
+        "MoE prefill (moe_large)     M     ms  TFLOP/s  %mm  torch ms  speedup  peer ms  ours/peer"
+    )
     for r in out["moe_prefill"]:
         if "skipped" in r:
             print(f"  {r['model']:<22}{r['M']:>5}  skipped ({r['skipped']})")
             continue
         print(
             f"  {r['model']:<22}{r['M']:>5}{r['ms']:>8.2f}{r['TFLOPs']:>8.0f}"
-            f"{r['pct_matmul']:>6.1f}{r['torch_ms']:>10.1f}{r['speedup']:>8.1f}x"
+            f"{r['pct_matmul']:>6.1f}{r['torch_ms']:>10.1f}{r['speedup']:>8.1f}x{_peer(r)}"
         )
     print("MLA decode  heads   B    ctx     ms    GB/s  %copy  TFLOP/s  %mm  torch ms  speedup")
     for r in out["mla_decode"]:

@@ -5,8 +5,10 @@ experts competing, weights the unbiased scores, normalized and scaled). PyTorch 
 kernels on it per MoE layer; this is one program per token.
 
 Selection is by repeated arg-max over the row held in registers (K and the group count are
-small); ties go to the lower expert id (``torch.topk`` leaves their order unspecified). The
-weights' sum runs in another order than torch's: equal to a float32 rounding.
+small); ties go to the lower expert id (``torch.topk`` leaves their order unspecified, so
+exactly tied scores may pick other experts than torch's). Scores are computed as torch's
+sigmoid computes them on CUDA (accurate exp, IEEE division); the weights' sum runs in another
+order than torch's: equal to a float32 rounding.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -21,13 +24,17 @@ def _grouped_topk_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, scale,
     TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    BLOCK_G: tl.constexpr, CUDA_MATH: tl.constexpr,
 ):  # fmt: skip
     m = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     valid = e < E
     x = tl.load(logits_ptr + m * stride_l + e, mask=valid, other=0.0).to(tl.float32)
-    scores = tl.sigmoid(x)  # [BE]
+    if CUDA_MATH:  # as torch's sigmoid computes it (expf, an IEEE division): tl.sigmoid's
+        # approximate exp2 and division would move scores by ulps and flip near-tied experts
+        scores = tl.div_rn(tl.full([BLOCK_E], 1.0, tl.float32), 1.0 + libdevice.exp(-x))
+    else:  # the interpreter's numpy maths is exact already
+        scores = tl.sigmoid(x)  # [BE]
     choice = scores
     if HAS_BIAS:
         choice = scores + tl.load(bias_ptr + e, mask=valid, other=0.0).to(tl.float32)
@@ -63,7 +70,8 @@ def _grouped_topk_kernel(
         w = tl.where(k == j, tl.sum(tl.where(e == pick, scores, 0.0), 0), w)
         choice = tl.where(e == pick, float("-inf"), choice)
     if NORM:
-        w = w / (tl.sum(w, 0) + 1e-20)
+        total = tl.zeros_like(w) + (tl.sum(w, 0) + 1e-20)
+        w = tl.div_rn(w, total) if CUDA_MATH else w / total
     tl.store(w_ptr + m * TOP_K + k, w * scale, mask=k < TOP_K)
     tl.store(ids_ptr + m * TOP_K + k, ids, mask=k < TOP_K)
 
@@ -93,6 +101,6 @@ def grouped_topk_triton(
             TOP_K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group,
             HAS_BIAS=correction_bias is not None, NORM=norm_topk_prob,
             BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
-            BLOCK_G=triton.next_power_of_2(n_group), num_warps=4,
+            BLOCK_G=triton.next_power_of_2(n_group), CUDA_MATH=router_logits.is_cuda, num_warps=4,
         )  # fmt: skip
     return weights, ids

@@ -57,7 +57,8 @@ class GQAAttention(Loadable):
 
     def post_load(self) -> None:
         """q, k and v projected by one GEMM: their weights (and biases) stacked in one matrix,
-        each layer's own parameter then a view of its rows (no second copy)."""
+        each layer's own parameter then a view of its rows (no second copy). The model is
+        built on its device: a later ``.to()`` would move the views and the stack apart."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
         rows = [p.weight.shape[0] for p in projs]
         for name in ("weight", "bias"):
@@ -86,6 +87,7 @@ class GQAAttention(Loadable):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden], a partial sum under tensor parallelism
         t, d = x.shape[0], self.head_dim
+        assert hasattr(self, "qkv_rows"), "post_load stacks q/k/v once the weights are loaded"
         q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_rows, dim=-1)
         q = self.rope(positions, q.view(t, self.heads, d))  # [T, Hl, D]
         k = self.rope(positions, k.view(t, self.kv_heads, d))  # [T, KVH, D]

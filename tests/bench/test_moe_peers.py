@@ -1,0 +1,20 @@
+"""The MoE peers of bench.kernels where none can run (no GPU here): each named with the reason,
+and a row without a peer time says so instead of a ratio."""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.bench import kernels
+from pdserve.bench.moe_peers import Peers, flashinfer_reason
+
+
+def test_without_a_gpu_the_flashinfer_peer_is_skipped_with_its_reason(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert flashinfer_reason() == "no GPU"
+    peers = Peers()
+    assert peers.names == [] and peers.skipped == {"flashinfer_cutlass": "no GPU"}
+    x = torch.zeros(2, 64)
+    assert peers.calls(x, None, None, None, None, x) == {}
+    row = kernels.time_peers(peers, (x, None, None, None), None, x, 1.0)
+    assert row == {"peers": {"flashinfer_cutlass": {"skipped": "no GPU"}}, "vs_best_peer": None}
