@@ -5,10 +5,12 @@
   build-kernels``) on an sm_90 GPU, for bf16 activations. Weights are prepared once per case
   and FlashInfer's autotuner runs once per M before timing.
 
+- ``triton_kernels``: OpenAI's MXFP4 MoE (``matmul_ogs``, what vLLM runs on Hopper) through
+  ``bench/moe_peer_triton_kernels.py``, where it is on ``PYTHONPATH``
+  (``../shared/peers/triton_kernels-v3.6.0``) on an sm_90 GPU.
+
 Each peer is checked against our kernel's output on the same inputs first (relative error at
-most ``TOLERANCE``); a peer that disagrees is reported as such, not timed. OpenAI's
-triton_kernels (``../shared/peers``), vLLM's Hopper MXFP4 MoE, is not wired here: its figures
-come from a separate run on the same GPU (``BENCHMARKS.md`` names it).
+most ``TOLERANCE``); a peer that disagrees is reported as such, not timed.
 """
 
 from __future__ import annotations
@@ -42,11 +44,28 @@ class Peers:
 
     def __init__(self) -> None:
         self.skipped: dict[str, str] = {}
-        reason = flashinfer_reason()
-        self.names = [] if reason else ["flashinfer_cutlass"]
-        if reason:
-            self.skipped["flashinfer_cutlass"] = reason
-        self._prepared: tuple[MoeWeights, object] | None = None  # (weights, their prepared copy)
+        from pdserve.bench import moe_peer_triton_kernels as tk
+
+        self.names = []
+        for name, reason in (
+            ("flashinfer_cutlass", flashinfer_reason()),
+            ("triton_kernels", tk.unavailable()),
+        ):
+            if reason:
+                self.skipped[name] = reason
+            else:
+                self.names.append(name)
+        self._prepared: dict[str, tuple[MoeWeights, object]] = {}  # name: (weights, prepared)
+
+    def _prepare(self, name: str, w: MoeWeights, prepare: Callable) -> object:
+        """``prepare(w)`` once per weights (the previous case's copy freed first)."""
+        held = self._prepared.pop(name, None)
+        if held is not None and held[0] is w:
+            self._prepared[name] = held
+        else:
+            del held
+            self._prepared[name] = (w, prepare(w))
+        return self._prepared[name][1]
 
     def calls(
         self,
@@ -62,7 +81,20 @@ class Peers:
         out: dict[str, Callable[[], torch.Tensor] | str] = {}
         if "flashinfer_cutlass" in self.names:
             out["flashinfer_cutlass"] = self._flashinfer(x, w, ids, tw, act, ours)
+        if "triton_kernels" in self.names:
+            out["triton_kernels"] = self._triton_kernels(x, w, ids, tw, act, ours)
         return out
+
+    def _triton_kernels(self, x, w, ids, tw, act, ours) -> Callable[[], torch.Tensor] | str:
+        from pdserve.bench import moe_peer_triton_kernels as tk
+
+        prepared = self._prepare("triton_kernels", w, tk.prepare)
+
+        def call() -> torch.Tensor:
+            return tk.moe_triton_kernels(x, prepared, ids, tw, act)
+
+        err = _rel_err(call(), ours)
+        return call if err <= TOLERANCE else f"disagrees with ours (relative error {err:.2e})"
 
     def _flashinfer(self, x, w, ids, tw, act, ours) -> Callable[[], torch.Tensor] | str:
         from flashinfer.autotuner import autotune
@@ -71,10 +103,7 @@ class Peers:
 
         if x.dtype != torch.bfloat16:
             return f"takes bf16 activations, not {x.dtype}"
-        if self._prepared is None or self._prepared[0] is not w:
-            self._prepared = None  # free the previous case's copy first
-            self._prepared = (w, prepare(w))
-        fw = self._prepared[1]
+        fw = self._prepare("flashinfer_cutlass", w, prepare)
 
         def call() -> torch.Tensor:
             return moe_flashinfer(x, fw, ids, tw, act)
