@@ -178,7 +178,14 @@ class ModelRunner(Executor):
         )
         start, before = time.perf_counter(), WATCH.totals()["start-up"][0]
         for step in steps:
-            self.compute_logits(step)
+            try:
+                self.compute_logits(step)
+            except torch.OutOfMemoryError as e:
+                raise RuntimeError(
+                    f"a step of {step.num_tokens} tokens does not fit in GPU memory beside the "
+                    f"KV cache ({self.num_blocks} blocks): lower max_num_batched_tokens "
+                    f"({sched.max_num_batched_tokens}) or the KV cache's memory fraction"
+                ) from e
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.kv_caches.zero_()

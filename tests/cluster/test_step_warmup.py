@@ -76,3 +76,21 @@ def test_an_engine_after_its_warm_up_gives_a_fresh_engines_tokens(tiny_model):
     assert warmed.blocks.num_used == 0
     assert [o.token_ids for o in warmed.generate(prompts, GREEDY)] == want
     assert torch.is_inference_mode_enabled() is False
+
+
+def test_a_warm_up_step_that_runs_out_of_memory_names_the_setting_to_lower(tiny_model):
+    engine = LLMEngine(
+        EngineConfig(
+            model=tiny_model,
+            dtype="float32",
+            cache=CacheConfig(block_size=16, num_blocks=64),
+            scheduler=SchedulerConfig(max_num_batched_tokens=128, max_num_seqs=8),
+        )
+    )
+
+    def oom(step, layer_done=None):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    engine.runner.compute_logits = oom
+    with pytest.raises(RuntimeError, match=r"step of 1 tokens.*max_num_batched_tokens \(128\)"):
+        engine.runner.warm_up_steps()
