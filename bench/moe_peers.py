@@ -24,8 +24,11 @@ from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 TOLERANCE = 2e-2
 
 
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+def _checked(call: Callable[[], torch.Tensor], ours: torch.Tensor) -> Callable | str:
+    """``call`` where its output is within ``TOLERANCE`` of ``ours`` (relative), else why not."""
+    got, ref = call().float(), ours.float()
+    err = ((got - ref).norm() / ref.norm().clamp_min(1e-12)).item()
+    return call if err <= TOLERANCE else f"disagrees with ours (relative error {err:.2e})"
 
 
 def flashinfer_reason() -> str | None:
@@ -93,8 +96,7 @@ class Peers:
         def call() -> torch.Tensor:
             return tk.moe_triton_kernels(x, prepared, ids, tw, act)
 
-        err = _rel_err(call(), ours)
-        return call if err <= TOLERANCE else f"disagrees with ours (relative error {err:.2e})"
+        return _checked(call, ours)
 
     def _flashinfer(self, x, w, ids, tw, act, ours) -> Callable[[], torch.Tensor] | str:
         from flashinfer.autotuner import autotune
@@ -111,5 +113,4 @@ class Peers:
         with autotune(True):  # profiles its tactics for this M
             call()
         torch.cuda.synchronize()
-        err = _rel_err(call(), ours)
-        return call if err <= TOLERANCE else f"disagrees with ours (relative error {err:.2e})"
+        return _checked(call, ours)

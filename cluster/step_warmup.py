@@ -37,19 +37,20 @@ def _chunks(sizes: list[tuple[int, int]], block_size: int) -> SchedulerOutput:
     """One step of (tokens, start) chunks of zeros, decodes first as the scheduler orders them;
     each request gets as many blocks as the longest needs, so block ids stay disjoint."""
     sizes = sorted(sizes, key=lambda s: s[0] != 1)
-    per = max(-(-(start + n) // block_size) for n, start in sizes)
+    blocks = [-(-(start + n) // block_size) for n, start in sizes]
+    per = max(blocks)
     return SchedulerOutput(
         chunks=tuple(
             ScheduledChunk(
                 request_id=f"{WARMUP_ID}-{i}",
                 token_ids=(0,) * n,
                 start=start,
-                block_ids=tuple(range(i * per, i * per + -(-(start + n) // block_size))),
+                block_ids=tuple(range(i * per, i * per + nb)),
                 sample=True,
                 sampling=SamplingParams(max_tokens=1),
                 num_output_tokens=0,
             )
-            for i, (n, start) in enumerate(sizes)
+            for i, ((n, start), nb) in enumerate(zip(sizes, blocks))
         )
     )
 

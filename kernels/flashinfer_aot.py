@@ -28,7 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-MODULE = "fused_moe_90"
+from pdserve.kernels.moe_flashinfer import MODULE
+
 # the source layout the selection below was read from (flashinfer-python 0.6.10 .. 0.6.15)
 SUPPORTED = ((0, 6, 10), (0, 6, 15))
 FIXED_SOURCES = (
@@ -78,9 +79,8 @@ def find_cuda_home(env: dict[str, str], local: Path = Path("/usr/local")) -> Pat
     candidates = [env.get("CUDA_HOME"), env.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc", path=env.get("PATH"))
     candidates += [str(Path(nvcc).resolve().parent.parent) if nvcc else None, str(local / "cuda")]
-    candidates += sorted(map(str, local.glob("cuda-*")), key=lambda c: parse_version(Path(c).name))[
-        ::-1
-    ]
+    newest_first = sorted(local.glob("cuda-*"), key=lambda c: parse_version(c.name), reverse=True)
+    candidates += map(str, newest_first)
     for c in candidates:
         if c and (Path(c) / "bin" / "nvcc").exists():
             if (Path(c) / "include" / "cuda_runtime.h").exists():

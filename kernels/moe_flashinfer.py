@@ -149,7 +149,7 @@ def unavailable() -> str | None:
         return None
     return (
         f"flashinfer's {MODULE} module is in neither {found[0].parent.parent} nor the JIT cache: "
-        "build it once with `pdserve build-kernels` (nvcc, no GPU needed; about 25 minutes on "
+        "build it once with `pdserve build-kernels` (nvcc, no GPU needed; about 16 minutes on "
         "2 cores), or set PDSERVE_FLASHINFER_ALLOW_JIT=1 to accept a 45-minute build on first use"
     )
 
