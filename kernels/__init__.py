@@ -88,8 +88,8 @@ for _op, _module, _fn in (
     )
 
 # One launch each for the norms, rotations and routing the torch versions spread over kernels.
-# Checked against the references under Triton's interpreter only: below torch until a GPU run
-# has checked them compiled (select with the kernels override, e.g. {rms_norm: triton}).
+# Checked against the references compiled on an H200, where they cut a decode step at batch 1 by
+# a quarter (BENCHMARKS.md, "Triton glue kernels").
 for _op, _module, _fn in (
     ("rms_norm", "rms_norm_triton", "rms_norm_triton"),
     ("rope", "rope_triton", "rope_triton"),
@@ -101,7 +101,7 @@ for _op, _module, _fn in (
             "triton",
             _lazy(_module, _fn),
             "cuda",
-            priority=-10,
+            priority=10,
             min_sm=80,
             dtypes=("bfloat16", "float32"),
             unavailable=_triton_missing,
@@ -126,14 +126,16 @@ REGISTRY.register(
     )
 )
 
-# FlashInfer's CUTLASS W4A16 MoE is built for sm_90a alone, and only pays off at prefill sizes.
+# FlashInfer's CUTLASS W4A16 MoE is built for sm_90a alone. Below the Triton grouped MoE: on an
+# H200 it ran 2.2-2.7x slower from 1024 tokens up (BENCHMARKS.md, "MoE kernels against their
+# peers"); a prefill pool takes it with the kernels override {moe_large: flashinfer_cutlass}.
 REGISTRY.register(
     Backend(
         "moe_large",
         "flashinfer_cutlass",
         _lazy("moe_flashinfer", "moe_flashinfer"),
         "cuda",
-        priority=20,
+        priority=5,
         min_sm=90,
         max_sm=90,
         roles=("prefill",),

@@ -50,14 +50,16 @@ def _tie_gaps(ref: LLMEngine, prompt: list[int], got: list[int]) -> list[float]:
     return gaps
 
 
-def _check_against_single_process(ray_serve, tiny_model, name: str, pool: dict, dtype: str):
-    """Deploy 1P1D with ``pool`` for both pools and ``dtype``; the cluster's greedy tokens over
-    HTTP equal the single-process engine's (float32) or differ only at near-ties (bf16); every
-    decode block comes back. Returns the app."""
+def _check_against_single_process(
+    ray_serve, tiny_model, name: str, pool: dict, dtype: str, prefill: dict | None = None
+):
+    """Deploy 1P1D with ``pool`` for both pools (and ``prefill``'s settings on the prefill
+    pool) and ``dtype``; the cluster's greedy tokens over HTTP equal the single-process
+    engine's (float32) or differ only at near-ties (bf16); every decode block comes back.
+    Returns the app."""
     model = {"path": tiny_model, "name": "tiny", "block_size": 64, "dtype": dtype}
-    app = deploy(
-        ray_serve, {"name": name, "model": model, "prefill": dict(pool), "decode": dict(pool)}
-    )
+    pools = {"prefill": {**pool, **(prefill or {})}, "decode": dict(pool)}
+    app = deploy(ray_serve, {"name": name, "model": model, **pools})
     ref = _reference(tiny_model, dtype)
     for prompt in PROMPTS:
         ids = ref.tokenize(prompt)
@@ -97,9 +99,9 @@ def test_1p1d_nccl_across_two_gpus_matches_single_process(ray_serve, tiny_model)
 
 def test_prefill_through_flashinfer_moe_matches_the_triton_path(ray_serve, tiny_model):
     """Where FlashInfer's fused_moe_90 module is installed (``pdserve build-kernels``) on an
-    SM90 GPU, the prefill pool's large-M MoE is FlashInfer's (as ``pdserve status`` reports
-    it) and the cluster's bf16 greedy tokens match the single-process Triton engine's up to
-    near-ties. The long prompt's prefill runs at M above the MoE crossover."""
+    SM90 GPU, a prefill pool that names it runs its large-M MoE with it (as ``pdserve status``
+    reports) and the cluster's bf16 greedy tokens match the single-process Triton engine's up
+    to near-ties. The long prompt's prefill runs at M above the MoE crossover."""
     import torch
 
     from pdserve.deploy import serve_app
@@ -110,7 +112,8 @@ def test_prefill_through_flashinfer_moe_matches_the_triton_path(ray_serve, tiny_
     if reason := unavailable():
         pytest.skip(reason)
     pool = {"num_replicas": 1, "gpus_per_rank": 0.5, "kv_cache_memory_fraction": 0.2}
-    app = _check_against_single_process(ray_serve, tiny_model, "fi", pool, "bfloat16")
+    named = {"kernels": {"moe_large": "flashinfer_cutlass"}}
+    app = _check_against_single_process(ray_serve, tiny_model, "fi", pool, "bfloat16", named)
     kernels = {s.pool: s.kernels for s in serve_app.replica_stats(app.name)}
     assert kernels["prefill"]["moe_large"] == "flashinfer_cutlass", kernels
     assert kernels["decode"]["moe_large"] != "flashinfer_cutlass", kernels
