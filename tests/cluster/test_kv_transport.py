@@ -345,7 +345,11 @@ def test_a_traced_transfer_records_both_peers_phases_on_one_clock(
     sent = _fill(prefill, [1, 2, 3], seed=5)
     asyncio.run(_move(sender, receiver, prefill, decode, [1, 2, 3], [9, 10, 11], "traced", cfg))
     torch.testing.assert_close(decode.read_kv([9, 10, 11]), sent, rtol=0, atol=0)
-    rec = load(tmp_path)["traced"]
+    # the prefill end records once its send call returns, which may be after decode has the KV
+    deadline = time.monotonic() + 10
+    while "prefill peer" not in (rec := load(tmp_path).get("traced", {})):
+        assert time.monotonic() < deadline, f"no prefill peer record: {sorted(rec)}"
+        time.sleep(0.02)
     pre, dec = rec["prefill peer"], rec["decode peer"]
     # (the prefill end times "signalled" once its write returned: the decode end may be first)
     assert pre["stage called"] <= pre["staged"] <= pre["signalled"] <= pre["sent"]
