@@ -261,7 +261,9 @@ async def _run(args) -> dict:
     await asyncio.gather(
         pre.kv.remote("connect", "raw", host, port), dec.kv.remote("accept", "raw")
     )
-    fp = KVFingerprint("bench", "bench", args.dtype, args.block_size, args.layers, args.width)
+    fp = KVFingerprint(
+        "bench", "bench", args.dtype, args.block_size, args.layers, args.layers, 0, args.width
+    )
     itemsize = getattr(torch, args.dtype).itemsize
     rows = []
     for n in tokens:

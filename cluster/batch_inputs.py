@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,33 +22,26 @@ class BatchInputs:
     @staticmethod
     def of(sched: SchedulerOutput, bs: int, device: torch.device) -> BatchInputs:
         """A step's chunks in order (single-token decode chunks first), on ``device``, for a
-        cache of ``bs``-token blocks."""
+        cache of ``bs``-token blocks; with the sliding tables' metadata where chunks carry
+        them."""
         ids: list[int] = []
         pos: list[int] = []
-        slots: list[int] = []
         sample_rows: list[int] = []
-        dec_tables: list[tuple[int, ...]] = []
         dec_lens: list[int] = []
-        cu_q, cu_k, ctx_slots = [0], [0], []
+        cu_q, cu_k = [0], [0]
         max_q = max_k = 0
         for c in sched.chunks:
             ids.extend(c.token_ids)
-            for p in range(c.start, c.end):
-                pos.append(p)
-                slots.append(c.block_ids[p // bs] * bs + p % bs)
+            pos.extend(range(c.start, c.end))
             if c.sample:
                 sample_rows.append(len(ids) - 1)
             if len(c.token_ids) == 1:  # decode: paged attention over the block table
                 assert not cu_k[1:], "single-token chunks must come before prefill chunks"
-                dec_tables.append(c.block_ids)
                 dec_lens.append(c.end)
             else:  # prefill: attend over the whole context gathered from the cache
                 cu_q.append(cu_q[-1] + len(c.token_ids))
                 cu_k.append(cu_k[-1] + c.end)
-                ctx_slots.extend(c.block_ids[p // bs] * bs + p % bs for p in range(c.end))
                 max_q, max_k = max(max_q, len(c.token_ids)), max(max_k, c.end)
-        width = max((len(t) for t in dec_tables), default=0)
-        table = [list(t) + [0] * (width - len(t)) for t in dec_tables]
 
         def i32(x):
             return torch.tensor(x, dtype=torch.int32, device=device)
@@ -56,15 +49,32 @@ class BatchInputs:
         def i64(x):
             return torch.tensor(x, dtype=torch.int64, device=device)
 
-        meta = AttentionMetadata(
-            slot_mapping=i64(slots),
-            num_decode_tokens=len(dec_lens),
-            decode_block_table=i32(table).view(len(table), width),
-            decode_seq_lens=i32(dec_lens),
-            prefill_cu_seqlens_q=i32(cu_q),
-            prefill_cu_seqlens_k=i32(cu_k),
-            prefill_ctx_slots=i64(ctx_slots),
-            prefill_max_q=max_q,
-            prefill_max_k=max_k,
-        )
-        return BatchInputs(i64(ids), i64(pos), meta, i64(sample_rows))
+        def meta(tables: list[tuple[int, ...]]) -> AttentionMetadata:
+            """The step's metadata over ``tables``, one block table per chunk."""
+            slots: list[int] = []
+            dec_tables: list[tuple[int, ...]] = []
+            ctx_slots: list[int] = []
+            for c, t in zip(sched.chunks, tables):
+                slots.extend(t[p // bs] * bs + p % bs for p in range(c.start, c.end))
+                if len(c.token_ids) == 1:
+                    dec_tables.append(t)
+                else:
+                    ctx_slots.extend(t[p // bs] * bs + p % bs for p in range(c.end))
+            width = max((len(t) for t in dec_tables), default=0)
+            table = [list(t) + [0] * (width - len(t)) for t in dec_tables]
+            return AttentionMetadata(
+                slot_mapping=i64(slots),
+                num_decode_tokens=len(dec_lens),
+                decode_block_table=i32(table).view(len(table), width),
+                decode_seq_lens=i32(dec_lens),
+                prefill_cu_seqlens_q=i32(cu_q),
+                prefill_cu_seqlens_k=i32(cu_k),
+                prefill_ctx_slots=i64(ctx_slots),
+                prefill_max_q=max_q,
+                prefill_max_k=max_k,
+            )
+
+        full = meta([c.block_ids for c in sched.chunks])
+        if sched.chunks and sched.chunks[0].window_block_ids:
+            full = replace(full, window=meta([c.window_block_ids for c in sched.chunks]))
+        return BatchInputs(i64(ids), i64(pos), full, i64(sample_rows))

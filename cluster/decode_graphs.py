@@ -4,7 +4,8 @@ A pure decode step (every chunk one token) of n sequences, n up to the largest b
 to the smallest bucket B >= n: its tokens, positions, cache slots, block tables and sequence
 lengths are copied into static buffers, and the graph captured for B replays the whole model and
 the LM head over them in one launch. Padding rows write their KV into a scratch block that the
-block manager never hands out and attend only to it, so they touch no request's cache.
+block manager never hands out and attend only to it, so they touch no request's cache. A model
+with sliding layers has a second table and slot row for them (``kv_groups``).
 
 Buckets are captured at start-up, largest first, sharing one memory pool. Every kernel on the
 decode path takes its launch grid from shapes alone (the MLA decode's split count from the block
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -43,6 +45,7 @@ class DecodeGraphs:
         max_model_len: int,
         buckets: tuple[int, ...],
         capture: bool,
+        windowed: bool = False,  # sliding layers: their own block tables and slots
     ) -> None:
         self.model, self.kv_caches = model, kv_caches
         self.buckets = buckets
@@ -54,15 +57,20 @@ class DecodeGraphs:
         self.width = -(-max_model_len // self.block_size)  # block table columns
         b, w, dev = self.max_batch, self.width, self.device
         # ===== static inputs: the graphs read these addresses on every replay =====
-        self.tokens = torch.zeros(3, b, dtype=torch.int64, device=dev)  # ids, positions, slots
+        # ids, positions, slots (and the sliding layers' slots)
+        self.tables = 1 + windowed
+        self.tokens = torch.zeros(2 + self.tables, b, dtype=torch.int64, device=dev)
         self.lens = torch.ones(b, dtype=torch.int32, device=dev)  # [B] sequence lengths
-        self.table = torch.full((b, w), self.scratch_block, dtype=torch.int32, device=dev)
-        self.tokens[2].fill_(self.scratch_block * self.block_size)
+        # [tables, B, w]: the block tables (the full layers', then the sliding layers')
+        self.table = torch.full(
+            (self.tables, b, w), self.scratch_block, dtype=torch.int32, device=dev
+        )
+        self.tokens[2:].fill_(self.scratch_block * self.block_size)
         # host staging, filled with numpy and copied over in three transfers
         pin = dev.type == "cuda"
-        self._h_tokens = torch.zeros(3, b, dtype=torch.int64, pin_memory=pin)
+        self._h_tokens = torch.zeros(2 + self.tables, b, dtype=torch.int64, pin_memory=pin)
         self._h_lens = torch.ones(b, dtype=torch.int32, pin_memory=pin)
-        self._h_table = torch.zeros(b, w, dtype=torch.int32, pin_memory=pin)
+        self._h_table = torch.zeros(self.tables, b, w, dtype=torch.int32, pin_memory=pin)
         empty32 = torch.zeros(1, dtype=torch.int32, device=dev)
         self._no_prefill = dict(
             prefill_cu_seqlens_q=empty32,
@@ -117,20 +125,21 @@ class DecodeGraphs:
         b = self.bucket(n)
         bs, scratch = self.block_size, self.scratch_block
         tokens, lens, table = self._h_tokens.numpy(), self._h_lens.numpy(), self._h_table.numpy()
-        table[:b] = scratch
+        table[:, :b] = scratch
         lens[:b] = 1
         tokens[:, :b] = 0
-        tokens[2, :b] = scratch * bs
+        tokens[2:, :b] = scratch * bs
         for i, c in enumerate(chunks):
             p = c.start
             assert len(c.block_ids) <= self.width, (len(c.block_ids), self.width)
             tokens[0, i], tokens[1, i] = c.token_ids[0], p
-            tokens[2, i] = c.block_ids[p // bs] * bs + p % bs
             lens[i] = p + 1
-            table[i, : len(c.block_ids)] = c.block_ids
+            for g, ids in enumerate((c.block_ids, c.window_block_ids)[: self.tables]):
+                tokens[2 + g, i] = ids[p // bs] * bs + p % bs
+                table[g, i, : len(ids)] = ids
         self.tokens[:, :b].copy_(self._h_tokens[:, :b])
         self.lens[:b].copy_(self._h_lens[:b])
-        self.table[:b].copy_(self._h_table[:b])
+        self.table[:, :b].copy_(self._h_table[:, :b])
         if b in self.graphs:
             self.graphs[b].replay()
             logits = self.outputs[b]
@@ -139,13 +148,17 @@ class DecodeGraphs:
         return logits[:n]
 
     def _forward(self, b: int) -> torch.Tensor:
-        meta = AttentionMetadata(
-            slot_mapping=self.tokens[2, :b],
-            num_decode_tokens=b,
-            decode_block_table=self.table[:b],
-            decode_seq_lens=self.lens[:b],
-            **self._no_prefill,
-        )
+        metas = [
+            AttentionMetadata(
+                slot_mapping=self.tokens[2 + g, :b],
+                num_decode_tokens=b,
+                decode_block_table=self.table[g, :b],
+                decode_seq_lens=self.lens[:b],
+                **self._no_prefill,
+            )
+            for g in range(self.tables)
+        ]
+        meta = metas[0] if self.tables == 1 else replace(metas[0], window=metas[1])
         hidden = self.model(self.tokens[0, :b], self.tokens[1, :b], self.kv_caches, meta)
         return self.model.compute_logits(hidden)  # [B, vocab]
 

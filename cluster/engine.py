@@ -15,6 +15,7 @@ from pdserve.cluster.detokenizer import IncrementalDetokenizer
 from pdserve.cluster.engine_step import CollectedStep, LaunchedStep, Prefilled, make_output
 from pdserve.cluster.errors import OverloadedError, PrefixEvicted, RequestError
 from pdserve.cluster.executor import Executor
+from pdserve.cluster.kv_groups import KVGroups
 from pdserve.cluster.messages import FirstToken
 from pdserve.cluster.model_runner import ModelRunner
 from pdserve.cluster.request import FinishReason, Request, RequestStatus
@@ -43,7 +44,8 @@ class LLMEngine:
         self.blocks = BlockManager(
             self.runner.num_blocks, config.cache.block_size, config.cache.prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler, self.blocks, limit)
+        self.groups = KVGroups.of(self.model_config)
+        self.scheduler = Scheduler(config.scheduler, self.blocks, limit, self.groups)
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -87,7 +89,12 @@ class LLMEngine:
                 "max_tokens",
             )
         # the whole sequence must fit the cache at once, or it could never finish
-        need = self.blocks.blocks_for(n + sampling.max_tokens)
+        sched = self.config.scheduler
+        chunk = sched.long_prefill_token_threshold or sched.max_num_batched_tokens
+        need = self.blocks.blocks_for(n + sampling.max_tokens) + min(
+            self.groups.peak_window_blocks(chunk, self.blocks.block_size),
+            self.blocks.blocks_for(n + sampling.max_tokens),
+        )
         if need > self.blocks.num_blocks:
             raise RequestError(
                 f"prompt + max_tokens needs {need} KV blocks; the cache holds "
@@ -226,9 +233,11 @@ class LLMEngine:
     def reserve(self, num_tokens: int, prefix_keys: Sequence[bytes] = ()) -> list[int]:
         """Blocks for a prompt whose KV another replica computes: first the cached blocks of
         ``prefix_keys`` (its first full blocks, whose KV this engine holds: they need not
-        travel), then fresh ones. OverloadedError when the cache or the running-request limit
+        travel), then fresh ones, then (sliding layers) the window's blocks at the prompt's
+        end, which always travel. OverloadedError when the cache or the running-request limit
         has no room for it now; PrefixEvicted when a block of the prefix is gone."""
-        need = self.blocks.blocks_for(num_tokens)
+        bs = self.blocks.block_size
+        need = self.blocks.blocks_for(num_tokens) + self.groups.window_blocks(num_tokens, bs)
         held = self.blocks.match(list(prefix_keys))
         if len(held) < len(prefix_keys):
             self.blocks.free(held)
@@ -283,7 +292,14 @@ class LLMEngine:
             self.scheduler.add(req)
         else:  # nothing below can fail: the blocks now belong to the request
             self._reserved -= 1
-            req.block_ids, req.num_computed_tokens = list(block_ids), len(req.prompt_token_ids)
+            n = req.num_computed_tokens = len(req.prompt_token_ids)
+            full = self.blocks.blocks_for(n)
+            req.block_ids = list(block_ids[:full])
+            if self.groups.windowed:  # the window's blocks at the prompt's end, after them
+                req.window_start = self.groups.window_start_block(n, self.blocks.block_size)
+                req.window_block_ids = [self.scheduler.null] * req.window_start
+                req.window_block_ids += block_ids[full:]
+            assert len(req.window_block_ids) in (0, full), (len(block_ids), full)
             req.num_written_tokens = req.num_computed_tokens  # the transport wrote it
             req.status = RequestStatus.RUNNING
             self.scheduler.add_running(req)

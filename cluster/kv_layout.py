@@ -1,7 +1,8 @@
 """The paged KV layout both sides of a transfer must share, its fingerprint, and the block
 copies in and out of it.
 
-A cache is [layers, blocks, block_size, width], contiguous. A prompt's blocks are copied as whole
+A cache is [slots, blocks, block_size, width], contiguous (a slot per layer, or per full and
+sliding layer pair: ``kv_groups``; "layers" below are slots). A prompt's blocks are copied as whole
 rows of the [layers * blocks, block_size * width] view (73 KB each in DeepSeek-V2-Lite's layout)
 by ``copy_rows``: the Triton kernel on GPU (both directions at copy speed; PyTorch's
 ``index_copy_`` scatters such rows at a third of it, and indexing the block dimension of the 4-D
@@ -15,6 +16,7 @@ import torch
 
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.errors import KVLayoutMismatch
+from pdserve.cluster.kv_groups import KVGroups
 from pdserve.kernels import row_copy_reference
 
 
@@ -28,6 +30,8 @@ class KVFingerprint(msgspec.Struct, frozen=True):
     dtype: str  # cache dtype, e.g. "bfloat16"
     block_size: int
     num_layers: int
+    num_slots: int  # the cache's layer slots: a full and a sliding layer share one (kv_groups)
+    window: int  # sliding layers' window (0: none); their blocks travel after the full ones
     row_width: int  # kv_lora_rank + rope dim (MLA); 2 * KV heads * head dim (GQA)
     # no tensor-parallel size: MLA's cache holds the latent, and GQA's all KV heads, which every
     # rank of a TP group keeps whole, so a prefill group of any size can fill a decode group of
@@ -46,12 +50,15 @@ class KVFingerprint(msgspec.Struct, frozen=True):
 def fingerprint(
     cfg: ModelConfig, weights_digest: str, dtype: torch.dtype, block_size: int
 ) -> KVFingerprint:
+    groups = KVGroups.of(cfg)
     return KVFingerprint(
         model=f"{cfg.architecture}/h{cfg.hidden_size}/l{cfg.num_hidden_layers}/v{cfg.vocab_size}",
         weights=weights_digest,
         dtype=str(dtype).removeprefix("torch."),
         block_size=block_size,
         num_layers=cfg.num_hidden_layers,
+        num_slots=groups.num_slots,
+        window=groups.window,
         row_width=cfg.kv_cache_dim,
     )
 

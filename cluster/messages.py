@@ -35,12 +35,20 @@ class KVDestination(msgspec.Struct, frozen=True, kw_only=True):
     # decode holds the KV of blocks before this one from its own prefix cache (the previous turn
     # of a conversation ran there): prefill sends blocks first_block .. num_blocks - 1, in order
     first_block: int = 0
+    # sliding layers' blocks of the window at the prompt's end (``kv_groups``): they always
+    # travel, after the full layers' blocks
+    num_window_blocks: int = 0
     fingerprint: KVFingerprint  # the decode side's layout, checked by prefill on first contact
     endpoint: Any = (
         None  # transport-specific address (NCCL: rank endpoints); None for the object store
     )
     block_ids: list[int] = msgspec.field(default_factory=list)  # decode side: where the sent
-    # blocks land (num_blocks - first_block of them)
+    # blocks land (``num_sent`` of them)
+
+    @property
+    def num_sent(self) -> int:
+        """Blocks the transfer carries."""
+        return self.num_blocks - self.first_block + self.num_window_blocks
 
 
 class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,8 +1,9 @@
 """Turns a scheduled step (integers) into tensors, runs the model, samples.
 
-Owns the model, the paged KV cache ``[layers, num_blocks, block_size, width]`` (width: MLA's
-latent and rope key, or GQA's keys and values, ``ModelConfig.kv_cache_dim``) and
-the sampler. Both workers use it: prefill runs chunks, decode runs single tokens, colocated both.
+Owns the model, the paged KV cache ``[slots, num_blocks, block_size, width]`` (a slot per
+layer, or per full and sliding layer pair: ``kv_groups``; width: MLA's latent and rope key, or
+GQA's keys and values, ``ModelConfig.kv_cache_dim``) and the sampler. Both workers use it:
+prefill runs chunks, decode runs single tokens, colocated both.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pdserve.cluster.batch_inputs import BatchInputs
 from pdserve.cluster.config import EngineConfig, ModelConfig
 from pdserve.cluster.decode_graphs import DecodeGraphs, graph_buckets
 from pdserve.cluster.executor import Executor
+from pdserve.cluster.kv_groups import KVGroups
 from pdserve.cluster.kv_layout import block_rows, gather_blocks, scatter_blocks, warm_up
 from pdserve.cluster.kv_transport.kv_peer import KVPeer, local_peer_id
 from pdserve.cluster.kv_transport.peer_client import PeerClient
@@ -97,6 +99,7 @@ class ModelRunner(Executor):
         self.kv_peer = KVPeer(self, config.kv_message_timeout_s)
         self.kv_line: str | None = None  # "host:port" of the line serving kv_peer's calls
         self.num_blocks = 0
+        self.groups = KVGroups.of(model_config)
         self.graph_mode = self._graph_mode()
         self.graphs: DecodeGraphs | None = None
         if allocate:
@@ -125,12 +128,13 @@ class ModelRunner(Executor):
     # ===== KV cache =====
 
     def allocate_kv(self, num_blocks: int) -> None:
-        """Allocate ``num_blocks`` blocks (one more, the padding rows' scratch, with decode
-        graphs) and capture the decode graphs over them."""
+        """Allocate ``num_blocks`` blocks (one more, the spare block no request owns, with
+        decode graphs, whose padding rows write it, or sliding layers, whose tables name it
+        before their window) and capture the decode graphs over them."""
         graphs = self.graph_mode != "off"
         shape = (
-            self.model_config.num_hidden_layers,
-            num_blocks + graphs,
+            self.groups.num_slots,
+            num_blocks + (graphs or self.groups.windowed),
             self.block_size,
             self.model_config.kv_cache_dim,
         )
@@ -145,6 +149,7 @@ class ModelRunner(Executor):
                 self.max_model_len,
                 graph_buckets(most),
                 capture=self.graph_mode == "capture",
+                windowed=self.groups.windowed,
             )
             self.graphs.capture()
             log.info("%s", self.graphs.describe())
@@ -175,6 +180,7 @@ class ModelRunner(Executor):
             decodes=self.config.role != "prefill",
             graph_max_batch=self.graphs.max_batch if self.graphs else 0,
             max_num_seqs=sched.max_num_seqs,
+            windowed=self.groups.windowed,
         )
         start, before = time.perf_counter(), WATCH.totals()["start-up"][0]
         for step in steps:
@@ -204,14 +210,18 @@ class ModelRunner(Executor):
         cache = self.config.cache
         if cache.num_blocks is not None:
             return cache.num_blocks
-        block_bytes = self.model_config.kv_bytes_per_token(self.dtype) * self.block_size
+        row = self.model_config.kv_cache_dim * torch.finfo(self.dtype).bits // 8
+        block_bytes = self.groups.num_slots * row * self.block_size
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * cache.gpu_memory_fraction)
         else:
             budget = cache.cpu_kv_bytes
         # no point in more than every running sequence at full length could use
-        most = self.config.scheduler.max_num_seqs * -(-max_model_len // self.block_size)
+        chunk = self.config.scheduler.max_num_batched_tokens
+        per_seq = -(-max_model_len // self.block_size)
+        per_seq += min(per_seq, self.groups.peak_window_blocks(chunk, self.block_size))
+        most = self.config.scheduler.max_num_seqs * per_seq
         num = min(budget // block_bytes, most)
         if num < 1:
             raise ValueError(
@@ -328,10 +338,15 @@ class ModelRunner(Executor):
     def _finished(self, sched: SchedulerOutput) -> list[tuple[str, list[int]]]:
         """(request id, the blocks of its prompt's KV that travel) of each prompt the step
         finishes (each sampled chunk ends its prompt in the prefill role): from the chunk's
-        ``first_sent_block`` (decode holds those before) to the prompt's last block."""
-        bs = self.block_size
+        ``first_sent_block`` (decode holds those before) to the prompt's last block, then the
+        sliding layers' blocks of the window at its end (``LLMEngine.reserve``'s order)."""
+        bs, start = self.block_size, self.groups.window_start_block
         return [
-            (c.request_id, list(c.block_ids[c.first_sent_block : -(-c.end // bs)]))
+            (
+                c.request_id,
+                list(c.block_ids[c.first_sent_block : -(-c.end // bs)])
+                + list(c.window_block_ids[start(c.end, bs) : -(-c.end // bs)]),
+            )
             for c in sched.chunks
             if c.sample
         ]

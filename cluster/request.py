@@ -25,7 +25,8 @@ class FinishReason(enum.StrEnum):
 @dataclass
 class Request:
     """One sequence: the first ``num_computed_tokens`` of ``all_token_ids`` have KV in
-    ``block_ids``."""
+    ``block_ids`` (and, for a model with sliding layers, the window of them in
+    ``window_block_ids``: ``kv_groups``)."""
 
     request_id: str
     prompt_token_ids: list[int]
@@ -35,6 +36,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
+    window_block_ids: list[int] = field(default_factory=list)  # sliding layers' table; entries
+    # before the window name the cache's spare block (empty without sliding layers)
+    window_start: int = 0  # window_block_ids' entries before this one name the spare block
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     num_preemptions: int = 0

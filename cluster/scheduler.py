@@ -11,6 +11,11 @@ of its tokens (whole blocks, leaving at least one token to run) and starts compu
 A request's full blocks are keyed once a step that wrote their KV has been collected
 (``written``): at the next plan, and when it leaves. A step that failed writes nothing: its
 tokens' blocks are never keyed.
+
+Sliding layers (``kv_groups``): every request also holds a table for them, grown with its full
+table; before each chunk the blocks before the chunk's window go back to the pool (keyed ones to
+the prefix cache, under a key of their own), and a prefix hit needs the sliding blocks of the
+window before it too.
 """
 
 from __future__ import annotations
@@ -22,8 +27,12 @@ from dataclasses import dataclass
 from pdserve.cluster.block_hash import extend_block_hashes
 from pdserve.cluster.block_manager import BlockManager
 from pdserve.cluster.config import SchedulerConfig
+from pdserve.cluster.kv_groups import KVGroups
 from pdserve.cluster.request import FinishReason, Request, RequestStatus
 from pdserve.cluster.sampling_params import SamplingParams
+
+WINDOW_KEY = b"w"  # appended to a block's content key for its sliding layers' block
+NO_GROUPS = KVGroups(slot_of=(), window=0)
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,7 @@ class ScheduledChunk:
     sampling: SamplingParams
     num_output_tokens: int  # tokens produced so far (keys per-token seeded sampling)
     first_sent_block: int = 0  # prefill role: the first block of the prompt's KV transfer
+    window_block_ids: tuple[int, ...] = ()  # sliding layers' table (same length), or empty
 
     @property
     def end(self) -> int:
@@ -61,9 +71,18 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager, max_model_len: int) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        blocks: BlockManager,
+        max_model_len: int,
+        groups: KVGroups = NO_GROUPS,
+    ) -> None:
         self.config = config
         self.blocks = blocks
+        self.groups = groups
+        self.windowed = groups.windowed
+        self.null = blocks.num_blocks  # the cache's spare block: sliding entries before a window
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
@@ -102,8 +121,7 @@ class Scheduler:
             self._key_blocks(req)
         else:
             self.waiting.remove(req)
-        self.blocks.free(req.block_ids)
-        req.block_ids = []
+        self._release(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
@@ -146,18 +164,20 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
-            cached = self._match_prefix(req)
+            self._match_prefix(req)
             n = self._chunk_len(req, budget)
-            need = self.blocks.blocks_for(req.num_computed_tokens + n) - len(cached)
-            if need > self.blocks.num_free - (self.watermark if self.running else 0):
-                self.blocks.free(cached)  # back to the cache; matched again next time
-                req.block_ids, req.num_computed_tokens = [], 0
+            grow = self.blocks.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
+            if grow * (1 + self.windowed) > self.blocks.num_free - (
+                self.watermark if self.running else 0
+            ):
+                self._release(req)  # back to the cache; matched again next time
+                req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            req.block_ids = cached + self.blocks.allocate(need)
-            req.num_keyed_blocks = len(cached)
+            req.num_keyed_blocks = len(req.block_ids)
+            self._grow(req, grow)
             req.num_cached_tokens = req.num_written_tokens = req.num_computed_tokens
             self.num_prefix_query_tokens += req.num_tokens
             self.num_prefix_hit_tokens += req.num_computed_tokens
@@ -176,27 +196,69 @@ class Scheduler:
     ) -> bool:
         """Grow req's block table to hold num_tokens, preempting the newest requests not yet
         scheduled in this step (req itself last) if blocks run short."""
-        need = self.blocks.blocks_for(num_tokens) - len(req.block_ids)
-        while need > self.blocks.num_free:
+        self._slide(req)
+        grow = self.blocks.blocks_for(num_tokens) - len(req.block_ids)
+        while grow * (1 + self.windowed) > self.blocks.num_free:
             victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is req:
                 return False
-        if need > 0:
-            req.block_ids.extend(self.blocks.allocate(need))
+        self._grow(req, grow)
         return True
 
-    def _match_prefix(self, req: Request) -> list[int]:
+    def _grow(self, req: Request, n: int) -> None:
+        """Add ``n`` blocks to ``req``'s table (and as many to its sliding table)."""
+        if n > 0:
+            req.block_ids.extend(self.blocks.allocate(n))
+            if self.windowed:
+                req.window_block_ids.extend(self.blocks.allocate(n))
+
+    def _slide(self, req: Request) -> None:
+        """Give back ``req``'s sliding blocks before its next chunk's window (keyed ones stay
+        in the prefix cache until their space is needed)."""
+        if not self.windowed:
+            return
+        start = self.groups.window_start_block(req.num_computed_tokens, self.blocks.block_size)
+        if start <= req.window_start:
+            return
+        table = req.window_block_ids
+        gone = [b for b in table[req.window_start : start] if b != self.null]
+        table[req.window_start : start] = [self.null] * (start - req.window_start)
+        req.window_start = start
+        self.blocks.free(gone)
+
+    def _release(self, req: Request) -> None:
+        """Free every block ``req`` holds, its sliding ones first (evicted before its full
+        ones, a prefix's tail before its head)."""
+        self.blocks.free([b for b in req.window_block_ids[req.window_start :] if b != self.null])
+        self.blocks.free(req.block_ids)
+        req.block_ids, req.window_block_ids, req.window_start = [], [], 0
+
+    def _match_prefix(self, req: Request) -> None:
         """Reference the cached blocks of ``req``'s longest cached prefix (whole blocks, at
-        least one token left to run) and count them as computed."""
+        least one token left to run; with sliding layers, their blocks of the window before
+        it cached too) and count them as computed."""
         if not self.blocks.prefix_caching:
-            return []
-        full = (req.num_tokens - 1) // self.blocks.block_size
-        cached = self.blocks.match(self._block_keys(req, full)[:full])
-        req.block_ids = list(cached)
-        req.num_computed_tokens = len(cached) * self.blocks.block_size
-        return cached
+            return
+        bs = self.blocks.block_size
+        full = (req.num_tokens - 1) // bs
+        keys = self._block_keys(req, full)[:full]
+        n = self.blocks.count_cached(keys)
+        if self.windowed:
+            wkeys = [k + WINDOW_KEY for k in keys]
+
+            def window_start(n: int) -> int:
+                return self.groups.window_start_block(n * bs, bs)
+
+            while n and self.blocks.count_cached(wkeys[window_start(n) : n]) < n - window_start(n):
+                n -= 1  # the window before block n lost a block: a shorter prefix
+            first = window_start(n)
+            req.window_block_ids = [self.null] * first + self.blocks.match(wkeys[first:n])
+            req.window_start = first
+        req.block_ids = self.blocks.match(keys[:n])
+        assert len(req.block_ids) == n and len(req.window_block_ids) in (0, n), "stale count"
+        req.num_computed_tokens = n * bs
 
     def written(self, sched: SchedulerOutput) -> None:
         """``sched`` ran to the end: its chunks' KV is in their blocks."""
@@ -213,6 +275,8 @@ class Scheduler:
         keys = self._block_keys(req, full)
         for i in range(req.num_keyed_blocks, full):
             self.blocks.cache(req.block_ids[i], keys[i])
+            if self.windowed and i >= req.window_start:
+                self.blocks.cache(req.window_block_ids[i], keys[i] + WINDOW_KEY)
         req.num_keyed_blocks = full
 
     def _block_keys(self, req: Request, n: int) -> list[bytes]:
@@ -226,8 +290,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self._key_blocks(req)
-        self.blocks.free(req.block_ids)
-        req.block_ids = []
+        self._release(req)
         req.num_keyed_blocks = req.num_written_tokens = 0
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -250,4 +313,5 @@ class Scheduler:
             sampling=req.sampling,
             num_output_tokens=len(req.output_token_ids),
             first_sent_block=req.first_sent_block,
+            window_block_ids=tuple(req.window_block_ids),
         )

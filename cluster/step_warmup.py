@@ -33,9 +33,10 @@ def token_counts(limit: int, crossover: int) -> list[int]:
     return sorted(c for c in counts if 1 <= c <= limit)
 
 
-def _chunks(sizes: list[tuple[int, int]], block_size: int) -> SchedulerOutput:
+def _chunks(sizes: list[tuple[int, int]], block_size: int, windowed: bool) -> SchedulerOutput:
     """One step of (tokens, start) chunks of zeros, decodes first as the scheduler orders them;
-    each request gets as many blocks as the longest needs, so block ids stay disjoint."""
+    each request gets as many blocks as the longest needs, so block ids stay disjoint (with
+    sliding layers, the same ids for their table: the cache slots differ)."""
     sizes = sorted(sizes, key=lambda s: s[0] != 1)
     blocks = [-(-(start + n) // block_size) for n, start in sizes]
     per = max(blocks)
@@ -46,6 +47,7 @@ def _chunks(sizes: list[tuple[int, int]], block_size: int) -> SchedulerOutput:
                 token_ids=(0,) * n,
                 start=start,
                 block_ids=tuple(range(i * per, i * per + nb)),
+                window_block_ids=tuple(range(i * per, i * per + nb)) if windowed else (),
                 sample=True,
                 sampling=SamplingParams(max_tokens=1),
                 num_output_tokens=0,
@@ -64,20 +66,21 @@ def warmup_steps(
     decodes: bool,
     graph_max_batch: int = 0,
     max_num_seqs: int = 1,
+    windowed: bool = False,
 ) -> list[SchedulerOutput]:
     """The steps to run at start-up. ``limit``: tokens per step; ``decodes``: the role runs
     decode steps (mixed steps and eager decode batches above ``graph_max_batch``). Steps that
     need more blocks than the cache holds, or positions past ``max_model_len``, are left out."""
-    steps = [_chunks([(n, 0)], block_size) for n in token_counts(limit, crossover)]
+    steps = [_chunks([(n, 0)], block_size, windowed) for n in token_counts(limit, crossover)]
     if limit > block_size:
-        steps.append(_chunks([(min(17, limit - block_size), block_size)], block_size))
+        steps.append(_chunks([(min(17, limit - block_size), block_size)], block_size, windowed))
     if decodes:
         context = min(2 * block_size, max_model_len - 1)
         if limit > 18:
-            steps.append(_chunks([(1, context), (17, 0)], block_size))
+            steps.append(_chunks([(1, context), (17, 0)], block_size, windowed))
         batches = [b for b in (graph_max_batch + 1, max_num_seqs) if b > graph_max_batch]
         for b in sorted({min(b, limit, max_num_seqs) for b in batches}):
-            steps.append(_chunks([(1, context)] * b, block_size))
+            steps.append(_chunks([(1, context)] * b, block_size, windowed))
 
     def fits(step: SchedulerOutput) -> bool:
         used = {b for c in step.chunks for b in c.block_ids}

@@ -94,6 +94,9 @@ class PrefillAttempt:
             decode_replica=s.replica_id,
             num_blocks=s.engine.blocks.blocks_for(len(req.prompt_token_ids)),
             first_block=self.held,
+            num_window_blocks=s.engine.groups.window_blocks(
+                len(req.prompt_token_ids), s.engine.blocks.block_size
+            ),
             fingerprint=s.fingerprint,
             endpoint=s.transport.endpoint(),
         )

@@ -121,10 +121,12 @@ class PrefillServer(Replica):
                     f"prefill of {req.request_id} ended with {out and out.finish_reason}"
                 )
             queue_s = self.engine.captured.pop(rid)
-            made = self.engine.blocks.blocks_for(len(req.prompt_token_ids))
-            if made != dest.num_blocks:
+            n, bs = len(req.prompt_token_ids), self.engine.blocks.block_size
+            made = (self.engine.blocks.blocks_for(n), self.engine.groups.window_blocks(n, bs))
+            if made != (dest.num_blocks, dest.num_window_blocks):
                 raise WorkerError(
-                    f"prefill made {made} KV blocks, decode reserved {dest.num_blocks}"
+                    f"prefill made {made} KV blocks (full, sliding), decode reserved "
+                    f"{(dest.num_blocks, dest.num_window_blocks)}"
                 )
             prefill_s = time.time() - start
             self.stats.ttft.observe(prefill_s)

@@ -54,7 +54,7 @@ class P2PTransport(KVTransport):
 
     def announce(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
         layers, block_size, width, dtype = executor.kv_layout
-        n = dest.num_blocks - dest.first_block  # decode holds the blocks before
+        n = dest.num_sent  # decode holds the blocks before first_block
         return KVHandle(
             transport=self.name,
             transfer_id=transfer_id,

@@ -1,4 +1,4 @@
-"""Per-step attention inputs, built by the model runner and read by every MLA layer."""
+"""Per-step attention inputs, built by the model runner and read by every attention layer."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ class AttentionMetadata:
     prefill_ctx_slots: torch.Tensor  # [Tk] int64: cache slots of each prefill sequence's context
     prefill_max_q: int
     prefill_max_k: int
+    # sliding layers' own (``kv_groups``): the same fields over the sliding tables, or None
+    # where the model has no sliding layers
+    window: AttentionMetadata | None = None
 
     @property
     def num_prefill_tokens(self) -> int:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from pdserve.cluster.config import ModelConfig
+from pdserve.cluster.kv_groups import KVGroups
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
 from pdserve.cluster.model.layers import LMHead, RMSNorm, VocabEmbedding
 from pdserve.cluster.model.rope import RotaryEmbedding
@@ -95,21 +96,25 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         layers = [make_layer(i, rotary) for i in range(cfg.num_hidden_layers)]
         self.model = DecoderModel(cfg, layers, rotary, dtype, tp, kernels)
+        groups = KVGroups.of(cfg)
+        self.slot_of, self.slots_done = groups.slot_of, groups.slots_done_after()
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, dtype=dtype, tp=tp)
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        kv_caches: torch.Tensor,  # [L, num_blocks, block_size, width]
+        kv_caches: torch.Tensor,  # [slots, num_blocks, block_size, width] (``kv_groups``)
         meta: AttentionMetadata,
-        after_layer: Callable[[int], None] | None = None,  # called with i once layer i is queued
+        after_layer: Callable[[int], None] | None = None,  # called with s once every layer
+        # writing cache slot s is queued
     ) -> torch.Tensor:  # [T, hidden], final-normed
         x, pending = self.model.embed_tokens(input_ids), None
         for i, layer in enumerate(self.model.layers):
-            x, pending = layer(positions, x, pending, kv_caches[i], meta)
+            x, pending = layer(positions, x, pending, kv_caches[self.slot_of[i]], meta)
             if after_layer is not None:
-                after_layer(i)
+                for s in self.slots_done[i]:
+                    after_layer(s)
         if pending is None:  # no layers
             return self.model.norm(x)
         return self.model.norm(x, pending)[0]

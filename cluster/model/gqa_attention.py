@@ -6,7 +6,8 @@ heads are split over tensor-parallel ranks; the KV heads are not: every rank pro
 caches all of them, so any rank's cache is the whole cache (as MLA's latent is) and the KV
 transports and unequal TP groups need nothing per family. A rank's attention reads the
 contiguous column range of its own query heads' KV heads (``kv_cols``). Sinks add one logit per
-head to the softmax's denominator; a sliding layer's query sees the last ``window`` tokens.
+head to the softmax's denominator; a sliding layer's query sees the last ``window`` tokens, and
+reads and writes its own block tables (``AttentionMetadata.window``, ``kv_groups``).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class GQAAttention(Loadable):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden], a partial sum under tensor parallelism
         t, d = x.shape[0], self.head_dim
+        if self.window and meta.window is not None:  # the sliding layers' tables
+            meta = meta.window
         assert hasattr(self, "qkv_rows"), "post_load stacks q/k/v once the weights are loaded"
         q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_rows, dim=-1)
         q = self.rope(positions, q.view(t, self.heads, d))  # [T, Hl, D]

@@ -288,3 +288,30 @@ def test_reserving_with_a_cached_prefix_takes_it_and_gives_it_back_whole(tiny_mo
     with pytest.raises(PrefixEvicted, match="1 of the prompt's 3"):
         eng.reserve(64, keys[:2] + [b"gone"])
     assert eng.blocks.num_used == 0 and eng._reserved == 0 and eng.blocks.num_cached == 3
+
+
+def test_a_long_gpt_oss_sequence_holds_its_full_blocks_and_one_window(gpt_oss_model):
+    """Sliding layers share cache slots with full ones and keep only their window's blocks
+    (the tokens: tests/cluster/test_gpt_oss_matches_transformers.py)."""
+    eng = LLMEngine(
+        EngineConfig(
+            model=gpt_oss_model,
+            dtype="float32",
+            cache=CacheConfig(block_size=4, num_blocks=64),
+            scheduler=SchedulerConfig(max_num_batched_tokens=16),
+        )
+    )
+    assert eng.runner.kv_caches.shape[:2] == (2, 65)  # 4 layers in 2 slots; the spare block
+    sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    rid = eng.add_request(list(range(4, 44)), sp)  # 40 tokens; the window is 6
+    held = []
+    while eng.has_unfinished():
+        eng.step()
+        r = eng.scheduler.requests.get(rid)
+        if r is not None:
+            live = len(r.window_block_ids) - r.window_start
+            assert eng.blocks.num_used == len(r.block_ids) + live
+            held.append((len(r.block_ids), live))
+    assert held[-1] == (17, 2)  # 68 tokens in 17 blocks before the last step; the window in 2
+    assert max(live for _, live in held) <= eng.groups.peak_window_blocks(16, 4)
+    assert eng.blocks.num_used == 0

@@ -6,8 +6,10 @@ import random
 
 import pytest
 
+from pdserve.cluster.block_hash import extend_block_hashes
 from pdserve.cluster.block_manager import BlockManager
 from pdserve.cluster.config import SchedulerConfig
+from pdserve.cluster.kv_groups import KVGroups
 from pdserve.cluster.request import FinishReason, Request, RequestStatus
 from pdserve.cluster.sampling_params import SamplingParams
 from pdserve.cluster.scheduler import Scheduler
@@ -260,3 +262,86 @@ def test_a_step_that_failed_keys_nothing():
     s.add(Request("b", list(range(10)), SP))
     (c,) = s.schedule().chunks
     assert c.start == 0  # computed again, not read from blocks nobody wrote
+
+
+# ---- sliding layers (kv_groups): a second table whose blocks before the window go back ----
+
+
+def _windowed(num_blocks=64, block_size=4, window=6, prefix_caching=True, **kw) -> Scheduler:
+    cfg = SchedulerConfig(**{"max_num_batched_tokens": 16, "max_num_seqs": 8, **kw})
+    blocks = BlockManager(num_blocks, block_size, prefix_caching)
+    return Scheduler(cfg, blocks, 1000, KVGroups.from_windows([window, 0]))
+
+
+def _run(s: Scheduler, steps: int) -> None:
+    for _ in range(steps):
+        _sample(s, s.schedule())
+
+
+def test_sliding_blocks_before_the_window_go_back_to_the_pool():
+    s = _windowed(prefix_caching=False)
+    s.add(_req("a", 40))  # 10 blocks of 4; window 6: a query reads at most 2 blocks back
+    null = s.blocks.num_blocks
+    for _ in range(3):  # 16-token chunks: 0-16, 16-32, 32-40 (+ the first sample)
+        out = s.schedule()
+        (c,) = out.chunks
+        assert len(c.window_block_ids) == len(c.block_ids) == -(-c.end // 4)
+        first = max(0, c.start - 5) // 4  # the chunk's first query's window starts here
+        assert all(b == null for b in c.window_block_ids[:first])
+        assert null not in c.window_block_ids[first:]
+        _sample(s, out)
+    _run(s, 20)  # decoding to 60 tokens
+    r = s.requests["a"]
+    assert r.num_computed_tokens == 60 and len(r.block_ids) == 15
+    live = [b for b in r.window_block_ids if b != null]
+    assert r.window_start == (60 - 5) // 4 and len(live) == 15 - r.window_start
+    assert s.blocks.num_used == 15 + len(live)  # not 2 * 15
+    assert not set(live) & set(r.block_ids)
+    s.finish(r, FinishReason.STOP)
+    assert s.blocks.num_used == 0
+
+
+def test_sliding_tables_preempt_and_come_back_whole():
+    s = _windowed(num_blocks=16, prefix_caching=False, max_num_batched_tokens=64)
+    for rid in "ab":
+        s.add(_req(rid, 8))  # 2 full blocks + 2 sliding ones each at first
+    _run(s, 24)  # each wants 8 full + 3 sliding: one is preempted
+    assert s.num_preemptions >= 1
+    assert all(not r.block_ids and not r.window_block_ids for r in s.waiting)
+    for r in s.running:
+        assert len(r.window_block_ids) == len(r.block_ids)
+        assert r.window_start == max(0, r.num_computed_tokens - 5) // 4
+    held = sum(len(r.block_ids) + len(r.window_block_ids) - r.window_start for r in s.running)
+    assert s.blocks.num_used == held <= 14
+
+
+def test_a_prefix_hit_needs_the_sliding_blocks_of_its_window():
+    s = _windowed()
+    s.add(_req("a", 30))
+    _run(s, 4)
+    s.finish(s.requests["a"], FinishReason.STOP)  # 7 full blocks keyed, sliding 5-6 keyed
+    s.add(Request("b", list(range(30)) + [99], SP))
+    out = s.schedule()
+    (c,) = out.chunks
+    b = s.requests["b"]
+    assert c.start == 28 and b.num_cached_tokens == 28  # 7 blocks: the window 23..27 cached
+    assert b.window_start == (28 - 5) // 4
+    window = b.window_block_ids[b.window_start : 7]
+    assert s.blocks.num_blocks not in window and not set(window) & set(b.block_ids)
+
+
+def test_a_prefix_hit_stops_where_a_sliding_block_of_its_window_is_gone():
+    s = _windowed(num_blocks=40)
+    s.add(_req("a", 30))
+    _run(s, 4)  # 32 tokens: 30 prompt tokens and two sampled 7s
+    s.finish(s.requests["a"], FinishReason.STOP)
+    bm = s.blocks
+    keys = extend_block_hashes([], list(range(30)) + [7, 7], 4, 8)
+    assert bm.count_cached(keys) == 8
+    # take every plain free block and evict the sliding ones (released before the full ones)
+    taken = bm.allocate(bm.num_free - 8)
+    assert bm.count_cached(keys) == 8 and bm.num_cached == 8
+    bm.free(taken)
+    s.add(Request("b", list(range(30)) + [99], SP))
+    (c,) = s.schedule().chunks
+    assert c.start == 0  # every full block is cached, but no window before any of them is

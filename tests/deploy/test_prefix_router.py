@@ -20,7 +20,7 @@ def _replica(uid: str):
 
 
 def _pending(avoid: tuple[str, ...] = (), prompt: list[int] | None = None):
-    fp = KVFingerprint("m", "w", str(torch.float32), 16, 2, 80)
+    fp = KVFingerprint("m", "w", str(torch.float32), 16, 2, 2, 0, 80)
     dest = KVDestination(transfer_id="t", decode_replica="d", num_blocks=1, fingerprint=fp)
     req = PrefillRequest(
         request_id="r",
