@@ -20,28 +20,28 @@ class BatchInputs:
     sample_rows: torch.Tensor  # [N] int64: the token rows whose logits are sampled
 
     @staticmethod
-    def of(sched: SchedulerOutput, bs: int, device: torch.device) -> BatchInputs:
+    def of(sched: SchedulerOutput, bs: int, device: torch.device, window: int = 0) -> BatchInputs:
         """A step's chunks in order (single-token decode chunks first), on ``device``, for a
         cache of ``bs``-token blocks; with the sliding tables' metadata where chunks carry
-        them."""
+        them (their layers see ``window`` tokens: a prefill chunk gathers its context from its
+        first query's window on, not from position 0)."""
         ids: list[int] = []
         pos: list[int] = []
         sample_rows: list[int] = []
         dec_lens: list[int] = []
-        cu_q, cu_k = [0], [0]
-        max_q = max_k = 0
+        cu_q = [0]
+        max_q = 0
         for c in sched.chunks:
             ids.extend(c.token_ids)
             pos.extend(range(c.start, c.end))
             if c.sample:
                 sample_rows.append(len(ids) - 1)
             if len(c.token_ids) == 1:  # decode: paged attention over the block table
-                assert not cu_k[1:], "single-token chunks must come before prefill chunks"
+                assert not cu_q[1:], "single-token chunks must come before prefill chunks"
                 dec_lens.append(c.end)
-            else:  # prefill: attend over the whole context gathered from the cache
+            else:  # prefill: attend over the context gathered from the cache
                 cu_q.append(cu_q[-1] + len(c.token_ids))
-                cu_k.append(cu_k[-1] + c.end)
-                max_q, max_k = max(max_q, len(c.token_ids)), max(max_k, c.end)
+                max_q = max(max_q, len(c.token_ids))
 
         def i32(x):
             return torch.tensor(x, dtype=torch.int32, device=device)
@@ -49,17 +49,23 @@ class BatchInputs:
         def i64(x):
             return torch.tensor(x, dtype=torch.int64, device=device)
 
-        def meta(tables: list[tuple[int, ...]]) -> AttentionMetadata:
-            """The step's metadata over ``tables``, one block table per chunk."""
+        def meta(tables: list[tuple[int, ...]], window: int) -> AttentionMetadata:
+            """The step's metadata over ``tables``, one block table per chunk, for layers
+            that see ``window`` tokens (0: all). A prefill chunk's context runs from its first
+            query's window on; the kernels align queries to the context's end."""
             slots: list[int] = []
             dec_tables: list[tuple[int, ...]] = []
             ctx_slots: list[int] = []
+            cu_k, max_k = [0], 0
             for c, t in zip(sched.chunks, tables):
                 slots.extend(t[p // bs] * bs + p % bs for p in range(c.start, c.end))
                 if len(c.token_ids) == 1:
                     dec_tables.append(t)
-                else:
-                    ctx_slots.extend(t[p // bs] * bs + p % bs for p in range(c.end))
+                    continue
+                lo = max(0, c.start - window + 1) if window else 0
+                ctx_slots.extend(t[p // bs] * bs + p % bs for p in range(lo, c.end))
+                cu_k.append(cu_k[-1] + c.end - lo)
+                max_k = max(max_k, c.end - lo)
             width = max((len(t) for t in dec_tables), default=0)
             table = [list(t) + [0] * (width - len(t)) for t in dec_tables]
             return AttentionMetadata(
@@ -74,7 +80,8 @@ class BatchInputs:
                 prefill_max_k=max_k,
             )
 
-        full = meta([c.block_ids for c in sched.chunks])
+        full = meta([c.block_ids for c in sched.chunks], 0)
         if sched.chunks and sched.chunks[0].window_block_ids:
-            full = replace(full, window=meta([c.window_block_ids for c in sched.chunks]))
+            sliding = meta([c.window_block_ids for c in sched.chunks], window)
+            full = replace(full, window=sliding)
         return BatchInputs(i64(ids), i64(pos), full, i64(sample_rows))

@@ -285,7 +285,7 @@ class ModelRunner(Executor):
                 return logits
             rows = [i for i, c in enumerate(sched.chunks) if c.sample]
             return logits[torch.tensor(rows, dtype=torch.int64, device=self.device)]
-        inputs = BatchInputs.of(sched, self.block_size, self.device)
+        inputs = BatchInputs.of(sched, self.block_size, self.device, self.groups.window)
 
         def mark(i: int) -> None:
             if i in layer_done:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from pdserve.cluster.batch_inputs import BatchInputs
@@ -35,3 +37,20 @@ def test_decode_tables_are_padded_to_the_longest():
     m = BatchInputs.of(SchedulerOutput(chunks), 4, torch.device("cpu")).meta
     assert m.decode_block_table.tolist() == [[4, 0], [5, 8]]
     assert m.decode_block_table.dtype == torch.int32 and m.slot_mapping.dtype == torch.int64
+
+
+def test_sliding_tables_get_their_own_metadata_and_a_context_from_the_window():
+    bs, window, null = 4, 3, 99
+    decode = dataclasses.replace(_chunk([7], 9, [3, 9, 5]), window_block_ids=(null, 1, 2))
+    prefill = dataclasses.replace(  # positions 6-9: the first query sees 4-6
+        _chunk([1, 2, 3, 4], 6, [6, 7, 8], sample=False), window_block_ids=(null, 10, 11)
+    )
+    m = BatchInputs.of(SchedulerOutput((decode, prefill)), bs, torch.device("cpu"), window).meta
+    assert m.prefill_cu_seqlens_k.tolist() == [0, 10] and m.prefill_max_k == 10
+    w = m.window
+    assert w.slot_mapping.tolist() == [2 * bs + 1, 10 * bs + 2, 10 * bs + 3, 11 * bs, 11 * bs + 1]
+    assert w.decode_block_table.tolist() == [[null, 1, 2]] and w.decode_seq_lens.tolist() == [10]
+    assert w.prefill_cu_seqlens_q.tolist() == [0, 4]
+    assert w.prefill_cu_seqlens_k.tolist() == [0, 6] and w.prefill_max_k == 6  # positions 4-9
+    assert w.prefill_ctx_slots.tolist() == [40, 41, 42, 43, 44, 45]
+    assert w.window is None and BatchInputs.of(SchedulerOutput((decode,)), bs, "cpu").meta.window
