@@ -38,6 +38,13 @@ class Router(Loadable):
             raise ValueError(f"unexpected router tensor {name!r}")
         self.mark_loaded(name)
 
+    def post_load(self) -> None:
+        """The weight kept in the scores' dtype (float32 at least), so a step does not cast it
+        again: the values are the model dtype's, as transformers casts them per call."""
+        self.weight.data = self.weight.data.to(
+            torch.promote_types(self.weight.dtype, torch.float32)
+        )
+
 
 class MXFP4Experts(Loadable):
     """Routed experts of one layer, this rank's intermediate shard, stored as MXFP4.
