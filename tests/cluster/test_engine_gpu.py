@@ -78,3 +78,17 @@ def test_decode_graphs_replay_the_tokens_of_eager_steps(tiny_model):
     prompts = some_prompts(eager.vocab_size, 7)  # decode batches of 1 to 7: replays and eager
     assert _staggered(replayed, prompts) == _staggered(eager, prompts)
     assert replayed.blocks.num_used == 0
+
+
+def test_gpt_oss_float32_on_the_gpu_matches_transformers(gpt_oss_model):
+    """GPT-OSS through the GPU kernels, its sliding layers on their own tables: prompts shorter
+    and longer than the window and than a block, chunked prefill, decode graphs; the sliding
+    blocks before the window go back as the sequences grow."""
+    from transformers import GptOssForCausalLM
+
+    from tests.cluster.test_gpt_oss_matches_transformers import LENGTHS, _check
+
+    engine = _engine(gpt_oss_model, "float32", budget=16)
+    assert engine.groups.windowed and engine.runner.graphs is not None
+    hf = GptOssForCausalLM.from_pretrained(gpt_oss_model, dtype=torch.float32).eval()
+    _check(engine, hf, LENGTHS, seed=1)
