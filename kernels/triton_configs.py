@@ -16,6 +16,7 @@ import torch
 Config = dict[str, int]
 
 H100 = "NVIDIA H100 80GB HBM3"
+H200 = "NVIDIA H200"
 
 
 def _small(bn: int, bk: int, warps: int = 4, stages: int = 3) -> Config:
@@ -74,9 +75,11 @@ MLA_PREFILL: dict[str, dict[int, Config]] = {
 }
 
 # Tokens per MoE call from which the grouped (large-M) kernel beats the small-M one, measured by
-# bench.kernels at DeepSeek-V3 shapes (on the H100 the small kernel won at 128, grouped at 256).
-# Devices not listed use the kernel set's default.
-MOE_CROSSOVER_M: dict[str, int] = {H100: 256}
+# bench.kernels at DeepSeek-V3 shapes (on the H100 the small kernel won at 128, grouped at 256;
+# on the H200, 2026-12-05, the small kernel 1.56 / 3.66 ms against the grouped 2.04 / 4.83 ms at
+# M = 16 / 128: bench.kernels and bench.flashinfer_check, BENCHMARKS.md). Devices not listed
+# use the kernel set's default.
+MOE_CROSSOVER_M: dict[str, int] = {H100: 256, H200: 256}
 
 
 @lru_cache(maxsize=8)
@@ -117,7 +120,7 @@ def moe_smem(cfg: Config, halves: int, elem_bytes: int = 2) -> int:
     return max(cfg["num_stages"], 1) * per_stage + halves * bn * bk * elem_bytes
 
 
-# GQA attention (gqa_*_triton.py): untuned first picks, not yet measured on a GPU
+# GQA attention (gqa_*_triton.py): untuned first picks (timed on an H200: BENCHMARKS.md)
 GQA_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=2)
 GQA_PREFILL = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
 GQA_HEAD_DIM = 64  # GPT-OSS's, for the shared-memory estimates
