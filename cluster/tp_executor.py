@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 
 import ray
@@ -117,6 +118,24 @@ class TPRank:
         return os.getpid()
 
 
+def gather_ranks(refs: list[ray.ObjectRef], what: str, on_failure: Callable[[], None]) -> list:
+    """The results of one call per rank. The first rank that fails ends the wait: the others
+    may be blocked in a collective with it, forever, so ``on_failure`` (stopping the group)
+    runs and a RuntimeError names the rank and what the group was doing."""
+    pending = list(refs)
+    while pending:
+        (ready,), pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(ready)
+        except Exception as e:
+            on_failure()
+            raise RuntimeError(
+                f"tensor-parallel rank {refs.index(ready)} failed while {what}; the group's "
+                f"ranks were stopped: {type(e).__name__}: {e}"
+            ) from e
+    return ray.get(refs)
+
+
 class RayTPExecutor(Executor):
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> None:
         size = config.tp
@@ -131,9 +150,10 @@ class RayTPExecutor(Executor):
                 )
             self.ranks.append(actor.options(**opts).remote(config, rank, size))
         master = ray.get(self.ranks[0].address.remote())
-        proposals = ray.get([r.start.remote(master, max_model_len) for r in self.ranks])
-        self.num_blocks = min(proposals)
-        infos = ray.get([r.allocate_kv.remote(self.num_blocks) for r in self.ranks])
+        starts = [r.start.remote(master, max_model_len) for r in self.ranks]
+        self.num_blocks = min(gather_ranks(starts, "loading", self.shutdown))
+        allocs = [r.allocate_kv.remote(self.num_blocks) for r in self.ranks]
+        infos = gather_ranks(allocs, "allocating the KV cache and warming up", self.shutdown)
         self.kernel_names, self.device_name, self.decode_graphs = infos[0]
         self._kv_layout = ray.get(self.ranks[0].kv_layout.remote())
         log.info(
