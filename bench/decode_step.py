@@ -31,6 +31,8 @@ import torch
 from pdserve.bench import step_floor, step_profile
 from pdserve.bench.result_file import write_result
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from pdserve.cluster.config import ModelConfig
+from pdserve.cluster.kv_groups import KVGroups
 
 WARM_STEPS = 3
 MARGIN = 64  # tokens past the timed steps each request may produce
@@ -39,6 +41,9 @@ MARGIN = 64  # tokens past the timed steps each request may produce
 def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
     longest = max([args.context, *args.prefill_tokens])
     blocks_per_seq = -(-(longest + MARGIN + args.steps) // args.block_size)
+    chunk = max(8192, args.context)  # max_num_batched_tokens below
+    groups = KVGroups.of(ModelConfig.from_dir(args.model))  # sliding layers: their window too
+    blocks_per_seq += min(blocks_per_seq, groups.peak_window_blocks(chunk, args.block_size))
     return LLMEngine(
         EngineConfig(
             model=args.model,
@@ -60,7 +65,7 @@ def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=max_batch,
-                max_num_batched_tokens=max(8192, args.context),
+                max_num_batched_tokens=chunk,
                 max_model_len=longest + MARGIN + args.steps,
             ),
         )

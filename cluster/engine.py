@@ -90,14 +90,17 @@ class LLMEngine:
             )
         # the whole sequence must fit the cache at once, or it could never finish
         sched = self.config.scheduler
-        chunk = sched.long_prefill_token_threshold or sched.max_num_batched_tokens
+        chunk = min(sched.long_prefill_token_threshold or sched.max_num_batched_tokens,
+                    sched.max_num_batched_tokens)  # fmt: skip
         need = self.blocks.blocks_for(n + sampling.max_tokens) + min(
             self.groups.peak_window_blocks(chunk, self.blocks.block_size),
             self.blocks.blocks_for(n + sampling.max_tokens),
         )
         if need > self.blocks.num_blocks:
             raise RequestError(
-                f"prompt + max_tokens needs {need} KV blocks; the cache holds "
+                f"prompt + max_tokens needs {need} KV blocks"
+                f"{' (with the sliding window blocks)' if self.groups.windowed else ''}; "
+                "the cache holds "
                 f"{self.blocks.num_blocks}",
                 "max_tokens",
             )

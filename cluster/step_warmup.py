@@ -36,7 +36,8 @@ def token_counts(limit: int, crossover: int) -> list[int]:
 def _chunks(sizes: list[tuple[int, int]], block_size: int, windowed: bool) -> SchedulerOutput:
     """One step of (tokens, start) chunks of zeros, decodes first as the scheduler orders them;
     each request gets as many blocks as the longest needs, so block ids stay disjoint (with
-    sliding layers, the same ids for their table: the cache slots differ)."""
+    sliding layers, the same ids for their table: a slot's full and sliding layers then write
+    the same rows, which a warm-up step, whose outputs are dropped, may)."""
     sizes = sorted(sizes, key=lambda s: s[0] != 1)
     blocks = [-(-(start + n) // block_size) for n, start in sizes]
     per = max(blocks)

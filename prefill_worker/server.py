@@ -89,6 +89,15 @@ class PrefillServer(Replica):
                 "KV blocks",
                 "kv",
             )
+        window = self.engine.groups.window_blocks(
+            len(req.prompt_token_ids), self.engine.blocks.block_size
+        )
+        if dest.num_window_blocks != window:  # before announce sizes the transfer by it
+            raise RequestError(
+                f"decode reserved {dest.num_window_blocks} sliding-window KV blocks; the "
+                f"prompt's window fills {window}",
+                "kv",
+            )
         if dest.decode_replica not in self._met:
             self.fingerprint.check(dest.fingerprint)  # KVLayoutMismatch, at first contact
             self._met.add(dest.decode_replica)

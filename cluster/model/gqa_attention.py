@@ -88,7 +88,8 @@ class GQAAttention(Loadable):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden], a partial sum under tensor parallelism
         t, d = x.shape[0], self.head_dim
-        if self.window and meta.window is not None:  # the sliding layers' tables
+        if self.window:  # the sliding layers' tables: their own, since slots are shared
+            assert meta.window is not None, "a sliding layer needs the sliding tables' metadata"
             meta = meta.window
         assert hasattr(self, "qkv_rows"), "post_load stacks q/k/v once the weights are loaded"
         q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_rows, dim=-1)

@@ -11,6 +11,7 @@ import torch
 
 from pdserve.cluster.block_manager import BlockManager
 from pdserve.cluster.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.cluster.kv_groups import KVGroups
 from pdserve.cluster.model_runner import ModelRunner
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.cluster.request import Request
@@ -28,7 +29,8 @@ def _logits(path: str, tp: TensorParallel) -> list[torch.Tensor]:
         scheduler=SchedulerConfig(max_num_batched_tokens=40),
     )
     runner = ModelRunner(cfg, ModelConfig.from_dir(path), 512, tp)
-    sched = Scheduler(cfg.scheduler, BlockManager(64, 16), 512)
+    groups = KVGroups.of(ModelConfig.from_dir(path))  # GPT-OSS: its sliding layers' tables
+    sched = Scheduler(cfg.scheduler, BlockManager(64, 16), 512, groups)
     for i, n in enumerate((5, 37, 60)):
         sched.add(Request(f"r{i}", [(7 * j + i) % 200 + 4 for j in range(n)], SamplingParams()))
     out = []
