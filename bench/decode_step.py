@@ -40,10 +40,9 @@ MARGIN = 64  # tokens past the timed steps each request may produce
 
 def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
     longest = max([args.context, *args.prefill_tokens])
-    blocks_per_seq = -(-(longest + MARGIN + args.steps) // args.block_size)
     chunk = max(8192, args.context)  # max_num_batched_tokens below
     groups = KVGroups.of(ModelConfig.from_dir(args.model))  # sliding layers: their window too
-    blocks_per_seq += min(blocks_per_seq, groups.peak_window_blocks(chunk, args.block_size))
+    blocks_per_seq = groups.most_blocks(longest + MARGIN + args.steps, chunk, args.block_size)
     return LLMEngine(
         EngineConfig(
             model=args.model,

@@ -89,13 +89,9 @@ class LLMEngine:
                 "max_tokens",
             )
         # the whole sequence must fit the cache at once, or it could never finish
-        sched = self.config.scheduler
-        chunk = min(sched.long_prefill_token_threshold or sched.max_num_batched_tokens,
-                    sched.max_num_batched_tokens)  # fmt: skip
-        need = self.blocks.blocks_for(n + sampling.max_tokens) + min(
-            self.groups.peak_window_blocks(chunk, self.blocks.block_size),
-            self.blocks.blocks_for(n + sampling.max_tokens),
-        )
+        budget = self.config.scheduler.max_num_batched_tokens
+        chunk = min(self.config.scheduler.long_prefill_token_threshold or budget, budget)
+        need = self.groups.most_blocks(n + sampling.max_tokens, chunk, self.blocks.block_size)
         if need > self.blocks.num_blocks:
             raise RequestError(
                 f"prompt + max_tokens needs {need} KV blocks"

@@ -72,6 +72,12 @@ class KVGroups:
             return 0
         return -(-(self.window - 1 + chunk) // block_size) + 1
 
+    def most_blocks(self, num_tokens: int, chunk: int, block_size: int) -> int:
+        """The most blocks of both tables a sequence of up to ``num_tokens`` tokens holds,
+        run in chunks of up to ``chunk`` tokens: what a cache must hold for it to finish."""
+        full = -(-num_tokens // block_size)
+        return full + min(full, self.peak_window_blocks(chunk, block_size))
+
     def slots_done_after(self) -> list[list[int]]:
         """For each layer, the slots whose every layer has run once it has: the KV of those
         slots may leave (prefill's layer-group streaming)."""

@@ -218,10 +218,11 @@ class ModelRunner(Executor):
         else:
             budget = cache.cpu_kv_bytes
         # no point in more than every running sequence at full length could use
-        chunk = self.config.scheduler.max_num_batched_tokens
-        per_seq = -(-max_model_len // self.block_size)
-        per_seq += min(per_seq, self.groups.peak_window_blocks(chunk, self.block_size))
-        most = self.config.scheduler.max_num_seqs * per_seq
+        sched = self.config.scheduler
+        per_seq = self.groups.most_blocks(
+            max_model_len, sched.max_num_batched_tokens, self.block_size
+        )
+        most = sched.max_num_seqs * per_seq
         num = min(budget // block_bytes, most)
         if num < 1:
             raise ValueError(

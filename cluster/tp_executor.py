@@ -122,18 +122,18 @@ def gather_ranks(refs: list[ray.ObjectRef], what: str, on_failure: Callable[[], 
     """The results of one call per rank. The first rank that fails ends the wait: the others
     may be blocked in a collective with it, forever, so ``on_failure`` (stopping the group)
     runs and a RuntimeError names the rank and what the group was doing."""
-    pending = list(refs)
+    results, pending = {}, list(refs)
     while pending:
         (ready,), pending = ray.wait(pending, num_returns=1)
         try:
-            ray.get(ready)
+            results[ready] = ray.get(ready)
         except Exception as e:
             on_failure()
             raise RuntimeError(
                 f"tensor-parallel rank {refs.index(ready)} failed while {what}; the group's "
                 f"ranks were stopped: {type(e).__name__}: {e}"
             ) from e
-    return ray.get(refs)
+    return [results[r] for r in refs]
 
 
 class RayTPExecutor(Executor):

@@ -56,3 +56,6 @@ def test_window_blocks_cover_exactly_what_the_next_queries_read(window, bs):
         for chunk in (1, 3, 17):  # a chunk from n reads from its first query's window on
             held = -(-(n + chunk) // bs) - first
             assert held <= g.peak_window_blocks(chunk, bs), (n, chunk)
+            full = -(-n // bs)
+            assert g.most_blocks(n, chunk, bs) == full + min(full, g.peak_window_blocks(chunk, bs))
+    assert KVGroups((0, 1), 0).most_blocks(100, 16, bs) == -(-100 // bs)  # no sliding layers
