@@ -158,7 +158,7 @@ class BenchRank:
         scattered into the same blocks at the receiver (no staging, no signal, no turns)."""
         group = self.peer._groups[key]
         group.first_bytes = first_bytes
-        kv = self.runner.read_kv(block_ids)  # [layers, n, block_size, width]
+        kv = self.runner.read_kv(block_ids)  # [slots, n, block_size, width]
         index = torch.tensor(block_ids, device=self.runner.device)
         times = []
         for _ in range(iters):

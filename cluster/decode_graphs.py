@@ -10,16 +10,20 @@ with sliding layers has a second table and slot row for them (``kv_groups``).
 Buckets are captured at start-up, largest first, sharing one memory pool. Every kernel on the
 decode path takes its launch grid from shapes alone (the MLA decode's split count from the block
 table's fixed width, the MoE's from the slot count), so a replay computes what an eager call on
-the same buffers would. ``capture=False`` runs the same padded path eagerly: CPU tests check the
-padding and the buffers that way.
+the same buffers would; an attention backend that splits its work on the host (FlashInfer's
+MLA) is handed the step's lengths and tables by ``plan`` before each capture and replay.
+``capture=False`` runs the same padded path eagerly: CPU tests check the padding and the
+buffers that way.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,8 +50,10 @@ class DecodeGraphs:
         buckets: tuple[int, ...],
         capture: bool,
         windowed: bool = False,  # sliding layers: their own block tables and slots
+        # (lens, tables, page, graph batch): called with a step's decode rows before it runs
+        plan: Callable[..., None] | None = None,
     ) -> None:
-        self.model, self.kv_caches = model, kv_caches
+        self.model, self.kv_caches, self.plan = model, kv_caches, plan
         self.buckets = buckets
         self.max_batch = buckets[-1]
         self.capture_enabled = capture
@@ -99,6 +105,9 @@ class DecodeGraphs:
         pool = None
         side = torch.cuda.Stream(self.device)
         for b in reversed(self.buckets):
+            if self.plan is not None:  # padding rows alone: each reads the scratch block
+                pad = np.full((b, self.width), self.scratch_block, dtype=np.int32)
+                self.plan([1] * b, pad, self.block_size, b)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: compiles and tunes outside the capture
                 self._forward(b)
@@ -140,6 +149,8 @@ class DecodeGraphs:
         self.tokens[:, :b].copy_(self._h_tokens[:, :b])
         self.lens[:b].copy_(self._h_lens[:b])
         self.table[:, :b].copy_(self._h_table[:, :b])
+        if self.plan is not None:
+            self.plan(lens[:b], table[0, :b], bs, b if b in self.graphs else None)
         if b in self.graphs:
             self.graphs[b].replay()
             logits = self.outputs[b]

@@ -295,8 +295,8 @@ class LLMEngine:
             full = self.blocks.blocks_for(n)
             req.block_ids = list(block_ids[:full])
             if self.groups.windowed:  # the window's blocks at the prompt's end, after them
-                req.window_start = self.groups.window_start_block(n, self.blocks.block_size)
-                req.window_block_ids = [self.scheduler.null] * req.window_start
+                req.window_start_block = self.groups.window_start_block(n, self.blocks.block_size)
+                req.window_block_ids = [self.scheduler.null] * req.window_start_block
                 req.window_block_ids += block_ids[full:]
             assert len(req.window_block_ids) in (0, full), (len(block_ids), full)
             req.num_written_tokens = req.num_computed_tokens  # the transport wrote it

@@ -37,11 +37,11 @@ class Executor(ABC):
 
     @abstractmethod
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:
-        """[layers, n, block_size, width]: a copy of the given blocks, in order."""
+        """[slots, n, block_size, width]: a copy of the given blocks, in order."""
 
     @abstractmethod
     def write_kv(self, block_ids: list[int], kv: torch.Tensor) -> None:
-        """Scatter [layers, n, block_size, width] into the given blocks."""
+        """Scatter [slots, n, block_size, width] into the given blocks."""
 
     @abstractmethod
     def stage_kv(self, transfer_id: str, block_ids: list[int]) -> int:

@@ -74,7 +74,7 @@ class KVHandle(msgspec.Struct, frozen=True, kw_only=True):
     num_blocks: int  # blocks it carries (KVDestination's first_block on)
     nbytes: int
     payload: Any = (
-        None  # object store: the ObjectRef of the [layers, blocks, block_size, width] tensor
+        None  # object store: the ObjectRef of the [slots, blocks, block_size, width] tensor
     )
 
 

@@ -67,6 +67,10 @@ class ModelRunner(Executor):
         self.device_name = self.device_info.describe()
         for line in self.kernels.describe():
             log.info("kernel %s", line)
+        # an MLA decode backend that plans each step on the host (FlashInfer's) is handed the
+        # step's decode rows before the step runs, eager or replayed
+        planned = not model_config.is_gqa and hasattr(self.kernels.mla_decode, "plan")
+        self._plan_decode = self.kernels.plan_decode if planned else None
         # ===== model =====
         start = time.perf_counter()
         with torch.device(self.device):
@@ -150,6 +154,7 @@ class ModelRunner(Executor):
                 graph_buckets(most),
                 capture=self.graph_mode == "capture",
                 windowed=self.groups.windowed,
+                plan=self._plan_decode,
             )
             self.graphs.capture()
             log.info("%s", self.graphs.describe())
@@ -233,13 +238,13 @@ class ModelRunner(Executor):
     # ---- KV blocks in and out (prefill/decode handoff) ----
 
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:
-        """[layers, n, block_size, width]: a copy of the given blocks, in order."""
+        """[slots, n, block_size, width]: a copy of the given blocks, in order."""
         return gather_blocks(self.kv_caches, block_rows(self.kv_caches, block_ids), slice(None))
 
     def write_kv(
         self, block_ids: list[int] | torch.Tensor, kv: torch.Tensor, layers: slice = slice(None)
     ) -> None:
-        """Scatter ``kv`` [layers, n, block_size, width] into the blocks (into ``layers`` of
+        """Scatter ``kv`` [slots, n, block_size, width] into the blocks (into ``layers`` of
         the cache only, for a part of a message), on the current stream."""
         cache = self.kv_caches[layers]
         expect = (cache.shape[0], len(block_ids), *cache.shape[2:])
@@ -286,6 +291,11 @@ class ModelRunner(Executor):
                 return logits
             rows = [i for i, c in enumerate(sched.chunks) if c.sample]
             return logits[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+        if self._plan_decode is not None:
+            decode = [c for c in sched.chunks if len(c.token_ids) == 1]  # as BatchInputs.of
+            self._plan_decode(
+                [c.end for c in decode], [c.block_ids for c in decode], self.block_size
+            )
         inputs = BatchInputs.of(sched, self.block_size, self.device, self.groups.window)
 
         def mark(i: int) -> None:

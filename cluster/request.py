@@ -38,7 +38,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     window_block_ids: list[int] = field(default_factory=list)  # sliding layers' table; entries
     # before the window name the cache's spare block (empty without sliding layers)
-    window_start: int = 0  # window_block_ids' entries before this one name the spare block
+    window_start_block: int = 0  # window_block_ids' entries before this one name the spare block
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     num_preemptions: int = 0

@@ -220,20 +220,22 @@ class Scheduler:
         if not self.windowed:
             return
         start = self.groups.window_start_block(req.num_computed_tokens, self.blocks.block_size)
-        if start <= req.window_start:
+        if start <= req.window_start_block:
             return
         table = req.window_block_ids
-        gone = [b for b in table[req.window_start : start] if b != self.null]
-        table[req.window_start : start] = [self.null] * (start - req.window_start)
-        req.window_start = start
+        gone = [b for b in table[req.window_start_block : start] if b != self.null]
+        table[req.window_start_block : start] = [self.null] * (start - req.window_start_block)
+        req.window_start_block = start
         self.blocks.free(gone)
 
     def _release(self, req: Request) -> None:
         """Free every block ``req`` holds, its sliding ones first (evicted before its full
         ones, a prefix's tail before its head)."""
-        self.blocks.free([b for b in req.window_block_ids[req.window_start :] if b != self.null])
+        self.blocks.free(
+            [b for b in req.window_block_ids[req.window_start_block :] if b != self.null]
+        )
         self.blocks.free(req.block_ids)
-        req.block_ids, req.window_block_ids, req.window_start = [], [], 0
+        req.block_ids, req.window_block_ids, req.window_start_block = [], [], 0
 
     def _match_prefix(self, req: Request) -> None:
         """Reference the cached blocks of ``req``'s longest cached prefix (whole blocks, at
@@ -255,7 +257,7 @@ class Scheduler:
                 n -= 1  # the window before block n lost a block: a shorter prefix
             first = window_start(n)
             req.window_block_ids = [self.null] * first + self.blocks.match(wkeys[first:n])
-            req.window_start = first
+            req.window_start_block = first
         req.block_ids = self.blocks.match(keys[:n])
         assert len(req.block_ids) == n and len(req.window_block_ids) in (0, n), "stale count"
         req.num_computed_tokens = n * bs
@@ -275,7 +277,7 @@ class Scheduler:
         keys = self._block_keys(req, full)
         for i in range(req.num_keyed_blocks, full):
             self.blocks.cache(req.block_ids[i], keys[i])
-            if self.windowed and i >= req.window_start:
+            if self.windowed and i >= req.window_start_block:
                 self.blocks.cache(req.window_block_ids[i], keys[i] + WINDOW_KEY)
         req.num_keyed_blocks = full
 

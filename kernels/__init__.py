@@ -145,6 +145,25 @@ REGISTRY.register(
     )
 )
 
+# FlashInfer's MLA decode (fa3: wgmma, sm_90a alone), planned on the host per step by the model
+# runner. On an H200 it ran 1.5-5x faster than the Triton kernel (../shared/peers/README.md);
+# decode and colocated workers take it where FlashInfer and nvcc (its JIT build) are present.
+REGISTRY.register(
+    Backend(
+        "mla_decode",
+        "flashinfer_fa3",
+        lambda: _lazy("mla_decode_flashinfer", "FlashInferMLADecode")()(),
+        "cuda",
+        priority=20,
+        min_sm=90,
+        max_sm=90,
+        roles=("decode", "colocated"),
+        dtypes=("bfloat16",),
+        unavailable=lambda: _lazy("mla_decode_flashinfer", "unavailable")()(),
+        graph_safe=True,  # its kernels read buffers the runner's plan fills before each replay
+    )
+)
+
 __all__ = [
     "REGISTRY",
     "Backend",

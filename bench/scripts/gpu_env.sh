@@ -2,15 +2,26 @@
 # Ray's bundle installed on a fresh machine, the project's own wheel, built from this tree by
 # `pip wheel --no-deps -w .whl .`, on every call; NCCL multicast off), OUT (results), TAG (file
 # names), M (the model folder, made by each script as it needs) and `stamp NAME` (seconds since
-# the start). PYTHONSAFEPATH keeps the repository root off sys.path (the project imports as
+# the start), GPU (the card's model, H200 or H100, naming result files: the device machine may
+# lend either). PYTHONSAFEPATH keeps the repository root off sys.path (the project imports as
 # pdserve.*, never by its folders' names). A PYTHONPATH given to a script is kept after
 # /tmp/site (a folder holding a sitecustomize.py then changes every process of a deployment).
 set -u
 export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-bench/results}
 TAG=${TAG:-}
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -oE 'H[0-9]{3}' || echo GPU)
 M=${MODEL:-/tmp/dsv2-lite}
 S=$(date +%s)
 stamp() { echo "== $1 at $(( $(date +%s) - S ))s"; }
 [ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/pdserve-*.whl
+for w in .whl/pdserve-*.whl; do  # when carried; a warm machine keeps the last one installed
+  [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$w"
+done
+flashinfer_site() {
+  [ -d /tmp/fisite/flashinfer ] || [ ! -f .fi/fisite.txz ] || python3 -c \
+    "import tarfile; tarfile.open('.fi/fisite.txz').extractall('/tmp', filter='tar')"
+  [ -d /tmp/fisite/flashinfer ] && export PYTHONPATH=$PYTHONPATH:/tmp/fisite \
+    FLASHINFER_WORKSPACE_BASE=/tmp/fi-jit MAX_JOBS=16
+  return 0
+}

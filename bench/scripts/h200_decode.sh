@@ -11,6 +11,6 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -15
 wait
 tail -4 "$OUT/make-model.log" 2>/dev/null
 python3 -m pdserve.bench.decode_step --model "$M" --batches 1,8,32,64 --context 1024 --steps 32 \
-  --profile --prefill-lens 2048,8192 --out "$OUT/decode-step-H200.json" 2>&1 | grep -v Warning
+  --profile --prefill-lens 2048,8192 --out "$OUT/decode-step-${GPU}.json" 2>&1 | grep -v Warning
 python3 -m pdserve.bench.hf_peer --model "$M" --batches 1,8,32,64 --context 1024 \
-  --ours "$OUT/decode-step-H200.json" --out "$OUT/hf-peer-H200.json" 2>&1 | grep -v Warning
+  --ours "$OUT/decode-step-${GPU}.json" --out "$OUT/hf-peer-${GPU}.json" 2>&1 | grep -v Warning

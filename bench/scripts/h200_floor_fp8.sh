@@ -18,17 +18,17 @@ grep -E "passed|failed|^E " /tmp/tests.log | tail -8
 timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/e2e/test_cluster_gpu.py > /tmp/e2e.log 2>&1
 grep -E "passed|failed|^E " /tmp/e2e.log | tail -8
 stamp fp8-gemm
-timeout 120 python3 -m pdserve.bench.fp8_gemm --out "$OUT/fp8_gemm-H200${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -40
+timeout 120 python3 -m pdserve.bench.fp8_gemm --out "$OUT/fp8_gemm-${GPU}${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -40
 stamp floor-v3
 timeout 120 python3 -m pdserve.bench.decode_step --model /tmp/cfg-deepseek-v3-4l --random-weights 0 \
   --batches 1,8,64 --context 1024 --steps 16 --modes auto --prefill-lens 4096,16384 \
-  --out "$OUT/decode-step-floor-v3-4l-H200${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -10
+  --out "$OUT/decode-step-floor-v3-4l-${GPU}${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -10
 stamp floor-v3-fp8
 timeout 100 python3 -m pdserve.bench.decode_step --model /tmp/cfg-fp8-v3-4l --random-weights 0 \
   --batches 1,8,64 --context 1024 --steps 16 --modes auto \
-  --out "$OUT/decode-step-floor-v3-4l-fp8-H200${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -8
+  --out "$OUT/decode-step-floor-v3-4l-fp8-${GPU}${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -8
 stamp floor-v2-lite
 timeout $(( 570 - ($(date +%s) - S) )) python3 -m pdserve.bench.decode_step --model /tmp/cfg-deepseek-v2-lite \
   --random-weights 0 --batches 1,64 --context 1024 --steps 16 --modes auto \
-  --out "$OUT/decode-step-floor-v2-lite-H200${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -8
+  --out "$OUT/decode-step-floor-v2-lite-${GPU}${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -8
 stamp done

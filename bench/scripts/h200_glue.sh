@@ -18,7 +18,7 @@ for p in gpt-oss-20b deepseek-v3-4l; do
     stamp "$p ${k:-triton glue}"
     timeout 100 python3 -m pdserve.bench.decode_step --model "/tmp/cfg-$p" --random-weights 0 \
       --batches 1,8,64 --context 1024 --steps 16 --modes auto,off --profile ${k:+--kernels $k} \
-      --out "$OUT/decode-step-glue-$p${k:+-torch}-H200${TAG}.json" 2>&1 \
+      --out "$OUT/decode-step-glue-$p${k:+-torch}-${GPU}${TAG}.json" 2>&1 \
       | grep --line-buffered -v Warning | grep -v "while serving" | tail -12
   done
 done

@@ -15,19 +15,19 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/cluster/test_engine_g
   "tests/cluster/test_tensor_parallel.py::test_tp2_over_nccl_matches_one_gpu" > /tmp/tests.log 2>&1
 grep -E "passed|failed|^E " /tmp/tests.log | tail -8
 stamp kv-transfer
-timeout 150 python3 -m pdserve.bench.kv_transfer --iters 7 --out "$OUT/kv-transfer-NVIDIA_H200.json" \
+timeout 150 python3 -m pdserve.bench.kv_transfer --iters 7 --out "$OUT/kv-transfer-NVIDIA_${GPU}.json" \
   2>&1 | grep --line-buffered -v Warning | tail -20
 stamp model
 [ -n "$MAKER" ] && wait "$MAKER"
 tail -1 /tmp/make-model.log 2>/dev/null
 stamp profile
 timeout 120 python3 -m pdserve.bench.decode_step --model "$M" --batches 1,64 --context 1024 --steps 16 \
-  --modes off --profile --out "$OUT/decode-step-profile-H200.json" 2>&1 | grep --line-buffered -v Warning | tail -12
+  --modes off --profile --out "$OUT/decode-step-profile-${GPU}.json" 2>&1 | grep --line-buffered -v Warning | tail -12
 stamp overlap
 timeout 120 python3 -m pdserve.bench.decode_step --model "$M" --batches 1,8,32,64 --context 1024 --steps 32 \
-  --modes auto --out "$OUT/decode-step-overlap-H200.json" 2>&1 | grep --line-buffered -v Warning | tail -8
+  --modes auto --out "$OUT/decode-step-overlap-${GPU}.json" 2>&1 | grep --line-buffered -v Warning | tail -8
 stamp tp2
 timeout $(( 570 - ($(date +%s) - S) )) python3 -m pdserve.bench.decode_step --model "$M" --tp 2 \
-  --batches 1,8,32,64 --context 1024 --steps 16 --modes auto --out "$OUT/decode-step-tp2-H200.json" \
+  --batches 1,8,32,64 --context 1024 --steps 16 --modes auto --out "$OUT/decode-step-tp2-${GPU}.json" \
   2>&1 | grep --line-buffered -v Warning | tail -8
 stamp done

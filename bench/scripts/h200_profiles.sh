@@ -13,13 +13,13 @@ timeout 60 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/kernels/
 timeout 150 python3 -m pytest -q -rf --tb=line -p no:cacheprovider -m gpu tests/e2e/test_cluster_gpu.py 2>&1 \
   | grep -vi warning | tail -8
 stamp fp8-gemm
-timeout 90 python3 -m pdserve.bench.fp8_gemm --m 1,8,64,2048 --out "$OUT/fp8_gemm-H200${TAG}.json" 2>&1 \
+timeout 90 python3 -m pdserve.bench.fp8_gemm --m 1,8,64,2048 --out "$OUT/fp8_gemm-${GPU}${TAG}.json" 2>&1 \
   | grep --line-buffered -v Warning | tail -28
 for p in gpt-oss-20b deepseek-v3-4l deepseek-v2-lite; do
   stamp "profile-$p"
   timeout $(( (570 - ($(date +%s) - S)) / 2 )) python3 -m pdserve.bench.decode_step --model "/tmp/cfg-$p" \
     --random-weights 0 --batches 1,64 --context 1024 --steps 8 --modes off --profile \
-    --prefill-lens 4096,16384 --out "$OUT/decode-step-profile-$p-H200${TAG}.json" 2>&1 \
+    --prefill-lens 4096,16384 --out "$OUT/decode-step-profile-$p-${GPU}${TAG}.json" 2>&1 \
     | grep --line-buffered -v Warning | grep -v "while serving" | tail -12
 done
 stamp done

@@ -23,7 +23,7 @@ if [ "${1:-}" = check ]; then
     tests/cluster/test_engine_gpu.py tests/cluster/test_async_engine.py > /tmp/tests.log 2>&1
   grep -E "passed|failed|^E " /tmp/tests.log | tail -8
   stamp kv-transfer
-  timeout 150 python3 -m pdserve.bench.kv_transfer --iters 7 --out "$OUT/kv-transfer-NVIDIA_H200.json" 2>&1 | quiet | tail -22
+  timeout 150 python3 -m pdserve.bench.kv_transfer --iters 7 --out "$OUT/kv-transfer-NVIDIA_${GPU}.json" 2>&1 | quiet | tail -22
   stamp model
   [ -n "$MAKER" ] && wait "$MAKER"
   tail -1 /tmp/make-model.log 2>/dev/null

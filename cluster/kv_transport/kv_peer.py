@@ -67,9 +67,9 @@ class _Pair:
 
 @dataclass
 class _Staged:
-    kv: torch.Tensor  # [layers, n, block_size, width]
-    # per layer group of the copy: (layers, event recorded after it on the stream that made
-    # it); a send of layer group g waits for its copy alone. Empty on CPU
+    kv: torch.Tensor  # [slots, n, block_size, width]
+    # per slot group of the copy: (slots, event recorded after it on the stream that made
+    # it); a send of slot group g waits for its copy alone. Empty on CPU
     ready: list[tuple[slice, torch.cuda.Event]]
     at: float
     called: float  # perf_counter when ``stage`` began, and when the copy was queued
@@ -100,17 +100,18 @@ class KVPeer:
 
     def layer_marks(self, num_blocks: list[int]) -> dict[int, torch.cuda.Event]:
         """Events for a step that finishes prompts of ``num_blocks`` blocks each, to record
-        once layer i of the step is queued (``CausalLM.forward``'s
-        ``after_layer``): one after the last layer of every layer group but the last of each
-        prompt's KV (``layer_groups``). Empty on CPU, and when every such KV is one message."""
+        once every layer writing cache slot i is queued (``CausalLM.forward``'s
+        ``after_layer``): one after the last slot of every slot group but the last of each
+        prompt's KV (``layer_groups``, over the cache's slots). Empty on CPU, and when every
+        such KV is one message."""
         if self.runner.device.type != "cuda":
             return {}
         marks = {g.stop - 1 for n in num_blocks for g in self._layer_groups(n)[:-1]}
         return {i: torch.cuda.Event() for i in sorted(marks)}
 
     def _layer_groups(self, num_blocks: int) -> list[slice]:
-        """The layer groups of a KV of ``num_blocks`` blocks of the runner's cache."""
-        cache = self.runner.kv_caches  # [layers, blocks, block_size, width]
+        """The slot groups of a KV of ``num_blocks`` blocks of the runner's cache."""
+        cache = self.runner.kv_caches  # [slots, blocks, block_size, width]
         return layer_groups(cache.shape[0], cache.shape[0] * num_blocks * cache[0, 0].nbytes)
 
     def stage(
@@ -127,7 +128,7 @@ class KVPeer:
         layers up to g are done, so its send overlaps the step's later layers. The current
         stream then waits for the copies: later steps cannot reuse the blocks before."""
         called = time.perf_counter()
-        cache = self.runner.kv_caches  # [layers, blocks, block_size, width]
+        cache = self.runner.kv_caches  # [slots, blocks, block_size, width]
         shape = (cache.shape[0], len(block_ids), *cache.shape[2:])
         groups = self._layer_groups(len(block_ids))
         streamed = cache.is_cuda and any(g.stop - 1 in (layer_done or {}) for g in groups[:-1])
@@ -138,8 +139,8 @@ class KVPeer:
         ready = []
         # on the copy stream, memory the step still uses is not handed out
         with torch.cuda.stream(copier) if streamed else contextlib.nullcontext():
-            kv = cache.new_empty(shape)  # [layers, n, block_size, width]
-            rows = block_rows(cache, block_ids)  # [layers, n]
+            kv = cache.new_empty(shape)  # [slots, n, block_size, width]
+            rows = block_rows(cache, block_ids)  # [slots, n]
             for part in groups:
                 if streamed:
                     copier.wait_event(layer_done.get(part.stop - 1, step_end))
@@ -252,8 +253,8 @@ class KVPeer:
         then receive the KV into ``block_ids``; its phase times (``time.perf_counter``:
         "posted", "turn", "signalled", "posted recv", "queued", "received"). ``KVNotSent`` when
         prefill said it will not come; other errors mean the pair can no longer be trusted."""
-        cache = self.runner.kv_caches  # [layers, blocks, block_size, width]
-        rows = host_rows(cache, block_ids)  # [layers, n]: made before the signal, off its path
+        cache = self.runner.kv_caches  # [slots, blocks, block_size, width]
+        rows = host_rows(cache, block_ids)  # [slots, n]: made before the signal, off its path
         pair, deadline, t = self._turn(key, seq, wait_s)
         try:
             word = pair.group.await_signal(transfer_id, deadline - time.monotonic())

@@ -136,7 +136,7 @@ class PairGroup:
     def send_kv(
         self, kv: torch.Tensor, ready: Sequence[tuple[slice, torch.cuda.Event]] = ()
     ) -> None:
-        """[layers, n, block_size, width], contiguous, as ``layer_groups`` messages, from a
+        """[slots, n, block_size, width], contiguous, as ``layer_groups`` messages, from a
         stream of the group's own. ``ready``: (layers, event) of the copies that made ``kv``, in
         layer order; each message waits for the copies of its layers, not for later ones nor
         for the model steps queued after them."""
@@ -177,7 +177,7 @@ class PairGroup:
         timed = gpu_times and self._io is not None
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if timed else []
         with self._on_io():
-            buf = torch.empty(shape, dtype=dtype, device=self.device)  # [layers, n, bs, width]
+            buf = torch.empty(shape, dtype=dtype, device=self.device)  # [slots, n, bs, width]
             groups = layer_groups(buf.shape[0], buf.nbytes, self.first_bytes)
             if self._io is None:  # gloo: each wait blocks (once: a second one hangs)
                 for layers in groups:

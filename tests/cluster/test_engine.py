@@ -309,7 +309,7 @@ def test_a_long_gpt_oss_sequence_holds_its_full_blocks_and_one_window(gpt_oss_mo
         eng.step()
         r = eng.scheduler.requests.get(rid)
         if r is not None:
-            live = len(r.window_block_ids) - r.window_start
+            live = len(r.window_block_ids) - r.window_start_block
             assert eng.blocks.num_used == len(r.block_ids) + live
             held.append((len(r.block_ids), live))
     assert held[-1] == (17, 2)  # 68 tokens in 17 blocks before the last step; the window in 2

@@ -28,8 +28,14 @@ def _engine(path: str, dtype: str, budget: int = 64, **kw) -> LLMEngine:
 
 
 def test_registry_picks_triton_on_the_gpu(tiny_model):
+    """Triton everywhere, but for FlashInfer's MLA decode where it can run (sm_90 with
+    FlashInfer and nvcc)."""
+    from pdserve.kernels.mla_decode_flashinfer import unavailable
+
     names = _engine(tiny_model, "bfloat16").runner.kernel_names
-    assert names == {op: "triton" for op in names}, names
+    fa3 = torch.cuda.get_device_capability() == (9, 0) and unavailable() is None
+    want = {op: "triton" for op in names} | ({"mla_decode": "flashinfer_fa3"} if fa3 else {})
+    assert names == want, names
 
 
 @pytest.mark.parametrize("which", ["tiny_model", "yarn_model"])
@@ -92,3 +98,44 @@ def test_gpt_oss_float32_on_the_gpu_matches_transformers(gpt_oss_model):
     assert engine.groups.windowed and engine.runner.graphs is not None
     hf = GptOssForCausalLM.from_pretrained(gpt_oss_model, dtype=torch.float32).eval()
     _check(engine, hf, LENGTHS, seed=1)
+
+
+def test_flashinfer_mla_decode_agrees_with_the_triton_kernel(tmp_path):
+    """DeepSeek's latent widths (512 + 64) in a small model, bf16: FlashInfer's MLA decode,
+    planned per step, gives the Triton kernel's logits up to bf16 rounding, replayed from decode
+    graphs (batches of 1 and 6, padded to 8) and in an eager step that also carries a prefill
+    chunk."""
+    from pdserve.cluster.checkpoint_maker import make_model
+    from pdserve.kernels.mla_decode_flashinfer import unavailable
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("FlashInfer's MLA fa3 kernels are built for sm_90a")
+    if reason := unavailable():
+        pytest.skip(reason)
+    wide = dict(kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=16,
+                num_key_value_heads=16)  # fmt: skip
+    path = str(make_model(tmp_path / "wide", "tiny", seed=3, overrides=wide))
+    fi = _engine(path, "bfloat16", budget=4096)  # each prompt's prefill in one step
+    triton = _engine(path, "bfloat16", budget=4096, kernel_overrides={"mla_decode": "triton"})
+    assert fi.runner.kernel_names["mla_decode"] == "flashinfer_fa3"
+    assert fi.runner.graphs is not None and fi.runner.graphs.graphs
+    prompts = _prompts(fi.vocab_size, (1, 17, 130, 301, 64, 65, 40), seed=5)
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    # (prompts prefilled first, prompts added after): pure decode steps of 1 and 6 rows, then
+    # one decode row beside a prefill chunk
+    for first, then in (([prompts[0]], []), (prompts[:6], []), ([prompts[2]], [prompts[6]])):
+        logits = []
+        for engine in (fi, triton):
+            ids = [engine.add_request(p, sp) for p in first]
+            engine.step()  # the prefills, each request's first token
+            ids += [engine.add_request(p, sp) for p in then]
+            sched = engine.scheduler.schedule()
+            assert sum(len(c.token_ids) == 1 for c in sched.chunks) == len(first)
+            logits.append(engine.runner.compute_logits(sched))
+            for rid in ids:
+                engine.abort(rid)
+        a, b = logits  # [rows, vocab] float32
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+        assert cos.min().item() > 0.999, cos
+        assert (a - b).abs().max().item() < 0.25
+    assert fi.blocks.num_used == 0 and triton.blocks.num_used == 0

@@ -294,7 +294,7 @@ def test_sliding_blocks_before_the_window_go_back_to_the_pool():
     r = s.requests["a"]
     assert r.num_computed_tokens == 60 and len(r.block_ids) == 15
     live = [b for b in r.window_block_ids if b != null]
-    assert r.window_start == (60 - 5) // 4 and len(live) == 15 - r.window_start
+    assert r.window_start_block == (60 - 5) // 4 and len(live) == 15 - r.window_start_block
     assert s.blocks.num_used == 15 + len(live)  # not 2 * 15
     assert not set(live) & set(r.block_ids)
     s.finish(r, FinishReason.STOP)
@@ -310,8 +310,8 @@ def test_sliding_tables_preempt_and_come_back_whole():
     assert all(not r.block_ids and not r.window_block_ids for r in s.waiting)
     for r in s.running:
         assert len(r.window_block_ids) == len(r.block_ids)
-        assert r.window_start == max(0, r.num_computed_tokens - 5) // 4
-    held = sum(len(r.block_ids) + len(r.window_block_ids) - r.window_start for r in s.running)
+        assert r.window_start_block == max(0, r.num_computed_tokens - 5) // 4
+    held = sum(len(r.block_ids) + len(r.window_block_ids) - r.window_start_block for r in s.running)
     assert s.blocks.num_used == held <= 14
 
 
@@ -325,8 +325,8 @@ def test_a_prefix_hit_needs_the_sliding_blocks_of_its_window():
     (c,) = out.chunks
     b = s.requests["b"]
     assert c.start == 28 and b.num_cached_tokens == 28  # 7 blocks: the window 23..27 cached
-    assert b.window_start == (28 - 5) // 4
-    window = b.window_block_ids[b.window_start : 7]
+    assert b.window_start_block == (28 - 5) // 4
+    window = b.window_block_ids[b.window_start_block : 7]
     assert s.blocks.num_blocks not in window and not set(window) & set(b.block_ids)
 
 

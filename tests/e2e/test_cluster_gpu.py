@@ -117,3 +117,30 @@ def test_prefill_through_flashinfer_moe_matches_the_triton_path(ray_serve, tiny_
     kernels = {s.pool: s.kernels for s in serve_app.replica_stats(app.name)}
     assert kernels["prefill"]["moe_large"] == "flashinfer_cutlass", kernels
     assert kernels["decode"]["moe_large"] != "flashinfer_cutlass", kernels
+
+
+def test_gpt_oss_1p1d_on_one_gpu_gives_transformers_tokens(ray_serve, gpt_oss_model):
+    """A GPT-OSS checkpoint written by transformers (sliding layers of 6 tokens, random sinks
+    and biases) served 1P1D on one GPU in float32 through the Triton GQA kernels, the sliding
+    tables handed over with the full ones: transformers' greedy tokens for prompts shorter and
+    longer than the window and than a block; every decode block comes back."""
+    import torch
+    from transformers import GptOssForCausalLM
+
+    from tests.hf_reference import hf_greedy
+
+    pool = {"num_replicas": 1, "gpus_per_rank": 0.5, "kv_cache_memory_fraction": 0.2}
+    model = {"path": gpt_oss_model, "name": "tiny", "block_size": 16, "dtype": "float32"}
+    app = deploy(ray_serve, {"name": "gpt-oss", "model": model, "prefill": dict(pool),
+                             "decode": dict(pool)})  # fmt: skip
+    hf = GptOssForCausalLM.from_pretrained(gpt_oss_model, dtype=torch.float32).eval()
+    for prompt in ([7], [11, 12, 13, 14], list(range(20, 45))):
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True}  # fmt: skip
+        code, r = app.post("/v1/completions", body)
+        assert code == 200, r
+        want = hf_greedy(hf, prompt, MAX_TOKENS)
+        assert r["choices"][0]["token_ids"] == want, f"prompt of {len(prompt)} tokens"
+    used = 'pdserve_kv_blocks_used{pool="decode"}'
+    m = app.wait_metrics(lambda m: m.get(used, 1) == 0)
+    assert m[used] == 0

@@ -1,0 +1,190 @@
+"""FlashInfer's paged MLA decode on Hopper (its fa3 kernels): op ``mla_decode``, backend
+``flashinfer_fa3``. Contract: ``mla_reference``, plus a plan per step made on the host.
+
+FlashInfer splits a decode batch's work over the SMs on the host, from the sequences' lengths
+(``BatchMLAPagedAttentionWrapper.plan``), and its kernels read that split. So the model runner
+hands each step's lengths and block tables to ``plan`` before the step's layers run (eager), or
+before a decode graph replays; every layer of the step then runs under that plan. A decode graph
+of batch B has a wrapper of its own, whose buffers its captured kernels read: FlashInfer's plan
+puts its arrays at the same offsets for the same batch and head count, so a replay after a new
+plan computes the new lengths' split (SGLang's and vLLM's FlashInfer MLA graphs work the same
+way). The first plan JIT-builds FlashInfer's module (nvcc and FlashInfer's sources are needed;
+well under a minute on 16 cores), which the runner's start-up warm-up does.
+
+FlashInfer's MLA kernels exist for DeepSeek's latent of 512 + 64 only; a model of other widths
+(the test models) runs the Triton kernel through this backend, which says so once in the log.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CKV, KPE = 512, 64  # the latent widths FlashInfer's MLA kernels are built for
+WORKSPACE_BYTES = 128 << 20  # split-KV partial outputs: FlashInfer's recommended size
+
+
+def unavailable() -> str | None:
+    """Why FlashInfer's MLA decode cannot run here, or None. Reads files only (no import)."""
+    spec = importlib.util.find_spec("flashinfer")
+    if spec is None or not spec.submodule_search_locations:
+        return "flashinfer is not installed"
+    src = Path(next(iter(spec.submodule_search_locations))) / "data" / "csrc"
+    if not (src / "batch_mla_sm90_run.cu").is_file():
+        return (
+            f"FlashInfer's CUDA sources, which its MLA kernels are JIT-built from, are not in {src}"
+        )
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    if not (shutil.which("nvcc") or (Path(cuda_home) / "bin" / "nvcc").is_file()):
+        return "nvcc not found (FlashInfer JIT-builds its MLA kernels at start-up)"
+    return None
+
+
+def csr(lens: Sequence[int], tables: Sequence[Sequence[int]] | np.ndarray, page: int):
+    """FlashInfer's paged layout of a decode batch, on the host: (qo_indptr [B + 1], kv_indptr
+    [B + 1], kv_indices [pages], kv_lens [B]), int32 arrays. Row i reads the first
+    ceil(lens[i] / page) blocks of tables[i] (a list per row, or the decode graphs' [B, width]
+    array)."""
+    kv_lens = np.asarray(lens, dtype=np.int32)
+    pages = -(-kv_lens // page)
+    if isinstance(tables, np.ndarray):
+        indices = tables[np.arange(tables.shape[1]) < pages[:, None]]  # row by row
+    else:
+        indices = np.fromiter((b for t, p in zip(tables, pages) for b in t[:p]), np.int32)
+    assert len(indices) == pages.sum(), "a block table is shorter than its sequence"
+    kv_indptr = np.zeros(len(pages) + 1, dtype=np.int32)
+    np.cumsum(pages, out=kv_indptr[1:])
+    qo = np.arange(len(pages) + 1, dtype=np.int32)
+    return qo, kv_indptr, indices.astype(np.int32, copy=False), kv_lens
+
+
+class FlashInferMLADecode:
+    """One worker's MLA decode through FlashInfer: ``plan`` per step, then the op per layer."""
+
+    def __init__(self) -> None:
+        self._wrappers: dict[int | None, Any] = {}  # graph batch -> its wrapper; None: eager
+        self._workspace: torch.Tensor | None = None  # shared: one step runs at a time
+        self._shape: tuple | None = None  # (heads, page, scale, dtype, device) of the layers
+        self._pending: tuple | None = None  # a plan awaiting the layers' shape
+        self._active: tuple[Any, int] | None = None  # (wrapper, rows) of the planned step
+        self._fallback = None  # the Triton kernel, for latent widths FlashInfer lacks
+        # The plan's arrays are staged in page-locked memory: CUDA syncs the stream before a
+        # copy from pageable memory, which would stall the host until the GPU's queue drains.
+        # The staging and FlashInfer's own page-locked buffer are rewritten by the next plan
+        # only once this plan's copies are done (``_copied``, recorded after them).
+        self._staging: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def plan(
+        self,
+        lens: Sequence[int],  # [B] sequence lengths, the new token included
+        tables: Sequence[Sequence[int]],  # [B][>= ceil(len / page)] block ids
+        page: int,
+        graph_batch: int | None = None,  # the decode graph about to replay, or None (eager)
+    ) -> None:
+        """Plan the next step's decode rows. Until a layer has run once (its head count and
+        scale are known from the call), the plan waits for that first call."""
+        if self._fallback is not None:
+            return
+        width = len(tables[0]) if len(tables) else 0
+        self._pending = (graph_batch, page, width, *csr(lens, tables, page))
+        if self._shape is not None:
+            self._plan()
+
+    def _plan(self) -> None:
+        graph_batch, page, width, qo, kv_indptr, indices, kv_lens = self._pending
+        heads, page_cached, scale, dtype, device = self._shape
+        assert page == page_cached, (page, page_cached)
+        wrapper = self._wrapper(graph_batch, width, device)
+        if self._copied is None:
+            self._copied = torch.cuda.Event()
+        else:  # the last plan's copies started its step: done, or about to be
+            self._copied.synchronize()
+        staged = self._stage((qo, kv_indptr, indices, kv_lens))
+        wrapper.plan(*staged, heads, CKV, KPE, page, False, scale, dtype, dtype)
+        self._copied.record()
+        self._active, self._pending = (wrapper, len(kv_lens)), None
+
+    def _stage(self, arrays: tuple[np.ndarray, ...]) -> list[torch.Tensor]:
+        """Views of the page-locked staging holding ``arrays`` one after another."""
+        total = sum(len(a) for a in arrays)
+        held = 0 if self._staging is None else len(self._staging)
+        if held < total:  # grown by doubling: rarely reallocated
+            self._staging = torch.empty(max(total, 2 * held), dtype=torch.int32, pin_memory=True)
+        views, at = [], 0
+        for a in arrays:
+            v = self._staging[at : at + len(a)]
+            v.numpy()[:] = a
+            views.append(v)
+            at += len(a)
+        return views
+
+    def _wrapper(self, graph_batch: int | None, width: int, device: torch.device):
+        import flashinfer.mla  # a GPU-only dependency, imported when first planned
+
+        if self._workspace is None:
+            self._workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        w = self._wrappers.get(graph_batch)
+        if w is None:
+            if graph_batch is None:
+                w = flashinfer.mla.BatchMLAPagedAttentionWrapper(self._workspace, backend="fa3")
+            else:  # the buffers a captured graph reads, sized for the graph's batch
+                b = graph_batch
+
+                def i32(n: int) -> torch.Tensor:
+                    return torch.zeros(n, dtype=torch.int32, device=device)
+
+                w = flashinfer.mla.BatchMLAPagedAttentionWrapper(
+                    self._workspace, use_cuda_graph=True, qo_indptr=i32(b + 1),
+                    kv_indptr=i32(b + 1), kv_indices=i32(b * width), kv_len_arr=i32(b),
+                    backend="fa3",
+                )  # fmt: skip
+            self._wrappers[graph_batch] = w
+        return w
+
+    def __call__(
+        self,
+        q: torch.Tensor,  # [B, H, r + rope]: absorbed queries
+        kv_cache: torch.Tensor,  # [N, page, r + rope]
+        block_table: torch.Tensor,  # [B, max_blocks] int32 (the plan holds the same)
+        seq_lens: torch.Tensor,  # [B] int32
+        scale: float,
+        v_dim: int,  # r
+    ) -> torch.Tensor:  # [B, H, r]
+        b, heads, width = q.shape
+        if self._fallback is not None or (v_dim, width - v_dim) != (CKV, KPE):
+            return self._triton(q, kv_cache, block_table, seq_lens, scale, v_dim)
+        if self._shape is None:
+            self._shape = (heads, kv_cache.shape[1], scale, q.dtype, q.device)
+        if self._pending is not None:
+            self._plan()
+        assert self._active is not None, "mla_decode through FlashInfer needs a plan per step"
+        wrapper, rows = self._active
+        assert rows == b, f"planned {rows} decode rows, the step has {b}"
+        out = q.new_empty(b, heads, v_dim)
+        wrapper.run(q[..., :v_dim], q[..., v_dim:], kv_cache[..., :v_dim], kv_cache[..., v_dim:],
+                    out=out)  # fmt: skip
+        return out
+
+    def _triton(self, q, kv_cache, block_table, seq_lens, scale, v_dim) -> torch.Tensor:
+        if self._fallback is None:
+            from pdserve.kernels.mla_decode_triton import mla_decode_triton
+
+            log.info(
+                "mla_decode: FlashInfer's MLA kernels take a latent of %d + %d, this model's "
+                "is %d + %d; the Triton kernel runs",
+                CKV, KPE, v_dim, q.shape[-1] - v_dim,
+            )  # fmt: skip
+            self._fallback = mla_decode_triton
+            self._pending = self._active = None
+        return self._fallback(q, kv_cache, block_table, seq_lens, scale, v_dim)

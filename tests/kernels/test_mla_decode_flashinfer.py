@@ -1,0 +1,88 @@
+"""mla_decode, FlashInfer fa3: the host plan's layout (CPU), and the planned kernel against
+mla_decode_torch eagerly and replayed from a CUDA graph after a new plan (SM90 GPU with
+FlashInfer and nvcc)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pdserve.kernels.mla_decode_flashinfer import FlashInferMLADecode, csr, unavailable
+from pdserve.kernels.mla_reference import mla_decode_torch
+from tests.kernels.kernel_cases import rel_err
+from tests.kernels.test_mla_decode import paged
+
+PAGE, D, V = 64, 576, 512  # DeepSeek's latent rows, the widths FlashInfer's kernels take
+
+
+def test_csr_takes_each_rows_blocks_up_to_its_length():
+    tables = [[5, 9], [1, 2, 3], [7, 8, 9, 10]]
+    lens = [1, 65, 192]
+    qo, indptr, indices, kv_lens = csr(lens, tables, 64)
+    assert qo.tolist() == [0, 1, 2, 3] and kv_lens.tolist() == lens
+    assert indptr.tolist() == [0, 1, 3, 6]
+    assert indices.tolist() == [5, 1, 2, 7, 8, 9]
+    padded = np.array([[5, 9, 0, 0], [1, 2, 3, 0], [7, 8, 9, 10]], dtype=np.int32)
+    from_padded = csr(lens, padded, 64)
+    assert all(np.array_equal(a, b) for a, b in zip(from_padded, (qo, indptr, indices, kv_lens)))
+    assert all(a.dtype == np.int32 for a in (*from_padded, qo, indptr, indices, kv_lens))
+
+
+def test_other_latent_widths_run_the_triton_kernel(device):
+    """The test models' 64 + 16 latent: the backend's call is the Triton kernel's (on CPU
+    under the interpreter), and a plan is then ignored."""
+    if device.type == "cpu":
+        pytest.importorskip("triton")
+    cache, table, lens = paged([5, 20], 16, 80, torch.float32, device)
+    q = torch.randn(2, 4, 80, device=device)
+    fi = FlashInferMLADecode()
+    out = fi(q, cache, table, lens, 0.1, 64)
+    fi.plan([5, 20], table.tolist(), 16)
+    assert rel_err(out, mla_decode_torch(q, cache, table, lens, 0.1, 64)) < 1e-5
+
+
+def _gpu_or_skip(device):
+    if device.type != "cuda" or torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("FlashInfer's MLA fa3 kernels are built for sm_90a")
+    if reason := unavailable():
+        pytest.skip(reason)
+
+
+@pytest.mark.parametrize("heads", [16, 128])
+def test_planned_kernel_matches_reference(device, heads):
+    _gpu_or_skip(device)
+    fi = FlashInferMLADecode()
+    for seed, lens in enumerate(([1], [7, 64, 65, 1000], [4096] * 3 + [129] * 30)):
+        cache, table, seq_lens = paged(lens, PAGE, D, torch.bfloat16, device, seed=seed)
+        q = torch.randn(len(lens), heads, D, device=device).bfloat16()
+        fi.plan(lens, table.tolist(), PAGE)
+        out = fi(q, cache, table, seq_lens, D**-0.5, V)
+        ref = mla_decode_torch(q, cache, table, seq_lens, D**-0.5, V)
+        assert rel_err(out, ref) < 1e-2, lens
+
+
+def test_graph_replays_the_new_plans_lengths(device):
+    """Captured once for batch 8, replayed after plans of other lengths and tables: each
+    replay gives the reference's output for the lengths planned last."""
+    _gpu_or_skip(device)
+    b, heads = 8, 16
+    cache, table, seq_lens = paged([3000] * b, PAGE, D, torch.bfloat16, device, seed=1)
+    q = torch.randn(b, heads, D, device=device).bfloat16()
+    lens_buf, table_buf = seq_lens.clone(), table.clone()
+    host = table.cpu().numpy()
+    fi = FlashInferMLADecode()
+    fi.plan([1] * b, host, PAGE, graph_batch=b)
+    lens_buf.fill_(1)
+    fi(q, cache, table_buf, lens_buf, D**-0.5, V)  # first call: the plan waits for the shape
+    torch.cuda.synchronize()
+    fi.plan([1] * b, host, PAGE, graph_batch=b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fi(q, cache, table_buf, lens_buf, D**-0.5, V)
+    for lens in ([3000] * b, [1, 5, 64, 65, 700, 3000, 2, 1999]):
+        lens_buf.copy_(torch.tensor(lens, dtype=torch.int32))
+        fi.plan(lens, host, PAGE, graph_batch=b)
+        graph.replay()
+        ref = mla_decode_torch(q, cache, table_buf, lens_buf, D**-0.5, V)
+        assert rel_err(out, ref) < 1e-2, lens
