@@ -11,6 +11,10 @@ plan computes the new lengths' split (SGLang's and vLLM's FlashInfer MLA graphs 
 way). The first plan JIT-builds FlashInfer's module (nvcc and FlashInfer's sources are needed;
 well under a minute on 16 cores), which the runner's start-up warm-up does.
 
+Memory outside the KV cache's sizing: a 128 MiB workspace, and per wrapper (one per decode
+graph, one eager) FlashInfer's 8 MiB device and 8 MiB page-locked work buffers: about 230 MiB of
+GPU memory at a largest graph of 128, which the cache's share of free memory leaves room for.
+
 FlashInfer's MLA kernels exist for DeepSeek's latent of 512 + 64 only; a model of other widths
 (the test models) runs the Triton kernel through this backend, which says so once in the log.
 """
@@ -94,10 +98,10 @@ class FlashInferMLADecode:
     ) -> None:
         """Plan the next step's decode rows. Until a layer has run once (its head count and
         scale are known from the call), the plan waits for that first call."""
-        if self._fallback is not None:
+        if self._fallback is not None or not len(lens):  # no decode rows: no plan to make
+            self._pending = None
             return
-        width = len(tables[0]) if len(tables) else 0
-        self._pending = (graph_batch, page, width, *csr(lens, tables, page))
+        self._pending = (graph_batch, page, len(tables[0]), *csr(lens, tables, page))
         if self._shape is not None:
             self._plan()
 
@@ -107,12 +111,13 @@ class FlashInferMLADecode:
         assert page == page_cached, (page, page_cached)
         wrapper = self._wrapper(graph_batch, width, device)
         if self._copied is None:
-            self._copied = torch.cuda.Event()
+            with torch.cuda.device(device):
+                self._copied = torch.cuda.Event()
         else:  # the last plan's copies started its step: done, or about to be
             self._copied.synchronize()
         staged = self._stage((qo, kv_indptr, indices, kv_lens))
         wrapper.plan(*staged, heads, CKV, KPE, page, False, scale, dtype, dtype)
-        self._copied.record()
+        self._copied.record(torch.cuda.current_stream(device))  # the stream the copies took
         self._active, self._pending = (wrapper, len(kv_lens)), None
 
     def _stage(self, arrays: tuple[np.ndarray, ...]) -> list[torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ def with_flashinfer_available() -> Registry:
     reg = Registry()
     for op in OPS:
         for b in REGISTRY.backends[op]:
-            if b.name == "flashinfer_cutlass":
+            if b.name.startswith("flashinfer"):
                 b = dataclasses.replace(b, unavailable=lambda: None)
             reg.register(b)
     return reg
@@ -97,6 +98,28 @@ def test_overrides():
     reg = with_flashinfer_available()
     picked = reg.select("moe_large", H100, "decode", override="flashinfer_cutlass")
     assert picked.backend.name == "flashinfer_cutlass"
+
+
+def test_flashinfer_mla_decode_is_sm90_decodes_default_when_available():
+    """FlashInfer's fa3 MLA decode (wgmma: sm_90a alone, bf16) wins on SM90 decode and
+    colocated workers where it can run; prefill workers, other GPUs, float32 and a worker that
+    names the Triton kernel keep Triton; without FlashInfer, Triton (the other tests)."""
+    reg = with_flashinfer_available()
+    for gpu in (H100, H200):
+        for role in ("decode", "colocated"):
+            assert reg.select("mla_decode", gpu, role, dtype="bfloat16").backend.name == (
+                "flashinfer_fa3"
+            )
+            named = reg.select("mla_decode", gpu, role, override="triton", dtype="bfloat16")
+            assert named.backend.name == "triton"
+        assert reg.select("mla_decode", gpu, "prefill").backend.name == "triton"
+        lost = dict(reg.select("mla_decode", gpu, "decode", dtype="float32").rejected)
+        assert lost["flashinfer_fa3"] == "computes in bfloat16, not float32"
+    for gpu in (B200, RTX_PRO_6000):
+        assert reg.select("mla_decode", gpu, "decode").backend.name == "triton"
+    if importlib.util.find_spec("flashinfer") is None:  # the probe says why it lost
+        lost = dict(REGISTRY.select("mla_decode", H100, "decode").rejected)
+        assert lost["flashinfer_fa3"] == "flashinfer is not installed"
 
 
 def test_kernel_set_loads_triton_and_the_measured_crossover(monkeypatch):
