@@ -20,6 +20,7 @@ class Executor(ABC):
     num_blocks: int
     kernel_names: dict[str, str]  # op -> backend, for logs and status
     device_name: str
+    stopped: str | None = None  # why it can run no more steps (a rank of its group failed)
 
     @abstractmethod
     def launch(self, sched: SchedulerOutput) -> Any:

@@ -163,6 +163,8 @@ class Replica:
         """Serve calls this periodically; raising makes Serve replace the replica."""
         if not self.aengine._thread.is_alive():
             raise RuntimeError(f"{self.replica_id}: the engine thread died")
+        if stopped := self.engine.runner.stopped:
+            raise RuntimeError(f"{self.replica_id}: {stopped}")
         limit, n = self.spec.max_consecutive_failures, self.failure_streak
         span = time.monotonic() - self.failure_streak_since
         if limit and n >= limit and span >= self.spec.failure_streak_s:

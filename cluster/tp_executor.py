@@ -118,22 +118,35 @@ class TPRank:
         return os.getpid()
 
 
-def gather_ranks(refs: list[ray.ObjectRef], what: str, on_failure: Callable[[], None]) -> list:
-    """The results of one call per rank. The first rank that fails ends the wait: the others
-    may be blocked in a collective with it, forever, so ``on_failure`` (stopping the group)
-    runs and a RuntimeError names the rank and what the group was doing."""
-    results, pending = {}, list(refs)
+def gather_ranks(
+    refs: list[ray.ObjectRef], what: str, on_failure: Callable[[], None], poll_s: float = 1.0
+) -> list:
+    """The results of one call per rank. A rank that fails ends the wait (within ``poll_s``):
+    the others may be blocked in a collective with it, forever, so ``on_failure`` (stopping the
+    group) runs and a RuntimeError names the rank and what the group was doing. A quick call
+    (a step) costs one wait and one get."""
+
+    def check(done: list[ray.ObjectRef]) -> None:
+        for r in done:
+            try:
+                ray.get(r)
+            except Exception as e:
+                on_failure()
+                raise RuntimeError(
+                    f"tensor-parallel rank {refs.index(r)} failed while {what}; the group's "
+                    f"ranks were stopped: {type(e).__name__}: {e}"
+                ) from e
+
+    pending = list(refs)
     while pending:
-        (ready,), pending = ray.wait(pending, num_returns=1)
-        try:
-            results[ready] = ray.get(ready)
-        except Exception as e:
-            on_failure()
-            raise RuntimeError(
-                f"tensor-parallel rank {refs.index(ready)} failed while {what}; the group's "
-                f"ranks were stopped: {type(e).__name__}: {e}"
-            ) from e
-    return [results[r] for r in refs]
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=poll_s)
+        if pending:  # a slow call: has a rank that answered failed?
+            check([r for r in refs if r not in pending])
+    try:
+        return ray.get(refs)
+    except Exception:
+        check(refs)  # names the failing rank and stops the group
+        raise
 
 
 class RayTPExecutor(Executor):
@@ -161,10 +174,18 @@ class RayTPExecutor(Executor):
         )
 
     def launch(self, sched: SchedulerOutput) -> list[ray.ObjectRef]:
+        if self.stopped:
+            raise RuntimeError(self.stopped)
         return [r.execute.remote(sched) for r in self.ranks]
 
     def collect(self, handle: list[ray.ObjectRef]) -> list[SampledToken]:
-        return ray.get(handle)[0]  # rank 0 samples
+        # a rank that fails mid-step leaves the others in a collective: stop the group, for
+        # good (the replica's health check then asks Serve for a new one)
+        try:
+            return gather_ranks(handle, "running a step", self.shutdown)[0]  # rank 0 samples
+        except RuntimeError as e:
+            self.stopped = f"the tensor-parallel group was stopped: {e}"
+            raise
 
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:
         return ray.get(self.ranks[0].read_kv.remote(block_ids))

@@ -60,3 +60,53 @@ def test_results_come_back_in_rank_order(ray_local):
 
     refs = [echo.remote(0, 0.5), echo.remote(1, 0.0)]  # rank 1 answers first
     assert gather_ranks(refs, "echoing", lambda: pytest.fail("nothing failed")) == [0, 1]
+    # slower than the poll: rank 1's answer is checked while rank 0 still runs
+    refs = [echo.remote(0, 1.0), echo.remote(1, 0.0)]
+    assert gather_ranks(refs, "echoing", lambda: pytest.fail("nothing failed"), 0.1) == [0, 1]
+
+
+def test_a_rank_failing_after_the_others_answered_is_named(ray_local):
+    """Every rank answers, one with an error: it is named, and the group stopped."""
+    from pdserve.cluster.tp_executor import gather_ranks
+
+    ray = ray_local
+
+    @ray.remote
+    def step(fail: bool) -> int:
+        if fail:
+            raise ValueError("bad step")
+        return 0
+
+    stopped = []
+    with pytest.raises(RuntimeError, match=r"rank 0 failed while running a step.*ValueError"):
+        gather_ranks([step.remote(True), step.remote(False)], "running a step",
+                     lambda: stopped.append(True))  # fmt: skip
+    assert stopped
+
+
+def test_a_rank_lost_mid_step_stops_the_group_instead_of_hanging(ray_local, tiny_model):
+    """TP=2 on CPU (gloo): rank 1 is killed, then a step runs. Under NCCL rank 0 would wait in
+    the step's first all-reduce forever (gloo sees the peer's socket close and fails it): collect
+    names the first rank it hears of within seconds, the group is stopped, and every later step
+    is refused with the reason (a replica's health check raises it, so Serve replaces the
+    replica)."""
+    from pdserve.cluster import CacheConfig, EngineConfig, ModelConfig
+    from pdserve.cluster.sampling_params import SamplingParams
+    from pdserve.cluster.scheduler import ScheduledChunk, SchedulerOutput
+    from pdserve.cluster.tp_executor import RayTPExecutor
+
+    ray = ray_local
+    cfg = EngineConfig(model=tiny_model, device="cpu", tp=2, rank_actors=True,
+                       cache=CacheConfig(block_size=16, num_blocks=8))  # fmt: skip
+    executor = RayTPExecutor(cfg, ModelConfig.from_dir(tiny_model), 512)
+    chunk = ScheduledChunk("r", (5, 6, 7), 0, (0,), True, SamplingParams(max_tokens=1), 0)
+    step = SchedulerOutput((chunk,))
+    assert len(executor.execute(step)) == 1  # the group works
+    ray.kill(executor.ranks[1])
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank [01] failed while running a step"):
+        executor.execute(step)
+    assert time.monotonic() - start < 60
+    assert executor.stopped and not executor.ranks
+    with pytest.raises(RuntimeError, match="tensor-parallel group was stopped"):
+        executor.launch(step)

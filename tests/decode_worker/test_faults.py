@@ -367,3 +367,16 @@ def test_fault_burst_of_one_failed_step_does_not_trip_the_health_check(tiny_mode
     assert decode.failure_streak == 0
     _clean(decode, prefill)
     decode.shutdown()
+
+
+def test_fault_a_stopped_tensor_parallel_group_fails_the_health_check(tiny_model, setup):
+    """An executor that can run no more steps (a tensor-parallel group stopped after a rank
+    failed mid-step: tests/cluster/test_tp_executor.py) makes the replica ask Serve for a new
+    one, with the reason."""
+    prefill, _ = setup
+    decode = _decode(tiny_model, _PrefillHandle(prefill))
+    decode.check_health()
+    decode.engine.runner.stopped = "the tensor-parallel group was stopped: rank 1 failed"
+    with pytest.raises(RuntimeError, match="group was stopped: rank 1 failed"):
+        decode.check_health()
+    decode.shutdown()
