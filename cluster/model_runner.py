@@ -169,6 +169,7 @@ class ModelRunner(Executor):
             if self.config.warmup_steps:
                 self.warm_up_steps()
             WATCH.serving()  # start-up's kernels are compiled: a later compile stalls a step
+        self.kernel_names = self.kernels.names()  # a backend's first call may hand its op on
 
     @torch.inference_mode()
     def warm_up_steps(self) -> int:

@@ -98,7 +98,11 @@ class KernelSet:
             plan(lens, tables, page, graph_batch)
 
     def names(self) -> dict[str, str]:
-        return {c.op: c.backend.name for c in self.choices}
+        """op -> the backend that runs it: the choice, or where the chosen MLA decode hands
+        the model's shapes to another kernel, that one (``runs``)."""
+        names = {c.op: c.backend.name for c in self.choices}
+        names["mla_decode"] = getattr(self.mla_decode, "runs", names["mla_decode"])
+        return names
 
     def describe(self) -> list[str]:
         lines = [c.describe() for c in self.choices]

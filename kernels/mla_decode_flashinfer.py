@@ -16,7 +16,8 @@ graph, one eager) FlashInfer's 8 MiB device and 8 MiB page-locked work buffers: 
 GPU memory at a largest graph of 128, which the cache's share of free memory leaves room for.
 
 FlashInfer's MLA kernels exist for DeepSeek's latent of 512 + 64 only; a model of other widths
-(the test models) runs the Triton kernel through this backend, which says so once in the log.
+(the test models) runs the Triton kernel through this backend, which says so once in the log
+and in ``runs`` (what status reports).
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class FlashInferMLADecode:
         self._pending: tuple | None = None  # a plan awaiting the layers' shape
         self._active: tuple[Any, int] | None = None  # (wrapper, rows) of the planned step
         self._fallback = None  # the Triton kernel, for latent widths FlashInfer lacks
+        self.runs = "flashinfer_fa3"  # the backend that runs the op ("triton" after a fallback)
         # The plan's arrays are staged in page-locked memory: CUDA syncs the stream before a
         # copy from pageable memory, which would stall the host until the GPU's queue drains.
         # The staging and FlashInfer's own page-locked buffer are rewritten by the next plan
@@ -190,6 +192,6 @@ class FlashInferMLADecode:
                 "is %d + %d; the Triton kernel runs",
                 CKV, KPE, v_dim, q.shape[-1] - v_dim,
             )  # fmt: skip
-            self._fallback = mla_decode_triton
+            self._fallback, self.runs = mla_decode_triton, "triton"
             self._pending = self._active = None
         return self._fallback(q, kv_cache, block_table, seq_lens, scale, v_dim)

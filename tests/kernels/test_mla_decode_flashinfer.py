@@ -37,7 +37,9 @@ def test_other_latent_widths_run_the_triton_kernel(device):
     cache, table, lens = paged([5, 20], 16, 80, torch.float32, device)
     q = torch.randn(2, 4, 80, device=device)
     fi = FlashInferMLADecode()
+    assert fi.runs == "flashinfer_fa3"
     out = fi(q, cache, table, lens, 0.1, 64)
+    assert fi.runs == "triton"  # what status reports from then on
     fi.plan([5, 20], table.tolist(), 16)
     assert rel_err(out, mla_decode_torch(q, cache, table, lens, 0.1, 64)) < 1e-5
 
