@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,8 @@ def csr(lens: Sequence[int], tables: Sequence[Sequence[int]] | np.ndarray, page:
     if isinstance(tables, np.ndarray):
         indices = tables[np.arange(tables.shape[1]) < pages[:, None]]  # row by row
     else:
-        indices = np.fromiter((b for t, p in zip(tables, pages) for b in t[:p]), np.int32)
+        rows = chain.from_iterable(t[:p] for t, p in zip(tables, pages))
+        indices = np.fromiter(rows, np.int32, count=int(pages.sum()))
     assert len(indices) == pages.sum(), "a block table is shorter than its sequence"
     kv_indptr = np.zeros(len(pages) + 1, dtype=np.int32)
     np.cumsum(pages, out=kv_indptr[1:])
