@@ -126,3 +126,36 @@ def test_unknown_mode_is_refused(tiny_model):
 def test_bad_max_batch_is_refused(tiny_model, bad):
     with pytest.raises(ValueError, match=f"got {bad}"):
         _engine(tiny_model, "eager", max_batch=bad)
+
+
+def test_a_planning_mla_decode_gets_each_steps_rows_before_the_layers_run(tiny_model):
+    """An MLA decode that plans on the host (FlashInfer's) is handed each step's decode rows
+    before its layers call it, on the padded graph path and on eager steps (decode rows beside
+    prefill chunks): every call's lengths and block tables, up to each length, are the last
+    plan's. The plan and the op are stand-ins that record; the tokens stay the plain path's."""
+    engine = _engine(tiny_model, "eager", max_batch=4)
+    runner = engine.runner
+    planned: list[tuple[list[int], list[list[int]]]] = []
+    calls = []
+
+    def plan(lens, tables, page, graph_batch=None):
+        assert graph_batch is None  # nothing is captured on CPU
+        lens = [int(n) for n in lens]
+        planned.append((lens, [[int(b) for b in t[: -(-n // page)]] for t, n in zip(tables, lens)]))
+
+    kernel = runner.kernels.mla_decode
+
+    def decode(q, kv_cache, table, seq_lens, scale, v_dim):
+        lens = seq_lens.tolist()
+        page = kv_cache.shape[1]
+        rows = [table[i, : -(-n // page)].tolist() for i, n in enumerate(lens)]
+        assert planned and (lens, rows) == planned[-1], "a step ran on another step's plan"
+        calls.append(len(lens))
+        return kernel(q, kv_cache, table, seq_lens, scale, v_dim)
+
+    runner._plan_decode = runner.graphs.plan = plan
+    object.__setattr__(runner.kernels, "mla_decode", decode)  # the layers read it per call
+    prompts = _prompts(engine.vocab_size, 7)
+    assert _staggered(engine, prompts) == _staggered(_engine(tiny_model, "off"), prompts)
+    assert calls and {1, 4} <= set(calls), calls  # a graph's batch, and single rows
+    assert len(planned) < len(calls)  # one plan per step, for all of its layers
