@@ -91,6 +91,7 @@ class FlashInferMLADecode:
         # The staging and FlashInfer's own page-locked buffer are rewritten by the next plan
         # only once this plan's copies are done (``_copied``, recorded after them).
         self._staging: torch.Tensor | None = None
+        self._layouts: dict[int, tuple[int, ...]] = {}  # graph batch -> its captured plan layout
         self._copied: torch.cuda.Event | None = None
 
     def plan(
@@ -122,7 +123,26 @@ class FlashInferMLADecode:
         staged = self._stage((qo, kv_indptr, indices, kv_lens))
         wrapper.plan(*staged, heads, CKV, KPE, page, False, scale, dtype, dtype)
         self._copied.record(torch.cuda.current_stream(device))  # the stream the copies took
+        if graph_batch is not None:
+            self._check_layout(graph_batch, wrapper)
         self._active, self._pending = (wrapper, len(kv_lens)), None
+
+    def _check_layout(self, graph_batch: int, wrapper) -> None:
+        """A captured graph reads the plan's arrays where its first plan put them: a later plan
+        of that batch must put them there too (FlashInfer 0.6's do: the offsets depend on the
+        batch, the head count and the SM count alone). A FlashInfer whose plans move them would
+        make replays read stale splits; that is an error, not a silent wrong output."""
+        try:
+            layout = tuple(int(v) for v in wrapper._plan_info)
+        except (AttributeError, TypeError):  # a FlashInfer that keeps it otherwise: unchecked
+            return
+        first = self._layouts.setdefault(graph_batch, layout)
+        if layout != first:
+            raise RuntimeError(
+                f"FlashInfer's MLA plan for the decode graph of batch {graph_batch} moved its "
+                f"arrays since the capture ({first} -> {layout}); set the pool's "
+                "cuda_graphs: false or kernels: {mla_decode: triton}"
+            )
 
     def _stage(self, arrays: tuple[np.ndarray, ...]) -> list[torch.Tensor]:
         """Views of the page-locked staging holding ``arrays`` one after another."""

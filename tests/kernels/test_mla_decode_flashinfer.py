@@ -44,6 +44,21 @@ def test_other_latent_widths_run_the_triton_kernel(device):
     assert rel_err(out, mla_decode_torch(q, cache, table, lens, 0.1, 64)) < 1e-5
 
 
+def test_a_graphs_plan_layout_may_not_move():
+    """A decode graph's later plans must put FlashInfer's arrays where its capture's did: the
+    same layout passes, a moved one is an error naming the way out, a wrapper that keeps no
+    layout where this version of FlashInfer does goes unchecked."""
+    from types import SimpleNamespace
+
+    fi = FlashInferMLADecode()
+    fi._check_layout(8, SimpleNamespace(_plan_info=[2, 66, 0, 65536]))
+    fi._check_layout(8, SimpleNamespace(_plan_info=(2, 66, 0, 65536)))
+    fi._check_layout(16, SimpleNamespace(_plan_info=[1, 132, 0, 65536]))  # its own batch
+    with pytest.raises(RuntimeError, match="batch 8 moved its arrays.*cuda_graphs: false"):
+        fi._check_layout(8, SimpleNamespace(_plan_info=[2, 66, 64, 65536]))
+    fi._check_layout(8, SimpleNamespace())
+
+
 def _gpu_or_skip(device):
     if device.type != "cuda" or torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("FlashInfer's MLA fa3 kernels are built for sm_90a")
