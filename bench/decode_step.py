@@ -38,11 +38,25 @@ WARM_STEPS = 3
 MARGIN = 64  # tokens past the timed steps each request may produce
 
 
+def _chunk(args) -> int:
+    """The step's token budget (max_num_batched_tokens): ``--step-tokens``, and at least one
+    whole prompt."""
+    return max(args.step_tokens, args.context)
+
+
+def _produce(args, batch: int) -> int:
+    """Tokens each request may produce: the timed steps and a margin, and one per step of the
+    fill, where early prompts decode while later ones prefill (each prompt over at most two
+    steps, as the decode rows take part of the budget)."""
+    return MARGIN + args.steps + 2 * -(-batch * args.context // _chunk(args))
+
+
 def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
     longest = max([args.context, *args.prefill_tokens])
-    chunk = max(8192, args.context)  # max_num_batched_tokens below
+    chunk = _chunk(args)
+    tail = _produce(args, max_batch)
     groups = KVGroups.of(ModelConfig.from_dir(args.model))  # sliding layers: their window too
-    blocks_per_seq = groups.most_blocks(longest + MARGIN + args.steps, chunk, args.block_size)
+    blocks_per_seq = groups.most_blocks(longest + tail, chunk, args.block_size)
     return LLMEngine(
         EngineConfig(
             model=args.model,
@@ -65,7 +79,7 @@ def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
             scheduler=SchedulerConfig(
                 max_num_seqs=max_batch,
                 max_num_batched_tokens=chunk,
-                max_model_len=longest + MARGIN + args.steps,
+                max_model_len=longest + tail,
             ),
         )
     )
@@ -75,7 +89,7 @@ def _fill(engine: LLMEngine, batch: int, args, seed: int) -> None:
     """Add ``batch`` requests and step until every one of them decodes."""
     rng = random.Random(seed)
     # early prompts decode while later ones prefill: no request may finish before the timing
-    sampling = SamplingParams(max_tokens=MARGIN + args.steps, temperature=0, ignore_eos=True)
+    sampling = SamplingParams(max_tokens=_produce(args, batch), temperature=0, ignore_eos=True)
     for _ in range(batch):
         prompt = [rng.randrange(4, engine.vocab_size) for _ in range(args.context)]
         engine.add_request(prompt, sampling)
@@ -216,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=512, help="prompt tokens per request")
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per batch")
     p.add_argument("--block-size", type=int, default=64)
+    p.add_argument(
+        "--step-tokens", type=int, default=8192, help="a step's token budget (prefills chunk)"
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument("--modes", default="auto,off", help="decode_graphs settings to compare")

@@ -28,6 +28,16 @@ def test_decode_step_bench_writes_a_row_per_batch_and_mode(tiny_model, tmp_path)
         assert len(r["experts_hit"]) == 2  # the tiny model's two MoE layers
 
 
+def test_requests_outlast_a_long_fill(tiny_model, tmp_path):
+    """40 prompts of 60 tokens through steps of 64 tokens: about 80 steps of prefill, during
+    which the first requests decode a token a step; none may finish before the timed steps."""
+    out = tmp_path / "f.json"
+    args = ["--model", tiny_model, "--device", "cpu", "--batches", "40", "--steps", "2"]
+    args += ["--context", "60", "--step-tokens", "64", "--modes", "off", "--out", str(out)]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["graphs_off"][0]["batch"] == 40
+
+
 def test_kernel_overrides_reach_the_engine(tiny_model, tmp_path):
     out = tmp_path / "k.json"
     args = ["--model", tiny_model, "--device", "cpu", "--batches", "1", "--steps", "2"]
