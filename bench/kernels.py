@@ -7,9 +7,11 @@ MoE decode (moe_small): GB/s = bytes of the distinct experts hit / time. MoE pre
 TFLOP/s = 6 * valid slots * H * I / time. MLA decode: GB/s of KV read and TFLOP/s of
 2 * B * H * ctx * (D + v_dim). Times: triton.testing.do_bench medians (warm-up 25 ms, 100 ms of
 repeats, L2 flushed before each). MoE rows carry the peers of ``bench/moe_peers.py`` that can
-run here (FlashInfer's CUTLASS MoE), checked against ours on the same inputs, then timed; "ours /
-peer" over 1 means ours is faster. ``--sweep`` first times candidate tile configs and uses the
-winners; paste the printed tables into kernels/triton_configs.py under the GPU's name.
+run here (FlashInfer's CUTLASS MoE), checked against ours on the same inputs, then timed; MLA rows
+FlashInfer's MLA decode (fa3 and fa2, planned once, graph replays) where FlashInfer and nvcc
+are installed; "ours / peer" over 1 means ours is faster. ``--sweep`` first times candidate tile
+configs and uses the winners; paste the printed tables into kernels/triton_configs.py under the
+GPU's name.
 """
 
 from __future__ import annotations
@@ -203,6 +205,33 @@ def mla_torch(q, cache, table, lens, scale, v_dim):
     kv = cache[table.long()].flatten(1, 2)  # [B, ctx, D] (all lengths equal here)
     s = torch.bmm(q, kv.transpose(1, 2)).float() * scale  # [B, H, ctx]
     return torch.bmm(s.softmax(-1).to(q.dtype), kv[..., :v_dim])  # [B, H, v_dim]
+
+
+def mla_peers(q, cache, table, lens, ours: torch.Tensor, ours_ms: float) -> dict:
+    """FlashInfer's MLA decode (fa3, fa2) on the same inputs: planned once for the batch, its
+    output checked against ours (relative error), timed as graph replays like ours. A backend
+    that cannot run here is listed with the reason."""
+    from pdserve.kernels.mla_decode_flashinfer import FlashInferMLADecode, unavailable
+
+    names = ("flashinfer_fa3", "flashinfer_fa2")
+    why = unavailable() if DEV == "cuda" else "no GPU"
+    row: dict = {"peers": {n: {"skipped": why} for n in names}, "vs_best_peer": None}
+    if why:
+        return row
+    host_lens, host_table = lens.tolist(), table.cpu().numpy()
+    for name in names:
+        try:
+            fi = FlashInferMLADecode(name.removeprefix("flashinfer_"))
+            fi.plan(host_lens, host_table, cache.shape[1], graph_batch=len(host_lens))
+            out = fi(q, cache, table, lens, 0.07, 512)  # builds (JIT) and plans
+            err = float((out.float() - ours.float()).norm() / ours.float().norm())
+            row["peers"][name] = {"ms": ms_graph(fi, q, cache, table, lens, 0.07, 512),
+                                  "rel_err": err}  # fmt: skip
+        except Exception as e:  # a peer that cannot run here: say why
+            row["peers"][name] = {"skipped": f"{type(e).__name__}: {e}"[:200]}
+    times = [v["ms"] for v in row["peers"].values() if "ms" in v]
+    row["vs_best_peer"] = min(times) / ours_ms if times else None
+    return row
 
 
 def ceilings(copy_elems: int = 1 << 29, n: int = 8192) -> dict:
@@ -434,6 +463,7 @@ def main() -> None:
         q, table, lens = mla_case(heads, b, ctx, cache)
         t = ms_graph(mla_decode_triton, q, cache, table, lens, 0.07, 512)
         t_ref = ms(mla_torch, q, cache, table, lens, 0.07, 512)
+        ours = mla_decode_triton(q, cache, table, lens, 0.07, 512)
         gbps = (b * ctx * 576 * 2 + q.numel() * 2 + b * heads * 512 * 2) / t / 1e6
         tf = 2 * b * heads * ctx * (576 + 512) / t / 1e9
         rows.append(
@@ -449,6 +479,7 @@ def main() -> None:
                 "torch_ms": t_ref,
                 "speedup": t_ref / t,
                 "config": triton_configs.pick(triton_configs.MLA_DECODE, dev, heads),
+                **mla_peers(q, cache, table, lens, ours, t),
             }
         )
     out["compiled"] = compiled_resources()
@@ -496,7 +527,10 @@ def report(out: dict) -> None:
             f"  {r['model']:<22}{r['M']:>5}{r['ms']:>8.2f}{r['TFLOPs']:>8.0f}"
             f"{r['pct_matmul']:>6.1f}{r['torch_ms']:>10.1f}{r['speedup']:>8.1f}x{_peer(r)}"
         )
-    print("MLA decode  heads   B    ctx     ms    GB/s  %copy  TFLOP/s  %mm  torch ms  speedup")
+    print(
+        "MLA decode  heads   B    ctx     ms    GB/s  %copy  TFLOP/s  %mm  torch ms  speedup"
+        "  peer ms  ours/peer"
+    )
     for r in out["mla_decode"]:
         if "skipped" in r:
             print(f"  {r['heads']:>13}{r['B']:>4}{r['ctx']:>7}  skipped")
@@ -504,8 +538,12 @@ def report(out: dict) -> None:
         print(
             f"  {r['heads']:>13}{r['B']:>4}{r['ctx']:>7}{r['ms']:>8.3f}{r['GBps']:>8.0f}"
             f"{r['pct_copy']:>7.1f}{r['TFLOPs']:>9.1f}{r['pct_matmul']:>5.1f}{r['torch_ms']:>10.3f}"
-            f"{r['speedup']:>8.1f}x"
+            f"{r['speedup']:>8.1f}x{_peer(r)}"
         )
+    why = {v["skipped"] for r in out["mla_decode"] for v in r.get("peers", {}).values()
+           if "skipped" in v}  # fmt: skip
+    for w in sorted(why):
+        print(f"MLA peer not run: {w}")
 
 
 if __name__ == "__main__":

@@ -78,14 +78,15 @@ def csr(lens: Sequence[int], tables: Sequence[Sequence[int]] | np.ndarray, page:
 class FlashInferMLADecode:
     """One worker's MLA decode through FlashInfer: ``plan`` per step, then the op per layer."""
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str = "fa3") -> None:
+        self.backend = backend  # FlashInfer's: "fa3" (sm_90a), or "fa2" (benchmarks' peer)
         self._wrappers: dict[int | None, Any] = {}  # graph batch -> its wrapper; None: eager
         self._workspace: torch.Tensor | None = None  # shared: one step runs at a time
         self._shape: tuple | None = None  # (heads, page, scale, dtype, device) of the layers
         self._pending: tuple | None = None  # a plan awaiting the layers' shape
         self._active: tuple[Any, int] | None = None  # (wrapper, rows) of the planned step
         self._fallback = None  # the Triton kernel, for latent widths FlashInfer lacks
-        self.runs = "flashinfer_fa3"  # the backend that runs the op ("triton" after a fallback)
+        self.runs = f"flashinfer_{backend}"  # what runs the op ("triton" after a fallback)
         # The plan's arrays are staged in page-locked memory: CUDA syncs the stream before a
         # copy from pageable memory, which would stall the host until the GPU's queue drains.
         # The staging and FlashInfer's own page-locked buffer are rewritten by the next plan
@@ -166,7 +167,9 @@ class FlashInferMLADecode:
         w = self._wrappers.get(graph_batch)
         if w is None:
             if graph_batch is None:
-                w = flashinfer.mla.BatchMLAPagedAttentionWrapper(self._workspace, backend="fa3")
+                w = flashinfer.mla.BatchMLAPagedAttentionWrapper(
+                    self._workspace, backend=self.backend
+                )
             else:  # the buffers a captured graph reads, sized for the graph's batch
                 b = graph_batch
 
@@ -176,7 +179,7 @@ class FlashInferMLADecode:
                 w = flashinfer.mla.BatchMLAPagedAttentionWrapper(
                     self._workspace, use_cuda_graph=True, qo_indptr=i32(b + 1),
                     kv_indptr=i32(b + 1), kv_indices=i32(b * width), kv_len_arr=i32(b),
-                    backend="fa3",
+                    backend=self.backend,
                 )  # fmt: skip
             self._wrappers[graph_batch] = w
         return w

@@ -21,3 +21,12 @@ def test_without_a_gpu_the_flashinfer_peer_is_skipped_with_its_reason(monkeypatc
     assert row["vs_best_peer"] is None
     assert row["peers"]["flashinfer_cutlass"] == {"skipped": "no GPU"}
     assert "skipped" in row["peers"]["triton_kernels"]
+
+
+def test_without_a_gpu_the_mla_peers_are_skipped_with_their_reason(monkeypatch):
+    monkeypatch.setattr(kernels, "DEV", "cpu")
+    x = torch.zeros(1, 16, 576)
+    row = kernels.mla_peers(x, None, None, None, x, 1.0)
+    assert row["vs_best_peer"] is None
+    assert row["peers"] == {n: {"skipped": "no GPU"} for n in ("flashinfer_fa3", "flashinfer_fa2")}
+    assert kernels._peer(row).split() == ["-", "-"]  # no ratio without a peer time
