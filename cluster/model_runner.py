@@ -67,10 +67,11 @@ class ModelRunner(Executor):
         self.device_name = self.device_info.describe()
         for line in self.kernels.describe():
             log.info("kernel %s", line)
-        # an MLA decode backend that plans each step on the host (FlashInfer's) is handed the
-        # step's decode rows before the step runs, eager or replayed
-        planned = not model_config.is_gqa and hasattr(self.kernels.mla_decode, "plan")
-        self._plan_decode = self.kernels.plan_decode if planned else None
+        # an MLA decode backend that plans each step on the host (FlashInfer's ``plan``: lens,
+        # tables, page, graph batch) is handed the step's decode rows before it runs, eager or
+        # replayed; the others take everything from tensors
+        mla_plan = getattr(self.kernels.mla_decode, "plan", None)
+        self._plan_decode = None if model_config.is_gqa else mla_plan
         # ===== model =====
         start = time.perf_counter()
         with torch.device(self.device):

@@ -89,14 +89,6 @@ class KernelSet:
             c.op: c.backend.name for c in self.choices if c.op in ops and not c.backend.graph_safe
         }
 
-    def plan_decode(self, lens, tables, page: int, graph_batch: int | None = None) -> None:
-        """Hand a step's decode rows (lengths [B], block tables [B][...]) to an MLA decode
-        backend that plans on the host before its kernels run (FlashInfer's); the others take
-        everything from tensors and need nothing."""
-        plan = getattr(self.mla_decode, "plan", None)
-        if plan is not None:
-            plan(lens, tables, page, graph_batch)
-
     def names(self) -> dict[str, str]:
         """op -> the backend that runs it: the choice, or where the chosen MLA decode hands
         the model's shapes to another kernel, that one (``runs``)."""
