@@ -126,6 +126,25 @@ REGISTRY.register(
     )
 )
 
+# cuBLAS's block-scaled FP8 GEMM (torch._scaled_mm with DeepSeek's recipe) exists on sm_90 alone;
+# the backend runs the Triton kernel below its crossover M and on shapes cuBLAS does not take.
+REGISTRY.register(
+    Backend(
+        "linear_fp8",
+        "scaled_mm",
+        _lazy("fp8_gemm_scaled_mm", "linear"),
+        "cuda",
+        priority=20,
+        min_sm=90,
+        max_sm=90,
+        min_smem=triton_configs.fp8_linear_smem(),
+        dtypes=("bfloat16",),
+        unavailable=lambda: _lazy("fp8_gemm_scaled_mm", "unavailable")()(),
+        prepare=_lazy("fp8_gemm_scaled_mm", "prepare"),
+        graph_safe=True,  # cuBLAS and Triton launches from shapes, no host sync
+    )
+)
+
 # FlashInfer's CUTLASS W4A16 MoE is built for sm_90a alone. Below the Triton grouped MoE: on an
 # H200 it ran 2.2-2.7x slower from 1024 tokens up (BENCHMARKS.md, "MoE kernels against their
 # peers"); a prefill pool takes it with the kernels override {moe_large: flashinfer_cutlass}.

@@ -26,7 +26,10 @@ GROUP = FP8_BLOCK[1]  # activation scales: one per token per 128 values of K, as
 
 
 @triton.jit
-def _act_quant(x, q, s, K, KB, stride_x, stride_q, GROUP: tl.constexpr, FP8_MAX: tl.constexpr):
+def _act_quant(
+    x, q, s, K, stride_x, stride_q, stride_sm, stride_skb,
+    GROUP: tl.constexpr, FP8_MAX: tl.constexpr,
+):  # fmt: skip
     m, kb = tl.program_id(0).to(tl.int64), tl.program_id(1)
     k = kb * GROUP + tl.arange(0, GROUP)
     v = tl.load(x + m * stride_x + k, mask=k < K, other=0.0).to(tl.float32)
@@ -34,7 +37,7 @@ def _act_quant(x, q, s, K, KB, stride_x, stride_q, GROUP: tl.constexpr, FP8_MAX:
     scale = tl.where(amax > 0, tl.div_rn(amax, FP8_MAX), 1.0)  # IEEE divisions, as torch's
     codes = tl.clamp(_e4m3_rne(tl.div_rn(v, scale)), -FP8_MAX, FP8_MAX)  # on E4M3's grid
     tl.store(q + m * stride_q + k, codes.to(q.dtype.element_ty), mask=k < K)
-    tl.store(s + m * KB + kb, scale)
+    tl.store(s + m * stride_sm + kb * stride_skb, scale)
 
 
 @triton.jit
@@ -48,14 +51,26 @@ def _e4m3_rne(x):
     return ((x / step + magic) - magic) * step
 
 
-def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (float8_e4m3fn [M, K], float32 scales [M, ceil(K / 128)])."""
+def act_quant(
+    x: torch.Tensor, rows: int | None = None, column_major: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8_e4m3fn [rows, K], float32 scales [rows, ceil(K / 128)]), rows >= M
+    (default M): rows past M are left unwritten, for a GEMM that wants M padded. Scales
+    ``column_major`` are stored [ceil(K / 128), rows] and returned transposed (stride (1, rows)),
+    as cuBLAS's block-scaled GEMM reads them."""
     m, k = x.shape
+    rows = m if rows is None else rows
+    assert rows >= m, (rows, m)
     kb = triton.cdiv(k, GROUP)
-    q = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
-    s = torch.empty((m, kb), dtype=torch.float32, device=x.device)
+    q = torch.empty((rows, k), dtype=torch.float8_e4m3fn, device=x.device)
+    if column_major:
+        s = torch.empty((kb, rows), dtype=torch.float32, device=x.device).t()
+    else:
+        s = torch.empty((rows, kb), dtype=torch.float32, device=x.device)
     if m:
-        _act_quant[(m, kb)](x, q, s, k, kb, x.stride(0), q.stride(0), GROUP, E4M3_MAX)
+        _act_quant[(m, kb)](
+            x, q, s, k, x.stride(0), q.stride(0), s.stride(0), s.stride(1), GROUP, E4M3_MAX
+        )
     return q, s
 
 

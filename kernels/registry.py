@@ -15,7 +15,8 @@ Ops and their contracts (see ``moe_reference`` and ``mla_reference``):
 - ``grouped_topk``: DeepSeek-V3's group-limited top-k routing (``routing``).
 - ``linear_fp8``: a linear whose weight is FP8 with 128x128 block scales (DeepSeek's release
   format): dequantized once at load (``torch``), or an FP8 GEMM with activations quantized per
-  token in groups of 128 (``triton``).
+  token in groups of 128 (``triton``; ``scaled_mm``: cuBLAS's block-scaled GEMM on sm_90 from a
+  crossover M).
 
 A backend states the device kind, compute capabilities and shared memory it needs, and an
 ``unavailable()`` probe (a missing package, say). ``select`` takes the best one that fits the

@@ -67,7 +67,6 @@ MLA_DECODE: dict[str, dict[int, Config]] = {
     "sm90": _H100_MLA,
     H100: _H100_MLA,
 }
-
 # mla_prefill: one bucket per device for now (queries per block, keys per step); not swept.
 MLA_PREFILL: dict[str, dict[int, Config]] = {
     "default": {1 << 30: dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)},
@@ -170,3 +169,19 @@ def fp8_linear_tiles(m: int) -> tuple[int, int, int, int]:
 def fp8_linear_smem() -> int:
     """Shared memory the FP8 linear's largest tile stages: 1-byte A and B tiles of 128 deep."""
     return max((bm + bn) * 128 * stages for _, bm, bn, _, stages in FP8_LINEAR_TILES)
+
+
+# FP8 block linear through cuBLAS (fp8_gemm_scaled_mm.py): (largest N, first M) rows, the first
+# whose N bound holds gives the token count from which cuBLAS runs instead of the Triton kernel
+# above. Measured on an H100 (BENCHMARKS.md, "FP8 block linear"): on V3's narrow projections
+# (q_a 1536, kv_a 576 outputs) Triton's split K wins up to 256-2048 tokens; on the wide ones
+# cuBLAS ties or wins from 1 to 64 tokens and wins clearly after.
+SCALED_MM_FROM_M = ((2048, 512), (None, 64))
+
+
+def scaled_mm_from_m(n: int) -> int:
+    """The token count from which an FP8 linear of N outputs runs on cuBLAS."""
+    for bound, first in SCALED_MM_FROM_M:
+        if bound is None or n <= bound:
+            return first
+    raise AssertionError("the last row has no bound")

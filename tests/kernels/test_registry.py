@@ -18,19 +18,43 @@ GLUE = ("rms_norm", "rope", "grouped_topk")
 DEFAULT_ON_GPU = {op: "triton" for op in OPS}
 
 
+# backends whose probe looks for a library or a GPU feature: absent in these tests unless a test
+# says otherwise, so a machine that has them picks as one that does not
+PROBED = ("flashinfer_cutlass", "flashinfer_fa3", "scaled_mm")
+REAL_BACKENDS = {op: list(bs) for op, bs in REGISTRY.backends.items()}
+
+
+@pytest.fixture(autouse=True)
+def _probed_backends_absent(monkeypatch):
+    for op, bs in REAL_BACKENDS.items():
+        absent = [
+            dataclasses.replace(b, unavailable=lambda: "absent in these tests")
+            if b.name in PROBED
+            else b
+            for b in bs
+        ]
+        monkeypatch.setitem(REGISTRY.backends, op, absent)
+
+
 def names(device: DeviceInfo, role: str, registry: Registry = REGISTRY) -> dict[str, str]:
     return {op: registry.select(op, device, role).backend.name for op in OPS}
 
 
-def with_flashinfer_available() -> Registry:
-    """The real registry, except that FlashInfer reports itself importable and built."""
+def with_available(prefix: str) -> Registry:
+    """The real registry, except that the backends named ``prefix...`` report they can run."""
     reg = Registry()
     for op in OPS:
-        for b in REGISTRY.backends[op]:
-            if b.name.startswith("flashinfer"):
+        for b in REAL_BACKENDS[op]:
+            if b.name.startswith(prefix):
                 b = dataclasses.replace(b, unavailable=lambda: None)
+            elif b.name in PROBED:
+                b = dataclasses.replace(b, unavailable=lambda: "absent in these tests")
             reg.register(b)
     return reg
+
+
+def with_flashinfer_available() -> Registry:
+    return with_available("flashinfer")
 
 
 @pytest.mark.parametrize("role", ["prefill", "decode", "colocated"])
@@ -118,8 +142,27 @@ def test_flashinfer_mla_decode_is_sm90_decodes_default_when_available():
     for gpu in (B200, RTX_PRO_6000):
         assert reg.select("mla_decode", gpu, "decode").backend.name == "triton"
     if importlib.util.find_spec("flashinfer") is None:  # the probe says why it lost
-        lost = dict(REGISTRY.select("mla_decode", H100, "decode").rejected)
-        assert lost["flashinfer_fa3"] == "flashinfer is not installed"
+        fa3 = next(b for b in REAL_BACKENDS["mla_decode"] if b.name == "flashinfer_fa3")
+        assert fa3.unavailable() == "flashinfer is not installed"
+
+
+def test_cublas_fp8_linear_is_sm90_bf16s_default_when_available():
+    """cuBLAS's block-scaled GEMM (torch._scaled_mm, sm_90 only) wins linear_fp8 for bf16 on
+    Hopper in every role; float32, other GPUs and a worker naming Triton keep the Triton GEMM."""
+    reg = with_available("scaled_mm")
+    for gpu in (H100, H200):
+        for role in ("prefill", "decode", "colocated"):
+            assert reg.select("linear_fp8", gpu, role, dtype="bfloat16").backend.name == (
+                "scaled_mm"
+            )
+        assert reg.select("linear_fp8", gpu, "decode", dtype="float32").backend.name == "triton"
+        named = reg.select("linear_fp8", gpu, "decode", override="triton", dtype="bfloat16")
+        assert named.backend.name == "triton"
+    for gpu in (B200, RTX_PRO_6000):
+        assert reg.select("linear_fp8", gpu, "decode", dtype="bfloat16").backend.name == "triton"
+    if DeviceInfo.detect().kind == "cpu":  # the probe says why it cannot run
+        cublas = next(b for b in REAL_BACKENDS["linear_fp8"] if b.name == "scaled_mm")
+        assert cublas.unavailable() == "no CUDA device"
 
 
 def test_kernel_set_loads_triton_and_the_measured_crossover(monkeypatch):

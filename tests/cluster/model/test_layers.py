@@ -65,7 +65,7 @@ def test_a_shard_that_would_split_a_block_takes_the_weight_dequantized():
 def test_the_fp8_gemm_backend_runs_the_layer():
     """An H100's kernels on CPU tensors: ``linear_fp8`` is the Triton FP8 GEMM (interpreted),
     the bias added once; its result is the reference's (activations quantized)."""
-    kernels = KernelSet.resolve(H100, "decode")
+    kernels = KernelSet.resolve(H100, "decode", overrides={"linear_fp8": "triton"})
     assert kernels.names()["linear_fp8"] == "triton"
     g = torch.Generator().manual_seed(1)
     w, s = quantize_fp8_blocks(torch.randn(200, 300, generator=g) * 0.1)
@@ -77,8 +77,11 @@ def test_the_fp8_gemm_backend_runs_the_layer():
     assert_fp8_gemm_close(lin(x.to(GEMM_DEV)) - bias.to(GEMM_DEV), x, w, s)
 
 
-@pytest.mark.parametrize("kernels", [CPU_KERNELS, KernelSet.resolve(H100, "decode")],
-                         ids=["dequantized", "fp8-gemm"])  # fmt: skip
+@pytest.mark.parametrize(
+    "kernels",
+    [CPU_KERNELS, KernelSet.resolve(H100, "decode", overrides={"linear_fp8": "triton"})],
+    ids=["dequantized", "fp8-gemm"],
+)
 def test_fp8_dense_mlp_stacks_gate_and_up_with_their_scales_per_rank(kernels):
     from pdserve.cluster.model.layers import DenseMLP
 
