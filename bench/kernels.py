@@ -85,6 +85,7 @@ SWEEP_LARGE = [
 # (BLOCK_H, BLOCK_N, warps, stages) of mla_decode, per head count
 SWEEP_MLA = {
     16: [
+        (16, 32, 4, 2),
         (16, 32, 8, 2),
         (16, 64, 8, 2),
         (16, 128, 8, 2),
@@ -478,7 +479,9 @@ def main() -> None:
                 "pct_matmul": 100 * tf / ceil["matmul_TFLOPs"],
                 "torch_ms": t_ref,
                 "speedup": t_ref / t,
-                "config": triton_configs.pick(triton_configs.MLA_DECODE, dev, heads),
+                "config": triton_configs.mla_decode_config(
+                    triton_configs.device_keys(dev), heads, b
+                ),
                 **mla_peers(q, cache, table, lens, ours, t),
             }
         )

@@ -35,8 +35,10 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, HAS_R: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    # head blocks vary fastest: the programs of one sequence and split run side by side, so
+    # the KV tiles one of them loads are in L2 for the others (128 heads: 2-4 head blocks)
+    heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
+    b = tl.program_id(1)
     split = tl.program_id(2)
     hmask = heads < H
     seq_len = tl.load(lens_ptr + b)
@@ -164,7 +166,7 @@ def mla_decode_triton(
     out = output_like(q, (b, h, v_dim), out)  # [B, H, v_dim]
     if b == 0:
         return out
-    cfg = config or triton_configs.pick(triton_configs.MLA_DECODE, q.device, h)
+    cfg = config or triton_configs.mla_decode_config(triton_configs.device_keys(q.device), h, b)
     page = kv_cache.shape[1]
     head_blocks = triton.cdiv(h, cfg["BLOCK_H"])
     if num_splits is None:
@@ -178,7 +180,7 @@ def mla_decode_triton(
         lse = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)
     else:
         part, lse = out, out  # unused
-    _decode_kernel[(b, head_blocks, num_splits)](
+    _decode_kernel[(head_blocks, b, num_splits)](
         q, kv_cache, block_table, seq_lens, out, part, lse,
         h, scale * LOG2E,
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),

@@ -67,6 +67,26 @@ def test_heads_beyond_one_block_and_default_config(device):
     assert rel_err(mla_decode_triton(q, cache, table, seq_lens, 0.3, 64), ref) < 1e-5
 
 
+def test_few_sequences_take_their_own_tiles_where_measured():
+    """On sm_90, 16 heads over at most 8 sequences take the few-sequence tiles; more sequences,
+    more heads, and devices without an entry take the per-head table's."""
+    from pdserve.kernels.triton_configs import (
+        FEW_SEQS,
+        MLA_DECODE,
+        MLA_DECODE_FEW_SEQS,
+        mla_decode_config,
+    )
+
+    hopper = ("NVIDIA H200", "sm90", "default")
+    few, usual = MLA_DECODE_FEW_SEQS["sm90"][16], MLA_DECODE["sm90"][16]
+    assert few != usual
+    assert mla_decode_config(hopper, 16, 1) == mla_decode_config(hopper, 16, FEW_SEQS) == few
+    assert mla_decode_config(hopper, 16, FEW_SEQS + 1) == usual
+    assert mla_decode_config(hopper, 128, 1) == MLA_DECODE["sm90"][1 << 30]
+    assert mla_decode_config(("sm120", "default"), 16, 1) == MLA_DECODE["default"][16]
+    assert mla_decode_config(("default",), 128, 64) == MLA_DECODE["default"][1 << 30]
+
+
 def test_bad_inputs(device):
     cache, table, seq_lens = paged([4], 4, 80, torch.float32, device)
     q = torch.randn(1, 2, 80, device=device)
