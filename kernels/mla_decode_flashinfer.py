@@ -17,10 +17,7 @@ GPU memory at a largest graph of 128, which the cache's share of free memory lea
 
 FlashInfer's MLA kernels exist for DeepSeek's latent of 512 + 64 only; a model of other widths
 (the test models) runs the Triton kernel through this backend, which says so once in the log
-and in ``runs`` (what status reports). A step of one sequence at up to 16 heads (DeepSeek-V3 at
-TP=8) also runs the Triton kernel, with no plan: on an H100 it ran 1.35-1.46x faster than fa3
-there (1k-32k tokens; BENCHMARKS.md, "MLA decode kernels against FlashInfer's"), and the step
-saves the plan's host time.
+and in ``runs`` (what status reports).
 """
 
 from __future__ import annotations
@@ -41,7 +38,6 @@ log = logging.getLogger(__name__)
 
 CKV, KPE = 512, 64  # the latent widths FlashInfer's MLA kernels are built for
 WORKSPACE_BYTES = 128 << 20  # split-KV partial outputs: FlashInfer's recommended size
-TRITON_TAKES = (1, 16)  # (sequences, heads) up to which a step runs the Triton kernel instead
 
 
 def unavailable() -> str | None:
@@ -108,9 +104,8 @@ class FlashInferMLADecode:
     ) -> None:
         """Plan the next step's decode rows. Until a layer has run once (its head count and
         scale are known from the call), the plan waits for that first call."""
-        heads = None if self._shape is None else self._shape[0]
-        if self._fallback is not None or not len(lens) or self._triton_takes(len(lens), heads):
-            self._pending = None  # no decode rows, or the Triton kernel's: no plan to make
+        if self._fallback is not None or not len(lens):  # no decode rows: no plan to make
+            self._pending = None
             return
         self._pending = (graph_batch, page, len(tables[0]), *csr(lens, tables, page))
         if self._shape is not None:
@@ -201,12 +196,6 @@ class FlashInferMLADecode:
         b, heads, width = q.shape
         if self._fallback is not None or (v_dim, width - v_dim) != (CKV, KPE):
             return self._triton(q, kv_cache, block_table, seq_lens, scale, v_dim)
-        if self._triton_takes(b, heads):
-            from pdserve.kernels.mla_decode_triton import mla_decode_triton
-
-            self._shape = self._shape or (heads, kv_cache.shape[1], scale, q.dtype, q.device)
-            self._pending = None  # planned before the head count was known: not needed
-            return mla_decode_triton(q, kv_cache, block_table, seq_lens, scale, v_dim)
         if self._shape is None:
             self._shape = (heads, kv_cache.shape[1], scale, q.dtype, q.device)
         if self._pending is not None:
@@ -218,12 +207,6 @@ class FlashInferMLADecode:
         wrapper.run(q[..., :v_dim], q[..., v_dim:], kv_cache[..., :v_dim], kv_cache[..., v_dim:],
                     out=out)  # fmt: skip
         return out
-
-    @staticmethod
-    def _triton_takes(rows: int, heads: int | None) -> bool:
-        """Whether a step of ``rows`` sequences runs the Triton kernel (heads None: unknown
-        before the first layer's call, which decides then)."""
-        return heads is not None and rows <= TRITON_TAKES[0] and heads <= TRITON_TAKES[1]
 
     def _triton(self, q, kv_cache, block_table, seq_lens, scale, v_dim) -> torch.Tensor:
         if self._fallback is None:

@@ -112,8 +112,7 @@ def test_flashinfer_mla_decode_agrees_with_the_triton_kernel(tmp_path):
     """DeepSeek's latent widths (512 + 64) in a small model, bf16: FlashInfer's MLA decode,
     planned per step, gives the Triton kernel's logits up to bf16 rounding, replayed from decode
     graphs (batches of 1 and 6, padded to 8) and in an eager step that also carries a prefill
-    chunk. (At these 16 heads a step of one sequence runs the Triton kernel through the backend,
-    unplanned.)"""
+    chunk."""
     from pdserve.cluster.checkpoint_maker import make_model
     from pdserve.kernels.mla_decode_flashinfer import unavailable
 

@@ -44,31 +44,6 @@ def test_other_latent_widths_run_the_triton_kernel(device):
     assert rel_err(out, mla_decode_torch(q, cache, table, lens, 0.1, 64)) < 1e-5
 
 
-def test_one_sequence_at_16_heads_runs_the_triton_kernel_without_a_plan(device):
-    """DeepSeek's widths, one sequence, 16 heads: the Triton kernel's output with no plan made
-    (no FlashInfer wrapper), before and after the head count is known; two sequences, or one at
-    32 heads, need FlashInfer's plan."""
-    if device.type == "cpu":
-        pytest.importorskip("triton")
-    cache, table, lens = paged([70], PAGE, D, torch.float32, device, seed=2)
-    fi = FlashInferMLADecode()
-    fi.plan([70], table.tolist(), PAGE)  # heads not known yet: kept until the first call
-    q = torch.randn(1, 16, D, device=device)
-    for _ in range(2):
-        out = fi(q, cache, table, lens, 0.07, V)
-        assert rel_err(out, mla_decode_torch(q, cache, table, lens, 0.07, V)) < 1e-5
-        fi.plan([70], table.tolist(), PAGE, graph_batch=1)
-        assert fi._pending is None and fi._active is None and not fi._wrappers
-    assert fi.runs == "flashinfer_fa3"
-    wide = FlashInferMLADecode()
-    with pytest.raises(AssertionError, match="needs a plan per step"):
-        wide(torch.randn(1, 32, D, device=device), cache, table, lens, 0.07, V)
-    cache2, table2, lens2 = paged([70, 5], PAGE, D, torch.float32, device, seed=3)
-    two = FlashInferMLADecode()
-    with pytest.raises(AssertionError, match="needs a plan per step"):
-        two(torch.randn(2, 16, D, device=device), cache2, table2, lens2, 0.07, V)
-
-
 def test_a_graphs_plan_layout_may_not_move():
     """A decode graph's later plans must put FlashInfer's arrays where its capture's did: the
     same layout passes, a moved one is an error naming the way out, a wrapper that keeps no
