@@ -139,7 +139,7 @@ REGISTRY.register(
         max_sm=90,
         min_smem=triton_configs.fp8_linear_smem(),
         dtypes=("bfloat16",),
-        unavailable=lambda: _lazy("fp8_gemm_scaled_mm", "unavailable")()(),
+        unavailable=lambda: _triton_missing() or _lazy("fp8_gemm_scaled_mm", "unavailable")()(),
         prepare=_lazy("fp8_gemm_scaled_mm", "prepare"),
         graph_safe=True,  # cuBLAS and Triton launches from shapes, no host sync
     )

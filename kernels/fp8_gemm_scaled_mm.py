@@ -16,7 +16,6 @@ check against it (cuBLAS cannot run there), the GPU tests the whole path.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -67,35 +66,48 @@ def scaled_mm_linear(x: torch.Tensor, p: PreparedFp8) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, p: PreparedFp8) -> torch.Tensor:
-    """The ``scaled_mm`` backend's linear: cuBLAS from ``scaled_mm_from_m(N)`` tokens on weights
-    it takes, the Triton kernel below (and for float32 activations)."""
+    """The ``scaled_mm`` backend's linear: cuBLAS from ``scaled_mm_from_m(N, K)`` tokens on
+    weights it takes, the Triton kernel below (and for float32 activations)."""
     x = x.contiguous()
-    first = scaled_mm_from_m(p.weight.shape[0])
+    first = scaled_mm_from_m(*p.weight.shape)
     if x.shape[0] < first or not p.cublas_fits or x.dtype != torch.bfloat16:
         return fp8_gemm_triton.fp8_block_linear_triton(x, p.weight, p.scale)
     return scaled_mm_linear(x, p)
 
 
-@functools.cache
+_PROBED: dict[int, str | None] = {}  # device index -> the probe's verdict
+
+
 def unavailable() -> str | None:
-    """Why cuBLAS's block-scaled GEMM cannot serve here, or None. Runs one small product (M = 5
-    padded to 8, K = 3 * 512 with partial activation groups) against the reference: a torch
-    build without the recipe raises, and one with a scale-layout bug answers wrong."""
+    """Why cuBLAS's block-scaled GEMM cannot serve on the current CUDA device, or None. Runs
+    one small product (M = 5, padded to 8; K = 1536: 12 activation groups) against the
+    reference: a torch build without the recipe raises, and one with a scale-layout bug answers
+    wrong. The verdict is kept per device; running out of memory is not a verdict."""
     if not torch.cuda.is_available():
         return "no CUDA device"
+    device = torch.cuda.current_device()
+    if device not in _PROBED:
+        try:
+            _PROBED[device] = _probe(torch.device("cuda", device))
+        except torch.OutOfMemoryError as e:
+            return f"no GPU memory for the probe of cuBLAS's block-scaled GEMM: {e}"
+    return _PROBED[device]
+
+
+def _probe(device: torch.device) -> str | None:
     from pdserve.kernels.fp8_blocks import quantize_fp8_blocks
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    w, s = quantize_fp8_blocks(torch.randn(256, 1536, device="cuda", generator=g) * 0.05)
-    x = torch.randn(5, 1536, device="cuda", generator=g).bfloat16()
+    g = torch.Generator(device=device).manual_seed(0)
+    w, s = quantize_fp8_blocks(torch.randn(256, 1536, device=device, generator=g) * 0.05)
+    x = torch.randn(5, 1536, device=device, generator=g).bfloat16()
     try:
         got = scaled_mm_linear(x, prepare((w, s, torch.bfloat16))).float()
+    except torch.OutOfMemoryError:
+        raise
     except (RuntimeError, TypeError, ValueError) as e:  # torch without the recipe
         return f"torch {torch.__version__} has no 1x128 x 128x128 scaled_mm here: {e}"
     want = fp8_gemm_triton.fp8_block_linear_torch(x, w, s).float()
     err = float((got - want).norm() / want.norm())
     if not err < 2e-2:
-        return (
-            f"torch {torch.__version__}'s block-scaled scaled_mm is off the reference by {err:.3g}"
-        )
+        return f"torch {torch.__version__}'s block-scaled scaled_mm is {err:.3g} off the reference"
     return None

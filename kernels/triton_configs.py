@@ -68,24 +68,28 @@ MLA_DECODE: dict[str, dict[int, Config]] = {
     H100: _H100_MLA,
 }
 # mla_decode for at most FEW_SEQS sequences: query heads -> tiles, where they differ from the
-# table above. Measured on an H100 (BENCHMARKS.md, "MLA decode"): at 16 heads and 1-8 sequences
-# short KV tiles and 4 warps run 1.07-1.47x faster than the 128-token tiles, which win from 32.
+# table above. Measured on an H100 (BENCHMARKS.md, "MLA decode kernels against FlashInfer's"):
+# at 16 heads and 1-8 sequences, 32-token KV tiles with 4 warps ran 1.06-1.44x the speed of the
+# 128-token tiles at 5 of 6 points (0.96x at one sequence of 32k), with block tables as wide as
+# the context.
 FEW_SEQS = 8
 _H100_MLA_FEW = {16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2)}
 MLA_DECODE_FEW_SEQS: dict[str, dict[int, Config]] = {"sm90": _H100_MLA_FEW, H100: _H100_MLA_FEW}
 
 
 def mla_decode_config(keys: tuple[str, ...], heads: int, batch: int) -> Config:
-    """The decode tiles for ``heads`` query heads and ``batch`` sequences, under the device's
-    ``device_keys``: the few-sequence table's entry where it has one, else ``MLA_DECODE``'s."""
-    key = next((k for k in keys if k in MLA_DECODE_FEW_SEQS), None)
-    if batch <= FEW_SEQS and key is not None:
-        fits = [bound for bound in MLA_DECODE_FEW_SEQS[key] if heads <= bound]
-        if fits:
-            return MLA_DECODE_FEW_SEQS[key][min(fits)]
-    key = next(k for k in keys if k in MLA_DECODE)
-    buckets = MLA_DECODE[key]
-    return buckets[min((b for b in buckets if heads <= b), default=max(buckets))]
+    """The decode tiles for ``heads`` query heads and ``batch`` sequences under the device's
+    ``device_keys``, most specific key first: its few-sequence entry where it has one for these
+    heads and batch, else its ``MLA_DECODE`` entry."""
+    for key in keys:
+        few = MLA_DECODE_FEW_SEQS.get(key, {})
+        fits = [bound for bound in few if heads <= bound]
+        if batch <= FEW_SEQS and fits:
+            return few[min(fits)]
+        if key in MLA_DECODE:
+            buckets = MLA_DECODE[key]
+            return buckets[min((b for b in buckets if heads <= b), default=max(buckets))]
+    raise KeyError(f"no mla_decode config for {keys}")
 
 
 # mla_prefill: one bucket per device for now (queries per block, keys per step); not swept.
@@ -192,17 +196,18 @@ def fp8_linear_smem() -> int:
     return max((bm + bn) * 128 * stages for _, bm, bn, _, stages in FP8_LINEAR_TILES)
 
 
-# FP8 block linear through cuBLAS (fp8_gemm_scaled_mm.py): (largest N, first M) rows, the first
-# whose N bound holds gives the token count from which cuBLAS runs instead of the Triton kernel
-# above. Measured on an H100 (BENCHMARKS.md, "FP8 block linear"): on V3's narrow projections
-# (q_a 1536, kv_a 576 outputs) Triton's split K wins up to 256-2048 tokens; on the wide ones
-# cuBLAS ties or wins from 1 to 64 tokens and wins clearly after.
-SCALED_MM_FROM_M = ((2048, 512), (None, 64))
+# FP8 block linear through cuBLAS (fp8_gemm_scaled_mm.py): (largest N, smallest K, first M)
+# rows; the first whose bounds hold gives the token count from which cuBLAS runs instead of the
+# Triton kernel above. Measured on an H100 (BENCHMARKS.md, "FP8 block linear"): on V3's narrow
+# projections (q_a 1536, kv_a 576 outputs) Triton's split K wins up to 256-2048 tokens; on the
+# deep ones (o_proj, down_proj: K >= 16384) cuBLAS wins by 13-16% from one token; on the other
+# wide ones Triton wins or ties up to 8-64 tokens (q_b by 7% at 1-8) and cuBLAS from 64 or 128.
+SCALED_MM_FROM_M = ((2048, None, 512), (None, 16384, 1), (None, None, 64))
 
 
-def scaled_mm_from_m(n: int) -> int:
-    """The token count from which an FP8 linear of N outputs runs on cuBLAS."""
-    for bound, first in SCALED_MM_FROM_M:
-        if bound is None or n <= bound:
+def scaled_mm_from_m(n: int, k: int) -> int:
+    """The token count from which an FP8 linear of N outputs and K inputs runs on cuBLAS."""
+    for max_n, min_k, first in SCALED_MM_FROM_M:
+        if (max_n is None or n <= max_n) and (min_k is None or k >= min_k):
             return first
     raise AssertionError("the last row has no bound")

@@ -24,7 +24,8 @@ for k in scaled_mm triton bf16; do  # bf16: the same model with bf16 projections
   stamp "step-$k"
   cfg=/tmp/cfg-fp8-v3-4l name=fp8-$k kernels="linear_fp8=$k"
   [ "$k" = bf16 ] && cfg=/tmp/cfg-deepseek-v3-4l name=bf16 kernels=""
-  timeout $(( 590 - ($(date +%s) - S) < 120 ? 590 - ($(date +%s) - S) : 120 )) \
+  left=$(( 590 - ($(date +%s) - S) )); [ $left -lt 10 ] && break  # timeout 0 would not stop
+  timeout $(( left < 120 ? left : 120 )) \
     python3 -m pdserve.bench.decode_step --model $cfg --random-weights 0 \
     --batches 1,8,64 --context 1024 --steps 16 --modes auto --prefill-lens 4096,16384 \
     --kernels "$kernels" --out "$OUT/decode-step-v3-4l-$name-${GPU}${TAG}.json" 2>&1 \

@@ -149,36 +149,48 @@ def test_flashinfer_mla_decode_agrees_with_the_triton_kernel(tmp_path):
     assert fi.blocks.num_used == 0 and triton.blocks.num_used == 0
 
 
-def test_fp8_linears_give_the_dequantized_models_logits(tmp_path):
-    """DeepSeek's FP8 release format in a small model whose projections cuBLAS takes (K in 512s):
-    the FP8 GEMMs the registry picks (cuBLAS's block-scaled GEMM from its crossover on sm_90,
-    Triton below) against the same weights dequantized to bf16 at load. They differ by the
-    activations' E4M3 rounding: the logits' cosine stays above 0.99, at a prefill of 930 tokens
-    (cuBLAS on every projection it takes) and a decode step of 7 rows."""
+def test_fp8_linears_give_the_dequantized_models_logits(tmp_path, monkeypatch):
+    """DeepSeek's FP8 release format in a small model whose projections cuBLAS takes (K in 512s),
+    at a prefill of 930 tokens and a decode step of 7 rows (replayed from a graph of 8). The FP8
+    GEMMs the registry picks, cuBLAS's on sm_90 (made to run from one token, so the graph holds
+    it), against the Triton FP8 kernel (the same activation codes: a few bf16 roundings apart)
+    and against the weights dequantized to bf16 at load (apart by the activations' E4M3
+    rounding: the logits' cosine stays above 0.99)."""
     from pdserve.cluster.checkpoint_maker import make_model
+    from pdserve.kernels import fp8_gemm_scaled_mm
 
+    monkeypatch.setattr(fp8_gemm_scaled_mm, "scaled_mm_from_m", lambda n, k: 1)
     dims = dict(hidden_size=512, q_lora_rank=512, kv_lora_rank=512, v_head_dim=128,
                 intermediate_size=1024)  # fmt: skip
     path = str(make_model(tmp_path / "fp8", "tiny", fp8=True, seed=4, overrides=dims))
-    fp8 = _engine(path, "bfloat16", budget=4096)
-    dense = _engine(path, "bfloat16", budget=4096, kernel_overrides={"linear_fp8": "torch"})
-    assert fp8.runner.kernel_names["linear_fp8"] != "torch"
-    prompts = _prompts(fp8.vocab_size, (300, 17, 130, 301, 64, 65, 53), seed=6)
+    engines = {
+        "picked": _engine(path, "bfloat16", budget=4096),
+        "triton": _engine(path, "bfloat16", budget=4096, kernel_overrides={"linear_fp8": "triton"}),
+        "dense": _engine(path, "bfloat16", budget=4096, kernel_overrides={"linear_fp8": "torch"}),
+    }
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    cublas = sm90 and fp8_gemm_scaled_mm.unavailable() is None
+    assert engines["picked"].runner.kernel_names["linear_fp8"] == (
+        "scaled_mm" if cublas else "triton"
+    )
+    prompts = _prompts(engines["dense"].vocab_size, (300, 17, 130, 301, 64, 65, 53), seed=6)
     sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    steps = {"prefill": [], "decode": []}
-    for engine in (fp8, dense):
+    steps: dict[str, dict[str, torch.Tensor]] = {"prefill": {}, "decode": {}}
+    for name, engine in engines.items():
         ids = [engine.add_request(p, sp) for p in prompts]
-        steps["prefill"].append(engine.runner.compute_logits(engine.scheduler.schedule()))
+        steps["prefill"][name] = engine.runner.compute_logits(engine.scheduler.schedule())
         for rid in ids:
             engine.abort(rid)
         ids = [engine.add_request(p, sp) for p in prompts]
         engine.step()  # the prefills
         sched = engine.scheduler.schedule()
         assert sum(len(c.token_ids) == 1 for c in sched.chunks) == len(prompts)
-        steps["decode"].append(engine.runner.compute_logits(sched))
+        steps["decode"][name] = engine.runner.compute_logits(sched)
         for rid in ids:
             engine.abort(rid)
-    for name, (a, b) in steps.items():
-        cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=1)
-        assert cos.min().item() > 0.99, (name, cos)
-    assert fp8.blocks.num_used == 0 and dense.blocks.num_used == 0
+        assert engine.blocks.num_used == 0
+    for step, got in steps.items():
+        a, b, dense = (got[n].float() for n in ("picked", "triton", "dense"))
+        assert ((a - b).norm() / b.norm()).item() < 3e-2, step
+        cos = torch.nn.functional.cosine_similarity(a, dense, dim=1)
+        assert cos.min().item() > 0.99, (step, cos)

@@ -64,7 +64,7 @@ def test_weights_cublas_does_not_take_run_the_triton_kernel(n, k, monkeypatch):
     x, w, s = _case(3, n, k)
     p = sm.prepare((w, s, torch.bfloat16))
     assert not p.cublas_fits  # K not in whole groups of 4 blocks, or N not in 16s
-    monkeypatch.setattr(sm, "scaled_mm_from_m", lambda n: 1)
+    monkeypatch.setattr(sm, "scaled_mm_from_m", lambda n, k: 1)
     monkeypatch.setattr(sm, "scaled_mm_linear", _refuse)
     out = sm.linear(x.bfloat16(), p)
     assert out.shape == (3, n)
@@ -77,12 +77,20 @@ def test_batches_below_the_crossover_and_float32_run_the_triton_kernel(monkeypat
     x, w, s = _case(5, 256, 512)
     p = sm.prepare((w, s, torch.float32))
     monkeypatch.setattr(sm, "scaled_mm_linear", _refuse)
-    monkeypatch.setattr(sm, "scaled_mm_from_m", lambda n: 6)
+    monkeypatch.setattr(sm, "scaled_mm_from_m", lambda n, k: 6)
     assert sm.linear(x.bfloat16(), p).shape == (5, 256)  # below: Triton
-    monkeypatch.setattr(sm, "scaled_mm_from_m", lambda n: 1)
+    monkeypatch.setattr(sm, "scaled_mm_from_m", lambda n, k: 1)
     assert sm.linear(x, p).dtype == torch.float32  # float32 activations: Triton
     with pytest.raises(AssertionError, match="cuBLAS"):
         sm.linear(x.bfloat16(), p)  # at the crossover, bf16, a weight it takes: cuBLAS
+
+
+def test_crossover_follows_the_measured_shapes():
+    from pdserve.kernels.triton_configs import scaled_mm_from_m
+
+    assert scaled_mm_from_m(576, 7168) == scaled_mm_from_m(1536, 7168) == 512  # narrow: Triton
+    assert scaled_mm_from_m(7168, 16384) == scaled_mm_from_m(7168, 18432) == 1  # deep: cuBLAS
+    assert scaled_mm_from_m(24576, 1536) == scaled_mm_from_m(36864, 7168) == 64
 
 
 def _refuse(x, p):

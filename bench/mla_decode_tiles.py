@@ -1,0 +1,75 @@
+"""The Triton MLA decode under candidate tiles, beside FlashInfer's fa3 and fa2, over the MLA
+grid of ``bench.kernels`` (16 and 128 heads; 1-128 sequences of 1k-32k tokens):
+
+    python -P -m pdserve.bench.mla_decode_tiles [--budget-s 400] [--out PATH]
+
+Per point and candidate (BLOCK_H, BLOCK_N, warps, stages): ms (CUDA-graph replays, L2 flushed),
+relative error against the kernel's own default, and whether its shared memory fits an SM120
+block (99 KB, ``mla_decode_smem``); the peers' ms. Rows store each candidate under
+``new(<tiles>)``: the kernel as it is (``bench/results/mla-decode-configs-H100.json`` also holds
+``old(<tiles>)`` rows, the same tiles under the grid order before head blocks varied fastest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+
+import torch
+
+CANDIDATES = {
+    128: [(64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2),
+          (16, 64, 4, 2), (64, 64, 8, 2)],
+    16: [(16, 32, 8, 2), (16, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 2), (16, 32, 4, 2)],
+}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pdserve.bench.kernels import mla_case, mla_peers, ms_graph
+    from pdserve.bench.result_file import write_result
+    from pdserve.kernels.mla_decode_triton import mla_decode_triton
+    from pdserve.kernels.triton_configs import mla_decode_smem
+
+    prog = "python -m pdserve.bench.mla_decode_tiles"
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p.add_argument("--budget-s", type=float, default=400.0, help="stop adding points after this")
+    p.add_argument("--out", help="result JSON (default bench/results/mla-decode-tiles-<gpu>.json)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("the tile timings need a CUDA GPU")
+    t0, gpu = time.time(), torch.cuda.get_device_name()
+    cache = torch.empty(128 * 32768 // 64, 64, 576, dtype=torch.bfloat16, device="cuda").normal_()
+    rows = []
+    for heads in (128, 16):
+        for b in (1, 8, 32, 128):
+            for ctx in (1024, 4096, 32768):
+                if time.time() - t0 > args.budget_s:
+                    rows.append({"heads": heads, "B": b, "ctx": ctx, "skipped": "time budget"})
+                    continue
+                q, table, lens = mla_case(heads, b, ctx, cache)
+                ref = mla_decode_triton(q, cache, table, lens, 0.07, 512)  # [B, H, 512]
+                r: dict = {"heads": heads, "B": b, "ctx": ctx, "t": {}}
+                for c in CANDIDATES[heads]:
+                    cfg = dict(BLOCK_H=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
+                    got = mla_decode_triton(q, cache, table, lens, 0.07, 512, config=cfg)
+                    r["t"][f"new{c}"] = {
+                        "ms": ms_graph(mla_decode_triton, q, cache, table, lens, 0.07, 512,
+                                       config=cfg),
+                        "err": float((got.float() - ref.float()).norm() / ref.float().norm()),
+                        "fits99": mla_decode_smem(cfg, 576) <= 99 * 1024,
+                    }  # fmt: skip
+                peers = mla_peers(q, cache, table, lens, ref, 1.0)["peers"]
+                r["fa2"] = peers["flashinfer_fa2"].get("ms")
+                r["fa3"] = peers["flashinfer_fa3"].get("ms")
+                best = min(r["t"], key=lambda k: r["t"][k]["ms"])
+                print(f"H={heads:3} B={b:3} ctx={ctx:5} fa2 {r['fa2']} fa3 {r['fa3']} "
+                      f"best {best} {r['t'][best]['ms']:.3f} ms", flush=True)  # fmt: skip
+                rows.append(r)
+    out = {"gpu": gpu, "date": datetime.date.today().isoformat(), "rows": rows}
+    write_result(out, "mla-decode-tiles", gpu, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

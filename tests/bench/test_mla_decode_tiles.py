@@ -1,0 +1,25 @@
+"""The MLA tile sweep needs a GPU; on CPU it says so. Its candidates include tiles an SM120
+GPU can run (99 KB of shared memory per block) at both head counts, which its comparison needs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.bench.mla_decode_tiles import CANDIDATES, main
+from pdserve.kernels.triton_configs import MLA_DECODE, mla_decode_smem
+
+
+def test_candidates_hold_the_shipped_tiles_and_some_that_fit_sm120():
+    for heads, cands in CANDIDATES.items():
+        cfgs = [dict(BLOCK_H=h, BLOCK_N=n, num_warps=w, num_stages=s) for h, n, w, s in cands]
+        assert any(mla_decode_smem(c, 576) <= 99 * 1024 for c in cfgs), heads
+        assert all(c["BLOCK_H"] <= heads for c in cfgs)
+    shipped = MLA_DECODE["sm90"][16]
+    assert (16, shipped["BLOCK_N"], shipped["num_warps"], shipped["num_stages"]) in CANDIDATES[16]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU machine")
+def test_without_a_gpu_it_says_so():
+    with pytest.raises(SystemExit, match="need a CUDA GPU"):
+        main([])
