@@ -8,8 +8,9 @@ decode batches larger than the largest graph) would compile during the first req
 compile stalling every request of its step for 0.3 to 2 s. ``warmup_steps`` lists synthetic
 steps that meet those specializations: one chunk of each token count of ``token_counts``
 (powers of two, one past each, the MoE crossover and the step's limit), a chunk behind a
-cached prefix, and, for roles that decode, a mixed step and decode batches. The runner runs
-them over the still-empty cache (``ModelRunner.warm_up_steps``) and zeroes it after.
+cached prefix, and, for roles that decode, mixed steps and decode batches at contexts of a few
+blocks to 16k tokens. The runner runs them over the still-empty cache
+(``ModelRunner.warm_up_steps``) and zeroes it after.
 
 Schedulers reason about integers: this builds ``SchedulerOutput``s only; the runner makes tensors.
 """
@@ -76,12 +77,17 @@ def warmup_steps(
     if limit > block_size:
         steps.append(_chunks([(min(17, limit - block_size), block_size)], block_size, windowed))
     if decodes:
-        context = min(2 * block_size, max_model_len - 1)
+        # decode rows at short, middle and long contexts: the decode kernels split a row's
+        # context by the width of the step's block table, and these meet each compiled variant
+        # (one split or several; a combine of up to 16 splits, or more)
+        contexts = sorted({min(c, max_model_len - 1) for c in (2 * block_size, 1024, 16384)})
         if limit > 18:
-            steps.append(_chunks([(1, context), (17, 0)], block_size, windowed))
+            for context in contexts:
+                steps.append(_chunks([(1, context), (17, 0)], block_size, windowed))
         batches = [b for b in (graph_max_batch + 1, max_num_seqs) if b > graph_max_batch]
         for b in sorted({min(b, limit, max_num_seqs) for b in batches}):
-            steps.append(_chunks([(1, context)] * b, block_size, windowed))
+            for context in contexts[:2]:
+                steps.append(_chunks([(1, context)] * b, block_size, windowed))
 
     def fits(step: SchedulerOutput) -> bool:
         used = {b for c in step.chunks for b in c.block_ids}

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels import triton_configs
-from pdserve.kernels.mla_decode_triton import sm_count, split_count
+from pdserve.kernels.mla_decode_triton import combine_width, sm_count, split_count
 from pdserve.kernels.moe_triton_common import interpreting, mma, output_like, upcast_dots
 
 LOG2E = 1.4426950408889634
@@ -32,12 +32,12 @@ _LOG2E = tl.constexpr(LOG2E)
 DECODE_CONFIG = triton_configs.GQA_DECODE
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS"])  # one compile for every split count
 def _decode_kernel(
     q_ptr, kv_ptr, bt_ptr, lens_ptr, sink_ptr, o_ptr, part_ptr, lse_ptr, window, scale_log2,
     stride_qb, stride_qh, stride_kvn, stride_kvp, stride_btb, stride_ob, stride_oh,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-    D: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    NUM_SPLITS, D: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SINKS: tl.constexpr,
     HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -78,7 +78,7 @@ def _decode_kernel(
         v = tl.load(row[:, None] + (k_col + D)[None, :], mask=tmask[:, None], other=0.0)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)  # [BG, D]
         m_i = m_new
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         if HAS_SINKS:  # one more logit in the denominator, with no value
             sink = tl.load(sink_ptr + heads, mask=gmask, other=0.0).to(tl.float32) * _LOG2E
             m_f = tl.maximum(m_i, sink)
@@ -96,11 +96,11 @@ def _decode_kernel(
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _combine_kernel(
     part_ptr, lse_ptr, sink_ptr, o_ptr,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
+    NUM_SPLITS, D: tl.constexpr, BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     """Grid (B, H): out = sum_s w_s part_s / (sum_s w_s + e^sink), w_s = 2^(lse_s - max)."""
     b = tl.program_id(0)
@@ -203,7 +203,7 @@ def gqa_decode_triton(
         q.stride(0), q.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
-        D=d, GROUP=group, PAGE=page, NUM_SPLITS=num_splits,
+        NUM_SPLITS=num_splits, D=d, GROUP=group, PAGE=page, SPLIT=num_splits > 1,
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"],
         HAS_SINKS=sinks is not None, HAS_WINDOW=window > 0, UPCAST=upcast_dots(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -213,7 +213,7 @@ def gqa_decode_triton(
             part, lse, sink_arg, out,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            D=d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            NUM_SPLITS=num_splits, D=d, BLOCK_S=combine_width(num_splits),
             HAS_SINKS=sinks is not None,
         )  # fmt: skip
     return out

@@ -9,7 +9,10 @@ row is found through the block table.
 
 Split-KV: with few sequences and heads, the context is cut into NUM_SPLITS ranges (grid axis 2)
 whose partial outputs and log-sum-exps ``_combine_kernel`` merges. The split count depends on
-shapes only (batch, heads, block-table width), never on the lengths, so it is graph-safe.
+shapes only (batch, heads, block-table width), never on the lengths, so it is graph-safe. It is a
+runtime argument, not a compile-time one: an eager step's block table is as wide as its longest
+sequence, so its split count changes from step to step, and each value would otherwise compile
+the kernels again while serving.
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ from pdserve.kernels.moe_triton_common import interpreting, mma, output_like
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS"])  # one compile for every split count
 def _decode_kernel(
     q_ptr, kv_ptr, bt_ptr, lens_ptr, o_ptr, part_ptr, lse_ptr, H, scale_log2,
     stride_qb, stride_qh, stride_kvn, stride_kvp, stride_btb, stride_ob, stride_oh,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
     V_DIM: tl.constexpr, R_DIM: tl.constexpr, PAGE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_SPLITS, SPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, HAS_R: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     # head blocks vary fastest: the programs of one sequence and split run side by side, so
@@ -79,7 +82,7 @@ def _decode_kernel(
         m_i = m_new
     safe_l = tl.where(l_i > 0, l_i, 1.0)
     out = acc / safe_l[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         o_ptrs = o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + dv[None, :]
         tl.store(o_ptrs, out, mask=hmask[:, None] & vmask[None, :])
     else:
@@ -89,11 +92,11 @@ def _decode_kernel(
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=hmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_SPLITS"])
 def _combine_kernel(
     part_ptr, lse_ptr, o_ptr,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    V_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr,
+    NUM_SPLITS, V_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Grid (B, H, V chunks): out = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max)."""
     b = tl.program_id(0)
@@ -123,6 +126,13 @@ def sm_count(device: torch.device) -> int:
         if device.type == "cuda"
         else 4
     )
+
+
+def combine_width(num_splits: int) -> int:
+    """The combine's tile of partial rows: 16, or 128 past 16 splits (``split_count``'s most),
+    so that eager steps, whose block tables' width and so split counts vary step to step,
+    compile the combine twice at most."""
+    return 16 if num_splits <= 16 else max(128, triton.next_power_of_2(num_splits))
 
 
 def split_count(batch: int, head_blocks: int, max_ctx: int, block_n: int, num_sms: int) -> int:
@@ -187,7 +197,7 @@ def mla_decode_triton(
         out.stride(0), out.stride(1), part.stride(0), part.stride(1), part.stride(2),
         lse.stride(0), lse.stride(1),
         V_DIM=v_dim, R_DIM=d - v_dim, PAGE=page,
-        NUM_SPLITS=num_splits, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
+        NUM_SPLITS=num_splits, SPLIT=num_splits > 1, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_V=block_v, BLOCK_R=block_r, HAS_R=d > v_dim,
         UPCAST=interpreting() or q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -198,7 +208,7 @@ def mla_decode_triton(
             part, lse, out,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            V_DIM=v_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            NUM_SPLITS=num_splits, V_DIM=v_dim, BLOCK_S=combine_width(num_splits),
             BLOCK_V=chunk,
         )  # fmt: skip
     return out

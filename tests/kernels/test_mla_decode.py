@@ -67,6 +67,28 @@ def test_heads_beyond_one_block_and_default_config(device):
     assert rel_err(mla_decode_triton(q, cache, table, seq_lens, 0.3, 64), ref) < 1e-5
 
 
+def test_split_count_compiles_nothing_new():
+    """The decode and combine kernels (MLA's and GQA's) take the split count at run time, not
+    specialized: eager steps' split counts follow their block tables' width, step by step.
+    Compiled (not interpreted) kernels hold their parameters, so this looks in a process
+    without TRITON_INTERPRET."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import pdserve.kernels.mla_decode_triton as m, pdserve.kernels.gqa_decode_triton as g\n"
+        "for k in (m._decode_kernel, m._combine_kernel, g._decode_kernel, g._combine_kernel):\n"
+        "    p = next(p for p in k.params if p.name == 'NUM_SPLITS')\n"
+        "    assert not p.is_constexpr and p.do_not_specialize, k\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-P", "-c", code], check=True, env=env)
+    from pdserve.kernels.mla_decode_triton import combine_width
+
+    assert {combine_width(n) for n in range(1, 129)} == {16, 128}
+
+
 def test_few_sequences_take_their_own_tiles_where_measured():
     """On sm_90, 16 heads over at most 8 sequences take the few-sequence tiles; more sequences,
     more heads, and devices without an entry take the per-head table's."""
