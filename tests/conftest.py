@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs two CUDA GPUs"))
 
 
-FP8_OVERRIDES = {"hidden_size": 160}
+FP8_OVERRIDES = {"hidden_size": 160, "q_lora_rank": 128}  # q_a: whole row blocks, stacked FP8
 
 YARN_OVERRIDES = {
     "q_lora_rank": None,
@@ -83,7 +83,8 @@ def tiny_model(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def fp8_model(tmp_path_factory) -> str:
     """``tiny`` in DeepSeek's release format: every projection float8 E4M3 with 128x128 block
-    scales (hidden 160: partial blocks at every edge), written by ``make-model --fp8``."""
+    scales (hidden 160: partial blocks at every edge but q_a_proj's 128 rows, which stack with
+    kv_a_proj_with_mqa's 80 in FP8), written by ``make-model --fp8``."""
     from pdserve.cluster.checkpoint_maker import make_model
 
     path = tmp_path_factory.mktemp("fp8")

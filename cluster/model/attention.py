@@ -16,6 +16,7 @@ from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
 from pdserve.cluster.model.layers import Linear, RMSNorm
 from pdserve.cluster.model.rope import RotaryEmbedding
+from pdserve.cluster.model.stacked_linear import StackedLinear
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.kernels import KernelSet
 
@@ -50,18 +51,33 @@ class MLAAttention(nn.Module):
         fp8 = dict(kw, fp8=(cfg.fp8_block, kernels) if cfg.fp8_block else None)
         if cfg.q_lora_rank is None:
             self.q_proj = Linear(h, n * qk, mode="column", **fp8)
-        else:
-            self.q_a_proj = Linear(h, cfg.q_lora_rank, bias=cfg.attention_bias, **fp8)
+            self.kv_a_proj_with_mqa = Linear(
+                h, self.rank + self.rope_dim, bias=cfg.attention_bias, **fp8
+            )
+        else:  # q_a_proj and kv_a_proj_with_mqa: replicated, one input, one matmul
+            kv_a = self.rank + self.rope_dim
+            parts = (("q_a_proj", cfg.q_lora_rank), ("kv_a_proj_with_mqa", kv_a))
+            self.qkv_a = StackedLinear(
+                h, parts, dtype=dtype, bias=cfg.attention_bias, fp8=fp8.get("fp8")
+            )
             self.q_a_layernorm = RMSNorm(
                 cfg.q_lora_rank, LATENT_NORM_EPS, dtype, kernel=kernels.rms_norm
             )
             self.q_b_proj = Linear(cfg.q_lora_rank, n * qk, mode="column", **fp8)
-        self.kv_a_proj_with_mqa = Linear(
-            h, self.rank + self.rope_dim, bias=cfg.attention_bias, **fp8
-        )
         self.kv_a_layernorm = RMSNorm(self.rank, LATENT_NORM_EPS, dtype, kernel=kernels.rms_norm)
         self.kv_b_proj = Linear(self.rank, n * (self.nope + self.v_dim), mode="column", **kw)
         self.o_proj = Linear(n * self.v_dim, h, mode="row", bias=cfg.attention_bias, **fp8)
+
+    def load_weight(self, name: str, tensor: torch.Tensor) -> None:
+        """The checkpoint's q_a_proj and kv_a_proj_with_mqa tensors, which no module of that
+        name holds here: into their rows of ``qkv_a``."""
+        if not hasattr(self, "qkv_a"):
+            raise ValueError(f"unexpected attention tensor {name!r}")
+        self.qkv_a.load_weight(name, tensor)
+
+    def fp8_names(self) -> tuple[str, ...]:
+        """The projections whose stored FP8 weight and scales ``qkv_a`` takes as they are."""
+        return self.qkv_a.fp8_parts() if hasattr(self, "qkv_a") else ()
 
     def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, nope, r] and W_UV [H, v, r]: views of kv_b_proj's weight, no copies."""
@@ -78,11 +94,12 @@ class MLAAttention(nn.Module):
         t = x.shape[0]
         if self.cfg.q_lora_rank is None:
             q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            ckv = self.kv_a_proj_with_mqa(x)  # [T, r + rope]
+        else:  # views of one [T, q_lora + r + rope] product
+            q_lat, ckv = self.qkv_a(x).split((self.cfg.q_lora_rank, self.rank + self.rope_dim), 1)
+            q = self.q_b_proj(self.q_a_layernorm(q_lat))
         q = q.view(t, self.heads, self.nope + self.rope_dim)
         q_nope, q_pe = q[..., : self.nope], self.rope(positions, q[..., self.nope :])  # [T, H, *]
-        ckv = self.kv_a_proj_with_mqa(x)  # [T, r + rope]
         latent = self.kv_a_layernorm(ckv[:, : self.rank])  # [T, r]
         k_pe = self.rope(positions, ckv[:, self.rank :])  # [T, rope]
         cache_rows = kv_cache.view(-1, self.rank + self.rope_dim)

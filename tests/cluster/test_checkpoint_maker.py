@@ -115,7 +115,8 @@ def test_weights_drawn_at_load_for_an_fp8_config_keep_fp8_projections(tmp_path):
         for _ in range(2)
     ]  # fmt: skip
     attn = engines[0].runner.model.model.layers[0].self_attn
-    assert attn.q_a_proj.takes_fp8 and attn.o_proj.takes_fp8
-    assert attn.q_a_proj.prepared.dtype == torch.float32  # CPU: dequantized once at load
+    assert attn.q_b_proj.takes_fp8 and attn.o_proj.takes_fp8
+    assert attn.o_proj.prepared.dtype == torch.float32  # CPU: dequantized once at load
+    assert attn.fp8_names() == ()  # q_a's 64 rows are not whole blocks: stacked dequantized
     a, b = (e.generate(["fp8 draw"], sp)[0].token_ids for e in engines)
     assert a == b and len(a) == 8

@@ -86,6 +86,8 @@ def test_fp8_checkpoint_gives_transformers_tokens_on_its_dequantized_weights(
     MXFP4-representable values, so storing them as MXFP4 loses nothing) against transformers
     on the same weights dequantized."""
     engine, hf = _engine(fp8_model), _hf(fp8_model_dequantized)
+    attn = engine.runner.model.model.layers[0].self_attn  # q_a and kv_a stacked with their scales
+    assert attn.fp8_names() == ("q_a_proj", "kv_a_proj_with_mqa")
     prompts = _prompts(engine.vocab_size, (1, 17, 130), seed=6)
     outs = engine.generate(
         prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
