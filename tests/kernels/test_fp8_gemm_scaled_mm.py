@@ -89,6 +89,7 @@ def test_crossover_follows_the_measured_shapes():
     from pdserve.kernels.triton_configs import scaled_mm_from_m
 
     assert scaled_mm_from_m(576, 7168) == scaled_mm_from_m(1536, 7168) == 512  # narrow: Triton
+    assert scaled_mm_from_m(2112, 7168) == 512  # MLA's stacked q_a + kv_a counts as narrow
     assert scaled_mm_from_m(7168, 16384) == scaled_mm_from_m(7168, 18432) == 1  # deep: cuBLAS
     assert scaled_mm_from_m(24576, 1536) == scaled_mm_from_m(36864, 7168) == 64
 
