@@ -151,10 +151,17 @@ def _names(args: str, folder: str) -> bool:
     return re.search(re.escape(folder) + r"(/|\s|$)", args) is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket is held until all are bound, so the system cannot
+    hand out one port twice (one at a time, a closed socket's port could come back at once)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _listening(address: str, timeout_s: float = 2.0) -> bool:
@@ -209,7 +216,7 @@ def join(address: str) -> None:
 def start_head() -> HeadRecord:
     """Start a local head in a session of its own; returns its record (written before the
     head starts, so that an interrupted start can still be cleaned up)."""
-    gcs_port = _free_port()
+    gcs_port, client_port, dashboard_port = _free_ports(3)
     temp_dir = TEMP_ROOT / str(gcs_port)
     _forget_stopped_heads()
     cmd = [
@@ -221,8 +228,8 @@ def start_head() -> HeadRecord:
         f"--port={gcs_port}",
         f"--temp-dir={temp_dir}",
         f"--num-cpus={logical_cpus()}",
-        f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-port={_free_port()}",
+        f"--ray-client-server-port={client_port}",
+        f"--dashboard-port={dashboard_port}",
         "--include-dashboard=false",
         "--disable-usage-stats",
     ]

@@ -83,3 +83,11 @@ def test_probe_of_an_address_nothing_listens_at(state):
     assert local_head.probe(f"127.0.0.1:{port}") == f"nothing listens at 127.0.0.1:{port}"
     with pytest.raises(ValueError, match="no Ray cluster answers at 127.0.0.1"):
         local_head.join(f"127.0.0.1:{port}")
+
+
+def test_a_heads_ports_are_distinct():
+    """A head's GCS, client-server and dashboard ports are picked while all are held: Ray
+    refuses to start when two of its components are given one port."""
+    for _ in range(20):
+        ports = local_head._free_ports(3)
+        assert len(set(ports)) == 3 and all(0 < p < 65536 for p in ports)
