@@ -28,6 +28,7 @@ SHAPES = {
     "q_b_proj": (24576, 1536),
     "kv_a_proj_with_mqa": (576, 7168),
     "q_a + kv_a stacked": (2112, 7168),  # one matmul in MLA attention (StackedLinear)
+    "shared expert gate+up": (4096, 7168),
     "o_proj": (7168, 16384),
     "dense gate+up": (36864, 7168),
     "dense down_proj": (7168, 18432),

@@ -90,7 +90,7 @@ def warmup_steps(
                 steps.append(_chunks([(1, context)] * b, block_size, windowed))
 
     def fits(step: SchedulerOutput) -> bool:
-        used = {b for c in step.chunks for b in c.block_ids}
-        return len(used) <= num_blocks and max(c.end for c in step.chunks) <= max_model_len
+        highest = max(b for c in step.chunks for b in c.block_ids)  # ids may leave gaps
+        return highest < num_blocks and max(c.end for c in step.chunks) <= max_model_len
 
     return [s for s in steps if fits(s)]

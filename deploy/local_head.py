@@ -154,10 +154,11 @@ def _names(args: str, folder: str) -> bool:
 def _free_ports(n: int) -> list[int]:
     """``n`` distinct free ports: every socket is held until all are bound, so the system cannot
     hand out one port twice (one at a time, a closed socket's port could come back at once)."""
-    socks = [socket.socket() for _ in range(n)]
+    socks: list[socket.socket] = []
     try:
-        for s in socks:
-            s.bind(("", 0))
+        for _ in range(n):
+            socks.append(socket.socket())
+            socks[-1].bind(("", 0))
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
@@ -213,9 +214,30 @@ def join(address: str) -> None:
     _init(address)
 
 
+class _PortTaken(RuntimeError):
+    """Ray refused a port picked for it: another process took it between the pick and the
+    start (the ports are free when picked, not reserved)."""
+
+
+PORT_TAKEN = re.compile(r"port.*(already in use|used by other components)|address already in use")
+START_ATTEMPTS = 3
+
+
 def start_head() -> HeadRecord:
     """Start a local head in a session of its own; returns its record (written before the
-    head starts, so that an interrupted start can still be cleaned up)."""
+    head starts, so that an interrupted start can still be cleaned up). A start that Ray
+    refuses for a port taken meanwhile is tried again with other ports."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return _start_head_once()
+        except _PortTaken as e:
+            if attempt == START_ATTEMPTS:
+                raise RuntimeError(str(e)) from None
+            log.info("Ray head start found a port taken; again with other ports: %s", e)
+    raise AssertionError("unreachable")
+
+
+def _start_head_once() -> HeadRecord:
     gcs_port, client_port, dashboard_port = _free_ports(3)
     temp_dir = TEMP_ROOT / str(gcs_port)
     _forget_stopped_heads()
@@ -253,7 +275,8 @@ def start_head() -> HeadRecord:
         raise
     if proc.returncode != 0:
         stop(record)
-        raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{err.strip()}")
+        error = _PortTaken if PORT_TAKEN.search(err.lower()) else RuntimeError
+        raise error(f"`{' '.join(cmd)}` failed:\n{err.strip()}")
     address = (temp_dir / "ray_current_cluster").read_text().strip()
     record = HeadRecord(pgid=record.pgid, temp_dir=record.temp_dir, address=address)
     record.write()

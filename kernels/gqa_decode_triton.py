@@ -32,7 +32,9 @@ _LOG2E = tl.constexpr(LOG2E)
 DECODE_CONFIG = triton_configs.GQA_DECODE
 
 
-@triton.jit(do_not_specialize=["NUM_SPLITS"])  # one compile for every split count
+# one compile for every split count and block-table width: neither, nor the strides that
+# follow them, specialized (an eager step's table is as wide as its longest sequence)
+@triton.jit(do_not_specialize=["NUM_SPLITS", "stride_btb", "stride_lb", "stride_lh"])
 def _decode_kernel(
     q_ptr, kv_ptr, bt_ptr, lens_ptr, sink_ptr, o_ptr, part_ptr, lse_ptr, window, scale_log2,
     stride_qb, stride_qh, stride_kvn, stride_kvp, stride_btb, stride_ob, stride_oh,
@@ -96,7 +98,7 @@ def _decode_kernel(
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=gmask)
 
 
-@triton.jit(do_not_specialize=["NUM_SPLITS"])
+@triton.jit(do_not_specialize=["NUM_SPLITS", "stride_lb", "stride_lh"])
 def _combine_kernel(
     part_ptr, lse_ptr, sink_ptr, o_ptr,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,

@@ -29,7 +29,9 @@ from pdserve.kernels.moe_triton_common import interpreting, mma, output_like
 LOG2E = 1.4426950408889634
 
 
-@triton.jit(do_not_specialize=["NUM_SPLITS"])  # one compile for every split count
+# one compile for every split count and block-table width: neither, nor the strides that
+# follow them, specialized (an eager step's table is as wide as its longest sequence)
+@triton.jit(do_not_specialize=["NUM_SPLITS", "stride_btb", "stride_lb", "stride_lh"])
 def _decode_kernel(
     q_ptr, kv_ptr, bt_ptr, lens_ptr, o_ptr, part_ptr, lse_ptr, H, scale_log2,
     stride_qb, stride_qh, stride_kvn, stride_kvp, stride_btb, stride_ob, stride_oh,
@@ -92,7 +94,7 @@ def _decode_kernel(
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=hmask)
 
 
-@triton.jit(do_not_specialize=["NUM_SPLITS"])
+@triton.jit(do_not_specialize=["NUM_SPLITS", "stride_lb", "stride_lh"])
 def _combine_kernel(
     part_ptr, lse_ptr, o_ptr,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,

@@ -203,7 +203,7 @@ def fp8_linear_smem() -> int:
 # deep ones (o_proj, down_proj: K >= 16384) cuBLAS wins by 13-16% from one token; on the other
 # wide ones Triton wins or ties up to 8-64 tokens (q_b by 7% at 1-8) and cuBLAS from 64 or 128.
 # MLA's stacked q_a + kv_a (2112 outputs) is counted narrow; it was not measured.
-SCALED_MM_FROM_M = ((4096, None, 512), (None, 16384, 1), (None, None, 64))
+SCALED_MM_FROM_M = ((2112, None, 512), (None, 16384, 1), (None, None, 64))
 
 
 def scaled_mm_from_m(n: int, k: int) -> int:

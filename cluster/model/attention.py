@@ -71,7 +71,7 @@ class MLAAttention(nn.Module):
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         """The checkpoint's q_a_proj and kv_a_proj_with_mqa tensors, which no module of that
         name holds here: into their rows of ``qkv_a``."""
-        if not hasattr(self, "qkv_a"):
+        if not hasattr(self, "qkv_a") or name.split(".", 1)[0] not in self.qkv_a.rows:
             raise ValueError(f"unexpected attention tensor {name!r}")
         self.qkv_a.load_weight(name, tensor)
 

@@ -91,3 +91,41 @@ def test_a_heads_ports_are_distinct():
     for _ in range(20):
         ports = local_head._free_ports(3)
         assert len(set(ports)) == 3 and all(0 < p < 65536 for p in ports)
+
+
+def test_a_start_refused_for_a_taken_port_is_tried_again(monkeypatch):
+    """Ray's message when two of its components get one port, or another process took one:
+    the start goes again with new ports, three times at most; other failures are not retried."""
+    seen = (
+        "Ray component client_server is trying to use a port number 48891 that is used by "
+        "other components."
+    )
+    assert local_head.PORT_TAKEN.search(seen.lower())
+    assert not local_head.PORT_TAKEN.search("permission denied: /tmp/pdserve-0")
+    calls = []
+
+    def refused_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            raise local_head._PortTaken(seen)
+        return HeadRecord(pgid=1, temp_dir="/tmp/x", address="127.0.0.1:1")
+
+    monkeypatch.setattr(local_head, "_start_head_once", refused_twice)
+    assert local_head.start_head().address == "127.0.0.1:1" and len(calls) == 3
+
+    def always_refused():
+        raise local_head._PortTaken(seen)
+
+    monkeypatch.setattr(local_head, "_start_head_once", always_refused)
+    with pytest.raises(RuntimeError, match="used by other components"):
+        local_head.start_head()
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("ray start failed: no such option")
+
+    calls.clear()
+    monkeypatch.setattr(local_head, "_start_head_once", broken)
+    with pytest.raises(RuntimeError, match="no such option"):
+        local_head.start_head()
+    assert len(calls) == 1

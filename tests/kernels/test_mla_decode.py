@@ -59,6 +59,14 @@ def test_more_splits_than_tokens_and_empty_sequence(device):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("num_splits", [17, 130])  # a combine of 128 rows, and past it
+def test_combines_wider_than_the_split_count(device, num_splits):
+    cache, table, seq_lens = paged([600, 37], 4, 80, torch.float32, device, seed=num_splits)
+    q = torch.randn(2, 2, 80, device=device)
+    out = mla_decode_triton(q, cache, table, seq_lens, 0.1, 64, num_splits=num_splits, config=SMALL)
+    assert rel_err(out, mla_decode_torch(q, cache, table, seq_lens, 0.1, 64)) < 1e-5
+
+
 def test_heads_beyond_one_block_and_default_config(device):
     cache, table, seq_lens = paged([70, 5], 16, 80, torch.float32, device)
     q = torch.randn(2, 20, 80, device=device)  # 20 heads: two head blocks of 16
@@ -68,8 +76,9 @@ def test_heads_beyond_one_block_and_default_config(device):
 
 
 def test_split_count_compiles_nothing_new():
-    """The decode and combine kernels (MLA's and GQA's) take the split count at run time, not
-    specialized: eager steps' split counts follow their block tables' width, step by step.
+    """The decode and combine kernels (MLA's and GQA's) take the split count, the block table's
+    row stride and the strides that follow the split count at run time, not specialized: eager
+    steps' split counts follow their block tables' width, step by step.
     Compiled (not interpreted) kernels hold their parameters, so this looks in a process
     without TRITON_INTERPRET."""
     import os
@@ -79,8 +88,10 @@ def test_split_count_compiles_nothing_new():
     code = (
         "import pdserve.kernels.mla_decode_triton as m, pdserve.kernels.gqa_decode_triton as g\n"
         "for k in (m._decode_kernel, m._combine_kernel, g._decode_kernel, g._combine_kernel):\n"
-        "    p = next(p for p in k.params if p.name == 'NUM_SPLITS')\n"
-        "    assert not p.is_constexpr and p.do_not_specialize, k\n"
+        "    free = {p.name for p in k.params if p.do_not_specialize and not p.is_constexpr}\n"
+        "    want = {'NUM_SPLITS', 'stride_lb', 'stride_lh'}\n"
+        "    want |= {'stride_btb'} if 'stride_btb' in k.arg_names else set()\n"
+        "    assert want <= free, (k, want - free)\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, "-P", "-c", code], check=True, env=env)
