@@ -194,3 +194,22 @@ def test_fp8_linears_give_the_dequantized_models_logits(tmp_path, monkeypatch):
         assert ((a - b).norm() / b.norm()).item() < 3e-2, step
         cos = torch.nn.functional.cosine_similarity(a, dense, dim=1)
         assert cos.min().item() > 0.99, (step, cos)
+
+
+def test_eager_steps_after_the_warm_up_compile_nothing(tiny_model):
+    """Prompts of many lengths under a small step budget: chunked prefills beside decode rows
+    whose block tables widen step by step (new split counts for the decode kernels). After
+    start-up's warm-up, serving them compiles no Triton kernel."""
+    from pdserve.kernels.compile_watch import WATCH
+
+    engine = _engine(tiny_model, "bfloat16", budget=256)
+    before = WATCH.totals()["serving"][0]
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    for p in _prompts(engine.vocab_size, (5, 70, 300, 700, 1100, 1900, 33, 129), seed=7):
+        engine.add_request(p, sp)
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    assert steps > 20
+    assert WATCH.totals()["serving"][0] == before, [c.kernel for c in WATCH.recent()[-8:]]
