@@ -1,7 +1,10 @@
 """The Triton MLA decode under candidate tiles, beside FlashInfer's fa3 and fa2, over the MLA
 grid of ``bench.kernels`` (16 and 128 heads; 1-128 sequences of 1k-32k tokens):
 
-    python -P -m pdserve.bench.mla_decode_tiles [--budget-s 400] [--out PATH]
+    python -P -m pdserve.bench.mla_decode_tiles [--budget-s 400] [--table-tokens N] [--out PATH]
+
+``--table-tokens``: block tables as wide as N tokens whatever the context, as a decode graph's
+are (as wide as ``max_model_len``); the split count follows the width (default: the context).
 
 Per point and candidate (BLOCK_H, BLOCK_N, warps, stages): ms (CUDA-graph replays, L2 flushed),
 relative error against the kernel's own default, and whether its shared memory fits an SM120
@@ -34,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     prog = "python -m pdserve.bench.mla_decode_tiles"
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--budget-s", type=float, default=400.0, help="stop adding points after this")
+    p.add_argument("--table-tokens", type=int, default=0, help="block tables this wide (<= 32768)")
     p.add_argument("--out", help="result JSON (default bench/results/mla-decode-tiles-<gpu>.json)")
     args = p.parse_args(argv)
+    if not 0 <= args.table_tokens <= 32768:
+        p.error(f"--table-tokens {args.table_tokens} is outside [0, 32768] (the cache's blocks)")
     if not torch.cuda.is_available():
         raise SystemExit("the tile timings need a CUDA GPU")
     t0, gpu = time.time(), torch.cuda.get_device_name()
@@ -48,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"heads": heads, "B": b, "ctx": ctx, "skipped": "time budget"})
                     continue
                 q, table, lens = mla_case(heads, b, ctx, cache)
+                width = args.table_tokens // 64
+                if width > table.shape[1]:  # more blocks per row, past each length: unread
+                    extra = torch.randperm(cache.shape[0], device="cuda")[: b * width]
+                    table = torch.cat((table, extra.view(b, width)[:, table.shape[1] :].int()), 1)
                 ref = mla_decode_triton(q, cache, table, lens, 0.07, 512)  # [B, H, 512]
                 r: dict = {"heads": heads, "B": b, "ctx": ctx, "t": {}}
                 for c in CANDIDATES[heads]:
@@ -67,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"best {best} {r['t'][best]['ms']:.3f} ms", flush=True)  # fmt: skip
                 rows.append(r)
     out = {"gpu": gpu, "date": datetime.date.today().isoformat(), "rows": rows}
+    out["table_tokens"] = args.table_tokens or "the context"
     write_result(out, "mla-decode-tiles", gpu, args.out)
     return 0
 

@@ -23,3 +23,9 @@ def test_candidates_hold_the_shipped_tiles_and_some_that_fit_sm120():
 def test_without_a_gpu_it_says_so():
     with pytest.raises(SystemExit, match="need a CUDA GPU"):
         main([])
+
+
+def test_a_table_wider_than_the_cache_holds_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--table-tokens", "40000"])
+    assert "--table-tokens 40000 is outside [0, 32768]" in capsys.readouterr().err
