@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -57,12 +58,14 @@ class ModelRunner(Executor):
         if self.device.type == "cuda":
             WATCH.install()  # Triton compiles after start-up are logged (``allocate_kv``)
         self.device_info = DeviceInfo.detect(self.device)
-        self.kernels = KernelSet.resolve(
-            self.device_info,
-            config.role,
-            config.kernel_overrides,
-            dtype=str(self.dtype).removeprefix("torch."),
-        )
+        gpu = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        with gpu:  # backends' probes run on this worker's GPU
+            self.kernels = KernelSet.resolve(
+                self.device_info,
+                config.role,
+                config.kernel_overrides,
+                dtype=str(self.dtype).removeprefix("torch."),
+            )
         self.kernel_names = self.kernels.names()
         self.device_name = self.device_info.describe()
         for line in self.kernels.describe():
