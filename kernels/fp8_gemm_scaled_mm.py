@@ -33,17 +33,21 @@ class PreparedFp8:
 
     weight: torch.Tensor  # [N, K] float8_e4m3fn, row-major (cuBLAS reads it as [K, N] col-major)
     scale: torch.Tensor  # [ceil(N / 128), K / 128] float32, row-major (the Triton kernel's)
+    cublas_from: int | None  # tokens from which cuBLAS runs; None: it does not take the weight
 
     @property
     def cublas_fits(self) -> bool:
         """Whether cuBLAS takes the weight: K in whole groups of 4 blocks, N in 16s."""
-        n, k = self.weight.shape
-        return k % (GROUP * ROW_MULTIPLE) == 0 and n % 16 == 0
+        return self.cublas_from is not None
 
 
 def prepare(args: tuple[torch.Tensor, torch.Tensor, torch.dtype]) -> PreparedFp8:
+    """The weight as both kernels read it, and its crossover, looked up once at load."""
     weight, scale, _ = args
-    return PreparedFp8(weight.contiguous(), scale.float().contiguous())
+    n, k = weight.shape
+    fits = k % (GROUP * ROW_MULTIPLE) == 0 and n % 16 == 0
+    first = scaled_mm_from_m(n, k) if fits else None
+    return PreparedFp8(weight.contiguous(), scale.float().contiguous(), first)
 
 
 def operands(
@@ -66,11 +70,10 @@ def scaled_mm_linear(x: torch.Tensor, p: PreparedFp8) -> torch.Tensor:
 
 
 def linear(x: torch.Tensor, p: PreparedFp8) -> torch.Tensor:
-    """The ``scaled_mm`` backend's linear: cuBLAS from ``scaled_mm_from_m(N, K)`` tokens on
-    weights it takes, the Triton kernel below (and for float32 activations)."""
+    """The ``scaled_mm`` backend's linear: cuBLAS from ``p.cublas_from`` tokens on weights it
+    takes, the Triton kernel below (and for float32 activations)."""
     x = x.contiguous()
-    first = scaled_mm_from_m(*p.weight.shape)
-    if x.shape[0] < first or not p.cublas_fits or x.dtype != torch.bfloat16:
+    if p.cublas_from is None or x.shape[0] < p.cublas_from or x.dtype != torch.bfloat16:
         return fp8_gemm_triton.fp8_block_linear_triton(x, p.weight, p.scale)
     return scaled_mm_linear(x, p)
 

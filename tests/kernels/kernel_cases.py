@@ -92,6 +92,17 @@ def poison_cuda_allocator(nbytes: int = 1 << 30) -> None:
     del junk
 
 
+def fp8_case(m: int, n: int, k: int, device, seed: int = 0):
+    """x [M, K] float32 with activation groups of unlike sizes, and an [N, K] weight quantized to
+    FP8 with its 128x128 block scales, on ``device``."""
+    from pdserve.kernels.fp8_blocks import quantize_fp8_blocks
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, k)  # groups of unlike sizes
+    w, s = quantize_fp8_blocks(torch.randn(n, k, generator=g) * 0.05)
+    return x.to(device), w.to(device), s.to(device)
+
+
 def assert_fp8_gemm_close(got: torch.Tensor, x: torch.Tensor, weight, scale) -> None:
     """The FP8 block linear's output against its reference, taken in float64 on the CPU. The
     interpreter sums in float32: equal to 1e-5. Hopper's FP8 MMA keeps about 14 bits of its

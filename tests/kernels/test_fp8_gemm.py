@@ -8,23 +8,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.kernels.fp8_blocks import dequantize_fp8_blocks, quantize_fp8_blocks
+from pdserve.kernels.fp8_blocks import dequantize_fp8_blocks
 from pdserve.kernels.fp8_gemm_triton import (
     act_quant,
     act_quant_torch,
     fp8_block_linear_torch,
     fp8_block_linear_triton,
 )
-from tests.kernels.kernel_cases import assert_fp8_gemm_close
+from tests.kernels.kernel_cases import assert_fp8_gemm_close, fp8_case
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case(m: int, n: int, k: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, k)  # groups of unlike sizes
-    w, s = quantize_fp8_blocks(torch.randn(n, k, generator=g) * 0.05)
-    return x.to(DEV), w.to(DEV), s.to(DEV)
+    return fp8_case(m, n, k, DEV, seed)
 
 
 @pytest.mark.parametrize("m, k", [(1, 128), (5, 130), (33, 300)])

@@ -10,17 +10,14 @@ import pytest
 import torch
 
 from pdserve.kernels import fp8_gemm_scaled_mm as sm
-from pdserve.kernels.fp8_blocks import quantize_fp8_blocks
 from pdserve.kernels.fp8_gemm_triton import GROUP, act_quant_torch, fp8_block_linear_torch
+from tests.kernels.kernel_cases import fp8_case
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _case(m: int, n: int, k: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g) * torch.logspace(-2, 1, k)  # groups of unlike sizes
-    w, s = quantize_fp8_blocks(torch.randn(n, k, generator=g) * 0.05)
-    return x.to(DEV), w.to(DEV), s.to(DEV)
+    return fp8_case(m, n, k, DEV, seed)
 
 
 def _cublas_emulated(a, b, sa, sb) -> torch.Tensor:
@@ -62,10 +59,10 @@ def test_operands_are_laid_out_as_cublas_reads_them(m, n, k):
 @pytest.mark.parametrize("n, k", [(256, 384), (200, 512), (256, 640)])
 def test_weights_cublas_does_not_take_run_the_triton_kernel(n, k, monkeypatch):
     x, w, s = _case(3, n, k)
-    p = sm.prepare((w, s, torch.bfloat16))
-    assert not p.cublas_fits  # K not in whole groups of 4 blocks, or N not in 16s
     monkeypatch.setattr(sm, "scaled_mm_from_m", lambda n, k: 1)
     monkeypatch.setattr(sm, "scaled_mm_linear", _refuse)
+    p = sm.prepare((w, s, torch.bfloat16))
+    assert not p.cublas_fits  # K not in whole groups of 4 blocks, or N not in 16s
     out = sm.linear(x.bfloat16(), p)
     assert out.shape == (3, n)
     torch.testing.assert_close(
@@ -75,11 +72,12 @@ def test_weights_cublas_does_not_take_run_the_triton_kernel(n, k, monkeypatch):
 
 def test_batches_below_the_crossover_and_float32_run_the_triton_kernel(monkeypatch):
     x, w, s = _case(5, 256, 512)
-    p = sm.prepare((w, s, torch.float32))
     monkeypatch.setattr(sm, "scaled_mm_linear", _refuse)
-    monkeypatch.setattr(sm, "scaled_mm_from_m", lambda n, k: 6)
+    monkeypatch.setattr(sm, "scaled_mm_from_m", lambda n, k: 6)  # looked up at prepare
+    p = sm.prepare((w, s, torch.float32))
     assert sm.linear(x.bfloat16(), p).shape == (5, 256)  # below: Triton
     monkeypatch.setattr(sm, "scaled_mm_from_m", lambda n, k: 1)
+    p = sm.prepare((w, s, torch.float32))
     assert sm.linear(x, p).dtype == torch.float32  # float32 activations: Triton
     with pytest.raises(AssertionError, match="cuBLAS"):
         sm.linear(x.bfloat16(), p)  # at the crossover, bf16, a weight it takes: cuBLAS
