@@ -5,14 +5,16 @@
 
 For each batch size B: B requests with random prompts of ``--context`` tokens are prefilled,
 then ``--steps`` whole engine steps (schedule, model, sample, detokenize) are timed once every
-request decodes, one after another (``step``) and in the serving loop's overlapped order (step
-n's outputs made while step n + 1 runs); decode throughput is B / step time. ``--profile`` adds
-a torch.profiler trace of eager decode steps at the smallest and largest batch, with every
-kernel's GPU time summed by the labelled range it ran in on the GPU timeline: the attention
-layers (MLA or GQA; their decode kernel alone also listed), the MoE layers, tensor-parallel
-all-reduces, and the rest (embedding, norms, dense MLP, LM head, sampling). With captured
-graphs, ``replay ms`` is one graph replay's GPU time alone: step ms less replay ms is the host's
-share of a step.
+request decodes: one after another (``step``), in the serving loop's overlapped order (step n's
+outputs made while step n + 1 runs: ``overlap``), and in that order with steps planned ahead
+(step n + 1 planned and launched before step n's tokens are back, where step n replays a graph:
+``ahead``, with the share of steps so launched); decode throughput is B / step time.
+``--profile`` adds a torch.profiler trace of eager decode steps at the smallest and largest
+batch, with every kernel's GPU time summed by the labelled range it ran in on the GPU timeline:
+the attention layers (MLA or GQA; their decode kernel alone also listed), the MoE layers,
+tensor-parallel all-reduces, and the rest (embedding, norms, dense MLP, LM head, sampling).
+With captured graphs, ``replay ms`` is one graph replay's GPU time alone: step ms less replay ms
+is the host's share of a step.
 Prints tables and writes JSON to bench/results/.
 """
 
@@ -45,10 +47,11 @@ def _chunk(args) -> int:
 
 
 def _produce(args, batch: int) -> int:
-    """Tokens each request may produce: the timed steps and a margin, and one per step of the
-    fill, where early prompts decode while later ones prefill (each prompt over at most two
-    steps, as the decode rows take part of the budget)."""
-    return MARGIN + args.steps + 2 * -(-batch * args.context // _chunk(args))
+    """Tokens each request may produce: the timed steps of the three orders (step, overlap,
+    ahead) and a margin, and one per step of the fill, where early prompts decode while later
+    ones prefill (each prompt over at most two steps, as the decode rows take part of the
+    budget)."""
+    return MARGIN + 3 * args.steps + 2 * -(-batch * args.context // _chunk(args))
 
 
 def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
@@ -99,6 +102,14 @@ def _fill(engine: LLMEngine, batch: int, args, seed: int) -> None:
         engine.step()
     for _ in range(WARM_STEPS):
         engine.step()
+    _settle(engine)
+
+
+def _settle(engine: LLMEngine) -> None:
+    """Collect a step left launched ahead, so that the next timing starts from an idle engine."""
+    launched = engine.take_ahead()
+    if launched is not None:
+        engine.emit(engine.collect(launched))
 
 
 def _drain(engine: LLMEngine) -> None:
@@ -121,11 +132,12 @@ def time_steps(engine: LLMEngine, batch: int, args) -> dict[str, float]:
     for _ in range(args.steps):
         _sync(engine)
         t0 = time.perf_counter()
-        engine.step()
+        engine.emit(engine.collect(engine.launch(engine.plan())))  # planned after the tokens
         times.append(time.perf_counter() - t0)
         running = len(engine.scheduler.running)
         assert running == batch, f"{running} of {batch} requests still decode"
     overlapped = _overlapped_steps(engine, args.steps)
+    ahead, share = _ahead_steps(engine, args.steps)
     assert len(engine.scheduler.running) == batch
     replay = _replay_ms(engine, batch, args.steps)
     floor = _floor(engine, args.copy_GBps)
@@ -133,7 +145,9 @@ def time_steps(engine: LLMEngine, batch: int, args) -> dict[str, float]:
     med = statistics.median(times)
     row = {"batch": batch, "step_ms": med * 1e3, "p90_ms": sorted(times)[int(0.9 * len(times))]
            * 1e3, "tokens_per_s": batch / med, "overlap_ms": overlapped * 1e3,
-           "overlap_tokens_per_s": batch / overlapped, "replay_ms": replay}  # fmt: skip
+           "overlap_tokens_per_s": batch / overlapped, "ahead_ms": ahead * 1e3,
+           "ahead_tokens_per_s": batch / ahead, "ahead_share": share,
+           "replay_ms": replay}  # fmt: skip
     row.update(floor)
     if floor:
         row["step_over_floor"] = row["step_ms"] / floor["floor_ms"]
@@ -168,6 +182,29 @@ def _overlapped_steps(engine: LLMEngine, steps: int) -> float:
     took = (time.perf_counter() - t0) / steps
     engine.emit(pending)
     return took
+
+
+def _ahead_steps(engine: LLMEngine, steps: int) -> tuple[float, float]:
+    """Seconds per step of the serving loop's order with steps planned ahead (``AsyncEngine``:
+    step n + 1 taken from ``launch_ahead`` or planned now, the step after it launched ahead
+    where it can be, step n's outputs emitted, step n + 1 collected), and the share of the
+    ``steps`` timed steps that were launched ahead."""
+    pending = engine.collect(engine.launch(engine.plan()))
+    _sync(engine)
+    early = 0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        launched = engine.take_ahead()
+        early += launched is not None
+        if launched is None:
+            launched = engine.launch(engine.plan())
+        engine.launch_ahead(launched)
+        engine.emit(pending)
+        pending = engine.collect(launched)
+    took = (time.perf_counter() - t0) / steps
+    engine.emit(pending)
+    _settle(engine)
+    return took, early / steps
 
 
 def _replay_ms(engine: LLMEngine, batch: int, steps: int) -> float | None:
@@ -281,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         result[f"graphs_{mode}"] = rows
         print(f"\ndecode_graphs={mode} ({engine.runner.device_name}, context {args.context})")
         print(f"{'batch':>6} {'step ms':>9} {'p90 ms':>9} {'tok/s':>10} {'overlap ms':>11} "
-              f"{'tok/s':>10} {'replay ms':>10} {'floor ms':>9} {'step/floor':>11}")  # fmt: skip
+              f"{'tok/s':>10} {'ahead ms':>9} {'tok/s':>10} {'ahead':>6} {'replay ms':>10} "
+              f"{'floor ms':>9} {'step/floor':>11}")  # fmt: skip
         for r in rows:
             replay = "-" if r["replay_ms"] is None else f"{r['replay_ms']:.2f}"
             floor = (
@@ -289,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"{r['batch']:>6} {r['step_ms']:>9.2f} {r['p90_ms']:>9.2f} "
                   f"{r['tokens_per_s']:>10.1f} {r['overlap_ms']:>11.2f} "
-                  f"{r['overlap_tokens_per_s']:>10.1f} {replay:>10} {floor}")  # fmt: skip
+                  f"{r['overlap_tokens_per_s']:>10.1f} {r['ahead_ms']:>9.2f} "
+                  f"{r['ahead_tokens_per_s']:>10.1f} {r['ahead_share']:>6.0%} {replay:>10} "
+                  f"{floor}")  # fmt: skip
         if args.prefill_tokens and mode == modes[0]:  # a prompt's steps run eagerly in every mode
             result["prefill"] = [
                 time_prefill(engine, n, args.matmul_TFLOPs) for n in args.prefill_tokens

@@ -144,20 +144,25 @@ class AsyncEngine:
             fut.set_exception(e)
 
     def _step(self) -> None:
-        """Plan and launch step n + 1, then emit step n's outputs while the device runs it
-        (pure decode steps: with CUDA graphs they launch without waiting for the GPU), then
-        wait for step n + 1's tokens. Steps that carry a prompt emit step n first: their
-        launch may wait for the device, and step n's first tokens should not."""
+        """Launch step n + 1 (planned ahead while step n ran, or planned now), then emit step
+        n's outputs while the device runs it (pure decode steps: with CUDA graphs they launch
+        without waiting for the GPU, and the step after them is launched too), then wait for
+        step n + 1's tokens. Steps that carry a prompt emit step n first: their launch may
+        wait for the device, and step n's first tokens should not."""
         start = time.perf_counter()
         engine, pending, self._pending = self.engine, self._pending, None
         try:
-            sched = engine.plan()
-            if pending is not None and (
-                sched is None or sched.num_decode_chunks < len(sched.chunks)
-            ):
-                done, pending = pending, None
-                self._emit(done)
-            launched = None if sched is None else engine.launch(sched)
+            launched = engine.take_ahead()
+            if launched is None:
+                sched = engine.plan()
+                if pending is not None and (
+                    sched is None or sched.num_decode_chunks < len(sched.chunks)
+                ):
+                    done, pending = pending, None
+                    self._emit(done)
+                launched = None if sched is None else engine.launch(sched)
+            if launched is not None:
+                engine.launch_ahead(launched)
             if pending is not None:
                 done, pending = pending, None
                 self._emit(done)
@@ -165,6 +170,7 @@ class AsyncEngine:
                 self._pending = engine.collect(launched)
         except Exception as e:  # noqa: BLE001
             log.error("engine step failed; failing its requests:\n%s", traceback.format_exc())
+            engine.drop_launched()
             if pending is not None:  # tokens already applied: hand them out before the error
                 try:
                     self._emit(pending)

@@ -5,6 +5,11 @@ A block is in use (referenced), cached (unreferenced, its content kept under its
 space is needed), or free. Cached blocks count as free: ``allocate`` takes plain free blocks
 first, then evicts cached ones, least recently released first. ``match`` hands out the cached
 blocks of a prefix to another request.
+
+Steps run on the device after the host planned them, and a step is planned while the one before
+it still runs (``Scheduler.schedule_ahead``): a block let go while a launched step is not yet
+collected may still be read or written by it. ``free`` parks such blocks until every step
+launched before the free has landed (``landed``); only then are they cached or free.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ class BlockManager:
         self._key_of: dict[int, bytes] = {}  # block -> content key
         self._block_of: dict[bytes, int] = {}  # content key -> block
         self.num_evicted = 0  # cached blocks reused for other content, since start
+        self.num_launched = 0  # steps launched since start (``launched``)
+        self.num_landed = 0  # of which collected: the device is done with them
+        self._parked: deque[tuple[int, list[int]]] = deque()  # (launched count, freed ids)
 
     @property
     def num_free(self) -> int:
@@ -73,7 +81,15 @@ class BlockManager:
     def free(self, ids: list[int]) -> None:
         """Drop one reference to each block. A block nobody references is cached if it holds a
         keyed prefix, else free. ``ids`` in table order are released last to first, so that a
-        prefix's tail is evicted before its head."""
+        prefix's tail is evicted before its head. While launched steps are not collected the
+        blocks stay held until they are (``landed``)."""
+        if self.num_landed < self.num_launched:
+            if ids:
+                self._parked.append((self.num_launched, list(ids)))
+            return
+        self._release(ids)
+
+    def _release(self, ids: list[int]) -> None:
         for b in reversed(ids):
             assert self._ref[b] > 0, f"double free of block {b}"
             self._ref[b] -= 1
@@ -82,6 +98,26 @@ class BlockManager:
                     self._cached[b] = None
                 else:
                     self._free.append(b)
+
+    # ---- steps in flight ----
+
+    def launched(self) -> int:
+        """A step that reads and writes blocks was queued on the device; its number."""
+        self.num_launched += 1
+        return self.num_launched
+
+    def landed(self, step: int) -> None:
+        """Step ``step`` (and every step before it) is done on the device: blocks freed while
+        it was in flight are released now."""
+        assert step <= self.num_launched, (step, self.num_launched)
+        self.num_landed = max(self.num_landed, step)
+        while self._parked and self._parked[0][0] <= self.num_landed:
+            self._release(self._parked.popleft()[1])
+
+    @property
+    def num_parked(self) -> int:
+        """Blocks let go that a step in flight may still touch."""
+        return sum(len(ids) for _, ids in self._parked)
 
     # ---- prefix cache ----
 

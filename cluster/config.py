@@ -219,6 +219,10 @@ class EngineConfig:
     # "eager": the same padded bucket path without capture (CPU tests of the padding)
     decode_graphs: str = "auto"
     decode_graph_max_batch: int = 128  # larger decode steps run eagerly
+    # plan a pure decode step while the one before runs, its input tokens taken on the device
+    # from that step's samples (``Scheduler.schedule_ahead``), where the step before replays a
+    # decode graph; False plans every step after the tokens before it are back
+    plan_ahead: bool = True
     # on GPUs, run the eager step shapes once at start-up (cluster/step_warmup.py) so that
     # their kernels compile before the first request
     warmup_steps: bool = True

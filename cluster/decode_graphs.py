@@ -13,7 +13,8 @@ table's fixed width, the MoE's from the slot count), so a replay computes what a
 the same buffers would; an attention backend that splits its work on the host (FlashInfer's
 MLA) is handed the step's lengths and tables by ``plan`` before each capture and replay.
 ``capture=False`` runs the same padded path eagerly: CPU tests check the padding and the
-buffers that way.
+buffers that way. A step planned before the tokens it runs are known (``schedule_ahead``) gets
+them as a device tensor, copied into the static ids after the host's buffers.
 """
 
 from __future__ import annotations
@@ -72,11 +73,19 @@ class DecodeGraphs:
             (self.tables, b, w), self.scratch_block, dtype=torch.int32, device=dev
         )
         self.tokens[2:].fill_(self.scratch_block * self.block_size)
-        # host staging, filled with numpy and copied over in three transfers
+        # host staging, filled with numpy and copied over row by row; two sets, used
+        # in turn: a step is staged while the one before it may not have started (planning
+        # ahead), and a set is refilled only once its last copies ran (``_staged``)
         pin = dev.type == "cuda"
-        self._h_tokens = torch.zeros(2 + self.tables, b, dtype=torch.int64, pin_memory=pin)
-        self._h_lens = torch.ones(b, dtype=torch.int32, pin_memory=pin)
-        self._h_table = torch.zeros(self.tables, b, w, dtype=torch.int32, pin_memory=pin)
+        self._h_tokens = [
+            torch.zeros(2 + self.tables, b, dtype=torch.int64, pin_memory=pin) for _ in range(2)
+        ]
+        self._h_lens = [torch.ones(b, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._h_table = [
+            torch.zeros(self.tables, b, w, dtype=torch.int32, pin_memory=pin) for _ in range(2)
+        ]
+        self._staged: list[torch.cuda.Event | None] = [None, None]
+        self._turn = 0
         empty32 = torch.zeros(1, dtype=torch.int32, device=dev)
         self._no_prefill = dict(
             prefill_cu_seqlens_q=empty32,
@@ -127,13 +136,18 @@ class DecodeGraphs:
         )
 
     @torch.inference_mode()
-    def run(self, sched: SchedulerOutput) -> torch.Tensor:
-        """[n, vocab] float32 logits of the step's chunks, in chunk order."""
+    def run(self, sched: SchedulerOutput, fed: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, vocab] float32 logits of the step's chunks, in chunk order. ``fed`` [k]: the
+        first k chunks' input token ids on the device, for a step planned ahead of them."""
         chunks = sched.chunks
         n = len(chunks)
         b = self.bucket(n)
         bs, scratch = self.block_size, self.scratch_block
-        tokens, lens, table = self._h_tokens.numpy(), self._h_lens.numpy(), self._h_table.numpy()
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._staged[turn] is not None:  # this set's last copies: long done, as a rule
+            self._staged[turn].synchronize()
+        h_tokens, h_lens, h_table = self._h_tokens[turn], self._h_lens[turn], self._h_table[turn]
+        tokens, lens, table = h_tokens.numpy(), h_lens.numpy(), h_table.numpy()
         table[:, :b] = scratch
         lens[:b] = 1
         tokens[:, :b] = 0
@@ -146,9 +160,20 @@ class DecodeGraphs:
             for g, ids in enumerate((c.block_ids, c.window_block_ids)[: self.tables]):
                 tokens[2 + g, i] = ids[p // bs] * bs + p % bs
                 table[g, i, : len(ids)] = ids
-        self.tokens[:, :b].copy_(self._h_tokens[:, :b])
-        self.lens[:b].copy_(self._h_lens[:b])
-        self.table[:, :b].copy_(self._h_table[:, :b])
+        k = 0 if fed is None else len(fed)  # the first k chunks' tokens come from ``fed``
+        tokens[0, :k] = 0  # their FED placeholders
+        # row by row: a strided pinned source would be staged through pageable memory, whose
+        # copy may wait for the step before
+        for r in range(h_tokens.shape[0]):
+            self.tokens[r, :b].copy_(h_tokens[r, :b], non_blocking=True)
+        self.lens[:b].copy_(h_lens[:b], non_blocking=True)
+        for g in range(self.tables):
+            self.table[g, :b].copy_(h_table[g, :b], non_blocking=True)
+        if self.device.type == "cuda":
+            self._staged[turn] = torch.cuda.Event()
+            self._staged[turn].record(torch.cuda.current_stream(self.device))
+        if k:
+            self.tokens[0, :k].copy_(fed)
         if self.plan is not None:
             self.plan(lens[:b], table[0, :b], bs, b if b in self.graphs else None)
         if b in self.graphs:

@@ -12,13 +12,12 @@ from collections.abc import Sequence
 from pdserve.cluster.block_manager import BlockManager
 from pdserve.cluster.config import EngineConfig, ModelConfig
 from pdserve.cluster.detokenizer import IncrementalDetokenizer
-from pdserve.cluster.engine_step import CollectedStep, LaunchedStep, Prefilled, make_output
-from pdserve.cluster.errors import OverloadedError, PrefixEvicted, RequestError
+from pdserve.cluster.engine_step import CollectedStep, LaunchedStep, make_output
+from pdserve.cluster.errors import OverloadedError, RequestError
 from pdserve.cluster.executor import Executor
 from pdserve.cluster.kv_groups import KVGroups
-from pdserve.cluster.messages import FirstToken
 from pdserve.cluster.model_runner import ModelRunner
-from pdserve.cluster.request import FinishReason, Request, RequestStatus
+from pdserve.cluster.request import FinishReason, Request
 from pdserve.cluster.request_output import RequestOutput
 from pdserve.cluster.sampler import SampledToken
 from pdserve.cluster.sampling_params import SamplingParams
@@ -52,7 +51,7 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._sent_prompt: set[str] = set()
         self._ids = itertools.count()
-        self._reserved = 0  # block reservations for prompts being prefilled elsewhere
+        self._ahead: LaunchedStep | None = None  # launched before the step it follows landed
         self.faults = None  # a FaultInjector, set by a replica that injects faults
 
     @property
@@ -135,50 +134,102 @@ class LLMEngine:
         return req is not None
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests to run, or a step planned ahead to collect."""
+        return self.scheduler.has_unfinished() or self._ahead is not None
 
     # ---- one step ----
     # A step is plan -> launch -> collect -> emit. ``step`` runs them in a row; the serving loop
-    # (``AsyncEngine``) emits a step's text while the device runs the next one.
+    # (``AsyncEngine``) emits a step's text while the device runs the next one. A pure decode
+    # step replayed from a graph has the step after it planned and launched before it is
+    # collected (``launch_ahead``); the next ``step`` collects that one.
 
     def step(self) -> list[RequestOutput]:
-        sched = self.plan()
-        if sched is None:
-            return []
-        return self.emit(self.collect(self.launch(sched)))
+        try:
+            launched = self.take_ahead()
+            if launched is None:
+                sched = self.plan()
+                if sched is None:
+                    return []
+                launched = self.launch(sched)
+            self.launch_ahead(launched)
+            return self.emit(self.collect(launched))
+        except BaseException:
+            self.drop_launched()
+            raise
 
     def plan(self) -> SchedulerOutput | None:
         """Schedule the next step; None when there is nothing to run."""
         sched = self.scheduler.schedule()
         return sched if sched.chunks else None
 
-    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
-        """Start the step on the executor; returns before the device is done where it can."""
+    def launch(self, sched: SchedulerOutput, after: LaunchedStep | None = None) -> LaunchedStep:
+        """Start the step on the executor; returns before the device is done where it can. A
+        step planned ahead (``plan_ahead``) takes its input tokens from ``after``'s."""
         if self.faults is not None and sched.num_decode_chunks:
             self.faults.maybe_fail("decode_step")  # the caller fails this step's requests
-        return LaunchedStep(sched, self.runner.launch(sched))
+        if sched.feed_rows is None:
+            handle = self.runner.launch(sched)
+        else:
+            assert after is not None, "a step planned ahead needs the step it follows"
+            handle = self.runner.launch(sched, feed=after.handle)
+        requests = tuple(self.scheduler.requests[c.request_id] for c in sched.chunks)
+        return LaunchedStep(sched, handle, requests, self.blocks.launched())
+
+    def launch_ahead(self, launched: LaunchedStep) -> None:
+        """Plan and launch the step after ``launched`` now, before ``launched`` is collected,
+        where it can be (``plan_ahead``); ``take_ahead`` hands it over."""
+        sched = self.plan_ahead(launched)
+        if sched is not None:
+            self._ahead = self.launch(sched, after=launched)
+
+    def take_ahead(self) -> LaunchedStep | None:
+        """The step ``launch_ahead`` launched, to collect next, or None."""
+        launched, self._ahead = self._ahead, None
+        return launched
+
+    def plan_ahead(self, launched: LaunchedStep) -> SchedulerOutput | None:
+        """The pure decode step after ``launched``, planned (and launchable) while it runs, before
+        its tokens are known; None where the executor would wait for the device anyway or the
+        scheduler cannot tell the next step yet (``Scheduler.schedule_ahead``)."""
+        most = self.runner.ahead_rows(launched.sched) if self.config.plan_ahead else 0
+        return self.scheduler.schedule_ahead(launched.sched, most) if most else None
 
     def collect(self, launched: LaunchedStep) -> CollectedStep:
         """Wait for the step's tokens and apply them: append, stop checks, finished requests
         leave the scheduler (their blocks are freed). The next step can be planned now."""
         applied = []
-        it = iter(self.runner.collect(launched.handle))
-        self.scheduler.written(launched.sched)
-        for chunk in launched.sched.chunks:
+        try:
+            tokens = self.runner.collect(launched.handle)
+        finally:  # a step that failed is over too: the blocks it held may go
+            self.blocks.landed(launched.number)
+        it = iter(tokens)
+        self.scheduler.written(launched.sched, launched.requests)
+        for chunk, req in zip(launched.sched.chunks, launched.requests):
             if not chunk.sample:
                 continue
             tok = next(it)
-            req = self.scheduler.requests.get(chunk.request_id)
-            if req is None:  # aborted while the step ran
+            if req.is_finished:  # aborted while the step ran, or ended by the step before
                 continue
             applied.append((req, tok, self._apply(req, tok)))
         return CollectedStep(tuple(applied))
+
+    def drop_launched(self) -> None:
+        """Forget steps launched and never collected (a step failed before them), once the
+        device is done with them: the blocks they held go back."""
+        self._ahead = None
+        if self.blocks.num_landed < self.blocks.num_launched:
+            try:
+                self.runner.synchronize()
+            except Exception:  # noqa: BLE001 - a device that failed runs nothing more
+                log.exception("waiting for the dropped steps failed")
+            self.blocks.landed(self.blocks.num_launched)
 
     def emit(self, collected: CollectedStep) -> list[RequestOutput]:
         """The outputs of a collected step: new text, logprobs, finish reasons."""
         outputs = []
         for req, tok, reason in collected.tokens:
-            if req.request_id in self._detok:  # else aborted since
+            # else aborted since (its id may name a new request by now)
+            if req.request_id in self._detok and req.finish_reason is not FinishReason.ABORT:
                 outputs.append(self._output(req, tok, reason))
         return outputs
 
@@ -226,86 +277,6 @@ class LLMEngine:
     def _forget(self, request_id: str) -> None:
         self._detok.pop(request_id, None)
         self._sent_prompt.discard(request_id)
-
-    # ---- prefill/decode handoff ----
-
-    def reserve(self, num_tokens: int, prefix_keys: Sequence[bytes] = ()) -> list[int]:
-        """Blocks for a prompt whose KV another replica computes: first the cached blocks of
-        ``prefix_keys`` (its first full blocks, whose KV this engine holds: they need not
-        travel), then fresh ones, then (sliding layers) the window's blocks at the prompt's
-        end, which always travel. OverloadedError when the cache or the running-request limit
-        has no room for it now; PrefixEvicted when a block of the prefix is gone."""
-        bs = self.blocks.block_size
-        need = self.blocks.blocks_for(num_tokens) + self.groups.window_blocks(num_tokens, bs)
-        held = self.blocks.match(list(prefix_keys))
-        if len(held) < len(prefix_keys):
-            self.blocks.free(held)
-            raise PrefixEvicted(
-                f"{len(prefix_keys) - len(held)} of the prompt's {len(prefix_keys)} cached "
-                "prefix blocks were evicted"
-            )
-        free = self.blocks.num_free - self.scheduler.watermark
-        running = len(self.scheduler.running) + len(self.scheduler.waiting) + self._reserved
-        if need - len(held) > free or running >= self.config.scheduler.max_num_seqs:
-            self.blocks.free(held)
-            raise OverloadedError(
-                f"decode replica is full: {need - len(held)} KV blocks wanted, "
-                f"{max(free, 0)} free; "
-                f"{running} requests of {self.config.scheduler.max_num_seqs} admitted"
-            )
-        self._reserved += 1
-        return held + self.blocks.allocate(need - len(held))
-
-    def release(self, block_ids: list[int]) -> None:
-        """Give back blocks from ``reserve`` that never became a request."""
-        self._reserved -= 1
-        self.blocks.free(block_ids)
-
-    def first_output(
-        self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, first: FirstToken
-    ) -> Prefilled:
-        """A request whose prompt a prefill replica ran, with the first token it sampled
-        applied and that token's output made (stop checks and text included), before this
-        engine holds the request: it touches no engine state, so a replica calls it on its own
-        thread and streams the token while the KV is still on its way. ``adopt`` hands the
-        request over unless its output is already the last."""
-        req = Request(request_id, prompt_ids, sampling)
-        detok = self._detokenizer(prompt_ids, sampling)
-        tok = SampledToken(first.token_id, first.logprob, first.top_logprobs)
-        reason = self._decide(req, tok, detok)
-        return Prefilled(req, detok, make_output(req, tok, reason, detok, first=True))
-
-    def adopt(
-        self, prefilled: Prefilled, block_ids: list[int] | None, num_held_blocks: int = 0
-    ) -> None:
-        """Start decoding a ``first_output`` request: from ``block_ids`` (from ``reserve``),
-        whose first ``num_held_blocks`` this engine's prefix cache held and the rest a
-        transport filled with its prompt's KV; or, with None, as a request whose prompt and
-        first token this engine computes again (the way a preempted request comes back).
-        If it raises, a reservation is untouched (the caller releases it)."""
-        req = prefilled.request
-        assert not prefilled.output.finished, "a finished request has nothing to decode"
-        if req.request_id in self.scheduler.requests:
-            raise RequestError(f"request id {req.request_id!r} is already in use", "request_id")
-        if block_ids is None:
-            self.scheduler.add(req)
-        else:  # nothing below can fail: the blocks now belong to the request
-            self._reserved -= 1
-            n = req.num_computed_tokens = len(req.prompt_token_ids)
-            full = self.blocks.blocks_for(n)
-            req.block_ids = list(block_ids[:full])
-            if self.groups.windowed:  # the window's blocks at the prompt's end, after them
-                req.window_start_block = self.groups.window_start_block(n, self.blocks.block_size)
-                req.window_block_ids = [self.scheduler.null] * req.window_start_block
-                req.window_block_ids += block_ids[full:]
-            assert len(req.window_block_ids) in (0, full), (len(block_ids), full)
-            req.num_written_tokens = req.num_computed_tokens  # the transport wrote it
-            req.status = RequestStatus.RUNNING
-            self.scheduler.add_running(req)
-            self.scheduler.num_prefix_query_tokens += len(req.prompt_token_ids)
-            self.scheduler.num_prefix_hit_tokens += num_held_blocks * self.blocks.block_size
-        self._detok[req.request_id] = prefilled.detok
-        self._sent_prompt.add(req.request_id)
 
     # ---- offline batch API ----
 

@@ -1,5 +1,5 @@
-"""What an engine step hands between its phases (launch -> collect -> emit), a request a prefill
-replica started before the engine holds it, and the output one sampled token makes."""
+"""What an engine step hands between its phases (launch -> collect -> emit), and the output one
+sampled token makes."""
 
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ class LaunchedStep:
 
     sched: SchedulerOutput
     handle: Any  # the executor's, for its ``collect``
+    requests: tuple[Request, ...]  # each chunk's request, as launched
+    number: int  # the block manager's count of launched steps (``BlockManager.launched``)
 
 
 @dataclass(frozen=True)
@@ -27,16 +29,6 @@ class CollectedStep:
     yet turned into text and outputs: ``emit`` does that."""
 
     tokens: tuple[tuple[Request, SampledToken, FinishReason | None], ...]
-
-
-@dataclass(frozen=True)
-class Prefilled:
-    """A request a prefill replica started, its first token applied, not yet in the engine
-    (``LLMEngine.first_output``; ``adopt`` hands it over)."""
-
-    request: Request
-    detok: IncrementalDetokenizer
-    output: RequestOutput  # the first token's
 
 
 def make_output(

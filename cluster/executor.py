@@ -23,9 +23,20 @@ class Executor(ABC):
     stopped: str | None = None  # why it can run no more steps (a rank of its group failed)
 
     @abstractmethod
-    def launch(self, sched: SchedulerOutput) -> Any:
+    def launch(self, sched: SchedulerOutput, feed: Any = None) -> Any:
         """Start one step and return at once where the device allows (the model and the
-        sampling queued on a GPU, calls sent to rank processes); ``collect`` its handle."""
+        sampling queued on a GPU, calls sent to rank processes); ``collect`` its handle. A
+        step planned ahead (``sched.feed_rows``) reads its input tokens from ``feed``, the
+        handle of the step before it, on the device."""
+
+    def synchronize(self) -> None:  # noqa: B027 - executors that return after the step
+        """Wait until every launched step is done on the device."""
+
+    def ahead_rows(self, sched: SchedulerOutput) -> int:
+        """How many rows a step planned ahead of ``sched``'s tokens may have (``launch``'s
+        ``feed``): 0 where ``sched``, launched, does not leave the host free before the device
+        is done, or no such step can follow it."""
+        return 0
 
     @abstractmethod
     def collect(self, handle: Any) -> list[SampledToken]:

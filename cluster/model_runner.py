@@ -283,19 +283,25 @@ class ModelRunner(Executor):
 
     @torch.inference_mode()
     def compute_logits(
-        self, sched: SchedulerOutput, layer_done: dict[int, torch.cuda.Event] | None = None
+        self,
+        sched: SchedulerOutput,
+        layer_done: dict[int, torch.cuda.Event] | None = None,
+        feed: Draw | None = None,
     ) -> torch.Tensor:
         """Run one step and return the logits of the sampled rows [N, vocab] float32. Records
         ``layer_done[i]`` once layer i of an eager step is queued (``layer_marks``); a step
-        replayed from a graph empties it."""
+        replayed from a graph empties it. A step planned ahead takes its input tokens from
+        ``feed``'s rows ``sched.feed_rows``."""
         if self.graphs is not None and self.graphs.fits(sched):
             if layer_done:  # a replay marks no layer: the KV is staged after the step
                 layer_done.clear()
-            logits = self.graphs.run(sched)  # [n, vocab], every chunk's row
+            fed = None if feed is None else feed.rows(sched.feed_rows)  # [n] on the device
+            logits = self.graphs.run(sched, fed)  # [n, vocab], every chunk's row
             if all(c.sample for c in sched.chunks):
                 return logits
             rows = [i for i, c in enumerate(sched.chunks) if c.sample]
             return logits[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+        assert sched.feed_rows is None, "a step planned ahead replays a decode graph"
         if self._plan_decode is not None:
             decode = [c for c in sched.chunks if len(c.token_ids) == 1]  # as BatchInputs.of
             self._plan_decode(
@@ -313,13 +319,23 @@ class ModelRunner(Executor):
         )
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
+    def ahead_rows(self, sched: SchedulerOutput) -> int:
+        if self.graphs is None or not self.graphs.fits(sched):
+            return 0
+        return self.graphs.max_batch  # the step ahead runs on the decode graphs too
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> Draw | None:
+    def launch(self, sched: SchedulerOutput, feed: Draw | None = None) -> Draw | None:
         """Queue one step: the model, then the sampling of every chunk with ``sample`` set.
         A decode step replayed from a graph with greedy or plain random sampling returns
         before the GPU is done with it."""
+        assert (feed is None) == (sched.feed_rows is None), "a step planned ahead needs a feed"
         layer_done = self.layer_marks(sched)
-        logits = self.compute_logits(sched, layer_done)
+        logits = self.compute_logits(sched, layer_done, feed)
         sampled = [c for c in sched.chunks if c.sample]
         if not sampled:
             return None
@@ -355,7 +371,8 @@ class ModelRunner(Executor):
         """(request id, the blocks of its prompt's KV that travel) of each prompt the step
         finishes (each sampled chunk ends its prompt in the prefill role): from the chunk's
         ``first_sent_block`` (decode holds those before) to the prompt's last block, then the
-        sliding layers' blocks of the window at its end (``LLMEngine.reserve``'s order)."""
+        sliding layers' blocks of the window at its end (in the order of the decode role's
+        ``reserve``)."""
         bs, start = self.block_size, self.groups.window_start_block
         return [
             (

@@ -8,7 +8,8 @@ token (the prefill worker samples the first, a decode worker the rest).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,18 +48,38 @@ class Draw:
     want: tuple[int | None, ...]  # per row: top logprobs wanted (0: the chosen one's), or None
     chosen: torch.Tensor | None = None  # [N] logprob of each sampled token, when any row wants
     top: tuple[torch.Tensor, torch.Tensor] | None = None  # ([N, k] logprobs, [N, k] ids)
+    host: tuple[torch.Tensor, ...] = ()  # on a GPU: the parts' copies to the host, under way
+    copied: torch.cuda.Event | None = None  # recorded after those copies
+
+    def parts(self) -> list[torch.Tensor]:
+        return [self.tokens, *(() if self.chosen is None else (self.chosen,)), *(self.top or ())]
+
+    def start_copy(self) -> Draw:
+        """This draw with its copy to the host queued now, behind the sampling: a step queued
+        later on the device then does not hold ``to_host`` back. The copies go into pinned
+        memory and ``to_host`` waits on an event: a copy into pageable memory would wait for
+        the step inside the driver, and other threads' copies behind it (a KV transfer's on
+        the decode side, which then lands a step or more late)."""
+        if not self.tokens.is_cuda:
+            return self
+        host = tuple(x.to("cpu", non_blocking=True) for x in self.parts())
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.tokens.device))  # the copies' stream
+        return replace(self, host=host, copied=done)
+
+    def rows(self, rows: Sequence[int]) -> torch.Tensor:
+        """[len(rows)] the token ids sampled in ``rows``, on the device, without waiting."""
+        if tuple(rows) == tuple(range(len(rows))):
+            return self.tokens[: len(rows)]
+        return self.tokens[_on(self.tokens.device, list(rows), torch.int64)]
 
     def to_host(self) -> list[SampledToken]:
         """Wait for the device and hand the tokens over, one per row."""
-        parts = [self.tokens, *(() if self.chosen is None else (self.chosen,)), *(self.top or ())]
-        if self.tokens.is_cuda:
-            # into pinned memory, then a wait on an event: a copy into pageable memory waits
-            # for the step inside the driver, and other threads' copies wait behind it there
-            # (a KV transfer's on the decode side, which then lands a step or more late)
-            parts = [x.to("cpu", non_blocking=True) for x in parts]
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.tokens.device))  # the copies' stream
-            done.synchronize()
+        if self.tokens.is_cuda and self.copied is None:
+            return self.start_copy().to_host()
+        if self.copied is not None:
+            self.copied.synchronize()
+        parts = list(self.host) or self.parts()
         tokens = parts[0].tolist()
         if self.chosen is None:
             return [SampledToken(t) for t in tokens]
@@ -94,8 +115,8 @@ class Sampler:
         params: list[SamplingParams],
         token_index: list[int],  # index of the token being sampled within each request's output
     ) -> Draw:
-        """Queue the sampling on the logits' device; ``Draw.to_host`` waits for it. Greedy
-        batches queue without waiting for the device."""
+        """Queue the sampling and its copy to the host on the logits' device;
+        ``Draw.to_host`` waits for it. Greedy batches queue without waiting for the device."""
         tokens = logits.argmax(dim=-1)  # [N]; greedy rows keep this
         rand_rows = [i for i, p in enumerate(params) if not p.greedy]
         if rand_rows:
@@ -113,12 +134,12 @@ class Sampler:
             tokens[rows] = (probs / noise).argmax(dim=-1)
         want = tuple(p.logprobs for p in params)
         if all(w is None for w in want):
-            return Draw(tokens, want)
+            return Draw(tokens, want).start_copy()
         logprobs = torch.log_softmax(logits, dim=-1)  # [N, V]
         chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)  # [N]
         k = max(w or 0 for w in want)
         top = logprobs.topk(k, dim=-1) if k else None  # values, indices [N, k]
-        return Draw(tokens, want, chosen, top)
+        return Draw(tokens, want, chosen, top).start_copy()
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

@@ -6,33 +6,33 @@ join between steps and leave as soon as they finish. When a request needs a KV b
 free, the most recently admitted request is preempted: its blocks are freed and it is re-queued
 at the front to recompute its prompt and the tokens it already produced.
 
-Prefix cache: a request admitted from the queue takes the cached blocks of the longest prefix
-of its tokens (whole blocks, leaving at least one token to run) and starts computing after it.
-A request's full blocks are keyed once a step that wrote their KV has been collected
-(``written``): at the next plan, and when it leaves. A step that failed writes nothing: its
-tokens' blocks are never keyed.
+Prefix cache and sliding layers' tables: ``block_tables``. A request admitted from the queue
+starts computing after the longest cached prefix of its tokens.
 
-Sliding layers (``kv_groups``): every request also holds a table for them, grown with its full
-table; before each chunk the blocks before the chunk's window go back to the pool (keyed ones to
-the prefix cache, under a key of their own), and a prefix hit needs the sliding blocks of the
-window before it too.
+Planning ahead: while a pure decode step runs on the device, ``schedule_ahead`` plans the next
+one before its tokens are known. Each request of the step decodes the token the step is
+sampling (the runner takes it from the step's sampled rows on the device, ``feed_rows``),
+except a request that token ends by length; a request the token ends otherwise (an end of
+sequence, a stop string) has its row computed and thrown away. Blocks let go meanwhile stay
+held until the steps in flight land (``BlockManager.free``).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
-from pdserve.cluster.block_hash import extend_block_hashes
 from pdserve.cluster.block_manager import BlockManager
+from pdserve.cluster.block_tables import BlockTables
 from pdserve.cluster.config import SchedulerConfig
 from pdserve.cluster.kv_groups import KVGroups
 from pdserve.cluster.request import FinishReason, Request, RequestStatus
 from pdserve.cluster.sampling_params import SamplingParams
 
-WINDOW_KEY = b"w"  # appended to a block's content key for its sliding layers' block
 NO_GROUPS = KVGroups(slot_of=(), window=0)
+FED = -1  # the token id of a chunk planned ahead: the step before it samples that token
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ class SchedulerOutput:
 
     chunks: tuple[ScheduledChunk, ...]
     preempted: tuple[str, ...] = ()
+    # planned ahead (``schedule_ahead``): chunk i < len(feed_rows) takes as its input token
+    # row feed_rows[i] of the tokens the step before samples (its token_ids hold FED); later
+    # chunks' token ids are known. None: a step planned after the tokens before it
+    feed_rows: tuple[int, ...] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -80,9 +84,8 @@ class Scheduler:
     ) -> None:
         self.config = config
         self.blocks = blocks
-        self.groups = groups
-        self.windowed = groups.windowed
-        self.null = blocks.num_blocks  # the cache's spare block: sliding entries before a window
+        self.tables = BlockTables(blocks, groups)
+        self.null = self.tables.null  # the spare block sliding tables name before a window
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
@@ -118,10 +121,10 @@ class Scheduler:
             return
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
-            self._key_blocks(req)
+            self.tables.key(req)
         else:
             self.waiting.remove(req)
-        self._release(req)
+        self.tables.release(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         del self.requests[req.request_id]
@@ -139,7 +142,7 @@ class Scheduler:
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []
         for req in self.running:
-            self._key_blocks(req)
+            self.tables.key(req)
         # decodes first, then prompts already being prefilled, each in admission order
         order = [r for r in self.running if r.num_uncomputed_tokens == 1]
         order += [r for r in self.running if r.num_uncomputed_tokens > 1]
@@ -164,20 +167,20 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             req = self.waiting[0]
-            self._match_prefix(req)
+            self.tables.match_prefix(req)
             n = self._chunk_len(req, budget)
             grow = self.blocks.blocks_for(req.num_computed_tokens + n) - len(req.block_ids)
-            if grow * (1 + self.windowed) > self.blocks.num_free - (
+            if grow * (1 + self.tables.windowed) > self.blocks.num_free - (
                 self.watermark if self.running else 0
             ):
-                self._release(req)  # back to the cache; matched again next time
+                self.tables.release(req)  # back to the cache; matched again next time
                 req.num_computed_tokens = 0
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             req.num_keyed_blocks = len(req.block_ids)
-            self._grow(req, grow)
+            self.tables.grow(req, grow)
             req.num_cached_tokens = req.num_written_tokens = req.num_computed_tokens
             self.num_prefix_query_tokens += req.num_tokens
             self.num_prefix_hit_tokens += req.num_computed_tokens
@@ -185,6 +188,56 @@ class Scheduler:
             budget -= n
         chunks.sort(key=lambda c: len(c.token_ids) != 1)  # stable: decodes first
         return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def schedule_ahead(self, prev: SchedulerOutput, most: int) -> SchedulerOutput | None:
+        """The pure decode step after ``prev``, a pure decode step launched but not collected,
+        planned before its tokens are known; at most ``most`` rows. Requests of ``prev`` come
+        first, in its order, each decoding the token ``prev`` samples for it (``feed_rows``);
+        then running requests that ``prev`` did not hold and whose next token is known (one
+        a prefill replica handed over). None wherever that need not be the step ``schedule``
+        would plan once the tokens are in: a request waits or is mid-prompt, a request of
+        ``prev`` is not decoding its last token, the step exceeds ``most`` or the token
+        budget, or the blocks it needs are not free (``schedule`` would preempt)."""
+        if self.waiting or not prev.chunks:
+            return None
+        if any(len(c.token_ids) != 1 or not c.sample for c in prev.chunks):
+            return None
+        fed: list[tuple[int, ScheduledChunk, Request]] = []
+        held: set[str] = set()
+        for row, c in enumerate(prev.chunks):
+            req = self.requests.get(c.request_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # finished since prev was planned: its row is thrown away
+            held.add(req.request_id)
+            if not req.num_computed_tokens == c.end == req.num_tokens:
+                return None  # the step before prev is not collected, or prev is stale
+            if not self._ends_by_length(req, c.num_output_tokens + 1, c.end + 1):
+                fed.append((row, c, req))
+        joined = [r for r in self.running if r.request_id not in held]
+        if any(r.num_uncomputed_tokens != 1 for r in joined):
+            return None
+        reqs = [req for _, _, req in fed] + joined
+        if not reqs or len(reqs) > min(most, self.config.max_num_batched_tokens):
+            return None
+        grow = [self.blocks.blocks_for(r.num_computed_tokens + 1) - len(r.block_ids) for r in reqs]
+        if sum(grow) * (1 + self.tables.windowed) > self.blocks.num_free:
+            return None
+        for req, n in zip(reqs, grow):
+            self.tables.key(req)
+            self.tables.slide(req)
+            self.tables.grow(req, n)
+        # a fed request's token is not in yet: its chunk samples the one after it
+        ahead = dict(token_ids=(FED,), sample=True)
+        chunks = [
+            replace(self._take(req, 1), **ahead, num_output_tokens=c.num_output_tokens + 1)
+            for _, c, req in fed
+        ]
+        chunks += [self._take(req, 1) for req in joined]
+        return SchedulerOutput(tuple(chunks), feed_rows=tuple(row for row, _, _ in fed))
+
+    def _ends_by_length(self, req: Request, num_outputs: int, num_tokens: int) -> bool:
+        """Whether a request with these counts is over (``LLMEngine``'s length check)."""
+        return num_outputs >= req.sampling.max_tokens or num_tokens >= self.max_model_len
 
     def _chunk_len(self, req: Request, budget: int) -> int:
         n = min(req.num_uncomputed_tokens, budget)
@@ -196,103 +249,30 @@ class Scheduler:
     ) -> bool:
         """Grow req's block table to hold num_tokens, preempting the newest requests not yet
         scheduled in this step (req itself last) if blocks run short."""
-        self._slide(req)
+        self.tables.slide(req)
         grow = self.blocks.blocks_for(num_tokens) - len(req.block_ids)
-        while grow * (1 + self.windowed) > self.blocks.num_free:
+        while grow * (1 + self.tables.windowed) > self.blocks.num_free:
             victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
             self._preempt(victim)
             preempted.append(victim.request_id)
             if victim is req:
                 return False
-        self._grow(req, grow)
+        self.tables.grow(req, grow)
         return True
 
-    def _grow(self, req: Request, n: int) -> None:
-        """Add ``n`` blocks to ``req``'s table (and as many to its sliding table)."""
-        if n > 0:
-            req.block_ids.extend(self.blocks.allocate(n))
-            if self.windowed:
-                req.window_block_ids.extend(self.blocks.allocate(n))
-
-    def _slide(self, req: Request) -> None:
-        """Give back ``req``'s sliding blocks before its next chunk's window (keyed ones stay
-        in the prefix cache until their space is needed)."""
-        if not self.windowed:
-            return
-        start = self.groups.window_start_block(req.num_computed_tokens, self.blocks.block_size)
-        if start <= req.window_start_block:
-            return
-        table = req.window_block_ids
-        gone = [b for b in table[req.window_start_block : start] if b != self.null]
-        table[req.window_start_block : start] = [self.null] * (start - req.window_start_block)
-        req.window_start_block = start
-        self.blocks.free(gone)
-
-    def _release(self, req: Request) -> None:
-        """Free every block ``req`` holds, its sliding ones first (evicted before its full
-        ones, a prefix's tail before its head)."""
-        self.blocks.free(
-            [b for b in req.window_block_ids[req.window_start_block :] if b != self.null]
-        )
-        self.blocks.free(req.block_ids)
-        req.block_ids, req.window_block_ids, req.window_start_block = [], [], 0
-
-    def _match_prefix(self, req: Request) -> None:
-        """Reference the cached blocks of ``req``'s longest cached prefix (whole blocks, at
-        least one token left to run; with sliding layers, their blocks of the window before
-        it cached too) and count them as computed."""
-        if not self.blocks.prefix_caching:
-            return
-        bs = self.blocks.block_size
-        full = (req.num_tokens - 1) // bs
-        keys = self._block_keys(req, full)[:full]
-        n = self.blocks.count_cached(keys)
-        if self.windowed:
-            wkeys = [k + WINDOW_KEY for k in keys]
-
-            def window_start(n: int) -> int:
-                return self.groups.window_start_block(n * bs, bs)
-
-            while n and self.blocks.count_cached(wkeys[window_start(n) : n]) < n - window_start(n):
-                n -= 1  # the window before block n lost a block: a shorter prefix
-            first = window_start(n)
-            req.window_block_ids = [self.null] * first + self.blocks.match(wkeys[first:n])
-            req.window_start_block = first
-        req.block_ids = self.blocks.match(keys[:n])
-        assert len(req.block_ids) == n and len(req.window_block_ids) in (0, n), "stale count"
-        req.num_computed_tokens = n * bs
-
-    def written(self, sched: SchedulerOutput) -> None:
-        """``sched`` ran to the end: its chunks' KV is in their blocks."""
-        for c in sched.chunks:
-            req = self.requests.get(c.request_id)
+    def written(self, sched: SchedulerOutput, requests: Sequence[Request] | None = None) -> None:
+        """``sched`` ran to the end: its chunks' KV is in their blocks. ``requests``: each
+        chunk's request as launched (else looked up by id)."""
+        if requests is None:
+            requests = [self.requests.get(c.request_id) for c in sched.chunks]
+        for c, req in zip(sched.chunks, requests):
             if req is not None and req.status == RequestStatus.RUNNING:
                 req.num_written_tokens = max(req.num_written_tokens, c.end)
 
-    def _key_blocks(self, req: Request) -> None:
-        """Key ``req``'s full blocks whose KV a collected step wrote (cached once it lets go)."""
-        full = req.num_written_tokens // self.blocks.block_size
-        if not self.blocks.prefix_caching or full <= req.num_keyed_blocks:
-            return
-        keys = self._block_keys(req, full)
-        for i in range(req.num_keyed_blocks, full):
-            self.blocks.cache(req.block_ids[i], keys[i])
-            if self.windowed and i >= req.window_start_block:
-                self.blocks.cache(req.window_block_ids[i], keys[i] + WINDOW_KEY)
-        req.num_keyed_blocks = full
-
-    def _block_keys(self, req: Request, n: int) -> list[bytes]:
-        """``req``'s first ``n`` block keys, hashing (and copying) only the tokens of blocks
-        without a key yet: this runs in every plan, for requests decoding into new blocks."""
-        bs = self.blocks.block_size
-        first = len(req.block_hashes) * bs
-        tokens = req.token_slice(first, max(first, n * bs))
-        return extend_block_hashes(req.block_hashes, tokens, bs, n, first)
-
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
-        self._key_blocks(req)
-        self._release(req)
+        self.tables.key(req)
+        self.tables.release(req)
         req.num_keyed_blocks = req.num_written_tokens = 0
         req.num_computed_tokens = 0
         req.num_preemptions += 1

@@ -16,6 +16,7 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Any
 
 import ray
 import torch
@@ -173,7 +174,8 @@ class RayTPExecutor(Executor):
             "tensor parallel x%d ready: %d KV blocks on %s", size, self.num_blocks, self.device_name
         )
 
-    def launch(self, sched: SchedulerOutput) -> list[ray.ObjectRef]:
+    def launch(self, sched: SchedulerOutput, feed: Any = None) -> list[ray.ObjectRef]:
+        assert feed is None, "the ranks plan no step ahead (ahead_rows is 0)"
         if self.stopped:
             raise RuntimeError(self.stopped)
         return [r.execute.remote(sched) for r in self.ranks]

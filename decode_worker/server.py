@@ -35,11 +35,11 @@ from typing import Any
 import ray
 
 from pdserve.cluster.engine import LLMEngine
-from pdserve.cluster.engine_step import Prefilled
 from pdserve.cluster.errors import KVLayoutMismatch, OverloadedError, PrefixEvicted, RequestError
 from pdserve.cluster.messages import GenerateRequest, PrefillRequest
 from pdserve.cluster.replica import Replica, WorkerSpec
 from pdserve.cluster.request_output import RequestOutput
+from pdserve.decode_worker.decode_engine import DecodeEngine, Prefilled
 from pdserve.decode_worker.prefill_attempt import PrefillAttempt
 from pdserve.decode_worker.prefill_lines import PrefillLines
 
@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 
 class DecodeServer(Replica):
+    engine_cls = DecodeEngine
+
     def __init__(self, spec: WorkerSpec, prefill=None) -> None:
         """``prefill``: a DeploymentHandle to the prefill pool, or None (colocated)."""
         super().__init__(spec)
@@ -160,7 +162,7 @@ class DecodeServer(Replica):
                     number += 1
                     continue
 
-                def start(e: LLMEngine, p: Prefilled = prefilled, a=attempt) -> None:
+                def start(e: DecodeEngine, p: Prefilled = prefilled, a=attempt) -> None:
                     e.adopt(p, a.blocks, a.held)
                     a.handed = True
 

@@ -146,6 +146,12 @@ class PoolSpec(_Strict):
     cuda_graph_max_batch: int = Field(
         128, ge=1, description="Largest decode batch captured; larger steps run eagerly."
     )
+    plan_ahead: bool = Field(
+        True,
+        description="Plan and launch each decode step while the one before replays its CUDA "
+        "graph, its input tokens taken on the GPU from that step's samples (false: plan every "
+        "step after the tokens before it are back).",
+    )
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="Requests Serve routes to one replica at once."
     )

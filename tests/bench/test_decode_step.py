@@ -19,13 +19,25 @@ def test_decode_step_bench_writes_a_row_per_batch_and_mode(tiny_model, tmp_path)
     for mode in ("graphs_eager", "graphs_off"):
         assert [r["batch"] for r in result[mode]] == [1, 3]
         assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in result[mode])
-        assert all(r["overlap_ms"] > 0 for r in result[mode])
+        assert all(r["overlap_ms"] > 0 and r["ahead_ms"] > 0 for r in result[mode])
+    # steps planned ahead follow steps on the graph path alone; all but the first timed one
+    assert [r["ahead_share"] for r in result["graphs_eager"]] == [2 / 3] * 2
+    assert [r["ahead_share"] for r in result["graphs_off"]] == [0.0] * 2
     assert result["prefill"][0]["tokens"] == 40 and result["prefill"][0]["ms"] > 0
     assert result["prefill"][0]["TFLOPs"] > 0 and result["prefill"][0]["pct_matmul"] > 0
     assert result["ceilings"]["copy_GBps"] > 0 and result["ceilings"]["matmul_TFLOPs"] > 0
     for r in result["graphs_off"]:  # every step against its floor
         assert r["floor_ms"] > 0 and r["step_over_floor"] == r["step_ms"] / r["floor_ms"]
         assert len(r["experts_hit"]) == 2  # the tiny model's two MoE layers
+
+
+def test_requests_outlast_the_three_timed_orders(tiny_model, tmp_path):
+    """Each request decodes through the step, overlap and ahead timings of --steps each."""
+    out = tmp_path / "s.json"
+    args = ["--model", tiny_model, "--device", "cpu", "--batches", "1", "--steps", "40"]
+    args += ["--context", "8", "--modes", "eager", "--out", str(out)]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["graphs_eager"][0]["ahead_share"] == 39 / 40
 
 
 def test_requests_outlast_a_long_fill(tiny_model, tmp_path):

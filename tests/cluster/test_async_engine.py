@@ -16,10 +16,14 @@ from pdserve.cluster.request_output import RequestOutput
 from pdserve.cluster.scheduler import SchedulerOutput
 
 
-def _config(path: str) -> EngineConfig:
+def _config(path: str, graphs: str = "off", ahead: bool = True) -> EngineConfig:
+    """``graphs="eager"``: decode steps take the graph path (uncaptured), so steps are planned
+    ahead unless ``ahead`` is False."""
     return EngineConfig(
         model=path,
         dtype="float32",
+        decode_graphs=graphs,
+        plan_ahead=ahead,
         cache=CacheConfig(block_size=16),
         scheduler=SchedulerConfig(max_num_batched_tokens=48, max_num_seqs=8),
     )
@@ -32,10 +36,10 @@ class RecordingEngine(LLMEngine):
         super().__init__(*args, **kwargs)
         self.phases: list[str] = []
 
-    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+    def launch(self, sched: SchedulerOutput, after: LaunchedStep | None = None) -> LaunchedStep:
         kind = "decode" if sched.num_decode_chunks == len(sched.chunks) else "prompt"
         self.phases.append(f"launch {kind}")
-        return super().launch(sched)
+        return super().launch(sched, after)
 
     def collect(self, launched: LaunchedStep) -> CollectedStep:
         self.phases.append("collect")
@@ -73,8 +77,10 @@ def _params(stop: str) -> list[SamplingParams]:
     ]
 
 
-def test_the_overlapped_loop_streams_what_step_by_step_gives(tiny_model):
-    reference = LLMEngine(_config(tiny_model))
+@pytest.mark.parametrize("graphs", ["off", "eager"])
+def test_the_overlapped_loop_streams_what_step_by_step_gives(tiny_model, graphs):
+    """With decode graphs (uncaptured) the loop also plans steps ahead."""
+    reference = LLMEngine(_config(tiny_model, graphs, ahead=False))
     rng = random.Random(4)
     prompts = [
         [rng.randrange(4, reference.vocab_size) for _ in range(n)] for n in (5, 30, 9, 60, 17)
@@ -83,7 +89,7 @@ def test_the_overlapped_loop_streams_what_step_by_step_gives(tiny_model):
     stop = free.text[4:7]  # a stop string the third prompt's greedy text reaches
     params = _params(stop)
     expected = reference.generate(prompts, params)
-    aengine = AsyncEngine(RecordingEngine(_config(tiny_model)))
+    aengine = AsyncEngine(RecordingEngine(_config(tiny_model, graphs)))
     try:
         got = asyncio.run(_stream_all(aengine, prompts, params))
     finally:
@@ -103,19 +109,39 @@ def test_the_overlapped_loop_streams_what_step_by_step_gives(tiny_model):
             assert [lp for o in outs for lp in o.logprobs] == want.logprobs
 
 
-def test_a_decode_step_launches_before_the_last_step_is_emitted(tiny_model):
-    engine = RecordingEngine(_config(tiny_model))
+def _five_tokens(engine: RecordingEngine) -> list[int]:
+    """One request's five greedy tokens through the serving loop over ``engine``."""
     aengine = AsyncEngine(engine)
     sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
     try:
         got = asyncio.run(_stream_all(aengine, [[5, 6, 7, 8]], [sp]))
     finally:
         aengine.shutdown()
-    assert len(got["r0"]) == 5
+    return [t for o in got["r0"] for t in o.token_ids]
+
+
+def test_a_decode_step_launches_before_the_last_step_is_emitted(tiny_model):
+    engine = RecordingEngine(_config(tiny_model))
+    assert len(_five_tokens(engine)) == 5
     # the prompt step samples the first token; each decode step launches, then the step
     # before it is emitted, then its own tokens are collected; the last is emitted alone
     decode = ["launch decode", "emit", "collect"]
     assert engine.phases == ["launch prompt", "collect", *decode * 4, "emit"]
+
+
+def test_a_decode_step_planned_ahead_launches_before_the_one_before_is_collected(tiny_model):
+    engine = RecordingEngine(_config(tiny_model, "eager"))
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    want = LLMEngine(_config(tiny_model)).generate([[5, 6, 7, 8]], sp)[0].token_ids
+    assert _five_tokens(engine) == want
+    # the first decode step is planned after the prompt's token; the second, third and fourth
+    # are each launched while the one before runs; none follows the fourth (its token is the
+    # last by length)
+    ahead = ["launch decode", "emit", "collect"]
+    assert engine.phases == [
+        "launch prompt", "collect", "launch decode", *ahead * 3, "emit", "collect", "emit"
+    ]  # fmt: skip
+    assert engine.blocks.num_used == engine.blocks.num_parked == 0
 
 
 def test_a_step_that_carries_a_prompt_emits_the_last_step_first(tiny_model):
@@ -146,16 +172,19 @@ class FailingEngine(LLMEngine):
 
     decode_launches = 0
 
-    def launch(self, sched: SchedulerOutput) -> LaunchedStep:
+    def launch(self, sched: SchedulerOutput, after: LaunchedStep | None = None) -> LaunchedStep:
         if sched.num_decode_chunks == len(sched.chunks):
             self.decode_launches += 1
             if self.decode_launches == 2:
                 raise RuntimeError("launch broke")
-        return super().launch(sched)
+        return super().launch(sched, after)
 
 
-def test_a_failed_launch_delivers_the_collected_tokens_then_the_error(tiny_model):
-    aengine = AsyncEngine(FailingEngine(_config(tiny_model)))
+@pytest.mark.parametrize("graphs", ["off", "eager"])
+def test_a_failed_launch_delivers_the_collected_tokens_then_the_error(tiny_model, graphs):
+    """With decode graphs the failed launch is of a step planned ahead, while the first
+    decode step is in flight: that step is dropped uncollected, its blocks freed."""
+    aengine = AsyncEngine(FailingEngine(_config(tiny_model, graphs)))
     sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     outs: list = []
 
@@ -166,9 +195,10 @@ def test_a_failed_launch_delivers_the_collected_tokens_then_the_error(tiny_model
     try:
         with pytest.raises(WorkerError, match="launch broke"):
             asyncio.run(run())
-        # the prompt step's token and the first decode step's were collected before the
-        # failed launch: both reach the client, then the error
-        assert [len(o.token_ids) for o in outs] == [1, 1]
-        assert aengine.engine.blocks.num_used == 0
+        # the prompt step's token and (planned after the tokens) the first decode step's
+        # were collected before the failed launch: they reach the client, then the error
+        assert [len(o.token_ids) for o in outs] == [1] * (1 + (graphs == "off"))
+        assert aengine.engine.blocks.num_used == aengine.engine.blocks.num_parked == 0
+        assert not aengine.engine.has_unfinished()
     finally:
         aengine.shutdown()

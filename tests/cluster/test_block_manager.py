@@ -102,3 +102,22 @@ def test_double_free_and_keying_a_free_block_are_caught():
         bm.free([b])
     with pytest.raises(AssertionError, match="cannot key free block"):
         bm.cache(b, b"k")
+
+
+def test_blocks_freed_while_steps_run_wait_for_them_to_land():
+    bm = BlockManager(6, 4)
+    a = bm.allocate(2)
+    b = bm.allocate(2)
+    first = bm.launched()
+    bm.free(a)  # step 1 may still touch them
+    second = bm.launched()
+    bm.free(b)  # steps 1 and 2 may
+    assert bm.num_free == 2 and bm.num_parked == 4
+    bm.landed(first)
+    assert bm.num_free == 4 and bm.num_parked == 2
+    bm.landed(second)
+    assert bm.num_free == 6 and bm.num_parked == 0
+    bm.free([])  # nothing in flight: freed at once
+    c = bm.allocate(1)
+    bm.free(c)
+    assert bm.num_free == 6

@@ -73,7 +73,9 @@ def test_padded_decode_steps_give_the_tokens_of_plain_steps(which, request, monk
     graphs = padded.runner.graphs
     sizes: list[int] = []
     run = graphs.run
-    monkeypatch.setattr(graphs, "run", lambda sched: sizes.append(len(sched.chunks)) or run(sched))
+    monkeypatch.setattr(
+        graphs, "run", lambda sched, fed=None: sizes.append(len(sched.chunks)) or run(sched, fed)
+    )
     assert _staggered(padded, prompts) == expected
     assert {1, 3, 4} <= set(sizes), sizes  # padded (3 -> 4) and exact buckets both ran
     assert padded.blocks.num_used == 0

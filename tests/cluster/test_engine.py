@@ -267,29 +267,6 @@ def test_prefix_cache_gives_the_tokens_of_computing_everything(tiny_model):
     assert off.scheduler.num_prefix_hit_tokens == 0 and off.blocks.num_cached == 0
 
 
-def test_reserving_with_a_cached_prefix_takes_it_and_gives_it_back_whole(tiny_model):
-    """Decode side of a handoff: the prefix blocks are matched, the rest allocated; an evicted
-    prefix block or a full cache leave no reference behind."""
-    from pdserve.cluster.block_hash import extend_block_hashes
-    from pdserve.cluster.errors import OverloadedError, PrefixEvicted
-
-    eng = _engine(tiny_model, num_blocks=8)
-    prompt = list(range(4, 52))  # 48 tokens: 3 blocks
-    eng.generate([prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
-    keys = extend_block_hashes([], prompt, 16, 3)
-    assert eng.blocks.num_cached == 3
-    got = eng.reserve(80, keys[:2])  # 5 blocks: the 2 cached, 3 fresh
-    assert got[:2] == eng.blocks.match(keys[:2]) and eng.blocks.num_used == 5
-    eng.blocks.free(got[:2])
-    eng.release(got)
-    assert eng.blocks.num_used == 0 and eng._reserved == 0 and eng.blocks.num_cached == 3
-    with pytest.raises(OverloadedError, match="full"):
-        eng.reserve(16 * 9, keys[:1])  # 8 more blocks; 7 free (8 less the one matched)
-    with pytest.raises(PrefixEvicted, match="1 of the prompt's 3"):
-        eng.reserve(64, keys[:2] + [b"gone"])
-    assert eng.blocks.num_used == 0 and eng._reserved == 0 and eng.blocks.num_cached == 3
-
-
 def test_a_long_gpt_oss_sequence_holds_its_full_blocks_and_one_window(gpt_oss_model):
     """Sliding layers share cache slots with full ones and keep only their window's blocks
     (the tokens: tests/cluster/test_gpt_oss_matches_transformers.py)."""

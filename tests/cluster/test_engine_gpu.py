@@ -27,6 +27,21 @@ def _engine(path: str, dtype: str, budget: int = 64, **kw) -> LLMEngine:
     )
 
 
+def _wide_mla_model(tmp_path) -> str:
+    """A small model with DeepSeek's latent widths (512 + 64) for FlashInfer's MLA decode;
+    skips where its fa3 kernels cannot run."""
+    from pdserve.cluster.checkpoint_maker import make_model
+    from pdserve.kernels.mla_decode_flashinfer import unavailable
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("FlashInfer's MLA fa3 kernels are built for sm_90a")
+    if reason := unavailable():
+        pytest.skip(reason)
+    wide = dict(kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=16,
+                num_key_value_heads=16)  # fmt: skip
+    return str(make_model(tmp_path / "wide", "tiny", seed=3, overrides=wide))
+
+
 def test_registry_picks_triton_on_the_gpu(tiny_model):
     """Triton everywhere but the FP8 linear, which is cuBLAS's on sm_90 where torch has its
     block-scaled GEMM. Where FlashInfer's MLA decode is the choice (sm_90 with FlashInfer and
@@ -94,6 +109,25 @@ def test_decode_graphs_replay_the_tokens_of_eager_steps(tiny_model):
     assert replayed.blocks.num_used == 0
 
 
+@pytest.mark.parametrize("which", ["tiny_model", "gpt_oss_model"])
+def test_steps_planned_ahead_replay_the_tokens_of_steps_planned_after(which, request):
+    """Captured decode graphs, each pure decode step launched while the one before runs, its
+    input ids taken from that step's samples on the GPU: the outputs of steps planned after
+    the tokens (requests ending by length, by stop token, seeded, with logprobs)."""
+    from tests.cluster.test_engine_ahead import _counting, _workload
+
+    path = request.getfixturevalue(which)
+    after = _engine(path, "float32", decode_graph_max_batch=8, plan_ahead=False)
+    ahead = _engine(path, "float32", decode_graph_max_batch=8)
+    assert ahead.runner.graphs is not None and ahead.runner.graphs.graphs
+    prompts, params = _workload(after)
+    rows = _counting(ahead)
+    expected, got = after.generate(prompts, params), ahead.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in expected]
+    assert [o.finish_reason for o in got] == [o.finish_reason for o in expected]
+    assert len(rows) >= 5 and ahead.blocks.num_used == ahead.blocks.num_parked == 0
+
+
 def test_gpt_oss_float32_on_the_gpu_matches_transformers(gpt_oss_model):
     """GPT-OSS through the GPU kernels, its sliding layers on their own tables: prompts shorter
     and longer than the window and than a block, chunked prefill, decode graphs; the sliding
@@ -113,16 +147,7 @@ def test_flashinfer_mla_decode_agrees_with_the_triton_kernel(tmp_path):
     planned per step, gives the Triton kernel's logits up to bf16 rounding, replayed from decode
     graphs (batches of 1 and 6, padded to 8) and in an eager step that also carries a prefill
     chunk."""
-    from pdserve.cluster.checkpoint_maker import make_model
-    from pdserve.kernels.mla_decode_flashinfer import unavailable
-
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("FlashInfer's MLA fa3 kernels are built for sm_90a")
-    if reason := unavailable():
-        pytest.skip(reason)
-    wide = dict(kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=16,
-                num_key_value_heads=16)  # fmt: skip
-    path = str(make_model(tmp_path / "wide", "tiny", seed=3, overrides=wide))
+    path = _wide_mla_model(tmp_path)
     fi = _engine(path, "bfloat16", budget=4096)  # each prompt's prefill in one step
     triton = _engine(path, "bfloat16", budget=4096, kernel_overrides={"mla_decode": "triton"})
     assert fi.runner.kernel_names["mla_decode"] == "flashinfer_fa3"
@@ -147,6 +172,23 @@ def test_flashinfer_mla_decode_agrees_with_the_triton_kernel(tmp_path):
         assert cos.min().item() > 0.999, cos
         assert (a - b).abs().max().item() < 0.25
     assert fi.blocks.num_used == 0 and triton.blocks.num_used == 0
+
+
+def test_flashinfer_plans_steps_planned_ahead(tmp_path):
+    """FlashInfer's MLA decode plans each replay on the host: a step planned while the one
+    before runs gives the tokens of steps planned after it, in bf16."""
+    from tests.cluster.test_engine_ahead import _counting
+
+    path = _wide_mla_model(tmp_path)
+    after = _engine(path, "bfloat16", budget=4096, plan_ahead=False)
+    ahead = _engine(path, "bfloat16", budget=4096)
+    assert ahead.runner.kernel_names["mla_decode"] == "flashinfer_fa3"
+    prompts = _prompts(ahead.vocab_size, (1, 17, 130, 301, 64, 65), seed=5)
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    rows = _counting(ahead)
+    got = [o.token_ids for o in ahead.generate(prompts, sp)]
+    assert got == [o.token_ids for o in after.generate(prompts, sp)]
+    assert len(rows) >= 20 and ahead.blocks.num_used == 0
 
 
 def test_fp8_linears_give_the_dequantized_models_logits(tmp_path, monkeypatch):

@@ -66,3 +66,17 @@ def test_logprobs_are_log_softmax(device):
     assert top_values == pytest.approx(ref.topk(2).values.tolist(), abs=1e-5)
     assert out[1].token_id == logits[1].argmax().item()
     assert out[1].logprob is None and out[1].top_logprobs is None
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_draw_hands_its_rows_to_the_next_step_and_its_tokens_to_the_host(device):
+    """``rows`` feeds a step planned ahead on the device; on a GPU the copy to the host is
+    queued with the draw, ahead of the next step's work."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2)).to(device)
+    greedy = [SamplingParams(temperature=0)] * 4
+    draw = Sampler(torch.device(device), 0).draw(logits, greedy, [0] * 4)
+    best = logits.argmax(-1).tolist()
+    assert draw.rows((0, 1, 2)).tolist() == best[:3]
+    assert draw.rows((3, 1)).tolist() == [best[3], best[1]]
+    assert (draw.copied is not None) == (device == "cuda")
+    assert [t.token_id for t in draw.to_host()] == best

@@ -12,7 +12,7 @@ from pdserve.cluster.config import SchedulerConfig
 from pdserve.cluster.kv_groups import KVGroups
 from pdserve.cluster.request import FinishReason, Request, RequestStatus
 from pdserve.cluster.sampling_params import SamplingParams
-from pdserve.cluster.scheduler import Scheduler
+from pdserve.cluster.scheduler import FED, Scheduler
 
 SP = SamplingParams(max_tokens=100)
 
@@ -262,6 +262,113 @@ def test_a_step_that_failed_keys_nothing():
     s.add(Request("b", list(range(10)), SP))
     (c,) = s.schedule().chunks
     assert c.start == 0  # computed again, not read from blocks nobody wrote
+
+
+# ---- planning ahead: the next pure decode step before the tokens of the one running ----
+
+
+def _decoding(s: Scheduler, lens: list[int], max_tokens: list[int]):
+    """Requests of ``lens`` prompt tokens, prefilled and sampled once, then a decode step
+    planned: (that step, its launch number)."""
+    for i, (n, m) in enumerate(zip(lens, max_tokens)):
+        s.add(Request(f"r{i}", list(range(n)), SamplingParams(max_tokens=m)))
+    _sample(s, s.schedule())
+    out = s.schedule()
+    assert out.num_decode_chunks == len(lens)
+    return out, s.blocks.launched()
+
+
+def test_the_step_ahead_decodes_the_token_being_sampled():
+    s = _sched()
+    prev, n = _decoding(s, [3, 4, 6], [100, 100, 100])
+    ahead = s.schedule_ahead(prev, 8)
+    assert ahead.feed_rows == (0, 1, 2)
+    assert [(c.token_ids, c.start, c.sample) for c in ahead.chunks] == [
+        ((FED,), 4, True), ((FED,), 5, True), ((FED,), 7, True)
+    ]  # fmt: skip
+    # r1 decodes position 5 of 4-token blocks: a second block, taken now
+    assert [len(c.block_ids) for c in ahead.chunks] == [2, 2, 2]
+    assert [c.num_output_tokens for c in ahead.chunks] == [2, 2, 2]
+    s.blocks.landed(n)
+    _sample(s, prev)  # prev's tokens come in: the requests agree with the step ahead
+    assert all(r.num_uncomputed_tokens == 0 for r in s.running)
+
+
+def test_a_request_the_sampled_token_ends_by_length_leaves_the_step_ahead():
+    s = _sched()
+    prev, _ = _decoding(s, [3, 4, 5], [100, 2, 100])
+    ahead = s.schedule_ahead(prev, 8)
+    assert ahead.feed_rows == (0, 2) and [c.request_id for c in ahead.chunks] == ["r0", "r2"]
+
+
+def test_nothing_is_planned_ahead_that_schedule_would_plan_otherwise():
+    s = _sched()
+    prev, _ = _decoding(s, [3, 4], [100, 100])
+    s.add(_req("late", 5))
+    assert s.schedule_ahead(prev, 8) is None  # a request waits: it joins the next step
+    s.abort("late")
+    s.finish(s.requests["r1"], FinishReason.STOP)  # gone: its row is thrown away
+    ahead = s.schedule_ahead(prev, 8)
+    assert ahead.feed_rows == (0,)
+    # neither from a step whose predecessor's tokens are not in, nor twice from one step
+    assert s.schedule_ahead(ahead, 8) is None and s.schedule_ahead(prev, 8) is None
+    # too few blocks for the step ahead: schedule would preempt, so nothing is planned
+    tight = _sched(num_blocks=2)
+    prev, _ = _decoding(tight, [3, 3], [100, 100])
+    assert tight.blocks.num_free == 0 and tight.schedule_ahead(prev, 8) is None
+
+
+def test_a_request_handed_over_meanwhile_joins_the_step_ahead_with_its_token():
+    s = _sched()
+    prev, _ = _decoding(s, [3, 4], [100, 100])
+    adopted = Request("new", list(range(5)), SP, output_token_ids=[42])
+    adopted.num_computed_tokens = adopted.num_written_tokens = 5  # its prompt's KV came over
+    adopted.block_ids = s.blocks.allocate(2)
+    adopted.status = RequestStatus.RUNNING
+    s.add_running(adopted)
+    ahead = s.schedule_ahead(prev, 8)
+    assert ahead.feed_rows == (0, 1) and len(ahead.chunks) == 3
+    assert ahead.chunks[2].request_id == "new" and ahead.chunks[2].token_ids == (42,)
+    assert (ahead.chunks[2].start, ahead.chunks[2].sample, ahead.chunks[2].num_output_tokens) == (
+        5,
+        True,
+        1,
+    )
+    # not more rows than the step ahead may hold (the decode graphs' largest batch), nor than
+    # the token budget
+    s2 = _sched(max_num_batched_tokens=2)
+    prev, _ = _decoding(s2, [3, 3], [100, 100])
+    assert s2.schedule_ahead(prev, 1) is None
+    third = Request("third", [1, 2], SP, output_token_ids=[3])
+    third.num_computed_tokens, third.block_ids = 2, s2.blocks.allocate(1)
+    third.status = RequestStatus.RUNNING
+    s2.add_running(third)
+    assert s2.schedule_ahead(prev, 8) is None  # 3 decodes, a budget of 2 tokens
+
+
+def test_a_request_mid_prompt_leaves_the_next_step_to_schedule():
+    """A running request that ``prev`` left out (the budget ran out) with prompt left: the next
+    step carries a prefill chunk, which only ``schedule`` plans."""
+    s = _sched()
+    prev, _ = _decoding(s, [3], [100])
+    mid = Request("mid", list(range(10)), SP)
+    mid.num_computed_tokens, mid.block_ids = 4, s.blocks.allocate(1)
+    mid.status = RequestStatus.RUNNING
+    s.add_running(mid)
+    assert s.schedule_ahead(prev, 8) is None
+
+
+def test_a_request_finished_under_a_step_ahead_keeps_its_blocks_until_it_lands():
+    s = _sched()
+    prev, _ = _decoding(s, [3, 4], [100, 100])
+    ahead = s.schedule_ahead(prev, 8)
+    n = s.blocks.launched()
+    free = s.blocks.num_free
+    req = s.requests["r0"]
+    s.finish(req, FinishReason.STOP)  # its end of sequence came with prev's tokens
+    assert s.blocks.num_free == free and s.blocks.num_parked == 2
+    s.blocks.landed(n)
+    assert s.blocks.num_free == free + 2 and ahead.chunks[0].request_id == "r0"
 
 
 # ---- sliding layers (kv_groups): a second table whose blocks before the window go back ----

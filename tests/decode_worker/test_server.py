@@ -131,6 +131,49 @@ def test_disaggregated_tokens_equal_colocated_and_prefill_batches(servers, tiny_
     assert handoff["prefill_remote"].total < handoff["prefill_call"].total  # a part of the call
 
 
+def test_requests_handed_over_join_decode_steps_planned_ahead(tiny_model):
+    """Decode steps on the graph path (uncaptured) are planned ahead; prompts handed over by
+    the prefill replica while they run join the next step planned ahead with their first
+    token. The tokens are the colocated engine's; every block comes back."""
+    prefill = PrefillServer(_spec(tiny_model, "prefill", "prefill", "object_store"))
+    spec = _spec(tiny_model, "decode", "decode", "object_store", decode_graphs="eager")
+    decode = DecodeServer(spec, _PrefillHandle(prefill))
+    joined: list[int] = []
+    schedule_ahead = decode.engine.scheduler.schedule_ahead
+
+    def counted(prev, most):
+        ahead = schedule_ahead(prev, most)
+        if ahead is not None:
+            joined.append(len(ahead.chunks) - len(ahead.feed_rows))
+        return ahead
+
+    decode.engine.scheduler.schedule_ahead = counted
+    prompts = [[5 + i] * (3 + 7 * i) for i in range(6)]
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ref = decode.engine.__class__(
+        EngineConfig(
+            model=tiny_model, dtype="float64", device="cpu", cache=CacheConfig(block_size=16)
+        )
+    )
+    want = [o.token_ids for o in ref.generate(prompts, sp)]
+
+    async def staggered():
+        async def one(i: int) -> list[int]:
+            await asyncio.sleep(0.05 * i)  # each arrives while the others decode
+            return await _collect(decode, f"j{i}", prompts[i], sp)
+
+        return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+    try:
+        assert asyncio.run(staggered()) == want
+        assert len(joined) > 10 and any(joined), joined
+        _eventually(lambda: decode.engine.blocks.num_used == 0)
+        assert decode.engine.blocks.num_parked == 0
+    finally:
+        decode.shutdown()
+        prefill.shutdown()
+
+
 def test_seeded_sampling_continues_across_the_handoff(servers, tiny_model):
     _, decode = servers
     sp = SamplingParams(max_tokens=12, temperature=0.8, seed=42, ignore_eos=True)
