@@ -1,9 +1,10 @@
 """Runs an engine's step loop on its own thread and serves it to asyncio code.
 
-Every touch of the engine (add, abort, KV in and out) runs on the engine thread between steps,
-so the engine needs no locks. The loop turns step n's tokens into text and outputs while the
-device runs step n + 1. Outputs travel to per-request asyncio queues. A step that raises
-fails the requests it held (they get an error output) and the loop keeps serving.
+Every touch of the engine (add, abort, KV in and out) runs on the engine thread between steps
+(a step launched ahead may be running on the device meanwhile), so the engine needs no locks.
+The loop turns step n's tokens into text and outputs while the device runs step n + 1. Outputs
+travel to per-request asyncio queues. A step that raises fails the requests it held (they get
+an error output) and the loop keeps serving.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The single-process engine: plan -> launch -> collect -> emit, one step at a time.
+"""The single-process engine: plan -> launch -> collect -> emit, step by step (a pure decode step
+on the decode-graph path has the next one launched before it is collected).
 
 Tests use it directly, ``pdserve generate`` wraps it, and a colocated decode replica runs it.
 """
@@ -196,7 +197,9 @@ class LLMEngine:
 
     def collect(self, launched: LaunchedStep) -> CollectedStep:
         """Wait for the step's tokens and apply them: append, stop checks, finished requests
-        leave the scheduler (their blocks are freed). The next step can be planned now."""
+        leave the scheduler (their blocks are freed, once no launched step can touch them).
+        Unless a step launched ahead is still in flight (``take_ahead``), the next step can be
+        planned now."""
         applied = []
         try:
             tokens = self.runner.collect(launched.handle)

@@ -38,6 +38,13 @@ DECODE_OPS = ("moe_small", "moe_large")
 ATTENTION_DECODE_OP = {False: "mla_decode", True: "gqa_decode"}  # by ModelConfig.is_gqa
 
 
+def unused_ops(cfg: ModelConfig) -> tuple[str, ...]:
+    """The ops a model never runs: the other attention family's, the FP8 linear without FP8
+    weights. Their backends are picked without probes (a trial GEMM, say)."""
+    family = ("mla_decode", "mla_prefill") if cfg.is_gqa else ("gqa_decode", "gqa_prefill")
+    return family + (() if cfg.fp8_block else ("linear_fp8",))
+
+
 class ModelRunner(Executor):
     def __init__(
         self,
@@ -65,6 +72,7 @@ class ModelRunner(Executor):
                 config.role,
                 config.kernel_overrides,
                 dtype=str(self.dtype).removeprefix("torch."),
+                unused=unused_ops(model_config),
             )
         self.kernel_names = self.kernels.names()
         self.device_name = self.device_info.describe()
@@ -325,27 +333,38 @@ class ModelRunner(Executor):
         return self.graphs.max_batch  # the step ahead runs on the decode graphs too
 
     def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if self.device.type == "cuda":  # the steps' stream only: KV transfers run on others
+            torch.cuda.current_stream(self.device).synchronize()
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput, feed: Draw | None = None) -> Draw | None:
+    def launch(
+        self, sched: SchedulerOutput, feed: Draw | None = None
+    ) -> Draw | torch.cuda.Event | None:
         """Queue one step: the model, then the sampling of every chunk with ``sample`` set.
         A decode step replayed from a graph with greedy or plain random sampling returns
-        before the GPU is done with it."""
+        before the GPU is done with it. A step that samples nothing hands back an event after
+        it (None on the CPU): ``collect`` waits for the step all the same, as the blocks it
+        writes may be let go once it is collected."""
         assert (feed is None) == (sched.feed_rows is None), "a step planned ahead needs a feed"
         layer_done = self.layer_marks(sched)
         logits = self.compute_logits(sched, layer_done, feed)
         sampled = [c for c in sched.chunks if c.sample]
         if not sampled:
-            return None
+            if self.device.type != "cuda":
+                return None
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            return done
         draw = self.sampler.draw(
             logits, [c.sampling for c in sampled], [c.num_output_tokens for c in sampled]
         )
         self.stage_finished(sched, layer_done)
         return draw
 
-    def collect(self, handle: Draw | None) -> list[SampledToken]:
+    def collect(self, handle: Draw | torch.cuda.Event | None) -> list[SampledToken]:
+        if isinstance(handle, torch.cuda.Event):
+            handle.synchronize()
+            return []
         return [] if handle is None else handle.to_host()
 
     def layer_marks(self, sched: SchedulerOutput) -> dict[int, torch.cuda.Event]:

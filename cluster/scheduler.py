@@ -138,6 +138,7 @@ class Scheduler:
     # ---- one step ----
 
     def schedule(self) -> SchedulerOutput:
+        assert self.blocks.num_landed == self.blocks.num_launched, "a launched step is in flight"
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[str] = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,13 +55,19 @@ class KernelSet:
         registry: Registry = REGISTRY,
         moe_crossover_m: int | None = None,
         dtype: str | None = None,
+        unused: Collection[str] = (),
     ) -> KernelSet:
-        """``dtype`` is the model's activation dtype ("bfloat16", ...), None to ignore it."""
+        """``dtype`` is the model's activation dtype ("bfloat16", ...), None to ignore it;
+        ``unused``: ops the model never runs, picked without their backends' probes."""
         overrides = dict(overrides or {})
+        assert set(unused) <= set(OPS), unused
         unknown = set(overrides) - set(OPS)
         if unknown:
             raise ValueError(f"kernel overrides name unknown ops {sorted(unknown)}; ops are {OPS}")
-        choices = {op: registry.select(op, device, role, overrides.get(op), dtype) for op in OPS}
+        choices = {
+            op: registry.select(op, device, role, overrides.get(op), dtype, op not in unused)
+            for op in OPS
+        }
         if moe_crossover_m is None:
             moe_crossover_m = MOE_CROSSOVER_M.get(device.name, DEFAULT_MOE_CROSSOVER_M)
         small, large = choices["moe_small"].backend, choices["moe_large"].backend

@@ -76,10 +76,11 @@ class Backend:
     graph_safe: bool = False
 
     def reject_reason(
-        self, device: DeviceInfo, role: str | None, dtype: str | None = None
+        self, device: DeviceInfo, role: str | None, dtype: str | None = None, probe: bool = True
     ) -> str | None:
         """Why this backend does not fit (device, role, dtype), or None; role None skips the role
-        check (an override may pick a backend outside its default roles), dtype None the dtype's."""
+        check (an override may pick a backend outside its default roles), dtype None the dtype's,
+        ``probe=False`` the ``unavailable`` probe."""
         if dtype is not None and self.dtypes is not None and dtype not in self.dtypes:
             return f"computes in {'/'.join(self.dtypes)}, not {dtype}"
         if self.device_kind != "any" and self.device_kind != device.kind:
@@ -96,7 +97,7 @@ class Backend:
                 )
         if role is not None and role not in self.roles:
             return f"not used for the {role} role"
-        return self.unavailable()
+        return self.unavailable() if probe else None
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,10 @@ class Registry:
         role: str,
         override: str | None = None,
         dtype: str | None = None,
+        probe: bool = True,
     ) -> Choice:
+        """The best backend of ``op`` that fits; ``probe=False`` for an op the model never runs:
+        its backends' probes (a trial GEMM on the GPU, say) are skipped."""
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; roles are {ROLES}")
         candidates = sorted(self.backends[op], key=lambda b: -b.priority)
@@ -154,10 +158,13 @@ class Registry:
                 raise ValueError(f"kernel override {op}={override!r} cannot run here: {why}")
             return Choice(op, named[0], "override")
         rejected: list[tuple[str, str]] = []
+        fit = f"best fit for {role} on {device.describe()}"
+        if not probe:
+            fit = f"unused by the model, not probed; {fit}"
         for b in candidates:
-            why = b.reject_reason(device, role, dtype)
+            why = b.reject_reason(device, role, dtype, probe)
             if why is None:
-                return Choice(op, b, f"best fit for {role} on {device.describe()}", tuple(rejected))
+                return Choice(op, b, fit, tuple(rejected))
             rejected.append((b.name, why))
         raise ValueError(f"no {op} backend runs on {device.describe()} for {role}: {rejected}")
 

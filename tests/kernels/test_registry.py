@@ -207,3 +207,23 @@ def test_only_triton_decode_kernels_are_graph_safe():
     assert ks.not_graph_safe(decode_ops) == {"mla_decode": "torch"}
     on_cpu = KernelSet.resolve(DeviceInfo.cpu(), "decode")
     assert on_cpu.not_graph_safe(decode_ops) == dict.fromkeys(decode_ops, "torch")
+
+
+def test_ops_a_model_never_runs_are_picked_without_their_probes():
+    """A model without FP8 weights does not pay cuBLAS's trial GEMM at start-up; an op it runs
+    still probes."""
+    probed: list[str] = []
+
+    def probe(name):
+        return lambda: probed.append(name) or None
+
+    reg = Registry()
+    for op in OPS:
+        for b in REGISTRY.backends[op]:
+            probed_b = dataclasses.replace(b, unavailable=probe(b.name))
+            reg.register(probed_b if b.name in PROBED else b)
+    kernels = KernelSet.resolve(H100, "decode", registry=reg, dtype="bfloat16",
+                                unused=("linear_fp8",))  # fmt: skip
+    assert "scaled_mm" not in probed and "flashinfer_fa3" in probed
+    (fp8,) = [c for c in kernels.choices if c.op == "linear_fp8"]
+    assert fp8.backend.name == "scaled_mm" and fp8.reason.startswith("unused by the model")
