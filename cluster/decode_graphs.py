@@ -28,10 +28,40 @@ import numpy as np
 import torch
 from torch import nn
 
+from pdserve.cluster.config import EngineConfig
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
 from pdserve.cluster.scheduler import SchedulerOutput
+from pdserve.kernels import KernelSet
 
 log = logging.getLogger(__name__)
+
+
+# the ops a pure decode step calls: their backends must be graph-safe for decode graphs
+DECODE_OPS = ("moe_small", "moe_large")
+ATTENTION_DECODE_OP = {False: "mla_decode", True: "gqa_decode"}  # by ModelConfig.is_gqa
+
+
+def graph_mode(
+    config: EngineConfig, device: torch.device, tp_graph_safe: bool, kernels: KernelSet, gqa: bool
+) -> str:
+    """How a worker runs decode steps: "capture" (graphs replayed), "eager" (the padded path,
+    uncaptured) or "off". ``decode_graphs="auto"`` captures on GPUs of the roles that decode,
+    unless the tensor-parallel collectives or a decode kernel cannot be captured."""
+    mode = config.decode_graphs
+    if mode not in ("auto", "off", "eager"):
+        raise ValueError(f"decode_graphs must be auto, off or eager, got {mode!r}")
+    if mode != "auto":
+        return mode
+    if device.type != "cuda" or config.role == "prefill":
+        return "off"
+    if not tp_graph_safe:
+        log.info("decode CUDA graphs off: the tensor-parallel collectives cannot be captured")
+        return "off"
+    unsafe = kernels.not_graph_safe(DECODE_OPS + (ATTENTION_DECODE_OP[gqa],))  # torch's sync
+    if unsafe:
+        log.info("decode CUDA graphs off: %s cannot be captured", unsafe)
+        return "off"
+    return "capture"
 
 
 def graph_buckets(max_batch: int) -> tuple[int, ...]:

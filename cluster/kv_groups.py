@@ -20,8 +20,12 @@ slots with ``slot_of``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pdserve.cluster.config import ModelConfig
+
+if TYPE_CHECKING:
+    from pdserve.cluster.scheduler import ScheduledChunk
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,16 @@ class KVGroups:
         if not self.window:
             return 0
         return -(-(self.window - 1 + chunk) // block_size) + 1
+
+    def sent_blocks(self, chunk: ScheduledChunk, block_size: int) -> list[int]:
+        """The blocks a prompt's KV travels in, once ``chunk`` (its last) ran: from the chunk's
+        ``first_sent_block`` (the decode side holds those before) to the prompt's last block,
+        then the sliding layers' blocks of the window at its end (the order in which the
+        decode role reserves them)."""
+        end = -(-chunk.end // block_size)
+        start = self.window_start_block(chunk.end, block_size)
+        sliding = list(chunk.window_block_ids[start:end])
+        return list(chunk.block_ids[chunk.first_sent_block : end]) + sliding
 
     def most_blocks(self, num_tokens: int, chunk: int, block_size: int) -> int:
         """The most blocks of both tables a sequence of up to ``num_tokens`` tokens holds,

@@ -16,7 +16,7 @@ import torch
 
 from pdserve.cluster.batch_inputs import BatchInputs
 from pdserve.cluster.config import EngineConfig, ModelConfig
-from pdserve.cluster.decode_graphs import DecodeGraphs, graph_buckets
+from pdserve.cluster.decode_graphs import DecodeGraphs, graph_buckets, graph_mode
 from pdserve.cluster.executor import Executor
 from pdserve.cluster.kv_groups import KVGroups
 from pdserve.cluster.kv_layout import block_rows, gather_blocks, scatter_blocks, warm_up
@@ -32,10 +32,6 @@ from pdserve.kernels import DeviceInfo, KernelSet
 from pdserve.kernels.compile_watch import WATCH
 
 log = logging.getLogger(__name__)
-
-# the ops a pure decode step calls: their backends must be graph-safe for decode graphs
-DECODE_OPS = ("moe_small", "moe_large")
-ATTENTION_DECODE_OP = {False: "mla_decode", True: "gqa_decode"}  # by ModelConfig.is_gqa
 
 
 def unused_ops(cfg: ModelConfig) -> tuple[str, ...]:
@@ -116,30 +112,12 @@ class ModelRunner(Executor):
         self.kv_line: str | None = None  # "host:port" of the line serving kv_peer's calls
         self.num_blocks = 0
         self.groups = KVGroups.of(model_config)
-        self.graph_mode = self._graph_mode()
+        self.graph_mode = graph_mode(
+            config, self.device, tp.graph_safe, self.kernels, model_config.is_gqa
+        )
         self.graphs: DecodeGraphs | None = None
         if allocate:
             self.allocate_kv(num_blocks or self.propose_num_blocks())
-
-    def _graph_mode(self) -> str:
-        mode = self.config.decode_graphs
-        if mode not in ("auto", "off", "eager"):
-            raise ValueError(f"decode_graphs must be auto, off or eager, got {mode!r}")
-        if mode == "auto":
-            if self.device.type != "cuda" or self.config.role == "prefill":
-                return "off"
-            if not self.tp.graph_safe:
-                log.info(
-                    "decode CUDA graphs off: the tensor-parallel collectives cannot be captured"
-                )
-                return "off"
-            ops = DECODE_OPS + (ATTENTION_DECODE_OP[self.model_config.is_gqa],)
-            unsafe = self.kernels.not_graph_safe(ops)  # the PyTorch references sync
-            if unsafe:
-                log.info("decode CUDA graphs off: %s cannot be captured", unsafe)
-                return "off"
-            return "capture"
-        return mode
 
     # ===== KV cache =====
 
@@ -372,7 +350,7 @@ class ModelRunner(Executor):
         out (``KVPeer.layer_marks``); empty for other roles."""
         if self.config.role != "prefill":
             return {}
-        return self.kv_peer.layer_marks([len(blocks) for _, blocks in self._finished(sched)])
+        return self.kv_peer.layer_marks([len(blocks) for _, blocks in self._sent(sched)])
 
     def stage_finished(
         self, sched: SchedulerOutput, layer_done: dict[int, torch.cuda.Event] | None = None
@@ -383,22 +361,14 @@ class ModelRunner(Executor):
         ``layer_done`` marks them, while the step still runs). Other roles stage nothing."""
         if self.config.role != "prefill":
             return
-        for request_id, blocks in self._finished(sched):
+        for request_id, blocks in self._sent(sched):
             self.kv_peer.stage(request_id, blocks, layer_done)
 
-    def _finished(self, sched: SchedulerOutput) -> list[tuple[str, list[int]]]:
-        """(request id, the blocks of its prompt's KV that travel) of each prompt the step
-        finishes (each sampled chunk ends its prompt in the prefill role): from the chunk's
-        ``first_sent_block`` (decode holds those before) to the prompt's last block, then the
-        sliding layers' blocks of the window at its end (in the order of the decode role's
-        ``reserve``)."""
-        bs, start = self.block_size, self.groups.window_start_block
+    def _sent(self, sched: SchedulerOutput) -> list[tuple[str, list[int]]]:
+        """(request id, the blocks its prompt's KV travels in) of each prompt the step finishes
+        (each sampled chunk ends its prompt in the prefill role): ``KVGroups.sent_blocks``."""
         return [
-            (
-                c.request_id,
-                list(c.block_ids[c.first_sent_block : -(-c.end // bs)])
-                + list(c.window_block_ids[start(c.end, bs) : -(-c.end // bs)]),
-            )
+            (c.request_id, self.groups.sent_blocks(c, self.block_size))
             for c in sched.chunks
             if c.sample
         ]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.kv_groups import KVGroups
 from pdserve.cluster.presets import preset_config
+from pdserve.cluster.sampling_params import SamplingParams
+from pdserve.cluster.scheduler import ScheduledChunk
 
 
 def _cfg(preset: str) -> ModelConfig:
@@ -59,3 +63,17 @@ def test_window_blocks_cover_exactly_what_the_next_queries_read(window, bs):
             full = -(-n // bs)
             assert g.most_blocks(n, chunk, bs) == full + min(full, g.peak_window_blocks(chunk, bs))
     assert KVGroups((0, 1), 0).most_blocks(100, 16, bs) == -(-100 // bs)  # no sliding layers
+
+
+def test_a_prompts_kv_travels_from_the_first_block_decode_lacks_then_its_window():
+    """The prefill side sends the full layers' blocks from ``first_sent_block`` on, then the
+    sliding layers' blocks of the window at the prompt's end: the decode side's order."""
+    chunk = ScheduledChunk(
+        request_id="r", token_ids=(1,) * 4, start=16, block_ids=(10, 11, 12, 13, 14, 15),
+        sample=True, sampling=SamplingParams(), num_output_tokens=0, first_sent_block=2,
+        window_block_ids=(0, 0, 0, 23, 24, 25),
+    )  # fmt: skip
+    # 20 tokens in blocks of 4: blocks 0-4; a window of 6 tokens from position 14: blocks 3-4
+    assert KVGroups.from_windows([6, 0]).sent_blocks(chunk, 4) == [12, 13, 14, 23, 24]
+    full_only = dataclasses.replace(chunk, window_block_ids=())  # no sliding layers: no table
+    assert KVGroups.from_windows([0, 0]).sent_blocks(full_only, 4) == [12, 13, 14]
