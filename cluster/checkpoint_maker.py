@@ -8,8 +8,8 @@ GPT-OSS layout instead (``gate_up_proj_blocks`` with interleaved gate/up rows, `
 which is the only way the large presets fit on a disk. With ``fp8=True`` every projection
 (attention, dense MLPs, shared and routed experts) is stored as DeepSeek publishes its models:
 float8 E4M3 with a float32 ``weight_scale_inv`` per 128x128 block; norms, the router, the
-embeddings and the LM head stay in ``dtype``. Shards are written as they fill, so memory stays
-at one shard.
+embeddings and the LM head stay in ``dtype``. Shards are written as they fill, each on a
+writer thread while the next is drawn, so memory holds two shards.
 
 Scales are chosen so the random model is well conditioned: every projection keeps activations
 near unit scale, and the logits spread by a few units, so greedy choices are not near-ties.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -201,25 +202,33 @@ def make_model(
         return out
 
     g = torch.Generator().manual_seed(seed)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes = [0]
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
     files: list[str] = []
     weight_map: dict[str, str] = {}
+    # a full shard is written on a thread of its own while the next one is drawn (at most one
+    # shard waits for the disk, so memory holds two)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+        writing: Future | None = None
 
-    def flush() -> None:
-        name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shards[-1], str(out / name), metadata={"format": "pt"})
-        files.append(name)
-        weight_map.update({k: name for k in shards[-1]})
-        shards[-1], sizes[-1] = {}, 0
+        def flush() -> None:
+            nonlocal shard, size, writing
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            if writing is not None:
+                writing.result()  # raises what the write raised
+            writing = writer.submit(save_file, shard, str(out / name), metadata={"format": "pt"})
+            files.append(name)
+            weight_map.update({k: name for k in shard})
+            shard, size = {}, 0
 
-    for name, tensor in _tensors(cfg, g, DTYPES[dtype], mxfp4, fp8):
-        nbytes = tensor.numel() * tensor.element_size()
-        if sizes[-1] and sizes[-1] + nbytes > SHARD_BYTES:
-            flush()
-        shards[-1][name] = tensor.contiguous()
-        sizes[-1] += nbytes
-    flush()
+        for name, tensor in _tensors(cfg, g, DTYPES[dtype], mxfp4, fp8):
+            nbytes = tensor.numel() * tensor.element_size()
+            if size and size + nbytes > SHARD_BYTES:
+                flush()
+            shard[name] = tensor.contiguous()
+            size += nbytes
+        flush()
+        writing.result()
     total = sum((out / f).stat().st_size for f in files)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -120,3 +120,29 @@ def test_weights_drawn_at_load_for_an_fp8_config_keep_fp8_projections(tmp_path):
     assert attn.fp8_names() == ()  # q_a's 64 rows are not whole blocks: stacked dequantized
     a, b = (e.generate(["fp8 draw"], sp)[0].token_ids for e in engines)
     assert a == b and len(a) == 8
+
+
+def test_shards_written_beside_the_draw_are_all_there_and_a_failed_write_is_raised(
+    tmp_path, monkeypatch
+):
+    """Small shards, so several are written on the writer thread while the next is drawn: each
+    tensor is in the shard the index names; a write that fails stops the maker with its error."""
+    from safetensors import safe_open
+
+    from pdserve.cluster import checkpoint_maker
+
+    monkeypatch.setattr(checkpoint_maker, "SHARD_BYTES", 1 << 14)
+    out = checkpoint_maker.make_model(tmp_path / "small", "tiny", seed=0)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3
+    for shard in shards:
+        with safe_open(str(out / shard), "pt") as f:
+            assert set(f.keys()) == {k for k, v in index["weight_map"].items() if v == shard}
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint_maker, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint_maker.make_model(tmp_path / "full", "tiny", seed=0)
