@@ -162,7 +162,8 @@ class AsyncEngine:
                     done, pending = pending, None
                     self._emit(done)
                 launched = None if sched is None else engine.launch(sched)
-            if launched is not None:
+            if launched is not None and self._cmds.empty():  # else a command waits (a new
+                # request, say): the next step is planned after it ran, so it can join at once
                 engine.launch_ahead(launched)
             if pending is not None:
                 done, pending = pending, None

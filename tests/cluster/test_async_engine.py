@@ -144,6 +144,35 @@ def test_a_decode_step_planned_ahead_launches_before_the_one_before_is_collected
     assert engine.blocks.num_used == engine.blocks.num_parked == 0
 
 
+def test_a_waiting_command_holds_the_step_ahead_back(tiny_model):
+    """A command queued when a step could be launched ahead (a new request, say) runs before
+    the next step is planned, so that step can take it in."""
+
+    class Interrupting(RecordingEngine):
+        decodes = 0
+
+        def launch(self, sched, after=None):
+            launched = super().launch(sched, after)
+            if sched.num_decode_chunks == len(sched.chunks) and after is None:
+                self.decodes += 1
+                if self.decodes == 1:  # the first decode step: a command arrives meanwhile
+                    aengine.call(lambda e: self.phases.append("command"))
+            return launched
+
+    engine = Interrupting(_config(tiny_model, "eager"))
+    aengine = AsyncEngine(engine)
+    sp = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    try:
+        asyncio.run(_stream_all(aengine, [[5, 6, 7, 8]], [sp]))
+    finally:
+        aengine.shutdown()
+    ahead = ["launch decode", "emit", "collect"]
+    assert engine.phases == [
+        "launch prompt", "collect", "launch decode", "emit", "collect", "command",
+        "launch decode", *ahead * 2, "emit", "collect", "emit",
+    ]  # fmt: skip
+
+
 def test_a_step_that_carries_a_prompt_emits_the_last_step_first(tiny_model):
     engine = RecordingEngine(_config(tiny_model))
     aengine = AsyncEngine(engine)
