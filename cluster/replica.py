@@ -122,6 +122,7 @@ class Replica:
         s.prefix_query_tokens = e.scheduler.num_prefix_query_tokens
         s.prefix_hit_tokens = e.scheduler.num_prefix_hit_tokens
         s.kv_blocks_cached = e.blocks.num_cached
+        s.kv_blocks_parked = e.blocks.num_parked
         t = self.transport.stats
         s.kv_transfers, s.kv_bytes, s.kv_seconds = t.transfers, t.nbytes, t.seconds
         s.kv_bytes_saved = t.saved_nbytes

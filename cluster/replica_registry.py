@@ -192,6 +192,12 @@ def render_prometheus(stats: list[ReplicaStats]) -> str:
             "Free KV blocks that keep a prefix's KV for reuse.",
             "kv_blocks_cached",
         ),
+        (
+            "kv_blocks_parked",
+            "gauge",
+            "KV blocks let go but held until the steps in flight on the device land (in use).",
+            "kv_blocks_parked",
+        ),
     )
     for name, kind, doc, field in sums:
         family(name, kind, doc)

@@ -106,6 +106,7 @@ class ReplicaStats(msgspec.Struct, kw_only=True):
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     kv_blocks_cached: int = 0  # unreferenced blocks kept for prefix hits (counted as free)
+    kv_blocks_parked: int = 0  # let go, held until the steps in flight land (counted as used)
     busy: float = 0.0  # share of recent wall time spent in model steps
     # latency histograms
     ttft: Histogram = msgspec.field(default_factory=Histogram)

@@ -26,7 +26,10 @@ def test_stale_and_older_generation_replicas_are_dropped():
 
 
 def test_prometheus_sums_pools_and_cumulates_buckets():
-    a = _stats("d1", "decode", "g", kv_blocks_used=3, kv_blocks_total=10, requests={"ok": 2})
+    a = _stats(
+        "d1", "decode", "g", kv_blocks_used=3, kv_blocks_total=10, kv_blocks_parked=2,
+        requests={"ok": 2},
+    )  # fmt: skip
     b = _stats(
         "d2", "decode", "g", kv_blocks_used=1, kv_blocks_total=10, requests={"ok": 1, "error": 1}
     )
@@ -38,6 +41,7 @@ def test_prometheus_sums_pools_and_cumulates_buckets():
     assert lines['pdserve_replicas{pool="decode"}'] == "2"
     assert lines['pdserve_kv_blocks_used{pool="decode"}'] == "4"
     assert lines['pdserve_kv_blocks_free{pool="decode"}'] == "16"
+    assert lines['pdserve_kv_blocks_parked{pool="decode"}'] == "2"
     assert lines['pdserve_requests_total{pool="decode",outcome="ok"}'] == "3"
     assert lines['pdserve_requests_total{pool="decode",outcome="error"}'] == "1"
     assert lines['pdserve_time_to_first_token_seconds_bucket{pool="decode",le="0.005"}'] == "1"
