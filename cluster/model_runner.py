@@ -281,7 +281,7 @@ class ModelRunner(Executor):
         if self.graphs is not None and self.graphs.fits(sched):
             if layer_done:  # a replay marks no layer: the KV is staged after the step
                 layer_done.clear()
-            fed = None if feed is None else feed.rows(sched.feed_rows)  # [n] on the device
+            fed = None if sched.feed_rows is None else self._fed_ids(sched, feed)  # [k]
             logits = self.graphs.run(sched, fed)  # [n, vocab], every chunk's row
             if all(c.sample for c in sched.chunks):
                 return logits
@@ -304,6 +304,20 @@ class ModelRunner(Executor):
             inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, mark_layers
         )
         return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def _fed_ids(self, sched: SchedulerOutput, feed: Draw | None) -> torch.Tensor:
+        """[k] the input ids a step planned ahead takes from the step before's samples, on the
+        device. Under tensor parallelism rank 0 alone samples (its ``feed``; the other ranks'
+        is None): the group sums its ids with the others' zeros, so every rank runs them."""
+        rows = sched.feed_rows
+        if self.tp.size == 1:
+            return feed.rows(rows)
+        ids = (
+            feed.rows(rows).clone()
+            if feed is not None
+            else torch.zeros(len(rows), dtype=torch.int64, device=self.device)
+        )
+        return self.tp.all_reduce(ids)
 
     def ahead_rows(self, sched: SchedulerOutput) -> int:
         if self.graphs is None or not self.graphs.fits(sched):

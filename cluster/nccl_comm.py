@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {torch.float32: 7, torch.float16: 6, torch.bfloat16: 9, torch.float64: 8}
+_DTYPES = {torch.float32: 7, torch.float16: 6, torch.bfloat16: 9, torch.float64: 8, torch.int64: 4}
 _SUM = 0
 
 

@@ -4,9 +4,12 @@
 Inside a Serve replica the ranks go into the replica's placement group, bundle i + 1 for rank i
 (bundle 0 holds the replica itself, which schedules but holds no weights). The ranks meet through
 a Ray call: rank 0 reports an address and a free port, and nothing is fixed in advance. Every
-step goes to all ranks; rank 0 samples (the others would draw the same tokens from the same
-all-gathered logits). MLA's latent cache is the same on every rank, so KV is read from rank 0
-and written to all.
+step goes to all ranks (``launch``, which returns once the step is queued); rank 0 samples (the
+others would draw the same tokens from the same all-gathered logits) and hands the tokens back
+on a call of their own (``collect``). A step planned ahead is launched before the step before
+it is collected: rank 0 takes its input ids from that step's draw and the group sums them with
+the other ranks' zeros, so every rank runs them. MLA's latent cache is the same on every rank,
+so KV is read from rank 0 and written to all.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -40,6 +44,7 @@ class TPRank:
     def __init__(self, config: EngineConfig, rank: int, size: int) -> None:
         self.config, self.rank, self.size = config, rank, size
         self.runner = None
+        self._launched: deque = deque()  # rank 0: its launched steps' draws, to collect in turn
         torch.set_num_threads(max(1, int(config.cpus_per_rank)))
 
     def address(self) -> tuple[str, int]:
@@ -79,20 +84,41 @@ class TPRank:
         )
         return self.runner.propose_num_blocks()
 
-    def allocate_kv(self, num_blocks: int) -> tuple[dict[str, str], str, bool]:
-        """Allocate (and capture the decode graphs); kernels, device, whether graphs replay."""
+    def allocate_kv(self, num_blocks: int) -> tuple[dict[str, str], str, bool, int]:
+        """Allocate (and capture the decode graphs); kernels, device, whether graphs replay, and
+        the largest batch of the decode-graph path (0: none)."""
         self.runner.allocate_kv(num_blocks)
-        graphs = self.runner.graphs is not None and bool(self.runner.graphs.graphs)
+        graphs = self.runner.graphs
         trace_file.watch_gc()
-        return self.runner.kernel_names, self.runner.device_name, graphs
+        replay = graphs is not None and bool(graphs.graphs)
+        return (
+            self.runner.kernel_names,
+            self.runner.device_name,
+            replay,
+            (graphs.max_batch if graphs else 0),
+        )
 
-    def execute(self, sched: SchedulerOutput) -> list[SampledToken] | None:
+    def launch(self, sched: SchedulerOutput) -> None:
+        """Queue one step on this rank and return. Rank 0 samples and keeps the draw for
+        ``collect`` (and, planned ahead, the next step's input ids); the others take part in
+        the collectives, keep their copy of a finished prompt's KV for decode, and sample
+        nothing (every rank would draw the same tokens from the same all-gathered logits)."""
         if self.rank == 0:
-            return self.runner.execute(sched)
+            feed = self._launched[-1] if sched.feed_rows is not None else None
+            self._launched.append(self.runner.launch(sched, feed))
+            return
         layer_done = self.runner.layer_marks(sched)
-        self.runner.compute_logits(sched, layer_done)  # takes part in the collectives
-        self.runner.stage_finished(sched, layer_done)  # every rank keeps a copy for decode
-        return None
+        self.runner.compute_logits(sched, layer_done)
+        self.runner.stage_finished(sched, layer_done)
+
+    def collect(self) -> list[SampledToken]:
+        """Rank 0: the tokens of its oldest launched step not yet collected."""
+        return self.runner.collect(self._launched.popleft())
+
+    def synchronize(self) -> None:
+        """Wait for every step queued on this rank; steps never collected are forgotten."""
+        self.runner.synchronize()
+        self._launched.clear()
 
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:
         return self.runner.read_kv(block_ids).cpu()
@@ -168,26 +194,40 @@ class RayTPExecutor(Executor):
         self.num_blocks = min(gather_ranks(starts, "loading", self.shutdown))
         allocs = [r.allocate_kv.remote(self.num_blocks) for r in self.ranks]
         infos = gather_ranks(allocs, "allocating the KV cache and warming up", self.shutdown)
-        self.kernel_names, self.device_name, self.decode_graphs = infos[0]
+        self.kernel_names, self.device_name, self.decode_graphs, self.graph_max_batch = infos[0]
         self._kv_layout = ray.get(self.ranks[0].kv_layout.remote())
         log.info(
             "tensor parallel x%d ready: %d KV blocks on %s", size, self.num_blocks, self.device_name
         )
 
     def launch(self, sched: SchedulerOutput, feed: Any = None) -> list[ray.ObjectRef]:
-        assert feed is None, "the ranks plan no step ahead (ahead_rows is 0)"
+        """Every rank's ``launch`` call; a step planned ahead (``feed``: the step before's
+        handle) reads its ids from the draw rank 0 keeps of that step, the step it ran last."""
         if self.stopped:
             raise RuntimeError(self.stopped)
-        return [r.execute.remote(sched) for r in self.ranks]
+        assert (feed is None) == (sched.feed_rows is None), "a step planned ahead needs a feed"
+        return [r.launch.remote(sched) for r in self.ranks]
 
     def collect(self, handle: list[ray.ObjectRef]) -> list[SampledToken]:
         # a rank that fails mid-step leaves the others in a collective: stop the group, for
         # good (the replica's health check then asks Serve for a new one)
         try:
-            return gather_ranks(handle, "running a step", self.shutdown)[0]  # rank 0 samples
+            refs = [*handle, self.ranks[0].collect.remote()]
+            return gather_ranks(refs, "running a step", self.shutdown)[-1]  # rank 0 samples
         except RuntimeError as e:
             self.stopped = f"the tensor-parallel group was stopped: {e}"
             raise
+
+    def ahead_rows(self, sched: SchedulerOutput) -> int:
+        """As a rank's runner answers (``DecodeGraphs.fits``)."""
+        most, chunks = self.graph_max_batch, sched.chunks
+        fits = 0 < len(chunks) <= most and all(len(c.token_ids) == 1 for c in chunks)
+        return most if fits else 0
+
+    def synchronize(self) -> None:
+        if self.ranks and not self.stopped:
+            syncs = [r.synchronize.remote() for r in self.ranks]
+            gather_ranks(syncs, "waiting for its steps", self.shutdown)
 
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:
         return ray.get(self.ranks[0].read_kv.remote(block_ids))

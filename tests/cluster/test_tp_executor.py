@@ -110,3 +110,29 @@ def test_a_rank_lost_mid_step_stops_the_group_instead_of_hanging(ray_local, tiny
     assert executor.stopped and not executor.ranks
     with pytest.raises(RuntimeError, match="tensor-parallel group was stopped"):
         executor.launch(step)
+
+
+def test_steps_planned_ahead_over_two_ranks_give_one_process_outputs(ray_local, tiny_model):
+    """TP=2 over gloo with decode steps on the graph path (uncaptured): each rank queues a step
+    planned ahead before the step before it is collected, rank 0 feeding the group its sampled
+    ids. Greedy, seeded, stop-token and length ends as one process planning after the tokens."""
+    from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SchedulerConfig
+    from tests.cluster.test_engine_ahead import _counting, _workload
+
+    base = dict(
+        model=tiny_model, device="cpu", dtype="float64", decode_graphs="eager",
+        decode_graph_max_batch=8, cache=CacheConfig(block_size=4, num_blocks=48),
+        scheduler=SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=8),
+    )  # fmt: skip
+    one = LLMEngine(EngineConfig(**base, plan_ahead=False))
+    prompts, params = _workload(one)
+    want = one.generate(prompts, params)
+    tp2 = LLMEngine(EngineConfig(**base, tp=2))
+    try:
+        rows = _counting(tp2)
+        got = tp2.generate(prompts, params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert [o.finish_reason for o in got] == [o.finish_reason for o in want]
+        assert len(rows) >= 5 and tp2.blocks.num_used == tp2.blocks.num_parked == 0
+    finally:
+        tp2.runner.shutdown()
