@@ -168,13 +168,14 @@ class LLMEngine:
         step planned ahead (``plan_ahead``) takes its input tokens from ``after``'s."""
         if self.faults is not None and sched.num_decode_chunks:
             self.faults.maybe_fail("decode_step")  # the caller fails this step's requests
+        requests = tuple(self.scheduler.requests[c.request_id] for c in sched.chunks)
+        number = self.blocks.launched()  # counted first: a launch that fails midway is dropped
         if sched.feed_rows is None:
             handle = self.runner.launch(sched)
         else:
             assert after is not None, "a step planned ahead needs the step it follows"
             handle = self.runner.launch(sched, feed=after.handle)
-        requests = tuple(self.scheduler.requests[c.request_id] for c in sched.chunks)
-        return LaunchedStep(sched, handle, requests, self.blocks.launched())
+        return LaunchedStep(sched, handle, requests, number)
 
     def launch_ahead(self, launched: LaunchedStep) -> None:
         """Plan and launch the step after ``launched`` now, before ``launched`` is collected,

@@ -310,8 +310,8 @@ class ModelRunner(Executor):
         device. Under tensor parallelism rank 0 alone samples (its ``feed``; the other ranks'
         is None): the group sums its ids with the others' zeros, so every rank runs them."""
         rows = sched.feed_rows
-        if self.tp.size == 1:
-            return feed.rows(rows)
+        if self.tp.size == 1 or not rows:  # no rows: every rank knows, none calls the group
+            return feed.rows(rows) if feed is not None else torch.zeros(0, dtype=torch.int64)
         ids = (
             feed.rows(rows).clone()
             if feed is not None

@@ -146,10 +146,15 @@ class TPRank:
 
 
 def gather_ranks(
-    refs: list[ray.ObjectRef], what: str, on_failure: Callable[[], None], poll_s: float = 1.0
+    refs: list[ray.ObjectRef],
+    what: str,
+    on_failure: Callable[[], None],
+    poll_s: float = 1.0,
+    ranks: list[int] | None = None,
 ) -> list:
-    """The results of one call per rank. A rank that fails ends the wait (within ``poll_s``):
-    the others may be blocked in a collective with it, forever, so ``on_failure`` (stopping the
+    """The results of calls to the ranks (``ranks[i]`` answers ``refs[i]``; by default one
+    call per rank, in rank order). A rank that fails ends the wait (within ``poll_s``): the
+    others may be blocked in a collective with it, forever, so ``on_failure`` (stopping the
     group) runs and a RuntimeError names the rank and what the group was doing. A quick call
     (a step) costs one wait and one get."""
 
@@ -159,8 +164,9 @@ def gather_ranks(
                 ray.get(r)
             except Exception as e:
                 on_failure()
+                rank = refs.index(r) if ranks is None else ranks[refs.index(r)]
                 raise RuntimeError(
-                    f"tensor-parallel rank {refs.index(r)} failed while {what}; the group's "
+                    f"tensor-parallel rank {rank} failed while {what}; the group's "
                     f"ranks were stopped: {type(e).__name__}: {e}"
                 ) from e
 
@@ -203,8 +209,8 @@ class RayTPExecutor(Executor):
     def launch(self, sched: SchedulerOutput, feed: Any = None) -> list[ray.ObjectRef]:
         """Every rank's ``launch`` call; a step planned ahead (``feed``: the step before's
         handle) reads its ids from the draw rank 0 keeps of that step, the step it ran last."""
-        if self.stopped:
-            raise RuntimeError(self.stopped)
+        if self.stopped or not self.ranks:
+            raise RuntimeError(self.stopped or "the tensor-parallel group was shut down")
         assert (feed is None) == (sched.feed_rows is None), "a step planned ahead needs a feed"
         return [r.launch.remote(sched) for r in self.ranks]
 
@@ -213,7 +219,8 @@ class RayTPExecutor(Executor):
         # good (the replica's health check then asks Serve for a new one)
         try:
             refs = [*handle, self.ranks[0].collect.remote()]
-            return gather_ranks(refs, "running a step", self.shutdown)[-1]  # rank 0 samples
+            ranks = [*range(len(handle)), 0]
+            return gather_ranks(refs, "running a step", self.shutdown, ranks=ranks)[-1]
         except RuntimeError as e:
             self.stopped = f"the tensor-parallel group was stopped: {e}"
             raise
@@ -226,8 +233,12 @@ class RayTPExecutor(Executor):
 
     def synchronize(self) -> None:
         if self.ranks and not self.stopped:
-            syncs = [r.synchronize.remote() for r in self.ranks]
-            gather_ranks(syncs, "waiting for its steps", self.shutdown)
+            try:
+                syncs = [r.synchronize.remote() for r in self.ranks]
+                gather_ranks(syncs, "waiting for its steps", self.shutdown)
+            except RuntimeError as e:
+                self.stopped = f"the tensor-parallel group was stopped: {e}"
+                raise
 
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:
         return ray.get(self.ranks[0].read_kv.remote(block_ids))

@@ -346,6 +346,20 @@ def test_a_request_handed_over_meanwhile_joins_the_step_ahead_with_its_token():
     assert s2.schedule_ahead(prev, 8) is None  # 3 decodes, a budget of 2 tokens
 
 
+def test_a_step_ahead_may_feed_no_row():
+    """Every request of the running step ended (a stop token) and one was handed over: the
+    step ahead feeds nothing and runs the handed-over request's known token."""
+    s = _sched()
+    prev, _ = _decoding(s, [3], [100])
+    s.finish(s.requests["r0"], FinishReason.STOP)
+    adopted = Request("new", list(range(5)), SP, output_token_ids=[42])
+    adopted.num_computed_tokens, adopted.block_ids = 5, s.blocks.allocate(2)
+    adopted.status = RequestStatus.RUNNING
+    s.add_running(adopted)
+    ahead = s.schedule_ahead(prev, 8)
+    assert ahead.feed_rows == () and [c.token_ids for c in ahead.chunks] == [(42,)]
+
+
 def test_a_request_mid_prompt_leaves_the_next_step_to_schedule():
     """A running request that ``prev`` left out (the budget ran out) with prompt left: the next
     step carries a prefill chunk, which only ``schedule`` plans."""

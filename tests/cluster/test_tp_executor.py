@@ -136,3 +136,41 @@ def test_steps_planned_ahead_over_two_ranks_give_one_process_outputs(ray_local, 
         assert len(rows) >= 5 and tp2.blocks.num_used == tp2.blocks.num_parked == 0
     finally:
         tp2.runner.shutdown()
+
+
+def test_a_rank_lost_before_a_wait_for_the_steps_stops_the_group(ray_local, tiny_model):
+    """A failed step makes the engine wait for every rank (``synchronize``): a rank found dead
+    there stops the group as a failed collect does, so later steps are refused with why."""
+    from pdserve.cluster import CacheConfig, EngineConfig, ModelConfig
+    from pdserve.cluster.scheduler import SchedulerOutput
+    from pdserve.cluster.tp_executor import RayTPExecutor
+
+    ray = ray_local
+    cfg = EngineConfig(model=tiny_model, device="cpu", tp=2, rank_actors=True,
+                       cache=CacheConfig(block_size=16, num_blocks=8))  # fmt: skip
+    executor = RayTPExecutor(cfg, ModelConfig.from_dir(tiny_model), 512)
+    executor.synchronize()  # nothing in flight: every rank answers
+    ray.kill(executor.ranks[1])
+    with pytest.raises(RuntimeError, match="rank 1 failed while waiting for its steps"):
+        executor.synchronize()
+    assert executor.stopped and not executor.ranks
+    with pytest.raises(RuntimeError, match="tensor-parallel group was stopped"):
+        executor.launch(SchedulerOutput(()))
+
+
+def test_a_failed_call_is_named_by_the_rank_that_answers_it(ray_local):
+    """A step's refs are every rank's launch, then rank 0's collect: a failed collect names
+    rank 0."""
+    from pdserve.cluster.tp_executor import gather_ranks
+
+    ray = ray_local
+
+    @ray.remote
+    def call(fail: bool) -> int:
+        if fail:
+            raise ValueError("no draw")
+        return 0
+
+    refs = [call.remote(False), call.remote(False), call.remote(True)]
+    with pytest.raises(RuntimeError, match="rank 0 failed while running a step"):
+        gather_ranks(refs, "running a step", lambda: None, ranks=[0, 1, 0])
