@@ -82,6 +82,10 @@ def test_a_rank_failing_after_the_others_answered_is_named(ray_local):
         gather_ranks([step.remote(True), step.remote(False)], "running a step",
                      lambda: stopped.append(True))  # fmt: skip
     assert stopped
+    # a step's refs: every rank's launch, then rank 0's collect, which a failure names
+    refs = [step.remote(False), step.remote(False), step.remote(True)]
+    with pytest.raises(RuntimeError, match="rank 0 failed while running a step"):
+        gather_ranks(refs, "running a step", lambda: None, ranks=[0, 1, 0])
 
 
 def test_a_rank_lost_mid_step_stops_the_group_instead_of_hanging(ray_local, tiny_model):
@@ -156,21 +160,3 @@ def test_a_rank_lost_before_a_wait_for_the_steps_stops_the_group(ray_local, tiny
     assert executor.stopped and not executor.ranks
     with pytest.raises(RuntimeError, match="tensor-parallel group was stopped"):
         executor.launch(SchedulerOutput(()))
-
-
-def test_a_failed_call_is_named_by_the_rank_that_answers_it(ray_local):
-    """A step's refs are every rank's launch, then rank 0's collect: a failed collect names
-    rank 0."""
-    from pdserve.cluster.tp_executor import gather_ranks
-
-    ray = ray_local
-
-    @ray.remote
-    def call(fail: bool) -> int:
-        if fail:
-            raise ValueError("no draw")
-        return 0
-
-    refs = [call.remote(False), call.remote(False), call.remote(True)]
-    with pytest.raises(RuntimeError, match="rank 0 failed while running a step"):
-        gather_ranks(refs, "running a step", lambda: None, ranks=[0, 1, 0])
