@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pdserve.cluster.block_manager import BlockManager
 from pdserve.cluster.block_tables import BlockTables
@@ -227,12 +227,23 @@ class Scheduler:
             self.tables.key(req)
             self.tables.slide(req)
             self.tables.grow(req, n)
-        # a fed request's token is not in yet: its chunk samples the one after it
-        ahead = dict(token_ids=(FED,), sample=True)
-        chunks = [
-            replace(self._take(req, 1), **ahead, num_output_tokens=c.num_output_tokens + 1)
-            for _, c, req in fed
-        ]
+        chunks = []
+        for _, c, req in fed:  # its token is not in yet: the chunk samples the one after it
+            start = req.num_computed_tokens
+            req.num_computed_tokens += 1
+            chunks.append(
+                ScheduledChunk(
+                    request_id=req.request_id,
+                    token_ids=(FED,),
+                    start=start,
+                    block_ids=tuple(req.block_ids),
+                    sample=True,
+                    sampling=req.sampling,
+                    num_output_tokens=c.num_output_tokens + 1,
+                    first_sent_block=req.first_sent_block,
+                    window_block_ids=tuple(req.window_block_ids),
+                )
+            )
         chunks += [self._take(req, 1) for req in joined]
         return SchedulerOutput(tuple(chunks), feed_rows=tuple(row for row, _, _ in fed))
 
