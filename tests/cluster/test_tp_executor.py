@@ -154,7 +154,15 @@ def test_a_rank_lost_before_a_wait_for_the_steps_stops_the_group(ray_local, tiny
                        cache=CacheConfig(block_size=16, num_blocks=8))  # fmt: skip
     executor = RayTPExecutor(cfg, ModelConfig.from_dir(tiny_model), 512)
     executor.synchronize()  # nothing in flight: every rank answers
-    ray.kill(executor.ranks[1])
+    dead = executor.ranks[1]
+    ray.kill(dead)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # a kill lands a little later: wait until it has
+        try:
+            ray.get(dead.pid.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            break
+        time.sleep(0.1)
     with pytest.raises(RuntimeError, match="rank 1 failed while waiting for its steps"):
         executor.synchronize()
     assert executor.stopped and not executor.ranks
