@@ -136,8 +136,8 @@ def time_steps(engine: LLMEngine, batch: int, args) -> dict[str, float]:
         times.append(time.perf_counter() - t0)
         running = len(engine.scheduler.running)
         assert running == batch, f"{running} of {batch} requests still decode"
-    overlapped = _overlapped_steps(engine, args.steps)
-    ahead, share = _ahead_steps(engine, args.steps)
+    overlapped, _ = _loop_steps(engine, args.steps, ahead=False)
+    ahead, share = _loop_steps(engine, args.steps, ahead=True)
     assert len(engine.scheduler.running) == batch
     replay = _replay_ms(engine, batch, args.steps)
     floor = _floor(engine, args.copy_GBps)
@@ -169,26 +169,11 @@ def _floor(engine: LLMEngine, copy_gbps: float) -> dict[str, Any]:
     }
 
 
-def _overlapped_steps(engine: LLMEngine, steps: int) -> float:
-    """Seconds per step of the serving loop's order (``AsyncEngine``): launch step n + 1, emit
-    step n's outputs while it runs, collect it; timed over ``steps`` steps."""
-    pending = engine.collect(engine.launch(engine.plan()))
-    _sync(engine)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        launched = engine.launch(engine.plan())
-        engine.emit(pending)
-        pending = engine.collect(launched)
-    took = (time.perf_counter() - t0) / steps
-    engine.emit(pending)
-    return took
-
-
-def _ahead_steps(engine: LLMEngine, steps: int) -> tuple[float, float]:
-    """Seconds per step of the serving loop's order with steps planned ahead (``AsyncEngine``:
-    step n + 1 taken from ``launch_ahead`` or planned now, the step after it launched ahead
-    where it can be, step n's outputs emitted, step n + 1 collected), and the share of the
-    ``steps`` timed steps that were launched ahead."""
+def _loop_steps(engine: LLMEngine, steps: int, ahead: bool) -> tuple[float, float]:
+    """Seconds per step of the serving loop's order (``AsyncEngine``): step n + 1 launched
+    (taken from ``launch_ahead`` where ``ahead`` launched it, else planned now), step n's
+    outputs emitted while it runs, step n + 1 collected; timed over ``steps`` steps. And the
+    share of them that were launched ahead."""
     pending = engine.collect(engine.launch(engine.plan()))
     _sync(engine)
     early = 0
@@ -198,7 +183,8 @@ def _ahead_steps(engine: LLMEngine, steps: int) -> tuple[float, float]:
         early += launched is not None
         if launched is None:
             launched = engine.launch(engine.plan())
-        engine.launch_ahead(launched)
+        if ahead:
+            engine.launch_ahead(launched)
         engine.emit(pending)
         pending = engine.collect(launched)
     took = (time.perf_counter() - t0) / steps

@@ -64,6 +64,12 @@ def graph_mode(
     return "capture"
 
 
+def fits_graphs(sched: SchedulerOutput, max_batch: int) -> bool:
+    """Whether ``sched`` is pure decode and small enough for the largest bucket."""
+    chunks = sched.chunks
+    return 0 < len(chunks) <= max_batch and all(len(c.token_ids) == 1 for c in chunks)
+
+
 def graph_buckets(max_batch: int) -> tuple[int, ...]:
     """1, 2, 4, 8, then every 16 up to ``max_batch`` (which is always the last)."""
     if max_batch < 1:
@@ -114,7 +120,7 @@ class DecodeGraphs:
         self._h_table = [
             torch.zeros(self.tables, b, w, dtype=torch.int32, pin_memory=pin) for _ in range(2)
         ]
-        self._staged: list[torch.cuda.Event | None] = [None, None]
+        self._staged = [torch.cuda.Event() for _ in range(2)] if pin else None
         self._turn = 0
         empty32 = torch.zeros(1, dtype=torch.int32, device=dev)
         self._no_prefill = dict(
@@ -129,8 +135,7 @@ class DecodeGraphs:
 
     def fits(self, sched: SchedulerOutput) -> bool:
         """Whether the step is pure decode and small enough for a bucket."""
-        chunks = sched.chunks
-        return 0 < len(chunks) <= self.max_batch and all(len(c.token_ids) == 1 for c in chunks)
+        return fits_graphs(sched, self.max_batch)
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -174,7 +179,7 @@ class DecodeGraphs:
         b = self.bucket(n)
         bs, scratch = self.block_size, self.scratch_block
         turn, self._turn = self._turn, 1 - self._turn
-        if self._staged[turn] is not None:  # this set's last copies: long done, as a rule
+        if self._staged is not None:  # this set's last copies: long done, as a rule
             self._staged[turn].synchronize()
         h_tokens, h_lens, h_table = self._h_tokens[turn], self._h_lens[turn], self._h_table[turn]
         tokens, lens, table = h_tokens.numpy(), h_lens.numpy(), h_table.numpy()
@@ -199,8 +204,7 @@ class DecodeGraphs:
         self.lens[:b].copy_(h_lens[:b], non_blocking=True)
         for g in range(self.tables):
             self.table[g, :b].copy_(h_table[g, :b], non_blocking=True)
-        if self.device.type == "cuda":
-            self._staged[turn] = torch.cuda.Event()
+        if self._staged is not None:
             self._staged[turn].record(torch.cuda.current_stream(self.device))
         if k:
             self.tokens[0, :k].copy_(fed)

@@ -310,14 +310,13 @@ class ModelRunner(Executor):
         device. Under tensor parallelism rank 0 alone samples (its ``feed``; the other ranks'
         is None): the group sums its ids with the others' zeros, so every rank runs them."""
         rows = sched.feed_rows
-        if self.tp.size == 1 or not rows:  # no rows: every rank knows, none calls the group
-            return feed.rows(rows) if feed is not None else torch.zeros(0, dtype=torch.int64)
-        ids = (
-            feed.rows(rows).clone()
-            if feed is not None
-            else torch.zeros(len(rows), dtype=torch.int64, device=self.device)
-        )
-        return self.tp.all_reduce(ids)
+        if self.tp.size == 1:
+            return feed.rows(rows)
+        if not rows:  # every rank knows: none calls the group
+            return torch.zeros(0, dtype=torch.int64, device=self.device)
+        if feed is None:
+            return self.tp.all_reduce(torch.zeros(len(rows), dtype=torch.int64, device=self.device))
+        return self.tp.all_reduce(feed.rows(rows).clone())  # not in place on the draw
 
     def ahead_rows(self, sched: SchedulerOutput) -> int:
         if self.graphs is None or not self.graphs.fits(sched):

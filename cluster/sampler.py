@@ -75,8 +75,6 @@ class Draw:
 
     def to_host(self) -> list[SampledToken]:
         """Wait for the device and hand the tokens over, one per row."""
-        if self.tokens.is_cuda and self.copied is None:
-            return self.start_copy().to_host()
         if self.copied is not None:
             self.copied.synchronize()
         parts = list(self.host) or self.parts()

@@ -272,13 +272,11 @@ class Scheduler:
         self.tables.grow(req, grow)
         return True
 
-    def written(self, sched: SchedulerOutput, requests: Sequence[Request] | None = None) -> None:
+    def written(self, sched: SchedulerOutput, requests: Sequence[Request]) -> None:
         """``sched`` ran to the end: its chunks' KV is in their blocks. ``requests``: each
-        chunk's request as launched (else looked up by id)."""
-        if requests is None:
-            requests = [self.requests.get(c.request_id) for c in sched.chunks]
+        chunk's request as launched."""
         for c, req in zip(sched.chunks, requests):
-            if req is not None and req.status == RequestStatus.RUNNING:
+            if req.status == RequestStatus.RUNNING:
                 req.num_written_tokens = max(req.num_written_tokens, c.end)
 
     def _preempt(self, req: Request) -> None:

@@ -29,6 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from pdserve.cluster import trace_file
 from pdserve.cluster.config import EngineConfig, ModelConfig
+from pdserve.cluster.decode_graphs import fits_graphs
 from pdserve.cluster.executor import Executor
 from pdserve.cluster.kv_transport.kv_peer import WAIT_THREADS
 from pdserve.cluster.kv_transport.peer_client import PeerClient
@@ -215,30 +216,26 @@ class RayTPExecutor(Executor):
         return [r.launch.remote(sched) for r in self.ranks]
 
     def collect(self, handle: list[ray.ObjectRef]) -> list[SampledToken]:
-        # a rank that fails mid-step leaves the others in a collective: stop the group, for
-        # good (the replica's health check then asks Serve for a new one)
-        try:
-            refs = [*handle, self.ranks[0].collect.remote()]
-            ranks = [*range(len(handle)), 0]
-            return gather_ranks(refs, "running a step", self.shutdown, ranks=ranks)[-1]
-        except RuntimeError as e:
-            self.stopped = f"the tensor-parallel group was stopped: {e}"
-            raise
+        refs = [*handle, self.ranks[0].collect.remote()]
+        return self._gather(refs, "running a step", ranks=[*range(len(handle)), 0])[-1]
 
     def ahead_rows(self, sched: SchedulerOutput) -> int:
         """As a rank's runner answers (``DecodeGraphs.fits``)."""
-        most, chunks = self.graph_max_batch, sched.chunks
-        fits = 0 < len(chunks) <= most and all(len(c.token_ids) == 1 for c in chunks)
-        return most if fits else 0
+        return self.graph_max_batch if fits_graphs(sched, self.graph_max_batch) else 0
 
     def synchronize(self) -> None:
         if self.ranks and not self.stopped:
-            try:
-                syncs = [r.synchronize.remote() for r in self.ranks]
-                gather_ranks(syncs, "waiting for its steps", self.shutdown)
-            except RuntimeError as e:
-                self.stopped = f"the tensor-parallel group was stopped: {e}"
-                raise
+            self._gather([r.synchronize.remote() for r in self.ranks], "waiting for its steps")
+
+    def _gather(self, refs: list[ray.ObjectRef], what: str, ranks: list[int] | None = None):
+        """``gather_ranks`` while serving: a rank that fails leaves the others in a collective,
+        so the group is stopped for good (the replica's health check then asks Serve for a new
+        one) and later steps are refused with why."""
+        try:
+            return gather_ranks(refs, what, self.shutdown, ranks=ranks)
+        except RuntimeError as e:
+            self.stopped = f"the tensor-parallel group was stopped: {e}"
+            raise
 
     def read_kv(self, block_ids: list[int]) -> torch.Tensor:
         return ray.get(self.ranks[0].read_kv.remote(block_ids))

@@ -30,7 +30,7 @@ def _req(rid: str, n: int) -> Request:
 def _sample(s: Scheduler, out, token: int = 7) -> None:
     """What the engine does after a step: mark its KV written, append a token to every sampled
     request."""
-    s.written(out)
+    s.written(out, [s.requests[c.request_id] for c in out.chunks])
     for c in out.chunks:
         if c.sample:
             s.requests[c.request_id].output_token_ids.append(token)
