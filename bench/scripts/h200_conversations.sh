@@ -7,7 +7,7 @@
 # ANSWER (128), TAG (names the files).
 source "$(dirname "$0")/gpu_env.sh"
 CFG=/tmp/cfg-deepseek-v2-lite
-LAYOUT=gpu NAME=h200-v2lite-1p1d
+LAYOUT=gpu NAME=${GPU,,}-v2lite-1p1d
 [ "${ONE_GPU:-0}" = 1 ] && LAYOUT=one_gpu NAME="${GPU,,}-v2lite-1p1d-one-gpu"
 [ -f "$CFG/config.json" ] || python3 -m pdserve make-model --preset deepseek-v2-lite --config-only --out "$CFG" > /dev/null
 for cache in on off; do
@@ -22,6 +22,7 @@ for cache in on off; do
   timeout 400 python3 -m pdserve.bench.conversations --url http://127.0.0.1:8000 \
     --conversations "${CONV:-16}" --turns "${TURNS:-4}" --system-len "${SYSTEM:-2048}" \
     --user-len "${USER_LEN:-64}" --output-len "${ANSWER:-128}" --label "${NAME}${TAG}-cache-$cache" \
+    --out "$OUT/conversations-${NAME}${TAG}-cache-$cache.json" \
     2>&1 | grep -v Warning | tail -14
   python3 -m pdserve down 2>&1 | tail -1
 done
