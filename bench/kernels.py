@@ -50,25 +50,31 @@ PREFILL_M = (512, 1024, 2048, 4096, 8192, 16384)
 CROSS_M = (1, 4, 16, 32, 64, 128, 256, 512)
 MLA_GRID = [(h, b, c) for h in (16, 128) for b in (1, 8, 32, 128) for c in (1024, 4096, 32768)]
 
-# (BLOCK_N, BLOCK_K, warps, stages) per GEMM of moe_small; BLOCK_M stays 16
+# (BLOCK_N, BLOCK_K, warps, stages, SWAP) per GEMM of moe_small; BLOCK_M stays 16. SWAP 1: the
+# weights as the MMA's left operand (``mma_xw``); on an H100 at DeepSeek-V3 shapes it ran 0.7-0.9x
+# the speed of the same tiles unswapped (2026-12-05), so only two swapped candidates are tried.
 SWEEP_SMALL = {
     "gemm1": [
-        (32, 128, 4, 3),
-        (64, 128, 4, 3),
-        (64, 128, 8, 3),
-        (128, 128, 4, 3),
-        (128, 128, 8, 3),
-        (64, 256, 4, 3),
-        (64, 128, 4, 4),
+        (32, 128, 4, 3, 0),
+        (64, 128, 4, 3, 0),
+        (64, 128, 8, 3, 0),
+        (128, 128, 4, 3, 0),
+        (128, 128, 8, 3, 0),
+        (64, 256, 4, 3, 0),
+        (64, 128, 4, 4, 0),
+        (64, 128, 4, 3, 1),
+        (128, 128, 4, 3, 1),
     ],
     "gemm2": [
-        (64, 128, 4, 3),
-        (128, 128, 4, 3),
-        (128, 128, 8, 3),
-        (256, 128, 8, 3),
-        (128, 256, 8, 3),
-        (64, 256, 4, 3),
-        (128, 128, 4, 4),
+        (64, 128, 4, 3, 0),
+        (128, 128, 4, 3, 0),
+        (128, 128, 8, 3, 0),
+        (256, 128, 8, 3, 0),
+        (128, 256, 8, 3, 0),
+        (64, 256, 4, 3, 0),
+        (128, 128, 4, 4, 0),
+        (64, 128, 4, 3, 1),
+        (128, 128, 4, 3, 1),
     ],
 }
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of moe_large, both GEMMs, GROUP_M 8
@@ -270,6 +276,13 @@ def _best(results: dict, label: str, fn, cands, deadline: float) -> tuple[float,
     return best
 
 
+def _tiles(c: tuple[int, int, int, int, int]) -> dict[str, int]:
+    """A SWEEP_SMALL candidate as moe_small's config of one GEMM."""
+    bn, bk, warps, stages, swap = c
+    cfg = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return cfg | {"SWAP": 1} if swap else cfg
+
+
 def sweep(gpu: str, out: dict, deadline: float) -> None:
     """Time candidate configs at DeepSeek-V3 shapes; make the winners this GPU's table entries."""
     results = out.setdefault("sweep", {})
@@ -281,18 +294,11 @@ def sweep(gpu: str, out: dict, deadline: float) -> None:
         for gemm in ("gemm1", "gemm2"):
 
             def run(c, gemm=gemm, cfg=cfg, case=case):
-                bn, bk, nw, ns = c
-                trial = dict(
-                    cfg,
-                    **{gemm: dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)},
-                )
-                return ms_graph(moe_small_triton, *case, act, config=trial)
+                return ms_graph(moe_small_triton, *case, act, config=dict(cfg, **{gemm: _tiles(c)}))
 
             t, c = _best(results, f"moe_small M={m} {gemm}", run, SWEEP_SMALL[gemm], deadline)
             if c is not None:
-                cfg[gemm] = dict(
-                    BLOCK_M=16, BLOCK_N=c[0], BLOCK_K=c[1], num_warps=c[2], num_stages=c[3]
-                )
+                cfg[gemm] = _tiles(c)
         set_cfg(triton_configs.MOE_SMALL, gpu, bucket, cfg)
         print(f"moe_small M<={bucket}: {cfg} {t:.3f} ms")
     for m, bucket in ((4096, 4096), (16384, 1 << 30)):

@@ -35,6 +35,39 @@ def mma(a, b, acc, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
+@triton.jit
+def mma_xw(x, w, acc, UPCAST: tl.constexpr, SWAP: tl.constexpr):
+    """acc + x @ w^T for activations x [BM, BK] and dequantized weights w [BN, BK]; acc is
+    [BM, BN], or [BN, BM] when SWAP: then the weights are the MMA's left operand, which Hopper's
+    wgmma takes from registers (no shared-memory hop after the dequantization), and the few
+    activation rows its right one."""
+    if SWAP:  # a static if with an else: Triton generates only the branch taken
+        acc = mma(w, tl.trans(x), acc, UPCAST)
+    else:
+        acc = mma(x, tl.trans(w), acc, UPCAST)
+    return acc
+
+
+@triton.jit
+def acc_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """A float32 accumulator for ``mma_xw``: [BM, BN], or [BN, BM] when SWAP."""
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def acc_rows(acc, SWAP: tl.constexpr):
+    """An ``mma_xw`` accumulator as [BM, BN]."""
+    if SWAP:
+        rows = tl.trans(acc)
+    else:
+        rows = acc
+    return rows
+
+
 # Four packed bytes ($4) -> eight bf16: two bf16x2 registers of low nibbles ($0: bytes 0, 1;
 # $1: bytes 2, 3) and two of high nibbles ($2, $3), two elements per instruction. The four bytes
 # are four elements of the packed tile, in whatever order Triton's layout gives them, so each
@@ -125,18 +158,18 @@ def k_masks(rmask, nmask, k0, K, TAIL: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def _gate_up_step(
     acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, k0, K,
-    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, SWAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
     """The gate and up accumulators after the K tile at k0."""
     xm, wm, sm = k_masks(rmask, nmask, k0, K, TAIL, BLOCK_K)
     xt = tl.load(x_ptrs + k0, mask=xm, other=0.0)  # [BM, BK]
     wg = tl.load(wg_ptrs + k0 // 2, mask=wm, other=0)
     sg = tl.load(sg_ptrs + k0 // 32, mask=sm, other=127)
-    acc_g = mma(xt, tl.trans(dequant_tile(wg, sg, BLOCK_N, BLOCK_K, DTYPE, FAST)), acc_g, UPCAST)
+    acc_g = mma_xw(xt, dequant_tile(wg, sg, BLOCK_N, BLOCK_K, DTYPE, FAST), acc_g, UPCAST, SWAP)
     wu = tl.load(wu_ptrs + k0 // 2, mask=wm, other=0)
     su = tl.load(su_ptrs + k0 // 32, mask=sm, other=127)
-    acc_u = mma(xt, tl.trans(dequant_tile(wu, su, BLOCK_N, BLOCK_K, DTYPE, FAST)), acc_u, UPCAST)
+    acc_u = mma_xw(xt, dequant_tile(wu, su, BLOCK_N, BLOCK_K, DTYPE, FAST), acc_u, UPCAST, SWAP)
     return acc_g, acc_u
 
 
@@ -145,29 +178,32 @@ def gate_up_swiglu(
     x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptrs, H, I, stride_wn, stride_sn,
     alpha, beta, limit,
     DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
-    FAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    FAST: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] tile of h = swiglu(x W_gate^T + b_gate, x W_up^T + b_up), float32.
 
     ``x_ptrs`` [BM, BK] point at the rows' first K tile; ``wg_ptrs`` [BN, BK/2] and ``sg_ptrs``
     [BN, BK/32] at the gate rows' packed weights and scales (the up rows follow I rows later);
     ``b_ptrs`` [BN] at the gate biases (up biases I later). Gate and up are rounded to DTYPE
-    first, as the reference's x @ W13^T in the model dtype is."""
+    first, as the reference's x @ W13^T in the model dtype is. SWAP: see ``mma_xw``."""
     wu_ptrs = wg_ptrs + I * stride_wn
     su_ptrs = sg_ptrs + I * stride_sn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_g = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
+    acc_u = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
     h_main = H - H % BLOCK_K  # whole K tiles, unmasked (pipelined); then at most one partial
     for k0 in range(0, h_main, BLOCK_K):
         acc_g, acc_u = _gate_up_step(
             acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, k0, H,
-            DTYPE, UPCAST, FAST, BLOCK_N, BLOCK_K, False,
+            DTYPE, UPCAST, FAST, SWAP, BLOCK_N, BLOCK_K, False,
         )  # fmt: skip
     if h_main < H:
         acc_g, acc_u = _gate_up_step(
             acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, h_main, H,
-            DTYPE, UPCAST, FAST, BLOCK_N, BLOCK_K, True,
+            DTYPE, UPCAST, FAST, SWAP, BLOCK_N, BLOCK_K, True,
         )  # fmt: skip
+    acc_g = acc_rows(acc_g, SWAP)  # [BM, BN]
+    acc_u = acc_rows(acc_u, SWAP)
     if HAS_BIAS:
         acc_g += tl.load(b_ptrs, mask=nmask, other=0.0).to(tl.float32)[None, :]
         acc_u += tl.load(b_ptrs + I, mask=nmask, other=0.0).to(tl.float32)[None, :]

@@ -105,7 +105,7 @@ def _gemm1_kernel(
         h = gate_up_swiglu(
             x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptr + e * stride_be + n, H, I,
             stride_wn, stride_sn, alpha, beta, limit, dtype, HAS_BIAS, HAS_LIMIT, UPCAST, FAST,
-            BLOCK_M, BLOCK_N, BLOCK_K,
+            False, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip  # [BM, BN]
         h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :]  # sorted order
         tl.store(h_ptrs, h, mask=nmask[None, :])

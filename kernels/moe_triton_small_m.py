@@ -24,12 +24,14 @@ import triton.language as tl
 from pdserve.kernels import triton_configs
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 from pdserve.kernels.moe_triton_common import (
+    acc_rows,
+    acc_zeros,
     check_moe_inputs,
     dequant_tile,
     gate_up_swiglu,
     interpreting,
     k_masks,
-    mma,
+    mma_xw,
     output_like,
     topk_sum,
     upcast_dots,
@@ -68,7 +70,7 @@ def _gemm1_kernel(
     H, I, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_hm,
     alpha, beta, limit,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
@@ -91,7 +93,7 @@ def _gemm1_kernel(
         h = gate_up_swiglu(
             x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptr + e * stride_be + n, H, I,
             stride_wn, stride_sn, alpha, beta, limit, dtype, HAS_BIAS, HAS_LIMIT, UPCAST, FAST,
-            BLOCK_M, BLOCK_N, BLOCK_K,
+            SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip  # [BM, BN]
         h_ptrs = h_ptr + slot.to(tl.int64)[:, None] * stride_hm + n[None, :]
         tl.store(h_ptrs, h, mask=rmask[:, None] & nmask[None, :])
@@ -100,22 +102,22 @@ def _gemm1_kernel(
 @triton.jit
 def _down_step(
     acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, k0, K,
-    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, SWAP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
-    """The down projection's accumulator [BM, BN] after the K tile at k0."""
+    """The down projection's accumulator (``mma_xw``'s) after the K tile at k0."""
     hm, wm, sm = k_masks(rmask, nmask, k0, K, TAIL, BLOCK_K)
     ht = tl.load(h_ptrs + k0, mask=hm, other=0.0)  # [BM, BK]
     w = tl.load(w_ptrs + k0 // 2, mask=wm, other=0)
     sc = tl.load(sc_ptrs + k0 // 32, mask=sm, other=127)
-    return mma(ht, tl.trans(dequant_tile(w, sc, BLOCK_N, BLOCK_K, DTYPE, FAST)), acc, UPCAST)
+    return mma_xw(ht, dequant_tile(w, sc, BLOCK_N, BLOCK_K, DTYPE, FAST), acc, UPCAST, SWAP)
 
 
 @triton.jit
 def _gemm2_kernel(
     h_ptr, w_ptr, s_ptr, b_ptr, tw_ptr, ys_ptr, expert_ptr, start_ptr, count_ptr, slots_ptr,
     H, I, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_ym,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
@@ -135,14 +137,15 @@ def _gemm2_kernel(
         rmask = r < count
         slot = tl.load(slots_ptr + start + r, mask=rmask, other=0).to(tl.int64)  # [BM]
         h_ptrs = h_ptr + slot[:, None] * stride_hm + kk[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
         i_main = I - I % BLOCK_K  # whole K tiles, unmasked (pipelined); then at most one partial
         for k0 in range(0, i_main, BLOCK_K):
             acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, k0, I, dtype, UPCAST,
-                             FAST, BLOCK_N, BLOCK_K, False)  # fmt: skip
+                             FAST, SWAP, BLOCK_N, BLOCK_K, False)  # fmt: skip
         if i_main < I:
             acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, i_main, I, dtype, UPCAST,
-                             FAST, BLOCK_N, BLOCK_K, True)  # fmt: skip
+                             FAST, SWAP, BLOCK_N, BLOCK_K, True)  # fmt: skip
+        acc = acc_rows(acc, SWAP)  # [BM, BN]
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tw = tl.load(tw_ptr + slot, mask=rmask, other=0.0)  # [BM] routing weights
@@ -158,6 +161,7 @@ def _launch(cfg: dict, kernel, grid, *args, **consts) -> None:
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
+        SWAP=bool(cfg.get("SWAP", 0)),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

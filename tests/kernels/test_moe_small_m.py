@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels import moe_triton_small_m
+from pdserve.kernels import moe_triton_small_m, triton_configs
 from pdserve.kernels.moe_reference import SwiGLU, moe_mxfp4_torch
 from pdserve.kernels.moe_triton_common import dequant_tile, fit_block_k, interpreting
 from pdserve.kernels.moe_triton_small_m import moe_small_triton
@@ -23,8 +23,8 @@ from tests.kernels.kernel_cases import (
 )
 
 
-def tiles(bm=16, bn=16, bk=32):
-    c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
+def tiles(bm=16, bn=16, bk=32, swap=0):
+    c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1, SWAP=swap)
     return {"gemm1": c, "gemm2": c}
 
 
@@ -80,6 +80,14 @@ def test_many_tiles_k_steps_and_row_chunks(device):
     # multiple of BLOCK_K=64: gemm1 takes one whole K tile and a masked one of 32; I=64 in one
     # step; several N tiles
     check(device, 20, torch.float32, GPT_OSS_ACT, True, e=2, h=96, i=64, k=2, cfg=tiles(16, 16, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swapped_operands_match_the_reference(device, dtype):
+    # the weights as the MMA's left operand: several N tiles, row chunks (20 slots > BLOCK_M),
+    # a masked K tail (H=96 with BLOCK_K=64), biases and GPT-OSS's clamp
+    check(device, 20, dtype, GPT_OSS_ACT, True, e=2, h=96, i=64, k=2, cfg=tiles(16, 32, 64, 1))
+    check(device, 3, dtype, SwiGLU(), False, h=256, i=128, cfg=tiles(16, 64, 128, 1))
 
 
 def test_k_tiles_past_the_reduction_dim_are_masked(device):
@@ -148,13 +156,18 @@ def test_empty_batch_and_bad_inputs(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", REAL_MOE_SHAPES, ids=lambda s: s.name)
 @pytest.mark.parametrize("m", [1, 7, 64])
-def test_real_shapes_gpu(shape, m):
+@pytest.mark.parametrize("swap", [0, 1])
+def test_real_shapes_gpu(shape, m, swap):
     dev = torch.device("cuda")
     w = random_moe(shape.experts, shape.hidden, shape.inter, bias=shape.bias, device=dev, seed=m)
     ids, tw = random_routing(m, shape.experts, shape.top_k, device=dev, seed=m, invalid=True)
     x = torch.randn(m, shape.hidden, device=dev).bfloat16()
+    cfg = triton_configs.pick(triton_configs.MOE_SMALL, dev, m)
+    cfg = {name: dict(c, SWAP=swap) for name, c in cfg.items()}
     poison_cuda_allocator()
-    out = moe_small_triton(x, w, ids, tw, shape.act, out=nan_like(x.shape, x.dtype, dev))
+    out = moe_small_triton(
+        x, w, ids, tw, shape.act, config=cfg, out=nan_like(x.shape, x.dtype, dev)
+    )
     assert rel_err(out, moe_mxfp4_torch(x, w, ids, tw, shape.act)) < 2e-2
 
 
