@@ -76,7 +76,7 @@ def _tile_ids(NUM_BLOCKS, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     return first + (pid % per_group) % size, (pid % per_group) // size
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_BLOCKS", "S"])  # one compile for every token count
 def _gemm1_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, h_ptr, slots_ptr, bexp_ptr,
     NUM_BLOCKS, S, E, H, I, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be,
@@ -111,7 +111,7 @@ def _gemm1_kernel(
         tl.store(h_ptrs, h, mask=nmask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_BLOCKS", "S"])
 def _gemm2_kernel(
     h_ptr, w_ptr, s_ptr, b_ptr, tw_ptr, ys_ptr, slots_ptr, bexp_ptr,
     NUM_BLOCKS, S, E, H, I, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_be,

@@ -40,7 +40,7 @@ from pdserve.kernels.moe_triton_common import (
 MAX_SLOTS = 1024  # (token, expert) slots one launch groups; larger batches run in token chunks
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "A"])  # one compile per block size, whatever the count
 def _group_kernel(
     ids_ptr, expert_ptr, start_ptr, count_ptr, slots_ptr, S, E, A,
     BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr,
