@@ -1,7 +1,9 @@
 """Multi-turn chat against a running deployment: what a prefix cache saves.
 
-    python -P -m pdserve.bench.conversations --url http://127.0.0.1:8000 --conversations 8 \
-        --turns 4 --system-len 1024 --user-len 64 --output-len 64
+    pdserve bench --url http://127.0.0.1:8000 --conversations 8 --turns 4 --system-len 1024 \
+        --user-len 64 --output-len 64
+
+(or ``python -P -m pdserve.bench.conversations`` with the same flags).
 
 Every conversation opens with the same system prompt (``--system-len`` token ids) and its own
 first user message; each later turn's prompt is the previous prompt, the answer to it (the
@@ -139,26 +141,42 @@ def summary(records: list[RequestRecord], delta: dict) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pdserve.bench.conversations", description=__doc__)
+def add_arguments(p: argparse.ArgumentParser, standalone: bool = True) -> None:
+    """The trace's own flags on ``p``; ``standalone`` adds those ``pdserve bench`` shares with
+    its load generator (--url, --model, --output-len, --vocab-size, --seed, --label, --out)."""
+    g = p.add_argument_group("multi-turn chat (pdserve bench --conversations N)")
+    g.add_argument(
+        "--conversations",
+        type=int,
+        default=8 if standalone else None,
+        help="conversations side by side; with pdserve bench, runs this trace",
+    )
+    g.add_argument("--turns", type=int, default=4, help="turns per conversation")
+    g.add_argument("--system-len", type=int, default=1024, help="shared system prompt tokens")
+    g.add_argument("--user-len", type=int, default=64, help="tokens of each user message")
+    if not standalone:
+        return
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--model", help="model name to send (default: the first of GET /v1/models)")
-    p.add_argument("--conversations", type=int, default=8)
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--system-len", type=int, default=1024, help="shared system prompt tokens")
-    p.add_argument("--user-len", type=int, default=64, help="tokens of each user message")
     p.add_argument("--output-len", type=int, default=64, help="tokens of each answer")
     p.add_argument("--vocab-size", type=int, default=1000, help="prompt ids in [4, V)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--label", default="conversations", help="names the run in its result file")
     p.add_argument("--out", help="result JSON (default bench/results/conversations-<label>.json)")
-    args = p.parse_args(argv)
-    for name in ("conversations", "turns", "user_len", "output_len"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+
+
+def run_args(args: argparse.Namespace) -> int:
+    """Run the trace the parsed flags describe, print its table and write its JSON; 1 if a
+    turn failed. Flags ``pdserve bench`` leaves unset take this trace's defaults."""
+    output_len = args.output_len or 64
+    vocab = args.vocab_size or 1000
+    counts = {"conversations": args.conversations, "turns": args.turns}
+    for name, value in (counts | {"user-len": args.user_len, "output-len": output_len}).items():
+        if value < 1:
+            raise SystemExit(f"--{name} must be >= 1, got {value}")
     shape = Shape(
-        args.conversations, args.turns, args.system_len, args.user_len, args.output_len,
-        args.vocab_size, args.seed,
+        args.conversations, args.turns, args.system_len, args.user_len, output_len, vocab,
+        args.seed,
     )  # fmt: skip
     records, delta = asyncio.run(run(args.url, args.model, shape))
     s = summary(records, delta)
@@ -166,8 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:24} {value if not isinstance(value, float) else round(value, 2)}")
     result = {"shape": shape.__dict__, "summary": s, "counters": delta}
     result["records"] = [r.to_json() for r in records]
-    write_result(result, "conversations", args.label, args.out)
+    write_result(result, "conversations", args.label or "conversations", args.out)
     return 1 if s["failed"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pdserve.bench.conversations", description=__doc__)
+    add_arguments(p)
+    return run_args(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import aiohttp
 
+from pdserve.bench import conversations
 from pdserve.bench.load_runner import LoadRunner, RequestShape, wall_s
 from pdserve.bench.serve_plots import plot_compare, plot_run
 from pdserve.bench.serve_report import (
@@ -56,6 +57,11 @@ from pdserve.bench.trace import (
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_INPUT_LEN, DEFAULT_OUTPUT_LEN, DEFAULT_NUM_REQUESTS = 512, 128, 100
 SLO_TTFT_MS, SLO_TPOT_MS = 2000.0, 100.0  # the SLO goodput counts against, by default
+# load-generator flags the multi-turn chat trace (--conversations) has no use for
+CHAT_CLASHES = (
+    "--chat", "--trace", "--sweep-rates", "--compare", "--num-requests", "--rate", "--input-len",
+    "--input-len-range", "--output-len-range", "--max-concurrency",
+)  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,6 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-plots", action="store_true")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--compare", nargs="+", metavar="RESULT", help="plot earlier results only")
+    conversations.add_arguments(p, standalone=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     """Run what the parsed flags ask for; 0 on success, 2 for bad flags, 1 when the server
     cannot be reached or every request failed."""
+    if args.conversations is not None:
+        clash = [f for f in CHAT_CLASHES if getattr(args, f.lstrip("-").replace("-", "_"))]
+        if clash:
+            drop = ", ".join(clash)
+            print(f"error: --conversations runs its own trace; drop {drop}", file=sys.stderr)
+            return 2
+        return conversations.run_args(args)
     try:
         if args.compare:
             return compare(args)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On two H200s: the multi-turn chat trace (bench.conversations) against 1 prefill + 1 decode of
+# On two H200s: the multi-turn chat trace (pdserve bench --conversations) against 1 prefill + 1 decode of
 # DeepSeek-V2-Lite's shape, weights drawn at load (no checkpoint), KV over NCCL, with the prefix
 # cache on and then off on both pools: prompt tokens computed, KV bytes moved and held by
 # decode, TTFT. ONE_GPU=1: both pools share one GPU, KV over Ray's object store. Env: CONV
@@ -19,7 +19,7 @@ for cache in on off; do
   stamp "up, cache $cache"
   timeout 300 python3 -m pdserve up -c "/tmp/conv-$cache.yaml" 2>&1 | grep -v Warning | tail -2
   stamp "trace, cache $cache"
-  timeout 400 python3 -m pdserve.bench.conversations --url http://127.0.0.1:8000 \
+  timeout 400 python3 -m pdserve bench --url http://127.0.0.1:8000 \
     --conversations "${CONV:-16}" --turns "${TURNS:-4}" --system-len "${SYSTEM:-2048}" \
     --user-len "${USER_LEN:-64}" --output-len "${ANSWER:-128}" --label "${NAME}${TAG}-cache-$cache" \
     --out "$OUT/conversations-${NAME}${TAG}-cache-$cache.json" \

@@ -142,3 +142,37 @@ def test_unreachable_server(tmp_path, capsys):
     rc = bench("--url", f"http://127.0.0.1:{port}", "--num-requests", "1", "--out", str(tmp_path))
     assert rc == 1
     assert f"127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_the_chat_trace_refuses_load_generator_flags(capsys):
+    from pdserve.deploy.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--conversations", "2", "--rate", "4", "--chat"])
+    assert args.fn(args) == 2
+    assert "drop --chat, --rate" in capsys.readouterr().err
+
+
+def test_the_chat_trace_through_pdserve_bench(server_url, tmp_path, capsys):
+    from pdserve.deploy.cli import build_parser
+
+    out = tmp_path / "conv.json"
+    argv = [
+        "bench",
+        "--url",
+        server_url,
+        "--conversations",
+        "2",
+        "--turns",
+        "2",
+        "--output-len",
+        "8",
+    ]
+    args = build_parser().parse_args(
+        [*argv, "--system-len", "20", "--user-len", "4", "--out", str(out)]
+    )
+    assert args.fn(args) == 0
+    result = json.loads(out.read_text())
+    assert result["shape"]["vocab"] == 1000  # the trace's default: pdserve bench sets none
+    assert [r["input_len"] for r in result["records"]] == [24, 36, 24, 36]
+    assert result["summary"]["failed"] == 0
+    assert "prompt_tokens_computed" in capsys.readouterr().out

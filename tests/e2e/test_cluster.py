@@ -354,20 +354,21 @@ def test_tp2_on_both_pools_matches_single_process(ray_serve, tiny_model, referen
 def test_conversations_bench_counts_what_the_prefix_caches_saved(
     ray_serve, tiny_model, tmp_path, capsys
 ):
-    """bench.conversations on 1P2D: every turn answered; later turns find their history cached
-    on the prefill replica, so fewer prompt tokens are computed than admitted; and Serve's
-    router sends each later turn to the decode replica that ran the earlier ones, which holds
-    their KV, so prefill sends only the blocks after it."""
-    from pdserve.bench.conversations import main
+    """`pdserve bench --conversations` on 1P2D: every turn answered; later turns find their
+    history cached on the prefill replica, so fewer prompt tokens are computed than admitted;
+    and Serve's router sends each later turn to the decode replica that ran the earlier ones,
+    which holds their KV, so prefill sends only the blocks after it."""
+    from pdserve.deploy.cli import build_parser
 
     decode = {"num_replicas": 2, "num_kv_blocks": 256}
     app = deploy(ray_serve, app_args(tiny_model, {"num_replicas": 1, "num_kv_blocks": 256}, decode))
     out = tmp_path / "conv.json"
     argv = [
-        "--url", app.url, "--conversations", "3", "--turns", "3", "--system-len", "40",
+        "bench", "--url", app.url, "--conversations", "3", "--turns", "3", "--system-len", "40",
         "--user-len", "8", "--output-len", "6", "--vocab-size", "1000", "--out", str(out),
     ]  # fmt: skip
-    assert main(argv) == 0
+    args = build_parser().parse_args(argv)
+    assert args.fn(args) == 0
     result = json.loads(out.read_text())
     s = result["summary"]
     assert s["requests"] == 9 and s["failed"] == 0 and s["prompt_pool"] == "prefill"
