@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import time
-from contextlib import nullcontext
 
 import torch
 
@@ -18,8 +17,10 @@ from pdserve.cluster.batch_inputs import BatchInputs
 from pdserve.cluster.config import EngineConfig, ModelConfig
 from pdserve.cluster.decode_graphs import DecodeGraphs, graph_buckets, graph_mode
 from pdserve.cluster.executor import Executor
+from pdserve.cluster.kernel_choice import choose_kernels
 from pdserve.cluster.kv_groups import KVGroups
 from pdserve.cluster.kv_layout import block_rows, gather_blocks, scatter_blocks, warm_up
+from pdserve.cluster.kv_sizing import propose_num_blocks
 from pdserve.cluster.kv_transport.kv_peer import KVPeer, local_peer_id
 from pdserve.cluster.kv_transport.peer_client import PeerClient
 from pdserve.cluster.model.causal_lm import build
@@ -28,17 +29,9 @@ from pdserve.cluster.parallel import SINGLE, TensorParallel
 from pdserve.cluster.sampler import Draw, SampledToken, Sampler
 from pdserve.cluster.scheduler import SchedulerOutput
 from pdserve.cluster.step_warmup import warmup_steps
-from pdserve.kernels import DeviceInfo, KernelSet
 from pdserve.kernels.compile_watch import WATCH
 
 log = logging.getLogger(__name__)
-
-
-def unused_ops(cfg: ModelConfig) -> tuple[str, ...]:
-    """The ops a model never runs: the other attention family's, the FP8 linear without FP8
-    weights. Their backends are picked without probes (a trial GEMM, say)."""
-    family = ("mla_decode", "mla_prefill") if cfg.is_gqa else ("gqa_decode", "gqa_prefill")
-    return family + (() if cfg.fp8_block else ("linear_fp8",))
 
 
 class ModelRunner(Executor):
@@ -58,22 +51,11 @@ class ModelRunner(Executor):
         self.dtype = config.resolve_dtype(self.device)
         self.block_size = config.cache.block_size
         # ===== kernels =====
-        if self.device.type == "cuda":
-            WATCH.install()  # Triton compiles after start-up are logged (``allocate_kv``)
-        self.device_info = DeviceInfo.detect(self.device)
-        gpu = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
-        with gpu:  # backends' probes run on this worker's GPU
-            self.kernels = KernelSet.resolve(
-                self.device_info,
-                config.role,
-                config.kernel_overrides,
-                dtype=str(self.dtype).removeprefix("torch."),
-                unused=unused_ops(model_config),
-            )
+        self.kernels, self.device_info = choose_kernels(
+            config, model_config, self.device, self.dtype
+        )
         self.kernel_names = self.kernels.names()
         self.device_name = self.device_info.describe()
-        for line in self.kernels.describe():
-            log.info("kernel %s", line)
         # an MLA decode backend that plans each step on the host (FlashInfer's ``plan``: lens,
         # tables, page, graph batch) is handed the step's decode rows before it runs, eager or
         # replayed; the others take everything from tensors
@@ -201,30 +183,15 @@ class ModelRunner(Executor):
         return len(steps)
 
     def propose_num_blocks(self) -> int:
-        """How many blocks fit: the configured count, or what memory allows."""
-        max_model_len = self.max_model_len
-        cache = self.config.cache
-        if cache.num_blocks is not None:
-            return cache.num_blocks
-        row = self.model_config.kv_cache_dim * torch.finfo(self.dtype).bits // 8
-        block_bytes = self.groups.num_slots * row * self.block_size
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * cache.gpu_memory_fraction)
-        else:
-            budget = cache.cpu_kv_bytes
-        # no point in more than every running sequence at full length could use
-        sched = self.config.scheduler
-        per_seq = self.groups.most_blocks(
-            max_model_len, sched.max_num_batched_tokens, self.block_size
+        """How many blocks fit (``kv_sizing``)."""
+        return propose_num_blocks(
+            self.config,
+            self.groups,
+            self.model_config.kv_cache_dim,
+            self.dtype,
+            self.device,
+            self.max_model_len,
         )
-        most = sched.max_num_seqs * per_seq
-        num = min(budget // block_bytes, most)
-        if num < 1:
-            raise ValueError(
-                f"no room for a single KV block ({block_bytes} bytes) on {self.device}"
-            )
-        return num
 
     # ---- KV blocks in and out (prefill/decode handoff) ----
 

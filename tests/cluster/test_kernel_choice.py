@@ -1,9 +1,9 @@
-"""The model runner's choices made from the model alone."""
+"""The kernel choices made from the model alone."""
 
 from __future__ import annotations
 
 from pdserve.cluster.config import ModelConfig
-from pdserve.cluster.model_runner import unused_ops
+from pdserve.cluster.kernel_choice import unused_ops
 
 
 def test_the_ops_a_model_never_runs(tiny_model, gpt_oss_model, fp8_model):
