@@ -3,8 +3,9 @@ measured in the same run:
 ``python -m pdserve.bench.kernels [--sweep] [--budget-s S] [--json PATH]``.
 
 Ceilings: a 1 GiB device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul.
-MoE decode (moe_small): GB/s = bytes of the distinct experts hit / time. MoE prefill (moe_large):
-TFLOP/s = 6 * valid slots * H * I / time. MLA decode: GB/s of KV read and TFLOP/s of
+MoE decode (moe_small): GB/s = bytes of the distinct experts hit / time; "interleaved ms": the
+same kernel on codes bit-interleaved at load (the ``triton_interleaved`` backends). MoE prefill
+(moe_large): TFLOP/s = 6 * valid slots * H * I / time. MLA decode: GB/s of KV read and TFLOP/s of
 2 * B * H * ctx * (D + v_dim). Times: triton.testing.do_bench medians (warm-up 25 ms, 100 ms of
 repeats, L2 flushed before each). MoE rows carry the peers of ``bench/moe_peers.py`` that can
 run here (FlashInfer's CUTLASS MoE), checked against ours on the same inputs, then timed; MLA rows
@@ -410,6 +411,9 @@ def main() -> None:
             case = moe_case(model, m)
             nbytes = case[2].unique().numel() * case[1].expert_nbytes()
             t = ms_graph(moe_small_triton, *case, moe_act(model))
+            inter = (case[0], case[1].interleaved_copy(), *case[2:])  # the codes interleaved
+            t_inter = ms_graph(moe_small_triton, *inter, moe_act(model))
+            del inter
             t_ref = ms(moe_mxfp4_torch, *case, moe_act(model))
             gbps = nbytes / t / 1e6
             rows.append(
@@ -418,6 +422,7 @@ def main() -> None:
                     "model": model,
                     "M": m,
                     "ms": t,
+                    "interleaved_ms": t_inter,
                     "GBps": gbps,
                     "pct_copy": 100 * gbps / ceil["copy_GBps"],
                     "torch_ms": t_ref,
@@ -515,11 +520,12 @@ def report(out: dict) -> None:
         print(f"peer {name} not run: {why}")
     print(
         "MoE decode (moe_small)      M     ms    GB/s  %copy  torch ms  speedup  peer ms  ours/peer"
+        "  interleaved ms"
     )
     for r in out["moe_decode"]:
         print(
             f"  {r['model']:<22}{r['M']:>5}{r['ms']:>8.3f}{r['GBps']:>8.0f}{r['pct_copy']:>7.1f}"
-            f"{r['torch_ms']:>10.2f}{r['speedup']:>8.1f}x{_peer(r)}"
+            f"{r['torch_ms']:>10.2f}{r['speedup']:>8.1f}x{_peer(r)}{r['interleaved_ms']:>15.3f}"
         )
     print("crossover (deepseek-v3)     M  small ms  grouped ms")
     for r in out["moe_crossover"]:

@@ -46,6 +46,9 @@ class KernelSet:
     rope: Callable  # (positions, x, cos, sin, interleave) -> rotated x
     grouped_topk: Callable  # (logits, top_k, **routing) -> (weights, ids)
     moe_crossover_m: int = DEFAULT_MOE_CROSSOVER_M
+    # the layout of the experts' MXFP4 codes both MoE backends read ("plain" or "interleaved":
+    # the model interleaves them at load, ``MXFP4Experts.interleave_codes``)
+    moe_codes: str = "plain"
 
     @staticmethod
     def resolve(
@@ -71,6 +74,13 @@ class KernelSet:
         if moe_crossover_m is None:
             moe_crossover_m = MOE_CROSSOVER_M.get(device.name, DEFAULT_MOE_CROSSOVER_M)
         small, large = choices["moe_small"].backend, choices["moe_large"].backend
+        codes = {small.mxfp4_codes, large.mxfp4_codes}
+        if {"plain", "interleaved"} <= codes:
+            raise ValueError(
+                f"moe_small={small.name} reads {small.mxfp4_codes} MXFP4 codes and "
+                f"moe_large={large.name} {large.mxfp4_codes} ones: pick MoE backends that read "
+                "the same layout (triton reads either)"
+            )
         return KernelSet(
             choices=tuple(choices[op] for op in OPS),
             moe_small_fn=small.load(),
@@ -87,6 +97,7 @@ class KernelSet:
             rope=choices["rope"].backend.load(),
             grouped_topk=choices["grouped_topk"].backend.load(),
             moe_crossover_m=moe_crossover_m,
+            moe_codes="interleaved" if "interleaved" in codes else "plain",
         )
 
     def not_graph_safe(self, ops: tuple[str, ...]) -> dict[str, str]:

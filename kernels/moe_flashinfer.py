@@ -56,6 +56,7 @@ def _pad(t: torch.Tensor, rows: int, cols: int, value: int) -> torch.Tensor:
 
 def reorder_pad(weights: MoeWeights) -> FlashinferMoeWeights:
     """Our [gate; up] experts -> FlashInfer's [up; gate] with H and I padded to 128 (pure torch)."""
+    assert not weights.interleaved, "FlashInfer reads plain MXFP4 codes (Backend.mxfp4_codes)"
     h, i = weights.hidden, weights.intermediate
     kp, np_ = round_up(h, ALIGN), round_up(i, ALIGN)
     one = E8M0_BIAS  # scale 2**0 on padding, whose codes are zero

@@ -16,12 +16,17 @@ Contract shared by every MoE backend (``MoeFn``)::
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from pdserve.kernels.mxfp4 import dequantize_mxfp4
+from pdserve.kernels.mxfp4 import (
+    deinterleave_fp4_words,
+    dequantize_mxfp4,
+    interleave_fp4_words,
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,9 @@ class MoeWeights:
     s2: torch.Tensor  # [E, H, I/32] u8 E8M0
     b13: torch.Tensor | None = None  # [E, 2I] model dtype (GPT-OSS)
     b2: torch.Tensor | None = None  # [E, H] model dtype (GPT-OSS)
+    # codes bit-interleaved per 32-bit word (``mxfp4.interleave_fp4_words``): the Triton
+    # kernels' layout where a backend asks for it (``Backend.mxfp4_codes``); others read plain
+    interleaved: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -67,6 +75,14 @@ class MoeWeights:
     @property
     def intermediate(self) -> int:
         return self.w13.shape[1] // 2
+
+    def interleaved_copy(self) -> MoeWeights:
+        """These experts with their codes bit-interleaved (new tensors; scales shared)."""
+        assert not self.interleaved
+        w13, w2 = (
+            torch.stack([interleave_fp4_words(t) for t in codes]) for codes in (self.w13, self.w2)
+        )  # one expert at a time: the conversion's int32 temporaries stay small
+        return dataclasses.replace(self, w13=w13, w2=w2, interleaved=True)
 
     def expert_nbytes(self) -> int:
         """Bytes one expert occupies (packed weights + scales + biases): what decode reads."""
@@ -96,8 +112,11 @@ def moe_mxfp4_torch(
     for expert in torch.unique(flat_ids[valid]).tolist():
         slots = (flat_ids == expert).nonzero().squeeze(-1)  # slot = token * K + k
         tokens, ks = slots // k, slots % k
-        w13 = dequantize_mxfp4(weights.w13[expert], weights.s13[expert], x.dtype)  # [2I, H]
-        w2 = dequantize_mxfp4(weights.w2[expert], weights.s2[expert], x.dtype)  # [H, I]
+        c13, c2 = weights.w13[expert], weights.w2[expert]
+        if weights.interleaved:
+            c13, c2 = deinterleave_fp4_words(c13), deinterleave_fp4_words(c2)
+        w13 = dequantize_mxfp4(c13, weights.s13[expert], x.dtype)  # [2I, H]
+        w2 = dequantize_mxfp4(c2, weights.s2[expert], x.dtype)  # [H, I]
         h = F.linear(x[tokens], w13, None if weights.b13 is None else weights.b13[expert])
         h = act(h[:, :inter], h[:, inter:])  # [n, I]
         y = F.linear(h, w2, None if weights.b2 is None else weights.b2[expert])  # [n, H]

@@ -97,19 +97,109 @@ or.b32 a, a, b; mul.rn.bf16x2 a, a, c63; mul.rn.bf16x2 $3, a, s23;
 )
 
 
+# One bit-interleaved word ($8, ``mxfp4.interleave_fp4_words``) -> its eight codes as bf16
+# ($0..$7, in element order), times the bf16x2 scale word $9 (2**(s - 64) in both lanes): the
+# masked word and its shifts by 3 and 6 are the pairs (c0, c2), (c4, c6), (c1, c3) as
+# E2M1 * 2**-126; the spare bits give (c5, c7); times 2**63, then the scale, as above.
+_WORD_TO_BF16 = tl.constexpr(
+    """
+{
+.reg .b32 a, b, c, d, t, c63;
+mov.b32 c63, 0x5F005F00;
+and.b32 a, $8, 0x81C081C0;
+shl.b32 b, $8, 3; and.b32 b, b, 0x81C081C0;
+shl.b32 c, $8, 6; and.b32 c, c, 0x81C081C0;
+shl.b32 d, $8, 1; and.b32 d, d, 0x80008000;
+shr.b32 t, $8, 3; and.b32 t, t, 0x01800180; or.b32 d, d, t;
+shr.b32 t, $8, 7; and.b32 t, t, 0x00400040; or.b32 d, d, t;
+mul.rn.bf16x2 a, a, c63; mul.rn.bf16x2 a, a, $9;
+mul.rn.bf16x2 b, b, c63; mul.rn.bf16x2 b, b, $9;
+mul.rn.bf16x2 c, c, c63; mul.rn.bf16x2 c, c, $9;
+mul.rn.bf16x2 d, d, c63; mul.rn.bf16x2 d, d, $9;
+mov.b32 {$0, $2}, a;
+mov.b32 {$4, $6}, b;
+mov.b32 {$1, $3}, c;
+mov.b32 {$5, $7}, d;
+}
+"""
+)
+
+
+@triton.jit
+def _words(packed, BN: tl.constexpr, BK: tl.constexpr):
+    """packed [BN, BK/2] uint8 -> [BN, BK/8] uint32 little-endian words."""
+    even, odd = tl.split(packed.to(tl.uint32).reshape(BN, BK // 8, 2, 2))  # bytes 0, 2 | 1, 3
+    b0, b2 = tl.split(even)
+    b1, b3 = tl.split(odd)
+    return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
+
+
+@triton.jit
+def _in_order(c0, c1, c2, c3, c4, c5, c6, c7, BN: tl.constexpr, BK: tl.constexpr):
+    """Eight [BN, BK/8] tensors, element j of each word in the j-th -> [BN, BK] in order (the
+    last joined axis varies fastest: element 4i + 2j + k sits at [i, j, k])."""
+    lo = tl.join(tl.join(c0, c4), tl.join(c2, c6))
+    hi = tl.join(tl.join(c1, c5), tl.join(c3, c7))
+    return tl.join(lo, hi).reshape(BN, BK)
+
+
+@triton.jit
+def _lane_codes(x):
+    """A 16-bit lane of an interleaved word -> its codes (a, b, c, d): at shifts 0, 3, 6 and in
+    the spare bits (``mxfp4._LANE_CODES``)."""
+    a = ((x >> 15) & 1) << 3 | ((x >> 6) & 7)
+    b = ((x >> 12) & 1) << 3 | ((x >> 3) & 7)
+    c = ((x >> 9) & 1) << 3 | (x & 7)
+    d = ((x >> 14) & 1) << 3 | ((x >> 11) & 1) << 2 | ((x >> 10) & 1) << 1 | ((x >> 13) & 1)
+    return a, b, c, d
+
+
+@triton.jit
+def _decode_codes(codes, scales, BN: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr):
+    """codes [BN, BK] int32 (0..15), scales [BN, BK/32] -> values [BN, BK] in DTYPE, without
+    inline PTX (see ``dequant_tile``)."""
+    bits = ((codes & 0x7) << 9) | ((codes & 0x8) << 12)
+    vals = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)  # E2M1 * 2**-14
+    scale = ((scales.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # [BN, BK/32]
+    vals = vals.reshape(BN, BK // 32, 32) * scale[:, :, None]
+    return vals.reshape(BN, BK).to(DTYPE)
+
+
 @triton.jit
 def dequant_tile(
-    packed, scales, BN: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr, FAST: tl.constexpr
-):
+    packed, scales, BN: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr, FAST: tl.constexpr,
+    INTERLEAVED: tl.constexpr,
+):  # fmt: skip
     """packed [BN, BK/2] uint8, scales [BN, BK/32] uint8 -> values [BN, BK] in DTYPE.
 
-    Element 2j sits in the low nibble of byte j. FAST (CUDA, bf16): inline PTX converts two
-    elements per instruction; scales up to 191 (2**64) are exact. Otherwise (the interpreter,
-    other dtypes): the code's sign goes to bit 15 and its exponent and mantissa bits to bits
-    11..9 of a float16, which then holds exactly E2M1 * 2**-14 (code 1 a float16 subnormal,
-    exact too); the float32 scale 2**(s - 127 + 14) is built from its bits (exact to s = 240).
+    Element 2j sits in the low nibble of byte j, or (INTERLEAVED) the bytes are words of
+    ``mxfp4.interleave_fp4_words``. FAST (CUDA, bf16): inline PTX converts two elements per
+    instruction; scales up to 191 (2**64) are exact. Otherwise (the interpreter, other dtypes):
+    the code's sign goes to bit 15 and its exponent and mantissa bits to bits 11..9 of a
+    float16, which then holds exactly E2M1 * 2**-14 (code 1 a float16 subnormal, exact too);
+    the float32 scale 2**(s - 127 + 14) is built from its bits (exact to s = 240).
     """
-    if FAST:
+    if INTERLEAVED:
+        words = _words(packed, BN, BK)  # [BN, BK/8]
+        if FAST:
+            sw = (scales.to(tl.uint32) + 63) << 7  # bf16 of 2**(s-64)
+            sw = (sw | (sw << 16)).reshape(BN, BK // 32, 1)  # both lanes
+            sw = tl.broadcast_to(sw, (BN, BK // 32, 4)).reshape(BN, BK // 8)  # per word
+            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+                _WORD_TO_BF16,
+                "=h,=h,=h,=h,=h,=h,=h,=h,r,r",
+                [words, sw],
+                dtype=(tl.bfloat16,) * 8,
+                is_pure=True,
+                pack=1,
+            )
+            vals = _in_order(c0, c1, c2, c3, c4, c5, c6, c7, BN, BK)
+        else:
+            a0, b0, c0, d0 = _lane_codes(words & 0xFFFF)  # codes 0, 4, 1, 5
+            a1, b1, c1, d1 = _lane_codes(words >> 16)  # codes 2, 6, 3, 7
+            codes = _in_order(a0, c0, a1, c1, b0, d0, b1, d1, BN, BK).to(tl.int32)
+            vals = _decode_codes(codes, scales, BN, BK, DTYPE)
+    elif FAST:
         p3 = packed.reshape(BN, BK // 32, 16)  # [BN, groups, 16 bytes]
         word = ((scales.to(tl.int32) + 63) << 7).reshape(BN, BK // 32, 1)  # bf16 of 2**(s-64)
         lo, hi = tl.inline_asm_elementwise(
@@ -120,14 +210,12 @@ def dequant_tile(
             is_pure=True,
             pack=4,
         )
-        return tl.join(lo, hi).reshape(BN, BK)
-    b = packed.to(tl.int32)
-    codes = tl.join(b & 0xF, b >> 4).reshape(BN, BK)  # [BN, BK]
-    bits = ((codes & 0x7) << 9) | ((codes & 0x8) << 12)
-    vals = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)  # E2M1 * 2**-14
-    scale = ((scales.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)  # [BN, BK/32]
-    vals = vals.reshape(BN, BK // 32, 32) * scale[:, :, None]
-    return vals.reshape(BN, BK).to(DTYPE)
+        vals = tl.join(lo, hi).reshape(BN, BK)
+    else:
+        b = packed.to(tl.int32)
+        codes = tl.join(b & 0xF, b >> 4).reshape(BN, BK)  # [BN, BK]
+        vals = _decode_codes(codes, scales, BN, BK, DTYPE)
+    return vals
 
 
 @triton.jit
@@ -158,18 +246,20 @@ def k_masks(rmask, nmask, k0, K, TAIL: tl.constexpr, BLOCK_K: tl.constexpr):
 @triton.jit
 def _gate_up_step(
     acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, k0, K,
-    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, SWAP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
+    SWAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
     """The gate and up accumulators after the K tile at k0."""
     xm, wm, sm = k_masks(rmask, nmask, k0, K, TAIL, BLOCK_K)
     xt = tl.load(x_ptrs + k0, mask=xm, other=0.0)  # [BM, BK]
     wg = tl.load(wg_ptrs + k0 // 2, mask=wm, other=0)
     sg = tl.load(sg_ptrs + k0 // 32, mask=sm, other=127)
-    acc_g = mma_xw(xt, dequant_tile(wg, sg, BLOCK_N, BLOCK_K, DTYPE, FAST), acc_g, UPCAST, SWAP)
+    wgt = dequant_tile(wg, sg, BLOCK_N, BLOCK_K, DTYPE, FAST, INTERLEAVED)  # [BN, BK]
+    acc_g = mma_xw(xt, wgt, acc_g, UPCAST, SWAP)
     wu = tl.load(wu_ptrs + k0 // 2, mask=wm, other=0)
     su = tl.load(su_ptrs + k0 // 32, mask=sm, other=127)
-    acc_u = mma_xw(xt, dequant_tile(wu, su, BLOCK_N, BLOCK_K, DTYPE, FAST), acc_u, UPCAST, SWAP)
+    wut = dequant_tile(wu, su, BLOCK_N, BLOCK_K, DTYPE, FAST, INTERLEAVED)
+    acc_u = mma_xw(xt, wut, acc_u, UPCAST, SWAP)
     return acc_g, acc_u
 
 
@@ -178,8 +268,8 @@ def gate_up_swiglu(
     x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptrs, H, I, stride_wn, stride_sn,
     alpha, beta, limit,
     DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
-    FAST: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    FAST: tl.constexpr, INTERLEAVED: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] tile of h = swiglu(x W_gate^T + b_gate, x W_up^T + b_up), float32.
 
@@ -195,12 +285,12 @@ def gate_up_swiglu(
     for k0 in range(0, h_main, BLOCK_K):
         acc_g, acc_u = _gate_up_step(
             acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, k0, H,
-            DTYPE, UPCAST, FAST, SWAP, BLOCK_N, BLOCK_K, False,
+            DTYPE, UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, False,
         )  # fmt: skip
     if h_main < H:
         acc_g, acc_u = _gate_up_step(
             acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, h_main, H,
-            DTYPE, UPCAST, FAST, SWAP, BLOCK_N, BLOCK_K, True,
+            DTYPE, UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, True,
         )  # fmt: skip
     acc_g = acc_rows(acc_g, SWAP)  # [BM, BN]
     acc_u = acc_rows(acc_u, SWAP)

@@ -82,7 +82,7 @@ def _gemm1_kernel(
     NUM_BLOCKS, S, E, H, I, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be,
     stride_hm, alpha, beta, limit,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -105,7 +105,7 @@ def _gemm1_kernel(
         h = gate_up_swiglu(
             x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptr + e * stride_be + n, H, I,
             stride_wn, stride_sn, alpha, beta, limit, dtype, HAS_BIAS, HAS_LIMIT, UPCAST, FAST,
-            False, BLOCK_M, BLOCK_N, BLOCK_K,
+            INTERLEAVED, False, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip  # [BM, BN]
         h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :]  # sorted order
         tl.store(h_ptrs, h, mask=nmask[None, :])
@@ -116,7 +116,7 @@ def _gemm2_kernel(
     h_ptr, w_ptr, s_ptr, b_ptr, tw_ptr, ys_ptr, slots_ptr, bexp_ptr,
     NUM_BLOCKS, S, E, H, I, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_be,
     stride_ym,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = _tile_ids(NUM_BLOCKS, H, BLOCK_N, GROUP_M)
@@ -140,7 +140,8 @@ def _gemm2_kernel(
             ht = tl.load(h_ptrs + k0)
             w = tl.load(w_ptrs + k0 // 2, mask=nmask[:, None], other=0)
             sc = tl.load(sc_ptrs + k0 // 32, mask=nmask[:, None], other=0)
-            acc = mma(ht, tl.trans(dequant_tile(w, sc, BLOCK_N, BLOCK_K, dtype, FAST)), acc, UPCAST)
+            wt = dequant_tile(w, sc, BLOCK_N, BLOCK_K, dtype, FAST, INTERLEAVED)  # [BN, BK]
+            acc = mma(ht, tl.trans(wt), acc, UPCAST)
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tw = tl.load(tw_ptr + slot, mask=rmask, other=0.0)  # [BM]
@@ -202,6 +203,7 @@ def moe_grouped_triton(
         weights.s13.stride(0), weights.s13.stride(1), 0 if b13 is None else b13.stride(0),
         h.stride(0), float(act.alpha), float(act.beta), limit,
         TOPK=k, HAS_BIAS=b13 is not None, HAS_LIMIT=act.limit is not None, UPCAST=up, FAST=fast,
+        INTERLEAVED=weights.interleaved,
     )  # fmt: skip
     ys = torch.empty(s, hidden, dtype=x.dtype, device=x.device)  # [S, H], rounded like the ref
     tw = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [S]
@@ -211,7 +213,7 @@ def moe_grouped_triton(
         nb, s, e, hidden, inter, h.stride(0), weights.w2.stride(0), weights.w2.stride(1),
         weights.s2.stride(0), weights.s2.stride(1), 0 if b2 is None else b2.stride(0),
         ys.stride(0),
-        HAS_BIAS=b2 is not None, UPCAST=up, FAST=fast,
+        HAS_BIAS=b2 is not None, UPCAST=up, FAST=fast, INTERLEAVED=weights.interleaved,
     )  # fmt: skip
     topk_sum(ys, topk_ids, e, out)
     return out

@@ -70,7 +70,7 @@ def _gemm1_kernel(
     H, I, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_hm,
     alpha, beta, limit,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
-    FAST: tl.constexpr, SWAP: tl.constexpr,
+    FAST: tl.constexpr, INTERLEAVED: tl.constexpr, SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
@@ -93,7 +93,7 @@ def _gemm1_kernel(
         h = gate_up_swiglu(
             x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptr + e * stride_be + n, H, I,
             stride_wn, stride_sn, alpha, beta, limit, dtype, HAS_BIAS, HAS_LIMIT, UPCAST, FAST,
-            SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
+            INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip  # [BM, BN]
         h_ptrs = h_ptr + slot.to(tl.int64)[:, None] * stride_hm + n[None, :]
         tl.store(h_ptrs, h, mask=rmask[:, None] & nmask[None, :])
@@ -102,23 +102,24 @@ def _gemm1_kernel(
 @triton.jit
 def _down_step(
     acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, k0, K,
-    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, SWAP: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
+    SWAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
     """The down projection's accumulator (``mma_xw``'s) after the K tile at k0."""
     hm, wm, sm = k_masks(rmask, nmask, k0, K, TAIL, BLOCK_K)
     ht = tl.load(h_ptrs + k0, mask=hm, other=0.0)  # [BM, BK]
     w = tl.load(w_ptrs + k0 // 2, mask=wm, other=0)
     sc = tl.load(sc_ptrs + k0 // 32, mask=sm, other=127)
-    return mma_xw(ht, dequant_tile(w, sc, BLOCK_N, BLOCK_K, DTYPE, FAST), acc, UPCAST, SWAP)
+    wt = dequant_tile(w, sc, BLOCK_N, BLOCK_K, DTYPE, FAST, INTERLEAVED)  # [BN, BK]
+    return mma_xw(ht, wt, acc, UPCAST, SWAP)
 
 
 @triton.jit
 def _gemm2_kernel(
     h_ptr, w_ptr, s_ptr, b_ptr, tw_ptr, ys_ptr, expert_ptr, start_ptr, count_ptr, slots_ptr,
     H, I, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_ym,
-    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, SWAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
+    SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
     count = tl.load(count_ptr + i)
@@ -141,10 +142,10 @@ def _gemm2_kernel(
         i_main = I - I % BLOCK_K  # whole K tiles, unmasked (pipelined); then at most one partial
         for k0 in range(0, i_main, BLOCK_K):
             acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, k0, I, dtype, UPCAST,
-                             FAST, SWAP, BLOCK_N, BLOCK_K, False)  # fmt: skip
+                             FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, False)  # fmt: skip
         if i_main < I:
             acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, i_main, I, dtype, UPCAST,
-                             FAST, SWAP, BLOCK_N, BLOCK_K, True)  # fmt: skip
+                             FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, True)  # fmt: skip
         acc = acc_rows(acc, SWAP)  # [BM, BN]
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -197,6 +198,7 @@ def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
         weights.s13.stride(0), weights.s13.stride(1), 0 if b13 is None else b13.stride(0),
         h.stride(0), float(act.alpha), float(act.beta), limit,
         TOPK=k, HAS_BIAS=b13 is not None, HAS_LIMIT=act.limit is not None, UPCAST=up, FAST=fast,
+        INTERLEAVED=weights.interleaved,
     )  # fmt: skip
     ys = torch.empty(s, hidden, dtype=torch.float32, device=dev)  # [S, H]
     tw = topk_weights.reshape(-1).to(torch.float32)  # [S]
@@ -205,7 +207,7 @@ def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
         h, weights.w2, weights.s2, b2 if b2 is not None else x, tw, ys, expert, start, count, slots,
         hidden, inter, h.stride(0), weights.w2.stride(0), weights.w2.stride(1),
         weights.s2.stride(0), weights.s2.stride(1), 0 if b2 is None else b2.stride(0), ys.stride(0),
-        HAS_BIAS=b2 is not None, UPCAST=up, FAST=fast,
+        HAS_BIAS=b2 is not None, UPCAST=up, FAST=fast, INTERLEAVED=weights.interleaved,
     )  # fmt: skip
     topk_sum(ys, topk_ids, e, out)
 

@@ -152,3 +152,50 @@ WORD_RANGE = (-(2**63), 2**63 - 1)  # torch.randint bounds for (nearly) uniform 
 def scale_for_std(std: float) -> int:
     """The E8M0 scale code that gives uniform random E2M1 codes (std about 3.1) about ``std``."""
     return E8M0_BIAS + round(math.log2(std / 3.1))
+
+
+# Bit-interleaved codes: each 32-bit word (4 packed bytes, 8 codes c0..c7 of one 32-block,
+# c_{2i} the low nibble of byte i) re-laid out once at load so that the Triton MoE kernels turn a
+# word into 8 bfloat16 values with about two instructions per pair. A code's sign goes to bit 15
+# of a 16-bit lane and its exponent and mantissa bits to bits 8..6, so that masking the lane
+# gives E2M1 * 2**-126 as a bfloat16 (code 1 a subnormal). Lane 0 (bits 0..15) holds c0 there,
+# c4 three bits lower (sign 12, bits 5..3), c1 six bits lower (sign 9, bits 2..0) and c5 in the
+# four bits left (sign 14, exponent bits 11 and 10, mantissa bit 13); lane 1 likewise c2, c6, c3,
+# c7. Then ``w & M``, ``(w << 3) & M`` and ``(w << 6) & M`` with M = 0x81C081C0 are the bf16x2
+# pairs (c0, c2), (c4, c6), (c1, c3), and shifts of the spare bits give (c5, c7).
+_LANE_CODES = ((0, 4, 1, 5), (2, 6, 3, 7))  # lane -> codes at shifts 0, 3, 6 and in the spare bits
+
+
+def _lane(codes: list[torch.Tensor], lane: int) -> torch.Tensor:
+    a, b, c, d = (codes[i] for i in _LANE_CODES[lane])
+    out = torch.zeros_like(a)
+    for code, shift in ((a, 0), (b, 3), (c, 6)):
+        out |= ((code >> 3) & 1) << (15 - shift) | (code & 7) << (6 - shift)
+    return out | ((d >> 3) & 1) << 14 | ((d >> 2) & 1) << 11 | ((d >> 1) & 1) << 10 | (d & 1) << 13
+
+
+def interleave_fp4_words(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[..., K // 2]`` packed codes (K a multiple of 8) -> the same shape, each 32-bit
+    word's codes bit-interleaved (see above); ``deinterleave_fp4_words`` inverts it."""
+    assert packed.dtype == torch.uint8 and packed.shape[-1] % 4 == 0, packed.shape
+    b = packed.reshape(-1, 4).to(torch.int32)  # [words, 4]
+    codes = [c for i in range(4) for c in (b[:, i] & 0xF, b[:, i] >> 4)]  # c0 .. c7
+    word = _lane(codes, 0) | _lane(codes, 1) << 16
+    out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(4)], dim=-1)
+    return out.to(torch.uint8).reshape(packed.shape)
+
+
+def deinterleave_fp4_words(words: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``interleave_fp4_words``."""
+    assert words.dtype == torch.uint8 and words.shape[-1] % 4 == 0, words.shape
+    b = words.reshape(-1, 4).to(torch.int32)
+    w = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24  # [words]
+    codes = [torch.zeros_like(w)] * 8
+    for lane in (0, 1):
+        x = (w >> (16 * lane)) & 0xFFFF
+        a, b_, c, d = _LANE_CODES[lane]
+        for i, shift in ((a, 0), (b_, 3), (c, 6)):
+            codes[i] = ((x >> (15 - shift)) & 1) << 3 | (x >> (6 - shift)) & 7
+        codes[d] = (x >> 14 & 1) << 3 | (x >> 11 & 1) << 2 | (x >> 10 & 1) << 1 | (x >> 13 & 1)
+    out = torch.stack([codes[2 * i] | codes[2 * i + 1] << 4 for i in range(4)], dim=-1)
+    return out.to(torch.uint8).reshape(words.shape)

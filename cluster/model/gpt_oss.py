@@ -47,7 +47,7 @@ class GptOssMoE(nn.Module):
         self.prepared = None  # the experts in each MoE backend's layout, set by post_load
 
     def post_load(self) -> None:
-        self.prepared = self.kernels.prepare_moe(self.experts.weights())
+        self.prepared = self.experts.prepare(self.kernels)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's experts: (weights [T, K] float32, summing to 1; ids [T, K])."""

@@ -12,8 +12,14 @@ from torch import nn
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.layers import DenseMLP, Loadable, _copy, _empty
 from pdserve.cluster.parallel import TensorParallel
-from pdserve.kernels import KernelSet, MoeWeights, SwiGLU
-from pdserve.kernels.mxfp4 import BLOCK, pack_fp4, quantize_mxfp4, unpack_fp4
+from pdserve.kernels import KernelSet, MoeWeights, PreparedMoe, SwiGLU
+from pdserve.kernels.mxfp4 import (
+    BLOCK,
+    interleave_fp4_words,
+    pack_fp4,
+    quantize_mxfp4,
+    unpack_fp4,
+)
 
 _PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
 
@@ -86,8 +92,29 @@ class MXFP4Experts(Loadable):
         if self.gpt_oss:
             self.expected = ("gate_up_proj_bias", "down_proj_bias")
 
+    interleaved = False  # the codes bit-interleaved in place (``interleave_codes``)
+
     def weights(self) -> MoeWeights:
-        return MoeWeights(self.w13, self.s13, self.w2, self.s2, self.b13, self.b2)
+        return MoeWeights(
+            self.w13, self.s13, self.w2, self.s2, self.b13, self.b2, interleaved=self.interleaved
+        )
+
+    def prepare(self, kernels: KernelSet) -> PreparedMoe:
+        """The loaded experts in the layouts of ``kernels``' MoE backends: the codes
+        interleaved in place first where they read that layout."""
+        if kernels.moe_codes == "interleaved":
+            self.interleave_codes()
+        return kernels.prepare_moe(self.weights())
+
+    def interleave_codes(self) -> None:
+        """Re-lay the loaded codes out in place as ``mxfp4.interleave_fp4_words`` does, for
+        MoE backends that read that layout; once only."""
+        if self.interleaved:
+            return
+        for codes in (self.w13, self.w2):
+            for e in range(codes.shape[0]):  # an expert at a time: small int32 temporaries
+                codes[e] = interleave_fp4_words(codes[e])
+        self.interleaved = True
 
     def missing_weights(self) -> list[str]:
         missing = (~self._have).nonzero().tolist()
@@ -207,7 +234,7 @@ class MoEBlock(nn.Module):
         self.prepared = None  # the experts in each MoE backend's layout, set by post_load
 
     def post_load(self) -> None:
-        self.prepared = self.kernels.prepare_moe(self.experts.weights())
+        self.prepared = self.experts.prepare(self.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H] partial sum
         topk_weights, topk_ids = self.route(x)

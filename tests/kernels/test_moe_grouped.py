@@ -66,12 +66,15 @@ def test_matches_reference(device, m, dtype, act, bias):
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-def test_several_scale_groups_per_tile(device):
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_several_scale_groups_per_tile(device, interleaved):
     w = random_moe(4, 256, 128, bias=True, device=device, seed=9)
     ids, tw = random_routing(24, 4, 2, device=device, seed=9, invalid=True)
     x = torch.randn(24, 256, device=device).bfloat16()
+    ref = moe_mxfp4_torch(x, w, ids, tw, GPT_OSS_ACT)  # plain codes
+    w = w.interleaved_copy() if interleaved else w
     out = moe_grouped_triton(x, w, ids, tw, GPT_OSS_ACT, config=tiles(16, 32, 128))
-    assert rel_err(out, moe_mxfp4_torch(x, w, ids, tw, GPT_OSS_ACT)) < 2e-2
+    assert rel_err(out, ref) < 2e-2
 
 
 def test_all_ids_invalid_gives_zeros(device):
@@ -85,11 +88,14 @@ def test_all_ids_invalid_gives_zeros(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", REAL_MOE_SHAPES, ids=lambda s: s.name)
 @pytest.mark.parametrize("m", [129, 2048])
-def test_real_shapes_gpu(shape, m):
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_real_shapes_gpu(shape, m, interleaved):
     dev = torch.device("cuda")
     w = random_moe(shape.experts, shape.hidden, shape.inter, bias=shape.bias, device=dev, seed=m)
     ids, tw = random_routing(m, shape.experts, shape.top_k, device=dev, seed=m, invalid=True)
     x = torch.randn(m, shape.hidden, device=dev).bfloat16()
+    ref = moe_mxfp4_torch(x, w, ids, tw, shape.act)
+    w = w.interleaved_copy() if interleaved else w
     poison_cuda_allocator()
     out = moe_grouped_triton(x, w, ids, tw, shape.act, out=nan_like(x.shape, x.dtype, dev))
-    assert rel_err(out, moe_mxfp4_torch(x, w, ids, tw, shape.act)) < 2e-2
+    assert rel_err(out, ref) < 2e-2

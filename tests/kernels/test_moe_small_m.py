@@ -11,7 +11,7 @@ from pdserve.kernels import moe_triton_small_m, triton_configs
 from pdserve.kernels.moe_reference import SwiGLU, moe_mxfp4_torch
 from pdserve.kernels.moe_triton_common import dequant_tile, fit_block_k, interpreting
 from pdserve.kernels.moe_triton_small_m import moe_small_triton
-from pdserve.kernels.mxfp4 import dequantize_mxfp4
+from pdserve.kernels.mxfp4 import dequantize_mxfp4, interleave_fp4_words
 from tests.kernels.kernel_cases import (
     GPT_OSS_ACT,
     REAL_MOE_SHAPES,
@@ -28,12 +28,17 @@ def tiles(bm=16, bn=16, bk=32, swap=0):
     return {"gemm1": c, "gemm2": c}
 
 
-def check(device, m, dtype, act, bias, *, e=8, h=64, i=32, k=3, invalid=False, cfg=None, tol=None):
+def check(
+    device, m, dtype, act, bias, *, e=8, h=64, i=32, k=3, invalid=False, cfg=None, tol=None,
+    interleaved=False,
+):  # fmt: skip
     w = random_moe(e, h, i, bias=bias, dtype=dtype, device=device, seed=m)
     ids, tw = random_routing(m, e, k, device=device, seed=m + 1, invalid=invalid)
     x = torch.randn(m, h, device=device).to(dtype)
+    ref = moe_mxfp4_torch(x, w, ids, tw, act)  # plain codes
+    if interleaved:
+        w = w.interleaved_copy()
     out = moe_small_triton(x, w, ids, tw, act, config=cfg, out=nan_like((m, h), dtype, device))
-    ref = moe_mxfp4_torch(x, w, ids, tw, act)
     # float32 runs the same float math as the reference; bf16 rounds intermediates in other spots
     assert rel_err(out, ref) < (tol or (1e-5 if dtype == torch.float32 else 2e-2))
     return out
@@ -90,6 +95,15 @@ def test_swapped_operands_match_the_reference(device, dtype):
     check(device, 3, dtype, SwiGLU(), False, h=256, i=128, cfg=tiles(16, 64, 128, 1))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interleaved_codes_give_the_plain_codes_result(device, dtype):
+    # words decoded in element order in both GEMMs: several N and K tiles, a masked K tail
+    # (H=96, BLOCK_K=64), biases, swapped operands too; bf16 on CUDA takes the inline PTX
+    check(device, 5, dtype, GPT_OSS_ACT, True, h=96, i=64, cfg=tiles(16, 16, 64), interleaved=True)
+    check(device, 3, dtype, SwiGLU(), False, h=256, i=128, cfg=tiles(16, 64, 128, 1),
+          interleaved=True)  # fmt: skip
+
+
 def test_k_tiles_past_the_reduction_dim_are_masked(device):
     # GPT-OSS's 2880 = 11 * 256 + 64 in miniature: H=352 is one 256 tile and a masked tail of 96;
     # I=160 is a masked tile alone (BLOCK_K 256 > I); bf16, biases, every scale group in play
@@ -98,16 +112,20 @@ def test_k_tiles_past_the_reduction_dim_are_masked(device):
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, o_ptr, FAST: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _dequant_kernel(
+    w_ptr, s_ptr, o_ptr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr,
+):  # fmt: skip
     n = tl.arange(0, BN)
     w = tl.load(w_ptr + n[:, None] * (BK // 2) + tl.arange(0, BK // 2)[None, :])
     s = tl.load(s_ptr + n[:, None] * (BK // 32) + tl.arange(0, BK // 32)[None, :])
-    v = dequant_tile(w, s, BN, BK, tl.bfloat16, FAST)
+    v = dequant_tile(w, s, BN, BK, tl.bfloat16, FAST, INTERLEAVED)
     tl.store(o_ptr + n[:, None] * BK + tl.arange(0, BK)[None, :], v)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("bn, bk, warps", [(16, 32, 4), (32, 128, 4), (64, 256, 8), (128, 64, 2)])
-def test_dequant_tile_is_exact(device, bn, bk, warps):
+def test_dequant_tile_is_exact(device, bn, bk, warps, interleaved):
     """The on-chip MXFP4 -> bf16 tile (inline PTX on CUDA) against dequantize_mxfp4, bit for bit,
     every code in every nibble and a different scale per 32-group (sign of zero included)."""
     gen = torch.Generator().manual_seed(bn + bk)
@@ -116,7 +134,11 @@ def test_dequant_tile_is_exact(device, bn, bk, warps):
     s[0, 0], s[-1, -1] = 2, 191  # ends of the exact range of the fast path
     out = torch.empty(bn, bk, dtype=torch.bfloat16, device=device)
     fast = not interpreting()
-    _dequant_kernel[(1,)](w.to(device), s.to(device), out, FAST=fast, BN=bn, BK=bk, num_warps=warps)
+    stored = interleave_fp4_words(w) if interleaved else w
+    _dequant_kernel[(1,)](
+        stored.to(device), s.to(device), out, FAST=fast, INTERLEAVED=interleaved, BN=bn, BK=bk,
+        num_warps=warps,
+    )  # fmt: skip
     ref = dequantize_mxfp4(w, s, torch.bfloat16)
     assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16))
 
@@ -156,19 +178,21 @@ def test_empty_batch_and_bad_inputs(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", REAL_MOE_SHAPES, ids=lambda s: s.name)
 @pytest.mark.parametrize("m", [1, 7, 64])
-@pytest.mark.parametrize("swap", [0, 1])
-def test_real_shapes_gpu(shape, m, swap):
+@pytest.mark.parametrize("swap, interleaved", [(0, False), (1, False), (0, True)])
+def test_real_shapes_gpu(shape, m, swap, interleaved):
     dev = torch.device("cuda")
     w = random_moe(shape.experts, shape.hidden, shape.inter, bias=shape.bias, device=dev, seed=m)
     ids, tw = random_routing(m, shape.experts, shape.top_k, device=dev, seed=m, invalid=True)
     x = torch.randn(m, shape.hidden, device=dev).bfloat16()
     cfg = triton_configs.pick(triton_configs.MOE_SMALL, dev, m)
     cfg = {name: dict(c, SWAP=swap) for name, c in cfg.items()}
+    ref = moe_mxfp4_torch(x, w, ids, tw, shape.act)
+    w = w.interleaved_copy() if interleaved else w
     poison_cuda_allocator()
     out = moe_small_triton(
         x, w, ids, tw, shape.act, config=cfg, out=nan_like(x.shape, x.dtype, dev)
     )
-    assert rel_err(out, moe_mxfp4_torch(x, w, ids, tw, shape.act)) < 2e-2
+    assert rel_err(out, ref) < 2e-2
 
 
 @pytest.mark.gpu

@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from pdserve.kernels.mxfp4 import (
+    deinterleave_fp4_words,
     dequantize_mxfp4,
     e2m1_decode,
     e2m1_encode,
     e8m0_decode,
+    interleave_fp4_words,
     pack_fp4,
     quantize_mxfp4,
     unpack_fp4,
@@ -134,3 +136,29 @@ def test_idempotent_on_representable_inputs():
     assert torch.equal(p3, p) and torch.equal(s3, s)
     # -0.0 codes requantize to the same bytes too (sign of zero survives the round trip)
     assert torch.equal(unpack_fp4(p3), unpack_fp4(p))
+
+
+def test_interleaved_words_invert_and_mask_into_bf16_pairs():
+    """Each word's codes, interleaved: the inverse restores them; masking the word (and its
+    shifts by 3 and 6, and the spare bits' shifts) gives the bf16 pairs of E2M1 * 2**-126 the
+    kernels' PTX relies on, sign of zero included."""
+    codes = torch.randint(
+        0, 256, (5, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
+    )
+    codes[0, :4] = torch.tensor([0x10, 0x32, 0x54, 0x76])  # codes 0..7 in order
+    codes[1, :4] = torch.tensor([0x98, 0xBA, 0xDC, 0xFE])  # 8..15 (-0 first)
+    words = interleave_fp4_words(codes)
+    assert words.shape == codes.shape and not torch.equal(words, codes)
+    assert torch.equal(deinterleave_fp4_words(words), codes)
+    b = words.reshape(-1, 4).long()
+    w = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
+    mask = 0x81C081C0
+    spare = (w << 1) & 0x80008000 | (w >> 3) & 0x01800180 | (w >> 7) & 0x00400040
+    pairs = {(0, 2): w & mask, (4, 6): (w << 3) & mask, (1, 3): (w << 6) & mask, (5, 7): spare}
+    plain = codes.reshape(-1, 4).long()
+    element = [plain[:, j // 2] >> (4 * (j % 2)) & 0xF for j in range(8)]  # c0 .. c7
+    for (lo, hi), pair in pairs.items():
+        for code, lane in ((element[lo], pair & 0xFFFF), (element[hi], pair >> 16 & 0xFFFF)):
+            bf16 = lane.to(torch.int32).to(torch.int16).view(torch.bfloat16).float() * 2.0**126
+            want = e2m1_decode(code.to(torch.uint8))
+            assert torch.equal(bf16, want) and torch.equal(bf16.signbit(), want.signbit())

@@ -227,3 +227,18 @@ def test_ops_a_model_never_runs_are_picked_without_their_probes():
     assert "scaled_mm" not in probed and "flashinfer_fa3" in probed
     (fp8,) = [c for c in kernels.choices if c.op == "linear_fp8"]
     assert fp8.backend.name == "scaled_mm" and fp8.reason.startswith("unused by the model")
+
+
+def test_moe_backends_agree_on_the_layout_of_the_codes():
+    """Plain codes unless a MoE backend asks for interleaved ones; the Triton kernels read
+    either; a backend that reads plain codes beside one that asks for interleaved is refused."""
+    assert KernelSet.resolve(H100, "decode").moe_codes == "plain"
+    assert KernelSet.resolve(DeviceInfo.cpu(), "decode").moe_codes == "plain"
+    both = {"moe_small": "triton_interleaved", "moe_large": "triton_interleaved"}
+    assert KernelSet.resolve(H100, "decode", both).moe_codes == "interleaved"
+    small = KernelSet.resolve(H100, "decode", {"moe_small": "triton_interleaved"})
+    assert small.moe_codes == "interleaved" and small.names()["moe_large"] == "triton"
+    with pytest.raises(ValueError, match="moe_small=triton_interleaved reads interleaved"):
+        KernelSet.resolve(H100, "decode", {"moe_small": "triton_interleaved", "moe_large": "torch"})
+    # never a default: below the plain Triton kernels
+    assert REGISTRY.select("moe_small", H100, "decode").backend.name == "triton"

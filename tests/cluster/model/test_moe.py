@@ -9,7 +9,7 @@ from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.moe import MXFP4Experts
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.cluster.presets import preset_config
-from pdserve.kernels.mxfp4 import dequantize_mxfp4
+from pdserve.kernels.mxfp4 import deinterleave_fp4_words, dequantize_mxfp4
 
 
 def test_unaligned_shards_of_a_float_checkpoint_keep_one_ranks_values():
@@ -41,3 +41,35 @@ def test_unaligned_shards_of_a_float_checkpoint_keep_one_ranks_values():
         for half in range(2):
             got = rows[:, half * 64 : (half + 1) * 64][:, own.start - lo : own.stop - lo]
             assert torch.equal(got, w13[:, half * inter :][:, own])
+
+
+def test_codes_interleaved_at_load_give_the_same_experts():
+    """``prepare`` interleaves the codes in place, once, for backends that read that layout;
+    the reference reads them back to the same output."""
+    import dataclasses
+
+    from pdserve.kernels import KernelSet
+    from pdserve.kernels.device import DeviceInfo
+    from pdserve.kernels.moe_reference import SwiGLU, moe_mxfp4_torch
+
+    cfg = ModelConfig.from_hf({**preset_config("gpt-oss-tiny"), "vocab_size": 64})
+    e, h = cfg.n_routed_experts, cfg.hidden_size
+    g = torch.Generator().manual_seed(1)
+    m = MXFP4Experts(cfg, TensorParallel(), torch.float32)
+    m.load_weight("gate_up_proj", torch.randn(e, h, 2 * cfg.moe_intermediate_size, generator=g))
+    m.load_weight("down_proj", torch.randn(e, cfg.moe_intermediate_size, h, generator=g))
+    m.load_weight("gate_up_proj_bias", torch.zeros(e, 2 * cfg.moe_intermediate_size))
+    x = torch.randn(3, h, generator=g)
+    ids = torch.tensor([[0, 1], [2, 3], [1, 0]]) % e
+    tw = torch.rand(3, 2, generator=g)
+    plain_codes = m.w13.clone()
+    want = moe_mxfp4_torch(x, m.weights(), ids, tw, SwiGLU())
+    kernels = dataclasses.replace(
+        KernelSet.resolve(DeviceInfo.cpu(), "decode"), moe_codes="interleaved"
+    )
+    prepared = m.prepare(kernels)
+    assert m.interleaved and not torch.equal(m.w13, plain_codes)
+    assert prepared.small.interleaved
+    m.interleave_codes()  # once only
+    assert torch.equal(deinterleave_fp4_words(m.w13), plain_codes)
+    assert torch.equal(moe_mxfp4_torch(x, m.weights(), ids, tw, SwiGLU()), want)
