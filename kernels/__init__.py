@@ -17,8 +17,10 @@ from pdserve.kernels.moe_reference import MoeWeights, SwiGLU, moe_mxfp4_torch
 from pdserve.kernels.registry import REGISTRY, Backend, Choice, Registry
 from pdserve.kernels.routing import grouped_topk
 
-REGISTRY.register(Backend("moe_small", "torch", lambda: moe_mxfp4_torch, "any", priority=0))
-REGISTRY.register(Backend("moe_large", "torch", lambda: moe_mxfp4_torch, "any", priority=0))
+for _op in ("moe_small", "moe_large"):  # the reference reads either layout of the codes
+    REGISTRY.register(
+        Backend(_op, "torch", lambda: moe_mxfp4_torch, "any", priority=0, mxfp4_codes="either")
+    )
 REGISTRY.register(Backend("mla_decode", "torch", lambda: mla_decode_torch, "any", priority=0))
 REGISTRY.register(Backend("mla_prefill", "torch", lambda: mla_prefill_torch, "any", priority=0))
 REGISTRY.register(

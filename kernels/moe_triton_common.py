@@ -7,6 +7,8 @@ Dequantization never leaves the chip: a packed tile [BN, BK/2] of bytes and its 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -19,6 +21,20 @@ MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (CPU tensors, numpy semantics)."""
     return bool(triton.knobs.runtime.interpret)
+
+
+def fast_dequant(x: torch.Tensor) -> bool:
+    """Whether ``dequant_tile`` takes its inline PTX: bf16 activations on a GPU whose PTX has
+    ``mul.rn.bf16x2`` (sm_90 and later); elsewhere its exact float16 path runs."""
+    if x.dtype != torch.bfloat16 or interpreting() or not x.is_cuda:
+        return False
+    return _sm(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= 90
+
+
+@functools.cache
+def _sm(device: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:

@@ -25,9 +25,9 @@ from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 from pdserve.kernels.moe_triton_common import (
     check_moe_inputs,
     dequant_tile,
+    fast_dequant,
     fit_block_k,
     gate_up_swiglu,
-    interpreting,
     mma,
     output_like,
     topk_sum,
@@ -192,7 +192,7 @@ def moe_grouped_triton(
     slots, bexp = align_by_expert(topk_ids, e, c1["BLOCK_M"])
     nb = bexp.shape[0]
     up = upcast_dots(x.dtype)
-    fast = x.dtype == torch.bfloat16 and not interpreting()
+    fast = fast_dequant(x)
     b13, b2 = weights.b13, weights.b2
     h = torch.empty(nb * c1["BLOCK_M"], inter, dtype=x.dtype, device=x.device)  # [NB*BM, I]
     limit = 0.0 if act.limit is None else float(act.limit)

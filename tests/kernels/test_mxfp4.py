@@ -162,3 +162,63 @@ def test_interleaved_words_invert_and_mask_into_bf16_pairs():
             bf16 = lane.to(torch.int32).to(torch.int16).view(torch.bfloat16).float() * 2.0**126
             want = e2m1_decode(code.to(torch.uint8))
             assert torch.equal(bf16, want) and torch.equal(bf16.signbit(), want.signbit())
+
+
+def _run_ptx(text: str, regs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The few PTX instructions the interleaved decode uses, on int64 tensors of 32-bit words
+    (16-bit halves for ``mov.b32 {lo, hi}``): and, or, shl, shr, mov, mul.rn.bf16x2."""
+
+    def val(tok: str) -> torch.Tensor | int:
+        return int(tok, 16) if tok.startswith("0x") else regs[tok] if tok in regs else int(tok)
+
+    def bf16(x: torch.Tensor | int) -> torch.Tensor:
+        x = torch.as_tensor(x, dtype=torch.int64) & 0xFFFF
+        return x.to(torch.int32).to(torch.int16).view(torch.bfloat16).float()
+
+    def mul2(a, b) -> torch.Tensor:  # exact products here: any rounding would do
+        halves = []
+        for shift in (0, 16):
+            z = (bf16(a >> shift) * bf16(b >> shift)).to(torch.bfloat16)
+            halves.append((z.view(torch.int16).to(torch.int64) & 0xFFFF) << shift)
+        return halves[0] | halves[1]
+
+    ops = {
+        "and.b32": lambda a, b: a & b,
+        "or.b32": lambda a, b: a | b,
+        "shl.b32": lambda a, b: (a << b) & 0xFFFFFFFF,
+        "shr.b32": lambda a, b: a >> b,
+        "mul.rn.bf16x2": mul2,
+    }
+    for line in text.replace("{\n", "\n").replace("\n}", "\n").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        if op == "mov.b32" and args.startswith("{"):  # a word's halves into two registers
+            halves, src = args.split("}")
+            lo, hi = (t.strip(" {") for t in halves.split(","))
+            src = src.strip(" ,")
+            regs[lo], regs[hi] = val(src) & 0xFFFF, val(src) >> 16
+            continue
+        dst, *src = (t.strip() for t in args.split(","))
+        regs[dst] = val(src[0]) if op == "mov.b32" else ops[op](*(val(t) for t in src))
+    return regs
+
+
+def test_the_kernels_ptx_decodes_interleaved_words_exactly():
+    """``_WORD_TO_BF16`` itself, run instruction by instruction on the CPU: every code at every
+    position of a word, scales 0 to 191 (the exact range), against ``dequantize_mxfp4``."""
+    from pdserve.kernels.moe_triton_common import _WORD_TO_BF16
+
+    rows = 16 * 32  # row r: code r % 16 at position r // 16 of its 32-block, others random
+    codes = torch.randint(0, 16, (rows, 32), generator=torch.Generator().manual_seed(4))
+    codes[torch.arange(rows), torch.arange(rows) // 16] = torch.arange(rows) % 16
+    packed = (codes[:, 0::2] | codes[:, 1::2] << 4).to(torch.uint8)  # [rows, 16]
+    scales = torch.arange(rows).remainder(192).to(torch.uint8)[:, None]  # [rows, 1]
+    b = interleave_fp4_words(packed).reshape(rows, 4, 4).long()
+    words = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24  # [rows, 4]
+    sw = (scales.long() + 63) << 7
+    regs = _run_ptx(_WORD_TO_BF16.value, {"$8": words, "$9": (sw | sw << 16).expand(rows, 4)})
+    out = torch.stack([regs[f"${j}"] for j in range(8)], dim=-1).reshape(rows, 32)
+    got = out.to(torch.int32).to(torch.int16)
+    assert torch.equal(got, dequantize_mxfp4(packed, scales, torch.bfloat16).view(torch.int16))

@@ -238,7 +238,14 @@ def test_moe_backends_agree_on_the_layout_of_the_codes():
     assert KernelSet.resolve(H100, "decode", both).moe_codes == "interleaved"
     small = KernelSet.resolve(H100, "decode", {"moe_small": "triton_interleaved"})
     assert small.moe_codes == "interleaved" and small.names()["moe_large"] == "triton"
+    mixed = {"moe_small": "triton_interleaved", "moe_large": "torch"}  # the reference reads both
+    assert KernelSet.resolve(H100, "decode", mixed).moe_codes == "interleaved"
     with pytest.raises(ValueError, match="moe_small=triton_interleaved reads interleaved"):
-        KernelSet.resolve(H100, "decode", {"moe_small": "triton_interleaved", "moe_large": "torch"})
+        KernelSet.resolve(
+            H100,
+            "prefill",
+            {"moe_small": "triton_interleaved", "moe_large": "flashinfer_cutlass"},
+            registry=with_flashinfer_available(),
+        )
     # never a default: below the plain Triton kernels
     assert REGISTRY.select("moe_small", H100, "decode").backend.name == "triton"
