@@ -141,6 +141,9 @@ def summary(records: list[RequestRecord], delta: dict) -> dict:
     }
 
 
+OUTPUT_LEN, VOCAB, LABEL = 64, 1000, "conversations"  # defaults where no flag gives them
+
+
 def add_arguments(p: argparse.ArgumentParser, standalone: bool = True) -> None:
     """The trace's own flags on ``p``; ``standalone`` adds those ``pdserve bench`` shares with
     its load generator (--url, --model, --output-len, --vocab-size, --seed, --label, --out)."""
@@ -158,18 +161,18 @@ def add_arguments(p: argparse.ArgumentParser, standalone: bool = True) -> None:
         return
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--model", help="model name to send (default: the first of GET /v1/models)")
-    p.add_argument("--output-len", type=int, default=64, help="tokens of each answer")
-    p.add_argument("--vocab-size", type=int, default=1000, help="prompt ids in [4, V)")
+    p.add_argument("--output-len", type=int, default=OUTPUT_LEN, help="tokens of each answer")
+    p.add_argument("--vocab-size", type=int, default=VOCAB, help="prompt ids in [4, V)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--label", default="conversations", help="names the run in its result file")
+    p.add_argument("--label", default=LABEL, help="names the run in its result file")
     p.add_argument("--out", help="result JSON (default bench/results/conversations-<label>.json)")
 
 
 def run_args(args: argparse.Namespace) -> int:
     """Run the trace the parsed flags describe, print its table and write its JSON; 1 if a
     turn failed. Flags ``pdserve bench`` leaves unset take this trace's defaults."""
-    output_len = args.output_len or 64
-    vocab = args.vocab_size or 1000
+    output_len = args.output_len or OUTPUT_LEN
+    vocab = args.vocab_size or VOCAB
     counts = {"conversations": args.conversations, "turns": args.turns}
     for name, value in (counts | {"user-len": args.user_len, "output-len": output_len}).items():
         if value < 1:
@@ -184,7 +187,7 @@ def run_args(args: argparse.Namespace) -> int:
         print(f"{key:24} {value if not isinstance(value, float) else round(value, 2)}")
     result = {"shape": shape.__dict__, "summary": s, "counters": delta}
     result["records"] = [r.to_json() for r in records]
-    write_result(result, "conversations", args.label or "conversations", args.out)
+    write_result(result, "conversations", args.label or LABEL, args.out)
     return 1 if s["failed"] else 0
 
 

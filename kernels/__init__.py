@@ -66,7 +66,25 @@ def _flashinfer_missing() -> str | None:
     return _lazy("moe_flashinfer", "unavailable")()()
 
 
-# Triton kernels: bf16 tl.dot needs sm_80+; min_smem is what their default configs stage.
+def _triton(op: str, module: str, fn: str, **needs) -> Backend:
+    """A Triton kernel of ours: bf16 tl.dot needs sm_80+; bf16 and float32 are what the tests
+    cover, on CPU and on the H100; grids and split counts come from shapes, so it may run in a
+    CUDA graph (decode graphs rely on it)."""
+    return Backend(
+        op,
+        "triton",
+        _lazy(module, fn),
+        "cuda",
+        priority=10,
+        min_sm=80,
+        dtypes=("bfloat16", "float32"),
+        unavailable=_triton_missing,
+        graph_safe=True,
+        **needs,
+    )
+
+
+# Attention and MoE; min_smem is what their default configs stage.
 for _op, _module, _fn in (
     ("moe_small", "moe_triton_small_m", "moe_small_triton"),
     ("moe_large", "moe_triton_grouped", "moe_grouped_triton"),
@@ -75,32 +93,24 @@ for _op, _module, _fn in (
     ("gqa_decode", "gqa_decode_triton", "gqa_decode_triton"),
     ("gqa_prefill", "gqa_prefill_triton", "gqa_prefill_triton"),
 ):
-    _backend = Backend(
-        _op,
-        "triton",
-        _lazy(_module, _fn),
-        "cuda",
-        priority=10,
-        min_sm=80,
-        min_smem=triton_configs.default_smem(_op),
-        dtypes=("bfloat16", "float32"),  # what the tests cover, on CPU and on the H100
-        unavailable=_triton_missing,
-        graph_safe=True,  # grids and split counts come from shapes (decode graphs rely on it)
-        mxfp4_codes="either" if _op.startswith("moe") else "plain",  # MoeWeights.interleaved
+    if not _op.startswith("moe"):
+        REGISTRY.register(_triton(_op, _module, _fn, min_smem=triton_configs.default_smem(_op)))
+        continue
+    _backend = _triton(  # the MoE kernels read MoeWeights.interleaved
+        _op, _module, _fn, min_smem=triton_configs.default_smem(_op), mxfp4_codes="either"
     )
     REGISTRY.register(_backend)
-    if _op.startswith("moe"):
-        # The same kernels on codes bit-interleaved at load (``mxfp4.interleave_fp4_words``):
-        # fewer instructions per dequantized pair on CUDA in bf16. Below the plain layout, so
-        # taken only by the override {moe_small: triton_interleaved, moe_large:
-        # triton_interleaved}. A prototype of this decode (one multiply per pair, for scales up
-        # to 128) ran DeepSeek-V3's small-M MoE 1.15-1.17x faster on an H100 at 1-64 tokens;
-        # this one (two, exact for every scale to 191) is not yet measured.
-        REGISTRY.register(
-            dataclasses.replace(
-                _backend, name="triton_interleaved", priority=9, mxfp4_codes="interleaved"
-            )
+    # The same kernels on codes bit-interleaved at load (``mxfp4.interleave_fp4_words``): fewer
+    # instructions per dequantized pair on CUDA in bf16. Below the plain layout, so taken only by
+    # the override {moe_small: triton_interleaved, moe_large: triton_interleaved}. A prototype of
+    # this decode (one multiply per pair, for scales up to 128) ran DeepSeek-V3's small-M MoE
+    # 1.15-1.17x faster on an H100 at 1-64 tokens; this one (two, exact for every scale to 191)
+    # is not yet measured.
+    REGISTRY.register(
+        dataclasses.replace(
+            _backend, name="triton_interleaved", priority=9, mxfp4_codes="interleaved"
         )
+    )
 
 # One launch each for the norms, rotations and routing the torch versions spread over kernels.
 # Checked against the references compiled on an H200, where they cut a decode step at batch 1 by
@@ -110,19 +120,7 @@ for _op, _module, _fn in (
     ("rope", "rope_triton", "rope_triton"),
     ("grouped_topk", "routing_triton", "grouped_topk_triton"),
 ):
-    REGISTRY.register(
-        Backend(
-            _op,
-            "triton",
-            _lazy(_module, _fn),
-            "cuda",
-            priority=10,
-            min_sm=80,
-            dtypes=("bfloat16", "float32"),
-            unavailable=_triton_missing,
-            graph_safe=True,
-        )
-    )
+    REGISTRY.register(_triton(_op, _module, _fn))
 
 # FP8 tl.dot needs sm_89+ (Ada, Hopper)
 REGISTRY.register(

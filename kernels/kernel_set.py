@@ -17,6 +17,7 @@ from pdserve.kernels.triton_configs import MOE_CROSSOVER_M
 # crossover that bench.kernels measures (triton_configs.MOE_CROSSOVER_M, keyed by GPU name);
 # the value only matters when the two backends differ.
 DEFAULT_MOE_CROSSOVER_M = 64
+MOE_OPS = ("moe_small", "moe_large")
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,6 @@ class KernelSet:
     rope: Callable  # (positions, x, cos, sin, interleave) -> rotated x
     grouped_topk: Callable  # (logits, top_k, **routing) -> (weights, ids)
     moe_crossover_m: int = DEFAULT_MOE_CROSSOVER_M
-    # the layout of the experts' MXFP4 codes both MoE backends read ("plain" or "interleaved":
-    # the model interleaves them at load, ``MXFP4Experts.interleave_codes``)
-    moe_codes: str = "plain"
 
     @staticmethod
     def resolve(
@@ -97,8 +95,15 @@ class KernelSet:
             rope=choices["rope"].backend.load(),
             grouped_topk=choices["grouped_topk"].backend.load(),
             moe_crossover_m=moe_crossover_m,
-            moe_codes="interleaved" if "interleaved" in codes else "plain",
         )
+
+    @property
+    def moe_codes(self) -> str:
+        """The layout of the experts' MXFP4 codes both MoE backends read: "interleaved" where
+        one asks for it (the model interleaves them at load, ``MXFP4Experts.prepare``), else
+        "plain"."""
+        codes = {c.backend.mxfp4_codes for c in self.choices if c.op in MOE_OPS}
+        return "interleaved" if "interleaved" in codes else "plain"
 
     def not_graph_safe(self, ops: tuple[str, ...]) -> dict[str, str]:
         """The backends among ``ops`` that cannot run inside a CUDA graph, by op."""

@@ -79,9 +79,7 @@ class MoeWeights:
     def interleaved_copy(self) -> MoeWeights:
         """These experts with their codes bit-interleaved (new tensors; scales shared)."""
         assert not self.interleaved
-        w13, w2 = (
-            torch.stack([interleave_fp4_words(t) for t in codes]) for codes in (self.w13, self.w2)
-        )  # one expert at a time: the conversion's int32 temporaries stay small
+        w13, w2 = interleave_fp4_words(self.w13), interleave_fp4_words(self.w2)
         return dataclasses.replace(self, w13=w13, w2=w2, interleaved=True)
 
     def expert_nbytes(self) -> int:

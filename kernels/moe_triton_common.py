@@ -26,15 +26,12 @@ def interpreting() -> bool:
 def fast_dequant(x: torch.Tensor) -> bool:
     """Whether ``dequant_tile`` takes its inline PTX: bf16 activations on a GPU whose PTX has
     ``mul.rn.bf16x2`` (sm_90 and later); elsewhere its exact float16 path runs."""
-    if x.dtype != torch.bfloat16 or interpreting() or not x.is_cuda:
-        return False
-    return _sm(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= 90
+    return x.dtype == torch.bfloat16 and x.is_cuda and not interpreting() and _sm90(x.device)
 
 
 @functools.cache
-def _sm(device: int) -> int:
-    major, minor = torch.cuda.get_device_capability(device)
-    return major * 10 + minor
+def _sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def upcast_dots(dtype: torch.dtype) -> bool:

@@ -174,15 +174,23 @@ def _lane(codes: list[torch.Tensor], lane: int) -> torch.Tensor:
     return out | ((d >> 3) & 1) << 14 | ((d >> 2) & 1) << 11 | ((d >> 1) & 1) << 10 | (d & 1) << 13
 
 
-def interleave_fp4_words(packed: torch.Tensor) -> torch.Tensor:
+def interleave_fp4_words(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 ``[..., K // 2]`` packed codes (K a multiple of 8) -> the same shape, each 32-bit
-    word's codes bit-interleaved (see above); ``deinterleave_fp4_words`` inverts it."""
+    word's codes bit-interleaved (see above); ``deinterleave_fp4_words`` inverts it. ``out``
+    (``packed`` itself, say) receives them. A 3-d tensor (experts) goes one leading index at a
+    time, so the int32 temporaries stay the size of one expert."""
     assert packed.dtype == torch.uint8 and packed.shape[-1] % 4 == 0, packed.shape
+    out = torch.empty_like(packed) if out is None else out
+    if packed.dim() == 3:
+        for e in range(packed.shape[0]):
+            interleave_fp4_words(packed[e], out=out[e])
+        return out
     b = packed.reshape(-1, 4).to(torch.int32)  # [words, 4]
     codes = [c for i in range(4) for c in (b[:, i] & 0xF, b[:, i] >> 4)]  # c0 .. c7
     word = _lane(codes, 0) | _lane(codes, 1) << 16
-    out = torch.stack([(word >> (8 * i)) & 0xFF for i in range(4)], dim=-1)
-    return out.to(torch.uint8).reshape(packed.shape)
+    words = torch.stack([(word >> (8 * i)) & 0xFF for i in range(4)], dim=-1)
+    out.copy_(words.reshape(packed.shape))
+    return out
 
 
 def deinterleave_fp4_words(words: torch.Tensor) -> torch.Tensor:
@@ -190,7 +198,7 @@ def deinterleave_fp4_words(words: torch.Tensor) -> torch.Tensor:
     assert words.dtype == torch.uint8 and words.shape[-1] % 4 == 0, words.shape
     b = words.reshape(-1, 4).to(torch.int32)
     w = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24  # [words]
-    codes = [torch.zeros_like(w)] * 8
+    codes: list[torch.Tensor] = [w] * 8  # each replaced below
     for lane in (0, 1):
         x = (w >> (16 * lane)) & 0xFFFF
         a, b_, c, d = _LANE_CODES[lane]

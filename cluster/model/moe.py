@@ -112,8 +112,7 @@ class MXFP4Experts(Loadable):
         if self.interleaved:
             return
         for codes in (self.w13, self.w2):
-            for e in range(codes.shape[0]):  # an expert at a time: small int32 temporaries
-                codes[e] = interleave_fp4_words(codes[e])
+            interleave_fp4_words(codes, out=codes)
         self.interleaved = True
 
     def missing_weights(self) -> list[str]:

@@ -46,10 +46,8 @@ def test_unaligned_shards_of_a_float_checkpoint_keep_one_ranks_values():
 def test_codes_interleaved_at_load_give_the_same_experts():
     """``prepare`` interleaves the codes in place, once, for backends that read that layout;
     the reference reads them back to the same output."""
-    import dataclasses
-
     from pdserve.kernels import KernelSet
-    from pdserve.kernels.device import DeviceInfo
+    from pdserve.kernels.device import H100
     from pdserve.kernels.moe_reference import SwiGLU, moe_mxfp4_torch
 
     cfg = ModelConfig.from_hf({**preset_config("gpt-oss-tiny"), "vocab_size": 64})
@@ -64,9 +62,8 @@ def test_codes_interleaved_at_load_give_the_same_experts():
     tw = torch.rand(3, 2, generator=g)
     plain_codes = m.w13.clone()
     want = moe_mxfp4_torch(x, m.weights(), ids, tw, SwiGLU())
-    kernels = dataclasses.replace(
-        KernelSet.resolve(DeviceInfo.cpu(), "decode"), moe_codes="interleaved"
-    )
+    both = {"moe_small": "triton_interleaved", "moe_large": "triton_interleaved"}
+    kernels = KernelSet.resolve(H100, "decode", both)  # resolved only: no kernel runs here
     prepared = m.prepare(kernels)
     assert m.interleaved and not torch.equal(m.w13, plain_codes)
     assert prepared.small.interleaved
