@@ -4,7 +4,8 @@ measured in the same run:
 
 Ceilings: a 1 GiB device-to-device copy (bytes read + written) and an 8192^3 bf16 matmul.
 MoE decode (moe_small): GB/s = bytes of the distinct experts hit / time; "interleaved ms": the
-same kernel on codes bit-interleaved at load (the ``triton_interleaved`` backends). MoE prefill
+same kernel on experts in the fragment layout (``mxfp4.interleave_mxfp4``, the
+``triton_interleaved`` backends). MoE prefill
 (moe_large): TFLOP/s = 6 * valid slots * H * I / time. MLA decode: GB/s of KV read and TFLOP/s of
 2 * B * H * ctx * (D + v_dim). Times: triton.testing.do_bench medians (warm-up 25 ms, 100 ms of
 repeats, L2 flushed before each). MoE rows carry the peers of ``bench/moe_peers.py`` that can
@@ -46,7 +47,7 @@ MODELS = {  # name: (hidden, experts, top_k, intermediate)
 }
 GPT_OSS_ACT = SwiGLU(alpha=1.702, beta=1.0, limit=7.0)
 PARTS = ("moe_decode", "moe_crossover", "moe_prefill", "mla_decode")
-DECODE_M = (1, 4, 16, 64, 128)
+DECODE_M = (1, 4, 16, 64, 128, 256)
 PREFILL_M = (512, 1024, 2048, 4096, 8192, 16384)
 CROSS_M = (1, 4, 16, 32, 64, 128, 256, 512)
 MLA_GRID = [(h, b, c) for h in (16, 128) for b in (1, 8, 32, 128) for c in (1024, 4096, 32768)]
@@ -411,7 +412,7 @@ def main() -> None:
             case = moe_case(model, m)
             nbytes = case[2].unique().numel() * case[1].expert_nbytes()
             t = ms_graph(moe_small_triton, *case, moe_act(model))
-            inter = (case[0], case[1].interleaved_copy(), *case[2:])  # the codes interleaved
+            inter = (case[0], case[1].interleaved_copy(), *case[2:])  # the fragment layout
             t_inter = ms_graph(moe_small_triton, *inter, moe_act(model))
             del inter
             t_ref = ms(moe_mxfp4_torch, *case, moe_act(model))
@@ -448,6 +449,9 @@ def main() -> None:
         h, _, k, i = MODELS[model]
         flops = 6 * m * k * h * i
         t = ms_graph(moe_grouped_triton, *case, act)
+        inter = (case[0], case[1].interleaved_copy(), *case[2:])  # the fragment layout
+        t_inter = ms_graph(moe_grouped_triton, *inter, act)
+        del inter
         t_ref = ms(moe_mxfp4_torch, *case, act)
         tf = flops / t / 1e9
         rows.append(
@@ -456,6 +460,7 @@ def main() -> None:
                 "model": model,
                 "M": m,
                 "ms": t,
+                "interleaved_ms": t_inter,
                 "TFLOPs": tf,
                 "pct_matmul": 100 * tf / ceil["matmul_TFLOPs"],
                 "torch_ms": t_ref,
@@ -533,6 +538,7 @@ def report(out: dict) -> None:
     print(f"  -> grouped from M = {out['moe_crossover_m']}")
     print(
         "MoE prefill (moe_large)     M     ms  TFLOP/s  %mm  torch ms  speedup  peer ms  ours/peer"
+        "  interleaved ms"
     )
     for r in out["moe_prefill"]:
         if "skipped" in r:
@@ -541,6 +547,7 @@ def report(out: dict) -> None:
         print(
             f"  {r['model']:<22}{r['M']:>5}{r['ms']:>8.2f}{r['TFLOPs']:>8.0f}"
             f"{r['pct_matmul']:>6.1f}{r['torch_ms']:>10.1f}{r['speedup']:>8.1f}x{_peer(r)}"
+            f"{r['interleaved_ms']:>15.2f}"
         )
     print(
         "MLA decode  heads   B    ctx     ms    GB/s  %copy  TFLOP/s  %mm  torch ms  speedup"

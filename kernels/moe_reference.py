@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.kernels.mxfp4 import (
-    deinterleave_fp4_words,
     dequantize_mxfp4,
-    interleave_fp4_words,
+    fragment_layout_fits,
+    interleave_mxfp4,
 )
 
 
@@ -60,7 +60,7 @@ class MoeWeights:
     s2: torch.Tensor  # [E, H, I/32] u8 E8M0
     b13: torch.Tensor | None = None  # [E, 2I] model dtype (GPT-OSS)
     b2: torch.Tensor | None = None  # [E, H] model dtype (GPT-OSS)
-    # codes bit-interleaved per 32-bit word (``mxfp4.interleave_fp4_words``): the Triton
+    # codes and scales in the MMA-fragment layout (``mxfp4.interleave_mxfp4``): the Triton
     # kernels' layout where a backend asks for it (``Backend.mxfp4_codes``); others read plain
     interleaved: bool = False
 
@@ -76,11 +76,18 @@ class MoeWeights:
     def intermediate(self) -> int:
         return self.w13.shape[1] // 2
 
+    def interleavable(self) -> bool:
+        """Whether both GEMMs' codes fit the fragment layout (rows % 16, columns % 64)."""
+        return fragment_layout_fits(2 * self.intermediate, self.hidden) and fragment_layout_fits(
+            self.hidden, self.intermediate
+        )
+
     def interleaved_copy(self) -> MoeWeights:
-        """These experts with their codes bit-interleaved (new tensors; scales shared)."""
+        """These experts with codes and scales in the fragment layout (new tensors)."""
         assert not self.interleaved
-        w13, w2 = interleave_fp4_words(self.w13), interleave_fp4_words(self.w2)
-        return dataclasses.replace(self, w13=w13, w2=w2, interleaved=True)
+        w13, s13 = interleave_mxfp4(self.w13.clone(), self.s13.clone())
+        w2, s2 = interleave_mxfp4(self.w2.clone(), self.s2.clone())
+        return dataclasses.replace(self, w13=w13, s13=s13, w2=w2, s2=s2, interleaved=True)
 
     def expert_nbytes(self) -> int:
         """Bytes one expert occupies (packed weights + scales + biases): what decode reads."""
@@ -110,11 +117,13 @@ def moe_mxfp4_torch(
     for expert in torch.unique(flat_ids[valid]).tolist():
         slots = (flat_ids == expert).nonzero().squeeze(-1)  # slot = token * K + k
         tokens, ks = slots // k, slots % k
-        c13, c2 = weights.w13[expert], weights.w2[expert]
+        c13, s13 = weights.w13[expert], weights.s13[expert]
+        c2, s2 = weights.w2[expert], weights.s2[expert]
         if weights.interleaved:
-            c13, c2 = deinterleave_fp4_words(c13), deinterleave_fp4_words(c2)
-        w13 = dequantize_mxfp4(c13, weights.s13[expert], x.dtype)  # [2I, H]
-        w2 = dequantize_mxfp4(c2, weights.s2[expert], x.dtype)  # [H, I]
+            c13, s13 = interleave_mxfp4(c13.clone(), s13.clone(), inverse=True)
+            c2, s2 = interleave_mxfp4(c2.clone(), s2.clone(), inverse=True)
+        w13 = dequantize_mxfp4(c13, s13, x.dtype)  # [2I, H]
+        w2 = dequantize_mxfp4(c2, s2, x.dtype)  # [H, I]
         h = F.linear(x[tokens], w13, None if weights.b13 is None else weights.b13[expert])
         h = act(h[:, :inter], h[:, inter:])  # [n, I]
         y = F.linear(h, w2, None if weights.b2 is None else weights.b2[expert])  # [n, H]

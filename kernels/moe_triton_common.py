@@ -110,61 +110,88 @@ or.b32 a, a, b; mul.rn.bf16x2 a, a, c63; mul.rn.bf16x2 $3, a, s23;
 )
 
 
-# One bit-interleaved word ($8, ``mxfp4.interleave_fp4_words``) -> its eight codes as bf16
-# ($0..$7, in element order), times the bf16x2 scale word $9 (2**(s - 64) in both lanes): the
-# masked word and its shifts by 3 and 6 are the pairs (c0, c2), (c4, c6), (c1, c3) as
-# E2M1 * 2**-126; the spare bits give (c5, c7); times 2**63, then the scale, as above.
-_WORD_TO_BF16 = tl.constexpr(
+# One fragment-layout word ($4, ``mxfp4.interleave_mxfp4``) -> four bf16x2 registers of the
+# MMA A operand: $0 = A (row g, columns +0), $1 = B (row g, +8), $2 = C (row g + 8, +0),
+# $3 = D (row g + 8, +8), each pair (column c = 0 low, 1 high). Masking the word and its shifts
+# by 3 and 6 gives A, B, C as E2M1 * 2**-126; the spare bits give D; times 2**63, then times the
+# scale words $5 (row g) and $6 (row g + 8), bf16 of 2**(s - 64) in both lanes: E2M1 * 2**(s-127).
+_FRAGMENT_TO_BF16 = tl.constexpr(
     """
 {
 .reg .b32 a, b, c, d, t, c63;
 mov.b32 c63, 0x5F005F00;
-and.b32 a, $8, 0x81C081C0;
-shl.b32 b, $8, 3; and.b32 b, b, 0x81C081C0;
-shl.b32 c, $8, 6; and.b32 c, c, 0x81C081C0;
-shl.b32 d, $8, 1; and.b32 d, d, 0x80008000;
-shr.b32 t, $8, 3; and.b32 t, t, 0x01800180; or.b32 d, d, t;
-shr.b32 t, $8, 7; and.b32 t, t, 0x00400040; or.b32 d, d, t;
-mul.rn.bf16x2 a, a, c63; mul.rn.bf16x2 a, a, $9;
-mul.rn.bf16x2 b, b, c63; mul.rn.bf16x2 b, b, $9;
-mul.rn.bf16x2 c, c, c63; mul.rn.bf16x2 c, c, $9;
-mul.rn.bf16x2 d, d, c63; mul.rn.bf16x2 d, d, $9;
-mov.b32 {$0, $2}, a;
-mov.b32 {$4, $6}, b;
-mov.b32 {$1, $3}, c;
-mov.b32 {$5, $7}, d;
+and.b32 a, $4, 0x81C081C0;
+shl.b32 b, $4, 3; and.b32 b, b, 0x81C081C0;
+shl.b32 c, $4, 6; and.b32 c, c, 0x81C081C0;
+shl.b32 d, $4, 1; and.b32 d, d, 0x80008000;
+shr.b32 t, $4, 3; and.b32 t, t, 0x01800180; or.b32 d, d, t;
+shr.b32 t, $4, 7; and.b32 t, t, 0x00400040; or.b32 d, d, t;
+mul.rn.bf16x2 a, a, c63; mul.rn.bf16x2 $0, a, $5;
+mul.rn.bf16x2 b, b, c63; mul.rn.bf16x2 $1, b, $5;
+mul.rn.bf16x2 c, c, c63; mul.rn.bf16x2 $2, c, $6;
+mul.rn.bf16x2 d, d, c63; mul.rn.bf16x2 $3, d, $6;
 }
 """
 )
 
 
 @triton.jit
-def _words(packed, BN: tl.constexpr, BK: tl.constexpr):
-    """packed [BN, BK/2] uint8 -> [BN, BK/8] uint32 little-endian words."""
-    even, odd = tl.split(packed.to(tl.uint32).reshape(BN, BK // 8, 2, 2))  # bytes 0, 2 | 1, 3
-    b0, b2 = tl.split(even)
-    b1, b3 = tl.split(odd)
-    return b0 | (b1 << 8) | (b2 << 16) | (b3 << 24)
-
-
-@triton.jit
-def _in_order(c0, c1, c2, c3, c4, c5, c6, c7, BN: tl.constexpr, BK: tl.constexpr):
-    """Eight [BN, BK/8] tensors, element j of each word in the j-th -> [BN, BK] in order (the
-    last joined axis varies fastest: element 4i + 2j + k sits at [i, j, k])."""
-    lo = tl.join(tl.join(c0, c4), tl.join(c2, c6))
-    hi = tl.join(tl.join(c1, c5), tl.join(c3, c7))
-    return tl.join(lo, hi).reshape(BN, BK)
-
-
-@triton.jit
 def _lane_codes(x):
-    """A 16-bit lane of an interleaved word -> its codes (a, b, c, d): at shifts 0, 3, 6 and in
-    the spare bits (``mxfp4._LANE_CODES``)."""
+    """A 16-bit lane of a fragment-layout word -> its codes (A, B, C, D): at shifts 0, 3, 6 and
+    in the spare bits (``mxfp4._lanes``)."""
     a = ((x >> 15) & 1) << 3 | ((x >> 6) & 7)
     b = ((x >> 12) & 1) << 3 | ((x >> 3) & 7)
     c = ((x >> 9) & 1) << 3 | (x & 7)
     d = ((x >> 14) & 1) << 3 | ((x >> 11) & 1) << 2 | ((x >> 10) & 1) << 1 | ((x >> 13) & 1)
     return a, b, c, d
+
+
+@triton.jit
+def _per_word(x, KB: tl.constexpr, NB: tl.constexpr):
+    """[KB, NB, 32, 1, 2] per scale group (j // 2) -> [KB, NB, 32, 4] per word j."""
+    x = tl.broadcast_to(x.reshape(KB, NB, 32, 2, 1), (KB, NB, 32, 2, 2))
+    return x.reshape(KB, NB, 32, 4)
+
+
+@triton.jit
+def _fragment_tile(words, scales, BN: tl.constexpr, BK: tl.constexpr, DTYPE: tl.constexpr,
+                   FAST: tl.constexpr):  # fmt: skip
+    """words [BK/64, BN/16, 32, 4] int32 and scale words [BK/64, BN/16, 32, 1] int32 of the
+    fragment layout -> values [BN, BK] in DTYPE, each thread holding its MMA A-operand share
+    (the reshapes below move no data on Hopper: the layouts agree)."""
+    KB: tl.constexpr = BK // 64
+    NB: tl.constexpr = BN // 16
+    s_g = tl.join(scales & 0xFF, (scales >> 16) & 0xFF)  # [KB, NB, 32, 1, 2] row g, groups
+    s_g8 = tl.join((scales >> 8) & 0xFF, (scales >> 24) & 0xFF)  # row g + 8
+    if FAST:
+        wg = ((s_g + 63) << 7) * 0x10001  # bf16x2 of 2**(s - 64), both lanes
+        wg8 = ((s_g8 + 63) << 7) * 0x10001
+        a, b, c, d = tl.inline_asm_elementwise(
+            _FRAGMENT_TO_BF16,
+            "=r,=r,=r,=r,r,r,r",
+            [words, _per_word(wg, KB, NB), _per_word(wg8, KB, NB)],
+            dtype=(tl.int32,) * 4,
+            is_pure=True,
+            pack=1,
+        )
+        pairs = tl.join(tl.join(a, b), tl.join(c, d))  # [KB, NB, 32, 4, h, r] bf16x2
+        lo = (pairs & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        hi = ((pairs >> 16) & 0xFFFF).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        vals = tl.join(lo, hi)  # [KB, NB, 32, 4, h, r, c]
+    else:
+        a0, b0, c0, d0 = _lane_codes(words & 0xFFFF)  # column c = 0
+        a1, b1, c1, d1 = _lane_codes((words >> 16) & 0xFFFF)
+        codes = tl.join(
+            tl.join(tl.join(a0, b0), tl.join(c0, d0)), tl.join(tl.join(a1, b1), tl.join(c1, d1))
+        )  # [KB, NB, 32, 4, h, r, c]
+        bits = ((codes & 0x7) << 9) | ((codes & 0x8) << 12)
+        vals = bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)  # E2M1 * 2**-14
+        sc = tl.join(_per_word(s_g, KB, NB), _per_word(s_g8, KB, NB))  # [KB, NB, 32, 4, r]
+        sc = ((sc + 14) << 23).to(tl.float32, bitcast=True)  # 2**(s - 127 + 14)
+        vals = (vals * sc.reshape(KB, NB, 32, 4, 1, 2, 1)).to(DTYPE)
+    # [kb, nb, g, t, j, h, r, c] -> rows nb*16 + r*8 + g, columns kb*64 + j*16 + h*8 + t*2 + c
+    vals = vals.reshape(KB, NB, 8, 4, 4, 2, 2, 2).permute(1, 6, 2, 0, 4, 5, 3, 7)
+    return vals.reshape(BN, BK)
 
 
 @triton.jit
@@ -185,33 +212,16 @@ def dequant_tile(
 ):  # fmt: skip
     """packed [BN, BK/2] uint8, scales [BN, BK/32] uint8 -> values [BN, BK] in DTYPE.
 
-    Element 2j sits in the low nibble of byte j, or (INTERLEAVED) the bytes are words of
-    ``mxfp4.interleave_fp4_words``. FAST (CUDA, bf16): inline PTX converts two elements per
-    instruction; scales up to 191 (2**64) are exact. Otherwise (the interpreter, other dtypes):
-    the code's sign goes to bit 15 and its exponent and mantissa bits to bits 11..9 of a
-    float16, which then holds exactly E2M1 * 2**-14 (code 1 a float16 subnormal, exact too);
-    the float32 scale 2**(s - 127 + 14) is built from its bits (exact to s = 240).
+    Element 2j sits in the low nibble of byte j. INTERLEAVED: the fragment layout's words and
+    scale words instead (``code_ptrs``, ``_fragment_tile``). FAST (CUDA, bf16): inline PTX
+    converts two elements per instruction; scales up to 191 (2**64) are exact. Otherwise (the
+    interpreter, other dtypes): the code's sign goes to bit 15 and its exponent and mantissa bits
+    to bits 11..9 of a float16, which then holds exactly E2M1 * 2**-14 (code 1 a float16
+    subnormal, exact too); the float32 scale 2**(s - 127 + 14) is built from its bits (exact to
+    s = 240).
     """
     if INTERLEAVED:
-        words = _words(packed, BN, BK)  # [BN, BK/8]
-        if FAST:
-            sw = (scales.to(tl.uint32) + 63) << 7  # bf16 of 2**(s-64)
-            sw = (sw | (sw << 16)).reshape(BN, BK // 32, 1)  # both lanes
-            sw = tl.broadcast_to(sw, (BN, BK // 32, 4)).reshape(BN, BK // 8)  # per word
-            c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-                _WORD_TO_BF16,
-                "=h,=h,=h,=h,=h,=h,=h,=h,r,r",
-                [words, sw],
-                dtype=(tl.bfloat16,) * 8,
-                is_pure=True,
-                pack=1,
-            )
-            vals = _in_order(c0, c1, c2, c3, c4, c5, c6, c7, BN, BK)
-        else:
-            a0, b0, c0, d0 = _lane_codes(words & 0xFFFF)  # codes 0, 4, 1, 5
-            a1, b1, c1, d1 = _lane_codes(words >> 16)  # codes 2, 6, 3, 7
-            codes = _in_order(a0, c0, a1, c1, b0, d0, b1, d1, BN, BK).to(tl.int32)
-            vals = _decode_codes(codes, scales, BN, BK, DTYPE)
+        vals = _fragment_tile(packed, scales, BN, BK, DTYPE, FAST)
     elif FAST:
         p3 = packed.reshape(BN, BK // 32, 16)  # [BN, groups, 16 bytes]
         word = ((scales.to(tl.int32) + 63) << 7).reshape(BN, BK // 32, 1)  # bf16 of 2**(s-64)
@@ -241,75 +251,134 @@ def swiglu(gate, up, alpha, beta, limit, HAS_LIMIT: tl.constexpr):
 
 
 @triton.jit
-def k_masks(rmask, nmask, k0, K, TAIL: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Load masks of one K tile at k0: activations [BM, BK], packed weights [BN, BK/2] and
-    scales [BN, BK/32]. A TAIL tile is cut at K (a multiple of 32): masked codes read as 0,
-    masked scales as 127 (2 ** 0), so the tile past K adds exact zeros."""
+def x_mask(rmask, k0, K, TAIL: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Load mask of one [BM, BK] activation tile at k0; a TAIL tile is cut at K."""
     if TAIL:
         xm = rmask[:, None] & ((k0 + tl.arange(0, BLOCK_K)) < K)[None, :]
-        wm = nmask[:, None] & ((k0 + 2 * tl.arange(0, BLOCK_K // 2)) < K)[None, :]
-        sm = nmask[:, None] & ((k0 + 32 * tl.arange(0, BLOCK_K // 32)) < K)[None, :]
     else:
         xm = rmask[:, None]
-        wm = nmask[:, None]
-        sm = nmask[:, None]
-    return xm, wm, sm
+    return xm
+
+
+@triton.jit
+def code_ptrs(
+    w_ptr, s_ptr, n0, N, stride_wn, stride_sn, INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Pointers to one expert's codes and scales (``w_ptr``, ``s_ptr`` at the expert) for rows
+    n0 .. n0 + BN and the first K tile, and the rows' mask (N rows in all). Plain: bytes
+    [BN, BK/2] and [BN, BK/32], strides per row. INTERLEAVED (the fragment layout; int32
+    pointers, strides per 16-row stripe, ``code_views``): words [BK/64, BN/16, 32, 4], a warp's
+    lane L reading the four of its MMA share with one 16-byte load, and scale words
+    [BK/64, BN/16, 32, 1] (lanes 4g .. 4g + 3 read the same)."""
+    if INTERLEAVED:
+        kb = tl.arange(0, BLOCK_K // 64)[:, None, None, None]
+        nb = tl.arange(0, BLOCK_N // 16)[None, :, None, None]
+        lane = tl.arange(0, 32)[None, None, :, None]
+        stripe = n0 // 16 + nb  # [1, NB, 1, 1]
+        j = tl.arange(0, 4)[None, None, None, :]
+        w_ptrs = w_ptr + stripe * stride_wn + kb * 128 + lane * 4 + j  # [KB, NB, 32, 4]
+        s_ptrs = s_ptr + stripe * stride_sn + kb * 8 + lane // 4  # [KB, NB, 32, 1]
+        rows_ok = n0 + nb * 16 < N
+    else:
+        n = n0 + tl.arange(0, BLOCK_N)
+        w_ptrs = w_ptr + n[:, None] * stride_wn + tl.arange(0, BLOCK_K // 2)[None, :]
+        s_ptrs = s_ptr + n[:, None] * stride_sn + tl.arange(0, BLOCK_K // 32)[None, :]
+        rows_ok = (n < N)[:, None]
+    return w_ptrs, s_ptrs, rows_ok
+
+
+@triton.jit
+def rows_later(rows, stride, INTERLEAVED: tl.constexpr):
+    """The pointer offset of ``rows`` (a multiple of 16) rows further down."""
+    if INTERLEAVED:
+        off = (rows // 16) * stride
+    else:
+        off = rows * stride
+    return off
+
+
+@triton.jit
+def load_codes(
+    w_ptrs, s_ptrs, rows_ok, k0, K, DTYPE: tl.constexpr, FAST: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+):  # fmt: skip
+    """The dequantized [BN, BK] weight tile at k0 (``code_ptrs``' pointers). A TAIL tile is cut
+    at K (a multiple of 32, of 64 when INTERLEAVED): masked codes read as 0 and masked scales
+    as 127 (2 ** 0), so the tile past K adds exact zeros."""
+    if INTERLEAVED:
+        if TAIL:
+            m = rows_ok & ((k0 + 64 * tl.arange(0, BLOCK_K // 64)) < K)[:, None, None, None]
+        else:
+            m = rows_ok
+        w = tl.load(w_ptrs + k0 * 2, mask=m, other=0)  # 128 words per 64 columns
+        sc = tl.load(s_ptrs + k0 // 8, mask=m, other=0x7F7F7F7F)  # 8 scale words per 64
+    else:
+        if TAIL:
+            wm = rows_ok & ((k0 + 2 * tl.arange(0, BLOCK_K // 2)) < K)[None, :]
+            sm = rows_ok & ((k0 + 32 * tl.arange(0, BLOCK_K // 32)) < K)[None, :]
+        else:
+            wm = rows_ok
+            sm = rows_ok
+        w = tl.load(w_ptrs + k0 // 2, mask=wm, other=0)
+        sc = tl.load(s_ptrs + k0 // 32, mask=sm, other=127)
+    return dequant_tile(w, sc, BLOCK_N, BLOCK_K, DTYPE, FAST, INTERLEAVED)
 
 
 @triton.jit
 def _gate_up_step(
-    acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, k0, K,
+    acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, rows_ok, k0, K,
     DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
     SWAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
     """The gate and up accumulators after the K tile at k0."""
-    xm, wm, sm = k_masks(rmask, nmask, k0, K, TAIL, BLOCK_K)
-    xt = tl.load(x_ptrs + k0, mask=xm, other=0.0)  # [BM, BK]
-    wg = tl.load(wg_ptrs + k0 // 2, mask=wm, other=0)
-    sg = tl.load(sg_ptrs + k0 // 32, mask=sm, other=127)
-    wgt = dequant_tile(wg, sg, BLOCK_N, BLOCK_K, DTYPE, FAST, INTERLEAVED)  # [BN, BK]
+    xt = tl.load(x_ptrs + k0, mask=x_mask(rmask, k0, K, TAIL, BLOCK_K), other=0.0)  # [BM, BK]
+    wgt = load_codes(wg_ptrs, sg_ptrs, rows_ok, k0, K, DTYPE, FAST, INTERLEAVED, BLOCK_N,
+                     BLOCK_K, TAIL)  # fmt: skip  # [BN, BK]
     acc_g = mma_xw(xt, wgt, acc_g, UPCAST, SWAP)
-    wu = tl.load(wu_ptrs + k0 // 2, mask=wm, other=0)
-    su = tl.load(su_ptrs + k0 // 32, mask=sm, other=127)
-    wut = dequant_tile(wu, su, BLOCK_N, BLOCK_K, DTYPE, FAST, INTERLEAVED)
+    wut = load_codes(wu_ptrs, su_ptrs, rows_ok, k0, K, DTYPE, FAST, INTERLEAVED, BLOCK_N,
+                     BLOCK_K, TAIL)  # fmt: skip
     acc_u = mma_xw(xt, wut, acc_u, UPCAST, SWAP)
     return acc_g, acc_u
 
 
 @triton.jit
 def gate_up_swiglu(
-    x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptrs, H, I, stride_wn, stride_sn,
-    alpha, beta, limit,
+    x_ptrs, rmask, w_ptr, s_ptr, n0, b_ptr, H, I, stride_wn, stride_sn, alpha, beta, limit,
     DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
     FAST: tl.constexpr, INTERLEAVED: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One [BM, BN] tile of h = swiglu(x W_gate^T + b_gate, x W_up^T + b_up), float32.
 
-    ``x_ptrs`` [BM, BK] point at the rows' first K tile; ``wg_ptrs`` [BN, BK/2] and ``sg_ptrs``
-    [BN, BK/32] at the gate rows' packed weights and scales (the up rows follow I rows later);
-    ``b_ptrs`` [BN] at the gate biases (up biases I later). Gate and up are rounded to DTYPE
+    ``x_ptrs`` [BM, BK] point at the rows' first K tile; ``w_ptr``, ``s_ptr`` at the expert's
+    codes and scales (``code_ptrs``), whose gate rows n0 .. n0 + BN this tile reads (the up
+    rows follow I rows later); ``b_ptr`` at the expert's biases. Gate and up are rounded to DTYPE
     first, as the reference's x @ W13^T in the model dtype is. SWAP: see ``mma_xw``."""
-    wu_ptrs = wg_ptrs + I * stride_wn
-    su_ptrs = sg_ptrs + I * stride_sn
+    wg_ptrs, sg_ptrs, rows_ok = code_ptrs(w_ptr, s_ptr, n0, I, stride_wn, stride_sn,
+                                          INTERLEAVED, BLOCK_N, BLOCK_K)  # fmt: skip
+    wu_ptrs = wg_ptrs + rows_later(I, stride_wn, INTERLEAVED)
+    su_ptrs = sg_ptrs + rows_later(I, stride_sn, INTERLEAVED)
     acc_g = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
     acc_u = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
     h_main = H - H % BLOCK_K  # whole K tiles, unmasked (pipelined); then at most one partial
     for k0 in range(0, h_main, BLOCK_K):
         acc_g, acc_u = _gate_up_step(
-            acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, k0, H,
+            acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, rows_ok, k0, H,
             DTYPE, UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, False,
         )  # fmt: skip
     if h_main < H:
         acc_g, acc_u = _gate_up_step(
-            acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, nmask, h_main, H,
+            acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, rows_ok, h_main, H,
             DTYPE, UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, True,
         )  # fmt: skip
     acc_g = acc_rows(acc_g, SWAP)  # [BM, BN]
     acc_u = acc_rows(acc_u, SWAP)
     if HAS_BIAS:
-        acc_g += tl.load(b_ptrs, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        acc_u += tl.load(b_ptrs + I, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < I
+        acc_g += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(b_ptr + I + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     gate = acc_g.to(DTYPE).to(tl.float32)
     up = acc_u.to(DTYPE).to(tl.float32)
     return swiglu(gate, up, alpha, beta, limit, HAS_LIMIT)
@@ -347,6 +416,18 @@ def topk_sum(ys: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: to
     _topk_sum_kernel[grid](
         ys, topk_ids, out, h, num_experts, ys.stride(0), out.stride(0), TOPK=k, BLOCK_H=block_h
     )
+
+
+def code_views(
+    codes: torch.Tensor, scales: torch.Tensor, interleaved: bool
+) -> tuple[torch.Tensor, torch.Tensor, int, int, int, int]:
+    """(codes, scales, their expert and row strides) as ``code_ptrs`` takes them: plain bytes
+    with per-row strides, or (fragment layout) int32 words with per-stripe strides."""
+    if interleaved:
+        e, n, _ = codes.shape
+        codes = codes.view(e, n // 16, -1).view(torch.int32)  # [E, N/16, 2K] words
+        scales = scales.view(e, n // 16, -1).view(torch.int32)  # [E, N/16, K/8]
+    return codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1)
 
 
 def fit_block_k(cfg: dict, k: int) -> dict:

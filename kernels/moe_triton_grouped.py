@@ -23,12 +23,16 @@ import triton.language as tl
 from pdserve.kernels import triton_configs
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 from pdserve.kernels.moe_triton_common import (
+    acc_rows,
+    acc_zeros,
     check_moe_inputs,
-    dequant_tile,
+    code_ptrs,
+    code_views,
     fast_dequant,
     fit_block_k,
     gate_up_swiglu,
-    mma,
+    load_codes,
+    mma_xw,
     output_like,
     topk_sum,
     upcast_dots,
@@ -82,7 +86,7 @@ def _gemm1_kernel(
     NUM_BLOCKS, S, E, H, I, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be,
     stride_hm, alpha, beta, limit,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
-    FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
+    FAST: tl.constexpr, INTERLEAVED: tl.constexpr, SWAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -94,21 +98,17 @@ def _gemm1_kernel(
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         slot = tl.load(slots_ptr + rows)  # [BM], S on pad rows
         rmask = slot < S
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        nmask = n < I
-        kb = tl.arange(0, BLOCK_K // 2)
-        kg = tl.arange(0, BLOCK_K // 32)
+        n0 = pid_n * BLOCK_N
+        n = n0 + tl.arange(0, BLOCK_N)
         kk = tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + (slot // TOPK).to(tl.int64)[:, None] * stride_xm + kk[None, :]  # [BM, BK]
-        wg_ptrs = w_ptr + e * stride_we + n[:, None] * stride_wn + kb[None, :]  # [BN, BK/2]
-        sg_ptrs = s_ptr + e * stride_se + n[:, None] * stride_sn + kg[None, :]  # [BN, BK/32]
         h = gate_up_swiglu(
-            x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptr + e * stride_be + n, H, I,
-            stride_wn, stride_sn, alpha, beta, limit, dtype, HAS_BIAS, HAS_LIMIT, UPCAST, FAST,
-            INTERLEAVED, False, BLOCK_M, BLOCK_N, BLOCK_K,
+            x_ptrs, rmask, w_ptr + e * stride_we, s_ptr + e * stride_se, n0, b_ptr + e * stride_be,
+            H, I, stride_wn, stride_sn, alpha, beta, limit, dtype, HAS_BIAS, HAS_LIMIT, UPCAST,
+            FAST, INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip  # [BM, BN]
         h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :]  # sorted order
-        tl.store(h_ptrs, h, mask=nmask[None, :])
+        tl.store(h_ptrs, h, mask=(n < I)[None, :])
 
 
 @triton.jit(do_not_specialize=["NUM_BLOCKS", "S"])
@@ -117,7 +117,8 @@ def _gemm2_kernel(
     NUM_BLOCKS, S, E, H, I, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_be,
     stride_ym,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):  # fmt: skip
     pid_m, pid_n = _tile_ids(NUM_BLOCKS, H, BLOCK_N, GROUP_M)
     expert = tl.load(bexp_ptr + pid_m)
@@ -127,21 +128,21 @@ def _gemm2_kernel(
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         slot = tl.load(slots_ptr + rows)
         rmask = slot < S
-        n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = pid_n * BLOCK_N
+        n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < H
-        kb = tl.arange(0, BLOCK_K // 2)
-        kg = tl.arange(0, BLOCK_K // 32)
         kk = tl.arange(0, BLOCK_K)
         h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + kk[None, :]  # [BM, BK]
-        w_ptrs = w_ptr + e * stride_we + n[:, None] * stride_wn + kb[None, :]
-        sc_ptrs = s_ptr + e * stride_se + n[:, None] * stride_sn + kg[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, I, BLOCK_K):
+        w_ptrs, sc_ptrs, rows_ok = code_ptrs(w_ptr + e * stride_we, s_ptr + e * stride_se, n0,
+                                             H, stride_wn, stride_sn, INTERLEAVED, BLOCK_N,
+                                             BLOCK_K)  # fmt: skip
+        acc = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
+        for k0 in range(0, I, BLOCK_K):  # BLOCK_K divides I (``fit_block_k``)
             ht = tl.load(h_ptrs + k0)
-            w = tl.load(w_ptrs + k0 // 2, mask=nmask[:, None], other=0)
-            sc = tl.load(sc_ptrs + k0 // 32, mask=nmask[:, None], other=0)
-            wt = dequant_tile(w, sc, BLOCK_N, BLOCK_K, dtype, FAST, INTERLEAVED)  # [BN, BK]
-            acc = mma(ht, tl.trans(wt), acc, UPCAST)
+            wt = load_codes(w_ptrs, sc_ptrs, rows_ok, k0, I, dtype, FAST, INTERLEAVED, BLOCK_N,
+                            BLOCK_K, False)  # fmt: skip  # [BN, BK]
+            acc = mma_xw(ht, wt, acc, UPCAST, SWAP)
+        acc = acc_rows(acc, SWAP)  # [BM, BN]
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
         tw = tl.load(tw_ptr + slot, mask=rmask, other=0.0)  # [BM]
@@ -150,11 +151,14 @@ def _gemm2_kernel(
         tl.store(y_ptrs, y, mask=rmask[:, None] & nmask[None, :])
 
 
-def _run(cfg: dict, kernel, num_blocks: int, n: int, *args, **consts) -> None:
+def _run(cfg: dict, kernel, num_blocks: int, n: int, *args, INTERLEAVED: bool, **consts) -> None:
     grid = (num_blocks * triton.cdiv(n, cfg["BLOCK_N"]),)
+    assert not INTERLEAVED or cfg["BLOCK_K"] % 64 == 0, cfg  # the fragment layout's 64 columns
     kernel[grid](
         *args,
         **consts,
+        INTERLEAVED=INTERLEAVED,
+        SWAP=bool(cfg.get("SWAP", 0)) or INTERLEAVED,  # fragment tiles: the MMA's left operand
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
@@ -196,22 +200,22 @@ def moe_grouped_triton(
     b13, b2 = weights.b13, weights.b2
     h = torch.empty(nb * c1["BLOCK_M"], inter, dtype=x.dtype, device=x.device)  # [NB*BM, I]
     limit = 0.0 if act.limit is None else float(act.limit)
+    w13, s13, *st13 = code_views(weights.w13, weights.s13, weights.interleaved)
     _run(
         c1, _gemm1_kernel, nb, inter,
-        x, weights.w13, weights.s13, b13 if b13 is not None else x, h, slots, bexp,
-        nb, s, e, hidden, inter, x.stride(0), weights.w13.stride(0), weights.w13.stride(1),
-        weights.s13.stride(0), weights.s13.stride(1), 0 if b13 is None else b13.stride(0),
+        x, w13, s13, b13 if b13 is not None else x, h, slots, bexp,
+        nb, s, e, hidden, inter, x.stride(0), *st13, 0 if b13 is None else b13.stride(0),
         h.stride(0), float(act.alpha), float(act.beta), limit,
         TOPK=k, HAS_BIAS=b13 is not None, HAS_LIMIT=act.limit is not None, UPCAST=up, FAST=fast,
         INTERLEAVED=weights.interleaved,
     )  # fmt: skip
     ys = torch.empty(s, hidden, dtype=x.dtype, device=x.device)  # [S, H], rounded like the ref
     tw = topk_weights.reshape(-1).to(torch.float32).contiguous()  # [S]
+    w2, s2, *st2 = code_views(weights.w2, weights.s2, weights.interleaved)
     _run(
         c2, _gemm2_kernel, nb, hidden,
-        h, weights.w2, weights.s2, b2 if b2 is not None else x, tw, ys, slots, bexp,
-        nb, s, e, hidden, inter, h.stride(0), weights.w2.stride(0), weights.w2.stride(1),
-        weights.s2.stride(0), weights.s2.stride(1), 0 if b2 is None else b2.stride(0),
+        h, w2, s2, b2 if b2 is not None else x, tw, ys, slots, bexp,
+        nb, s, e, hidden, inter, h.stride(0), *st2, 0 if b2 is None else b2.stride(0),
         ys.stride(0),
         HAS_BIAS=b2 is not None, UPCAST=up, FAST=fast, INTERLEAVED=weights.interleaved,
     )  # fmt: skip

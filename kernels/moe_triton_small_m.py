@@ -27,14 +27,16 @@ from pdserve.kernels.moe_triton_common import (
     acc_rows,
     acc_zeros,
     check_moe_inputs,
-    dequant_tile,
+    code_ptrs,
+    code_views,
     fast_dequant,
     gate_up_swiglu,
-    k_masks,
+    load_codes,
     mma_xw,
     output_like,
     topk_sum,
     upcast_dots,
+    x_mask,
 )
 
 MAX_SLOTS = 1024  # (token, expert) slots one launch groups; larger batches run in token chunks
@@ -78,39 +80,33 @@ def _gemm1_kernel(
     e = tl.load(expert_ptr + i, mask=count > 0, other=0).to(tl.int64)
     start = tl.load(start_ptr + i, mask=count > 0, other=0)
     dtype = x_ptr.dtype.element_ty
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    nmask = n < I
-    kb = tl.arange(0, BLOCK_K // 2)
-    kg = tl.arange(0, BLOCK_K // 32)
+    n0 = tl.program_id(1) * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    wg_ptrs = w_ptr + e * stride_we + n[:, None] * stride_wn + kb[None, :]  # [BN, BK/2] gate
-    sg_ptrs = s_ptr + e * stride_se + n[:, None] * stride_sn + kg[None, :]  # [BN, BK/32]
     for r0 in range(0, count, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
         rmask = r < count
         slot = tl.load(slots_ptr + start + r, mask=rmask, other=0)  # [BM]
         x_ptrs = x_ptr + (slot // TOPK).to(tl.int64)[:, None] * stride_xm + kk[None, :]
         h = gate_up_swiglu(
-            x_ptrs, rmask, wg_ptrs, sg_ptrs, nmask, b_ptr + e * stride_be + n, H, I,
-            stride_wn, stride_sn, alpha, beta, limit, dtype, HAS_BIAS, HAS_LIMIT, UPCAST, FAST,
-            INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
+            x_ptrs, rmask, w_ptr + e * stride_we, s_ptr + e * stride_se, n0, b_ptr + e * stride_be,
+            H, I, stride_wn, stride_sn, alpha, beta, limit, dtype, HAS_BIAS, HAS_LIMIT, UPCAST,
+            FAST, INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip  # [BM, BN]
         h_ptrs = h_ptr + slot.to(tl.int64)[:, None] * stride_hm + n[None, :]
-        tl.store(h_ptrs, h, mask=rmask[:, None] & nmask[None, :])
+        tl.store(h_ptrs, h, mask=rmask[:, None] & (n < I)[None, :])
 
 
 @triton.jit
 def _down_step(
-    acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, k0, K,
+    acc, h_ptrs, w_ptrs, sc_ptrs, rmask, rows_ok, k0, K,
     DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
     SWAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
     """The down projection's accumulator (``mma_xw``'s) after the K tile at k0."""
-    hm, wm, sm = k_masks(rmask, nmask, k0, K, TAIL, BLOCK_K)
-    ht = tl.load(h_ptrs + k0, mask=hm, other=0.0)  # [BM, BK]
-    w = tl.load(w_ptrs + k0 // 2, mask=wm, other=0)
-    sc = tl.load(sc_ptrs + k0 // 32, mask=sm, other=127)
-    wt = dequant_tile(w, sc, BLOCK_N, BLOCK_K, DTYPE, FAST, INTERLEAVED)  # [BN, BK]
+    ht = tl.load(h_ptrs + k0, mask=x_mask(rmask, k0, K, TAIL, BLOCK_K), other=0.0)  # [BM, BK]
+    wt = load_codes(w_ptrs, sc_ptrs, rows_ok, k0, K, DTYPE, FAST, INTERLEAVED, BLOCK_N, BLOCK_K,
+                    TAIL)  # fmt: skip  # [BN, BK]
     return mma_xw(ht, wt, acc, UPCAST, SWAP)
 
 
@@ -126,13 +122,14 @@ def _gemm2_kernel(
     e = tl.load(expert_ptr + i, mask=count > 0, other=0).to(tl.int64)
     start = tl.load(start_ptr + i, mask=count > 0, other=0)
     dtype = h_ptr.dtype.element_ty
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n0 = tl.program_id(1) * BLOCK_N
+    n = n0 + tl.arange(0, BLOCK_N)
     nmask = n < H
-    kb = tl.arange(0, BLOCK_K // 2)
-    kg = tl.arange(0, BLOCK_K // 32)
     kk = tl.arange(0, BLOCK_K)
-    w_ptrs = w_ptr + e * stride_we + n[:, None] * stride_wn + kb[None, :]  # [BN, BK/2]
-    sc_ptrs = s_ptr + e * stride_se + n[:, None] * stride_sn + kg[None, :]  # [BN, BK/32]
+    w_ptrs, sc_ptrs, rows_ok = code_ptrs(
+        w_ptr + e * stride_we, s_ptr + e * stride_se, n0, H, stride_wn, stride_sn, INTERLEAVED,
+        BLOCK_N, BLOCK_K,
+    )  # fmt: skip
     for r0 in range(0, count, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
         rmask = r < count
@@ -141,11 +138,11 @@ def _gemm2_kernel(
         acc = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
         i_main = I - I % BLOCK_K  # whole K tiles, unmasked (pipelined); then at most one partial
         for k0 in range(0, i_main, BLOCK_K):
-            acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, k0, I, dtype, UPCAST,
+            acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, rows_ok, k0, I, dtype, UPCAST,
                              FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, False)  # fmt: skip
         if i_main < I:
-            acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, nmask, i_main, I, dtype, UPCAST,
-                             FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, True)  # fmt: skip
+            acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, rows_ok, i_main, I, dtype,
+                             UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, True)  # fmt: skip
         acc = acc_rows(acc, SWAP)  # [BM, BN]
         if HAS_BIAS:
             acc += tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
@@ -155,14 +152,17 @@ def _gemm2_kernel(
         tl.store(y_ptrs, y, mask=rmask[:, None] & nmask[None, :])
 
 
-def _launch(cfg: dict, kernel, grid, *args, **consts) -> None:
+def _launch(cfg: dict, kernel, grid, *args, INTERLEAVED: bool, **consts) -> None:
+    # the fragment layout's tiles are the MMA's left operand (SWAP) and span 64 columns
+    assert not INTERLEAVED or cfg["BLOCK_K"] % 64 == 0, cfg
     kernel[grid](
         *args,
         **consts,
+        INTERLEAVED=INTERLEAVED,
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
-        SWAP=bool(cfg.get("SWAP", 0)),
+        SWAP=bool(cfg.get("SWAP", 0)) or INTERLEAVED,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
@@ -191,22 +191,22 @@ def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
     h = torch.empty(s, inter, dtype=x.dtype, device=dev)  # [S, I]
     b13, b2 = weights.b13, weights.b2
     limit = 0.0 if act.limit is None else float(act.limit)
+    w13, s13, *st13 = code_views(weights.w13, weights.s13, weights.interleaved)
     _launch(
         c1, _gemm1_kernel, (a, triton.cdiv(inter, c1["BLOCK_N"])),
-        x, weights.w13, weights.s13, b13 if b13 is not None else x, h, expert, start, count, slots,
-        hidden, inter, x.stride(0), weights.w13.stride(0), weights.w13.stride(1),
-        weights.s13.stride(0), weights.s13.stride(1), 0 if b13 is None else b13.stride(0),
+        x, w13, s13, b13 if b13 is not None else x, h, expert, start, count, slots,
+        hidden, inter, x.stride(0), *st13, 0 if b13 is None else b13.stride(0),
         h.stride(0), float(act.alpha), float(act.beta), limit,
         TOPK=k, HAS_BIAS=b13 is not None, HAS_LIMIT=act.limit is not None, UPCAST=up, FAST=fast,
         INTERLEAVED=weights.interleaved,
     )  # fmt: skip
     ys = torch.empty(s, hidden, dtype=torch.float32, device=dev)  # [S, H]
     tw = topk_weights.reshape(-1).to(torch.float32)  # [S]
+    w2, s2, *st2 = code_views(weights.w2, weights.s2, weights.interleaved)
     _launch(
         c2, _gemm2_kernel, (a, triton.cdiv(hidden, c2["BLOCK_N"])),
-        h, weights.w2, weights.s2, b2 if b2 is not None else x, tw, ys, expert, start, count, slots,
-        hidden, inter, h.stride(0), weights.w2.stride(0), weights.w2.stride(1),
-        weights.s2.stride(0), weights.s2.stride(1), 0 if b2 is None else b2.stride(0), ys.stride(0),
+        h, w2, s2, b2 if b2 is not None else x, tw, ys, expert, start, count, slots,
+        hidden, inter, h.stride(0), *st2, 0 if b2 is None else b2.stride(0), ys.stride(0),
         HAS_BIAS=b2 is not None, UPCAST=up, FAST=fast, INTERLEAVED=weights.interleaved,
     )  # fmt: skip
     topk_sum(ys, topk_ids, e, out)
@@ -232,7 +232,8 @@ def moe_small_triton(
         return out
     if k > MAX_SLOTS:
         raise ValueError(f"top-k {k} exceeds {MAX_SLOTS} slots per launch")
-    cfg = config or triton_configs.pick(triton_configs.MOE_SMALL, x.device, m)
+    table = triton_configs.MOE_SMALL_FRAGMENT if weights.interleaved else triton_configs.MOE_SMALL
+    cfg = config or triton_configs.pick(table, x.device, m)
     for c in (cfg["gemm1"], cfg["gemm2"]):
         assert c["BLOCK_K"] % 32 == 0 and c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16, c
     topk_ids = topk_ids.contiguous()

@@ -154,56 +154,91 @@ def scale_for_std(std: float) -> int:
     return E8M0_BIAS + round(math.log2(std / 3.1))
 
 
-# Bit-interleaved codes: each 32-bit word (4 packed bytes, 8 codes c0..c7 of one 32-block,
-# c_{2i} the low nibble of byte i) re-laid out once at load so that the Triton MoE kernels turn a
-# word into 8 bfloat16 values with about two instructions per pair. A code's sign goes to bit 15
-# of a 16-bit lane and its exponent and mantissa bits to bits 8..6, so that masking the lane
-# gives E2M1 * 2**-126 as a bfloat16 (code 1 a subnormal). Lane 0 (bits 0..15) holds c0 there,
-# c4 three bits lower (sign 12, bits 5..3), c1 six bits lower (sign 9, bits 2..0) and c5 in the
-# four bits left (sign 14, exponent bits 11 and 10, mantissa bit 13); lane 1 likewise c2, c6, c3,
-# c7. Then ``w & M``, ``(w << 3) & M`` and ``(w << 6) & M`` with M = 0x81C081C0 are the bf16x2
-# pairs (c0, c2), (c4, c6), (c1, c3), and shifts of the spare bits give (c5, c7).
-_LANE_CODES = ((0, 4, 1, 5), (2, 6, 3, 7))  # lane -> codes at shifts 0, 3, 6 and in the spare bits
+# The MMA-fragment layout ("interleaved" codes), made once at load for the Triton MoE kernels.
+# Every stripe of 16 rows and 64 columns (1024 codes, 512 bytes) is re-ordered so that lane
+# L = 4g + t of a warp loads, with one 16-byte load, the four 32-bit words j = 0..3 that hold
+# exactly its share of Hopper's MMA A operand for the 16 x 16 blocks j of the stripe: rows g and
+# g + 8, columns 16j + 2t + {0, 1} and 16j + 8 + 2t + {0, 1}. Word (stripe, kb, L, j) sits at
+# byte offset 512 kb + 16 L + 4 j of the stripe's 16 rows (rows stay in their stripe, so the
+# tensor keeps its shape [..., N, K/2]). In a word, 16-bit lane c (0: low) holds the codes of
+# column 2t + c (+ 16j, + 8 for B and D), bit-interleaved so that masking gives bfloat16 bits:
+# a code's sign at bit 15 and its exponent and mantissa bits at 8..6 make E2M1 * 2**-126.
+#   A: row g,     col +0   sign 15, bits 8..6       (w & M, M = 0x81C081C0 on both lanes)
+#   B: row g,     col +8   sign 12, bits 5..3       ((w << 3) & M)
+#   C: row g + 8, col +0   sign 9,  bits 2..0       ((w << 6) & M)
+#   D: row g + 8, col +8   sign 14, exponent bits 11, 10, mantissa bit 13 (three shifts)
+# Scales: a stripe's 16 rows x K/32 bytes become, per 64 columns kb, 8 words (one per g) of bytes
+# (row g, group 2kb), (row g + 8, group 2kb), (row g, group 2kb + 1), (row g + 8, group 2kb + 1).
+FRAGMENT_ROWS, FRAGMENT_COLS = 16, 64  # the layout's stripe: N and K must be multiples
 
 
-def _lane(codes: list[torch.Tensor], lane: int) -> torch.Tensor:
-    a, b, c, d = (codes[i] for i in _LANE_CODES[lane])
+def fragment_layout_fits(n: int, k: int) -> bool:
+    """Whether codes [..., n, k/2] can take the fragment layout."""
+    return n % FRAGMENT_ROWS == 0 and k % FRAGMENT_COLS == 0
+
+
+def _lanes(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Codes A, B, C, D (int32, 0..15) -> their 16-bit lane."""
     out = torch.zeros_like(a)
     for code, shift in ((a, 0), (b, 3), (c, 6)):
         out |= ((code >> 3) & 1) << (15 - shift) | (code & 7) << (6 - shift)
     return out | ((d >> 3) & 1) << 14 | ((d >> 2) & 1) << 11 | ((d >> 1) & 1) << 10 | (d & 1) << 13
 
 
-def interleave_fp4_words(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 ``[..., K // 2]`` packed codes (K a multiple of 8) -> the same shape, each 32-bit
-    word's codes bit-interleaved (see above); ``deinterleave_fp4_words`` inverts it. ``out``
-    (``packed`` itself, say) receives them. A 3-d tensor (experts) goes one leading index at a
-    time, so the int32 temporaries stay the size of one expert."""
-    assert packed.dtype == torch.uint8 and packed.shape[-1] % 4 == 0, packed.shape
-    out = torch.empty_like(packed) if out is None else out
+def _lane_codes(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inverse of ``_lanes``: a 16-bit lane -> codes A, B, C, D."""
+    codes = [((x >> (15 - sh)) & 1) << 3 | (x >> (6 - sh)) & 7 for sh in (0, 3, 6)]
+    d = (x >> 14 & 1) << 3 | (x >> 11 & 1) << 2 | (x >> 10 & 1) << 1 | (x >> 13 & 1)
+    return (*codes, d)
+
+
+def _check_fragment(packed: torch.Tensor, scales: torch.Tensor) -> tuple[int, int]:
+    *lead, n, half = packed.shape
+    k = 2 * half
+    if not fragment_layout_fits(n, k) or tuple(scales.shape) != (*lead, n, k // BLOCK):
+        raise ValueError(
+            f"the fragment layout needs codes [..., N, K/2] with N % {FRAGMENT_ROWS} == 0 and "
+            f"K % {FRAGMENT_COLS} == 0 and scales [..., N, K/32]: got codes "
+            f"{tuple(packed.shape)}, scales {tuple(scales.shape)}"
+        )
+    assert packed.dtype == torch.uint8 and scales.dtype == torch.uint8
+    return n, k
+
+
+def interleave_mxfp4(
+    packed: torch.Tensor, scales: torch.Tensor, inverse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [..., N, K/2], scales [..., N, K/32]) -> the same in the fragment layout (above),
+    written in place; ``inverse`` undoes it. A 3-d tensor (experts) goes one expert at a time,
+    so the int32 temporaries stay the size of one expert."""
+    n, k = _check_fragment(packed, scales)
     if packed.dim() == 3:
         for e in range(packed.shape[0]):
-            interleave_fp4_words(packed[e], out=out[e])
-        return out
-    b = packed.reshape(-1, 4).to(torch.int32)  # [words, 4]
-    codes = [c for i in range(4) for c in (b[:, i] & 0xF, b[:, i] >> 4)]  # c0 .. c7
-    word = _lane(codes, 0) | _lane(codes, 1) << 16
-    words = torch.stack([(word >> (8 * i)) & 0xFF for i in range(4)], dim=-1)
-    out.copy_(words.reshape(packed.shape))
-    return out
-
-
-def deinterleave_fp4_words(words: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``interleave_fp4_words``."""
-    assert words.dtype == torch.uint8 and words.shape[-1] % 4 == 0, words.shape
-    b = words.reshape(-1, 4).to(torch.int32)
-    w = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24  # [words]
-    codes: list[torch.Tensor] = [w] * 8  # each replaced below
-    for lane in (0, 1):
-        x = (w >> (16 * lane)) & 0xFFFF
-        a, b_, c, d = _LANE_CODES[lane]
-        for i, shift in ((a, 0), (b_, 3), (c, 6)):
-            codes[i] = ((x >> (15 - shift)) & 1) << 3 | (x >> (6 - shift)) & 7
-        codes[d] = (x >> 14 & 1) << 3 | (x >> 11 & 1) << 2 | (x >> 10 & 1) << 1 | (x >> 13 & 1)
-    out = torch.stack([codes[2 * i] | codes[2 * i + 1] << 4 for i in range(4)], dim=-1)
-    return out.to(torch.uint8).reshape(words.shape)
+            interleave_mxfp4(packed[e], scales[e], inverse)
+        return packed, scales
+    lead = packed.shape[:-2]
+    # codes [.., N/16, r, g, kb, j, h, t, c] <-> words [.., N/16, kb, g, t, j] of lanes c
+    dims = (*lead, n // 16, 2, 8, k // 64, 4, 2, 4, 2)
+    b = len(lead)
+    to_words = [*range(b), b, b + 3, b + 2, b + 6, b + 4, b + 7, b + 1, b + 5]  # .., c, r, h
+    sdims = (*lead, n // 16, 2, 8, k // 64, 2)  # [.., N/16, r, g, kb, group]
+    to_sw = [*range(b), b, b + 3, b + 2, b + 4, b + 1]  # [.., N/16, kb, g, group, r]
+    if not inverse:
+        codes = unpack_fp4(packed).to(torch.int32).reshape(dims).permute(to_words)
+        lanes = _lanes(*(codes[..., r, h] for r in (0, 1) for h in (0, 1)))  # [.., j, c]
+        words = lanes[..., 0] | lanes[..., 1] << 16  # [.., N/16, kb, g, t, j]
+        packed.copy_(words.contiguous().view(torch.uint8).reshape(packed.shape))
+        scales.copy_(scales.reshape(sdims).permute(to_sw).clone().reshape(scales.shape))
+        return packed, scales
+    words = packed.reshape(-1, 4).view(torch.int32).reshape(*lead, n // 16, k // 64, 8, 4, 4)
+    grid = torch.empty((*words.shape, 2, 2, 2), dtype=torch.int32, device=packed.device)
+    for c in (0, 1):  # grid [.., c, r, h]
+        a, b_, c_, d = _lane_codes((words >> (16 * c)) & 0xFFFF)
+        grid[..., c, :, :] = torch.stack((a, b_, c_, d), -1).reshape(*words.shape, 2, 2)
+    codes = torch.empty(dims, dtype=torch.int32, device=packed.device)
+    codes.permute(to_words).copy_(grid)
+    packed.copy_(pack_fp4(codes.reshape(*lead, n, k)))
+    sw = torch.empty(sdims, dtype=torch.uint8, device=scales.device)
+    sw.permute(to_sw).copy_(scales.reshape(*lead, n // 16, k // 64, 8, 2, 2))
+    scales.copy_(sw.reshape(scales.shape))
+    return packed, scales

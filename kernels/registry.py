@@ -75,7 +75,7 @@ class Backend:
     # launches depend on shapes alone, with no host sync: it may run inside a CUDA graph
     graph_safe: bool = False
     # MoE: the layout of the MXFP4 codes it reads: "plain" (as stored), "interleaved"
-    # (``mxfp4.interleave_fp4_words``, which the worker then applies at load) or "either"
+    # (``mxfp4.interleave_mxfp4``, which the worker then applies at load) or "either"
     mxfp4_codes: str = "plain"
 
     def reject_reason(

@@ -45,6 +45,16 @@ MOE_SMALL: dict[str, dict[int, dict[str, Config]]] = {
     H100: _H100_SMALL,
 }
 
+# moe_small on experts in the fragment layout (``mxfp4.interleave_mxfp4``, the
+# ``triton_interleaved`` backends): the weights are the MMA's left operand (wgmma, m64), so
+# BLOCK_N is a multiple of 64 per warpgroup and BLOCK_K of 64. Untuned: the tiles whose main loop
+# compiled to the fewest instructions per element for sm_90 (Triton 3.6).
+_FRAGMENT_SMALL = {1 << 30: {"gemm1": _small(64, 256), "gemm2": _small(64, 256)}}
+MOE_SMALL_FRAGMENT: dict[str, dict[int, dict[str, Config]]] = {
+    "default": {1 << 30: {"gemm1": _small(64, 128), "gemm2": _small(64, 128)}},
+    "sm90": _FRAGMENT_SMALL,
+}
+
 # moe_large: tokens M -> grouped-GEMM tiles, shared by both GEMMs (BLOCK_M is the alignment of
 # the expert-sorted token blocks; BLOCK_N is per half, gate and up, in gemm1).
 _H100_LARGE = {4096: _large(64, 64, 64, 4, 3), 1 << 30: _large(128, 64, 64, 4, 4)}

@@ -15,7 +15,7 @@ from pdserve.cluster.parallel import TensorParallel
 from pdserve.kernels import KernelSet, MoeWeights, PreparedMoe, SwiGLU
 from pdserve.kernels.mxfp4 import (
     BLOCK,
-    interleave_fp4_words,
+    interleave_mxfp4,
     pack_fp4,
     quantize_mxfp4,
     unpack_fp4,
@@ -92,7 +92,7 @@ class MXFP4Experts(Loadable):
         if self.gpt_oss:
             self.expected = ("gate_up_proj_bias", "down_proj_bias")
 
-    interleaved = False  # the codes bit-interleaved in place (``interleave_codes``)
+    interleaved = False  # codes and scales in the fragment layout (``interleave_codes``)
 
     def weights(self) -> MoeWeights:
         return MoeWeights(
@@ -100,19 +100,20 @@ class MXFP4Experts(Loadable):
         )
 
     def prepare(self, kernels: KernelSet) -> PreparedMoe:
-        """The loaded experts in the layouts of ``kernels``' MoE backends: the codes
-        interleaved in place first where they read that layout."""
-        if kernels.moe_codes == "interleaved":
+        """The loaded experts in the layouts of ``kernels``' MoE backends: codes and scales
+        re-laid out in place first where they read the fragment layout and the shapes fit it
+        (the Triton kernels read plain codes too)."""
+        if kernels.moe_codes == "interleaved" and self.weights().interleavable():
             self.interleave_codes()
         return kernels.prepare_moe(self.weights())
 
     def interleave_codes(self) -> None:
-        """Re-lay the loaded codes out in place as ``mxfp4.interleave_fp4_words`` does, for
-        MoE backends that read that layout; once only."""
+        """Re-lay the loaded codes and scales out in place in the fragment layout
+        (``mxfp4.interleave_mxfp4``), for MoE backends that read it; once only."""
         if self.interleaved:
             return
-        for codes in (self.w13, self.w2):
-            interleave_fp4_words(codes, out=codes)
+        interleave_mxfp4(self.w13, self.s13)
+        interleave_mxfp4(self.w2, self.s2)
         self.interleaved = True
 
     def missing_weights(self) -> list[str]:

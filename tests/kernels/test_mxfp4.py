@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from pdserve.kernels.mxfp4 import (
-    deinterleave_fp4_words,
     dequantize_mxfp4,
     e2m1_decode,
     e2m1_encode,
     e8m0_decode,
-    interleave_fp4_words,
+    interleave_mxfp4,
     pack_fp4,
     quantize_mxfp4,
     unpack_fp4,
@@ -138,30 +137,44 @@ def test_idempotent_on_representable_inputs():
     assert torch.equal(unpack_fp4(p3), unpack_fp4(p))
 
 
-def test_interleaved_words_invert_and_mask_into_bf16_pairs():
-    """Each word's codes, interleaved: the inverse restores them; masking the word (and its
-    shifts by 3 and 6, and the spare bits' shifts) gives the bf16 pairs of E2M1 * 2**-126 the
-    kernels' PTX relies on, sign of zero included."""
-    codes = torch.randint(
-        0, 256, (5, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)
-    )
-    codes[0, :4] = torch.tensor([0x10, 0x32, 0x54, 0x76])  # codes 0..7 in order
-    codes[1, :4] = torch.tensor([0x98, 0xBA, 0xDC, 0xFE])  # 8..15 (-0 first)
-    words = interleave_fp4_words(codes)
-    assert words.shape == codes.shape and not torch.equal(words, codes)
-    assert torch.equal(deinterleave_fp4_words(words), codes)
-    b = words.reshape(-1, 4).long()
-    w = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
+def _fragment_word(words: torch.Tensor, stripe: int, kb: int, lane: int, j: int) -> int:
+    """Word j of warp lane ``lane`` for columns 64 kb.. of 16-row stripe ``stripe``."""
+    return int(words[stripe, kb * 128 + lane * 4 + j])
+
+
+def test_fragment_layout_inverts_and_puts_each_lanes_share_in_its_words():
+    """``interleave_mxfp4`` and its inverse; every word against the layout's definition: lane
+    4g + t, word j holds rows g and g + 8 at columns 16j + 2t + {0, 1} (+ 8), masking gives the
+    bf16 bits of E2M1 * 2**-126 (sign of zero included); the scale words likewise."""
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 256, (2, 32, 64), dtype=torch.uint8, generator=gen)  # K = 128
+    scales = torch.randint(0, 255, (2, 32, 4), dtype=torch.uint8, generator=gen)
+    w, s = interleave_mxfp4(codes.clone(), scales.clone())
+    assert w.shape == codes.shape and not torch.equal(w, codes) and not torch.equal(s, scales)
+    back = interleave_mxfp4(w.clone(), s.clone(), inverse=True)
+    assert torch.equal(back[0], codes) and torch.equal(back[1], scales)
+    with pytest.raises(ValueError, match="K % 64"):
+        interleave_mxfp4(codes[..., :16].clone(), scales[..., :1].clone())
+    plain = unpack_fp4(codes).long()  # [2, 32, 128]
     mask = 0x81C081C0
-    spare = (w << 1) & 0x80008000 | (w >> 3) & 0x01800180 | (w >> 7) & 0x00400040
-    pairs = {(0, 2): w & mask, (4, 6): (w << 3) & mask, (1, 3): (w << 6) & mask, (5, 7): spare}
-    plain = codes.reshape(-1, 4).long()
-    element = [plain[:, j // 2] >> (4 * (j % 2)) & 0xF for j in range(8)]  # c0 .. c7
-    for (lo, hi), pair in pairs.items():
-        for code, lane in ((element[lo], pair & 0xFFFF), (element[hi], pair >> 16 & 0xFFFF)):
-            bf16 = lane.to(torch.int32).to(torch.int16).view(torch.bfloat16).float() * 2.0**126
-            want = e2m1_decode(code.to(torch.uint8))
-            assert torch.equal(bf16, want) and torch.equal(bf16.signbit(), want.signbit())
+    for e in range(2):
+        words = w[e].reshape(2, -1, 4).view(torch.int32)[..., 0].long() & 0xFFFFFFFF
+        sw = s[e].reshape(2, -1)  # [stripes, K/2] scale bytes
+        for stripe, kb, lane, j in [(0, 0, 0, 0), (1, 1, 13, 3), (0, 1, 31, 2), (1, 0, 6, 1)]:
+            x = _fragment_word(words, stripe, kb, lane, j)
+            g, t = lane // 4, lane % 4
+            d = (x << 1) & 0x80008000 | (x >> 3) & 0x01800180 | (x >> 7) & 0x00400040
+            parts = {(0, 0): x & mask, (0, 8): (x << 3) & mask, (8, 0): (x << 6) & mask, (8, 8): d}
+            for (dr, dc), pair in parts.items():
+                for c in (0, 1):
+                    row, col = stripe * 16 + g + dr, kb * 64 + 16 * j + dc + 2 * t + c
+                    bits = torch.tensor((pair >> (16 * c)) & 0xFFFF).to(torch.int16)
+                    got = bits.view(torch.bfloat16).float() * 2.0**126
+                    want = e2m1_decode(plain[e, row, col].to(torch.uint8))
+                    assert torch.equal(got, want) and got.signbit() == want.signbit()
+            quad = sw[stripe, kb * 32 + 4 * g : kb * 32 + 4 * g + 4].tolist()
+            rows = (stripe * 16 + g, stripe * 16 + g + 8)
+            assert quad == [scales[e, r, 2 * kb + grp].item() for grp in (0, 1) for r in rows]
 
 
 def _run_ptx(text: str, regs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -205,20 +218,31 @@ def _run_ptx(text: str, regs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return regs
 
 
-def test_the_kernels_ptx_decodes_interleaved_words_exactly():
-    """``_WORD_TO_BF16`` itself, run instruction by instruction on the CPU: every code at every
-    position of a word, scales 0 to 191 (the exact range), against ``dequantize_mxfp4``."""
-    from pdserve.kernels.moe_triton_common import _WORD_TO_BF16
+def test_the_kernels_ptx_decodes_fragment_words_exactly():
+    """``_FRAGMENT_TO_BF16`` itself, run instruction by instruction on the CPU: every code at
+    every position of every word of a stripe, scales 0 to 191 (the exact range), against
+    ``dequantize_mxfp4``."""
+    from pdserve.kernels.moe_triton_common import _FRAGMENT_TO_BF16
 
-    rows = 16 * 32  # row r: code r % 16 at position r // 16 of its 32-block, others random
-    codes = torch.randint(0, 16, (rows, 32), generator=torch.Generator().manual_seed(4))
-    codes[torch.arange(rows), torch.arange(rows) // 16] = torch.arange(rows) % 16
-    packed = (codes[:, 0::2] | codes[:, 1::2] << 4).to(torch.uint8)  # [rows, 16]
-    scales = torch.arange(rows).remainder(192).to(torch.uint8)[:, None]  # [rows, 1]
-    b = interleave_fp4_words(packed).reshape(rows, 4, 4).long()
-    words = b[..., 0] | b[..., 1] << 8 | b[..., 2] << 16 | b[..., 3] << 24  # [rows, 4]
-    sw = (scales.long() + 63) << 7
-    regs = _run_ptx(_WORD_TO_BF16.value, {"$8": words, "$9": (sw | sw << 16).expand(rows, 4)})
-    out = torch.stack([regs[f"${j}"] for j in range(8)], dim=-1).reshape(rows, 32)
-    got = out.to(torch.int32).to(torch.int16)
-    assert torch.equal(got, dequantize_mxfp4(packed, scales, torch.bfloat16).view(torch.int16))
+    gen = torch.Generator().manual_seed(4)
+    codes = torch.randint(0, 16, (12, 16, 64), generator=gen)  # 12 stripes of 16 x 64
+    packed = pack_fp4(codes.to(torch.uint8))  # [12, 16, 32]
+    scales = torch.randint(0, 192, (12, 16, 2), dtype=torch.uint8, generator=gen)
+    scales[0, 0, 0], scales[-1, -1, -1] = 0, 191
+    want = dequantize_mxfp4(packed, scales, torch.bfloat16).view(torch.int16)  # [12, 16, 64]
+    w, s = interleave_mxfp4(packed.clone(), scales.clone())
+    words = w.reshape(12, 128, 4).view(torch.int32)[..., 0].long() & 0xFFFFFFFF  # [12, 128]
+    sw = s.reshape(12, 8, 4).long()  # [stripe, g, (g grp0, g+8 grp0, g grp1, g+8 grp1)]
+    lane = torch.arange(128) // 4  # word index -> lane
+    g, t, j = lane // 4, lane % 4, torch.arange(128) % 4
+    grp = j // 2
+    s_g = sw[:, g, 2 * grp]  # [12, 128]
+    s_g8 = sw[:, g, 2 * grp + 1]
+    bf = [((x + 63) << 7) * 0x10001 for x in (s_g, s_g8)]  # bf16x2 of 2**(s - 64)
+    regs = _run_ptx(_FRAGMENT_TO_BF16.value, {"$4": words, "$5": bf[0], "$6": bf[1]})
+    for reg, (dr, dc) in zip(("$0", "$1", "$2", "$3"), ((0, 0), (0, 8), (8, 0), (8, 8))):
+        for c in (0, 1):
+            got = ((regs[reg] >> (16 * c)) & 0xFFFF).to(torch.int32).to(torch.int16)
+            col = 16 * j + dc + 2 * t + c
+            assert codes[:, g + dr, col].unique().numel() == 16  # every code at this position
+            assert torch.equal(got, want[:, g + dr, col])

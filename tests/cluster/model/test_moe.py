@@ -9,7 +9,7 @@ from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.moe import MXFP4Experts
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.cluster.presets import preset_config
-from pdserve.kernels.mxfp4 import deinterleave_fp4_words, dequantize_mxfp4
+from pdserve.kernels.mxfp4 import dequantize_mxfp4, interleave_mxfp4
 
 
 def test_unaligned_shards_of_a_float_checkpoint_keep_one_ranks_values():
@@ -44,8 +44,8 @@ def test_unaligned_shards_of_a_float_checkpoint_keep_one_ranks_values():
 
 
 def test_codes_interleaved_at_load_give_the_same_experts():
-    """``prepare`` interleaves the codes in place, once, for backends that read that layout;
-    the reference reads them back to the same output."""
+    """``prepare`` re-lays the codes and scales out in place (the fragment layout), once, for
+    backends that read that layout; the reference reads them back to the same output."""
     from pdserve.kernels import KernelSet
     from pdserve.kernels.device import H100
     from pdserve.kernels.moe_reference import SwiGLU, moe_mxfp4_torch
@@ -60,7 +60,7 @@ def test_codes_interleaved_at_load_give_the_same_experts():
     x = torch.randn(3, h, generator=g)
     ids = torch.tensor([[0, 1], [2, 3], [1, 0]]) % e
     tw = torch.rand(3, 2, generator=g)
-    plain_codes = m.w13.clone()
+    plain_codes, plain_scales = m.w13.clone(), m.s13.clone()
     want = moe_mxfp4_torch(x, m.weights(), ids, tw, SwiGLU())
     both = {"moe_small": "triton_interleaved", "moe_large": "triton_interleaved"}
     kernels = KernelSet.resolve(H100, "decode", both)  # resolved only: no kernel runs here
@@ -68,5 +68,6 @@ def test_codes_interleaved_at_load_give_the_same_experts():
     assert m.interleaved and not torch.equal(m.w13, plain_codes)
     assert prepared.small.interleaved
     m.interleave_codes()  # once only
-    assert torch.equal(deinterleave_fp4_words(m.w13), plain_codes)
+    codes, scales = interleave_mxfp4(m.w13.clone(), m.s13.clone(), inverse=True)
+    assert torch.equal(codes, plain_codes) and torch.equal(scales, plain_scales)
     assert torch.equal(moe_mxfp4_torch(x, m.weights(), ids, tw, SwiGLU()), want)
