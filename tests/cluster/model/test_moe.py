@@ -71,3 +71,22 @@ def test_codes_interleaved_at_load_give_the_same_experts():
     codes, scales = interleave_mxfp4(m.w13.clone(), m.s13.clone(), inverse=True)
     assert torch.equal(codes, plain_codes) and torch.equal(scales, plain_scales)
     assert torch.equal(moe_mxfp4_torch(x, m.weights(), ids, tw, SwiGLU()), want)
+
+
+def test_shapes_off_the_fragment_layout_keep_plain_codes():
+    """A shard whose down projection is 96 columns wide (not a multiple of 64) keeps its codes
+    plain under backends that ask for the fragment layout: the Triton kernels read both."""
+    from pdserve.kernels import KernelSet
+    from pdserve.kernels.device import H100
+
+    cfg = ModelConfig.from_hf({**preset_config("gpt-oss-tiny"), "vocab_size": 64,
+                               "intermediate_size": 96})  # fmt: skip
+    m = MXFP4Experts(cfg, TensorParallel(), torch.float32)
+    g = torch.Generator().manual_seed(2)
+    m.load_weight("gate_up_proj", torch.randn(cfg.n_routed_experts, 128, 192, generator=g))
+    m.load_weight("down_proj", torch.randn(cfg.n_routed_experts, 96, 128, generator=g))
+    plain = m.w2.clone()
+    both = {"moe_small": "triton_interleaved", "moe_large": "triton_interleaved"}
+    assert not m.weights().interleavable()
+    prepared = m.prepare(KernelSet.resolve(H100, "decode", both))
+    assert not m.interleaved and not prepared.small.interleaved and torch.equal(m.w2, plain)
