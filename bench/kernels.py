@@ -79,6 +79,18 @@ SWEEP_SMALL = {
         (128, 128, 4, 3, 1),
     ],
 }
+# The same for experts in the fragment layout (the weights are the wgmma's left operand, so
+# BLOCK_N is a multiple of 64 per warpgroup and BLOCK_K of 64; SWAP is implied).
+_FRAGMENT_TILES = [
+    (64, 64, 4, 3, 0),
+    (64, 64, 4, 4, 0),
+    (64, 64, 4, 5, 0),
+    (64, 128, 4, 3, 0),
+    (64, 128, 4, 4, 0),
+    (128, 64, 8, 4, 0),
+    (128, 128, 4, 3, 0),
+]
+SWEEP_FRAGMENT = {"gemm1": _FRAGMENT_TILES, "gemm2": _FRAGMENT_TILES}
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of moe_large, both GEMMs, GROUP_M 8
 SWEEP_LARGE = [
     (64, 64, 64, 4, 3),
@@ -289,20 +301,28 @@ def sweep(gpu: str, out: dict, deadline: float) -> None:
     """Time candidate configs at DeepSeek-V3 shapes; make the winners this GPU's table entries."""
     results = out.setdefault("sweep", {})
     act = SwiGLU()
-    small = triton_configs.pick(triton_configs.MOE_SMALL, torch.device(DEV), 1)
-    for m, bucket in ((1, 4), (16, 16), (128, 1 << 30)):
-        case = moe_case("deepseek-v3", m)
-        cfg = {k: dict(v) for k, v in small.items()}
-        for gemm in ("gemm1", "gemm2"):
+    for name, cands, layout in (
+        ("MOE_SMALL", SWEEP_SMALL, lambda w: w),
+        ("MOE_SMALL_FRAGMENT", SWEEP_FRAGMENT, MoeWeights.interleaved_copy),
+    ):
+        table = getattr(triton_configs, name)
+        small = triton_configs.pick(table, torch.device(DEV), 1)
+        for m, bucket in ((1, 4), (16, 16), (128, 1 << 30)):
+            x, w, *rest = moe_case("deepseek-v3", m)
+            case = (x, layout(w), *rest)
+            cfg = {k: dict(v) for k, v in small.items()}
+            for gemm in ("gemm1", "gemm2"):
 
-            def run(c, gemm=gemm, cfg=cfg, case=case):
-                return ms_graph(moe_small_triton, *case, act, config=dict(cfg, **{gemm: _tiles(c)}))
+                def run(c, gemm=gemm, cfg=cfg, case=case):
+                    tiles = dict(cfg, **{gemm: _tiles(c)})
+                    return ms_graph(moe_small_triton, *case, act, config=tiles)
 
-            t, c = _best(results, f"moe_small M={m} {gemm}", run, SWEEP_SMALL[gemm], deadline)
-            if c is not None:
-                cfg[gemm] = _tiles(c)
-        set_cfg(triton_configs.MOE_SMALL, gpu, bucket, cfg)
-        print(f"moe_small M<={bucket}: {cfg} {t:.3f} ms")
+                t, c = _best(results, f"{name} M={m} {gemm}", run, cands[gemm], deadline)
+                if c is not None:
+                    cfg[gemm] = _tiles(c)
+            set_cfg(table, gpu, bucket, cfg)
+            print(f"{name} M<={bucket}: {cfg} {t:.3f} ms")
+            case = w = None
     for m, bucket in ((4096, 4096), (16384, 1 << 30)):
         case = moe_case("deepseek-v3", m)
 
@@ -334,7 +354,7 @@ def sweep(gpu: str, out: dict, deadline: float) -> None:
             print(f"mla_decode H={heads}: {cfg} {t:.3f} ms")
     out["tuned"] = {
         name: getattr(triton_configs, name).get(gpu)
-        for name in ("MOE_SMALL", "MOE_LARGE", "MLA_DECODE")
+        for name in ("MOE_SMALL", "MOE_SMALL_FRAGMENT", "MOE_LARGE", "MLA_DECODE")
     }
 
 

@@ -102,13 +102,20 @@ for _op, _module, _fn in (
     REGISTRY.register(_backend)
     # The same kernels on experts re-laid out at load in the MMA-fragment layout
     # (``mxfp4.interleave_mxfp4``): each lane loads its share of the wgmma A operand with one
-    # 16-byte load and decodes it in registers with no shared-memory hop, about half the
-    # instructions per element of the plain layout (Triton 3.6, sm_90). Below the plain layout,
-    # so taken only by the override {moe_small: triton_interleaved, moe_large:
-    # triton_interleaved}.
+    # 16-byte load and decodes it in registers, no shared-memory hop; its inline PTX is
+    # Hopper's (bf16 on sm_90). On an H200 it ran 1.25-1.37x the plain layout's speed on
+    # DeepSeek-V3's MoE at 1-256 tokens and 1.26x at 1024-4096, 1.25-1.46x on V2-Lite's,
+    # 1.8-2.4x on GPT-OSS's (BENCHMARKS.md, "MoE kernels on the fragment layout"): the default
+    # on sm_90 in bf16.
     REGISTRY.register(
         dataclasses.replace(
-            _backend, name="triton_interleaved", priority=9, mxfp4_codes="interleaved"
+            _backend,
+            name="triton_interleaved",
+            priority=11,
+            min_sm=90,
+            max_sm=90,  # wgmma: on Blackwell the A operand is not read from registers
+            dtypes=("bfloat16",),
+            mxfp4_codes="interleaved",
         )
     )
 

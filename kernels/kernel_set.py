@@ -72,13 +72,27 @@ class KernelSet:
         if moe_crossover_m is None:
             moe_crossover_m = MOE_CROSSOVER_M.get(device.name, DEFAULT_MOE_CROSSOVER_M)
         small, large = choices["moe_small"].backend, choices["moe_large"].backend
-        codes = {small.mxfp4_codes, large.mxfp4_codes}
-        if {"plain", "interleaved"} <= codes:
-            raise ValueError(
-                f"moe_small={small.name} reads {small.mxfp4_codes} MXFP4 codes and "
-                f"moe_large={large.name} {large.mxfp4_codes} ones: pick MoE backends that read "
-                "the same layout (triton reads either)"
+        if {small.mxfp4_codes, large.mxfp4_codes} == {"plain", "interleaved"}:
+            # one layout per model: the op not named by an override follows the one that is
+            free = [op for op in MOE_OPS if op not in overrides]
+            if not free:
+                raise ValueError(
+                    f"moe_small={small.name} reads {small.mxfp4_codes} MXFP4 codes and "
+                    f"moe_large={large.name} {large.mxfp4_codes} ones: pick MoE backends that "
+                    "read the same layout (triton reads either)"
+                )
+            op = (
+                free[0]
+                if len(free) == 1
+                else "moe_small"
+                if large.mxfp4_codes == "plain"
+                else "moe_large"
             )
+            other = choices["moe_large" if op == "moe_small" else "moe_small"].backend
+            choices[op] = registry.select(
+                op, device, role, None, dtype, op not in unused, codes=other.mxfp4_codes
+            )
+            small, large = choices["moe_small"].backend, choices["moe_large"].backend
         return KernelSet(
             choices=tuple(choices[op] for op in OPS),
             moe_small_fn=small.load(),

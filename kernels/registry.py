@@ -142,9 +142,11 @@ class Registry:
         override: str | None = None,
         dtype: str | None = None,
         probe: bool = True,
+        codes: str | None = None,
     ) -> Choice:
         """The best backend of ``op`` that fits; ``probe=False`` for an op the model never runs:
-        its backends' probes (a trial GEMM on the GPU, say) are skipped."""
+        its backends' probes (a trial GEMM on the GPU, say) are skipped; ``codes``: a MoE op's
+        backend must read that layout of MXFP4 codes (the other MoE op's)."""
         if role not in ROLES:
             raise ValueError(f"unknown role {role!r}; roles are {ROLES}")
         candidates = sorted(self.backends[op], key=lambda b: -b.priority)
@@ -166,6 +168,8 @@ class Registry:
             fit = f"unused by the model, not probed; {fit}"
         for b in candidates:
             why = b.reject_reason(device, role, dtype, probe)
+            if why is None and codes is not None and b.mxfp4_codes not in (codes, "either"):
+                why = f"reads {b.mxfp4_codes} MXFP4 codes, the other MoE backend {codes} ones"
             if why is None:
                 return Choice(op, b, fit, tuple(rejected))
             rejected.append((b.name, why))

@@ -47,12 +47,15 @@ MOE_SMALL: dict[str, dict[int, dict[str, Config]]] = {
 
 # moe_small on experts in the fragment layout (``mxfp4.interleave_mxfp4``, the
 # ``triton_interleaved`` backends): the weights are the MMA's left operand (wgmma, m64), so
-# BLOCK_N is a multiple of 64 per warpgroup and BLOCK_K of 64. Untuned: the tiles whose main loop
-# compiled to the fewest instructions per element for sm_90 (Triton 3.6).
-_FRAGMENT_SMALL = {1 << 30: {"gemm1": _small(64, 256), "gemm2": _small(64, 256)}}
+# BLOCK_N is a multiple of 64 per warpgroup and BLOCK_K of 64. The fastest of bench.kernels'
+# SWEEP_FRAGMENT candidates on an H100 80GB HBM3 at DeepSeek-V3 shapes, M = 1, 16 and 128
+# (2026-12-06; 64 x 64 with 3-5 stages within 1-3% of each other); "sm90" (the H200) reuses
+# them untuned.
+_FRAGMENT_SMALL = {1 << 30: {"gemm1": _small(64, 64, stages=4), "gemm2": _small(64, 64, stages=4)}}
 MOE_SMALL_FRAGMENT: dict[str, dict[int, dict[str, Config]]] = {
     "default": {1 << 30: {"gemm1": _small(64, 128), "gemm2": _small(64, 128)}},
     "sm90": _FRAGMENT_SMALL,
+    H100: _FRAGMENT_SMALL,
 }
 
 # moe_large: tokens M -> grouped-GEMM tiles, shared by both GEMMs (BLOCK_M is the alignment of

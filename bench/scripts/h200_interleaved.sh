@@ -27,12 +27,13 @@ for preset in deepseek-v3-4l deepseek-v2-lite; do
   C=/tmp/cfg-$preset
   [ -f $C/config.json ] || python3 -m pdserve make-model --preset $preset --config-only \
     --out $C > /dev/null
-  for k in "" moe_small=triton_interleaved,moe_large=triton_interleaved; do
-    stamp "steps $preset ${k:-plain}"
+  for k in moe_small=triton,moe_large=triton \
+      moe_small=triton_interleaved,moe_large=triton_interleaved; do
+    stamp "steps $preset $k"
     [ $(left) -lt 20 ] && break  # timeout 0 would not stop
     timeout $(( $(left) < 100 ? $(left) : 100 )) python3 -m pdserve.bench.decode_step --model $C \
-      --random-weights 0 --batches 1,8,64 --context 1024 --steps 16 --modes auto ${k:+--kernels $k} \
-      --out "$OUT/decode-step-$preset${k:+-fragment}-${GPU}${TAG}.json" 2>&1 \
+      --random-weights 0 --batches 1,8,64 --context 1024 --steps 16 --modes auto --kernels $k \
+      --out "$OUT/decode-step-$preset$([[ $k == *interleaved* ]] && echo -fragment)-${GPU}${TAG}.json" 2>&1 \
       | grep --line-buffered -v Warning | tail -5
   done
 done

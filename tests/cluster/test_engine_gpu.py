@@ -44,9 +44,10 @@ def _wide_mla_model(tmp_path) -> str:
 
 def test_registry_picks_triton_on_the_gpu(tiny_model):
     """Triton everywhere but the FP8 linear, which is cuBLAS's on sm_90 where torch has its
-    block-scaled GEMM. Where FlashInfer's MLA decode is the choice (sm_90 with FlashInfer and
-    nvcc), the tiny model's 64 + 16 latent, which its kernels do not take, runs the Triton
-    kernel, and the runner reports that."""
+    block-scaled GEMM, and the MoE, whose kernels read the fragment layout there. Where
+    FlashInfer's MLA decode is the choice (sm_90 with FlashInfer and nvcc), the tiny model's
+    64 + 16 latent, which its kernels do not take, runs the Triton kernel, and the runner
+    reports that."""
     from pdserve.kernels import fp8_gemm_scaled_mm
     from pdserve.kernels.mla_decode_flashinfer import unavailable
 
@@ -55,6 +56,8 @@ def test_registry_picks_triton_on_the_gpu(tiny_model):
     cublas = sm90 and fp8_gemm_scaled_mm.unavailable() is None
     want = {op: "triton" for op in runner.kernel_names}
     want["linear_fp8"] = "scaled_mm" if cublas else "triton"
+    if sm90:
+        want["moe_small"] = want["moe_large"] = "triton_interleaved"
     assert runner.kernel_names == want
     chosen = {c.op: c.backend.name for c in runner.kernels.choices}["mla_decode"]
     fa3 = sm90 and unavailable() is None

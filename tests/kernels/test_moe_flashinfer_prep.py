@@ -73,7 +73,7 @@ def test_unavailable_names_the_reason_and_registry_falls_back(monkeypatch):
     except ImportError:
         why = moe_flashinfer.unavailable()
         assert why is not None and "flashinfer" in why
-        assert REGISTRY.select("moe_large", H100, "prefill").backend.name == "triton"
+        assert REGISTRY.select("moe_large", H100, "prefill").backend.name == "triton_interleaved"
         with pytest.raises(ValueError, match="not importable"):  # named, it says why not
             REGISTRY.select("moe_large", H100, "prefill", override="flashinfer_cutlass")
     else:  # pragma: no cover - only where flashinfer is installed

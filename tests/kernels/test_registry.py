@@ -16,6 +16,8 @@ from pdserve.kernels.registry import OPS
 GPUS = {"sm90": H100, "sm100": B200, "sm120": RTX_PRO_6000}
 GLUE = ("rms_norm", "rope", "grouped_topk")
 DEFAULT_ON_GPU = {op: "triton" for op in OPS}
+# Hopper's MoE default: the same kernels on experts in the MMA-fragment layout
+MOE_ON_SM90 = {"moe_small": "triton_interleaved", "moe_large": "triton_interleaved"}
 
 
 # backends whose probe looks for a library or a GPU feature: absent in these tests unless a test
@@ -67,7 +69,7 @@ def test_cpu_gets_torch_everywhere(role):
 @pytest.mark.parametrize("role", ["prefill", "decode", "colocated"])
 def test_triton_beats_torch_on_every_gpu(gpu, role):
     # FlashInfer is not installed here, so Triton wins moe_large too
-    assert names(gpu, role) == DEFAULT_ON_GPU
+    assert names(gpu, role) == DEFAULT_ON_GPU | (MOE_ON_SM90 if gpu.sm == 90 else {})
 
 
 def test_glue_kernels_are_triton_on_gpus_and_torch_when_named():
@@ -95,7 +97,7 @@ def test_flashinfer_moe_runs_on_sm90_prefill_when_named_and_available():
     pool takes it by name; it runs nowhere else."""
     reg = with_flashinfer_available()
     for gpu in (H100, H200):
-        assert names(gpu, "prefill", reg)["moe_large"] == "triton"
+        assert names(gpu, "prefill", reg)["moe_large"] == "triton_interleaved"
         picked = reg.select("moe_large", gpu, "prefill", override="flashinfer_cutlass")
         assert picked.backend.name == "flashinfer_cutlass" and picked.reason == "override"
     for gpu in (B200, RTX_PRO_6000):  # sm_90a code does not run on Blackwell
@@ -167,7 +169,7 @@ def test_cublas_fp8_linear_is_sm90_bf16s_default_when_available():
 def test_kernel_set_loads_triton_and_the_measured_crossover(monkeypatch):
     monkeypatch.setitem(triton_configs.MOE_CROSSOVER_M, H100.name, 48)
     ks = KernelSet.resolve(H100, "decode")
-    assert ks.names() == DEFAULT_ON_GPU
+    assert ks.names() == DEFAULT_ON_GPU | MOE_ON_SM90
     assert ks.moe_crossover_m == 48
     assert ks.moe_small_fn.__name__ == "moe_small_triton"
     assert ks.mla_decode.__name__ == "mla_decode_triton"
@@ -192,7 +194,9 @@ def test_dtype_a_backend_does_not_compute_in_falls_back_to_torch():
     from pdserve.kernels import KernelSet
     from pdserve.kernels.device import H100
 
-    assert KernelSet.resolve(H100, "decode", dtype="bfloat16").names()["moe_small"] == "triton"
+    names = KernelSet.resolve(H100, "decode", dtype="bfloat16").names()
+    assert names["moe_small"] == "triton_interleaved" and names["mla_decode"] == "triton"
+    assert KernelSet.resolve(H100, "decode", dtype="float32").names()["moe_small"] == "triton"
     ks = KernelSet.resolve(H100, "decode", dtype="float64")
     assert set(ks.names().values()) == {"torch"}
     assert "not float64" in ks.choices[0].describe()
@@ -230,22 +234,27 @@ def test_ops_a_model_never_runs_are_picked_without_their_probes():
 
 
 def test_moe_backends_agree_on_the_layout_of_the_codes():
-    """Plain codes unless a MoE backend asks for interleaved ones; the Triton kernels read
-    either; a backend that reads plain codes beside one that asks for interleaved is refused."""
-    assert KernelSet.resolve(H100, "decode").moe_codes == "plain"
+    """The fragment layout on Hopper in bf16, plain codes elsewhere; the Triton kernels read
+    either; beside a backend named for plain codes the other MoE op follows it; two named
+    backends that disagree are refused."""
+    assert KernelSet.resolve(H100, "decode", dtype="bfloat16").moe_codes == "interleaved"
+    assert KernelSet.resolve(H100, "decode", dtype="float32").moe_codes == "plain"
+    assert KernelSet.resolve(B200, "decode", dtype="bfloat16").moe_codes == "plain"
     assert KernelSet.resolve(DeviceInfo.cpu(), "decode").moe_codes == "plain"
-    both = {"moe_small": "triton_interleaved", "moe_large": "triton_interleaved"}
-    assert KernelSet.resolve(H100, "decode", both).moe_codes == "interleaved"
-    small = KernelSet.resolve(H100, "decode", {"moe_small": "triton_interleaved"})
-    assert small.moe_codes == "interleaved" and small.names()["moe_large"] == "triton"
+    small = KernelSet.resolve(H100, "decode", {"moe_large": "triton"})
+    assert small.moe_codes == "interleaved" and small.names()["moe_small"] == "triton_interleaved"
     mixed = {"moe_small": "triton_interleaved", "moe_large": "torch"}  # the reference reads both
     assert KernelSet.resolve(H100, "decode", mixed).moe_codes == "interleaved"
+    reg = with_flashinfer_available()
+    cutlass = KernelSet.resolve(H100, "prefill", {"moe_large": "flashinfer_cutlass"}, registry=reg)
+    assert cutlass.moe_codes == "plain" and cutlass.names()["moe_small"] == "triton"
+    (small_choice,) = [c for c in cutlass.choices if c.op == "moe_small"]
+    assert "reads interleaved MXFP4 codes" in dict(small_choice.rejected)["triton_interleaved"]
     with pytest.raises(ValueError, match="moe_small=triton_interleaved reads interleaved"):
         KernelSet.resolve(
             H100,
             "prefill",
             {"moe_small": "triton_interleaved", "moe_large": "flashinfer_cutlass"},
-            registry=with_flashinfer_available(),
+            registry=reg,
         )
-    # never a default: below the plain Triton kernels
-    assert REGISTRY.select("moe_small", H100, "decode").backend.name == "triton"
+    assert REGISTRY.select("moe_small", H200, "decode").backend.name == "triton_interleaved"
