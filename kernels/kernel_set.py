@@ -81,13 +81,9 @@ class KernelSet:
                     f"moe_large={large.name} {large.mxfp4_codes} ones: pick MoE backends that "
                     "read the same layout (triton reads either)"
                 )
-            op = (
-                free[0]
-                if len(free) == 1
-                else "moe_small"
-                if large.mxfp4_codes == "plain"
-                else "moe_large"
-            )
+            if len(free) == 2:  # neither named: the one asking for the fragment layout yields
+                free = [op for op in MOE_OPS if choices[op].backend.mxfp4_codes == "interleaved"]
+            op = free[0]
             other = choices["moe_large" if op == "moe_small" else "moe_small"].backend
             choices[op] = registry.select(
                 op, device, role, None, dtype, op not in unused, codes=other.mxfp4_codes

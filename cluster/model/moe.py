@@ -112,6 +112,11 @@ class MXFP4Experts(Loadable):
         (``mxfp4.interleave_mxfp4``), for MoE backends that read it; once only."""
         if self.interleaved:
             return
+        if not self.weights().interleavable():  # checked first: never half re-laid out
+            raise ValueError(
+                f"experts of {tuple(self.w13.shape)} / {tuple(self.w2.shape)} codes do not fit "
+                "the fragment layout's 16 x 64 grid"
+            )
         interleave_mxfp4(self.w13, self.s13)
         interleave_mxfp4(self.w2, self.s2)
         self.interleaved = True

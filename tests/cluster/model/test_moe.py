@@ -3,6 +3,7 @@ elements dequantize to what one rank holding them all would, for float checkpoin
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pdserve.cluster.config import ModelConfig
@@ -90,3 +91,7 @@ def test_shapes_off_the_fragment_layout_keep_plain_codes():
     assert not m.weights().interleavable()
     prepared = m.prepare(KernelSet.resolve(H100, "decode", both))
     assert not m.interleaved and not prepared.small.interleaved and torch.equal(m.w2, plain)
+    codes = m.w13.clone()
+    with pytest.raises(ValueError, match="16 x 64 grid"):  # asked directly: refused, untouched
+        m.interleave_codes()
+    assert not m.interleaved and torch.equal(m.w13, codes)
