@@ -102,6 +102,10 @@ SWEEP_LARGE = [
     (128, 128, 64, 8, 4),
     (256, 64, 64, 8, 3),
     (128, 64, 64, 8, 3),
+    # on the fragment layout the accumulators are [BLOCK_N, BLOCK_M] per gate and up: 8 warps
+    # halve their registers per thread (134-142 against 242 at 4 warps, sm_90 compiles)
+    (128, 64, 64, 8, 4),
+    (64, 128, 64, 8, 3),
 ]
 # (BLOCK_H, BLOCK_N, warps, stages) of mla_decode, per head count
 SWEEP_MLA = {
