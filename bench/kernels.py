@@ -189,7 +189,8 @@ def time_peers(peers: Peers, case: tuple, act: SwiGLU, ours_fn, ours_ms: float) 
     return {"peers": got, "vs_best_peer": None if best is None else best / ours_ms}
 
 
-def moe_case(model: str, m: int, seed: int = 0):
+def moe_case(model: str, m: int, fragment: bool = False, seed: int = 0):
+    """(x, experts, ids, routing weights); ``fragment``: the experts in the fragment layout."""
     h, e, k, i = MODELS[model]
     g = torch.Generator(device=DEV).manual_seed(seed)
     w = MoeWeights(
@@ -212,7 +213,7 @@ def moe_case(model: str, m: int, seed: int = 0):
         )
     tw = torch.rand(m, k, device=DEV, generator=g)
     x = torch.randn(m, h, device=DEV, generator=g).bfloat16()
-    return x, w, ids, tw
+    return x, w.interleaved_copy() if fragment else w, ids, tw
 
 
 def moe_act(model: str) -> SwiGLU:
@@ -306,15 +307,14 @@ def sweep(gpu: str, out: dict, deadline: float) -> None:
     """Time candidate configs at DeepSeek-V3 shapes; make the winners this GPU's table entries."""
     results = out.setdefault("sweep", {})
     act = SwiGLU()
-    for name, cands, layout in (
-        ("MOE_SMALL", SWEEP_SMALL, lambda w: w),
-        ("MOE_SMALL_FRAGMENT", SWEEP_FRAGMENT, MoeWeights.interleaved_copy),
+    for name, cands, fragment in (
+        ("MOE_SMALL", SWEEP_SMALL, False),
+        ("MOE_SMALL_FRAGMENT", SWEEP_FRAGMENT, True),
     ):
         table = getattr(triton_configs, name)
         small = triton_configs.pick(table, torch.device(DEV), 1)
         for m, bucket in ((1, 4), (16, 16), (128, 1 << 30)):
-            x, w, *rest = moe_case("deepseek-v3", m)
-            case = (x, layout(w), *rest)
+            case = moe_case("deepseek-v3", m, fragment)
             cfg = {k: dict(v) for k, v in small.items()}
             for gemm in ("gemm1", "gemm2"):
 
@@ -327,14 +327,11 @@ def sweep(gpu: str, out: dict, deadline: float) -> None:
                     cfg[gemm] = _tiles(c)
             set_cfg(table, gpu, bucket, cfg)
             print(f"{name} M<={bucket}: {cfg} {t:.3f} ms")
-            case = w = None
+            case = None
     # the grouped GEMM's one table serves both layouts: tuned on the one this GPU runs by default
     default = KernelSet.resolve(DeviceInfo.detect(DEV), "prefill", dtype="bfloat16").moe_codes
-    layout = MoeWeights.interleaved_copy if default == "interleaved" else (lambda w: w)
     for m, bucket in ((4096, 4096), (16384, 1 << 30)):
-        x, w, *rest = moe_case("deepseek-v3", m)
-        case = (x, layout(w), *rest)
-        w = None
+        case = moe_case("deepseek-v3", m, default == "interleaved")
 
         def run_large(c, case=case):
             bm, bn, bk, nw, ns = c

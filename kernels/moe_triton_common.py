@@ -430,6 +430,13 @@ def code_views(
     return codes, scales, codes.stride(0), codes.stride(1), scales.stride(0), scales.stride(1)
 
 
+def layout_args(cfg: dict, interleaved: bool) -> dict[str, bool]:
+    """The kernels' INTERLEAVED and SWAP for a tile config: fragment-layout tiles are the MMA's
+    left operand (SWAP) and span whole 64-column stripes."""
+    assert not interleaved or cfg["BLOCK_K"] % 64 == 0, cfg
+    return {"INTERLEAVED": interleaved, "SWAP": bool(cfg.get("SWAP", 0)) or interleaved}
+
+
 def fit_block_k(cfg: dict, k: int) -> dict:
     """cfg with BLOCK_K halved until it divides the reduction dim k (a multiple of 32), so that
     the K loop needs no masks (masked loads would not be pipelined)."""

@@ -31,6 +31,7 @@ from pdserve.kernels.moe_triton_common import (
     fast_dequant,
     fit_block_k,
     gate_up_swiglu,
+    layout_args,
     load_codes,
     mma_xw,
     output_like,
@@ -153,12 +154,10 @@ def _gemm2_kernel(
 
 def _run(cfg: dict, kernel, num_blocks: int, n: int, *args, INTERLEAVED: bool, **consts) -> None:
     grid = (num_blocks * triton.cdiv(n, cfg["BLOCK_N"]),)
-    assert not INTERLEAVED or cfg["BLOCK_K"] % 64 == 0, cfg  # the fragment layout's 64 columns
     kernel[grid](
         *args,
         **consts,
-        INTERLEAVED=INTERLEAVED,
-        SWAP=bool(cfg.get("SWAP", 0)) or INTERLEAVED,  # fragment tiles: the MMA's left operand
+        **layout_args(cfg, INTERLEAVED),
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],

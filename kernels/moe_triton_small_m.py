@@ -31,6 +31,7 @@ from pdserve.kernels.moe_triton_common import (
     code_views,
     fast_dequant,
     gate_up_swiglu,
+    layout_args,
     load_codes,
     mma_xw,
     output_like,
@@ -153,16 +154,13 @@ def _gemm2_kernel(
 
 
 def _launch(cfg: dict, kernel, grid, *args, INTERLEAVED: bool, **consts) -> None:
-    # the fragment layout's tiles are the MMA's left operand (SWAP) and span 64 columns
-    assert not INTERLEAVED or cfg["BLOCK_K"] % 64 == 0, cfg
     kernel[grid](
         *args,
         **consts,
-        INTERLEAVED=INTERLEAVED,
+        **layout_args(cfg, INTERLEAVED),
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
-        SWAP=bool(cfg.get("SWAP", 0)) or INTERLEAVED,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

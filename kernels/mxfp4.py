@@ -209,36 +209,38 @@ def interleave_mxfp4(
     packed: torch.Tensor, scales: torch.Tensor, inverse: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [..., N, K/2], scales [..., N, K/32]) -> the same in the fragment layout (above),
-    written in place; ``inverse`` undoes it. A 3-d tensor (experts) goes one expert at a time,
-    so the int32 temporaries stay the size of one expert."""
+    written in place; ``inverse`` undoes it. Leading dims (experts) go one matrix at a time, so
+    the int32 temporaries stay the size of one expert."""
     n, k = _check_fragment(packed, scales)
-    if packed.dim() == 3:
-        for e in range(packed.shape[0]):
-            interleave_mxfp4(packed[e], scales[e], inverse)
-        return packed, scales
-    lead = packed.shape[:-2]
-    # codes [.., N/16, r, g, kb, j, h, t, c] <-> words [.., N/16, kb, g, t, j] of lanes c
-    dims = (*lead, n // 16, 2, 8, k // 64, 4, 2, 4, 2)
-    b = len(lead)
-    to_words = [*range(b), b, b + 3, b + 2, b + 6, b + 4, b + 7, b + 1, b + 5]  # .., c, r, h
-    sdims = (*lead, n // 16, 2, 8, k // 64, 2)  # [.., N/16, r, g, kb, group]
-    to_sw = [*range(b), b, b + 3, b + 2, b + 4, b + 1]  # [.., N/16, kb, g, group, r]
+    for codes, sc in zip(packed.view(-1, n, k // 2), scales.view(-1, n, k // BLOCK)):
+        _interleave_matrix(codes, sc, n, k, inverse)
+    return packed, scales
+
+
+def _interleave_matrix(
+    packed: torch.Tensor, scales: torch.Tensor, n: int, k: int, inverse: bool
+) -> None:
+    """``interleave_mxfp4`` of one matrix: codes [N, K/2], scales [N, K/32], in place."""
+    # codes [N/16, r, g, kb, j, h, t, c] <-> words [N/16, kb, g, t, j] of lanes c
+    dims = (n // 16, 2, 8, k // 64, 4, 2, 4, 2)
+    to_words = (0, 3, 2, 6, 4, 7, 1, 5)  # [N/16, kb, g, t, j, c, r, h]
+    sdims = (n // 16, 2, 8, k // 64, 2)  # [N/16, r, g, kb, group]
+    to_sw = (0, 3, 2, 4, 1)  # [N/16, kb, g, group, r]
     if not inverse:
         codes = unpack_fp4(packed).to(torch.int32).reshape(dims).permute(to_words)
         lanes = _lanes(*(codes[..., r, h] for r in (0, 1) for h in (0, 1)))  # [.., j, c]
-        words = lanes[..., 0] | lanes[..., 1] << 16  # [.., N/16, kb, g, t, j]
+        words = lanes[..., 0] | lanes[..., 1] << 16  # [N/16, kb, g, t, j]
         packed.copy_(words.contiguous().view(torch.uint8).reshape(packed.shape))
         scales.copy_(scales.reshape(sdims).permute(to_sw).clone().reshape(scales.shape))
-        return packed, scales
-    words = packed.reshape(-1, 4).view(torch.int32).reshape(*lead, n // 16, k // 64, 8, 4, 4)
+        return
+    words = packed.reshape(-1, 4).view(torch.int32).reshape(n // 16, k // 64, 8, 4, 4)
     grid = torch.empty((*words.shape, 2, 2, 2), dtype=torch.int32, device=packed.device)
     for c in (0, 1):  # grid [.., c, r, h]
-        a, b_, c_, d = _lane_codes((words >> (16 * c)) & 0xFFFF)
-        grid[..., c, :, :] = torch.stack((a, b_, c_, d), -1).reshape(*words.shape, 2, 2)
+        a, b, c_, d = _lane_codes((words >> (16 * c)) & 0xFFFF)
+        grid[..., c, :, :] = torch.stack((a, b, c_, d), -1).reshape(*words.shape, 2, 2)
     codes = torch.empty(dims, dtype=torch.int32, device=packed.device)
     codes.permute(to_words).copy_(grid)
-    packed.copy_(pack_fp4(codes.reshape(*lead, n, k)))
+    packed.copy_(pack_fp4(codes.reshape(n, k)))
     sw = torch.empty(sdims, dtype=torch.uint8, device=scales.device)
-    sw.permute(to_sw).copy_(scales.reshape(*lead, n // 16, k // 64, 8, 2, 2))
+    sw.permute(to_sw).copy_(scales.reshape(n // 16, k // 64, 8, 2, 2))
     scales.copy_(sw.reshape(scales.shape))
-    return packed, scales
