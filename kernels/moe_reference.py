@@ -28,6 +28,8 @@ from pdserve.kernels.mxfp4 import (
     interleave_mxfp4,
 )
 
+SMALL_SCALE_MAX = 128  # E8M0 byte of 2**1: the largest scale the one-multiply decode takes
+
 
 @dataclass(frozen=True)
 class SwiGLU:
@@ -63,6 +65,9 @@ class MoeWeights:
     # codes and scales in the MMA-fragment layout (``mxfp4.interleave_mxfp4``): the Triton
     # kernels' layout where a backend asks for it (``Backend.mxfp4_codes``); others read plain
     interleaved: bool = False
+    # every E8M0 scale byte at most 128 (2**1), as trained weights' are: the fragment decode then
+    # multiplies once per pair of values (``moe_triton_common.fast_dequant``); set with the layout
+    small_scales: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -87,7 +92,10 @@ class MoeWeights:
         assert not self.interleaved
         w13, s13 = interleave_mxfp4(self.w13.clone(), self.s13.clone())
         w2, s2 = interleave_mxfp4(self.w2.clone(), self.s2.clone())
-        return dataclasses.replace(self, w13=w13, s13=s13, w2=w2, s2=s2, interleaved=True)
+        small = scales_fit_one_mul(s13, s2)
+        return dataclasses.replace(
+            self, w13=w13, s13=s13, w2=w2, s2=s2, interleaved=True, small_scales=small
+        )
 
     def expert_nbytes(self) -> int:
         """Bytes one expert occupies (packed weights + scales + biases): what decode reads."""
@@ -96,6 +104,11 @@ class MoeWeights:
             if b is not None:
                 n += b[0].numel() * b.element_size()
         return n
+
+
+def scales_fit_one_mul(*scales: torch.Tensor) -> bool:
+    """Whether every E8M0 scale byte is at most 128 (``MoeWeights.small_scales``)."""
+    return all(s.numel() == 0 or int(s.max()) <= SMALL_SCALE_MAX for s in scales)
 
 
 def moe_mxfp4_torch(

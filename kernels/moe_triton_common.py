@@ -23,10 +23,17 @@ def interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def fast_dequant(x: torch.Tensor) -> bool:
-    """Whether ``dequant_tile`` takes its inline PTX: bf16 activations on a GPU whose PTX has
-    ``mul.rn.bf16x2`` (sm_90 and later); elsewhere its exact float16 path runs."""
-    return x.dtype == torch.bfloat16 and x.is_cuda and not interpreting() and _sm90(x.device)
+ONE_MUL = 2  # fast_dequant's mode for fragment-layout experts whose scales fit one multiply
+
+
+def fast_dequant(x: torch.Tensor, weights: MoeWeights | None = None) -> int:
+    """How ``dequant_tile`` decodes (its FAST): 0, its exact float16 path; 1, inline PTX, for
+    bf16 activations on a GPU whose PTX has ``mul.rn.bf16x2`` (sm_90 and later); ONE_MUL, that
+    PTX with one multiply per pair of values, for experts in the fragment layout whose scales
+    all fit it (``MoeWeights.small_scales``)."""
+    if not (x.dtype == torch.bfloat16 and x.is_cuda and not interpreting() and _sm90(x.device)):
+        return 0
+    return ONE_MUL if weights is not None and weights.interleaved and weights.small_scales else 1
 
 
 @functools.cache
@@ -113,23 +120,36 @@ or.b32 a, a, b; mul.rn.bf16x2 a, a, c63; mul.rn.bf16x2 $3, a, s23;
 # One fragment-layout word ($4, ``mxfp4.interleave_mxfp4``) -> four bf16x2 registers of the
 # MMA A operand: $0 = A (row g, columns +0), $1 = B (row g, +8), $2 = C (row g + 8, +0),
 # $3 = D (row g + 8, +8), each pair (column c = 0 low, 1 high). Masking the word and its shifts
-# by 3 and 6 gives A, B, C as E2M1 * 2**-126; the spare bits give D; times 2**63, then times the
-# scale words $5 (row g) and $6 (row g + 8), bf16 of 2**(s - 64) in both lanes: E2M1 * 2**(s-127).
-_FRAGMENT_TO_BF16 = tl.constexpr(
-    """
+# by 3 and 6 gives A, B, C as E2M1 * 2**-126; the spare bits give D. Then times the scale words
+# $5 (row g) and $6 (row g + 8), the same bf16 in both lanes: 2**(s - 1) where every scale byte
+# s is at most 128 (``_FRAGMENT_ONE_MUL``); else times 2**63 first and 2**(s - 64) after (s up
+# to 191). Either way E2M1 * 2**(s - 127), exactly.
+_FRAGMENT_BITS = """
 {
 .reg .b32 a, b, c, d, t, c63;
-mov.b32 c63, 0x5F005F00;
 and.b32 a, $4, 0x81C081C0;
 shl.b32 b, $4, 3; and.b32 b, b, 0x81C081C0;
 shl.b32 c, $4, 6; and.b32 c, c, 0x81C081C0;
 shl.b32 d, $4, 1; and.b32 d, d, 0x80008000;
 shr.b32 t, $4, 3; and.b32 t, t, 0x01800180; or.b32 d, d, t;
 shr.b32 t, $4, 7; and.b32 t, t, 0x00400040; or.b32 d, d, t;
+"""
+_FRAGMENT_TO_BF16 = tl.constexpr(
+    _FRAGMENT_BITS
+    + """mov.b32 c63, 0x5F005F00;
 mul.rn.bf16x2 a, a, c63; mul.rn.bf16x2 $0, a, $5;
 mul.rn.bf16x2 b, b, c63; mul.rn.bf16x2 $1, b, $5;
 mul.rn.bf16x2 c, c, c63; mul.rn.bf16x2 $2, c, $6;
 mul.rn.bf16x2 d, d, c63; mul.rn.bf16x2 $3, d, $6;
+}
+"""
+)
+_FRAGMENT_ONE_MUL = tl.constexpr(
+    _FRAGMENT_BITS
+    + """mul.rn.bf16x2 $0, a, $5;
+mul.rn.bf16x2 $1, b, $5;
+mul.rn.bf16x2 $2, c, $6;
+mul.rn.bf16x2 $3, d, $6;
 }
 """
 )
@@ -164,10 +184,16 @@ def _fragment_tile(words, scales, BN: tl.constexpr, BK: tl.constexpr, DTYPE: tl.
     s_g = tl.join(scales & 0xFF, (scales >> 16) & 0xFF)  # [KB, NB, 32, 1, 2] row g, groups
     s_g8 = tl.join((scales >> 8) & 0xFF, (scales >> 24) & 0xFF)  # row g + 8
     if FAST:
-        wg = ((s_g + 63) << 7) * 0x10001  # bf16x2 of 2**(s - 64), both lanes
-        wg8 = ((s_g8 + 63) << 7) * 0x10001
+        if FAST == 2:  # ONE_MUL: bf16 of 2**(s - 1), in both lanes
+            ptx: tl.constexpr = _FRAGMENT_ONE_MUL
+            wg = ((s_g + 126) << 7) * 0x10001
+            wg8 = ((s_g8 + 126) << 7) * 0x10001
+        else:  # bf16 of 2**(s - 64)
+            ptx: tl.constexpr = _FRAGMENT_TO_BF16
+            wg = ((s_g + 63) << 7) * 0x10001
+            wg8 = ((s_g8 + 63) << 7) * 0x10001
         a, b, c, d = tl.inline_asm_elementwise(
-            _FRAGMENT_TO_BF16,
+            ptx,
             "=r,=r,=r,=r,r,r,r",
             [words, _per_word(wg, KB, NB), _per_word(wg8, KB, NB)],
             dtype=(tl.int32,) * 4,
@@ -213,8 +239,9 @@ def dequant_tile(
     """packed [BN, BK/2] uint8, scales [BN, BK/32] uint8 -> values [BN, BK] in DTYPE.
 
     Element 2j sits in the low nibble of byte j. INTERLEAVED: the fragment layout's words and
-    scale words instead (``code_ptrs``, ``_fragment_tile``). FAST (CUDA, bf16): inline PTX
-    converts two elements per instruction; scales up to 191 (2**64) are exact. Otherwise (the
+    scale words instead (``code_ptrs``, ``_fragment_tile``). FAST (``fast_dequant``; CUDA, bf16):
+    inline PTX converts two elements per instruction; scales up to 191 (2**64) are exact; 2 (the
+    fragment layout, scales up to 128): one multiply per pair instead of two. Otherwise (the
     interpreter, other dtypes): the code's sign goes to bit 15 and its exponent and mantissa bits
     to bits 11..9 of a float16, which then holds exactly E2M1 * 2**-14 (code 1 a float16
     subnormal, exact too); the float32 scale 2**(s - 127 + 14) is built from its bits (exact to

@@ -195,7 +195,7 @@ def moe_grouped_triton(
     slots, bexp = align_by_expert(topk_ids, e, c1["BLOCK_M"])
     nb = bexp.shape[0]
     up = upcast_dots(x.dtype)
-    fast = fast_dequant(x)
+    fast = fast_dequant(x, weights)
     b13, b2 = weights.b13, weights.b2
     h = torch.empty(nb * c1["BLOCK_M"], inter, dtype=x.dtype, device=x.device)  # [NB*BM, I]
     limit = 0.0 if act.limit is None else float(act.limit)

@@ -184,7 +184,7 @@ def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
         BLOCK_A=max(32, triton.next_power_of_2(a)),
     )  # fmt: skip
     up = upcast_dots(x.dtype)
-    fast = fast_dequant(x)
+    fast = fast_dequant(x, weights)
     c1, c2 = cfg["gemm1"], cfg["gemm2"]  # K tiles past H or I are masked (a multiple of 32)
     h = torch.empty(s, inter, dtype=x.dtype, device=dev)  # [S, I]
     b13, b2 = weights.b13, weights.b2

@@ -13,6 +13,7 @@ from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.layers import DenseMLP, Loadable, _copy, _empty
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.kernels import KernelSet, MoeWeights, PreparedMoe, SwiGLU
+from pdserve.kernels.moe_reference import scales_fit_one_mul
 from pdserve.kernels.mxfp4 import (
     BLOCK,
     interleave_mxfp4,
@@ -93,10 +94,18 @@ class MXFP4Experts(Loadable):
             self.expected = ("gate_up_proj_bias", "down_proj_bias")
 
     interleaved = False  # codes and scales in the fragment layout (``interleave_codes``)
+    small_scales = False  # every scale byte <= 128, found when re-laid out (MoeWeights')
 
     def weights(self) -> MoeWeights:
         return MoeWeights(
-            self.w13, self.s13, self.w2, self.s2, self.b13, self.b2, interleaved=self.interleaved
+            self.w13,
+            self.s13,
+            self.w2,
+            self.s2,
+            self.b13,
+            self.b2,
+            interleaved=self.interleaved,
+            small_scales=self.small_scales,
         )
 
     def prepare(self, kernels: KernelSet) -> PreparedMoe:
@@ -120,6 +129,7 @@ class MXFP4Experts(Loadable):
         interleave_mxfp4(self.w13, self.s13)
         interleave_mxfp4(self.w2, self.s2)
         self.interleaved = True
+        self.small_scales = scales_fit_one_mul(self.s13, self.s2)
 
     def missing_weights(self) -> list[str]:
         missing = (~self._have).nonzero().tolist()

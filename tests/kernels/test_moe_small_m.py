@@ -8,8 +8,9 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels import moe_triton_small_m, triton_configs
-from pdserve.kernels.moe_reference import SwiGLU, moe_mxfp4_torch
+from pdserve.kernels.moe_reference import SMALL_SCALE_MAX, SwiGLU, moe_mxfp4_torch
 from pdserve.kernels.moe_triton_common import (
+    ONE_MUL,
     code_ptrs,
     code_views,
     fit_block_k,
@@ -127,24 +128,26 @@ def _dequant_kernel(
     tl.store(o_ptr + tl.arange(0, BN)[:, None] * BK + tl.arange(0, BK)[None, :], v)
 
 
-@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("interleaved, one_mul", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("bn, bk, warps", [(16, 64, 4), (32, 128, 4), (64, 256, 8), (128, 64, 2)])
-def test_dequant_tile_is_exact(device, bn, bk, warps, interleaved):
+def test_dequant_tile_is_exact(device, bn, bk, warps, interleaved, one_mul):
     """The on-chip MXFP4 -> bf16 tile (inline PTX on CUDA) against dequantize_mxfp4, bit for bit,
     every code in every nibble and a different scale per 32-group (sign of zero included), in
-    both code layouts."""
+    both code layouts, and with one multiply per pair (scales up to 128) on the fragment one."""
     gen = torch.Generator().manual_seed(bn + bk)
     w = torch.randint(0, 256, (1, bn, bk // 2), dtype=torch.uint8, generator=gen)
-    s = torch.randint(100, 150, (1, bn, bk // 32), dtype=torch.uint8, generator=gen)
-    s[0, 0, 0], s[0, -1, -1] = 2, 191  # ends of the exact range of the fast path
+    top = SMALL_SCALE_MAX if one_mul else 191  # the exact range of each fast path
+    s = torch.randint(100, top, (1, bn, bk // 32), dtype=torch.uint8, generator=gen)
+    s[0, 0, 0], s[0, -1, -1] = 2, top
     ref = dequantize_mxfp4(w[0], s[0], torch.bfloat16)
     if interleaved:
         w, s = interleave_mxfp4(w, s)
     out = torch.empty(bn, bk, dtype=torch.bfloat16, device=device)
     codes, scales, _, stride_wn, _, stride_sn = code_views(w.to(device), s.to(device), interleaved)
+    fast = 0 if interpreting() else ONE_MUL if one_mul else 1
     _dequant_kernel[(1,)](
-        codes, scales, out, stride_wn, stride_sn, FAST=not interpreting(),
-        INTERLEAVED=interleaved, BN=bn, BK=bk, num_warps=warps,
+        codes, scales, out, stride_wn, stride_sn, FAST=fast, INTERLEAVED=interleaved, BN=bn,
+        BK=bk, num_warps=warps,
     )  # fmt: skip
     assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16))
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
+from pdserve.kernels.moe_reference import SMALL_SCALE_MAX
 from pdserve.kernels.mxfp4 import (
     dequantize_mxfp4,
     e2m1_decode,
@@ -17,6 +19,7 @@ from pdserve.kernels.mxfp4 import (
     quantize_mxfp4,
     unpack_fp4,
 )
+from tests.kernels.kernel_cases import random_moe
 
 # OCP MX v1.0, table of FP4 E2M1 values: sign bit, 2 exponent bits (bias 1), 1 mantissa bit
 OCP_E2M1 = {
@@ -218,17 +221,19 @@ def _run_ptx(text: str, regs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return regs
 
 
-def test_the_kernels_ptx_decodes_fragment_words_exactly():
-    """``_FRAGMENT_TO_BF16`` itself, run instruction by instruction on the CPU: every code at
-    every position of every word of a stripe, scales 0 to 191 (the exact range), against
-    ``dequantize_mxfp4``."""
-    from pdserve.kernels.moe_triton_common import _FRAGMENT_TO_BF16
+@pytest.mark.parametrize("one_mul", [False, True])
+def test_the_kernels_ptx_decodes_fragment_words_exactly(one_mul):
+    """``_FRAGMENT_TO_BF16`` and ``_FRAGMENT_ONE_MUL`` themselves, run instruction by
+    instruction on the CPU: every code at every position of every word of a stripe, scales 0
+    to 191 and 0 to 128 (their exact ranges), against ``dequantize_mxfp4``."""
+    from pdserve.kernels.moe_triton_common import _FRAGMENT_ONE_MUL, _FRAGMENT_TO_BF16
 
     gen = torch.Generator().manual_seed(4)
     codes = torch.randint(0, 16, (12, 16, 64), generator=gen)  # 12 stripes of 16 x 64
     packed = pack_fp4(codes.to(torch.uint8))  # [12, 16, 32]
-    scales = torch.randint(0, 192, (12, 16, 2), dtype=torch.uint8, generator=gen)
-    scales[0, 0, 0], scales[-1, -1, -1] = 0, 191
+    top = SMALL_SCALE_MAX if one_mul else 191
+    scales = torch.randint(0, top + 1, (12, 16, 2), dtype=torch.uint8, generator=gen)
+    scales[0, 0, 0], scales[-1, -1, -1] = 0, top
     want = dequantize_mxfp4(packed, scales, torch.bfloat16).view(torch.int16)  # [12, 16, 64]
     w, s = interleave_mxfp4(packed.clone(), scales.clone())
     words = w.reshape(12, 128, 4).view(torch.int32)[..., 0].long() & 0xFFFFFFFF  # [12, 128]
@@ -238,11 +243,22 @@ def test_the_kernels_ptx_decodes_fragment_words_exactly():
     grp = j // 2
     s_g = sw[:, g, 2 * grp]  # [12, 128]
     s_g8 = sw[:, g, 2 * grp + 1]
-    bf = [((x + 63) << 7) * 0x10001 for x in (s_g, s_g8)]  # bf16x2 of 2**(s - 64)
-    regs = _run_ptx(_FRAGMENT_TO_BF16.value, {"$4": words, "$5": bf[0], "$6": bf[1]})
+    bias = 126 if one_mul else 63  # bf16x2 of 2**(s - 1) or of 2**(s - 64)
+    bf = [((x + bias) << 7) * 0x10001 for x in (s_g, s_g8)]
+    ptx = (_FRAGMENT_ONE_MUL if one_mul else _FRAGMENT_TO_BF16).value
+    regs = _run_ptx(ptx, {"$4": words, "$5": bf[0], "$6": bf[1]})
     for reg, (dr, dc) in zip(("$0", "$1", "$2", "$3"), ((0, 0), (0, 8), (8, 0), (8, 8))):
         for c in (0, 1):
             got = ((regs[reg] >> (16 * c)) & 0xFFFF).to(torch.int32).to(torch.int16)
             col = 16 * j + dc + 2 * t + c
             assert codes[:, g + dr, col].unique().numel() == 16  # every code at this position
             assert torch.equal(got, want[:, g + dr, col])
+
+
+def test_small_scales_found_with_the_fragment_layout():
+    """``interleaved_copy`` tells whether every scale byte fits the one-multiply decode."""
+    w = random_moe(2, 64, 64)
+    assert w.interleaved_copy().small_scales and not w.small_scales
+    s2 = w.s2.clone()
+    s2[1, -1, -1] = SMALL_SCALE_MAX + 1
+    assert not dataclasses.replace(w, s2=s2).interleaved_copy().small_scales

@@ -68,6 +68,7 @@ def test_codes_interleaved_at_load_give_the_same_experts():
     prepared = m.prepare(kernels)
     assert m.interleaved and not torch.equal(m.w13, plain_codes)
     assert prepared.small.interleaved
+    assert prepared.small.small_scales  # randn weights: scales far below 2**1
     m.interleave_codes()  # once only
     codes, scales = interleave_mxfp4(m.w13.clone(), m.s13.clone(), inverse=True)
     assert torch.equal(codes, plain_codes) and torch.equal(scales, plain_scales)
