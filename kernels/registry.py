@@ -12,6 +12,8 @@ Ops and their contracts (see ``moe_reference`` and ``mla_reference``):
 - ``gqa_prefill``: its causal variable-length prefill.
 - ``rms_norm``: RMSNorm, optionally after the residual add (``rms_norm_reference``).
 - ``rope``: the rotary embedding of queries and keys (``rope_reference``).
+- ``mla_kv_write``: MLA's query and key rotations with the latent's norm and its cache write
+  (``mla_kv_write_reference``).
 - ``grouped_topk``: DeepSeek-V3's group-limited top-k routing (``routing``).
 - ``linear_fp8``: a linear whose weight is FP8 with 128x128 block scales (DeepSeek's release
   format): dequantized once at load (``torch``), or an FP8 GEMM with activations quantized per
@@ -42,6 +44,7 @@ OPS = (
     "gqa_prefill",
     "rms_norm",
     "rope",
+    "mla_kv_write",
     "grouped_topk",
 )
 ROLES = ("prefill", "decode", "colocated")

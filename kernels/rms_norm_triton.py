@@ -33,6 +33,13 @@ def _rms_norm_kernel(
         r = tl.load(res_ptr + row * stride_res + d, mask=dm, other=0.0)
         x = to_dtype_rne(x.to(tl.float32) + r.to(tl.float32), dtype)
         tl.store(sum_ptr + row * stride_sum + d, x, mask=dm)
+    tl.store(out_ptr + row * stride_out + d, norm_row(x, w_ptr, d, dm, D, eps, ROUND_ONCE), mask=dm)
+
+
+@triton.jit
+def norm_row(x, w_ptr, d, dm, D, eps, ROUND_ONCE: tl.constexpr):
+    """One row x [BLOCK_D] (zeros past D) -> its RMSNorm times the weight, in x's dtype."""
+    dtype = x.dtype
     h = x.to(tl.float32)
     inv = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / D + eps)
     h = h * inv
@@ -41,7 +48,7 @@ def _rms_norm_kernel(
         out = w * h
     else:
         out = w * to_dtype_rne(h, dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + d, to_dtype_rne(out, dtype), mask=dm)
+    return to_dtype_rne(out, dtype)
 
 
 def rms_norm_triton(

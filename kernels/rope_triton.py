@@ -14,6 +14,28 @@ from pdserve.kernels.rounding_triton import to_dtype_rne
 
 
 @triton.jit
+def rotate(row, m, i, cos, sin, HALF: tl.constexpr, INTERLEAVE: tl.constexpr):
+    """Pairs of the rows at ``row`` [B, 1] pointers (``m`` [B, BLOCK_HALF] in bounds, ``i``
+    [BLOCK_HALF]) rotated by cos / sin [1, BLOCK_HALF]: (x1 cos - x2 sin, x2 cos + x1 sin),
+    each product, sum and difference rounded to the rows' dtype as torch rounds them (compile
+    with enable_fp_fusion=False)."""
+    if INTERLEAVE:
+        x1 = tl.load(row + 2 * i[None, :], mask=m, other=0.0)
+        x2 = tl.load(row + 2 * i[None, :] + 1, mask=m, other=0.0)
+    else:
+        x1 = tl.load(row + i[None, :], mask=m, other=0.0)
+        x2 = tl.load(row + HALF + i[None, :], mask=m, other=0.0)
+    dt = x1.dtype
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    cos, sin = cos.to(tl.float32), sin.to(tl.float32)
+    x1c = to_dtype_rne(x1 * cos, dt).to(tl.float32)  # each product rounded, as torch's are
+    x2s = to_dtype_rne(x2 * sin, dt).to(tl.float32)
+    x2c = to_dtype_rne(x2 * cos, dt).to(tl.float32)
+    x1s = to_dtype_rne(x1 * sin, dt).to(tl.float32)
+    return to_dtype_rne(x1c - x2s, dt), to_dtype_rne(x2c + x1s, dt)
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr, pos_ptr, cos_ptr, sin_ptr, out_ptr, H,
     stride_xt, stride_xh, stride_ot, stride_oh, stride_table,
@@ -29,22 +51,10 @@ def _rope_kernel(
     cos = tl.load(cos_ptr + p * stride_table + i, mask=i < HALF, other=0.0)[None, :]
     sin = tl.load(sin_ptr + p * stride_table + i, mask=i < HALF, other=0.0)[None, :]
     row = x_ptr + t * stride_xt + h.to(tl.int64)[:, None] * stride_xh
-    if INTERLEAVE:
-        x1 = tl.load(row + 2 * i[None, :], mask=m, other=0.0)
-        x2 = tl.load(row + 2 * i[None, :] + 1, mask=m, other=0.0)
-    else:
-        x1 = tl.load(row + i[None, :], mask=m, other=0.0)
-        x2 = tl.load(row + HALF + i[None, :], mask=m, other=0.0)
-    dt = x1.dtype
-    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    cos, sin = cos.to(tl.float32), sin.to(tl.float32)
-    x1c = to_dtype_rne(x1 * cos, dt).to(tl.float32)  # each product rounded, as torch's are
-    x2s = to_dtype_rne(x2 * sin, dt).to(tl.float32)
-    x2c = to_dtype_rne(x2 * cos, dt).to(tl.float32)
-    x1s = to_dtype_rne(x1 * sin, dt).to(tl.float32)
+    o1, o2 = rotate(row, m, i, cos, sin, HALF, INTERLEAVE)
     out = out_ptr + t * stride_ot + h.to(tl.int64)[:, None] * stride_oh + i[None, :]
-    tl.store(out, to_dtype_rne(x1c - x2s, dt), mask=m)
-    tl.store(out + HALF, to_dtype_rne(x2c + x1s, dt), mask=m)
+    tl.store(out, o1, mask=m)
+    tl.store(out + HALF, o2, mask=m)
 
 
 def rope_triton(

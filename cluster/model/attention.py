@@ -99,11 +99,14 @@ class MLAAttention(nn.Module):
             q_lat, ckv = self.qkv_a(x).split((self.cfg.q_lora_rank, self.rank + self.rope_dim), 1)
             q = self.q_b_proj(self.q_a_layernorm(q_lat))
         q = q.view(t, self.heads, self.nope + self.rope_dim)
-        q_nope, q_pe = q[..., : self.nope], self.rope(positions, q[..., self.nope :])  # [T, H, *]
-        latent = self.kv_a_layernorm(ckv[:, : self.rank])  # [T, r]
-        k_pe = self.rope(positions, ckv[:, self.rank :])  # [T, rope]
         cache_rows = kv_cache.view(-1, self.rank + self.rope_dim)
-        cache_rows.index_copy_(0, meta.slot_mapping, torch.cat((latent, k_pe), dim=-1))
+        # q's rope part rotated; each token's cache row set to (norm(latent), rotated k_pe)
+        norm, rope = self.kv_a_layernorm, self.rope
+        q_pe = self.kernels.mla_kv_write(
+            positions, q[..., self.nope :], ckv, norm.weight, norm.eps, rope.cos, rope.sin,
+            rope.interleave, cache_rows, meta.slot_mapping,
+        )  # fmt: skip  # [T, H, rope]
+        q_nope = q[..., : self.nope]  # [T, H, nope]
 
         out = x.new_empty(t, self.heads, self.v_dim)  # [T, H, v]
         nd = meta.num_decode_tokens
