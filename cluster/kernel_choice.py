@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 def unused_ops(cfg: ModelConfig) -> tuple[str, ...]:
     """The ops a model never runs: the other attention family's, the FP8 linear without FP8
     weights. Their backends are picked without probes (a trial GEMM, say)."""
-    mla = ("mla_decode", "mla_prefill", "mla_kv_write")
+    mla = ("mla_decode", "mla_prefill", "mla_kv_write", "silu_mul")  # GPT-OSS: no dense MLP
     family = mla if cfg.is_gqa else ("gqa_decode", "gqa_prefill")
     return family + (() if cfg.fp8_block else ("linear_fp8",))
 

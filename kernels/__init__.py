@@ -53,6 +53,7 @@ for _op in ("gqa_decode", "gqa_prefill"):
 for _op, _module, _fn in (  # elementwise kernels, reductions, top-k: capturable as they are
     ("rms_norm", "rms_norm_reference", "rms_norm_torch"),
     ("rope", "rope_reference", "rope_torch"),
+    ("silu_mul", "silu_mul_reference", "silu_mul_torch"),
     ("mla_kv_write", "mla_kv_write_reference", "mla_kv_write_torch"),
     ("grouped_topk", "routing", "grouped_topk"),
 ):
@@ -126,6 +127,7 @@ for _op, _module, _fn in (
 for _op, _module, _fn in (
     ("rms_norm", "rms_norm_triton", "rms_norm_triton"),
     ("rope", "rope_triton", "rope_triton"),
+    ("silu_mul", "silu_mul_triton", "silu_mul_triton"),
     ("mla_kv_write", "mla_kv_write_triton", "mla_kv_write_triton"),
     ("grouped_topk", "routing_triton", "grouped_topk_triton"),
 ):

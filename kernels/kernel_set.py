@@ -45,6 +45,7 @@ class KernelSet:
     prepare_linear_fp8: Callable[[tuple], Any]  # (fp8 weight, block scales, dtype) -> prepared
     rms_norm: Callable  # (x, weight, eps, round_once, residual) -> norm, or (norm, x + residual)
     rope: Callable  # (positions, x, cos, sin, interleave) -> rotated x
+    silu_mul: Callable  # (h [T, 2I]: gate, then up) -> silu(gate) * up [T, I]
     # (positions, q_pe, ckv, norm weight, eps, cos, sin, interleave, cache rows, slots) -> q_pe
     # rotated; the normalized latent and rotated key written to the cache rows
     mla_kv_write: Callable
@@ -106,6 +107,7 @@ class KernelSet:
             prepare_linear_fp8=choices["linear_fp8"].backend.prepare(),
             rms_norm=choices["rms_norm"].backend.load(),
             rope=choices["rope"].backend.load(),
+            silu_mul=choices["silu_mul"].backend.load(),
             mla_kv_write=choices["mla_kv_write"].backend.load(),
             grouped_topk=choices["grouped_topk"].backend.load(),
             moe_crossover_m=moe_crossover_m,

@@ -12,6 +12,7 @@ Ops and their contracts (see ``moe_reference`` and ``mla_reference``):
 - ``gqa_prefill``: its causal variable-length prefill.
 - ``rms_norm``: RMSNorm, optionally after the residual add (``rms_norm_reference``).
 - ``rope``: the rotary embedding of queries and keys (``rope_reference``).
+- ``silu_mul``: the dense MLP's gated activation (``silu_mul_reference``).
 - ``mla_kv_write``: MLA's query and key rotations with the latent's norm and its cache write
   (``mla_kv_write_reference``).
 - ``grouped_topk``: DeepSeek-V3's group-limited top-k routing (``routing``).
@@ -44,6 +45,7 @@ OPS = (
     "gqa_prefill",
     "rms_norm",
     "rope",
+    "silu_mul",
     "mla_kv_write",
     "grouped_topk",
 )

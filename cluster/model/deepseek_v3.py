@@ -39,7 +39,10 @@ class DeepseekV3ForCausalLM(CausalLM):
             if cfg.is_moe_layer(i):
                 mlp: torch.nn.Module = MoEBlock(cfg, kernels=kernels, dtype=dtype, tp=tp)
             else:
-                mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, tp=tp, fp8=fp8)
+                mlp = DenseMLP(
+                    cfg.hidden_size, cfg.intermediate_size, dtype=dtype, tp=tp, fp8=fp8,
+                    act=kernels.silu_mul,
+                )  # fmt: skip
             return DecoderLayer(cfg, attn, mlp, dtype, tp, kernels)
 
         super().__init__(cfg, rotary, layer, kernels=kernels, dtype=dtype, tp=tp)

@@ -16,6 +16,7 @@ from torch import nn
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.kernels import KernelSet
 from pdserve.kernels.rms_norm_reference import rms_norm_torch
+from pdserve.kernels.silu_mul_reference import silu_mul_torch
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -187,9 +188,11 @@ class DenseMLP(Loadable):
         dtype: torch.dtype,
         tp: TensorParallel,
         fp8: tuple[tuple[int, int], KernelSet] | None = None,
+        act: Callable = silu_mul_torch,
     ) -> None:
         super().__init__()
         self.inter, self.tp, self.dtype = tp.split(inter, "MLP intermediate size"), tp, dtype
+        self.act = act  # the worker's silu_mul kernel
         self.down_proj = Linear(inter, hidden, dtype=dtype, tp=tp, mode="row", fp8=fp8)
         self.fp8 = fp8 is not None and self.inter % fp8[0][0] == 0
         self.prepared = None
@@ -219,7 +222,7 @@ class DenseMLP(Loadable):
             h = self.kernels.linear_fp8(x, self.prepared)  # [T, 2I]
         else:
             h = F.linear(x, self.gate_up_weight)  # [T, 2I]
-        return self.down_proj(F.silu(h[:, : self.inter]) * h[:, self.inter :])
+        return self.down_proj(self.act(h))
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.expected:

@@ -242,6 +242,7 @@ class MoEBlock(nn.Module):
                 dtype=dtype,
                 tp=tp,
                 fp8=(cfg.fp8_block, kernels) if cfg.fp8_block else None,
+                act=kernels.silu_mul,
             )
             if cfg.n_shared_experts
             else None

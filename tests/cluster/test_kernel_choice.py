@@ -16,6 +16,7 @@ def test_the_ops_a_model_never_runs(tiny_model, gpt_oss_model, fp8_model):
         "mla_decode",
         "mla_prefill",
         "mla_kv_write",
+        "silu_mul",
         "linear_fp8",
     )
     assert unused_ops(ModelConfig.from_dir(fp8_model)) == ("gqa_decode", "gqa_prefill")
