@@ -313,8 +313,12 @@ def fragment_by_default() -> bool:
     return kernels.moe_codes == "interleaved"
 
 
-def sweep(gpu: str, out: dict, deadline: float) -> None:
-    """Time candidate configs at DeepSeek-V3 shapes; make the winners this GPU's table entries."""
+SWEEP_TABLES = ("MOE_SMALL_FRAGMENT", "MOE_SMALL", "MOE_LARGE", "MLA_DECODE")
+
+
+def sweep(gpu: str, out: dict, deadline: float, tables: tuple[str, ...] = SWEEP_TABLES) -> None:
+    """Time candidate configs at DeepSeek-V3 shapes; make the winners this GPU's entries of
+    ``tables``."""
     results = out.setdefault("sweep", {})
     act = SwiGLU()
     # the fragment layout first: the default on sm_90, and the sweep may run out of time
@@ -322,6 +326,8 @@ def sweep(gpu: str, out: dict, deadline: float) -> None:
         ("MOE_SMALL_FRAGMENT", SWEEP_FRAGMENT, True),
         ("MOE_SMALL", SWEEP_SMALL, False),
     ):
+        if name not in tables:
+            continue
         table = getattr(triton_configs, name)
         small = triton_configs.pick(table, torch.device(DEV), 1)
         for m, bucket in ((1, 4), (16, 16), (128, 1 << 30)):
@@ -340,7 +346,7 @@ def sweep(gpu: str, out: dict, deadline: float) -> None:
             print(f"{name} M<={bucket}: {cfg} {t:.3f} ms")
             case = None
     # the grouped GEMM's one table serves both layouts: tuned on the one this GPU runs by default
-    for m, bucket in ((4096, 4096), (16384, 1 << 30)):
+    for m, bucket in ((4096, 4096), (16384, 1 << 30)) if "MOE_LARGE" in tables else ():
         case = moe_case("deepseek-v3", m, fragment_by_default())
 
         def run_large(c, case=case):
@@ -356,6 +362,8 @@ def sweep(gpu: str, out: dict, deadline: float) -> None:
             set_cfg(triton_configs.MOE_LARGE, gpu, bucket, {"gemm1": g, "gemm2": g})
             print(f"moe_large M<={bucket}: {g} {t:.3f} ms")
         case = None  # free the 6 GB of experts
+    if "MLA_DECODE" not in tables:
+        return
     cache = torch.empty(64 * 8192 // 64, 64, 576, dtype=torch.bfloat16, device=DEV).normal_()
     for heads, cands in SWEEP_MLA.items():  # 64 sequences of 8k: 600 MB of KV, far past L2
         q, table, lens = mla_case(heads, 64, 8192, cache)
@@ -417,6 +425,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="time candidate configs first")
     ap.add_argument("--sweep-s", type=float, default=150.0, help="time the sweep may take")
+    ap.add_argument(
+        "--sweep-tables", default=",".join(SWEEP_TABLES), help=f"of {SWEEP_TABLES}, to sweep"
+    )
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop adding points after this")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {PARTS}")
@@ -424,6 +435,8 @@ def main() -> None:
     parts = args.parts.split(",")
     if bad := sorted(set(parts) - set(PARTS)):
         ap.error(f"unknown --parts {bad}; known: {PARTS}")
+    if bad := sorted(set(args.sweep_tables.split(",")) - set(SWEEP_TABLES)):
+        ap.error(f"unknown --sweep-tables {bad}; known: {SWEEP_TABLES}")
     t0 = time.time()
     gpu = torch.cuda.get_device_name()
     out = {
@@ -438,7 +451,7 @@ def main() -> None:
         f"{gpu}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s"
     )
     if args.sweep:
-        sweep(gpu, out, t0 + args.sweep_s)
+        sweep(gpu, out, t0 + args.sweep_s, tuple(args.sweep_tables.split(",")))
     act = SwiGLU()
     dev = torch.device(DEV)
     peers = Peers()

@@ -24,7 +24,8 @@ def unused_ops(cfg: ModelConfig) -> tuple[str, ...]:
     """The ops a model never runs: the other attention family's, the FP8 linear without FP8
     weights. Their backends are picked without probes (a trial GEMM, say)."""
     mla = ("mla_decode", "mla_prefill", "mla_kv_write", "silu_mul")  # GPT-OSS: no dense MLP
-    family = mla if cfg.is_gqa else ("gqa_decode", "gqa_prefill")
+    # MLA rotates inside mla_kv_write
+    family = mla if cfg.is_gqa else ("gqa_decode", "gqa_prefill", "rope")
     return family + (() if cfg.fp8_block else ("linear_fp8",))
 
 

@@ -105,10 +105,10 @@ for _op, _module, _fn in (
     # The same kernels on experts re-laid out at load in the MMA-fragment layout
     # (``mxfp4.interleave_mxfp4``): each lane loads its share of the wgmma A operand with one
     # 16-byte load and decodes it in registers, no shared-memory hop; its inline PTX is
-    # Hopper's (bf16 on sm_90). On an H100 it ran 1.4-1.6x the plain layout's speed on
-    # DeepSeek-V3's MoE at 1-128 tokens (1.01-1.52x triton_kernels'), 1.2-1.4x at 512-16384,
-    # 1.4-2.9x on V2-Lite's and GPT-OSS's (BENCHMARKS.md, "MoE kernels on the fragment
-    # layout"): the default on sm_90 in bf16.
+    # Hopper's (bf16 on sm_90). On an H100 and an H200 it ran 1.3-1.7x the plain layout's speed
+    # on DeepSeek-V3's MoE at 1-128 tokens, 1.2-1.5x at 512-16384, 1.4-3.1x on V2-Lite's and
+    # GPT-OSS's (BENCHMARKS.md, "MoE kernels on the fragment layout" and "... with one multiply
+    # per pair"): the default on sm_90 in bf16.
     REGISTRY.register(
         dataclasses.replace(
             _backend,

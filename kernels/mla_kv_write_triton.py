@@ -68,6 +68,10 @@ def mla_kv_write_triton(
     assert q_pe.stride(-1) == 1 and ckv.stride(-1) == 1 and cache_rows.stride(-1) == 1
     assert ckv.shape == (t, r + rope) and cache_rows.shape[1] == r + rope, (ckv.shape, r, rope)
     assert cos.dtype == q_pe.dtype and cos.stride(-1) == 1 and cos.stride() == sin.stride()
+    assert cache_rows.dtype == q_pe.dtype == ckv.dtype, (cache_rows.dtype, q_pe.dtype, ckv.dtype)
+    # one position and one cache row (in [0, N): the kernel does not check) per token
+    assert positions.shape == (t,) and slots.shape == (t,), (positions.shape, slots.shape, t)
+    assert positions.stride(0) == 1 and slots.stride(0) == 1
     out = torch.empty((t, heads, rope), dtype=q_pe.dtype, device=q_pe.device)
     if t:
         block_h = min(16, triton.next_power_of_2(heads))

@@ -10,6 +10,7 @@ def test_the_ops_a_model_never_runs(tiny_model, gpt_oss_model, fp8_model):
     assert unused_ops(ModelConfig.from_dir(tiny_model)) == (
         "gqa_decode",
         "gqa_prefill",
+        "rope",
         "linear_fp8",
     )
     assert unused_ops(ModelConfig.from_dir(gpt_oss_model)) == (
@@ -19,4 +20,4 @@ def test_the_ops_a_model_never_runs(tiny_model, gpt_oss_model, fp8_model):
         "silu_mul",
         "linear_fp8",
     )
-    assert unused_ops(ModelConfig.from_dir(fp8_model)) == ("gqa_decode", "gqa_prefill")
+    assert unused_ops(ModelConfig.from_dir(fp8_model)) == ("gqa_decode", "gqa_prefill", "rope")

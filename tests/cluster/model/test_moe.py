@@ -68,11 +68,24 @@ def test_codes_interleaved_at_load_give_the_same_experts():
     prepared = m.prepare(kernels)
     assert m.interleaved and not torch.equal(m.w13, plain_codes)
     assert prepared.small.interleaved
-    assert prepared.small.small_scales  # randn weights: scales far below 2**1
+    assert prepared.small.small_scales  # randn weights: scale bytes 125-127
     m.interleave_codes()  # once only
     codes, scales = interleave_mxfp4(m.w13.clone(), m.s13.clone(), inverse=True)
     assert torch.equal(codes, plain_codes) and torch.equal(scales, plain_scales)
     assert torch.equal(moe_mxfp4_torch(x, m.weights(), ids, tw, SwiGLU()), want)
+
+
+def test_experts_with_a_scale_past_two_take_the_two_multiply_decode():
+    """A scale byte above 128 (weights past 2**2 * 6) leaves ``small_scales`` off."""
+    cfg = ModelConfig.from_hf({**preset_config("gpt-oss-tiny"), "vocab_size": 64})
+    e, h, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    g = torch.Generator().manual_seed(2)
+    m = MXFP4Experts(cfg, TensorParallel(), torch.float32)
+    m.load_weight("gate_up_proj", torch.randn(e, h, 2 * i, generator=g) * 1000)
+    m.load_weight("down_proj", torch.randn(e, i, h, generator=g))
+    assert int(m.s13.max()) > 128
+    m.interleave_codes()
+    assert m.interleaved and not m.small_scales and not m.weights().small_scales
 
 
 def test_shapes_off_the_fragment_layout_keep_plain_codes():
