@@ -346,8 +346,9 @@ def sweep(gpu: str, out: dict, deadline: float, tables: tuple[str, ...] = SWEEP_
             print(f"{name} M<={bucket}: {cfg} {t:.3f} ms")
             case = None
     # the grouped GEMM's one table serves both layouts: tuned on the one this GPU runs by default
+    fragment = fragment_by_default()
     for m, bucket in ((4096, 4096), (16384, 1 << 30)) if "MOE_LARGE" in tables else ():
-        case = moe_case("deepseek-v3", m, fragment_by_default())
+        case = moe_case("deepseek-v3", m, fragment)
 
         def run_large(c, case=case):
             bm, bn, bk, nw, ns = c
@@ -482,8 +483,9 @@ def main() -> None:
                 }
             )
     cross = out["moe_crossover"] = []
-    for m in CROSS_M if "moe_crossover" in parts else ():  # on the layout the GPU runs
-        case = moe_case("deepseek-v3", m, fragment_by_default())
+    fragment = "moe_crossover" in parts and fragment_by_default()  # the layout the GPU runs
+    for m in CROSS_M if "moe_crossover" in parts else ():
+        case = moe_case("deepseek-v3", m, fragment)
         small = ms_graph(moe_small_triton, *case, act)
         grouped = ms_graph(moe_grouped_triton, *case, act)
         cross.append({"M": m, "small_ms": small, "grouped_ms": grouped})

@@ -26,14 +26,14 @@ def interpreting() -> bool:
 ONE_MUL = 2  # fast_dequant's mode for fragment-layout experts whose scales fit one multiply
 
 
-def fast_dequant(x: torch.Tensor, weights: MoeWeights | None = None) -> int:
+def fast_dequant(x: torch.Tensor, weights: MoeWeights) -> int:
     """How ``dequant_tile`` decodes (its FAST): 0, its exact float16 path; 1, inline PTX, for
     bf16 activations on a GPU whose PTX has ``mul.rn.bf16x2`` (sm_90 and later); ONE_MUL, that
     PTX with one multiply per pair of values, for experts in the fragment layout whose scales
     all fit it (``MoeWeights.small_scales``)."""
     if not (x.dtype == torch.bfloat16 and x.is_cuda and not interpreting() and _sm90(x.device)):
         return 0
-    return ONE_MUL if weights is not None and weights.interleaved and weights.small_scales else 1
+    return ONE_MUL if weights.interleaved and weights.small_scales else 1
 
 
 @functools.cache
@@ -184,14 +184,14 @@ def _fragment_tile(words, scales, BN: tl.constexpr, BK: tl.constexpr, DTYPE: tl.
     s_g = tl.join(scales & 0xFF, (scales >> 16) & 0xFF)  # [KB, NB, 32, 1, 2] row g, groups
     s_g8 = tl.join((scales >> 8) & 0xFF, (scales >> 24) & 0xFF)  # row g + 8
     if FAST:
-        if FAST == 2:  # ONE_MUL: bf16 of 2**(s - 1), in both lanes
+        if FAST == 2:  # ONE_MUL: scale words of 2**(s - 1)
             ptx: tl.constexpr = _FRAGMENT_ONE_MUL
-            wg = ((s_g + 126) << 7) * 0x10001
-            wg8 = ((s_g8 + 126) << 7) * 0x10001
-        else:  # bf16 of 2**(s - 64)
+            bias: tl.constexpr = 126
+        else:  # 2**(s - 64)
             ptx: tl.constexpr = _FRAGMENT_TO_BF16
-            wg = ((s_g + 63) << 7) * 0x10001
-            wg8 = ((s_g8 + 63) << 7) * 0x10001
+            bias: tl.constexpr = 63
+        wg = ((s_g + bias) << 7) * 0x10001  # the bf16 in both lanes
+        wg8 = ((s_g8 + bias) << 7) * 0x10001
         a, b, c, d = tl.inline_asm_elementwise(
             ptx,
             "=r,=r,=r,=r,r,r,r",
