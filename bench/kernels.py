@@ -50,7 +50,7 @@ GPT_OSS_ACT = SwiGLU(alpha=1.702, beta=1.0, limit=7.0)
 PARTS = ("moe_decode", "moe_crossover", "moe_prefill", "mla_decode")
 DECODE_M = (1, 4, 16, 64, 128, 256)
 PREFILL_M = (512, 1024, 2048, 4096, 8192, 16384)
-CROSS_M = (1, 4, 16, 32, 64, 128, 256, 512)
+CROSS_M = (1, 4, 16, 32, 64, 128, 256, 512, 768, 1024)
 MLA_GRID = [(h, b, c) for h in (16, 128) for b in (1, 8, 32, 128) for c in (1024, 4096, 32768)]
 
 # (BLOCK_N, BLOCK_K, warps, stages, SWAP) per GEMM of moe_small; BLOCK_M stays 16. SWAP 1: the
@@ -96,6 +96,12 @@ _FRAGMENT_TILES = [
 # twice the codes per thread (sm_90: 3.75 instructions per weight element at 128 registers,
 # against 5.16 for 64 x 64), yet 0.90-0.94x the speed of 64 x 64 on an H100 at M = 1-128
 SWEEP_FRAGMENT = {"gemm1": _FRAGMENT_TILES, "gemm2": _FRAGMENT_TILES + [(256, 64, 8, 4, 0)]}
+# (M timed, bucket its winners fill) per moe_small table: the tables' buckets; the token block
+# and split count stay the entry's
+SWEEP_SMALL_POINTS = {
+    "MOE_SMALL_FRAGMENT": ((1, 1), (16, 256), (512, 1 << 30)),
+    "MOE_SMALL": ((1, 4), (16, 16), (128, 1 << 30)),
+}
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) of moe_large, both GEMMs, GROUP_M 8
 SWEEP_LARGE = [
     (64, 64, 64, 4, 3),
@@ -300,10 +306,12 @@ def _best(results: dict, label: str, fn, cands, deadline: float) -> tuple[float,
     return best
 
 
-def _tiles(c: tuple[int, int, int, int, int]) -> dict[str, int]:
-    """A SWEEP_SMALL candidate as moe_small's config of one GEMM."""
+def _tiles(c: tuple[int, int, int, int, int], base: dict) -> dict[str, int]:
+    """A SWEEP_SMALL candidate as moe_small's config of one GEMM, with the token block and
+    split count of the table's entry ``base``."""
     bn, bk, warps, stages, swap = c
-    cfg = dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    cfg = dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    cfg.pop("SWAP", None)
     return cfg | {"SWAP": 1} if swap else cfg
 
 
@@ -329,19 +337,19 @@ def sweep(gpu: str, out: dict, deadline: float, tables: tuple[str, ...] = SWEEP_
         if name not in tables:
             continue
         table = getattr(triton_configs, name)
-        small = triton_configs.pick(table, torch.device(DEV), 1)
-        for m, bucket in ((1, 4), (16, 16), (128, 1 << 30)):
+        for m, bucket in SWEEP_SMALL_POINTS[name]:
             case = moe_case("deepseek-v3", m, fragment)
-            cfg = {k: dict(v) for k, v in small.items()}
+            entry = triton_configs.pick(table, torch.device(DEV), m)
+            cfg = {k: dict(v) for k, v in entry.items()}
             for gemm in ("gemm1", "gemm2"):
 
                 def run(c, gemm=gemm, cfg=cfg, case=case):
-                    tiles = dict(cfg, **{gemm: _tiles(c)})
+                    tiles = dict(cfg, **{gemm: _tiles(c, cfg[gemm])})
                     return ms_graph(moe_small_triton, *case, act, config=tiles)
 
                 t, c = _best(results, f"{name} M={m} {gemm}", run, cands[gemm], deadline)
                 if c is not None:
-                    cfg[gemm] = _tiles(c)
+                    cfg[gemm] = _tiles(c, cfg[gemm])
             set_cfg(table, gpu, bucket, cfg)
             print(f"{name} M<={bucket}: {cfg} {t:.3f} ms")
             case = None

@@ -94,31 +94,35 @@ def _decode_kernel(
         tl.store(lse_ptr + b * stride_lb + heads * stride_lh + split, lse, mask=hmask)
 
 
-@triton.jit(do_not_specialize=["NUM_SPLITS", "stride_lb", "stride_lh"])
+@triton.jit(do_not_specialize=["H", "HEADS", "NUM_SPLITS", "stride_lb", "stride_lh"])
 def _combine_kernel(
-    part_ptr, lse_ptr, o_ptr,
+    part_ptr, lse_ptr, o_ptr, H, HEADS,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-    NUM_SPLITS, V_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_V: tl.constexpr,
+    NUM_SPLITS, V_DIM: tl.constexpr, V_SPAN: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):  # fmt: skip
-    """Grid (B, H, V chunks): out = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max)."""
+    """Grid (B, cdiv(H, HEADS), cdiv(V_DIM, V_SPAN)): for each of the program's HEADS heads and
+    its V_SPAN columns, out = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), in
+    BLOCK_V column steps."""
     b = tl.program_id(0)
-    h = tl.program_id(1)
     sp = tl.arange(0, BLOCK_S)
     smask = sp < NUM_SPLITS
-    lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + sp, mask=smask, other=float("-inf"))
-    mx = tl.max(lse, 0)
-    mx = tl.where(mx > float("-inf"), mx, 0.0)  # all splits empty (length 0): weights all 0
-    w = tl.exp2(lse - mx)  # [BS]; empty splits (lse -inf) weigh 0
-    total = tl.sum(w, 0)
-    dv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
-    vmask = dv < V_DIM
-    part = tl.load(
-        part_ptr + b * stride_pb + h * stride_ph + sp[:, None] * stride_ps + dv[None, :],
-        mask=(smask & (w > 0))[:, None] & vmask[None, :],
-        other=0.0,
-    )  # [BS, BV]
-    out = tl.sum(part * w[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + dv, out, mask=vmask)
+    h0 = tl.program_id(1) * HEADS
+    for h in range(h0, tl.minimum(h0 + HEADS, H)):
+        lse = tl.load(lse_ptr + b * stride_lb + h * stride_lh + sp, mask=smask, other=float("-inf"))
+        mx = tl.max(lse, 0)
+        mx = tl.where(mx > float("-inf"), mx, 0.0)  # all splits empty (length 0): weights all 0
+        w = tl.exp2(lse - mx)  # [BS]; empty splits (lse -inf) weigh 0
+        total = tl.sum(w, 0)
+        inv = 1.0 / tl.where(total > 0, total, 1.0)
+        rows = part_ptr + b * stride_pb + h * stride_ph + sp[:, None] * stride_ps
+        rmask = (smask & (w > 0))[:, None]
+        for v0 in tl.static_range(0, V_SPAN, BLOCK_V):
+            dv = tl.program_id(2) * V_SPAN + v0 + tl.arange(0, BLOCK_V)
+            vmask = dv < V_DIM
+            part = tl.load(rows + dv[None, :], mask=rmask & vmask[None, :], other=0.0)  # [BS, BV]
+            out = tl.sum(part * w[:, None], 0) * inv
+            tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + dv, out, mask=vmask)
 
 
 @lru_cache(maxsize=16)
@@ -135,6 +139,20 @@ def combine_width(num_splits: int) -> int:
     so that eager steps, whose block tables' width and so split counts vary step to step,
     compile the combine twice at most."""
     return 16 if num_splits <= 16 else max(128, triton.next_power_of_2(num_splits))
+
+
+COMBINE_TILE = 4096  # partial values one combine step holds: 32 float32 registers a thread
+
+
+def combine_grid(batch: int, heads: int, block_v: int, num_sms: int) -> tuple[int, int]:
+    """(heads, columns) per combine program. Few (sequence, head) pairs (under two per SM):
+    one head and 64 columns each, for enough programs; more: every column, and as many heads
+    as leave about four programs per SM (at most 16), so that large batches run a few thousand
+    programs of several KB each rather than one per head and 64-column chunk (measured on an
+    H100: at 64 sequences x 128 heads the decode and combine took 0.168 ms against 0.226)."""
+    if batch * heads < 2 * num_sms:
+        return 1, min(block_v, 64)
+    return max(1, min(16, batch * heads // (4 * num_sms))), block_v
 
 
 def split_count(batch: int, head_blocks: int, max_ctx: int, block_n: int, num_sms: int) -> int:
@@ -205,12 +223,13 @@ def mla_decode_triton(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     if num_splits > 1:
-        chunk = min(block_v, 64)
-        _combine_kernel[(b, h, triton.cdiv(v_dim, chunk))](
-            part, lse, out,
+        width = combine_width(num_splits)
+        heads, span = combine_grid(b, h, block_v, sm_count(q.device))
+        _combine_kernel[(b, triton.cdiv(h, heads), triton.cdiv(v_dim, span))](
+            part, lse, out, h, heads,
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, V_DIM=v_dim, BLOCK_S=combine_width(num_splits),
-            BLOCK_V=chunk,
+            NUM_SPLITS=num_splits, V_DIM=v_dim, V_SPAN=span, BLOCK_S=width,
+            BLOCK_V=min(span, max(16, COMBINE_TILE // width)),
         )  # fmt: skip
     return out

@@ -370,37 +370,69 @@ def _gate_up_step(
 
 
 @triton.jit
-def gate_up_swiglu(
-    x_ptrs, rmask, w_ptr, s_ptr, n0, b_ptr, H, I, stride_wn, stride_sn, alpha, beta, limit,
-    DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
-    FAST: tl.constexpr, INTERLEAVED: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def split_range(K, sk, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Split ``sk`` of SPLIT_K's share of a reduction over K: its whole K tiles k_lo .. k_hi and
+    whether the partial tile at K - K % BLOCK_K (if any) is also its. The splits take
+    cdiv(tiles, SPLIT_K) tiles each, the last ones fewer (or none: an empty split adds zeros)."""
+    k_main = K - K % BLOCK_K
+    if SPLIT_K == 1:
+        k_lo = 0
+        k_hi = k_main
+        tail = k_main < K
+    else:
+        per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+        k_lo = sk * per
+        k_hi = tl.minimum(k_lo + per, k_main)
+        tail = (k_main < K) & (k_lo <= k_main) & (k_main < k_lo + per)
+    return k_lo, k_hi, tail
+
+
+@triton.jit
+def gate_up_accs(
+    x_ptrs, rmask, w_ptr, s_ptr, n0, H, I, stride_wn, stride_sn, k_lo, k_hi, tail,
+    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
+    SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One [BM, BN] tile of h = swiglu(x W_gate^T + b_gate, x W_up^T + b_up), float32.
+    """The float32 gate and up accumulators [BM, BN] of rows n0 .. n0 + BN over the whole K
+    tiles k_lo .. k_hi and, when ``tail``, the partial tile at H - H % BLOCK_K.
 
     ``x_ptrs`` [BM, BK] point at the rows' first K tile; ``w_ptr``, ``s_ptr`` at the expert's
     codes and scales (``code_ptrs``), whose gate rows n0 .. n0 + BN this tile reads (the up
-    rows follow I rows later); ``b_ptr`` at the expert's biases. Gate and up are rounded to DTYPE
-    first, as the reference's x @ W13^T in the model dtype is. SWAP: see ``mma_xw``."""
+    rows follow I rows later). SWAP: see ``mma_xw``."""
     wg_ptrs, sg_ptrs, rows_ok = code_ptrs(w_ptr, s_ptr, n0, I, stride_wn, stride_sn,
                                           INTERLEAVED, BLOCK_N, BLOCK_K)  # fmt: skip
     wu_ptrs = wg_ptrs + rows_later(I, stride_wn, INTERLEAVED)
     su_ptrs = sg_ptrs + rows_later(I, stride_sn, INTERLEAVED)
     acc_g = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
     acc_u = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
-    h_main = H - H % BLOCK_K  # whole K tiles, unmasked (pipelined); then at most one partial
-    for k0 in range(0, h_main, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):  # whole K tiles, unmasked (pipelined)
         acc_g, acc_u = _gate_up_step(
             acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, rows_ok, k0, H,
             DTYPE, UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, False,
         )  # fmt: skip
-    if h_main < H:
+    if tail:
         acc_g, acc_u = _gate_up_step(
-            acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, rows_ok, h_main, H,
-            DTYPE, UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, True,
+            acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, rows_ok,
+            H - H % BLOCK_K, H, DTYPE, UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, True,
         )  # fmt: skip
-    acc_g = acc_rows(acc_g, SWAP)  # [BM, BN]
-    acc_u = acc_rows(acc_u, SWAP)
+    return acc_rows(acc_g, SWAP), acc_rows(acc_u, SWAP)
+
+
+@triton.jit
+def gate_up_swiglu(
+    x_ptrs, rmask, w_ptr, s_ptr, n0, b_ptr, H, I, stride_wn, stride_sn, alpha, beta, limit,
+    DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
+    FAST: tl.constexpr, INTERLEAVED: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One [BM, BN] tile of h = swiglu(x W_gate^T + b_gate, x W_up^T + b_up), float32, over the
+    whole of H (``gate_up_accs``' pointers; ``b_ptr`` at the expert's biases). Gate and up are
+    rounded to DTYPE first, as the reference's x @ W13^T in the model dtype is."""
+    k_lo, k_hi, tail = split_range(H, 0, 1, BLOCK_K)
+    acc_g, acc_u = gate_up_accs(
+        x_ptrs, rmask, w_ptr, s_ptr, n0, H, I, stride_wn, stride_sn, k_lo, k_hi, tail, DTYPE,
+        UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
+    )  # fmt: skip
     if HAS_BIAS:
         n = n0 + tl.arange(0, BLOCK_N)
         nmask = n < I
@@ -412,11 +444,62 @@ def gate_up_swiglu(
 
 
 @triton.jit
-def _topk_sum_kernel(
-    ys_ptr, ids_ptr, out_ptr, H, E, stride_ys, stride_out,
-    TOPK: tl.constexpr, BLOCK_H: tl.constexpr,
+def _swiglu_splits_kernel(
+    part_ptr, ids_ptr, b_ptr, h_ptr, E, I, stride_ps, stride_pm, stride_be, stride_hm,
+    alpha, beta, limit,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_I: tl.constexpr,
 ):  # fmt: skip
-    """out[m] = sum over valid k of ys[m * TOPK + k]; slots of invalid ids were never written."""
+    """h[s] = swiglu of slot s's gate and up, each the sum of its SPLIT_K partial accumulators
+    (part [SPLIT_K, S, 2I]: gate then up) plus the expert's bias, rounded as ``gate_up_swiglu``
+    rounds. Slots of invalid expert ids were never written and are left alone."""
+    s = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    e = tl.load(ids_ptr + s)
+    ok = (cols < I) & (cols * 0 + e >= 0) & (cols * 0 + e < E)  # per column: see topk_sum
+    row = part_ptr + s.to(tl.int64) * stride_pm + cols
+    gate = tl.zeros([BLOCK_I], dtype=tl.float32)
+    up = tl.zeros([BLOCK_I], dtype=tl.float32)
+    for sk in tl.static_range(SPLIT_K):
+        gate += tl.load(row + sk * stride_ps, mask=ok, other=0.0)
+        up += tl.load(row + sk * stride_ps + I, mask=ok, other=0.0)
+    if HAS_BIAS:
+        b_row = b_ptr + e.to(tl.int64) * stride_be + cols
+        gate += tl.load(b_row, mask=ok, other=0.0).to(tl.float32)
+        up += tl.load(b_row + I, mask=ok, other=0.0).to(tl.float32)
+    dtype = h_ptr.dtype.element_ty
+    h = swiglu(gate.to(dtype).to(tl.float32), up.to(dtype).to(tl.float32), alpha, beta, limit,
+               HAS_LIMIT)  # fmt: skip
+    tl.store(h_ptr + s.to(tl.int64) * stride_hm + cols, h, mask=ok)
+
+
+def swiglu_splits(
+    part: torch.Tensor, ids: torch.Tensor, num_experts: int, b13: torch.Tensor | None,
+    act: SwiGLU, h: torch.Tensor,
+) -> None:  # fmt: skip
+    """part [SPLIT_K, S, 2I] float32 partial gate/up accumulators per slot, ids [S] -> h [S, I]
+    (written in place): ``gate_up_swiglu``'s epilogue over the splits' sum."""
+    splits, s, two_i = part.shape
+    inter = two_i // 2
+    assert h.shape == (s, inter) and part.stride(2) == 1 and h.stride(1) == 1 and ids.numel() == s
+    block = min(1024, triton.next_power_of_2(inter))
+    _swiglu_splits_kernel[(s, triton.cdiv(inter, block))](
+        part, ids, b13 if b13 is not None else part, h, num_experts, inter, part.stride(0),
+        part.stride(1), 0 if b13 is None else b13.stride(0), h.stride(0), float(act.alpha),
+        float(act.beta), 0.0 if act.limit is None else float(act.limit),
+        SPLIT_K=splits, HAS_BIAS=b13 is not None, HAS_LIMIT=act.limit is not None, BLOCK_I=block,
+    )  # fmt: skip
+
+
+@triton.jit
+def _topk_sum_kernel(
+    ys_ptr, ids_ptr, tw_ptr, b_ptr, out_ptr, H, E, stride_split, stride_ys, stride_be, stride_out,
+    TOPK: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr,
+):  # fmt: skip
+    """out[m] = sum over valid k of slot m * TOPK + k's output; slots of invalid ids were never
+    written. SPLIT_K == 1: ys holds each slot's output, routing weight applied. Else ys holds
+    SPLIT_K partial float32 accumulators per slot, and a slot's output is their sum plus the
+    expert's bias, rounded to the model dtype, times its routing weight (the down
+    projection's epilogue, as one split applies it)."""
     m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
@@ -426,23 +509,43 @@ def _topk_sum_kernel(
         e = tl.load(ids_ptr + slot)
         # the id's test made per column: Triton 3.9's interpreter mistypes a block & scalar mask
         ok = cmask & (cols * 0 + e >= 0) & (cols * 0 + e < E)
-        y = tl.load(ys_ptr + slot.to(tl.int64) * stride_ys + cols, mask=ok, other=0.0)
-        acc += y.to(tl.float32)
+        row = ys_ptr + slot.to(tl.int64) * stride_ys + cols
+        if SPLIT_K == 1:
+            acc += tl.load(row, mask=ok, other=0.0).to(tl.float32)
+        else:
+            y = tl.zeros([BLOCK_H], dtype=tl.float32)
+            for sk in tl.static_range(SPLIT_K):
+                y += tl.load(row + sk * stride_split, mask=ok, other=0.0)
+            if HAS_BIAS:
+                b_row = b_ptr + e.to(tl.int64) * stride_be + cols
+                y += tl.load(b_row, mask=ok, other=0.0).to(tl.float32)
+            tw = tl.load(tw_ptr + slot)
+            acc += y.to(out_ptr.dtype.element_ty).to(tl.float32) * tw
     tl.store(out_ptr + m.to(tl.int64) * stride_out + cols, acc, mask=cmask)
 
 
-def topk_sum(ys: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor) -> None:
-    """ys [M*K, H] per-slot outputs (routing weight applied) -> out [M, H] (written in place)."""
+def topk_sum(
+    ys: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, out: torch.Tensor, *,
+    tw: torch.Tensor | None = None, b2: torch.Tensor | None = None,
+) -> None:  # fmt: skip
+    """ys [M*K, H] per-slot outputs (routing weight applied) -> out [M, H] (written in place).
+    Or ys [SPLIT_K, M*K, H] float32 partial accumulators of the down projection, with the
+    routing weights ``tw`` [M*K] float32 and the experts' biases ``b2`` [E, H] (or None)."""
     m, k = topk_ids.shape
     h = out.shape[1]
-    assert ys.shape == (m * k, h) and ys.stride(1) == 1 and out.stride(1) == 1
+    splits = 1 if ys.dim() == 2 else ys.shape[0]
+    assert ys.shape[-2:] == (m * k, h) and ys.stride(-1) == 1 and out.stride(1) == 1
+    assert splits == 1 or (tw is not None and tw.shape == (m * k,) and ys.dtype == torch.float32)
     if m == 0:
         return
     block_h = min(1024, triton.next_power_of_2(h))
     grid = (m, triton.cdiv(h, block_h))
     _topk_sum_kernel[grid](
-        ys, topk_ids, out, h, num_experts, ys.stride(0), out.stride(0), TOPK=k, BLOCK_H=block_h
-    )
+        ys, topk_ids, tw if tw is not None else ys, b2 if b2 is not None else ys, out, h,
+        num_experts, ys.stride(0) if splits > 1 else 0, ys.stride(-2),
+        0 if b2 is None else b2.stride(0), out.stride(0),
+        TOPK=k, SPLIT_K=splits, HAS_BIAS=b2 is not None, BLOCK_H=block_h,
+    )  # fmt: skip
 
 
 def code_views(

@@ -30,17 +30,20 @@ from pdserve.kernels.moe_triton_common import (
     code_ptrs,
     code_views,
     fast_dequant,
+    gate_up_accs,
     gate_up_swiglu,
     layout_args,
     load_codes,
     mma_xw,
     output_like,
+    split_range,
+    swiglu_splits,
     topk_sum,
     upcast_dots,
     x_mask,
 )
 
-MAX_SLOTS = 1024  # (token, expert) slots one launch groups; larger batches run in token chunks
+MAX_SLOTS = 8192  # (token, expert) slots one launch groups; larger batches run in token chunks
 
 
 @triton.jit(do_not_specialize=["S", "A"])  # one compile per block size, whatever the count
@@ -70,10 +73,10 @@ def _group_kernel(
 @triton.jit
 def _gemm1_kernel(
     x_ptr, w_ptr, s_ptr, b_ptr, h_ptr, expert_ptr, start_ptr, count_ptr, slots_ptr,
-    H, I, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_hm,
-    alpha, beta, limit,
+    H, I, stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_hs,
+    stride_hm, alpha, beta, limit,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
-    FAST: tl.constexpr, INTERLEAVED: tl.constexpr, SWAP: tl.constexpr,
+    FAST: tl.constexpr, INTERLEAVED: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
@@ -84,18 +87,30 @@ def _gemm1_kernel(
     n0 = tl.program_id(1) * BLOCK_N
     n = n0 + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
+    sk = tl.program_id(2)
     for r0 in range(0, count, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
         rmask = r < count
         slot = tl.load(slots_ptr + start + r, mask=rmask, other=0)  # [BM]
         x_ptrs = x_ptr + (slot // TOPK).to(tl.int64)[:, None] * stride_xm + kk[None, :]
-        h = gate_up_swiglu(
-            x_ptrs, rmask, w_ptr + e * stride_we, s_ptr + e * stride_se, n0, b_ptr + e * stride_be,
-            H, I, stride_wn, stride_sn, alpha, beta, limit, dtype, HAS_BIAS, HAS_LIMIT, UPCAST,
-            FAST, INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip  # [BM, BN]
         h_ptrs = h_ptr + slot.to(tl.int64)[:, None] * stride_hm + n[None, :]
-        tl.store(h_ptrs, h, mask=rmask[:, None] & (n < I)[None, :])
+        hmask = rmask[:, None] & (n < I)[None, :]
+        if SPLIT_K == 1:
+            h = gate_up_swiglu(
+                x_ptrs, rmask, w_ptr + e * stride_we, s_ptr + e * stride_se, n0,
+                b_ptr + e * stride_be, H, I, stride_wn, stride_sn, alpha, beta, limit, dtype,
+                HAS_BIAS, HAS_LIMIT, UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip  # [BM, BN]
+            tl.store(h_ptrs, h, mask=hmask)
+        else:  # this split's float32 gate and up sums; swiglu_splits adds the splits
+            k_lo, k_hi, tail = split_range(H, sk, SPLIT_K, BLOCK_K)
+            acc_g, acc_u = gate_up_accs(
+                x_ptrs, rmask, w_ptr + e * stride_we, s_ptr + e * stride_se, n0, H, I,
+                stride_wn, stride_sn, k_lo, k_hi, tail, dtype, UPCAST, FAST, INTERLEAVED, SWAP,
+                BLOCK_M, BLOCK_N, BLOCK_K,
+            )  # fmt: skip  # [BM, BN] each
+            tl.store(h_ptrs + sk * stride_hs, acc_g, mask=hmask)
+            tl.store(h_ptrs + sk * stride_hs + I, acc_u, mask=hmask)
 
 
 @triton.jit
@@ -114,9 +129,11 @@ def _down_step(
 @triton.jit
 def _gemm2_kernel(
     h_ptr, w_ptr, s_ptr, b_ptr, tw_ptr, ys_ptr, expert_ptr, start_ptr, count_ptr, slots_ptr,
-    H, I, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_ym,
+    H, I, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_be, stride_ys,
+    stride_ym,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
-    SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SWAP: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     i = tl.program_id(0)
     count = tl.load(count_ptr + i)
@@ -131,25 +148,30 @@ def _gemm2_kernel(
         w_ptr + e * stride_we, s_ptr + e * stride_se, n0, H, stride_wn, stride_sn, INTERLEAVED,
         BLOCK_N, BLOCK_K,
     )  # fmt: skip
+    k_lo, k_hi, tail = split_range(I, tl.program_id(2), SPLIT_K, BLOCK_K)
     for r0 in range(0, count, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
         rmask = r < count
         slot = tl.load(slots_ptr + start + r, mask=rmask, other=0).to(tl.int64)  # [BM]
         h_ptrs = h_ptr + slot[:, None] * stride_hm + kk[None, :]
         acc = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
-        i_main = I - I % BLOCK_K  # whole K tiles, unmasked (pipelined); then at most one partial
-        for k0 in range(0, i_main, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):  # whole K tiles, unmasked (pipelined)
             acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, rows_ok, k0, I, dtype, UPCAST,
                              FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, False)  # fmt: skip
-        if i_main < I:
-            acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, rows_ok, i_main, I, dtype,
+        if tail:  # at most one partial tile
+            k_tail = I - I % BLOCK_K
+            acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, rows_ok, k_tail, I, dtype,
                              UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, True)  # fmt: skip
         acc = acc_rows(acc, SWAP)  # [BM, BN]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tw = tl.load(tw_ptr + slot, mask=rmask, other=0.0)  # [BM] routing weights
-        y = acc.to(dtype).to(tl.float32) * tw[:, None]
-        y_ptrs = ys_ptr + slot[:, None] * stride_ym + n[None, :]
+        y_ptrs = ys_ptr + tl.program_id(2) * stride_ys + slot[:, None] * stride_ym + n[None, :]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                b = tl.load(b_ptr + e * stride_be + n, mask=nmask, other=0.0)
+                acc += b.to(tl.float32)[None, :]
+            tw = tl.load(tw_ptr + slot, mask=rmask, other=0.0)  # [BM] routing weights
+            y = acc.to(dtype).to(tl.float32) * tw[:, None]
+        else:  # this split's float32 sum; topk_sum adds the splits, bias and routing weight
+            y = acc
         tl.store(y_ptrs, y, mask=rmask[:, None] & nmask[None, :])
 
 
@@ -186,28 +208,37 @@ def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
     up = upcast_dots(x.dtype)
     fast = fast_dequant(x, weights)
     c1, c2 = cfg["gemm1"], cfg["gemm2"]  # K tiles past H or I are masked (a multiple of 32)
+    split1, split2 = c1.get("SPLIT_K", 1), c2.get("SPLIT_K", 1)
     h = torch.empty(s, inter, dtype=x.dtype, device=dev)  # [S, I]
+    # split K: each split's float32 gate and up sums, [SPLIT_K, S, 2I]
+    part = h if split1 == 1 else torch.empty(split1, s, 2 * inter, dtype=torch.float32, device=dev)
     b13, b2 = weights.b13, weights.b2
     limit = 0.0 if act.limit is None else float(act.limit)
     w13, s13, *st13 = code_views(weights.w13, weights.s13, weights.interleaved)
     _launch(
-        c1, _gemm1_kernel, (a, triton.cdiv(inter, c1["BLOCK_N"])),
-        x, w13, s13, b13 if b13 is not None else x, h, expert, start, count, slots,
+        c1, _gemm1_kernel, (a, triton.cdiv(inter, c1["BLOCK_N"]), split1),
+        x, w13, s13, b13 if b13 is not None else x, part, expert, start, count, slots,
         hidden, inter, x.stride(0), *st13, 0 if b13 is None else b13.stride(0),
-        h.stride(0), float(act.alpha), float(act.beta), limit,
-        TOPK=k, HAS_BIAS=b13 is not None, HAS_LIMIT=act.limit is not None, UPCAST=up, FAST=fast,
-        INTERLEAVED=weights.interleaved,
+        part.stride(0) if split1 > 1 else 0, part.stride(-2), float(act.alpha), float(act.beta),
+        limit, TOPK=k, HAS_BIAS=b13 is not None, HAS_LIMIT=act.limit is not None, UPCAST=up,
+        FAST=fast, INTERLEAVED=weights.interleaved, SPLIT_K=split1,
     )  # fmt: skip
-    ys = torch.empty(s, hidden, dtype=torch.float32, device=dev)  # [S, H]
+    if split1 > 1:
+        swiglu_splits(part, ids, e, b13, act, h)
+    ys = torch.empty(split2, s, hidden, dtype=torch.float32, device=dev)  # [SPLIT_K, S, H]
     tw = topk_weights.reshape(-1).to(torch.float32)  # [S]
     w2, s2, *st2 = code_views(weights.w2, weights.s2, weights.interleaved)
     _launch(
-        c2, _gemm2_kernel, (a, triton.cdiv(hidden, c2["BLOCK_N"])),
+        c2, _gemm2_kernel, (a, triton.cdiv(hidden, c2["BLOCK_N"]), split2),
         h, w2, s2, b2 if b2 is not None else x, tw, ys, expert, start, count, slots,
         hidden, inter, h.stride(0), *st2, 0 if b2 is None else b2.stride(0), ys.stride(0),
-        HAS_BIAS=b2 is not None, UPCAST=up, FAST=fast, INTERLEAVED=weights.interleaved,
+        ys.stride(1), HAS_BIAS=b2 is not None, UPCAST=up, FAST=fast,
+        INTERLEAVED=weights.interleaved, SPLIT_K=split2,
     )  # fmt: skip
-    topk_sum(ys, topk_ids, e, out)
+    if split2 == 1:
+        topk_sum(ys[0], topk_ids, e, out)
+    else:
+        topk_sum(ys, topk_ids, e, out, tw=tw, b2=b2)
 
 
 def moe_small_triton(

@@ -19,8 +19,9 @@ H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"
 
 
-def _small(bn: int, bk: int, warps: int = 4, stages: int = 3) -> Config:
-    return dict(BLOCK_M=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+def _small(bn: int, bk: int, warps=4, stages=3, bm=16, split=1) -> Config:
+    c = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    return c | {"SPLIT_K": split} if split > 1 else c
 
 
 def _large(bm: int, bn: int, bk: int, warps: int, stages: int) -> dict[str, Config]:
@@ -47,11 +48,19 @@ MOE_SMALL: dict[str, dict[int, dict[str, Config]]] = {
 
 # moe_small on experts in the fragment layout (``mxfp4.interleave_mxfp4``, the
 # ``triton_interleaved`` backends): the weights are the MMA's left operand (wgmma, m64), so
-# BLOCK_N is a multiple of 64 per warpgroup and BLOCK_K of 64. The fastest of bench.kernels'
-# SWEEP_FRAGMENT candidates on an H100 80GB HBM3 at DeepSeek-V3 shapes, M = 1, 16 and 128
-# (2026-12-06; 64 x 64 with 3-5 stages within 1-3% of each other); "sm90" (the H200) reuses
-# them untuned.
-_FRAGMENT_SMALL = {1 << 30: {"gemm1": _small(64, 64, stages=4), "gemm2": _small(64, 64, stages=4)}}
+# BLOCK_N is a multiple of 64 per warpgroup and BLOCK_K of 64. The tiles are the fastest of
+# bench.kernels' SWEEP_FRAGMENT candidates on an H100 80GB HBM3 at DeepSeek-V3 shapes, M = 1,
+# 16 and 128 (2026-12-06; 64 x 64 with 3-5 stages within 1-3% of each other); "sm90" (the H200)
+# reuses them. SPLIT_K 2 in the down projection at one token: its 896 programs (DeepSeek-V3) are
+# about 1.1 waves of 6 per SM, 192 (V2-Lite) or 180 (GPT-OSS) fewer than two per SM; split,
+# the whole MoE ran 4-7% faster at M = 1 on those four models, and slower from M = 2
+# (H100, 2026-12-06, BENCHMARKS.md). 32-row token blocks from 257 tokens, where an expert sees
+# 8-32 (token, slot) pairs: 0.76x the time of 16-row blocks at M = 512 (H100).
+_FRAGMENT_SMALL = {
+    1: {"gemm1": _small(64, 64, stages=4), "gemm2": _small(64, 64, stages=4, split=2)},
+    256: {"gemm1": _small(64, 64, stages=4), "gemm2": _small(64, 64, stages=4)},
+    1 << 30: {"gemm1": _small(64, 64, stages=4, bm=32), "gemm2": _small(64, 64, stages=4, bm=32)},
+}
 MOE_SMALL_FRAGMENT: dict[str, dict[int, dict[str, Config]]] = {
     "default": {1 << 30: {"gemm1": _small(64, 128), "gemm2": _small(64, 128)}},
     "sm90": _FRAGMENT_SMALL,
@@ -112,11 +121,12 @@ MLA_PREFILL: dict[str, dict[int, Config]] = {
 }
 
 # Tokens per MoE call from which the grouped (large-M) kernel beats the small-M one, measured by
-# bench.kernels at DeepSeek-V3 shapes (on the H100 the small kernel won at 128, grouped at 256;
-# on the H200, 2026-12-05, the small kernel 1.56 / 3.66 ms against the grouped 2.04 / 4.83 ms at
-# M = 16 / 128: bench.kernels and bench.flashinfer_check, BENCHMARKS.md). Devices not listed
-# use the kernel set's default.
-MOE_CROSSOVER_M: dict[str, int] = {H100: 256, H200: 256}
+# bench.kernels at DeepSeek-V3 shapes on the fragment layout: on an H100 (2026-12-06) the small
+# kernel, reading each expert once per call up to MAX_SLOTS slots, ran 2.47 / 2.93 / 3.43 ms
+# against the grouped 3.51 / 3.64 / 3.73 at M = 256 / 512 / 768, the grouped 3.61 against 4.85
+# at 1024 (BENCHMARKS.md). The H200 takes the H100's figure. Devices not listed use the kernel
+# set's default.
+MOE_CROSSOVER_M: dict[str, int] = {H100: 1024, H200: 1024}
 
 
 @lru_cache(maxsize=8)

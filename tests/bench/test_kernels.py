@@ -28,10 +28,11 @@ def test_every_small_m_candidate_runs_and_matches_the_reference(gemm, layout):
     x = torch.randn(3, h, device=device)
     ref = moe_mxfp4_torch(x, w, ids, tw, SwiGLU())
     w = w.interleaved_copy() if layout == "fragment" else w
-    base = kernels._tiles(other)
+    base = kernels._tiles(other, dict(BLOCK_M=16))
     swapped = 0
-    for cand in sweep[gemm]:
-        cfg = {"gemm1": base, "gemm2": base} | {gemm: kernels._tiles(cand)}
+    for cand in sweep[gemm]:  # with the table entry's split count kept (here 2)
+        cfg = {"gemm1": base, "gemm2": base} | {gemm: kernels._tiles(cand, base | {"SPLIT_K": 2})}
+        assert cfg[gemm]["SPLIT_K"] == 2
         swapped += cfg[gemm].get("SWAP", 0)
         assert rel_err(moe_small_triton(x, w, ids, tw, SwiGLU(), config=cfg), ref) < 1e-5, cand
     assert swapped == (2 if layout == "plain" else 0)  # the fragment layout implies it

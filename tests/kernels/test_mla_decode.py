@@ -67,6 +67,25 @@ def test_combines_wider_than_the_split_count(device, num_splits):
     assert rel_err(out, mla_decode_torch(q, cache, table, seq_lens, 0.1, 64)) < 1e-5
 
 
+def test_combine_takes_several_heads_per_program(device):
+    """On the CPU's 4 "SMs", 3 sequences x 20 heads: 3 heads per combine program, every
+    column (``combine_grid``), the last program of each sequence 2 heads; 1 x 6 heads: one head
+    and 64 columns per program. A sequence of length 0 among them."""
+    from pdserve.kernels.mla_decode_triton import combine_grid
+
+    assert combine_grid(3, 20, 64, 4) == (3, 64) and combine_grid(1, 6, 64, 4) == (1, 64)
+    assert combine_grid(1, 128, 512, 132) == (1, 64) and combine_grid(8, 128, 512, 132) == (1, 512)
+    assert combine_grid(64, 128, 512, 132) == (15, 512)
+    assert combine_grid(512, 128, 512, 132) == (16, 512)
+    for b, heads, lens in ((3, 20, [300, 0, 45]), (1, 6, [300])):
+        cache, table, seq_lens = paged(lens, 8, 80, torch.float32, device, seed=5)
+        q = torch.randn(b, heads, 80, device=device)
+        out = mla_decode_triton(q, cache, table, seq_lens, 0.2, 64, num_splits=5, config=SMALL)
+        assert rel_err(out, mla_decode_torch(q, cache, table, seq_lens, 0.2, 64)) < 1e-5
+        if b == 3:
+            assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
 def test_heads_beyond_one_block_and_default_config(device):
     cache, table, seq_lens = paged([70, 5], 16, 80, torch.float32, device)
     q = torch.randn(2, 20, 80, device=device)  # 20 heads: two head blocks of 16

@@ -122,6 +122,39 @@ def test_k_tiles_past_the_reduction_dim_are_masked(device):
     check(device, 4, torch.bfloat16, GPT_OSS_ACT, True, h=352, i=160, cfg=tiles(16, 32, 256))
 
 
+def split_tiles(split1, split2, bn=16, bk=32):
+    c = tiles(16, bn, bk)["gemm1"]
+    return {"gemm1": dict(c, SPLIT_K=split1), "gemm2": dict(c, SPLIT_K=split2)}
+
+
+@pytest.mark.parametrize(
+    "split1, split2, interleaved", [(2, 1, False), (1, 3, False), (4, 2, False), (3, 4, True)]
+)
+def test_split_k_matches_one_split(device, split1, split2, interleaved):
+    """Both GEMMs with the reduction split over programs: H=160 in tiles of BLOCK_K 64 is two
+    whole tiles and a partial one, so one split holds the tail, and with 4 splits one holds
+    nothing; I=96 likewise (the fragment layout: H=192, I=128, whole tiles, two splits of
+    four empty); biases, GPT-OSS's clamp, invalid ids, row chunks (20 slots on two experts >
+    BLOCK_M). The same sums in another order: within float32 rounding of one split's result."""
+    bk = 64
+    for m, e, k, dtype, act, bias in (
+        (5, 8, 3, torch.float32, GPT_OSS_ACT, True),
+        (20, 2, 2, torch.float32, SwiGLU(), False),
+        (3, 8, 3, torch.bfloat16, SwiGLU(alpha=1.3, beta=0.5), True),
+    ):
+        split = split_tiles(split1, split2, 32 if interleaved else 16, bk)
+        one = split_tiles(1, 1, 32 if interleaved else 16, bk)
+        torch.manual_seed(m)  # the same activations for both runs
+        got = check(device, m, dtype, act, bias, e=e, h=192 if interleaved else 160,
+                    i=128 if interleaved else 96, k=k, invalid=m == 5, cfg=split,
+                    interleaved=interleaved)  # fmt: skip
+        torch.manual_seed(m)
+        base = check(device, m, dtype, act, bias, e=e, h=192 if interleaved else 160,
+                     i=128 if interleaved else 96, k=k, invalid=m == 5, cfg=one,
+                     interleaved=interleaved)  # fmt: skip
+        assert rel_err(got, base) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
 @triton.jit
 def _dequant_kernel(
     w_ptr, s_ptr, o_ptr, stride_wn, stride_sn, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
@@ -204,6 +237,27 @@ def test_real_shapes_gpu(shape, m, swap, interleaved):
     cfg = {name: dict(c, SWAP=swap) for name, c in cfg.items()}
     ref = moe_mxfp4_torch(x, w, ids, tw, shape.act)
     w = w.interleaved_copy() if interleaved else w
+    poison_cuda_allocator()
+    out = moe_small_triton(
+        x, w, ids, tw, shape.act, config=cfg, out=nan_like(x.shape, x.dtype, dev)
+    )
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", REAL_MOE_SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("m, split1, split2", [(1, 4, 2), (7, 2, 4), (16, 8, 8)])
+def test_real_shapes_split_k_gpu(shape, m, split1, split2):
+    """The fragment layout's tuned tiles with the reduction split over programs, on every
+    real shape (GPT-OSS's 2880 = 45 tiles of 64 splits unevenly), against the reference."""
+    dev = torch.device("cuda")
+    w = random_moe(shape.experts, shape.hidden, shape.inter, bias=shape.bias, device=dev, seed=m)
+    ids, tw = random_routing(m, shape.experts, shape.top_k, device=dev, seed=m, invalid=True)
+    x = torch.randn(m, shape.hidden, device=dev).bfloat16()
+    cfg = triton_configs.pick(triton_configs.MOE_SMALL_FRAGMENT, dev, m)
+    cfg = {"gemm1": dict(cfg["gemm1"], SPLIT_K=split1), "gemm2": dict(cfg["gemm2"], SPLIT_K=split2)}
+    ref = moe_mxfp4_torch(x, w, ids, tw, shape.act)
+    w = w.interleaved_copy()
     poison_cuda_allocator()
     out = moe_small_triton(
         x, w, ids, tw, shape.act, config=cfg, out=nan_like(x.shape, x.dtype, dev)

@@ -176,7 +176,7 @@ def test_kernel_set_loads_triton_and_the_measured_crossover(monkeypatch):
     assert ks.moe_small_fn.__name__ == "moe_small_triton"
     assert ks.mla_decode.__name__ == "mla_decode_triton"
     assert KernelSet.resolve(B200, "decode").moe_crossover_m == 64  # no entry: the default
-    assert KernelSet.resolve(H200, "decode").moe_crossover_m == 256  # measured there too
+    assert KernelSet.resolve(H200, "decode").moe_crossover_m == 1024  # listed too
     assert KernelSet.resolve(H100, "decode", moe_crossover_m=8).moe_crossover_m == 8
     with pytest.raises(ValueError, match="unknown ops"):
         KernelSet.resolve(H100, "decode", overrides={"moe": "torch"})
