@@ -2,6 +2,7 @@
 grid of ``bench.kernels`` (16 and 128 heads; 1-128 sequences of 1k-32k tokens):
 
     python -P -m pdserve.bench.mla_decode_tiles [--budget-s 400] [--table-tokens N] [--out PATH]
+        [--heads 16,128] [--batches 1,8,32,128] [--contexts 1024,4096,32768] [--split-factors 1]
 
 ``--table-tokens``: block tables as wide as N tokens whatever the context, as a decode graph's
 are (as wide as ``max_model_len``); the split count follows the width (default: the context).
@@ -11,6 +12,8 @@ relative error against the kernel's own default, and whether its shared memory f
 block (99 KB, ``mla_decode_smem``); the peers' ms. Rows store each candidate under
 ``new(<tiles>)``: the kernel as it is (``bench/results/mla-decode-configs-H100.json`` also holds
 ``old(<tiles>)`` rows, the same tiles under the grid order before head blocks varied fastest).
+``--split-factors 1,2,4``: each candidate also with 2x and 4x the kernel's split count
+(``split_count``), stored as ``new(<tiles>)x<factor>`` with the count used.
 """
 
 from __future__ import annotations
@@ -23,15 +26,20 @@ import torch
 
 CANDIDATES = {
     128: [(64, 64, 8, 3), (64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2),
-          (16, 64, 4, 2), (64, 64, 8, 2)],
-    16: [(16, 32, 8, 2), (16, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 2), (16, 32, 4, 2)],
+          (16, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 4)],
+    16: [(16, 32, 8, 2), (16, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 2), (16, 32, 4, 2),
+         (16, 32, 4, 4), (16, 32, 8, 4), (16, 64, 4, 3), (16, 64, 8, 3)],
 }  # fmt: skip
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
     from pdserve.bench.kernels import mla_case, mla_peers, ms_graph
     from pdserve.bench.result_file import write_result
-    from pdserve.kernels.mla_decode_triton import mla_decode_triton
+    from pdserve.kernels.mla_decode_triton import mla_decode_triton, sm_count, split_count
     from pdserve.kernels.triton_configs import mla_decode_smem
 
     prog = "python -m pdserve.bench.mla_decode_tiles"
@@ -39,7 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=400.0, help="stop adding points after this")
     p.add_argument("--table-tokens", type=int, default=0, help="block tables this wide (<= 32768)")
     p.add_argument("--out", help="result JSON (default bench/results/mla-decode-tiles-<gpu>.json)")
+    p.add_argument("--heads", type=_ints, default=(128, 16), help="of 16, 128")
+    p.add_argument("--batches", type=_ints, default=(1, 8, 32, 128))
+    p.add_argument("--contexts", type=_ints, default=(1024, 4096, 32768), help="<= 32768 each")
+    p.add_argument("--split-factors", type=_ints, default=(1,), help="x the kernel's split count")
     args = p.parse_args(argv)
+    if bad := sorted(set(args.heads) - set(CANDIDATES)):
+        p.error(f"--heads {bad}: candidates exist for {sorted(CANDIDATES)}")
+    if max(args.contexts) > 32768 or min(args.contexts) < 64:
+        p.error(f"--contexts {args.contexts} must lie in [64, 32768] (the cache's blocks)")
     if not 0 <= args.table_tokens <= 32768:
         p.error(f"--table-tokens {args.table_tokens} is outside [0, 32768] (the cache's blocks)")
     if not torch.cuda.is_available():
@@ -47,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     t0, gpu = time.time(), torch.cuda.get_device_name()
     cache = torch.empty(128 * 32768 // 64, 64, 576, dtype=torch.bfloat16, device="cuda").normal_()
     rows = []
-    for heads in (128, 16):
-        for b in (1, 8, 32, 128):
-            for ctx in (1024, 4096, 32768):
+    for heads in args.heads:
+        for b in args.batches:
+            for ctx in args.contexts:
                 if time.time() - t0 > args.budget_s:
                     rows.append({"heads": heads, "B": b, "ctx": ctx, "skipped": "time budget"})
                     continue
@@ -60,15 +76,19 @@ def main(argv: list[str] | None = None) -> int:
                     table = torch.cat((table, extra.view(b, width)[:, table.shape[1] :].int()), 1)
                 ref = mla_decode_triton(q, cache, table, lens, 0.07, 512)  # [B, H, 512]
                 r: dict = {"heads": heads, "B": b, "ctx": ctx, "t": {}}
-                for c in CANDIDATES[heads]:
+                for c, factor in ((c, f) for c in CANDIDATES[heads] for f in args.split_factors):
                     cfg = dict(BLOCK_H=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
-                    got = mla_decode_triton(q, cache, table, lens, 0.07, 512, config=cfg)
-                    r["t"][f"new{c}"] = {
-                        "ms": ms_graph(mla_decode_triton, q, cache, table, lens, 0.07, 512,
-                                       config=cfg),
+                    splits = factor * split_count(
+                        b, -(-heads // c[0]), table.shape[1] * 64, c[1], sm_count(q.device)
+                    )
+                    call = (q, cache, table, lens, 0.07, 512)
+                    got = mla_decode_triton(*call, config=cfg, num_splits=splits)
+                    r["t"][f"new{c}" if factor == 1 else f"new{c}x{factor}"] = {
+                        "ms": ms_graph(mla_decode_triton, *call, config=cfg, num_splits=splits),
                         "err": float((got.float() - ref.float()).norm() / ref.float().norm()),
                         "fits99": mla_decode_smem(cfg, 576) <= 99 * 1024,
-                    }  # fmt: skip
+                        "splits": splits,
+                    }
                 peers = mla_peers(q, cache, table, lens, ref, 1.0)["peers"]
                 r["fa2"] = peers["flashinfer_fa2"].get("ms")
                 r["fa3"] = peers["flashinfer_fa3"].get("ms")

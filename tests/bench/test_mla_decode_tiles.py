@@ -29,3 +29,12 @@ def test_a_table_wider_than_the_cache_holds_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--table-tokens", "40000"])
     assert "--table-tokens 40000 is outside [0, 32768]" in capsys.readouterr().err
+
+
+def test_head_counts_without_candidates_and_contexts_past_the_cache_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--heads", "32"])
+    assert "--heads [32]: candidates exist for [16, 128]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--contexts", "1024,65536"])
+    assert "must lie in [64, 32768]" in capsys.readouterr().err
