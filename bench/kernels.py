@@ -50,7 +50,7 @@ GPT_OSS_ACT = SwiGLU(alpha=1.702, beta=1.0, limit=7.0)
 PARTS = ("moe_decode", "moe_crossover", "moe_prefill", "mla_decode")
 DECODE_M = (1, 4, 16, 64, 128, 256)
 PREFILL_M = (512, 1024, 2048, 4096, 8192, 16384)
-CROSS_M = (1, 4, 16, 32, 64, 128, 256, 512, 768, 1024)
+CROSS_M = (1, 4, 16, 32, 64, 128, 256, 512, 768, 832, 896, 960, 1024)
 MLA_GRID = [(h, b, c) for h in (16, 128) for b in (1, 8, 32, 128) for c in (1024, 4096, 32768)]
 
 # (BLOCK_N, BLOCK_K, warps, stages, SWAP) per GEMM of moe_small; BLOCK_M stays 16. SWAP 1: the

@@ -519,8 +519,8 @@ def _topk_sum_kernel(
             if HAS_BIAS:
                 b_row = b_ptr + e.to(tl.int64) * stride_be + cols
                 y += tl.load(b_row, mask=ok, other=0.0).to(tl.float32)
-            tw = tl.load(tw_ptr + slot)
-            acc += y.to(out_ptr.dtype.element_ty).to(tl.float32) * tw
+            tw = tl.load(tw_ptr + slot)  # an invalid slot's weight may be anything: not added
+            acc += tl.where(ok, y.to(out_ptr.dtype.element_ty).to(tl.float32) * tw, 0.0)
     tl.store(out_ptr + m.to(tl.int64) * stride_out + cols, acc, mask=cmask)
 
 

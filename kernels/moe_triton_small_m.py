@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels import triton_configs
+from pdserve.kernels.mla_decode_triton import sm_count
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 from pdserve.kernels.moe_triton_common import (
     acc_rows,
@@ -44,6 +45,11 @@ from pdserve.kernels.moe_triton_common import (
 )
 
 MAX_SLOTS = 8192  # (token, expert) slots one launch groups; larger batches run in token chunks
+# A GEMM whose programs are fewer than this many per SM splits its reduction SPLIT_K_FEW ways
+# where its tiles name that count (one token's gate/up: 132 programs on DeepSeek-V2-Lite and 180
+# on GPT-OSS, split in two, ran 5-10% faster on an H100 and an H200; DeepSeek-V3's 256 ran
+# 5-6% slower; bench.moe_splits, BENCHMARKS.md).
+FEW_PROGRAMS_PER_SM = 1.5
 
 
 @triton.jit(do_not_specialize=["S", "A"])  # one compile per block size, whatever the count
@@ -188,6 +194,16 @@ def _launch(cfg: dict, kernel, grid, *args, INTERLEAVED: bool, **consts) -> None
     )
 
 
+def split_k(cfg: dict, programs: int, num_sms: int) -> int:
+    """A GEMM's split count for a launch of ``programs`` programs per split (fixed by shapes,
+    so graph-safe): SPLIT_K_FEW where the tiles name one and the programs are fewer than
+    FEW_PROGRAMS_PER_SM per SM, else SPLIT_K (1 where unnamed)."""
+    few = cfg.get("SPLIT_K_FEW")
+    if few and programs < FEW_PROGRAMS_PER_SM * num_sms:
+        return few
+    return cfg.get("SPLIT_K", 1)
+
+
 def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
     m, hidden = x.shape
     k = topk_ids.shape[1]
@@ -208,7 +224,9 @@ def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
     up = upcast_dots(x.dtype)
     fast = fast_dequant(x, weights)
     c1, c2 = cfg["gemm1"], cfg["gemm2"]  # K tiles past H or I are masked (a multiple of 32)
-    split1, split2 = c1.get("SPLIT_K", 1), c2.get("SPLIT_K", 1)
+    sms = sm_count(dev)
+    split1 = split_k(c1, a * triton.cdiv(inter, c1["BLOCK_N"]), sms)
+    split2 = split_k(c2, a * triton.cdiv(hidden, c2["BLOCK_N"]), sms)
     h = torch.empty(s, inter, dtype=x.dtype, device=dev)  # [S, I]
     # split K: each split's float32 gate and up sums, [SPLIT_K, S, 2I]
     part = h if split1 == 1 else torch.empty(split1, s, 2 * inter, dtype=torch.float32, device=dev)

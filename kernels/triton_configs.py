@@ -54,11 +54,15 @@ MOE_SMALL: dict[str, dict[int, dict[str, Config]]] = {
 # reuses them. SPLIT_K 2 in the down projection at one token: its 896 programs (DeepSeek-V3) are
 # about 1.1 waves of 6 per SM, 192 (V2-Lite) or 180 (GPT-OSS) fewer than two per SM; split,
 # the whole MoE ran 3-9% faster at M = 1 on DeepSeek-V3, V2-Lite and both GPT-OSS sizes, on an
-# H100 and an H200, and slower from M = 2 (bench.moe_splits, 2026-12-06, BENCHMARKS.md).
+# H100 and an H200, and slower from M = 2 (bench.moe_splits, 2026-12-06, BENCHMARKS.md); the
+# gate/up GEMM too where it has few programs (``moe_triton_small_m.FEW_PROGRAMS_PER_SM``).
 # 32-row token blocks from 257 tokens, where an expert sees 8-32 (token, slot) pairs:
 # 0.79-0.84x the time of 16-row blocks at M = 512 (H100, H200).
 _FRAGMENT_SMALL = {
-    1: {"gemm1": _small(64, 64, stages=4), "gemm2": _small(64, 64, stages=4, split=2)},
+    1: {
+        "gemm1": _small(64, 64, stages=4) | {"SPLIT_K_FEW": 2},  # moe_triton_small_m.split_k
+        "gemm2": _small(64, 64, stages=4, split=2),
+    },
     256: {"gemm1": _small(64, 64, stages=4), "gemm2": _small(64, 64, stages=4)},
     1 << 30: {"gemm1": _small(64, 64, stages=4, bm=32), "gemm2": _small(64, 64, stages=4, bm=32)},
 }
@@ -125,8 +129,13 @@ MLA_PREFILL: dict[str, dict[int, Config]] = {
 # bench.kernels at DeepSeek-V3 shapes on the fragment layout: on an H100 (2026-12-06) the small
 # kernel, reading each expert once per call up to MAX_SLOTS slots, ran 2.47 / 2.93 / 3.43 ms
 # against the grouped 3.51 / 3.64 / 3.73 at M = 256 / 512 / 768, the grouped 3.61 against 4.85
-# at 1024 (BENCHMARKS.md). The H200 takes that figure (there the small kernel also won at 512,
-# 2.94 against 3.58 ms; 768 and 1024 not timed). Devices not listed use the kernel set's default.
+# at 1024 (BENCHMARKS.md): somewhere between 768 and 1024, where the small kernel's experts pass
+# 32 slots (a second token block) and its time climbs; the points between were not timed
+# (bench.kernels' crossover now times 832, 896 and 960), so batches of about 800-1023 tokens
+# may run the slower of the two, by up to a third near 1023. The H200 takes the figure (there
+# the small kernel also won at 512, 2.94 against 3.58 ms; 768 and 1024 not timed). Measured on
+# the fragment layout, it serves plain-code experts too (their last measurement, 256, predates
+# one launch per call). Devices not listed use the kernel set's default.
 MOE_CROSSOVER_M: dict[str, int] = {H100: 1024, H200: 1024}
 
 

@@ -165,6 +165,26 @@ def test_deepseek_shapes_gpu(heads, num_splits):
 
 
 @pytest.mark.gpu
+def test_combine_of_several_heads_per_program_gpu():
+    """16 sequences x 128 heads: 3 heads and all 512 columns per combine program on a GPU of
+    132 SMs (``combine_grid``), the last program of a sequence 2; lengths 0 to 3000."""
+    from pdserve.kernels.mla_decode_triton import combine_grid, sm_count
+
+    dev = torch.device("cuda")
+    lens = [0, 1, 64, 65, 3000, 700, 128, 5, 2047, 2048, 33, 1000, 1500, 9, 400, 2999]
+    cache, table, seq_lens = paged(lens, 64, 576, torch.bfloat16, dev, seed=7)
+    q = torch.randn(len(lens), 128, 576, device=dev).bfloat16()
+    assert combine_grid(len(lens), 128, 512, sm_count(dev))[1] == 512
+    poison_cuda_allocator()
+    out = mla_decode_triton(
+        q, cache, table, seq_lens, 192**-0.5, 512, num_splits=6,
+        out=nan_like((len(lens), 128, 512), q.dtype, dev),
+    )  # fmt: skip
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert rel_err(out, mla_decode_torch(q, cache, table, seq_lens, 192**-0.5, 512)) < 1e-2
+
+
+@pytest.mark.gpu
 def test_cuda_graph_replay_gpu():
     dev = torch.device("cuda")
     cache, table, seq_lens = paged([128, 2048, 128], 64, 576, torch.bfloat16, dev)  # capacity

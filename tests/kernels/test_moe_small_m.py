@@ -244,6 +244,47 @@ def test_real_shapes_gpu(shape, m, swap, interleaved):
     assert rel_err(out, ref) < 2e-2
 
 
+def test_split_down_projection_ignores_invalid_slots_weights(device):
+    """Split or not, a slot of an invalid expert id adds nothing, whatever its routing weight
+    (NaN, inf) holds."""
+    w = random_moe(4, 64, 32, bias=True, device=device, dtype=torch.float32)
+    x = torch.randn(2, 64, device=device)
+    ids = torch.tensor([[-1, 2], [3, 4]], device=device)
+    tw = torch.tensor([[float("nan"), 0.5], [0.25, float("inf")]], device=device)
+    finite = torch.where((ids >= 0) & (ids < 4), tw, 0.0)
+    ref = moe_mxfp4_torch(x, w, ids, finite, SwiGLU())
+    for split in (1, 2):
+        out = moe_small_triton(x, w, ids, tw, SwiGLU(), config=split_tiles(1, split))
+        assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-5, split
+
+
+def test_split_count_for_few_programs():
+    split_k = moe_triton_small_m.split_k
+    few = {"SPLIT_K_FEW": 2}
+    assert split_k(few, 132, 132) == 2 and split_k(few, 180, 132) == 2  # V2-Lite, GPT-OSS
+    assert split_k(few, 256, 132) == 1 and split_k({}, 10, 132) == 1  # V3; none named
+    assert split_k({"SPLIT_K": 2}, 896, 132) == 2 and split_k(few | {"SPLIT_K": 3}, 199, 132) == 3
+
+
+def test_gate_up_split_where_its_programs_are_few(device, monkeypatch):
+    """One token, two experts, I = 32 in 16-row tiles: 4 gate/up programs, under 1.5 per SM
+    on the 4 "SMs" the CPU counts, so SPLIT_K_FEW applies (the kernel launched with 3 splits:
+    2 whole K tiles of 32 and an empty split); the 8 down programs do not."""
+    launched = []
+    real = moe_triton_small_m._launch
+
+    def spy(cfg, kernel, grid, *args, **consts):
+        launched.append(grid)
+        return real(cfg, kernel, grid, *args, **consts)
+
+    monkeypatch.setattr(moe_triton_small_m, "_launch", spy)
+    monkeypatch.setattr(moe_triton_small_m, "sm_count", lambda dev: 4)
+    c = tiles(16, 16, 32)["gemm1"]
+    cfg = {"gemm1": c | {"SPLIT_K_FEW": 3}, "gemm2": c | {"SPLIT_K_FEW": 3}}
+    check(device, 1, torch.float32, GPT_OSS_ACT, True, e=8, h=64, i=32, k=2, cfg=cfg)
+    assert launched == [(2, 2, 3), (2, 4, 1)]  # (experts, N tiles, splits): gate/up, down
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", REAL_MOE_SHAPES, ids=lambda s: s.name)
 @pytest.mark.parametrize("m, split1, split2", [(1, 4, 2), (7, 2, 4), (16, 8, 8)])
@@ -263,6 +304,37 @@ def test_real_shapes_split_k_gpu(shape, m, split1, split2):
         x, w, ids, tw, shape.act, config=cfg, out=nan_like(x.shape, x.dtype, dev)
     )
     assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.gpu
+def test_one_launch_of_thousands_of_slots_gpu():
+    """1000 tokens at top-8 over 256 experts: 8000 slots grouped by one program (its sort and
+    histogram at BLOCK_S 8192), in one launch, 32-row token blocks; fragment layout."""
+    dev = torch.device("cuda")
+    w = random_moe(256, 128, 64, device=dev, seed=3)
+    ids, tw = random_routing(1000, 256, 8, device=dev, seed=4, invalid=True)
+    x = torch.randn(1000, 128, device=dev).bfloat16()
+    ref = moe_mxfp4_torch(x, w, ids, tw, SwiGLU())
+    cfg = triton_configs.pick(triton_configs.MOE_SMALL_FRAGMENT, dev, 1000)
+    assert cfg["gemm1"]["BLOCK_M"] == 32 and 1000 * 8 <= moe_triton_small_m.MAX_SLOTS
+    w = w.interleaved_copy()
+    poison_cuda_allocator()
+    out = moe_small_triton(x, w, ids, tw, SwiGLU(), out=nan_like(x.shape, x.dtype, dev))
+    assert rel_err(out, ref) < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split1, split2", [(2, 3), (4, 2)])
+def test_split_k_with_a_k_tail_gpu(split1, split2):
+    """The fragment layout compiled with split reductions whose last tile is partial: H = 320
+    and I = 192 in BLOCK_K 128 (two whole tiles and a half, one and a half; splits past them
+    empty)."""
+    dev = torch.device("cuda")
+    c = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=3)
+    cfg = {"gemm1": c | {"SPLIT_K": split1}, "gemm2": c | {"SPLIT_K": split2}}
+    for m in (1, 6):
+        check(dev, m, torch.bfloat16, GPT_OSS_ACT, True, h=320, i=192, k=3, cfg=cfg,
+              invalid=True, interleaved=True)  # fmt: skip
 
 
 @pytest.mark.gpu
