@@ -22,6 +22,7 @@ import triton.language as tl
 
 from pdserve.kernels import triton_configs
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
+from pdserve.kernels.moe_slot_sums import topk_sum
 from pdserve.kernels.moe_triton_common import (
     acc_rows,
     acc_zeros,
@@ -35,7 +36,6 @@ from pdserve.kernels.moe_triton_common import (
     load_codes,
     mma_xw,
     output_like,
-    topk_sum,
     upcast_dots,
 )
 

@@ -4,15 +4,18 @@ Contract: ``moe_reference``. Four launches, no host sync, shapes fixed by M (CUD
 
 1. ``_group_kernel`` (one program): histogram of the M*K expert ids, the list of active experts,
    and the slots (token * K + k) sorted by expert.
-2. ``_gemm1_kernel``, grid (active expert, N tile): the program of the i-th active expert reads
-   its gate and up weight rows once, dequantizing each [BLOCK_N, BLOCK_K] tile on chip into the
-   MMA's B operand, for all of that expert's slots at once (BLOCK_M = 16 rows per pass), and
+2. ``_gemm1_kernel``, grid (active expert, N tile, split): the program of the i-th active expert
+   reads its gate and up weight rows once, dequantizing each [BLOCK_N, BLOCK_K] tile on chip
+   into the MMA's operand, for all of that expert's slots at once (BLOCK_M rows per pass), and
    writes h = SwiGLU(x W13^T + b13) per slot. Programs past the active experts do nothing.
 3. ``_gemm2_kernel``, same grid over H: y = (h W2^T + b2) * routing weight, per slot.
 4. ``topk_sum``: each token's K slots added (slots of invalid expert ids are never written and
    never read, so they add nothing).
-Expert weights are read once per call for batches up to MAX_SLOTS / K tokens; larger batches
-run in token chunks (the grouped kernel is the one for them).
+Split K (``split_k``: a tile config's SPLIT_K, or SPLIT_K_FEW where a GEMM has few programs):
+each split sums its share of the reduction in float32; ``swiglu_splits`` (one launch more)
+finishes the gate/up splits, ``topk_sum`` the down projection's. Expert weights are read once
+per call for batches up to MAX_SLOTS / K tokens; larger batches run in token chunks (the grouped
+kernel is the one for them).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import triton.language as tl
 from pdserve.kernels import triton_configs
 from pdserve.kernels.mla_decode_triton import sm_count
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
+from pdserve.kernels.moe_slot_sums import swiglu_splits, topk_sum
 from pdserve.kernels.moe_triton_common import (
     acc_rows,
     acc_zeros,
@@ -38,8 +42,6 @@ from pdserve.kernels.moe_triton_common import (
     mma_xw,
     output_like,
     split_range,
-    swiglu_splits,
-    topk_sum,
     upcast_dots,
     x_mask,
 )
