@@ -27,17 +27,15 @@ from pdserve.kernels.moe_triton_common import (
     acc_rows,
     acc_zeros,
     check_moe_inputs,
-    code_ptrs,
-    code_views,
     fast_dequant,
     fit_block_k,
     gate_up_swiglu,
     layout_args,
-    load_codes,
     mma_xw,
     output_like,
     upcast_dots,
 )
+from pdserve.kernels.mxfp4_tile import code_ptrs, code_views, load_codes
 
 
 def align_by_expert(

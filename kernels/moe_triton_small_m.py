@@ -32,19 +32,17 @@ from pdserve.kernels.moe_triton_common import (
     acc_rows,
     acc_zeros,
     check_moe_inputs,
-    code_ptrs,
-    code_views,
     fast_dequant,
     gate_up_accs,
     gate_up_swiglu,
     layout_args,
-    load_codes,
     mma_xw,
     output_like,
     split_range,
     upcast_dots,
     x_mask,
 )
+from pdserve.kernels.mxfp4_tile import code_ptrs, code_views, load_codes
 
 MAX_SLOTS = 8192  # (token, expert) slots one launch groups; larger batches run in token chunks
 # A GEMM whose programs are fewer than this many per SM splits its reduction SPLIT_K_FEW ways

@@ -11,16 +11,10 @@ import triton.language as tl
 
 from pdserve.kernels import moe_triton_small_m, triton_configs
 from pdserve.kernels.moe_reference import SMALL_SCALE_MAX, SwiGLU, moe_mxfp4_torch
-from pdserve.kernels.moe_triton_common import (
-    ONE_MUL,
-    code_ptrs,
-    code_views,
-    fit_block_k,
-    interpreting,
-    load_codes,
-)
+from pdserve.kernels.moe_triton_common import fit_block_k, interpreting
 from pdserve.kernels.moe_triton_small_m import moe_small_triton
 from pdserve.kernels.mxfp4 import dequantize_mxfp4, interleave_mxfp4
+from pdserve.kernels.mxfp4_tile import ONE_MUL, code_ptrs, code_views, load_codes
 from tests.kernels.kernel_cases import (
     GPT_OSS_ACT,
     REAL_MOE_SHAPES,

@@ -226,7 +226,7 @@ def test_the_kernels_ptx_decodes_fragment_words_exactly(one_mul):
     """``_FRAGMENT_TO_BF16`` and ``_FRAGMENT_ONE_MUL`` themselves, run instruction by
     instruction on the CPU: every code at every position of every word of a stripe, scales 0
     to 191 and 0 to 128 (their exact ranges), against ``dequantize_mxfp4``."""
-    from pdserve.kernels.moe_triton_common import _FRAGMENT_ONE_MUL, _FRAGMENT_TO_BF16
+    from pdserve.kernels.mxfp4_tile import _FRAGMENT_ONE_MUL, _FRAGMENT_TO_BF16
 
     gen = torch.Generator().manual_seed(4)
     codes = torch.randint(0, 16, (12, 16, 64), generator=gen)  # 12 stripes of 16 x 64
