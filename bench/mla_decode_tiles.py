@@ -39,7 +39,8 @@ def _ints(text: str) -> tuple[int, ...]:
 def main(argv: list[str] | None = None) -> int:
     from pdserve.bench.kernels import mla_case, mla_peers, ms_graph
     from pdserve.bench.result_file import write_result
-    from pdserve.kernels.mla_decode_triton import mla_decode_triton, sm_count, split_count
+    from pdserve.kernels.device import sm_count
+    from pdserve.kernels.mla_decode_triton import mla_decode_triton, split_count
     from pdserve.kernels.triton_configs import mla_decode_smem
 
     prog = "python -m pdserve.bench.mla_decode_tiles"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -46,6 +47,15 @@ class DeviceInfo:
             smem_per_block=smem,
             num_sms=props.multi_processor_count,
         )
+
+
+@lru_cache(maxsize=16)
+def sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device, as launchers size their grids by them; 4 elsewhere (the
+    interpreter), so that CPU tests take the paths a GPU's few-program launches take."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # Known GPUs, for tests and for reasoning about configs that must fit other parts.

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels import triton_configs
-from pdserve.kernels.mla_decode_triton import combine_width, sm_count, split_count
+from pdserve.kernels.device import sm_count
+from pdserve.kernels.mla_decode_triton import combine_width, split_count
 from pdserve.kernels.moe_triton_common import interpreting, mma, output_like, upcast_dots
 
 LOG2E = 1.4426950408889634

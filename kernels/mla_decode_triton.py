@@ -17,13 +17,12 @@ the kernels again while serving.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import triton
 import triton.language as tl
 
 from pdserve.kernels import triton_configs
+from pdserve.kernels.device import sm_count
 from pdserve.kernels.moe_triton_common import interpreting, mma, output_like
 
 LOG2E = 1.4426950408889634
@@ -123,15 +122,6 @@ def _combine_kernel(
             part = tl.load(rows + dv[None, :], mask=rmask & vmask[None, :], other=0.0)  # [BS, BV]
             out = tl.sum(part * w[:, None], 0) * inv
             tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + dv, out, mask=vmask)
-
-
-@lru_cache(maxsize=16)
-def sm_count(device: torch.device) -> int:
-    return (
-        torch.cuda.get_device_properties(device).multi_processor_count
-        if device.type == "cuda"
-        else 4
-    )
 
 
 def combine_width(num_splits: int) -> int:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels import triton_configs
-from pdserve.kernels.mla_decode_triton import sm_count
+from pdserve.kernels.device import sm_count
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 from pdserve.kernels.moe_slot_sums import swiglu_splits, topk_sum
 from pdserve.kernels.moe_triton_common import (
@@ -94,6 +94,7 @@ def _gemm1_kernel(
     n = n0 + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     sk = tl.program_id(2)
+    k_lo, k_hi, tail = split_range(H, sk, SPLIT_K, BLOCK_K)  # this split's K tiles
     for r0 in range(0, count, BLOCK_M):
         r = r0 + tl.arange(0, BLOCK_M)
         rmask = r < count
@@ -109,7 +110,6 @@ def _gemm1_kernel(
             )  # fmt: skip  # [BM, BN]
             tl.store(h_ptrs, h, mask=hmask)
         else:  # this split's float32 gate and up sums; swiglu_splits adds the splits
-            k_lo, k_hi, tail = split_range(H, sk, SPLIT_K, BLOCK_K)
             acc_g, acc_u = gate_up_accs(
                 x_ptrs, rmask, w_ptr + e * stride_we, s_ptr + e * stride_se, n0, H, I,
                 stride_wn, stride_sn, k_lo, k_hi, tail, dtype, UPCAST, FAST, INTERLEAVED, SWAP,

@@ -168,7 +168,8 @@ def test_deepseek_shapes_gpu(heads, num_splits):
 def test_combine_of_several_heads_per_program_gpu():
     """16 sequences x 128 heads: 3 heads and all 512 columns per combine program on a GPU of
     132 SMs (``combine_grid``), the last program of a sequence 2; lengths 0 to 3000."""
-    from pdserve.kernels.mla_decode_triton import combine_grid, sm_count
+    from pdserve.kernels.device import sm_count
+    from pdserve.kernels.mla_decode_triton import combine_grid
 
     dev = torch.device("cuda")
     lens = [0, 1, 64, 65, 3000, 700, 128, 5, 2047, 2048, 33, 1000, 1500, 9, 400, 2999]
