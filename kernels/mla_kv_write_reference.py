@@ -25,9 +25,11 @@ def mla_kv_write_torch(
     interleave: bool,
     cache_rows: torch.Tensor,  # [N, r + rope], written in place
     slots: torch.Tensor,  # [T] int64 rows of cache_rows, no repeats among real tokens
-) -> torch.Tensor:  # [T, H, rope] rotated q_pe
+    out: torch.Tensor | None = None,  # [T, H, rope], may be strided: receives the result
+) -> torch.Tensor:  # [T, H, rope] rotated q_pe (``out`` when given)
     r = norm_weight.shape[0]
     latent = rms_norm_torch(ckv[:, :r], norm_weight, eps)  # [T, r]
     k_pe = rope_torch(positions, ckv[:, r:], cos, sin, interleave)  # [T, rope]
     cache_rows.index_copy_(0, slots, torch.cat((latent, k_pe), dim=-1))
-    return rope_torch(positions, q_pe, cos, sin, interleave)
+    rotated = rope_torch(positions, q_pe, cos, sin, interleave)
+    return rotated if out is None else out.copy_(rotated)

@@ -60,9 +60,10 @@ def mla_kv_write_triton(
     interleave: bool,
     cache_rows: torch.Tensor,
     slots: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as ``mla_kv_write_torch``; q_pe and ckv may be strided views (last dim
-    contiguous)."""
+    """Same contract as ``mla_kv_write_torch``; q_pe, ckv and ``out`` may be strided views
+    (last dim contiguous)."""
     t, heads, rope = q_pe.shape
     r = norm_weight.shape[0]
     assert q_pe.stride(-1) == 1 and ckv.stride(-1) == 1 and cache_rows.stride(-1) == 1
@@ -72,7 +73,9 @@ def mla_kv_write_triton(
     # one position and one cache row (in [0, N): the kernel does not check) per token
     assert positions.shape == (t,) and slots.shape == (t,), (positions.shape, slots.shape, t)
     assert positions.stride(0) == 1 and slots.stride(0) == 1
-    out = torch.empty((t, heads, rope), dtype=q_pe.dtype, device=q_pe.device)
+    if out is None:
+        out = torch.empty((t, heads, rope), dtype=q_pe.dtype, device=q_pe.device)
+    assert out.shape == q_pe.shape and out.dtype == q_pe.dtype and out.stride(-1) == 1
     if t:
         block_h = min(16, triton.next_power_of_2(heads))
         _mla_kv_write_kernel[(t, triton.cdiv(heads, block_h))](

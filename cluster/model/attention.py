@@ -16,6 +16,7 @@ from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
 from pdserve.cluster.model.layers import Linear, RMSNorm
 from pdserve.cluster.model.rope import RotaryEmbedding
+from pdserve.cluster.model.side_stream import beside
 from pdserve.cluster.model.stacked_linear import StackedLinear
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.kernels import KernelSet
@@ -92,38 +93,70 @@ class MLAAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden], a partial sum under tensor parallelism
         t = x.shape[0]
-        if self.cfg.q_lora_rank is None:
-            q = self.q_proj(x)
-            ckv = self.kv_a_proj_with_mqa(x)  # [T, r + rope]
+        if self.cfg.q_lora_rank is None:  # two GEMVs of one input, side by side in a graph
+            ckv, q = beside(lambda: self.kv_a_proj_with_mqa(x), lambda: self.q_proj(x), like=x)
         else:  # views of one [T, q_lora + r + rope] product
             q_lat, ckv = self.qkv_a(x).split((self.cfg.q_lora_rank, self.rank + self.rope_dim), 1)
             q = self.q_b_proj(self.q_a_layernorm(q_lat))
         q = q.view(t, self.heads, self.nope + self.rope_dim)
-        cache_rows = kv_cache.view(-1, self.rank + self.rope_dim)
-        # q's rope part rotated; each token's cache row set to (norm(latent), rotated k_pe)
-        norm, rope = self.kv_a_layernorm, self.rope
-        q_pe = self.kernels.mla_kv_write(
-            positions, q[..., self.nope :], ckv, norm.weight, norm.eps, rope.cos, rope.sin,
-            rope.interleave, cache_rows, meta.slot_mapping,
-        )  # fmt: skip  # [T, H, rope]
-        q_nope = q[..., : self.nope]  # [T, H, nope]
-
-        out = x.new_empty(t, self.heads, self.v_dim)  # [T, H, v]
-        nd = meta.num_decode_tokens
-        if nd:  # decode
-            out[:nd] = self._decode(q_nope[:nd], q_pe[:nd], kv_cache, meta)
-        if nd < t:  # prefill
-            out[nd:] = self._prefill(q_nope[nd:], q_pe[nd:], cache_rows, meta)
+        if meta.num_decode_tokens == t:  # a decode step
+            out = self._decode(positions, q, ckv, kv_cache, meta)
+        else:
+            out = self._mixed(positions, q, ckv, kv_cache, meta)
         return self.o_proj(out.view(t, self.heads * self.v_dim))
 
-    def _decode(self, q_nope, q_pe, kv_cache, meta) -> torch.Tensor:
-        w_uk, w_uv = self.absorbed()
-        q_lat = torch.einsum("thn,hnr->thr", q_nope, w_uk)  # [Td, H, r]
-        q_full = torch.cat((q_lat, q_pe), dim=-1)  # [Td, H, r + rope]
+    def _write(self, positions, q_pe, ckv, kv_cache, meta, out=None) -> torch.Tensor:
+        """q's rope part rotated (into ``out`` when given); each token's cache row set to
+        (norm(latent), rotated k_pe). [T, H, rope]."""
+        norm, rope = self.kv_a_layernorm, self.rope
+        cache_rows = kv_cache.view(-1, self.rank + self.rope_dim)
+        return self.kernels.mla_kv_write(
+            positions, q_pe, ckv, norm.weight, norm.eps, rope.cos, rope.sin, rope.interleave,
+            cache_rows, meta.slot_mapping, out=out,
+        )  # fmt: skip
+
+    def _decode(self, positions, q, ckv, kv_cache, meta) -> torch.Tensor:  # [T, H, v]
+        """A decode step: the query's latent part (W_UK^T q_nope) and its rotated rope part are
+        written straight into one [T, H, r + rope] buffer, the first beside the cache write in
+        a graph."""
+        r, nope = self.rank, self.nope
+        q_full = q.new_empty(q.shape[0], self.heads, r + self.rope_dim)
+        beside(
+            lambda: self._write(positions, q[..., nope:], ckv, kv_cache, meta, q_full[..., r:]),
+            lambda: self._absorb(q[..., :nope], q_full[..., :r]),
+            like=q,
+        )
+        return self._attend(q_full, kv_cache, meta)
+
+    def _mixed(self, positions, q, ckv, kv_cache, meta) -> torch.Tensor:  # [T, H, v]
+        """A step with prefill tokens: its first ``num_decode_tokens`` decode, the rest prefill."""
+        q_pe = self._write(positions, q[..., self.nope :], ckv, kv_cache, meta)  # [T, H, rope]
+        t, nd, r = q.shape[0], meta.num_decode_tokens, self.rank
+        out = q.new_empty(t, self.heads, self.v_dim)
+        if nd:
+            q_full = q.new_empty(nd, self.heads, r + self.rope_dim)
+            self._absorb(q[:nd, :, : self.nope], q_full[..., :r])
+            q_full[..., r:] = q_pe[:nd]
+            out[:nd] = self._attend(q_full, kv_cache, meta)
+        cache_rows = kv_cache.view(-1, r + self.rope_dim)
+        out[nd:] = self._prefill(q[nd:, :, : self.nope], q_pe[nd:], cache_rows, meta)
+        return out
+
+    def _absorb(self, q_nope: torch.Tensor, into: torch.Tensor) -> None:
+        """into [Td, H, r] (a strided view) = W_UK^T q_nope [Td, H, nope], per head."""
+        w_uk = self.absorbed()[0]  # [H, nope, r]
+        torch.bmm(q_nope.transpose(0, 1), w_uk, out=into.transpose(0, 1))  # [H, Td, r]
+
+    def _attend(self, q_full, kv_cache, meta) -> torch.Tensor:  # [Td, H, r + rope] -> [Td, H, v]
+        """MQA of the absorbed queries over the cache rows; W_UV writes straight into the
+        output."""
         o_lat = self.kernels.mla_decode(
             q_full, kv_cache, meta.decode_block_table, meta.decode_seq_lens, self.scale, self.rank
         )  # [Td, H, r]
-        return torch.einsum("thr,hvr->thv", o_lat, w_uv)  # [Td, H, v]
+        out = q_full.new_empty(q_full.shape[0], self.heads, self.v_dim)
+        w_uv = self.absorbed()[1]  # [H, v, r]
+        torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2), out=out.transpose(0, 1))
+        return out
 
     def _prefill(self, q_nope, q_pe, cache_rows, meta) -> torch.Tensor:
         ctx = cache_rows[meta.prefill_ctx_slots]  # [Tk, r + rope]

@@ -11,6 +11,7 @@ from torch import nn
 
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.layers import DenseMLP, Loadable, _copy, _empty
+from pdserve.cluster.model.side_stream import beside
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.kernels import KernelSet, MoeWeights, PreparedMoe, SwiGLU
 from pdserve.kernels.moe_reference import scales_fit_one_mul
@@ -47,10 +48,22 @@ class Router(Loadable):
 
     def post_load(self) -> None:
         """The weight kept in the scores' dtype (float32 at least), so a step does not cast it
-        again: the values are the model dtype's, as transformers casts them per call."""
-        self.weight.data = self.weight.data.to(
-            torch.promote_types(self.weight.dtype, torch.float32)
-        )
+        again: the values are the model dtype's, as transformers casts them per call. A 16-bit
+        weight on a GPU stays as loaded (``scores``)."""
+        if not (self.weight.is_cuda and self.weight.element_size() == 2):
+            self.weight.data = self.weight.data.to(
+                torch.promote_types(self.weight.dtype, torch.float32)
+            )
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, E] float32 at least
+        """x @ W^T in float32, as transformers computes it. On a GPU, 16-bit x and W go to one
+        matmul with float32 output: the product of two 16-bit floats is exact in float32 and
+        the sum is float32's, so only the summation order differs, and no cast of x runs."""
+        w = self.weight
+        if x.is_cuda and w.element_size() == 2 and x.dtype == w.dtype:
+            return torch.mm(x, w.t(), out_dtype=torch.float32)
+        dt = torch.promote_types(x.dtype, torch.float32)
+        return F.linear(x.to(dt), w.to(dt))
 
 
 class MXFP4Experts(Loadable):
@@ -253,19 +266,21 @@ class MoEBlock(nn.Module):
         self.prepared = self.experts.prepare(self.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H] partial sum
+        if self.shared_experts is None:
+            return self.routed(x)
+        # the shared experts beside the router and the routed experts, in a captured graph
+        shared, y = beside(lambda: self.shared_experts(x), lambda: self.routed(x), like=x)
+        return y + shared
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H]
         topk_weights, topk_ids = self.route(x)
-        y = self.kernels.moe(x, self.prepared, topk_ids, topk_weights, self.act)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+        return self.kernels.moe(x, self.prepared, topk_ids, topk_weights, self.act)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's experts: (weights [T, K] float32, ids [T, K])."""
         cfg = self.cfg
-        dt = torch.promote_types(x.dtype, torch.float32)  # float32 at least, like transformers
-        logits = F.linear(x.to(dt), self.gate.weight.to(dt))  # [T, E]
         return self.kernels.grouped_topk(
-            logits,
+            self.gate.scores(x),  # [T, E]
             cfg.num_experts_per_tok,
             correction_bias=self.gate.e_score_correction_bias,
             n_group=cfg.n_group,

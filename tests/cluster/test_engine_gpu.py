@@ -99,12 +99,16 @@ def test_bfloat16_triton_kernels_agree_with_the_torch_reference(tiny_model):
         assert a.argmax() == b.argmax()
 
 
-def test_decode_graphs_replay_the_tokens_of_eager_steps(tiny_model):
+@pytest.mark.parametrize("which", ["tiny_model", "yarn_model"])  # q_lora_rank set / None
+def test_decode_graphs_replay_the_tokens_of_eager_steps(which, request):
+    """The graphs run the shared experts beside the routed ones (and without a query latent
+    the query and KV projections side by side): the eager steps' tokens still."""
     from tests.cluster.test_decode_graphs import _prompts as some_prompts
     from tests.cluster.test_decode_graphs import _staggered
 
-    eager = _engine(tiny_model, "float32", decode_graphs="off")
-    replayed = _engine(tiny_model, "float32", decode_graph_max_batch=4)  # auto: captured
+    path = request.getfixturevalue(which)
+    eager = _engine(path, "float32", decode_graphs="off")
+    replayed = _engine(path, "float32", decode_graph_max_batch=4)  # auto: captured
     assert eager.runner.graphs is None
     assert sorted(replayed.runner.graphs.graphs) == [1, 2, 4]
     prompts = some_prompts(eager.vocab_size, 7)  # decode batches of 1 to 7: replays and eager

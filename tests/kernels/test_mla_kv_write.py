@@ -50,3 +50,16 @@ def test_an_empty_batch(device):
     before = cache.clone()
     out = mla_kv_write_triton(positions, q_pe, ckv, w, 1e-6, cos, sin, True, cache, slots)
     assert out.shape == (0, 2, 8) and torch.equal(cache, before)
+
+
+@pytest.mark.parametrize("write", [mla_kv_write_torch, mla_kv_write_triton])
+def test_out_a_strided_view_receives_the_rotations(device, write):
+    """``out``: the rope columns of a [T, H, r + rope] query, as the decode step passes them;
+    the latent columns beside them are left alone."""
+    positions, q_pe, ckv, w, cos, sin, cache, slots = _case(device, torch.bfloat16, 3, 4, 48, 16, 7)
+    want = mla_kv_write_torch(positions, q_pe, ckv, w, 1e-6, cos, sin, False, cache.clone(), slots)
+    q_full = torch.full((3, 4, 48 + 16), 5.0, dtype=torch.bfloat16, device=device)
+    got = write(positions, q_pe, ckv, w, 1e-6, cos, sin, False, cache, slots, out=q_full[..., 48:])
+    assert got.data_ptr() == q_full[..., 48:].data_ptr()
+    assert torch.equal(q_full[..., 48:], want)
+    assert bool((q_full[..., :48] == 5).all())

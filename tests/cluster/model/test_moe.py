@@ -1,5 +1,6 @@
 """MXFP4 experts split over tensor-parallel ranks off the 32-element blocks: each rank's
-elements dequantize to what one rank holding them all would, for float checkpoints too."""
+elements dequantize to what one rank holding them all would, for float checkpoints too. The
+router's float32 scores, from a 16-bit weight on a GPU."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from pdserve.cluster.config import ModelConfig
-from pdserve.cluster.model.moe import MXFP4Experts
+from pdserve.cluster.model.moe import MXFP4Experts, Router
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.cluster.presets import preset_config
 from pdserve.kernels.mxfp4 import dequantize_mxfp4, interleave_mxfp4
@@ -109,3 +110,22 @@ def test_shapes_off_the_fragment_layout_keep_plain_codes():
     with pytest.raises(ValueError, match="16 x 64 grid"):  # asked directly: refused, untouched
         m.interleave_codes()
     assert not m.interleaved and torch.equal(m.w13, codes)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_router_scores_are_float32_products_of_the_model_dtypes_values(device):
+    """bf16 hidden states and weight: float32 scores equal to the float32 matmul of their
+    values (on a GPU one bf16 matmul with float32 output; the weight stays bf16 there)."""
+    cfg = ModelConfig.from_hf({**preset_config("tiny"), "vocab_size": 64})
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(cfg.n_routed_experts, cfg.hidden_size, generator=g).bfloat16()
+    x = torch.randn(5, cfg.hidden_size, generator=g).bfloat16().to(device)
+    with torch.device(device):
+        router = Router(cfg, torch.bfloat16)
+    router.load_weight("weight", w)
+    router.post_load()
+    assert router.weight.dtype == (torch.bfloat16 if device == "cuda" else torch.float32)
+    got = router.scores(x)
+    assert got.dtype == torch.float32 and got.shape == (5, cfg.n_routed_experts)
+    want = x.double() @ w.double().to(device).T  # exact products, float64 sums
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
