@@ -25,11 +25,21 @@ from pdserve.kernels.mxfp4 import (
 
 _PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
 
+# one token's router scores from the float32 GEMV where the weight is larger than this (see
+# ``Router.scores``; BENCHMARKS.md, "A layer's branches side by side")
+ONE_TOKEN_MATMUL_BYTES = 1 << 20
+
 
 class Router(Loadable):
-    """Scores in float32, as transformers does; the correction bias only steers selection."""
+    """Scores in float32, as transformers does; the correction bias only steers selection.
+
+    ``weight`` is kept in the scores' dtype (float32 at least) so a step does not cast it
+    again: its values are the model dtype's, as transformers casts them per call. On a GPU a
+    16-bit weight is also kept as loaded (``weight16``; the model is built on its device and
+    never moved) for ``scores``' one matmul."""
 
     expected = ("weight",)
+    weight16: torch.Tensor | None = None
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
@@ -47,38 +57,28 @@ class Router(Loadable):
         self.mark_loaded(name)
 
     def post_load(self) -> None:
-        """The weight kept in the scores' dtype (float32 at least), so a step does not cast it
-        again: the values are the model dtype's, as transformers casts them per call. A 16-bit
-        weight on a GPU is kept as loaded too (``scores``)."""
         w = self.weight.data
-        self.weight16 = w if w.is_cuda and w.element_size() == 2 else None
+        if w.is_cuda and w.element_size() == 2:
+            self.weight16 = w
         self.weight.data = w.to(torch.promote_types(w.dtype, torch.float32))
 
-    weight16: torch.Tensor | None = None
-
     def scores(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, E] float32 at least
-        """x @ W^T in float32, as transformers computes it. On a GPU, 16-bit x and W go to one
-        matmul with float32 output (``_one_matmul``): the product of two 16-bit floats is exact
-        in float32 and the sum is float32's, so only the summation order differs, and no cast
-        of x runs."""
+        """x @ W^T in float32. On a GPU, 16-bit x and W go to one matmul with float32 output
+        and no cast of x: the products are exact in float32 and the sums float32's, though the
+        tensor cores' accumulation is not float32 rounding at every add, so scores differ from
+        the float32 GEMV's at float32's error level (a near-tie may route another way). Not for
+        one token and a weight over ``ONE_TOKEN_MATMUL_BYTES``: there the float32 GEMV made
+        the shorter decode steps."""
         if self._one_matmul(x):
             return torch.mm(x, self.weight16.t(), out_dtype=torch.float32)
         dt = torch.promote_types(x.dtype, torch.float32)
         return F.linear(x.to(dt), self.weight.to(dt))
 
     def _one_matmul(self, x: torch.Tensor) -> bool:
-        """Whether x's scores come from the 16-bit matmul. Not for one token and a weight over
-        ``ONE_TOKEN_MATMUL_BYTES``: in a decode graph the router runs beside the shared experts,
-        and there DeepSeek-V3's (3.5 MiB) took 6% longer steps at batch 1 than its cast and
-        float32 GEMV (V2-Lite's 0.25 MiB: 5% shorter; both faster from two tokens; one H100,
-        ``bench.decode_step``)."""
         w = self.weight16
         if w is None or x.dtype != w.dtype or not x.is_cuda:
             return False
         return x.shape[0] > 1 or w.numel() * w.element_size() <= ONE_TOKEN_MATMUL_BYTES
-
-
-ONE_TOKEN_MATMUL_BYTES = 1 << 20
 
 
 class MXFP4Experts(Loadable):

@@ -7,10 +7,16 @@ the query and the KV latent projections), ``beside`` runs one on a second CUDA s
 graph is captured: the replayed graph then has both branches in flight at once, and one's tail
 overlaps the other's work. The main branch's result is joined before either is used.
 
-Only captures branch: a graph's private memory pool keeps each branch's tensors apart until the
-join, and an eager call would need every cross-stream tensor recorded with the allocator. Eager
-calls (prefill, CPU, decode graphs off) run the side branch first, then the main one, so an
-eager step computes what the replayed graph does, kernel for kernel.
+Only captures branch. There the allocator hands a block freed by one stream only to later
+allocations on that stream: a side branch's tensor freed after the join is reused by a later
+side branch, which starts after its own fork; inputs both branches read are held by the caller
+until the join. An eager call would need every cross-stream tensor recorded with the allocator.
+Eager calls (prefill, CPU, decode graphs off) run the side branch first, then the main one, so
+an eager step computes what the replayed graph does, kernel for kernel.
+
+The side stream is one of torch's pooled streams, as the capture stream is: pooled streams
+are handed out in turn, so after 32 more are taken (two per KV pair group) one may also serve
+another thread, whose work during a capture's branch would enter the graph.
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ def beside(side: Callable[[], A], main: Callable[[], B], like: torch.Tensor) -> 
     current = torch.cuda.current_stream(like.device)
     stream = _side(like.device)
     stream.wait_stream(current)  # the fork: the side branch starts after what came before
-    with torch.cuda.stream(stream):
-        a = side()
-    b = main()
-    current.wait_stream(stream)  # the join: what comes after waits for both
+    try:
+        with torch.cuda.stream(stream):
+            a = side()
+        b = main()
+    finally:  # joined even when a branch raises, so its error is the capture's first
+        current.wait_stream(stream)  # the join: what comes after waits for both
     return a, b

@@ -112,24 +112,29 @@ def test_shapes_off_the_fragment_layout_keep_plain_codes():
     assert not m.interleaved and torch.equal(m.w13, codes)
 
 
-@pytest.mark.parametrize("experts", [64, 512])  # 0.25 MiB / 2 MiB of bf16 weight
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("experts", [64, 512])  # 0.25 MiB / 2 MiB of 16-bit weight
 @pytest.mark.parametrize("tokens", [1, 5])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_router_scores_are_float32_products_of_the_model_dtypes_values(device, tokens, experts):
-    """bf16 hidden states and weight: float32 scores equal to the float32 matmul of their
-    values, by either path (on a GPU one bf16 matmul with float32 output, except for one token
-    and a weight over 1 MiB: the float32 GEMV)."""
+def test_router_scores_are_float32_products_of_the_model_dtypes_values(
+    device, tokens, experts, dtype
+):
+    """Hidden states and weight of the model dtype: float32 scores equal to the float32 matmul
+    of their values, by either path (on a GPU a 16-bit model's one matmul with float32 output,
+    except for one token and a weight over 1 MiB: the float32 GEMV)."""
     cfg = ModelConfig.from_hf({**preset_config("tiny"), "vocab_size": 64,
                                "n_routed_experts": experts, "hidden_size": 2048})  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(experts, 2048, generator=g).bfloat16()
-    x = torch.randn(tokens, 2048, generator=g).bfloat16().to(device)
+    w = torch.randn(experts, 2048, generator=g).to(dtype)
+    x = torch.randn(tokens, 2048, generator=g).to(dtype).to(device)
     with torch.device(device):
-        router = Router(cfg, torch.bfloat16)
+        router = Router(cfg, dtype)
     router.load_weight("weight", w)
     router.post_load()
     assert router.weight.dtype == torch.float32
-    assert router._one_matmul(x) == (device == "cuda" and (tokens > 1 or experts == 64))
+    sixteen = device == "cuda" and dtype != torch.float32
+    assert (router.weight16 is not None) == sixteen
+    assert router._one_matmul(x) == (sixteen and (tokens > 1 or experts == 64))
     got = router.scores(x)
     assert got.dtype == torch.float32 and got.shape == (tokens, experts)
     want = x.double() @ w.double().to(device).T  # exact products, float64 sums

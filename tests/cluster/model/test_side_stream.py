@@ -55,3 +55,37 @@ def test_a_captured_graph_runs_the_side_branch_on_its_own_stream():
     torch.cuda.synchronize()
     torch.testing.assert_close(out, step(), rtol=1e-5, atol=1e-4)
     assert not torch.equal(out, want)  # the replay read the new input
+
+
+@pytest.mark.gpu
+def test_graphs_sharing_a_pool_replay_layers_of_branches():
+    """As the decode graphs are captured: several sizes, largest first, in one memory pool;
+    each a stack of layers whose side branch's result, freed after the join, leaves its block
+    to the next layer's side branch. Every replay gives its eager result."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ws = [torch.randn(256, 256, device="cuda", generator=g) / 16 for _ in range(4)]
+
+    def layer(x, w):
+        shared, y = beside(lambda: torch.relu(x @ w), lambda: torch.tanh(x @ w.T), like=x)
+        return y + shared  # the side branch's block is free again after this
+
+    def layers(x):
+        for w in ws:
+            x = layer(x, w)
+        return x
+
+    inputs = {n: torch.randn(n, 256, device="cuda", generator=g) for n in (64, 8, 1)}
+    pool, graphs, outs = None, {}, {}
+    for n, x in inputs.items():  # largest first, as DecodeGraphs.capture
+        layers(x)  # warm-up
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outs[n] = layers(x)
+        pool, graphs[n] = graph.pool(), graph
+    for x in inputs.values():
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g))
+    for n in (1, 64, 8):
+        graphs[n].replay()
+    torch.cuda.synchronize()
+    for n, x in inputs.items():
+        torch.testing.assert_close(outs[n], layers(x), rtol=1e-5, atol=1e-5)
