@@ -142,6 +142,8 @@ class Replica:
             try:
                 self._registry.report.remote(self.snapshot_stats())
                 self.after_report(self._registry)
+            except SystemExit:  # Ray raises it in calls once it shuts this process down
+                return
             except Exception as e:  # noqa: BLE001 - the registry may be restarting
                 log.warning("stats report failed: %s", e)
 
