@@ -13,12 +13,11 @@ Tile sizes: ``triton_configs.FP8_LINEAR_TILES``, a first pick per M, not tuned o
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.device import sm_count
 from pdserve.kernels.fp8_blocks import E4M3_MAX, FP8_BLOCK, expand_scales
 from pdserve.kernels.triton_configs import fp8_linear_tiles
 
@@ -111,11 +110,9 @@ def _gemm(
     tl.store(c + rm[:, None] * stride_c + rn[None, :], out, mask=mask)
 
 
-@functools.cache
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1  # the interpreter: one program at a time
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """``sm_count``'s, but 1 under the interpreter (one program at a time)."""
+    return sm_count(device) if device.type == "cuda" else 1
 
 
 def split_k(m: int, n: int, kb: int, device: torch.device) -> int:

@@ -75,8 +75,8 @@ class Router(Loadable):
         return F.linear(x.to(dt), self.weight.to(dt))
 
     def _one_matmul(self, x: torch.Tensor) -> bool:
-        w = self.weight16
-        if w is None or x.dtype != w.dtype or not x.is_cuda:
+        w = self.weight16  # set on a GPU only, where x is too
+        if w is None or x.dtype != w.dtype:
             return False
         return x.shape[0] > 1 or w.numel() * w.element_size() <= ONE_TOKEN_MATMUL_BYTES
 
