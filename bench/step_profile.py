@@ -1,7 +1,8 @@
 """Where a step's GPU time goes: ``torch.profiler`` over a few engine steps, every kernel's
 time summed by the labelled range it ran in on the GPU timeline (the MLA attention layers, the
-MoE layers, tensor-parallel all-reduces, the rest), the MLA decode kernel alone, and the
-kernels that took the most. Used by ``bench.decode_step --profile``.
+MoE layers, tensor-parallel all-reduces, the rest), the MLA decode kernel alone, the kernels
+that took the most, and one layer's kernels in launch order. Used by ``bench.decode_step
+--profile``.
 """
 
 from __future__ import annotations
@@ -69,6 +70,20 @@ def split_kernel_time(
     return parts
 
 
+def one_layer(
+    spans: list[tuple[float, float, str]], kernels: list[tuple[float, float, str]]
+) -> list[tuple[str, float]]:
+    """The kernels (name, us) of one layer in start order: those starting in the middle
+    attention span of the trace and in the first MoE span after it."""
+    attn = sorted(s for s in spans if s[2] == "attention")
+    if not attn:
+        return []
+    a = attn[len(attn) // 2]
+    moe = [s for s in sorted(spans) if s[2] == "moe" and s[0] >= a[1]][:1]
+    inside = [k for k in sorted(kernels) if any(s <= k[0] < e for s, e, _ in [a, *moe])]
+    return [(name[:60], round(end - start, 1)) for start, end, name in inside]
+
+
 def profile(engine: LLMEngine, steps: int = 5) -> dict[str, Any]:
     """GPU time per step (ms) of ``steps`` steps of ``engine``'s running batch, by part."""
     from torch.autograd import DeviceType
@@ -101,4 +116,5 @@ def profile(engine: LLMEngine, steps: int = 5) -> dict[str, Any]:
     out["kernels_by_part"] = {k: round(v / steps, 1) for k, v in counts.items()}
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
     out["top_kernels"] = {name: t / steps / 1e3 for name, t in top}
+    out["one_layer_us"] = one_layer(spans, kernels)
     return {"kernels": len(kernels) // steps, **out}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pdserve.bench.decode_step import main
-from pdserve.bench.step_profile import split_kernel_time
+from pdserve.bench.step_profile import one_layer, split_kernel_time
 
 
 def test_decode_step_bench_writes_a_row_per_batch_and_mode(tiny_model, tmp_path):
@@ -73,3 +73,11 @@ def test_kernel_time_goes_to_the_innermost_range_that_holds_its_start():
                (200, 204, "argmax"), (300, 301, "copy")]  # fmt: skip
     parts = split_kernel_time(spans, kernels)
     assert parts == {"attention": 10, "all_reduce": 5, "moe": 40, "rest": 5}
+
+
+def test_one_layer_is_the_middle_attention_span_and_the_moe_after_it():
+    spans = [(0, 10, "attention"), (10, 20, "moe"), (20, 30, "attention"), (30, 40, "moe"),
+             (40, 50, "attention"), (50, 60, "moe")]  # fmt: skip
+    kernels = [(k, k + 1.04, f"k{k}") for k in range(0, 60, 5)]
+    assert one_layer(spans, kernels) == [("k20", 1.0), ("k25", 1.0), ("k30", 1.0), ("k35", 1.0)]
+    assert one_layer([], kernels) == []

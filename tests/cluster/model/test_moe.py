@@ -138,4 +138,7 @@ def test_router_scores_are_float32_products_of_the_model_dtypes_values(
     got = router.scores(x)
     assert got.dtype == torch.float32 and got.shape == (tokens, experts)
     want = x.double() @ w.double().to(device).T  # exact products, float64 sums
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    # float32 sums of 2048 products: an error of a few float32 epsilons of the sum of |x_i w_i|
+    # (tensor cores round their partial sums differently from a float32 GEMV's adds)
+    bound = 8 * torch.finfo(torch.float32).eps * (x.double().abs() @ w.double().abs().to(device).T)
+    assert ((got.double() - want).abs() <= bound).all()
