@@ -58,6 +58,14 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@lru_cache(maxsize=16)
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch with programmatic dependent launch (sm_90 on): a
+    kernel may start while the one before it drains, and waits (``gdc_wait``) before reading
+    anything. Never on the CPU (the interpreter has no grid dependency control)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 # Known GPUs, for tests and for reasoning about configs that must fit other parts.
 H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 227 * 1024, 132)
 H200 = DeviceInfo("cuda", "NVIDIA H200", (9, 0), 227 * 1024, 132)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from pdserve.kernels.device import pdl
 from pdserve.kernels.moe_reference import SwiGLU
 from pdserve.kernels.moe_triton_common import swiglu
 
@@ -20,10 +22,14 @@ def _swiglu_splits_kernel(
     part_ptr, ids_ptr, b_ptr, h_ptr, E, I, stride_ps, stride_pm, stride_be, stride_hm,
     alpha, beta, limit,
     SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK_I: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """h[s] = swiglu of slot s's gate and up, each the sum of its SPLIT_K partial accumulators
     (part [SPLIT_K, S, 2I]: gate then up) plus the expert's bias, rounded as ``gate_up_swiglu``
     rounds. Slots of invalid expert ids were never written and are left alone."""
+    if PDL:  # see kernels.device.pdl
+        gdc_wait()
+        gdc_launch_dependents()
     s = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     e = tl.load(ids_ptr + s)
@@ -59,6 +65,7 @@ def swiglu_splits(
         part.stride(1), 0 if b13 is None else b13.stride(0), h.stride(0), float(act.alpha),
         float(act.beta), 0.0 if act.limit is None else float(act.limit),
         SPLIT_K=splits, HAS_BIAS=b13 is not None, HAS_LIMIT=act.limit is not None, BLOCK_I=block,
+        PDL=pdl(h.device), launch_pdl=pdl(h.device),
     )  # fmt: skip
 
 
@@ -66,12 +73,16 @@ def swiglu_splits(
 def _topk_sum_kernel(
     ys_ptr, ids_ptr, tw_ptr, b_ptr, out_ptr, H, E, stride_split, stride_ys, stride_be, stride_out,
     TOPK: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """out[m] = sum over valid k of slot m * TOPK + k's output; slots of invalid ids were never
     written. SPLIT_K == 1: ys holds each slot's output, routing weight applied. Else ys holds
     SPLIT_K partial float32 accumulators per slot, and a slot's output is their sum plus the
     expert's bias, rounded to the model dtype, times its routing weight (the down
     projection's epilogue, as one split applies it)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
@@ -117,4 +128,5 @@ def topk_sum(
         num_experts, ys.stride(0) if splits > 1 else 0, ys.stride(-2),
         0 if b2 is None else b2.stride(0), out.stride(0),
         TOPK=k, SPLIT_K=splits, HAS_BIAS=b2 is not None, BLOCK_H=block_h,
+        PDL=pdl(out.device), launch_pdl=pdl(out.device),
     )  # fmt: skip
