@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pdserve.kernels import triton_configs
-from pdserve.kernels.device import sm_count
+from pdserve.kernels.device import pdl, sm_count
 from pdserve.kernels.moe_triton_common import interpreting, mma, output_like
 
 LOG2E = 1.4426950408889634
@@ -38,7 +39,11 @@ def _decode_kernel(
     V_DIM: tl.constexpr, R_DIM: tl.constexpr, PAGE: tl.constexpr,
     NUM_SPLITS, SPLIT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, HAS_R: tl.constexpr, UPCAST: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # see kernels.device.pdl
+        gdc_wait()
+        gdc_launch_dependents()
     # head blocks vary fastest: the programs of one sequence and split run side by side, so
     # the KV tiles one of them loads are in L2 for the others (128 heads: 2-4 head blocks)
     heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -98,11 +103,14 @@ def _combine_kernel(
     part_ptr, lse_ptr, o_ptr, H, HEADS,
     stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
     NUM_SPLITS, V_DIM: tl.constexpr, V_SPAN: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Grid (B, cdiv(H, HEADS), cdiv(V_DIM, V_SPAN)): for each of the program's HEADS heads and
     its V_SPAN columns, out = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), in
     BLOCK_V column steps."""
+    if PDL:  # see kernels.device.pdl
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0)
     sp = tl.arange(0, BLOCK_S)
     smask = sp < NUM_SPLITS
@@ -200,6 +208,7 @@ def mla_decode_triton(
         lse = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)
     else:
         part, lse = out, out  # unused
+    p = pdl(q.device)
     _decode_kernel[(head_blocks, b, num_splits)](
         q, kv_cache, block_table, seq_lens, out, part, lse,
         h, scale * LOG2E,
@@ -210,7 +219,7 @@ def mla_decode_triton(
         NUM_SPLITS=num_splits, SPLIT=num_splits > 1, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_V=block_v, BLOCK_R=block_r, HAS_R=d > v_dim,
         UPCAST=interpreting() or q.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=p, launch_pdl=p,
     )  # fmt: skip
     if num_splits > 1:
         width = combine_width(num_splits)
@@ -220,6 +229,6 @@ def mla_decode_triton(
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, V_DIM=v_dim, V_SPAN=span, BLOCK_S=width,
-            BLOCK_V=min(span, max(16, COMBINE_TILE // width)),
+            BLOCK_V=min(span, max(16, COMBINE_TILE // width)), PDL=p, launch_pdl=p,
         )  # fmt: skip
     return out

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from pdserve.kernels.device import pdl
 from pdserve.kernels.rms_norm_triton import norm_row
 from pdserve.kernels.rope_triton import rotate
 
@@ -21,9 +23,13 @@ def _mla_kv_write_kernel(
     stride_qt, stride_qh, stride_ckv, stride_cache, stride_ot, stride_oh, stride_table,
     R: tl.constexpr, BLOCK_R: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, INTERLEAVE: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Token t, query heads [h0, h0 + BLOCK_H) rotated; the first head block also writes the
     token's cache row (normalized latent, rotated rope key)."""
+    if PDL:  # see kernels.device.pdl
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     i = tl.arange(0, BLOCK_HALF)
@@ -84,7 +90,7 @@ def mla_kv_write_triton(
             out.stride(0), out.stride(1), cos.stride(0),
             R=r, BLOCK_R=triton.next_power_of_2(r), HALF=rope // 2,
             BLOCK_HALF=triton.next_power_of_2(rope // 2), BLOCK_H=block_h,
-            INTERLEAVE=interleave, num_warps=4,
+            INTERLEAVE=interleave, num_warps=4, PDL=pdl(out.device), launch_pdl=pdl(out.device),
             enable_fp_fusion=False,  # no FMA: torch rounds each product
         )  # fmt: skip
     return out

@@ -17,6 +17,9 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from pdserve.kernels.device import pdl
 
 
 @triton.jit
@@ -24,8 +27,11 @@ def _grouped_topk_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr, E, stride_l, scale,
     TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_G: tl.constexpr, CUDA_MATH: tl.constexpr,
+    BLOCK_G: tl.constexpr, CUDA_MATH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL:  # see kernels.device.pdl
+        gdc_wait()
+        gdc_launch_dependents()
     m = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     valid = e < E
@@ -102,5 +108,6 @@ def grouped_topk_triton(
             HAS_BIAS=correction_bias is not None, NORM=norm_topk_prob,
             BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
             BLOCK_G=triton.next_power_of_2(n_group), CUDA_MATH=router_logits.is_cuda, num_warps=4,
+            PDL=pdl(router_logits.device), launch_pdl=pdl(router_logits.device),
         )  # fmt: skip
     return weights, ids
