@@ -56,6 +56,7 @@ for _op, _module, _fn in (  # elementwise kernels, reductions, top-k: capturable
     ("silu_mul", "silu_mul_reference", "silu_mul_torch"),
     ("mla_kv_write", "mla_kv_write_reference", "mla_kv_write_torch"),
     ("grouped_topk", "routing", "grouped_topk"),
+    ("topk_softmax", "routing", "topk_softmax"),
 ):
     REGISTRY.register(Backend(_op, "torch", _lazy(_module, _fn), "any", graph_safe=True))
 
@@ -130,6 +131,7 @@ for _op, _module, _fn in (
     ("silu_mul", "silu_mul_triton", "silu_mul_triton"),
     ("mla_kv_write", "mla_kv_write_triton", "mla_kv_write_triton"),
     ("grouped_topk", "routing_triton", "grouped_topk_triton"),
+    ("topk_softmax", "routing_triton", "topk_softmax_triton"),
 ):
     REGISTRY.register(_triton(_op, _module, _fn))
 

@@ -50,6 +50,7 @@ class KernelSet:
     # rotated; the normalized latent and rotated key written to the cache rows
     mla_kv_write: Callable
     grouped_topk: Callable  # (logits, top_k, **routing) -> (weights, ids)
+    topk_softmax: Callable  # (logits, top_k) -> (weights, ids)
     moe_crossover_m: int = DEFAULT_MOE_CROSSOVER_M
 
     @staticmethod
@@ -110,6 +111,7 @@ class KernelSet:
             silu_mul=choices["silu_mul"].backend.load(),
             mla_kv_write=choices["mla_kv_write"].backend.load(),
             grouped_topk=choices["grouped_topk"].backend.load(),
+            topk_softmax=choices["topk_softmax"].backend.load(),
             moe_crossover_m=moe_crossover_m,
         )
 

@@ -16,6 +16,7 @@ Ops and their contracts (see ``moe_reference`` and ``mla_reference``):
 - ``mla_kv_write``: MLA's query and key rotations with the latent's norm and its cache write
   (``mla_kv_write_reference``).
 - ``grouped_topk``: DeepSeek-V3's group-limited top-k routing (``routing``).
+- ``topk_softmax``: GPT-OSS's routing, a softmax over each token's top-k logits (``routing``).
 - ``linear_fp8``: a linear whose weight is FP8 with 128x128 block scales (DeepSeek's release
   format): dequantized once at load (``torch``), or an FP8 GEMM with activations quantized per
   token in groups of 128 (``triton``; ``scaled_mm``: cuBLAS's block-scaled GEMM on sm_90 from a
@@ -48,6 +49,7 @@ OPS = (
     "silu_mul",
     "mla_kv_write",
     "grouped_topk",
+    "topk_softmax",
 )
 ROLES = ("prefill", "decode", "colocated")
 

@@ -1,4 +1,5 @@
-"""MoE routing: DeepSeek-V3 group-limited top-k over sigmoid scores (PyTorch)."""
+"""MoE routing (PyTorch): DeepSeek-V3's group-limited top-k over sigmoid scores; GPT-OSS's
+softmax over each token's top-k logits."""
 
 from __future__ import annotations
 
@@ -41,3 +42,11 @@ def grouped_topk(
     if norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * routed_scaling_factor, ids
+
+
+def topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [M, E] -> (weights [M, K] float32, ids [M, K] int64): each token's top-k
+    logits, largest first, and their softmax in float32, as transformers' GPT-OSS router
+    computes them."""
+    top, ids = torch.topk(router_logits, top_k, dim=-1)  # [M, K]
+    return torch.softmax(top.float(), dim=-1), ids

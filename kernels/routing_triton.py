@@ -1,13 +1,17 @@
-"""DeepSeek-V3's group-limited top-k in one Triton launch: op ``grouped_topk``, backend
-``triton``. Contract: ``routing.grouped_topk`` (sigmoid scores, the correction bias for
-selection only, groups ranked by their two best biased scores, the best ``topk_group`` groups'
-experts competing, weights the unbiased scores, normalized and scaled). PyTorch spends about 18
-kernels on it per MoE layer; this is one program per token.
+"""MoE routing in one Triton launch per op, backend ``triton``: DeepSeek-V3's group-limited
+top-k (op ``grouped_topk``) and GPT-OSS's softmax over each token's top-k logits (op
+``topk_softmax``, contract ``routing.topk_softmax``).
+
+``grouped_topk``'s contract is ``routing.grouped_topk``: sigmoid scores, the correction bias
+for selection only, groups ranked by their two best biased scores, the best ``topk_group``
+groups' experts competing, weights the unbiased scores, normalized and scaled. PyTorch spends
+about 18 kernels on it per MoE layer, ``topk_softmax`` 3-4 (a sort among them); each is one
+program per token here.
 
 Selection is by repeated arg-max over the row held in registers (K and the group count are
 small); ties go to the lower expert id (``torch.topk`` leaves their order unspecified, so
-exactly tied scores may pick other experts than torch's). Scores are computed as torch's
-sigmoid computes them on CUDA (accurate exp, IEEE division); the weights' sum runs in another
+exactly tied scores may pick other experts than torch's). Scores and softmax weights are
+computed as torch computes them on CUDA (accurate exp, IEEE division); sums run in another
 order than torch's: equal to a float32 rounding.
 """
 
@@ -20,6 +24,8 @@ from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pdserve.kernels.device import pdl
+
+from pdserve.kernels.routing import topk_softmax
 
 
 @triton.jit
@@ -109,5 +115,57 @@ def grouped_topk_triton(
             BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
             BLOCK_G=triton.next_power_of_2(n_group), CUDA_MATH=router_logits.is_cuda, num_warps=4,
             PDL=pdl(router_logits.device), launch_pdl=pdl(router_logits.device),
+        )  # fmt: skip
+    return weights, ids
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr, w_ptr, ids_ptr, E, stride_l,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, CUDA_MATH: tl.constexpr,
+):  # fmt: skip
+    """Token m: its TOP_K largest logits by repeated arg-max (ties to the lower expert id),
+    largest first, and their softmax in float32."""
+    m = tl.program_id(0).to(tl.int64)
+    e = tl.arange(0, BLOCK_E)
+    x = tl.load(logits_ptr + m * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    k = tl.arange(0, BLOCK_K)
+    ids = tl.zeros([BLOCK_K], dtype=tl.int64)
+    top = tl.full([BLOCK_K], float("-inf"), tl.float32)
+    for j in tl.static_range(TOP_K):
+        pick = tl.argmax(x, 0)
+        ids = tl.where(k == j, pick.to(tl.int64), ids)
+        top = tl.where(k == j, tl.max(x, 0), top)
+        x = tl.where(e == pick, float("-inf"), x)
+    top = top - tl.max(top, 0)  # the first is the largest: 0 there, padding lanes -inf
+    if CUDA_MATH:  # torch's float32 softmax: expf, an IEEE division
+        p = libdevice.exp(top)
+        w = tl.div_rn(p, tl.zeros_like(p) + tl.sum(p, 0))
+    else:  # the interpreter's numpy maths
+        p = tl.exp(top)
+        w = p / tl.sum(p, 0)
+    tl.store(w_ptr + m * TOP_K + k, w, mask=k < TOP_K)
+    tl.store(ids_ptr + m * TOP_K + k, ids, mask=k < TOP_K)
+
+
+def topk_softmax_triton(
+    router_logits: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [M, E] (float32 or 16-bit) -> (weights [M, K] float32, ids [M, K] int64);
+    same contract as ``routing.topk_softmax``. float64 logits take that PyTorch version: their
+    ranking would not survive float32."""
+    m, e = router_logits.shape
+    if not 0 < top_k <= e:
+        raise ValueError(f"top_k {top_k} must be in [1, {e}] experts")
+    if router_logits.dtype == torch.float64:
+        return topk_softmax(router_logits, top_k)
+    assert router_logits.stride(-1) == 1
+    weights = torch.empty((m, top_k), dtype=torch.float32, device=router_logits.device)
+    ids = torch.empty((m, top_k), dtype=torch.int64, device=router_logits.device)
+    if m:
+        _topk_softmax_kernel[(m,)](
+            router_logits, weights, ids, e, router_logits.stride(0), TOP_K=top_k,
+            BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
+            CUDA_MATH=router_logits.is_cuda, num_warps=1,
         )  # fmt: skip
     return weights, ids

@@ -52,8 +52,7 @@ class GptOssMoE(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's experts: (weights [T, K] float32, summing to 1; ids [T, K])."""
         logits = F.linear(x, self.router.weight, self.router.bias)  # [T, E]
-        top, ids = torch.topk(logits, self.top_k, dim=-1)  # [T, K]
-        return torch.softmax(top.float(), dim=-1), ids
+        return self.kernels.topk_softmax(logits, self.top_k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, H] -> [T, H] partial sum
         weights, ids = self.route(x)

@@ -14,7 +14,7 @@ from pdserve.kernels.device import B200, H100, H200, RTX_PRO_6000, DeviceInfo
 from pdserve.kernels.registry import OPS
 
 GPUS = {"sm90": H100, "sm100": B200, "sm120": RTX_PRO_6000}
-GLUE = ("rms_norm", "rope", "silu_mul", "mla_kv_write", "grouped_topk")
+GLUE = ("rms_norm", "rope", "silu_mul", "mla_kv_write", "grouped_topk", "topk_softmax")
 DEFAULT_ON_GPU = {op: "triton" for op in OPS}
 # Hopper's MoE default: the same kernels on experts in the MMA-fragment layout
 MOE_ON_SM90 = {"moe_small": "triton_interleaved", "moe_large": "triton_interleaved"}
@@ -76,6 +76,7 @@ def test_glue_kernels_are_triton_on_gpus_and_torch_when_named():
     ks = KernelSet.resolve(H100, "decode")
     assert ks.rms_norm.__name__ == "rms_norm_triton" and ks.rope.__name__ == "rope_triton"
     assert ks.grouped_topk.__name__ == "grouped_topk_triton"
+    assert ks.topk_softmax.__name__ == "topk_softmax_triton"
     assert ks.mla_kv_write.__name__ == "mla_kv_write_triton"
     assert ks.silu_mul.__name__ == "silu_mul_triton"
     ks = KernelSet.resolve(H100, "decode", overrides={op: "torch" for op in GLUE})

@@ -1,15 +1,16 @@
-"""grouped_topk, Triton (interpreter on CPU, compiled on CUDA), against the PyTorch version: the
-same experts per token and their weights, at DeepSeek-V3's routing (256 experts in 8 groups,
-4 kept, top-8, correction bias), V2-Lite's shape (64 experts, one group, top-6), groups not a
-power of two, and without normalization."""
+"""grouped_topk and topk_softmax, Triton (interpreter on CPU, compiled on CUDA), against the
+PyTorch versions: the same experts per token and their weights. grouped_topk at DeepSeek-V3's
+routing (256 experts in 8 groups, 4 kept, top-8, correction bias), V2-Lite's shape (64
+experts, one group, top-6), groups not a power of two, and without normalization; topk_softmax
+at GPT-OSS's shapes (32 and 128 experts, top-4), a count not a power of two, 16-bit logits."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pdserve.kernels.routing import grouped_topk
-from pdserve.kernels.routing_triton import grouped_topk_triton
+from pdserve.kernels.routing import grouped_topk, topk_softmax
+from pdserve.kernels.routing_triton import grouped_topk_triton, topk_softmax_triton
 
 CASES = {  # E, top_k, n_group, topk_group, bias, norm, scale
     "deepseek-v3": (256, 8, 8, 4, True, True, 2.5),
@@ -41,3 +42,28 @@ def test_an_empty_batch_and_uneven_groups(device):
     assert w.shape == ids.shape == (0, 6)
     with pytest.raises(ValueError, match="do not split into n_group=3"):
         grouped_topk_triton(torch.zeros(2, 64, device=device), 6, n_group=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("e, k", [(32, 4), (128, 4), (5, 2), (6, 6)])
+def test_topk_softmax_matches_the_reference(device, dtype, e, k):
+    g = torch.Generator().manual_seed(e * 10 + k)
+    # each row a permutation of 0, 0.25, ..., (e - 1) / 4 - 9: distinct in bf16 too, no ties
+    rows = [torch.randperm(e, generator=g).float() / 4 - 9 for _ in range(9)]
+    logits = torch.stack(rows).to(dtype).to(device)  # [9, E]
+    w, ids = topk_softmax_triton(logits, k)
+    rw, rids = topk_softmax(logits, k)
+    assert ids.dtype == rids.dtype == torch.int64 and w.dtype == rw.dtype == torch.float32
+    assert torch.equal(ids, rids)  # the same experts, largest logit first
+    torch.testing.assert_close(w, rw, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(w.sum(-1), torch.ones(9, device=device))
+
+
+def test_topk_softmax_of_an_empty_batch_float64_and_a_bad_k(device):
+    w, ids = topk_softmax_triton(torch.zeros(0, 32, device=device), 4)
+    assert w.shape == ids.shape == (0, 4)
+    logits = torch.randn(3, 32, dtype=torch.float64, device=device)
+    w, ids = topk_softmax_triton(logits, 4)  # the PyTorch version's ranking, as float64
+    assert torch.equal(ids, torch.topk(logits, 4, dim=-1)[1])
+    with pytest.raises(ValueError, match="top_k 33 must be in"):
+        topk_softmax_triton(torch.zeros(2, 32, device=device), 33)

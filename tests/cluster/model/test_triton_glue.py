@@ -1,7 +1,8 @@
 """The model with the Triton norm, rope, MLA cache-write, MLP activation and routing kernels
 (interpreted on CPU, compiled on a GPU) in place of the PyTorch ones: the same greedy tokens, for a
 DeepSeek-V3-style model (MLA: strided latent rows and rope columns, grouped top-k) and for
-GPT-OSS (split-half rope, GPT-OSS's norm), with the residual adds fused into the norms in both.
+GPT-OSS (split-half rope, GPT-OSS's norm, top-k softmax), with the residual adds fused into the
+norms in both.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import torch
 
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
 from pdserve.cluster.model.attention import MLAAttention
+from pdserve.cluster.model.gpt_oss import GptOssMoE
 from pdserve.cluster.model.layers import DenseMLP, RMSNorm
 from pdserve.cluster.model.rope import RotaryEmbedding
 from pdserve.kernels.mla_kv_write_triton import mla_kv_write_triton
 from pdserve.kernels.rms_norm_triton import rms_norm_triton
 from pdserve.kernels.rope_triton import rope_triton
-from pdserve.kernels.routing_triton import grouped_topk_triton
+from pdserve.kernels.routing_triton import grouped_topk_triton, topk_softmax_triton
 from pdserve.kernels.silu_mul_triton import silu_mul_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled there, else interpreted
@@ -39,6 +41,9 @@ def _swap_in_triton(engine: LLMEngine) -> int:
             m.kernel, swapped = rope_triton, swapped + 1
         elif hasattr(m, "kernels") and hasattr(m, "gate"):  # DeepSeek's MoE block
             m.kernels = dataclasses.replace(m.kernels, grouped_topk=grouped_topk_triton)
+            swapped += 1
+        elif isinstance(m, GptOssMoE):  # GPT-OSS's router
+            m.kernels = dataclasses.replace(m.kernels, topk_softmax=topk_softmax_triton)
             swapped += 1
         elif isinstance(m, MLAAttention):  # its rotations, latent norm and cache write
             m.kernels = dataclasses.replace(m.kernels, mla_kv_write=mla_kv_write_triton)
