@@ -24,7 +24,6 @@ from triton.language.extra import libdevice
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pdserve.kernels.device import pdl
-
 from pdserve.kernels.routing import topk_softmax
 
 
@@ -123,9 +122,13 @@ def grouped_topk_triton(
 def _topk_softmax_kernel(
     logits_ptr, w_ptr, ids_ptr, E, stride_l,
     TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, CUDA_MATH: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Token m: its TOP_K largest logits by repeated arg-max (ties to the lower expert id),
     largest first, and their softmax in float32."""
+    if PDL:  # see kernels.device.pdl
+        gdc_wait()
+        gdc_launch_dependents()
     m = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + m * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
@@ -166,6 +169,7 @@ def topk_softmax_triton(
         _topk_softmax_kernel[(m,)](
             router_logits, weights, ids, e, router_logits.stride(0), TOP_K=top_k,
             BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
-            CUDA_MATH=router_logits.is_cuda, num_warps=1,
+            CUDA_MATH=router_logits.is_cuda, num_warps=1, PDL=pdl(router_logits.device),
+            launch_pdl=pdl(router_logits.device),
         )  # fmt: skip
     return weights, ids
