@@ -20,10 +20,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pdserve.kernels import triton_configs
-from pdserve.kernels.device import pdl, sm_count
+from pdserve.kernels.dependent_launch import launch_args, pdl_start
+from pdserve.kernels.device import sm_count
 from pdserve.kernels.moe_triton_common import interpreting, mma, output_like
 
 LOG2E = 1.4426950408889634
@@ -41,9 +41,7 @@ def _decode_kernel(
     BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, HAS_R: tl.constexpr, UPCAST: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # see kernels.device.pdl
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     # head blocks vary fastest: the programs of one sequence and split run side by side, so
     # the KV tiles one of them loads are in L2 for the others (128 heads: 2-4 head blocks)
     heads = tl.program_id(0) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -108,9 +106,7 @@ def _combine_kernel(
     """Grid (B, cdiv(H, HEADS), cdiv(V_DIM, V_SPAN)): for each of the program's HEADS heads and
     its V_SPAN columns, out = sum_s exp2(lse_s - max) * part_s / sum_s exp2(lse_s - max), in
     BLOCK_V column steps."""
-    if PDL:  # see kernels.device.pdl
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     b = tl.program_id(0)
     sp = tl.arange(0, BLOCK_S)
     smask = sp < NUM_SPLITS
@@ -208,7 +204,7 @@ def mla_decode_triton(
         lse = torch.empty(b, h, num_splits, dtype=torch.float32, device=q.device)
     else:
         part, lse = out, out  # unused
-    p = pdl(q.device)
+    p = launch_args(q.device)
     _decode_kernel[(head_blocks, b, num_splits)](
         q, kv_cache, block_table, seq_lens, out, part, lse,
         h, scale * LOG2E,
@@ -219,7 +215,7 @@ def mla_decode_triton(
         NUM_SPLITS=num_splits, SPLIT=num_splits > 1, BLOCK_H=cfg["BLOCK_H"], BLOCK_N=cfg["BLOCK_N"],
         BLOCK_V=block_v, BLOCK_R=block_r, HAS_R=d > v_dim,
         UPCAST=interpreting() or q.dtype == torch.float32,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], PDL=p, launch_pdl=p,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **p,
     )  # fmt: skip
     if num_splits > 1:
         width = combine_width(num_splits)
@@ -229,6 +225,6 @@ def mla_decode_triton(
             part.stride(0), part.stride(1), part.stride(2), lse.stride(0), lse.stride(1),
             out.stride(0), out.stride(1),
             NUM_SPLITS=num_splits, V_DIM=v_dim, V_SPAN=span, BLOCK_S=width,
-            BLOCK_V=min(span, max(16, COMBINE_TILE // width)), PDL=p, launch_pdl=p,
+            BLOCK_V=min(span, max(16, COMBINE_TILE // width)), **p,
         )  # fmt: skip
     return out

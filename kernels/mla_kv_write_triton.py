@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from pdserve.kernels.device import pdl
+from pdserve.kernels.dependent_launch import launch_args, pdl_start
 from pdserve.kernels.rms_norm_triton import norm_row
 from pdserve.kernels.rope_triton import rotate
 
@@ -27,9 +26,7 @@ def _mla_kv_write_kernel(
 ):  # fmt: skip
     """Token t, query heads [h0, h0 + BLOCK_H) rotated; the first head block also writes the
     token's cache row (normalized latent, rotated rope key)."""
-    if PDL:  # see kernels.device.pdl
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     t = tl.program_id(0).to(tl.int64)
     hb = tl.program_id(1)
     i = tl.arange(0, BLOCK_HALF)
@@ -90,7 +87,7 @@ def mla_kv_write_triton(
             out.stride(0), out.stride(1), cos.stride(0),
             R=r, BLOCK_R=triton.next_power_of_2(r), HALF=rope // 2,
             BLOCK_HALF=triton.next_power_of_2(rope // 2), BLOCK_H=block_h,
-            INTERLEAVE=interleave, num_warps=4, PDL=pdl(out.device), launch_pdl=pdl(out.device),
+            INTERLEAVE=interleave, num_warps=4, **launch_args(out.device),
             enable_fp_fusion=False,  # no FMA: torch rounds each product
         )  # fmt: skip
     return out

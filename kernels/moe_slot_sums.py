@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from pdserve.kernels.device import pdl
+from pdserve.kernels.dependent_launch import launch_args, pdl_start
 from pdserve.kernels.moe_reference import SwiGLU
 from pdserve.kernels.moe_triton_common import swiglu
 
@@ -27,9 +26,7 @@ def _swiglu_splits_kernel(
     """h[s] = swiglu of slot s's gate and up, each the sum of its SPLIT_K partial accumulators
     (part [SPLIT_K, S, 2I]: gate then up) plus the expert's bias, rounded as ``gate_up_swiglu``
     rounds. Slots of invalid expert ids were never written and are left alone."""
-    if PDL:  # see kernels.device.pdl
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     s = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     e = tl.load(ids_ptr + s)
@@ -65,7 +62,7 @@ def swiglu_splits(
         part.stride(1), 0 if b13 is None else b13.stride(0), h.stride(0), float(act.alpha),
         float(act.beta), 0.0 if act.limit is None else float(act.limit),
         SPLIT_K=splits, HAS_BIAS=b13 is not None, HAS_LIMIT=act.limit is not None, BLOCK_I=block,
-        PDL=pdl(h.device), launch_pdl=pdl(h.device),
+        **launch_args(h.device),
     )  # fmt: skip
 
 
@@ -80,9 +77,7 @@ def _topk_sum_kernel(
     SPLIT_K partial float32 accumulators per slot, and a slot's output is their sum plus the
     expert's bias, rounded to the model dtype, times its routing weight (the down
     projection's epilogue, as one split applies it)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
@@ -128,5 +123,5 @@ def topk_sum(
         num_experts, ys.stride(0) if splits > 1 else 0, ys.stride(-2),
         0 if b2 is None else b2.stride(0), out.stride(0),
         TOPK=k, SPLIT_K=splits, HAS_BIAS=b2 is not None, BLOCK_H=block_h,
-        PDL=pdl(out.device), launch_pdl=pdl(out.device),
+        **launch_args(out.device),
     )  # fmt: skip

@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from pdserve.kernels import triton_configs
-from pdserve.kernels.device import pdl, sm_count
+from pdserve.kernels.dependent_launch import launch_args, pdl_start
+from pdserve.kernels.device import sm_count
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 from pdserve.kernels.moe_slot_sums import swiglu_splits, topk_sum
 from pdserve.kernels.moe_triton_common import (
@@ -58,9 +58,7 @@ def _group_kernel(
     ids_ptr, expert_ptr, start_ptr, count_ptr, slots_ptr, S, E, A,
     BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # see kernels.device.pdl
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     s = tl.arange(0, BLOCK_S)
     ids = tl.load(ids_ptr + s, mask=s < S, other=-1).to(tl.int32)  # [BLOCK_S]
     valid = (ids >= 0) & (ids < E) & (s < S)
@@ -89,9 +87,7 @@ def _gemm1_kernel(
     FAST: tl.constexpr, INTERLEAVED: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     i = tl.program_id(0)
     count = tl.load(count_ptr + i)  # 0 for programs past the active experts
     e = tl.load(expert_ptr + i, mask=count > 0, other=0).to(tl.int64)
@@ -148,9 +144,7 @@ def _gemm2_kernel(
     SWAP: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     i = tl.program_id(0)
     count = tl.load(count_ptr + i)
     e = tl.load(expert_ptr + i, mask=count > 0, other=0).to(tl.int64)
@@ -191,7 +185,7 @@ def _gemm2_kernel(
         tl.store(y_ptrs, y, mask=rmask[:, None] & nmask[None, :])
 
 
-def _launch(cfg: dict, kernel, grid, *args, INTERLEAVED: bool, PDL: bool, **consts) -> None:
+def _launch(cfg: dict, kernel, grid, *args, INTERLEAVED: bool, **consts) -> None:
     kernel[grid](
         *args,
         **consts,
@@ -201,8 +195,6 @@ def _launch(cfg: dict, kernel, grid, *args, INTERLEAVED: bool, PDL: bool, **cons
         BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
-        PDL=PDL,
-        launch_pdl=PDL,
     )
 
 
@@ -223,7 +215,7 @@ def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
     s = m * k
     a = min(s, e)  # at most this many experts are active
     dev = x.device
-    p = pdl(dev)
+    p = launch_args(dev)
     ids = topk_ids.reshape(-1)  # [S]
     expert = torch.empty(a, dtype=torch.int32, device=dev)
     start = torch.empty(a, dtype=torch.int32, device=dev)
@@ -232,7 +224,7 @@ def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
     _group_kernel[(1,)](
         ids, expert, start, count, slots, s, e, a,
         BLOCK_S=max(32, triton.next_power_of_2(s)), BLOCK_E=max(32, triton.next_power_of_2(e + 1)),
-        BLOCK_A=max(32, triton.next_power_of_2(a)), PDL=p, launch_pdl=p,
+        BLOCK_A=max(32, triton.next_power_of_2(a)), **p,
     )  # fmt: skip
     up = upcast_dots(x.dtype)
     fast = fast_dequant(x, weights)
@@ -252,7 +244,7 @@ def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
         hidden, inter, x.stride(0), *st13, 0 if b13 is None else b13.stride(0),
         part.stride(0) if split1 > 1 else 0, part.stride(-2), float(act.alpha), float(act.beta),
         limit, TOPK=k, HAS_BIAS=b13 is not None, HAS_LIMIT=act.limit is not None, UPCAST=up,
-        FAST=fast, INTERLEAVED=weights.interleaved, SPLIT_K=split1, PDL=p,
+        FAST=fast, INTERLEAVED=weights.interleaved, SPLIT_K=split1, **p,
     )  # fmt: skip
     if split1 > 1:
         swiglu_splits(part, ids, e, b13, act, h)
@@ -264,7 +256,7 @@ def _moe_chunk(x, weights, topk_ids, topk_weights, act, out, cfg) -> None:
         h, w2, s2, b2 if b2 is not None else x, tw, ys, expert, start, count, slots,
         hidden, inter, h.stride(0), *st2, 0 if b2 is None else b2.stride(0), ys.stride(0),
         ys.stride(1), HAS_BIAS=b2 is not None, UPCAST=up, FAST=fast,
-        INTERLEAVED=weights.interleaved, SPLIT_K=split2, PDL=p,
+        INTERLEAVED=weights.interleaved, SPLIT_K=split2, **p,
     )  # fmt: skip
     if split2 == 1:
         topk_sum(ys[0], topk_ids, e, out)

@@ -13,9 +13,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from pdserve.kernels.device import pdl
+from pdserve.kernels.dependent_launch import launch_args, pdl_start
 from pdserve.kernels.rounding_triton import to_dtype_rne
 
 
@@ -27,9 +26,7 @@ def _rms_norm_kernel(
     PDL: tl.constexpr,
 ):  # fmt: skip
     """One row: s = x (+ res, rounded to the dtype); out = norm(s) * w."""
-    if PDL:  # see kernels.device.pdl
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     row = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     dm = d < D
@@ -81,6 +78,6 @@ def rms_norm_triton(
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
             total.stride(0) if total is not None else 0,
             HAS_RES=residual is not None, ROUND_ONCE=round_once, BLOCK_D=block,
-            num_warps=min(16, max(1, block // 256)), PDL=pdl(x.device), launch_pdl=pdl(x.device),
+            num_warps=min(16, max(1, block // 256)), **launch_args(x.device),
         )  # fmt: skip
     return out if total is None else (out, total)

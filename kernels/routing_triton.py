@@ -21,9 +21,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from pdserve.kernels.device import pdl
+from pdserve.kernels.dependent_launch import launch_args, pdl_start
 from pdserve.kernels.routing import topk_softmax
 
 
@@ -34,9 +33,7 @@ def _grouped_topk_kernel(
     HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_G: tl.constexpr, CUDA_MATH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if PDL:  # see kernels.device.pdl
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     m = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     valid = e < E
@@ -113,7 +110,7 @@ def grouped_topk_triton(
             HAS_BIAS=correction_bias is not None, NORM=norm_topk_prob,
             BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
             BLOCK_G=triton.next_power_of_2(n_group), CUDA_MATH=router_logits.is_cuda, num_warps=4,
-            PDL=pdl(router_logits.device), launch_pdl=pdl(router_logits.device),
+            **launch_args(router_logits.device),
         )  # fmt: skip
     return weights, ids
 
@@ -126,9 +123,7 @@ def _topk_softmax_kernel(
 ):  # fmt: skip
     """Token m: its TOP_K largest logits by repeated arg-max (ties to the lower expert id),
     largest first, and their softmax in float32."""
-    if PDL:  # see kernels.device.pdl
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     m = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + m * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
@@ -169,7 +164,6 @@ def topk_softmax_triton(
         _topk_softmax_kernel[(m,)](
             router_logits, weights, ids, e, router_logits.stride(0), TOP_K=top_k,
             BLOCK_E=triton.next_power_of_2(e), BLOCK_K=triton.next_power_of_2(top_k),
-            CUDA_MATH=router_logits.is_cuda, num_warps=1, PDL=pdl(router_logits.device),
-            launch_pdl=pdl(router_logits.device),
+            CUDA_MATH=router_logits.is_cuda, num_warps=1, **launch_args(router_logits.device),
         )  # fmt: skip
     return weights, ids

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from pdserve.kernels.device import pdl
+from pdserve.kernels.dependent_launch import launch_args, pdl_start
 from pdserve.kernels.rounding_triton import to_dtype_rne
 
 
@@ -20,9 +19,7 @@ def _silu_mul_kernel(
     h_ptr, out_ptr, I, stride_h, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Row t, columns [c0, c0 + BLOCK): out = silu(gate) * up."""
-    if PDL:  # see kernels.device.pdl
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = c < I
@@ -41,8 +38,8 @@ def silu_mul_triton(h: torch.Tensor) -> torch.Tensor:
     out = torch.empty((t, i), dtype=h.dtype, device=h.device)
     if t:
         block = min(1024, triton.next_power_of_2(i))
-        p = pdl(h.device)
+        p = launch_args(h.device)
         _silu_mul_kernel[(t, triton.cdiv(i, block))](
-            h, out, i, h.stride(0), out.stride(0), BLOCK=block, num_warps=4, PDL=p, launch_pdl=p
+            h, out, i, h.stride(0), out.stride(0), BLOCK=block, num_warps=4, **p
         )
     return out
