@@ -49,7 +49,7 @@ class KernelSet:
     # (positions, q_pe, ckv, norm weight, eps, cos, sin, interleave, cache rows, slots) -> q_pe
     # rotated; the normalized latent and rotated key written to the cache rows
     mla_kv_write: Callable
-    grouped_topk: Callable  # (logits, top_k, **routing) -> (weights, ids)
+    grouped_topk: Callable  # (logits, top_k, **routing) or (x, top_k, router_weight=W, ...)
     topk_softmax: Callable  # (logits, top_k) -> (weights, ids)
     moe_crossover_m: int = DEFAULT_MOE_CROSSOVER_M
 

@@ -10,6 +10,7 @@ def grouped_topk(
     router_logits: torch.Tensor,
     top_k: int,
     *,
+    router_weight: torch.Tensor | None = None,
     correction_bias: torch.Tensor | None = None,
     n_group: int = 1,
     topk_group: int = 1,
@@ -22,7 +23,13 @@ def grouped_topk(
     are split into ``n_group`` groups, each group ranked by the sum of its two best biased
     scores, and only experts of the best ``topk_group`` groups compete for the top-k. Weights
     are the unbiased scores, optionally normalized to sum to one, times the scaling factor.
+
+    Given ``router_weight`` [E, H], the first argument is the hidden states [M, H] and the
+    logits their products with it, in float32 at least (as transformers computes them).
     """
+    if router_weight is not None:
+        dt = torch.promote_types(router_logits.dtype, torch.float32)
+        router_logits = router_logits.to(dt) @ router_weight.to(dt).t()
     m, e = router_logits.shape
     if e % n_group:
         raise ValueError(f"{e} experts do not split into n_group={n_group} groups")

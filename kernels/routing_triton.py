@@ -6,7 +6,10 @@ top-k (op ``grouped_topk``) and GPT-OSS's softmax over each token's top-k logits
 for selection only, groups ranked by their two best biased scores, the best ``topk_group``
 groups' experts competing, weights the unbiased scores, normalized and scaled. PyTorch spends
 about 18 kernels on it per MoE layer, ``topk_softmax`` 3-4 (a sort among them); each is one
-program per token here.
+program per token here. Given the router weight, ``grouped_topk`` also computes the logits in
+the same launch (a decode step's few tokens, a small router): programs per token and block of
+hidden columns, the token's last to arrive (an atomic count) summing their partial logits and
+selecting, so the router's GEMV and the selection are one kernel.
 
 Selection is by repeated arg-max over the row held in registers (K and the group count are
 small); ties go to the lower expert id (``torch.topk`` leaves their order unspecified, so
@@ -36,8 +39,21 @@ def _grouped_topk_kernel(
     pdl_start(PDL)  # see kernels.dependent_launch
     m = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
+    x = tl.load(logits_ptr + m * stride_l + e, mask=e < E, other=0.0).to(tl.float32)
+    _select(x, m, bias_ptr, w_ptr, ids_ptr, E, scale, TOP_K, N_GROUP, TOPK_GROUP, HAS_BIAS, NORM,
+            BLOCK_E, BLOCK_K, BLOCK_G, CUDA_MATH)  # fmt: skip
+
+
+@triton.jit
+def _select(
+    x, m, bias_ptr, w_ptr, ids_ptr, E, scale,
+    TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, CUDA_MATH: tl.constexpr,
+):  # fmt: skip
+    """Token m's experts and weights from its logits x [BLOCK_E] float32 (padding lanes any)."""
+    e = tl.arange(0, BLOCK_E)
     valid = e < E
-    x = tl.load(logits_ptr + m * stride_l + e, mask=valid, other=0.0).to(tl.float32)
     if CUDA_MATH:  # as torch's sigmoid computes it (expf, an IEEE division): tl.sigmoid's
         # approximate exp2 and division would move scores by ulps and flip near-tied experts
         scores = tl.div_rn(tl.full([BLOCK_E], 1.0, tl.float32), 1.0 + libdevice.exp(-x))
@@ -84,17 +100,86 @@ def _grouped_topk_kernel(
     tl.store(ids_ptr + m * TOP_K + k, ids, mask=k < TOP_K)
 
 
+@triton.jit
+def _router_topk_kernel(
+    x_ptr, rw_ptr, part_ptr, count_ptr, bias_ptr, w_ptr, ids_ptr, E, H, S, stride_x, stride_rw,
+    scale,
+    TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, NORM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_G: tl.constexpr, CUDA_MATH: tl.constexpr, BLOCK_H: tl.constexpr,
+    BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """Program (m, s): token m's logits over hidden columns [s * BLOCK_H, +BLOCK_H), for every
+    expert, into its row of the partials [M, S, BLOCK_E]; the token's last program to arrive
+    sums its S rows in order (the same sums whichever is last), sets its counter back to 0 and
+    selects."""
+    if PDL:  # see kernels.device.pdl
+        gdc_wait()
+        gdc_launch_dependents()
+    m = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    e = tl.arange(0, BLOCK_E)
+    h = s * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = h < H
+    x = tl.load(x_ptr + m * stride_x + h, mask=hm, other=0.0).to(tl.float32)  # [BH]
+    wmask = (e < E)[:, None] & hm[None, :]
+    w = tl.load(rw_ptr + e[:, None] * stride_rw + h[None, :], mask=wmask, other=0.0)  # [BE, BH]
+    part = tl.sum(w.to(tl.float32) * x[None, :], 1)  # products exact in float32
+    tl.store(part_ptr + (m * S + s) * BLOCK_E + e, part)
+    arrived = tl.atomic_add(count_ptr + m, 1, sem="acq_rel")  # orders the store before it
+    if arrived == S - 1:
+        logits = tl.zeros([BLOCK_E], dtype=tl.float32)
+        for first in range(0, S, BLOCK_S):
+            j = first + tl.arange(0, BLOCK_S)
+            rows = part_ptr + (m * S + j[:, None]) * BLOCK_E + e[None, :]
+            logits += tl.sum(tl.load(rows, mask=(j < S)[:, None], other=0.0, volatile=True), 0)
+        tl.store(count_ptr + m, 0)
+        _select(logits, m, bias_ptr, w_ptr, ids_ptr, E, scale, TOP_K, N_GROUP, TOPK_GROUP,
+                HAS_BIAS, NORM, BLOCK_E, BLOCK_K, BLOCK_G, CUDA_MATH)  # fmt: skip
+
+
+FUSED_MAX_TOKENS = 64  # the most tokens routed in the router's launch (each stream's counters)
+ROUTER_TILE = 8192  # router weight elements one program of that launch reads
+_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _counters_of(device: torch.device) -> torch.Tensor:
+    """[FUSED_MAX_TOKENS] int32 arrival counts for launches on the current stream: zeros, and
+    each launch's last program per token sets its count back to 0. One set per stream, as
+    launches on one stream run one after another (kept for good: graphs hold their address)."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device, stream)
+    if key not in _counters:
+        _counters[key] = torch.zeros(FUSED_MAX_TOKENS, dtype=torch.int32, device=device)
+    return _counters[key]
+
+
 def grouped_topk_triton(
     router_logits: torch.Tensor,
     top_k: int,
     *,
+    router_weight: torch.Tensor | None = None,
     correction_bias: torch.Tensor | None = None,
     n_group: int = 1,
     topk_group: int = 1,
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits [M, E] float32 -> (weights [M, K] float32, ids [M, K] int64)."""
+    """router_logits [M, E] float32 -> (weights [M, K] float32, ids [M, K] int64). Given
+    ``router_weight`` [E, H], the first argument is the hidden states [M, H] instead, and the
+    logits their products with it: for up to ``FUSED_MAX_TOKENS`` tokens in the same launch
+    (the weight read by column blocks over many programs, float32 products and sums), else
+    by one matmul (float32 out) first."""
+    if router_weight is not None:
+        x = router_logits
+        if x.shape[0] > FUSED_MAX_TOKENS or not x.is_contiguous():
+            if x.dtype == router_weight.dtype and x.element_size() == 2 and x.is_cuda:
+                router_logits = torch.mm(x, router_weight.t(), out_dtype=torch.float32)
+            else:
+                router_logits = torch.mm(x.float(), router_weight.float().t())
+        else:
+            return _router_topk(x, router_weight, top_k, correction_bias, n_group, topk_group,
+                                norm_topk_prob, routed_scaling_factor)  # fmt: skip
     m, e = router_logits.shape
     if e % n_group:
         raise ValueError(f"{e} experts do not split into n_group={n_group} groups")
@@ -112,6 +197,32 @@ def grouped_topk_triton(
             BLOCK_G=triton.next_power_of_2(n_group), CUDA_MATH=router_logits.is_cuda, num_warps=4,
             **launch_args(router_logits.device),
         )  # fmt: skip
+    return weights, ids
+
+
+def _router_topk(x, router_weight, top_k, bias, n_group, topk_group, norm, scale):
+    (m, h), e = x.shape, router_weight.shape[0]
+    if e % n_group:
+        raise ValueError(f"{e} experts do not split into n_group={n_group} groups")
+    assert router_weight.shape[1] == h and router_weight.stride(-1) == 1
+    weights = torch.empty((m, top_k), dtype=torch.float32, device=x.device)
+    ids = torch.empty((m, top_k), dtype=torch.int64, device=x.device)
+    if not m:
+        return weights, ids
+    block_e = triton.next_power_of_2(e)
+    block_h = max(16, min(triton.next_power_of_2(h), ROUTER_TILE // block_e))
+    s = triton.cdiv(h, block_h)
+    partials = torch.empty((m, s, block_e), dtype=torch.float32, device=x.device)
+    p = pdl(x.device)
+    _router_topk_kernel[(m, s)](
+        x, router_weight, partials, _counters_of(x.device), bias if bias is not None else x,
+        weights, ids, e, h, s, x.stride(0), router_weight.stride(0), float(scale),
+        TOP_K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, HAS_BIAS=bias is not None,
+        NORM=norm, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_G=triton.next_power_of_2(n_group), CUDA_MATH=x.is_cuda, BLOCK_H=block_h,
+        BLOCK_S=max(1, min(triton.next_power_of_2(s), 4096 // block_e)), num_warps=4, PDL=p,
+        launch_pdl=p,
+    )  # fmt: skip
     return weights, ids
 
 

@@ -28,6 +28,10 @@ _PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
 # one token's router scores from the float32 GEMV where the weight is larger than this (see
 # ``Router.scores``; BENCHMARKS.md, "A layer's branches side by side")
 ONE_TOKEN_MATMUL_BYTES = 1 << 20
+# up to this many tokens and a router weight of at most this size, the scores are computed in
+# routing's own launch (``grouped_topk``'s ``router_weight``; ``Router.fused_weight``)
+FUSED_ROUTER_TOKENS = 64
+FUSED_ROUTER_BYTES = 1 << 20
 
 
 class Router(Loadable):
@@ -73,6 +77,15 @@ class Router(Loadable):
             return torch.mm(x, self.weight16.t(), out_dtype=torch.float32)
         dt = torch.promote_types(x.dtype, torch.float32)
         return F.linear(x.to(dt), self.weight.to(dt))
+
+    def fused_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The 16-bit weight for ``grouped_topk`` to take the scores of ``x`` in its own
+        launch: on a GPU, for x of its dtype, up to ``FUSED_ROUTER_TOKENS`` tokens and a weight
+        of at most ``FUSED_ROUTER_BYTES``; else None (``scores`` first)."""
+        w = self.weight16
+        if w is None or x.dtype != w.dtype or x.shape[0] > FUSED_ROUTER_TOKENS:
+            return None
+        return w if w.numel() * w.element_size() <= FUSED_ROUTER_BYTES else None
 
     def _one_matmul(self, x: torch.Tensor) -> bool:
         w = self.weight16  # set on a GPU only, where x is too
@@ -294,9 +307,11 @@ class MoEBlock(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's experts: (weights [T, K] float32, ids [T, K])."""
         cfg = self.cfg
+        w = self.gate.fused_weight(x)
         return self.kernels.grouped_topk(
-            self.gate.scores(x),  # [T, E]
+            x if w is not None else self.gate.scores(x),  # [T, H] with the weight, or [T, E]
             cfg.num_experts_per_tok,
+            router_weight=w,
             correction_bias=self.gate.e_score_correction_bias,
             n_group=cfg.n_group,
             topk_group=cfg.topk_group,

@@ -2,7 +2,8 @@
 PyTorch versions: the same experts per token and their weights. grouped_topk at DeepSeek-V3's
 routing (256 experts in 8 groups, 4 kept, top-8, correction bias), V2-Lite's shape (64
 experts, one group, top-6), groups not a power of two, and without normalization; topk_softmax
-at GPT-OSS's shapes (32 and 128 experts, top-4), a count not a power of two, 16-bit logits."""
+at GPT-OSS's shapes (32 and 128 experts, top-4), a count not a power of two, 16-bit logits;
+grouped_topk also from the hidden states and the router weight (the scores in its launch)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,29 @@ def test_same_experts_and_weights_as_the_reference(device, case):
     rids, rorder = rids.sort(dim=-1)
     assert torch.equal(ids, rids)
     torch.testing.assert_close(w.gather(1, order), rw.gather(1, rorder), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 9, 70])  # 70: past the fused launch's 64, one matmul first
+@pytest.mark.parametrize("case, hidden", [("v2-lite-shape", 2048), ("deepseek-v3", 300)])
+def test_scores_from_the_hidden_states_in_the_same_launch(device, case, hidden, tokens, dtype):
+    """Given the router weight, the hidden states in place of logits: the experts and weights
+    of the logits' float32 matmul, twice over (each token's arrival count is back to 0)."""
+    e, k, n_group, topk_group, bias, norm, scale = CASES[case]
+    g = torch.Generator().manual_seed(e + tokens)
+    x = torch.randn(tokens, hidden, generator=g).to(dtype).to(device)
+    w = (torch.randn(e, hidden, generator=g) / hidden**0.5).to(dtype).to(device)
+    cb = (torch.randn(e, generator=g) * 0.1).to(device) if bias else None
+    kw = dict(correction_bias=cb, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
+              routed_scaling_factor=scale)  # fmt: skip
+    rw, rids = grouped_topk(x.float() @ w.float().T, k, **kw)
+    assert torch.equal(grouped_topk(x, k, router_weight=w, **kw)[1], rids)
+    rids, rorder = rids.sort(dim=-1)
+    for _ in range(2):
+        got, ids = grouped_topk_triton(x, k, router_weight=w, **kw)
+        ids, order = ids.sort(dim=-1)
+        assert torch.equal(ids, rids)
+        torch.testing.assert_close(got.gather(1, order), rw.gather(1, rorder), rtol=1e-5, atol=1e-6)
 
 
 def test_an_empty_batch_and_uneven_groups(device):

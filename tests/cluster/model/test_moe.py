@@ -135,6 +135,8 @@ def test_router_scores_are_float32_products_of_the_model_dtypes_values(
     sixteen = device == "cuda" and dtype != torch.float32
     assert (router.weight16 is not None) == sixteen
     assert router._one_matmul(x) == (sixteen and (tokens > 1 or experts == 64))
+    # routing takes the scores in its own launch: 64 experts' 0.25 MiB, not 512's 2 MiB
+    assert (router.fused_weight(x) is not None) == (sixteen and experts == 64)
     got = router.scores(x)
     assert got.dtype == torch.float32 and got.shape == (tokens, experts)
     want = x.double() @ w.double().to(device).T  # exact products, float64 sums
