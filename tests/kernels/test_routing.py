@@ -91,3 +91,25 @@ def test_topk_softmax_of_an_empty_batch_float64_and_a_bad_k(device):
     assert torch.equal(ids, torch.topk(logits, 4, dim=-1)[1])
     with pytest.raises(ValueError, match="top_k 33 must be in"):
         topk_softmax_triton(torch.zeros(2, 32, device=device), 33)
+
+
+@pytest.mark.gpu
+def test_scores_in_the_same_launch_replay_from_a_cuda_graph():
+    """Captured on a fresh stream (its arrival counts made during the capture), replayed with
+    new hidden states: each replay routes as the PyTorch version does."""
+    e, k, n_group, topk_group, _, norm, scale = CASES["v2-lite-shape"]
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = torch.randn(8, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
+    w = torch.randn(e, 2048, device="cuda", generator=g, dtype=torch.bfloat16) / 45
+    kw = dict(n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
+              routed_scaling_factor=scale)  # fmt: skip
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got, ids = grouped_topk_triton(x, k, router_weight=w, **kw)
+    for _ in range(3):
+        x.copy_(torch.randn(x.shape, device="cuda", generator=g))
+        graph.replay()
+        rw, rids = grouped_topk(x.float() @ w.float().T, k, **kw)
+        (ids_s, order), (rids_s, rorder) = ids.sort(dim=-1), rids.sort(dim=-1)
+        assert torch.equal(ids_s, rids_s)
+        torch.testing.assert_close(got.gather(1, order), rw.gather(1, rorder), rtol=1e-5, atol=1e-6)
