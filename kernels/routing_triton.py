@@ -126,7 +126,8 @@ def _router_topk_kernel(
     w = tl.load(rw_ptr + e[:, None] * stride_rw + h[None, :], mask=wmask, other=0.0)  # [BE, BH]
     part = tl.sum(w.to(tl.float32) * x[None, :], 1)  # products exact in float32
     tl.store(part_ptr + (m * S + s) * BLOCK_E + e, part)
-    arrived = tl.atomic_add(count_ptr + m, 1, sem="acq_rel")  # orders the store before it
+    tl.debug_barrier()  # every thread's partial stored before the one thread's release
+    arrived = tl.atomic_add(count_ptr + m, 1, sem="acq_rel")
     if arrived == S - 1:
         logits = tl.zeros([BLOCK_E], dtype=tl.float32)
         for first in range(0, S, BLOCK_S):
@@ -140,18 +141,20 @@ def _router_topk_kernel(
 
 FUSED_MAX_TOKENS = 64  # the most tokens routed in the router's launch (each stream's counters)
 ROUTER_TILE = 8192  # router weight elements one program of that launch reads
-_counters: dict[tuple[torch.device, int], torch.Tensor] = {}
+_counters: dict[torch.device, torch.Tensor] = {}
 
 
-def _counters_of(device: torch.device) -> torch.Tensor:
-    """[FUSED_MAX_TOKENS] int32 arrival counts for launches on the current stream: zeros, and
-    each launch's last program per token sets its count back to 0. One set per stream, as
-    launches on one stream run one after another (kept for good: graphs hold their address)."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (device, stream)
-    if key not in _counters:
-        _counters[key] = torch.zeros(FUSED_MAX_TOKENS, dtype=torch.int32, device=device)
-    return _counters[key]
+def _counters_of(device: torch.device) -> torch.Tensor | None:
+    """[FUSED_MAX_TOKENS] int32 arrival counts of the device's fused launches: zeros, and each
+    launch's last program per token sets its count back to 0, so launches must not overlap
+    (an engine's steps and graph replays run on one stream). Made on the first call outside
+    a CUDA graph capture and kept for good (graphs hold their address); None before that, as a
+    capture would record the zero fill without running it."""
+    if device not in _counters:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _counters[device] = torch.zeros(FUSED_MAX_TOKENS, dtype=torch.int32, device=device)
+    return _counters[device]
 
 
 def grouped_topk_triton(
@@ -172,14 +175,15 @@ def grouped_topk_triton(
     by one matmul (float32 out) first."""
     if router_weight is not None:
         x = router_logits
-        if x.shape[0] > FUSED_MAX_TOKENS or not x.is_contiguous():
+        counters = _counters_of(x.device)
+        if x.shape[0] > FUSED_MAX_TOKENS or not x.is_contiguous() or counters is None:
             if x.dtype == router_weight.dtype and x.element_size() == 2 and x.is_cuda:
                 router_logits = torch.mm(x, router_weight.t(), out_dtype=torch.float32)
             else:
                 router_logits = torch.mm(x.float(), router_weight.float().t())
         else:
-            return _router_topk(x, router_weight, top_k, correction_bias, n_group, topk_group,
-                                norm_topk_prob, routed_scaling_factor)  # fmt: skip
+            return _router_topk(x, router_weight, counters, top_k, correction_bias, n_group,
+                                topk_group, norm_topk_prob, routed_scaling_factor)  # fmt: skip
     m, e = router_logits.shape
     if e % n_group:
         raise ValueError(f"{e} experts do not split into n_group={n_group} groups")
@@ -200,7 +204,8 @@ def grouped_topk_triton(
     return weights, ids
 
 
-def _router_topk(x, router_weight, top_k, bias, n_group, topk_group, norm, scale):
+def _router_topk(x, router_weight, counters, top_k, bias, n_group, topk_group, norm, scale):
+    """x [M, H] and the router weight [E, H] -> (weights [M, K], ids [M, K]) in one launch."""
     (m, h), e = x.shape, router_weight.shape[0]
     if e % n_group:
         raise ValueError(f"{e} experts do not split into n_group={n_group} groups")
@@ -215,7 +220,7 @@ def _router_topk(x, router_weight, top_k, bias, n_group, topk_group, norm, scale
     partials = torch.empty((m, s, block_e), dtype=torch.float32, device=x.device)
     p = pdl(x.device)
     _router_topk_kernel[(m, s)](
-        x, router_weight, partials, _counters_of(x.device), bias if bias is not None else x,
+        x, router_weight, partials, counters, bias if bias is not None else x,
         weights, ids, e, h, s, x.stride(0), router_weight.stride(0), float(scale),
         TOP_K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, HAS_BIAS=bias is not None,
         NORM=norm, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),

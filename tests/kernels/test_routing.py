@@ -94,22 +94,34 @@ def test_topk_softmax_of_an_empty_batch_float64_and_a_bad_k(device):
 
 
 @pytest.mark.gpu
-def test_scores_in_the_same_launch_replay_from_a_cuda_graph():
-    """Captured on a fresh stream (its arrival counts made during the capture), replayed with
-    new hidden states: each replay routes as the PyTorch version does."""
+@pytest.mark.parametrize("counters_first", [True, False])
+def test_scores_in_the_same_launch_replay_from_cuda_graphs(monkeypatch, counters_first):
+    """Two graphs captured largest first, replayed smallest first with new hidden states: each
+    replay routes as the PyTorch version does. Arrival counts made by an eager call before the
+    captures; without one, the captures take the matmul first (a capture would not run the
+    counts' zero fill)."""
+    from pdserve.kernels import routing_triton
+
+    monkeypatch.setattr(routing_triton, "_counters", {})
     e, k, n_group, topk_group, _, norm, scale = CASES["v2-lite-shape"]
     g = torch.Generator(device="cuda").manual_seed(3)
-    x = torch.randn(8, 2048, device="cuda", generator=g, dtype=torch.bfloat16)
     w = torch.randn(e, 2048, device="cuda", generator=g, dtype=torch.bfloat16) / 45
     kw = dict(n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
               routed_scaling_factor=scale)  # fmt: skip
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        got, ids = grouped_topk_triton(x, k, router_weight=w, **kw)
-    for _ in range(3):
-        x.copy_(torch.randn(x.shape, device="cuda", generator=g))
-        graph.replay()
-        rw, rids = grouped_topk(x.float() @ w.float().T, k, **kw)
+    xs = {n: torch.zeros(n, 2048, device="cuda", dtype=torch.bfloat16) for n in (8, 1)}
+    if counters_first:
+        grouped_topk_triton(xs[8], k, router_weight=w, **kw)
+    graphs, outs = {}, {}
+    for n, x in xs.items():
+        graphs[n] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[n]):
+            outs[n] = grouped_topk_triton(x, k, router_weight=w, **kw)
+    assert (torch.device("cuda", 0) in routing_triton._counters) == counters_first
+    for n in (1, 8, 1):
+        xs[n].copy_(torch.randn(xs[n].shape, device="cuda", generator=g))
+        graphs[n].replay()
+        got, ids = outs[n]
+        rw, rids = grouped_topk(xs[n].float() @ w.float().T, k, **kw)
         (ids_s, order), (rids_s, rorder) = ids.sort(dim=-1), rids.sort(dim=-1)
         assert torch.equal(ids_s, rids_s)
         torch.testing.assert_close(got.gather(1, order), rw.gather(1, rorder), rtol=1e-5, atol=1e-6)
