@@ -113,9 +113,7 @@ def _router_topk_kernel(
     expert, into its row of the partials [M, S, BLOCK_E]; the token's last program to arrive
     sums its S rows in order (the same sums whichever is last), sets its counter back to 0 and
     selects."""
-    if PDL:  # see kernels.device.pdl
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_start(PDL)  # see kernels.dependent_launch
     m = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     e = tl.arange(0, BLOCK_E)
@@ -218,15 +216,14 @@ def _router_topk(x, router_weight, counters, top_k, bias, n_group, topk_group, n
     block_h = max(16, min(triton.next_power_of_2(h), ROUTER_TILE // block_e))
     s = triton.cdiv(h, block_h)
     partials = torch.empty((m, s, block_e), dtype=torch.float32, device=x.device)
-    p = pdl(x.device)
     _router_topk_kernel[(m, s)](
         x, router_weight, partials, counters, bias if bias is not None else x,
         weights, ids, e, h, s, x.stride(0), router_weight.stride(0), float(scale),
         TOP_K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, HAS_BIAS=bias is not None,
         NORM=norm, BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_G=triton.next_power_of_2(n_group), CUDA_MATH=x.is_cuda, BLOCK_H=block_h,
-        BLOCK_S=max(1, min(triton.next_power_of_2(s), 4096 // block_e)), num_warps=4, PDL=p,
-        launch_pdl=p,
+        BLOCK_S=max(1, min(triton.next_power_of_2(s), 4096 // block_e)), num_warps=4,
+        **launch_args(x.device),
     )  # fmt: skip
     return weights, ids
 
