@@ -54,6 +54,7 @@ for _op, _module, _fn in (  # elementwise kernels, reductions, top-k: capturable
     ("rms_norm", "rms_norm_reference", "rms_norm_torch"),
     ("rope", "rope_reference", "rope_torch"),
     ("silu_mul", "silu_mul_reference", "silu_mul_torch"),
+    ("linear", "linear_reference", "linear_torch"),
     ("mla_kv_write", "mla_kv_write_reference", "mla_kv_write_torch"),
     ("grouped_topk", "routing", "grouped_topk"),
     ("topk_softmax", "routing", "topk_softmax"),
@@ -95,6 +96,7 @@ for _op, _module, _fn in (
     ("mla_prefill", "mla_prefill_triton", "mla_prefill_triton"),
     ("gqa_decode", "gqa_decode_triton", "gqa_decode_triton"),
     ("gqa_prefill", "gqa_prefill_triton", "gqa_prefill_triton"),
+    ("linear", "linear_triton", "linear_triton"),
 ):
     if not _op.startswith("moe"):
         REGISTRY.register(_triton(_op, _module, _fn, min_smem=triton_configs.default_smem(_op)))

@@ -41,6 +41,8 @@ class KernelSet:
     mla_prefill: Callable
     gqa_decode: Callable
     gqa_prefill: Callable
+    # (x [T, K], weight [N, K], bias, silu_mul=False) -> [T, N], or silu(gate) * up [T, N / 2]
+    linear: Callable
     linear_fp8: Callable  # (x [T, K], prepared) -> [T, N]
     prepare_linear_fp8: Callable[[tuple], Any]  # (fp8 weight, block scales, dtype) -> prepared
     rms_norm: Callable  # (x, weight, eps, round_once, residual) -> norm, or (norm, x + residual)
@@ -104,6 +106,7 @@ class KernelSet:
             mla_prefill=choices["mla_prefill"].backend.load(),
             gqa_decode=choices["gqa_decode"].backend.load(),
             gqa_prefill=choices["gqa_prefill"].backend.load(),
+            linear=choices["linear"].backend.load(),
             linear_fp8=choices["linear_fp8"].backend.load(),
             prepare_linear_fp8=choices["linear_fp8"].backend.prepare(),
             rms_norm=choices["rms_norm"].backend.load(),

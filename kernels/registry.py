@@ -17,6 +17,8 @@ Ops and their contracts (see ``moe_reference`` and ``mla_reference``):
   (``mla_kv_write_reference``).
 - ``grouped_topk``: DeepSeek-V3's group-limited top-k routing (``routing``).
 - ``topk_softmax``: GPT-OSS's routing, a softmax over each token's top-k logits (``routing``).
+- ``linear``: a dense linear, optionally with the gated activation of a [gate; up] weight
+  (``linear_reference``); the Triton backend takes a decode step's few rows.
 - ``linear_fp8``: a linear whose weight is FP8 with 128x128 block scales (DeepSeek's release
   format): dequantized once at load (``torch``), or an FP8 GEMM with activations quantized per
   token in groups of 128 (``triton``; ``scaled_mm``: cuBLAS's block-scaled GEMM on sm_90 from a
@@ -41,6 +43,7 @@ OPS = (
     "moe_large",
     "mla_decode",
     "mla_prefill",
+    "linear",
     "linear_fp8",
     "gqa_decode",
     "gqa_prefill",

@@ -139,6 +139,30 @@ MLA_PREFILL: dict[str, dict[int, Config]] = {
 MOE_CROSSOVER_M: dict[str, int] = {H100: 1024, H200: 1024}
 
 
+# linear (linear_triton.py, at most 16 rows): weight rows N -> tiles, the first bucket whose
+# bound holds. BLOCK_N weight rows per program, BLOCK_K reduction step, SWAP 1: the weight tile
+# is the MMA's left operand. A first pick, not yet measured against cuBLAS on a GPU.
+_SKINNY = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=3, SWAP=0)
+SKINNY_LINEAR: dict[str, dict[int, Config]] = {"default": {1 << 30: _SKINNY}}
+
+
+def skinny_linear_config(keys: tuple[str, ...], n: int, k: int) -> Config:
+    """The tiles of ``linear_triton`` for an [n, k] weight under the device's keys."""
+    del k  # the tables key on rows alone so far
+    for key in keys:
+        if key in SKINNY_LINEAR:
+            buckets = SKINNY_LINEAR[key]
+            return buckets[min((b for b in buckets if n <= b), default=max(buckets))]
+    raise KeyError(f"no linear config for {keys}")
+
+
+def skinny_linear_smem(cfg: Config, silu_mul: bool = True, elem_bytes: int = 2) -> int:
+    """Shared memory a config stages: per stage the weight tiles (gate and up with silu_mul)
+    and the 16-row activation tile."""
+    rows = cfg["BLOCK_N"] * (2 if silu_mul else 1) + 16
+    return max(cfg["num_stages"] - 1, 1) * rows * cfg["BLOCK_K"] * elem_bytes
+
+
 @lru_cache(maxsize=8)
 def device_keys(device: torch.device | None) -> tuple[str, ...]:
     """Keys to try for this device, most specific first; ("default",) on CPU."""
@@ -193,6 +217,8 @@ def default_smem(op: str) -> int:
         return (c["BLOCK_M"] * d + c["num_stages"] * c["BLOCK_N"] * 2 * d) * 2
     if op == "mla_decode":
         return max(mla_decode_smem(c, 576) for c in MLA_DECODE["default"].values())
+    if op == "linear":
+        return max(skinny_linear_smem(c) for c in SKINNY_LINEAR["default"].values())
     if op == "mla_prefill":  # q tile + staged K and V tiles at DeepSeek's 192 / 128
         return max(
             (c["BLOCK_M"] * 192 + max(c["num_stages"], 1) * c["BLOCK_N"] * (192 + 128)) * 2

@@ -46,7 +46,7 @@ class MLAAttention(nn.Module):
         self.scale = cfg.softmax_scale
         h, qk = cfg.hidden_size, cfg.qk_head_dim
         n = cfg.num_attention_heads
-        kw = dict(dtype=dtype, tp=tp)
+        kw = dict(dtype=dtype, tp=tp, linear=kernels.linear)
         # FP8 checkpoints: the projections keep their FP8 weights; kv_b_proj is dequantized,
         # as absorbed decode reads its weight as W_UK and W_UV
         fp8 = dict(kw, fp8=(cfg.fp8_block, kernels) if cfg.fp8_block else None)
@@ -59,8 +59,9 @@ class MLAAttention(nn.Module):
             kv_a = self.rank + self.rope_dim
             parts = (("q_a_proj", cfg.q_lora_rank), ("kv_a_proj_with_mqa", kv_a))
             self.qkv_a = StackedLinear(
-                h, parts, dtype=dtype, bias=cfg.attention_bias, fp8=fp8.get("fp8")
-            )
+                h, parts, dtype=dtype, bias=cfg.attention_bias, fp8=fp8.get("fp8"),
+                linear=kernels.linear,
+            )  # fmt: skip
             self.q_a_layernorm = RMSNorm(
                 cfg.q_lora_rank, LATENT_NORM_EPS, dtype, kernel=kernels.rms_norm
             )
@@ -80,6 +81,22 @@ class MLAAttention(nn.Module):
         """The projections whose stored FP8 weight and scales ``qkv_a`` takes as they are."""
         return self.qkv_a.fp8_parts() if hasattr(self, "qkv_a") else ()
 
+    def post_load(self) -> None:
+        """Without a query latent (DeepSeek-V2-Lite), kv_a_proj_with_mqa and q_proj read the
+        same input: their dense weights stacked in one matrix (this rank's query rows under
+        the whole latent's), each layer's parameter then a view of its rows (no second copy),
+        so one GEMM projects both. FP8 weights or biases keep two. The model is built on its
+        device: a later ``.to()`` would move the views and the stack apart."""
+        if self.cfg.q_lora_rank is not None:
+            return
+        projs = (self.kv_a_proj_with_mqa, self.q_proj)
+        if any(p.takes_fp8 or p.bias is not None for p in projs):
+            return
+        fused = torch.cat([p.weight.data for p in projs])  # [r + rope + Hl * qk, hidden]
+        for p, view in zip(projs, fused.split([p.weight.shape[0] for p in projs])):
+            p.weight.data = view
+        self.register_buffer("kv_a_q_weight", fused, persistent=False)
+
     def absorbed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, nope, r] and W_UV [H, v, r]: views of kv_b_proj's weight, no copies."""
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.rank)
@@ -93,7 +110,11 @@ class MLAAttention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden], a partial sum under tensor parallelism
         t = x.shape[0]
-        if self.cfg.q_lora_rank is None:  # two GEMVs of one input, side by side in a graph
+        if hasattr(self, "kv_a_q_weight"):  # views of one [T, r + rope + Hl * qk] product
+            ckv, q = self.kernels.linear(x, self.kv_a_q_weight).split(
+                (self.rank + self.rope_dim, self.q_proj.weight.shape[0]), 1
+            )
+        elif self.cfg.q_lora_rank is None:  # two GEMMs of one input, side by side in a graph
             ckv, q = beside(lambda: self.kv_a_proj_with_mqa(x), lambda: self.q_proj(x), like=x)
         else:  # views of one [T, q_lora + r + rope] product
             q_lat, ckv = self.qkv_a(x).split((self.cfg.q_lora_rank, self.rank + self.rope_dim), 1)

@@ -41,7 +41,7 @@ class DeepseekV3ForCausalLM(CausalLM):
             else:
                 mlp = DenseMLP(
                     cfg.hidden_size, cfg.intermediate_size, dtype=dtype, tp=tp, fp8=fp8,
-                    act=kernels.silu_mul,
+                    act=kernels.silu_mul, linear=kernels.linear,
                 )  # fmt: skip
             return DecoderLayer(cfg, attn, mlp, dtype, tp, kernels)
 

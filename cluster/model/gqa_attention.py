@@ -13,7 +13,6 @@ reads and writes its own block tables (``AttentionMetadata.window``, ``kv_groups
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
@@ -50,10 +49,11 @@ class GQAAttention(Loadable):
         first = tp.rank * self.heads // group  # this rank's first KV head
         self.kv_cols = slice(first * 2 * d, (first + max(1, self.heads // group)) * 2 * d)
         bias, h = cfg.attention_bias, cfg.hidden_size
-        self.q_proj = Linear(h, heads * d, mode="column", bias=bias, dtype=dtype, tp=tp)
-        self.k_proj = Linear(h, kv_heads * d, bias=bias, dtype=dtype, tp=tp)
-        self.v_proj = Linear(h, kv_heads * d, bias=bias, dtype=dtype, tp=tp)
-        self.o_proj = Linear(heads * d, h, mode="row", bias=bias, dtype=dtype, tp=tp)
+        kw = dict(bias=bias, dtype=dtype, tp=tp, linear=kernels.linear)
+        self.q_proj = Linear(h, heads * d, mode="column", **kw)
+        self.k_proj = Linear(h, kv_heads * d, **kw)
+        self.v_proj = Linear(h, kv_heads * d, **kw)
+        self.o_proj = Linear(heads * d, h, mode="row", **kw)
         self.sinks = _empty(self.heads, dtype=torch.float32)  # this rank's heads' logits
 
     def post_load(self) -> None:
@@ -92,7 +92,8 @@ class GQAAttention(Loadable):
             assert meta.window is not None, "a sliding layer needs the sliding tables' metadata"
             meta = meta.window
         assert hasattr(self, "qkv_rows"), "post_load stacks q/k/v once the weights are loaded"
-        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.qkv_rows, dim=-1)
+        qkv = self.kernels.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (Hl + 2 KVH) * D]
+        q, k, v = qkv.split(self.qkv_rows, dim=-1)
         q = self.rope(positions, q.view(t, self.heads, d))  # [T, Hl, D]
         k = self.rope(positions, k.view(t, self.kv_heads, d))  # [T, KVH, D]
         v = v.view(t, self.kv_heads, d)

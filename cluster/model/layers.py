@@ -15,6 +15,7 @@ from torch import nn
 
 from pdserve.cluster.parallel import TensorParallel
 from pdserve.kernels import KernelSet
+from pdserve.kernels.linear_reference import linear_torch
 from pdserve.kernels.rms_norm_reference import rms_norm_torch
 from pdserve.kernels.silu_mul_reference import silu_mul_torch
 
@@ -114,11 +115,13 @@ class Linear(Loadable):
         mode: str = "replicated",
         bias: bool = False,
         fp8: tuple[tuple[int, int], KernelSet] | None = None,
+        linear: Callable = linear_torch,
     ) -> None:
         super().__init__()
         if mode not in ("replicated", "column", "row"):
             raise ValueError(f"unknown linear mode {mode!r}")
         self.mode, self.tp, self.dtype = mode, tp, dtype
+        self.linear = linear  # the worker's kernel for a dense weight
         out_l = tp.split(out_features, "output features") if mode == "column" else out_features
         in_l = tp.split(in_features, "input features") if mode == "row" else in_features
         # a shard must start and end on scale blocks: rows (column mode) or columns (row mode)
@@ -152,7 +155,7 @@ class Linear(Loadable):
         if self.takes_fp8:
             y = self.kernels.linear_fp8(x, self.prepared)
             return y if bias is None else y + bias
-        return F.linear(x, self.weight, bias)
+        return self.linear(x, self.weight, bias)
 
     def shard(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
         """This rank's slice of a whole checkpoint tensor; of the block scales, the blocks of
@@ -189,11 +192,14 @@ class DenseMLP(Loadable):
         tp: TensorParallel,
         fp8: tuple[tuple[int, int], KernelSet] | None = None,
         act: Callable = silu_mul_torch,
+        linear: Callable = linear_torch,
     ) -> None:
         super().__init__()
         self.inter, self.tp, self.dtype = tp.split(inter, "MLP intermediate size"), tp, dtype
-        self.act = act  # the worker's silu_mul kernel
-        self.down_proj = Linear(inter, hidden, dtype=dtype, tp=tp, mode="row", fp8=fp8)
+        self.act, self.linear = act, linear  # the worker's silu_mul and linear kernels
+        self.down_proj = Linear(
+            inter, hidden, dtype=dtype, tp=tp, mode="row", fp8=fp8, linear=linear
+        )
         self.fp8 = fp8 is not None and self.inter % fp8[0][0] == 0
         self.prepared = None
         if self.fp8:
@@ -219,10 +225,10 @@ class DenseMLP(Loadable):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8:
-            h = self.kernels.linear_fp8(x, self.prepared)  # [T, 2I]
-        else:
-            h = F.linear(x, self.gate_up_weight)  # [T, 2I]
-        return self.down_proj(self.act(h))
+            h = self.act(self.kernels.linear_fp8(x, self.prepared))  # [T, 2I] -> [T, I]
+        else:  # the gated activation in the linear kernel's epilogue where it has one
+            h = self.linear(x, self.gate_up_weight, silu_mul=True)  # [T, I]
+        return self.down_proj(h)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.expected:

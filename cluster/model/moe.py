@@ -284,6 +284,7 @@ class MoEBlock(nn.Module):
                 tp=tp,
                 fp8=(cfg.fp8_block, kernels) if cfg.fp8_block else None,
                 act=kernels.silu_mul,
+                linear=kernels.linear,
             )
             if cfg.n_shared_experts
             else None

@@ -10,11 +10,13 @@ names; this module takes each part's tensors into its rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.nn.functional as F
 
 from pdserve.cluster.model.layers import Loadable, _copy, _empty, _prepare_fp8
 from pdserve.kernels import KernelSet
+from pdserve.kernels.linear_reference import linear_torch
 
 
 class StackedLinear(Loadable):
@@ -32,9 +34,10 @@ class StackedLinear(Loadable):
         dtype: torch.dtype,
         bias: bool = False,
         fp8: tuple[tuple[int, int], KernelSet] | None = None,
+        linear: Callable = linear_torch,
     ) -> None:
         super().__init__()
-        self.dtype = dtype
+        self.dtype, self.linear = dtype, linear
         self.rows: dict[str, tuple[int, int]] = {}  # part -> (first row, rows)
         at = 0
         for name, n in parts:
@@ -67,7 +70,7 @@ class StackedLinear(Loadable):
         if self.fp8:
             y = self.kernels.linear_fp8(x, self.prepared)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x, self.weight, self.bias)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:
         if name not in self.expected:

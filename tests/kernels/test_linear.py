@@ -1,0 +1,63 @@
+"""linear, Triton (interpreter on CPU, compiled on CUDA), against linear_torch: 1-16 rows, row
+counts and widths that end mid-tile, a bias, the gated activation, strided activations, tiles
+with the weight as either MMA operand, and the hand-off to the reference past 16 rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.kernels import triton_configs
+from pdserve.kernels.linear_reference import linear_torch
+from pdserve.kernels.linear_triton import MAX_ROWS, linear_triton
+
+
+def _inputs(rows, n, k, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k + 8, generator=g)[:, 3 : 3 + k]  # strided rows
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g)
+    return x.to(dtype).to(device), w.to(dtype).to(device), b.to(dtype).to(device)
+
+
+def _tol(dtype):  # float32 sums in another order, then one rounding of the dtype
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 16])
+@pytest.mark.parametrize(("n", "k"), [(40, 96), (576, 200)])
+def test_matches_the_reference(device, dtype, rows, n, k):
+    x, w, b = _inputs(rows, n, k, dtype, device, seed=rows * n)
+    for bias in (None, b):
+        got = linear_triton(x, w, bias)
+        assert got.shape == (rows, n) and got.dtype == dtype
+        torch.testing.assert_close(got, linear_torch(x, w, bias), **_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 7])
+def test_the_gated_activation_in_the_epilogue(device, dtype, rows):
+    inter, k = 72, 136  # ends mid-tile in both dimensions
+    x, w, _ = _inputs(rows, 2 * inter, k, dtype, device, seed=rows)
+    got = linear_triton(x, w, silu_mul=True)
+    assert got.shape == (rows, inter)
+    torch.testing.assert_close(got, linear_torch(x, w, silu_mul=True), **_tol(dtype))
+
+
+@pytest.mark.parametrize("swap", [0, 1])
+def test_either_mma_operand_order(device, monkeypatch, swap):
+    tiles = dict(BLOCK_N=64 if swap else 32, BLOCK_K=64, num_warps=4, num_stages=2, SWAP=swap)
+    monkeypatch.setattr(triton_configs, "SKINNY_LINEAR", {"default": {1 << 30: tiles}})
+    x, w, _ = _inputs(3, 2 * 80, 160, torch.bfloat16, device, seed=swap)
+    tol = _tol(torch.bfloat16)
+    torch.testing.assert_close(linear_triton(x, w), linear_torch(x, w), **tol)
+    torch.testing.assert_close(
+        linear_triton(x, w, silu_mul=True), linear_torch(x, w, silu_mul=True), **tol
+    )
+
+
+def test_more_rows_than_a_tile_take_the_reference(device):
+    x, w, b = _inputs(MAX_ROWS + 1, 24, 32, torch.float32, device, seed=0)
+    torch.testing.assert_close(linear_triton(x, w, b), linear_torch(x, w, b))
+    assert linear_triton(x[:0], w).shape == (0, 24)
