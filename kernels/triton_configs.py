@@ -158,9 +158,10 @@ def skinny_linear_config(keys: tuple[str, ...], n: int, k: int) -> Config:
 
 def skinny_linear_smem(cfg: Config, silu_mul: bool = True, elem_bytes: int = 2) -> int:
     """Shared memory a config stages: per stage the weight tiles (gate and up with silu_mul)
-    and the 16-row activation tile."""
+    and the 16-row activation tile. Triton 3.6's sm_90 compiles buffer num_stages - 1 stages
+    with the weight as the MMA's right operand, num_stages with it on the left (wgmma)."""
     rows = cfg["BLOCK_N"] * (2 if silu_mul else 1) + 16
-    return max(cfg["num_stages"] - 1, 1) * rows * cfg["BLOCK_K"] * elem_bytes
+    return cfg["num_stages"] * rows * cfg["BLOCK_K"] * elem_bytes
 
 
 @lru_cache(maxsize=8)
