@@ -96,7 +96,6 @@ for _op, _module, _fn in (
     ("mla_prefill", "mla_prefill_triton", "mla_prefill_triton"),
     ("gqa_decode", "gqa_decode_triton", "gqa_decode_triton"),
     ("gqa_prefill", "gqa_prefill_triton", "gqa_prefill_triton"),
-    ("linear", "linear_triton", "linear_triton"),
 ):
     if not _op.startswith("moe"):
         REGISTRY.register(_triton(_op, _module, _fn, min_smem=triton_configs.default_smem(_op)))
@@ -123,6 +122,19 @@ for _op, _module, _fn in (
             mxfp4_codes="interleaved",
         )
     )
+
+# A decode step's dense projections: measured against cuBLAS on an H100 alone (1.0-1.6x its
+# speed at 1-16 rows; BENCHMARKS.md, "Dense projections of a decode step"), so Hopper alone
+# takes it; other GPUs keep cuBLAS.
+REGISTRY.register(
+    dataclasses.replace(
+        _triton("linear", "linear_triton", "linear_triton"),
+        min_smem=triton_configs.default_smem("linear"),
+        min_sm=90,
+        max_sm=90,
+        dtypes=("bfloat16",),
+    )
+)
 
 # One launch each for the norms, rotations and routing the torch versions spread over kernels.
 # Checked against the references compiled on an H200, where they cut a decode step at batch 1 by

@@ -98,7 +98,7 @@ def linear_triton(
             return linear_torch(x, weight, bias, silu_mul=silu_mul)
         return silu_mul_triton(torch.nn.functional.linear(x, weight, bias))
     assert weight.shape[1] == k and weight.shape[0] % (2 if silu_mul else 1) == 0, weight.shape
-    cfg = triton_configs.skinny_linear_config(triton_configs.device_keys(x.device), n, k)
+    cfg = triton_configs.skinny_linear_config(triton_configs.device_keys(x.device), silu_mul)
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     _skinny_linear_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, weight, bias if bias is not None else weight, y, t, n, k,

@@ -139,20 +139,33 @@ MLA_PREFILL: dict[str, dict[int, Config]] = {
 MOE_CROSSOVER_M: dict[str, int] = {H100: 1024, H200: 1024}
 
 
-# linear (linear_triton.py, at most 16 rows): weight rows N -> tiles, the first bucket whose
-# bound holds. BLOCK_N weight rows per program, BLOCK_K reduction step, SWAP 1: the weight tile
-# is the MMA's left operand. A first pick, not yet measured against cuBLAS on a GPU.
-_SKINNY = dict(BLOCK_N=16, BLOCK_K=128, num_warps=4, num_stages=3, SWAP=0)
-SKINNY_LINEAR: dict[str, dict[int, Config]] = {"default": {1 << 30: _SKINNY}}
+# linear (linear_triton.py, at most 16 rows): tiles for a plain projection ("linear") and for
+# gate/up with the gated activation ("silu_mul"). BLOCK_N weight rows per program, BLOCK_K
+# reduction step, SWAP 1: the weight tile is the MMA's left operand (wgmma). The H100 entries
+# are the fastest of 28 candidates, in CUDA graphs with cold weights, at DeepSeek-V2-Lite's,
+# V3's and GPT-OSS's projections, 1-16 rows (2026-12-06, BENCHMARKS.md "Dense projections of a
+# decode step"): within 5% of each shape's best but at V3's q_b (7%) and GPT-OSS's qkv (9%);
+# "sm90" (the H200) reuses them. The default fits 99 KiB of shared memory; no GPU but
+# Hopper runs this backend (registry), so it serves the interpreter's tests.
+_H100_SKINNY = {
+    "linear": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4, SWAP=1),
+    "silu_mul": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4, SWAP=0),
+}
+SKINNY_LINEAR: dict[str, dict[str, Config]] = {
+    "default": {
+        "linear": dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4, SWAP=0),
+        "silu_mul": dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=3, SWAP=0),
+    },
+    "sm90": _H100_SKINNY,
+    H100: _H100_SKINNY,
+}
 
 
-def skinny_linear_config(keys: tuple[str, ...], n: int, k: int) -> Config:
-    """The tiles of ``linear_triton`` for an [n, k] weight under the device's keys."""
-    del k  # the tables key on rows alone so far
+def skinny_linear_config(keys: tuple[str, ...], silu_mul: bool) -> Config:
+    """The tiles of ``linear_triton`` under the device's keys, most specific first."""
     for key in keys:
         if key in SKINNY_LINEAR:
-            buckets = SKINNY_LINEAR[key]
-            return buckets[min((b for b in buckets if n <= b), default=max(buckets))]
+            return SKINNY_LINEAR[key]["silu_mul" if silu_mul else "linear"]
     raise KeyError(f"no linear config for {keys}")
 
 
@@ -219,7 +232,9 @@ def default_smem(op: str) -> int:
     if op == "mla_decode":
         return max(mla_decode_smem(c, 576) for c in MLA_DECODE["default"].values())
     if op == "linear":
-        return max(skinny_linear_smem(c) for c in SKINNY_LINEAR["default"].values())
+        tiles = SKINNY_LINEAR["default"]
+        gated = skinny_linear_smem(tiles["silu_mul"])
+        return max(skinny_linear_smem(tiles["linear"], silu_mul=False), gated)
     if op == "mla_prefill":  # q tile + staged K and V tiles at DeepSeek's 192 / 128
         return max(
             (c["BLOCK_M"] * 192 + max(c["num_stages"], 1) * c["BLOCK_N"] * (192 + 128)) * 2

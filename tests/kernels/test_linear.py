@@ -48,7 +48,8 @@ def test_the_gated_activation_in_the_epilogue(device, dtype, rows):
 @pytest.mark.parametrize("swap", [0, 1])
 def test_either_mma_operand_order(device, monkeypatch, swap):
     tiles = dict(BLOCK_N=64 if swap else 32, BLOCK_K=64, num_warps=4, num_stages=2, SWAP=swap)
-    monkeypatch.setattr(triton_configs, "SKINNY_LINEAR", {"default": {1 << 30: tiles}})
+    table = {"default": {"linear": tiles, "silu_mul": tiles}}
+    monkeypatch.setattr(triton_configs, "SKINNY_LINEAR", table)
     x, w, _ = _inputs(3, 2 * 80, 160, torch.bfloat16, device, seed=swap)
     tol = _tol(torch.bfloat16)
     torch.testing.assert_close(linear_triton(x, w), linear_torch(x, w), **tol)
