@@ -81,9 +81,11 @@ def linear_triton(
     bias: torch.Tensor | None = None,  # [N]
     *,
     silu_mul: bool = False,
+    config: dict | None = None,
 ) -> torch.Tensor:  # [T, N], or [T, N / 2] with silu_mul
     """``linear_torch``'s result; this kernel for at most ``MAX_ROWS`` rows of a CUDA tensor
-    (any device under the interpreter) with a row-major bf16, fp16 or float32 weight."""
+    (any device under the interpreter) with a row-major bf16, fp16 or float32 weight.
+    ``config`` overrides the tiles (``triton_configs.SKINNY_LINEAR``)."""
     t, k = x.shape
     n = weight.shape[0] // (2 if silu_mul else 1)
     kernel_fits = (
@@ -98,7 +100,8 @@ def linear_triton(
             return linear_torch(x, weight, bias, silu_mul=silu_mul)
         return silu_mul_triton(torch.nn.functional.linear(x, weight, bias))
     assert weight.shape[1] == k and weight.shape[0] % (2 if silu_mul else 1) == 0, weight.shape
-    cfg = triton_configs.skinny_linear_config(triton_configs.device_keys(x.device), silu_mul)
+    keys = triton_configs.device_keys(x.device)
+    cfg = config or triton_configs.skinny_linear_config(keys, silu_mul)
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     _skinny_linear_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, weight, bias if bias is not None else weight, y, t, n, k,
