@@ -84,14 +84,17 @@ def linear_triton(
     config: dict | None = None,
 ) -> torch.Tensor:  # [T, N], or [T, N / 2] with silu_mul
     """``linear_torch``'s result; this kernel for at most ``MAX_ROWS`` rows of a CUDA tensor
-    (any device under the interpreter) with a row-major bf16, fp16 or float32 weight.
+    with a row-major bf16 or fp16 weight (float32 too under the interpreter).
     ``config`` overrides the tiles (``triton_configs.SKINNY_LINEAR``)."""
     t, k = x.shape
     n = weight.shape[0] // (2 if silu_mul else 1)
+    # float32 on a GPU goes to cuBLAS: the Hopper tiles stage 2-byte elements (245 KB of
+    # shared memory in float32 under the gated activation, past the 227 KB an H100 has)
+    dtypes = (torch.bfloat16, torch.float16) + (() if x.is_cuda else (torch.float32,))
     kernel_fits = (
         0 < t <= MAX_ROWS
         and (x.is_cuda or interpreting())
-        and x.dtype == weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and x.dtype == weight.dtype in dtypes
         and x.stride(1) == 1 and weight.stride(1) == 1
         and not (silu_mul and bias is not None)
     )  # fmt: skip
