@@ -123,9 +123,10 @@ for _op, _module, _fn in (
         )
     )
 
-# A decode step's dense projections: measured against cuBLAS on an H100 alone (1.0-1.6x its
-# speed at 1-16 rows; BENCHMARKS.md, "Dense projections of a decode step"), so Hopper alone
-# takes it; other GPUs keep cuBLAS.
+# A decode step's dense projections: measured against cuBLAS on an H100 alone (0.93-1.58x its
+# speed at 1-8 rows, ahead on 7 of 11 projections, a shorter step on both DeepSeek models;
+# BENCHMARKS.md, "Dense projections of a decode step"), so Hopper alone takes it; other GPUs
+# keep cuBLAS.
 REGISTRY.register(
     dataclasses.replace(
         _triton("linear", "linear_triton", "linear_triton"),

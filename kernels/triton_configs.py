@@ -142,11 +142,12 @@ MOE_CROSSOVER_M: dict[str, int] = {H100: 1024, H200: 1024}
 # linear (linear_triton.py, at most 16 rows): tiles for a plain projection ("linear") and for
 # gate/up with the gated activation ("silu_mul"). BLOCK_N weight rows per program, BLOCK_K
 # reduction step, SWAP 1: the weight tile is the MMA's left operand (wgmma). The H100 entries
-# are the fastest of 28 candidates, in CUDA graphs with cold weights, at DeepSeek-V2-Lite's,
-# V3's and GPT-OSS's projections, 1-16 rows (2026-12-06, BENCHMARKS.md "Dense projections of a
-# decode step"): within 5% of each shape's best but at V3's q_b (7%) and GPT-OSS's qkv (9%);
-# "sm90" (the H200) reuses them. The default fits 99 KiB of shared memory; no GPU but
-# Hopper runs this backend (registry), so it serves the interpreter's tests.
+# are one tile per kind chosen from 30 candidates, in CUDA graphs with cold weights, at
+# DeepSeek-V2-Lite's, V3's and GPT-OSS's projections, 1-16 rows (2026-12-06, BENCHMARKS.md
+# "Dense projections of a decode step"): 1-11% behind each shape's fastest candidate
+# (V2-Lite's o_proj 10-11%, GPT-OSS's qkv 9%); "sm90" (the H200) reuses them. The default
+# fits 99 KiB of shared memory; no GPU but Hopper runs this backend (registry), so it serves
+# the interpreter's tests.
 _H100_SKINNY = {
     "linear": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4, SWAP=1),
     "silu_mul": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4, SWAP=0),
