@@ -196,7 +196,9 @@ class DenseMLP(Loadable):
     ) -> None:
         super().__init__()
         self.inter, self.tp, self.dtype = tp.split(inter, "MLP intermediate size"), tp, dtype
-        self.act, self.linear = act, linear  # the worker's silu_mul and linear kernels
+        # the worker's kernels: linear (its gate/up applies the activation), silu_mul after an
+        # FP8 gate/up
+        self.act, self.linear = act, linear
         self.down_proj = Linear(
             inter, hidden, dtype=dtype, tp=tp, mode="row", fp8=fp8, linear=linear
         )

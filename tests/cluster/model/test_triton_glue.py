@@ -1,8 +1,8 @@
-"""The model with the Triton norm, rope, MLA cache-write, MLP activation and routing kernels
-(interpreted on CPU, compiled on a GPU) in place of the PyTorch ones: the same greedy tokens, for a
-DeepSeek-V3-style model (MLA: strided latent rows and rope columns, grouped top-k) and for
-GPT-OSS (split-half rope, GPT-OSS's norm, top-k softmax), with the residual adds fused into the
-norms in both.
+"""The model with the Triton norm, rope, MLA cache-write, gate/up-with-activation and routing
+kernels (interpreted on CPU, compiled on a GPU) in place of the PyTorch ones: the same greedy
+tokens, for a DeepSeek-V3-style model (MLA: strided latent rows and rope columns, grouped
+top-k) and for GPT-OSS (split-half rope, GPT-OSS's norm, top-k softmax), with the residual adds
+fused into the norms in both.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pdserve.cluster.model.attention import MLAAttention
 from pdserve.cluster.model.gpt_oss import GptOssMoE
 from pdserve.cluster.model.layers import DenseMLP, RMSNorm
 from pdserve.cluster.model.rope import RotaryEmbedding
+from pdserve.kernels.linear_triton import linear_triton
 from pdserve.kernels.mla_kv_write_triton import mla_kv_write_triton
 from pdserve.kernels.rms_norm_triton import rms_norm_triton
 from pdserve.kernels.rope_triton import rope_triton
@@ -48,8 +49,8 @@ def _swap_in_triton(engine: LLMEngine) -> int:
         elif isinstance(m, MLAAttention):  # its rotations, latent norm and cache write
             m.kernels = dataclasses.replace(m.kernels, mla_kv_write=mla_kv_write_triton)
             swapped += 1
-        elif isinstance(m, DenseMLP):  # dense layers and shared experts
-            m.act, swapped = silu_mul_triton, swapped + 1
+        elif isinstance(m, DenseMLP):  # dense layers and shared experts: silu in the epilogue
+            m.act, m.linear, swapped = silu_mul_triton, linear_triton, swapped + 1
     return swapped
 
 
