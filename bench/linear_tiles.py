@@ -72,6 +72,7 @@ def time_shape(shape: str, n: int, k: int, gated: bool, token_rows, tiles) -> li
     from pdserve.kernels.linear_triton import linear_triton
     from pdserve.kernels.silu_mul_triton import silu_mul_triton
 
+    act = silu_mul_triton if gated else None
     copies = max(4, -(-200_000_000 // (n * k * 2)))
     ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
     rows = []
@@ -90,11 +91,11 @@ def time_shape(shape: str, n: int, k: int, gated: bool, token_rows, tiles) -> li
         r["cublas_us"], r["tiles"] = us_cold(cublas, copies), {}
         for bn, bk, warps, stages, swap in tiles:
             cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages, SWAP=swap)
-            got = linear_triton(x, ws[0], silu_mul=gated, config=cfg)
+            got = linear_triton(x, ws[0], silu_mul=act, config=cfg)
             err = float((got.float() - want).norm() / want.norm())
 
             def ours(i, x=x, cfg=cfg):
-                return lambda: linear_triton(x, ws[i], silu_mul=gated, config=cfg)
+                return lambda: linear_triton(x, ws[i], silu_mul=act, config=cfg)
 
             r["tiles"][f"{bn},{bk},{warps},{stages},{swap}"] = {
                 "us": us_cold(ours, copies),
@@ -122,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="result JSON (default bench/results/linear-tiles-<gpu>.json)")
     args = p.parse_args(argv)
     models = args.models.split(",")
-    tiles = [_ints(c) for c in args.tiles.split(";")] if args.tiles else CANDIDATES
-    if any(len(c) != 5 for c in tiles):
+    try:
+        tiles = [_ints(c) for c in args.tiles.split(";")] if args.tiles else CANDIDATES
+    except ValueError:
+        tiles = []
+    if not tiles or any(len(c) != 5 for c in tiles):
         p.error(f"--tiles {args.tiles!r}: five numbers each, BN,BK,warps,stages,swap")
     if bad := sorted(set(models) - set(SHAPES)):
         p.error(f"--models {bad}: known are {sorted(SHAPES)}")

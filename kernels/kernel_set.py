@@ -41,7 +41,8 @@ class KernelSet:
     mla_prefill: Callable
     gqa_decode: Callable
     gqa_prefill: Callable
-    # (x [T, K], weight [N, K], bias, silu_mul=False) -> [T, N], or silu(gate) * up [T, N / 2]
+    # (x [T, K], weight [N, K], bias, silu_mul=None) -> [T, N]; given silu_mul (the kernel
+    # above), silu(gate) * up [T, N / 2]
     linear: Callable
     linear_fp8: Callable  # (x [T, K], prepared) -> [T, N]
     prepare_linear_fp8: Callable[[tuple], Any]  # (fp8 weight, block scales, dtype) -> prepared

@@ -6,14 +6,16 @@ shapes leave much of the copy rate unused where the weight has few rows (DeepSee
 576-row ``kv_a_proj_with_mqa`` at 0.4 TB/s on an H100). Here each program takes BLOCK_N
 output rows and walks the whole reduction in BLOCK_K steps: the token rows padded to one
 16-row MMA tile, the weight tile its other operand, so the tensor cores' work is incidental
-and the loads are pipelined. With ``silu_mul`` a program also takes the matching up rows and
-writes silu(gate) * up, the activation's own launch and the [T, 2I] intermediate gone.
+and the loads are pipelined. Given ``silu_mul`` a program also takes the matching up rows and
+writes silu(gate) * up itself, the activation's own launch and the [T, 2I] intermediate gone.
 Float32 sums, in a different order than cuBLAS's: results may differ from ``linear_torch`` by
-a rounding of the dtype. More rows, other layouts and dtypes go to cuBLAS (and the
-activation to ``silu_mul_triton``).
+a rounding of the dtype. More rows, other layouts and dtypes go to ``linear_torch`` (cuBLAS,
+then the ``silu_mul`` kernel given).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
@@ -24,12 +26,11 @@ from pdserve.kernels.dependent_launch import launch_args, pdl_start
 from pdserve.kernels.linear_reference import linear_torch
 from pdserve.kernels.moe_triton_common import acc_zeros, interpreting, mma_xw
 from pdserve.kernels.rounding_triton import to_dtype_rne
-from pdserve.kernels.silu_mul_triton import silu_mul_triton
 
 MAX_ROWS = 16  # tokens one MMA tile holds; more go to cuBLAS
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N is a tensor (its int64 product below) even at 1
 def _skinny_linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, T, N, K, stride_x, stride_w, stride_y,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -43,6 +44,7 @@ def _skinny_linear_kernel(
     nmask = n < N
     tmask = t < T
     w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w  # [BN, 1]
+    up_rows = w_rows + N.to(tl.int64) * stride_w  # the up half's rows: N past the gate's
     acc = acc_zeros(16, BLOCK_N, SWAP)
     acc_up = acc_zeros(16, BLOCK_N, SWAP)
     for k0 in range(0, K, BLOCK_K):
@@ -57,7 +59,7 @@ def _skinny_linear_kernel(
         w = tl.load(w_rows + k[None, :], mask=wmask, other=0.0)  # [BN, BK]
         acc = mma_xw(x, w, acc, UPCAST, SWAP)
         if SILU_MUL:
-            w_up = tl.load(w_rows + N * stride_w + k[None, :], mask=wmask, other=0.0)
+            w_up = tl.load(up_rows + k[None, :], mask=wmask, other=0.0)
             acc_up = mma_xw(x, w_up, acc_up, UPCAST, SWAP)
     if SWAP:
         acc = tl.trans(acc)  # [16, BN]
@@ -80,14 +82,15 @@ def linear_triton(
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     *,
-    silu_mul: bool = False,
+    silu_mul: Callable[[torch.Tensor], torch.Tensor] | None = None,  # [T, 2I] -> [T, I]
     config: dict | None = None,
 ) -> torch.Tensor:  # [T, N], or [T, N / 2] with silu_mul
     """``linear_torch``'s result; this kernel for at most ``MAX_ROWS`` rows of a CUDA tensor
     with a row-major bf16 or fp16 weight (float32 too under the interpreter).
     ``config`` overrides the tiles (``triton_configs.SKINNY_LINEAR``)."""
     t, k = x.shape
-    n = weight.shape[0] // (2 if silu_mul else 1)
+    gated = silu_mul is not None
+    n = weight.shape[0] // (2 if gated else 1)
     # float32 on a GPU goes to cuBLAS: the Hopper tiles stage 2-byte elements (245 KB of
     # shared memory in float32 under the gated activation, past the 227 KB an H100 has)
     dtypes = (torch.bfloat16, torch.float16) + (() if x.is_cuda else (torch.float32,))
@@ -96,21 +99,19 @@ def linear_triton(
         and (x.is_cuda or interpreting())
         and x.dtype == weight.dtype in dtypes
         and x.stride(1) == 1 and weight.stride(1) == 1
-        and not (silu_mul and bias is not None)
+        and not (gated and bias is not None)
     )  # fmt: skip
     if not kernel_fits:
-        if not (silu_mul and x.is_cuda):
-            return linear_torch(x, weight, bias, silu_mul=silu_mul)
-        return silu_mul_triton(torch.nn.functional.linear(x, weight, bias))
-    assert weight.shape[1] == k and weight.shape[0] % (2 if silu_mul else 1) == 0, weight.shape
+        return linear_torch(x, weight, bias, silu_mul=silu_mul)
+    assert weight.shape[1] == k and weight.shape[0] % (2 if gated else 1) == 0, weight.shape
     keys = triton_configs.device_keys(x.device)
-    cfg = config or triton_configs.skinny_linear_config(keys, silu_mul)
+    cfg = config or triton_configs.skinny_linear_config(keys, gated)
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     _skinny_linear_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, weight, bias if bias is not None else weight, y, t, n, k,
         x.stride(0), weight.stride(0), y.stride(0),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], HAS_BIAS=bias is not None,
-        SILU_MUL=silu_mul, SWAP=bool(cfg["SWAP"]),
+        SILU_MUL=gated, SWAP=bool(cfg["SWAP"]),
         UPCAST=interpreting() or x.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch_args(x.device),
     )  # fmt: skip

@@ -13,6 +13,7 @@ reads and writes its own block tables (``AttentionMetadata.window``, ``kv_groups
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
@@ -92,7 +93,9 @@ class GQAAttention(Loadable):
             assert meta.window is not None, "a sliding layer needs the sliding tables' metadata"
             meta = meta.window
         assert hasattr(self, "qkv_rows"), "post_load stacks q/k/v once the weights are loaded"
-        qkv = self.kernels.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (Hl + 2 KVH) * D]
+        # cuBLAS: op linear ran gpt-oss-20b's qkv 6-7% slower (BENCHMARKS.md, "Dense
+        # projections of a decode step"); its o_proj takes the op
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)  # [T, (Hl + 2 KVH) * D]
         q, k, v = qkv.split(self.qkv_rows, dim=-1)
         q = self.rope(positions, q.view(t, self.heads, d))  # [T, Hl, D]
         k = self.rope(positions, k.view(t, self.kv_heads, d))  # [T, KVH, D]

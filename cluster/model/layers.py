@@ -196,9 +196,7 @@ class DenseMLP(Loadable):
     ) -> None:
         super().__init__()
         self.inter, self.tp, self.dtype = tp.split(inter, "MLP intermediate size"), tp, dtype
-        # the worker's kernels: linear (its gate/up applies the activation), silu_mul after an
-        # FP8 gate/up
-        self.act, self.linear = act, linear
+        self.act, self.linear = act, linear  # the worker's silu_mul and linear kernels
         self.down_proj = Linear(
             inter, hidden, dtype=dtype, tp=tp, mode="row", fp8=fp8, linear=linear
         )
@@ -228,8 +226,8 @@ class DenseMLP(Loadable):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8:
             h = self.act(self.kernels.linear_fp8(x, self.prepared))  # [T, 2I] -> [T, I]
-        else:  # the gated activation in the linear kernel's epilogue where it has one
-            h = self.linear(x, self.gate_up_weight, silu_mul=True)  # [T, I]
+        else:  # the activation in the linear kernel's epilogue where it has one
+            h = self.linear(x, self.gate_up_weight, silu_mul=self.act)  # [T, I]
         return self.down_proj(h)
 
     def load_weight(self, name: str, tensor: torch.Tensor) -> None:

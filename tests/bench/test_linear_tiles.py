@@ -29,6 +29,7 @@ def test_unknown_models_rows_past_a_tile_and_malformed_tiles_are_refused(capsys)
     with pytest.raises(SystemExit):
         main(["--rows", "1,32"])
     assert "--rows (1, 32) must lie in [1, 16]" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--tiles", "32,256,4"])
-    assert "five numbers each" in capsys.readouterr().err
+    for bad in ("32,256,4", "32,256,4,4,x"):
+        with pytest.raises(SystemExit):
+            main(["--tiles", bad])
+        assert "five numbers each" in capsys.readouterr().err

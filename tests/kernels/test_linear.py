@@ -1,15 +1,19 @@
 """linear, Triton (interpreter on CPU, compiled on CUDA), against linear_torch: 1-16 rows, row
-counts and widths that end mid-tile, a bias, the gated activation, strided activations, tiles
-with the weight as either MMA operand, and the hand-off to the reference past 16 rows."""
+counts and widths that end mid-tile, three dtypes (float32 on a GPU goes to cuBLAS), a bias,
+the gated activation, strided activations, tiles with the weight as either MMA operand, and
+the hand-off to the reference (and to the given silu_mul kernel) where the kernel does not
+apply."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from pdserve.kernels import linear_triton as module
 from pdserve.kernels import triton_configs
 from pdserve.kernels.linear_reference import linear_torch
 from pdserve.kernels.linear_triton import MAX_ROWS, linear_triton
+from pdserve.kernels.silu_mul_reference import silu_mul_torch
 
 
 def _inputs(rows, n, k, dtype, device, seed):
@@ -24,7 +28,7 @@ def _tol(dtype):  # float32 sums in another order, then one rounding of the dtyp
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2e-2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 5, 16])
 @pytest.mark.parametrize(("n", "k"), [(40, 96), (576, 200)])
 def test_matches_the_reference(device, dtype, rows, n, k):
@@ -36,13 +40,14 @@ def test_matches_the_reference(device, dtype, rows, n, k):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("rows", [1, 7, 16])
 def test_the_gated_activation_in_the_epilogue(device, dtype, rows):
     inter, k = 72, 136  # ends mid-tile in both dimensions
     x, w, _ = _inputs(rows, 2 * inter, k, dtype, device, seed=rows)
-    got = linear_triton(x, w, silu_mul=True)
+    got = linear_triton(x, w, silu_mul=silu_mul_torch)
     assert got.shape == (rows, inter)
-    torch.testing.assert_close(got, linear_torch(x, w, silu_mul=True), **_tol(dtype))
+    want = linear_torch(x, w, silu_mul=silu_mul_torch)
+    torch.testing.assert_close(got, want, **_tol(dtype))
 
 
 @pytest.mark.parametrize("swap", [0, 1])
@@ -53,12 +58,28 @@ def test_either_mma_operand_order(device, monkeypatch, swap):
     x, w, _ = _inputs(3, 2 * 80, 160, torch.bfloat16, device, seed=swap)
     tol = _tol(torch.bfloat16)
     torch.testing.assert_close(linear_triton(x, w), linear_torch(x, w), **tol)
-    torch.testing.assert_close(
-        linear_triton(x, w, silu_mul=True), linear_torch(x, w, silu_mul=True), **tol
-    )
+    gated = dict(silu_mul=silu_mul_torch)
+    torch.testing.assert_close(linear_triton(x, w, **gated), linear_torch(x, w, **gated), **tol)
 
 
-def test_more_rows_than_a_tile_take_the_reference(device):
-    x, w, b = _inputs(MAX_ROWS + 1, 24, 32, torch.float32, device, seed=0)
+class _NoLaunch:
+    def __getitem__(self, grid):
+        raise AssertionError("the kernel launched")
+
+
+def test_more_rows_a_bias_with_the_activation_and_no_rows_take_the_reference(device, monkeypatch):
+    """Without a launch: past a tile's rows, a bias beside the gated activation (the given
+    silu_mul kernel then runs, here a marked one), an empty batch."""
+    monkeypatch.setattr(module, "_skinny_linear_kernel", _NoLaunch())
+    x, w, b = _inputs(MAX_ROWS + 1, 24, 32, torch.bfloat16, device, seed=0)
     torch.testing.assert_close(linear_triton(x, w, b), linear_torch(x, w, b))
+    marked = []
+
+    def act(h):
+        marked.append(h.shape)
+        return silu_mul_torch(h)
+
+    got = linear_triton(x[:3], w, b, silu_mul=act)
+    torch.testing.assert_close(got, linear_torch(x[:3], w, b, silu_mul=silu_mul_torch))
+    assert marked == [(3, 24)]
     assert linear_triton(x[:0], w).shape == (0, 24)

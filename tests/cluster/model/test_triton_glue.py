@@ -15,8 +15,9 @@ import torch
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams
 from pdserve.cluster.model.attention import MLAAttention
 from pdserve.cluster.model.gpt_oss import GptOssMoE
-from pdserve.cluster.model.layers import DenseMLP, RMSNorm
+from pdserve.cluster.model.layers import DenseMLP, Linear, RMSNorm
 from pdserve.cluster.model.rope import RotaryEmbedding
+from pdserve.cluster.model.stacked_linear import StackedLinear
 from pdserve.kernels.linear_triton import linear_triton
 from pdserve.kernels.mla_kv_write_triton import mla_kv_write_triton
 from pdserve.kernels.rms_norm_triton import rms_norm_triton
@@ -33,7 +34,9 @@ def _engine(model: str) -> LLMEngine:
 
 
 def _swap_in_triton(engine: LLMEngine) -> int:
-    """Every norm, rotation and router of the engine's model through the Triton kernels."""
+    """Every norm, rotation, router and dense projection of the engine's model through the
+    Triton kernels (float32 here: the projections run the kernel where it is interpreted, on a
+    GPU they go to cuBLAS)."""
     swapped = 0
     for m in engine.runner.model.modules():
         if isinstance(m, RMSNorm):
@@ -51,6 +54,8 @@ def _swap_in_triton(engine: LLMEngine) -> int:
             swapped += 1
         elif isinstance(m, DenseMLP):  # dense layers and shared experts: silu in the epilogue
             m.act, m.linear, swapped = silu_mul_triton, linear_triton, swapped + 1
+        if isinstance(m, (Linear, StackedLinear)):  # every dense projection
+            m.linear, swapped = linear_triton, swapped + 1
     return swapped
 
 
