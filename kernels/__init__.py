@@ -123,10 +123,10 @@ for _op, _module, _fn in (
         )
     )
 
-# A decode step's dense projections: measured against cuBLAS on an H100 alone (0.93-1.58x its
-# speed at 1-8 rows, ahead on 7 of 11 projections, a shorter step on both DeepSeek models;
-# BENCHMARKS.md, "Dense projections of a decode step"), so Hopper alone takes it; other GPUs
-# keep cuBLAS.
+# A decode step's dense projections: measured against cuBLAS on an H100 alone (0.98-1.28x its
+# speed on plain projections at 1-8 rows, 1.24-1.58x gated against cuBLAS and two elementwise
+# kernels; steps of both DeepSeek models shorter or even; BENCHMARKS.md, "Dense projections
+# of a decode step"), so Hopper alone takes it (the H200 unmeasured); other GPUs keep cuBLAS.
 REGISTRY.register(
     dataclasses.replace(
         _triton("linear", "linear_triton", "linear_triton"),

@@ -144,8 +144,9 @@ MOE_CROSSOVER_M: dict[str, int] = {H100: 1024, H200: 1024}
 # reduction step, SWAP 1: the weight tile is the MMA's left operand (wgmma). The H100 entries
 # are one tile per kind chosen from 30 candidates, in CUDA graphs with cold weights, at
 # DeepSeek-V2-Lite's, V3's and GPT-OSS's projections, 1-16 rows (2026-12-06, BENCHMARKS.md
-# "Dense projections of a decode step"): 1-11% behind each shape's fastest candidate
-# (V2-Lite's o_proj 10-11%, GPT-OSS's qkv 9%); "sm90" (the H200) reuses them. The default
+# "Dense projections of a decode step"): the fastest at 9 of 13 shapes, 2-7% behind at the
+# others (V3's q_b, o_proj, shared down; GPT-OSS's qkv); "sm90" (the H200) reuses them,
+# unmeasured there. The default
 # fits 99 KiB of shared memory; no GPU but Hopper runs this backend (registry), so it serves
 # the interpreter's tests.
 _H100_SKINNY = {
