@@ -183,8 +183,23 @@ def gather_ranks(
         raise
 
 
+def shared_gpu(config: EngineConfig) -> str | None:
+    """Why the group's ranks would all open one GPU, or None. Without Ray GPU resources
+    (``gpus_per_rank`` 0) every rank takes the same CUDA device, and NCCL refuses two ranks on
+    one device (deep in its first collective)."""
+    if config.tp > 1 and config.gpus_per_rank == 0 and config.resolve_device().type == "cuda":
+        return (
+            f"tp={config.tp} ranks with gpus_per_rank=0 on device {config.device!r} would all "
+            "open the same GPU, which NCCL refuses: give each rank a GPU (gpus_per_rank=1) "
+            "or run them on device='cpu'"
+        )
+    return None
+
+
 class RayTPExecutor(Executor):
     def __init__(self, config: EngineConfig, model_config: ModelConfig, max_model_len: int) -> None:
+        if why := shared_gpu(config):
+            raise ValueError(why)
         size = config.tp
         pg = get_current_placement_group()
         actor = ray.remote(concurrency_groups={"kv": 4, "kv_wait": WAIT_THREADS})(TPRank)

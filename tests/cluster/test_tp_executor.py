@@ -168,3 +168,14 @@ def test_a_rank_lost_before_a_wait_for_the_steps_stops_the_group(ray_local, tiny
     assert executor.stopped and not executor.ranks
     with pytest.raises(RuntimeError, match="tensor-parallel group was stopped"):
         executor.launch(SchedulerOutput(()))
+
+
+def test_ranks_that_would_share_one_gpu_are_refused_by_name():
+    from pdserve.cluster.config import EngineConfig
+    from pdserve.cluster.tp_executor import shared_gpu
+
+    why = shared_gpu(EngineConfig(model="m", device="cuda", tp=2))
+    assert why and "tp=2 ranks with gpus_per_rank=0 on device 'cuda'" in why
+    assert shared_gpu(EngineConfig(model="m", device="cuda", tp=2, gpus_per_rank=1)) is None
+    assert shared_gpu(EngineConfig(model="m", device="cpu", tp=2)) is None
+    assert shared_gpu(EngineConfig(model="m", device="cuda", tp=1)) is None
