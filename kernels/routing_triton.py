@@ -235,19 +235,23 @@ def _topk_softmax_kernel(
     PDL: tl.constexpr,
 ):  # fmt: skip
     """Token m: its TOP_K largest logits by repeated arg-max (ties to the lower expert id),
-    largest first, and their softmax in float32."""
+    largest first, and their softmax in float32. Past its finite logits a token takes the
+    lowest experts not yet taken, so its ids stay distinct."""
     pdl_start(PDL)  # see kernels.dependent_launch
     m = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     x = tl.load(logits_ptr + m * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    free = (e < E).to(tl.int32)  # experts not yet taken
     k = tl.arange(0, BLOCK_K)
     ids = tl.zeros([BLOCK_K], dtype=tl.int64)
     top = tl.full([BLOCK_K], float("-inf"), tl.float32)
     for j in tl.static_range(TOP_K):
-        pick = tl.argmax(x, 0)
+        best = tl.max(x, 0)
+        pick = tl.where(best > float("-inf"), tl.argmax(x, 0), tl.argmax(free, 0))
         ids = tl.where(k == j, pick.to(tl.int64), ids)
-        top = tl.where(k == j, tl.max(x, 0), top)
+        top = tl.where(k == j, best, top)
         x = tl.where(e == pick, float("-inf"), x)
+        free = tl.where(e == pick, 0, free)
     top = top - tl.max(top, 0)  # the first is the largest: 0 there, padding lanes -inf
     if CUDA_MATH:  # torch's float32 softmax: expf, an IEEE division
         p = libdevice.exp(top)

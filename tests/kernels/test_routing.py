@@ -83,6 +83,17 @@ def test_topk_softmax_matches_the_reference(device, dtype, e, k):
     torch.testing.assert_close(w.sum(-1), torch.ones(9, device=device))
 
 
+def test_topk_softmax_takes_distinct_experts_past_the_finite_logits(device):
+    """Two finite logits and top-4: those two first, then the lowest experts not yet taken,
+    each once, weighing 0."""
+    logits = torch.full((2, 8), float("-inf"))
+    logits[0, 5], logits[0, 0] = 2.0, 1.0
+    logits[1, 3], logits[1, 6] = 0.5, 0.25
+    w, ids = topk_softmax_triton(logits.to(device), 4)
+    assert ids.tolist() == [[5, 0, 1, 2], [3, 6, 0, 1]]
+    assert (w[:, 2:] == 0).all() and torch.allclose(w[:, :2].sum(1), torch.ones(2, device=device))
+
+
 def test_topk_softmax_of_an_empty_batch_float64_and_a_bad_k(device):
     w, ids = topk_softmax_triton(torch.zeros(0, 32, device=device), 4)
     assert w.shape == ids.shape == (0, 4)
