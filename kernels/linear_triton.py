@@ -54,7 +54,7 @@ def _skinny_linear_kernel(
             x_ptr + t[:, None] * stride_x + k[None, :],
             mask=tmask[:, None] & kmask[None, :],
             other=0.0,
-        )  # [16, BK]  # noqa: E501
+        )  # [16, BK]
         wmask = nmask[:, None] & kmask[None, :]
         w = tl.load(w_rows + k[None, :], mask=wmask, other=0.0)  # [BN, BK]
         acc = mma_xw(x, w, acc, UPCAST, SWAP)

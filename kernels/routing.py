@@ -5,6 +5,16 @@ from __future__ import annotations
 
 import torch
 
+# the most tokens whose router scores a grouped_topk backend may take in its own launch (the
+# Triton kernel's arrival counts); callers pass ``router_weight`` for at most this many
+FUSED_MAX_TOKENS = 64
+
+
+def router_scores(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """x [M, H] @ router_weight [E, H]^T in float32 at least (as transformers computes them)."""
+    dt = torch.promote_types(x.dtype, torch.float32)
+    return x.to(dt) @ router_weight.to(dt).t()
+
 
 def grouped_topk(
     router_logits: torch.Tensor,
@@ -28,8 +38,7 @@ def grouped_topk(
     logits their products with it, in float32 at least (as transformers computes them).
     """
     if router_weight is not None:
-        dt = torch.promote_types(router_logits.dtype, torch.float32)
-        router_logits = router_logits.to(dt) @ router_weight.to(dt).t()
+        router_logits = router_scores(router_logits, router_weight)
     m, e = router_logits.shape
     if e % n_group:
         raise ValueError(f"{e} experts do not split into n_group={n_group} groups")

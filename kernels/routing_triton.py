@@ -26,7 +26,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from pdserve.kernels.dependent_launch import launch_args, pdl_start
-from pdserve.kernels.routing import topk_softmax
+from pdserve.kernels.routing import FUSED_MAX_TOKENS, router_scores, topk_softmax
 
 
 @triton.jit
@@ -137,7 +137,6 @@ def _router_topk_kernel(
                 HAS_BIAS, NORM, BLOCK_E, BLOCK_K, BLOCK_G, CUDA_MATH)  # fmt: skip
 
 
-FUSED_MAX_TOKENS = 64  # the most tokens routed in the router's launch (each stream's counters)
 ROUTER_TILE = 8192  # router weight elements one program of that launch reads
 _counters: dict[torch.device, torch.Tensor] = {}
 
@@ -170,15 +169,12 @@ def grouped_topk_triton(
     ``router_weight`` [E, H], the first argument is the hidden states [M, H] instead, and the
     logits their products with it: for up to ``FUSED_MAX_TOKENS`` tokens in the same launch
     (the weight read by column blocks over many programs, float32 products and sums), else
-    by one matmul (float32 out) first."""
+    by ``routing.router_scores`` first."""
     if router_weight is not None:
         x = router_logits
         counters = _counters_of(x.device)
         if x.shape[0] > FUSED_MAX_TOKENS or not x.is_contiguous() or counters is None:
-            if x.dtype == router_weight.dtype and x.element_size() == 2 and x.is_cuda:
-                router_logits = torch.mm(x, router_weight.t(), out_dtype=torch.float32)
-            else:
-                router_logits = torch.mm(x.float(), router_weight.float().t())
+            router_logits = router_scores(x, router_weight)
         else:
             return _router_topk(x, router_weight, counters, top_k, correction_bias, n_group,
                                 topk_group, norm_topk_prob, routed_scaling_factor)  # fmt: skip

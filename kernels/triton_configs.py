@@ -146,9 +146,8 @@ MOE_CROSSOVER_M: dict[str, int] = {H100: 1024, H200: 1024}
 # DeepSeek-V2-Lite's, V3's and GPT-OSS's projections, 1-16 rows (2026-12-06, BENCHMARKS.md
 # "Dense projections of a decode step"): the fastest at 9 of 13 shapes, 2-7% behind at the
 # others (V3's q_b, o_proj, shared down; GPT-OSS's qkv); "sm90" (the H200) reuses them,
-# unmeasured there. The default
-# fits 99 KiB of shared memory; no GPU but Hopper runs this backend (registry), so it serves
-# the interpreter's tests.
+# unmeasured there. The default fits 99 KiB of shared memory; no GPU but Hopper runs this
+# backend (registry), so it serves the interpreter's tests.
 _H100_SKINNY = {
     "linear": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4, SWAP=1),
     "silu_mul": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4, SWAP=0),

@@ -22,15 +22,16 @@ from pdserve.kernels.mxfp4 import (
     quantize_mxfp4,
     unpack_fp4,
 )
+from pdserve.kernels.routing import FUSED_MAX_TOKENS
 
 _PROJ = {"gate_proj": 0, "up_proj": 1, "down_proj": 2}
 
 # one token's router scores from the float32 GEMV where the weight is larger than this (see
 # ``Router.scores``; BENCHMARKS.md, "A layer's branches side by side")
 ONE_TOKEN_MATMUL_BYTES = 1 << 20
-# up to this many tokens and a router weight of at most this size, the scores are computed in
-# routing's own launch (``grouped_topk``'s ``router_weight``; ``Router.fused_weight``)
-FUSED_ROUTER_TOKENS = 64
+# a router weight of at most this size has its scores computed in routing's own launch, for up
+# to ``routing.FUSED_MAX_TOKENS`` tokens (``grouped_topk``'s ``router_weight``;
+# ``Router.fused_weight``)
 FUSED_ROUTER_BYTES = 1 << 20
 
 
@@ -80,10 +81,10 @@ class Router(Loadable):
 
     def fused_weight(self, x: torch.Tensor) -> torch.Tensor | None:
         """The 16-bit weight for ``grouped_topk`` to take the scores of ``x`` in its own
-        launch: on a GPU, for x of its dtype, up to ``FUSED_ROUTER_TOKENS`` tokens and a weight
+        launch: on a GPU, for x of its dtype, up to ``FUSED_MAX_TOKENS`` tokens and a weight
         of at most ``FUSED_ROUTER_BYTES``; else None (``scores`` first)."""
         w = self.weight16
-        if w is None or x.dtype != w.dtype or x.shape[0] > FUSED_ROUTER_TOKENS:
+        if w is None or x.dtype != w.dtype or x.shape[0] > FUSED_MAX_TOKENS:
             return None
         return w if w.numel() * w.element_size() <= FUSED_ROUTER_BYTES else None
 
