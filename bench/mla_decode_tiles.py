@@ -12,8 +12,8 @@ relative error against the kernel's own default, and whether its shared memory f
 block (99 KB, ``mla_decode_smem``); the peers' ms. Rows store each candidate under
 ``new(<tiles>)``: the kernel as it is (``bench/results/mla-decode-configs-H100.json`` also holds
 ``old(<tiles>)`` rows, the same tiles under the grid order before head blocks varied fastest).
-``--split-factors 1,2,4``: each candidate also with 2x and 4x the kernel's split count
-(``split_count``), stored as ``new(<tiles>)x<factor>`` with the count used.
+``--split-factors 0.5,1,2``: each candidate also with half and twice the kernel's split count
+(``split_count``, rounded, at least 1), stored as ``new(<tiles>)x<factor>`` with the count used.
 """
 
 from __future__ import annotations
@@ -36,6 +36,10 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
 def main(argv: list[str] | None = None) -> int:
     from pdserve.bench.kernels import mla_case, mla_peers, ms_graph
     from pdserve.bench.result_file import write_result
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=_ints, default=(128, 16), help="of 16, 128")
     p.add_argument("--batches", type=_ints, default=(1, 8, 32, 128))
     p.add_argument("--contexts", type=_ints, default=(1024, 4096, 32768), help="<= 32768 each")
-    p.add_argument("--split-factors", type=_ints, default=(1,), help="x the kernel's split count")
+    p.add_argument("--split-factors", type=_floats, default=(1.0,), help="x the kernel's splits")
     args = p.parse_args(argv)
     if bad := sorted(set(args.heads) - set(CANDIDATES)):
         p.error(f"--heads {bad}: candidates exist for {sorted(CANDIDATES)}")
@@ -79,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
                 r: dict = {"heads": heads, "B": b, "ctx": ctx, "t": {}}
                 for c, factor in ((c, f) for c in CANDIDATES[heads] for f in args.split_factors):
                     cfg = dict(BLOCK_H=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
-                    splits = factor * split_count(
+                    base = split_count(
                         b, -(-heads // c[0]), table.shape[1] * 64, c[1], sm_count(q.device)
                     )
+                    splits = max(1, round(factor * base))
                     call = (q, cache, table, lens, 0.07, 512)
                     got = mla_decode_triton(*call, config=cfg, num_splits=splits)
-                    r["t"][f"new{c}" if factor == 1 else f"new{c}x{factor}"] = {
+                    r["t"][f"new{c}" if factor == 1 else f"new{c}x{factor:g}"] = {
                         "ms": ms_graph(mla_decode_triton, *call, config=cfg, num_splits=splits),
                         "err": float((got.float() - ref.float()).norm() / ref.float().norm()),
                         "fits99": mla_decode_smem(cfg, 576) <= 99 * 1024,

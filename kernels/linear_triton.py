@@ -105,7 +105,7 @@ def linear_triton(
         return linear_torch(x, weight, bias, silu_mul=silu_mul)
     assert weight.shape[1] == k and weight.shape[0] % (2 if gated else 1) == 0, weight.shape
     keys = triton_configs.device_keys(x.device)
-    cfg = config or triton_configs.skinny_linear_config(keys, gated)
+    cfg = config or triton_configs.skinny_linear_config(keys, gated, n)
     y = torch.empty((t, n), dtype=x.dtype, device=x.device)
     _skinny_linear_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x, weight, bias if bias is not None else weight, y, t, n, k,

@@ -145,11 +145,17 @@ MOE_CROSSOVER_M: dict[str, int] = {H100: 1024, H200: 1024}
 # are one tile per kind chosen from 30 candidates, in CUDA graphs with cold weights, at
 # DeepSeek-V2-Lite's, V3's and GPT-OSS's projections, 1-16 rows (2026-12-06, BENCHMARKS.md
 # "Dense projections of a decode step"): the fastest at 9 of 13 shapes, 2-7% behind at the
-# others (V3's q_b, o_proj, shared down; GPT-OSS's qkv); "sm90" (the H200) reuses them,
-# unmeasured there. The default fits 99 KiB of shared memory; no GPU but Hopper runs this
-# backend (registry), so it serves the interpreter's tests.
+# others (V3's q_b, o_proj, shared down; GPT-OSS's qkv). A second sweep of the same grid
+# (bench.linear_tiles, 2026-12-06, bench/results/linear-tiles-H100.json) put that plain tile at
+# 0.86-1.01x cuBLAS on the outputs of 4096 rows and more, where 64 x 128 tiles ran 1.03-1.27x
+# its speed (V3's o_proj 92.3 -> 78.3 us, shared down 14.5 -> 11.6 us), and at 0.82-0.96x it
+# below 4096 rows: "linear_wide" from WIDE_LINEAR_N output rows (not yet timed in a step).
+# "sm90" (the H200) reuses them, unmeasured there. The default fits 99 KiB of shared memory;
+# no GPU but Hopper runs this backend (registry), so it serves the interpreter's tests.
+WIDE_LINEAR_N = 4096
 _H100_SKINNY = {
     "linear": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4, SWAP=1),
+    "linear_wide": dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, SWAP=1),
     "silu_mul": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4, SWAP=0),
 }
 SKINNY_LINEAR: dict[str, dict[str, Config]] = {
@@ -162,11 +168,17 @@ SKINNY_LINEAR: dict[str, dict[str, Config]] = {
 }
 
 
-def skinny_linear_config(keys: tuple[str, ...], silu_mul: bool) -> Config:
-    """The tiles of ``linear_triton`` under the device's keys, most specific first."""
+def skinny_linear_config(keys: tuple[str, ...], silu_mul: bool, n: int = 0) -> Config:
+    """The tiles of ``linear_triton`` for ``n`` output rows under the device's keys, most
+    specific first: its "linear_wide" entry from WIDE_LINEAR_N rows where it has one."""
     for key in keys:
         if key in SKINNY_LINEAR:
-            return SKINNY_LINEAR[key]["silu_mul" if silu_mul else "linear"]
+            tiles = SKINNY_LINEAR[key]
+            if silu_mul:
+                return tiles["silu_mul"]
+            return (
+                tiles.get("linear_wide", tiles["linear"]) if n >= WIDE_LINEAR_N else tiles["linear"]
+            )
     raise KeyError(f"no linear config for {keys}")
 
 

@@ -83,3 +83,22 @@ def test_more_rows_a_bias_with_the_activation_and_no_rows_take_the_reference(dev
     torch.testing.assert_close(got, linear_torch(x[:3], w, b, silu_mul=silu_mul_torch))
     assert marked == [(3, 24)]
     assert linear_triton(x[:0], w).shape == (0, 24)
+
+
+def test_hopper_tiles_by_output_rows():
+    """On sm_90 plain projections of WIDE_LINEAR_N output rows and more take the wide tiles,
+    gate/up its own whatever the width; the default table has one plain tile for every width."""
+    from pdserve.kernels.triton_configs import (
+        SKINNY_LINEAR,
+        WIDE_LINEAR_N,
+        skinny_linear_config,
+    )
+
+    hopper, cpu = ("NVIDIA H100 80GB HBM3", "sm90", "default"), ("default",)
+    tiles = SKINNY_LINEAR["sm90"]
+    assert skinny_linear_config(hopper, False, WIDE_LINEAR_N - 1) == tiles["linear"]
+    assert skinny_linear_config(hopper, False, WIDE_LINEAR_N) == tiles["linear_wide"]
+    assert skinny_linear_config(hopper, True, 4 * WIDE_LINEAR_N) == tiles["silu_mul"]
+    assert tiles["linear_wide"]["BLOCK_N"] > tiles["linear"]["BLOCK_N"]
+    plain = SKINNY_LINEAR["default"]["linear"]
+    assert skinny_linear_config(cpu, False, 7168) == skinny_linear_config(cpu, False, 16) == plain
