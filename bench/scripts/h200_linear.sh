@@ -8,13 +8,13 @@
 source "$(dirname "$0")/gpu_env.sh"
 PARTS=${PARTS:-tests,tiles,steps}
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
-has tests && stamp tests && timeout 150 python3 -m pytest -q -p no:cacheprovider \
+has tests && stamp tests && timeout 230 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_linear.py tests/kernels/test_routing.py tests/kernels/test_registry.py \
   tests/cluster/model/test_triton_glue.py tests/cluster/model/test_attention.py \
   tests/bench/test_linear_tiles.py > /tmp/tests.log 2>&1
 has tests && grep -E "passed|failed|^E |Error" /tmp/tests.log | tail -12
-has tiles && stamp tiles && timeout 200 python3 -m pdserve.bench.linear_tiles --rows 1,8 \
-  --budget-s 150 --out "$OUT/linear-tiles-${GPU}${TAG}.json" 2>&1 | grep -v Warning | tail -30
+has tiles && stamp tiles && timeout 150 python3 -m pdserve.bench.linear_tiles --rows 1,8 \
+  --budget-s 110 --out "$OUT/linear-tiles-${GPU}${TAG}.json" 2>&1 | grep -v Warning | tail -30
 for preset in deepseek-v2-lite deepseek-v3-4l gpt-oss-20b; do
   has steps || break
   [ -f /tmp/cfg-$preset/config.json ] || python3 -m pdserve make-model --preset $preset \
