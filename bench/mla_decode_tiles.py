@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -32,12 +33,9 @@ CANDIDATES = {
 }  # fmt: skip
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split(","))
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in text.split(","))
+def _numbers(kind: type) -> Callable[[str], tuple]:
+    """An argparse type: comma-separated numbers of ``kind``."""
+    return lambda text: tuple(kind(v) for v in text.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,10 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=400.0, help="stop adding points after this")
     p.add_argument("--table-tokens", type=int, default=0, help="block tables this wide (<= 32768)")
     p.add_argument("--out", help="result JSON (default bench/results/mla-decode-tiles-<gpu>.json)")
-    p.add_argument("--heads", type=_ints, default=(128, 16), help="of 16, 128")
-    p.add_argument("--batches", type=_ints, default=(1, 8, 32, 128))
-    p.add_argument("--contexts", type=_ints, default=(1024, 4096, 32768), help="<= 32768 each")
-    p.add_argument("--split-factors", type=_floats, default=(1.0,), help="x the kernel's splits")
+    ints, floats = _numbers(int), _numbers(float)
+    p.add_argument("--heads", type=ints, default=(128, 16), help="of 16, 128")
+    p.add_argument("--batches", type=ints, default=(1, 8, 32, 128))
+    p.add_argument("--contexts", type=ints, default=(1024, 4096, 32768), help="<= 32768 each")
+    p.add_argument("--split-factors", type=floats, default=(1.0,), help="x the kernel's splits")
     args = p.parse_args(argv)
     if bad := sorted(set(args.heads) - set(CANDIDATES)):
         p.error(f"--heads {bad}: candidates exist for {sorted(CANDIDATES)}")

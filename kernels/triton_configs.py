@@ -174,11 +174,8 @@ def skinny_linear_config(keys: tuple[str, ...], silu_mul: bool, n: int = 0) -> C
     for key in keys:
         if key in SKINNY_LINEAR:
             tiles = SKINNY_LINEAR[key]
-            if silu_mul:
-                return tiles["silu_mul"]
-            return (
-                tiles.get("linear_wide", tiles["linear"]) if n >= WIDE_LINEAR_N else tiles["linear"]
-            )
+            wide = n >= WIDE_LINEAR_N and "linear_wide" in tiles
+            return tiles["silu_mul" if silu_mul else "linear_wide" if wide else "linear"]
     raise KeyError(f"no linear config for {keys}")
 
 
