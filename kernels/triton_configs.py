@@ -149,7 +149,9 @@ MOE_CROSSOVER_M: dict[str, int] = {H100: 1024, H200: 1024}
 # (bench.linear_tiles, 2026-12-06, bench/results/linear-tiles-H100.json) put that plain tile at
 # 0.86-1.01x cuBLAS on the outputs of 4096 rows and more, where 64 x 128 tiles ran 1.03-1.27x
 # its speed (V3's o_proj 92.3 -> 78.3 us, shared down 14.5 -> 11.6 us), and at 0.82-0.96x it
-# below 4096 rows: "linear_wide" from WIDE_LINEAR_N output rows (not yet timed in a step).
+# below 4096 rows: "linear_wide" from WIDE_LINEAR_N output rows. In a step deepseek-v3-4l
+# replayed 2.03 / 3.17 / 6.39 ms at batch 1 / 8 / 64 with them, against 2.07 / 3.28 / 6.37 ms
+# with the 32 x 256 tile on another H100 the same day (not one machine; BENCHMARKS.md).
 # "sm90" (the H200) reuses them, unmeasured there. The default fits 99 KiB of shared memory;
 # no GPU but Hopper runs this backend (registry), so it serves the interpreter's tests.
 WIDE_LINEAR_N = 4096
