@@ -7,7 +7,7 @@ if [ ! -f "$M/config.json" ]; then
   (time python3 -m pdserve make-model --preset deepseek-v2-lite --mxfp4 --out "$M") > "$OUT/make-model.log" 2>&1 &
 fi
 TESTS=${TESTS:-tests/cluster/test_engine_gpu.py tests/cluster/test_tensor_parallel.py tests/e2e/test_cluster_gpu.py}
-timeout 240 python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -15
+timeout -s INT -k 20 240 python3 -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -15
 wait
 tail -4 "$OUT/make-model.log" 2>/dev/null
 python3 -m pdserve.bench.decode_step --model "$M" --batches 1,8,32,64 --context 1024 --steps 32 \

@@ -12,6 +12,6 @@ stamp check
 PYTHONPATH=$PYTHONPATH:. timeout 200 python3 -m pdserve.bench.flashinfer_check \
   --json "$OUT/flashinfer-check-${GPU}${TAG}.json" 2>&1 | grep -v Warning | tail -20
 stamp e2e
-timeout 240 python3 -m pytest -x -q -rfs --tb=short -p no:cacheprovider -m gpu \
+timeout -s INT -k 20 240 python3 -m pytest -x -q -rfs --tb=short -p no:cacheprovider -m gpu \
   tests/e2e/test_cluster_gpu.py -k flashinfer 2>&1 | grep -E "near-ties|passed|failed|skipped|Error|assert" | tail -15
 stamp done

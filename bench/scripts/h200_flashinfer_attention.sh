@@ -13,7 +13,7 @@ C=/tmp/cfg-deepseek-v3-4l
 [ -f $C/config.json ] || python3 -m pdserve make-model --preset deepseek-v3-4l --config-only --out $C > /dev/null
 python3 -c "from pdserve.kernels.mla_decode_flashinfer import unavailable as u; print('flashinfer mla:', u() or 'ready')"
 stamp tests
-timeout 240 python3 -m pytest -q -rfs --tb=short -p no:cacheprovider tests/kernels/test_mla_decode_flashinfer.py \
+timeout -s INT -k 20 240 python3 -m pytest -q -rfs --tb=short -p no:cacheprovider tests/kernels/test_mla_decode_flashinfer.py \
   tests/cluster/test_engine_gpu.py tests/kernels/test_gqa_attention.py ${K:+-k "$K"} 2>&1 | grep -E "passed|failed|skipped|^E |Error" | tail -14
 [ "${GQA:-1}" = 1 ] && stamp gqa-attention && timeout 150 python3 -m pdserve.bench.gqa_attention --budget-s 90 \
   --json "$OUT/gqa-attention-${GPU}${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -22

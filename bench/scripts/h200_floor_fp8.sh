@@ -12,10 +12,10 @@ done
 [ -f /tmp/cfg-fp8-v3-4l/config.json ] || python3 -m pdserve make-model --preset deepseek-v3-4l --fp8 \
   --config-only --out /tmp/cfg-fp8-v3-4l > /dev/null
 stamp tests
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_gemm.py \
+timeout -s INT -k 20 60 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_gemm.py \
   tests/cluster/model/test_layers.py > /tmp/tests.log 2>&1
 grep -E "passed|failed|^E " /tmp/tests.log | tail -8
-timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/e2e/test_cluster_gpu.py > /tmp/e2e.log 2>&1
+timeout -s INT -k 20 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/e2e/test_cluster_gpu.py > /tmp/e2e.log 2>&1
 grep -E "passed|failed|^E " /tmp/e2e.log | tail -8
 stamp fp8-gemm
 timeout 120 python3 -m pdserve.bench.fp8_gemm --out "$OUT/fp8_gemm-${GPU}${TAG}.json" 2>&1 | grep --line-buffered -v Warning | tail -40

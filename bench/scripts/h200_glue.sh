@@ -9,7 +9,7 @@ for p in gpt-oss-20b deepseek-v3-4l; do
   [ -f "/tmp/cfg-$p/config.json" ] || python3 -m pdserve make-model --preset "$p" --config-only --out "/tmp/cfg-$p" > /dev/null
 done
 stamp tests
-timeout 120 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/kernels/test_rms_norm.py \
+timeout -s INT -k 20 120 python3 -m pytest -q -rf --tb=short -p no:cacheprovider tests/kernels/test_rms_norm.py \
   tests/kernels/test_rope.py tests/kernels/test_routing.py tests/kernels/test_moe_small_m.py \
   tests/cluster/model/test_triton_glue.py 2>&1 | grep -vi warning | tail -12
 TORCH=rms_norm=torch,rope=torch,grouped_topk=torch

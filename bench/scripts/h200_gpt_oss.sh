@@ -12,7 +12,7 @@ flashinfer_site
 [ -f /tmp/cfg-gpt-oss-20b/config.json ] || python3 -m pdserve make-model --preset gpt-oss-20b \
   --config-only --out /tmp/cfg-gpt-oss-20b > /dev/null
 stamp tests
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gqa_attention.py \
+timeout -s INT -k 20 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_gqa_attention.py \
   tests/cluster/test_gpt_oss_matches_transformers.py "tests/cluster/test_engine_gpu.py::test_gpt_oss_float32_on_the_gpu_matches_transformers" \
   > /tmp/tests.log 2>&1
 grep -E "passed|failed|^E " /tmp/tests.log | tail -8

@@ -8,7 +8,7 @@ G=/tmp/cfg-gpt-oss-20b
 RATES=${RATES:-2,6}
 [ -f $G/config.json ] || python3 -m pdserve make-model --preset gpt-oss-20b --config-only --out $G > /dev/null
 stamp e2e-tiny
-timeout 200 python3 -m pytest -x -q -rfs --tb=short -p no:cacheprovider -m gpu \
+timeout -s INT -k 20 200 python3 -m pytest -x -q -rfs --tb=short -p no:cacheprovider -m gpu \
   tests/e2e/test_cluster_gpu.py -k gpt_oss 2>&1 | grep -E "passed|failed|skipped|Error|assert" | tail -8
 stamp up
 sed "s#/data/gpt-oss-20b#$G#" deploy/configs/gpt_oss_20b_1p1d_one_gpu.yaml > /tmp/gpt-oss-1p1d.yaml

@@ -8,7 +8,7 @@
 source "$(dirname "$0")/gpu_env.sh"
 PARTS=${PARTS:-tests,tiles,steps}
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
-has tests && stamp tests && timeout 230 python3 -m pytest -q -p no:cacheprovider \
+has tests && stamp tests && timeout -s INT -k 20 230 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_linear.py tests/kernels/test_routing.py tests/kernels/test_registry.py \
   tests/cluster/model/test_triton_glue.py tests/cluster/model/test_attention.py \
   tests/bench/test_linear_tiles.py > /tmp/tests.log 2>&1

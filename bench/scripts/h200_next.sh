@@ -11,7 +11,7 @@ if [ ! -f "$M/config.json" ]; then
   MAKER=$!
 fi
 stamp tests
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/cluster/test_engine_gpu.py tests/cluster/test_async_engine.py \
+timeout -s INT -k 20 150 python3 -m pytest -q -p no:cacheprovider tests/cluster/test_engine_gpu.py tests/cluster/test_async_engine.py \
   "tests/cluster/test_tensor_parallel.py::test_tp2_over_nccl_matches_one_gpu" > /tmp/tests.log 2>&1
 grep -E "passed|failed|^E " /tmp/tests.log | tail -8
 stamp kv-transfer

@@ -8,9 +8,9 @@ for p in gpt-oss-20b deepseek-v3-4l deepseek-v2-lite; do
   [ -f "/tmp/cfg-$p/config.json" ] || python3 -m pdserve make-model --preset "$p" --config-only --out "/tmp/cfg-$p" > /dev/null
 done
 stamp tests
-timeout 60 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/kernels/test_fp8_gemm.py \
+timeout -s INT -k 20 60 python3 -m pytest -q -rf --tb=line -p no:cacheprovider tests/kernels/test_fp8_gemm.py \
   tests/cluster/model/test_layers.py 2>&1 | grep -vi warning | tail -12
-timeout 150 python3 -m pytest -q -rf --tb=line -p no:cacheprovider -m gpu tests/e2e/test_cluster_gpu.py 2>&1 \
+timeout -s INT -k 20 150 python3 -m pytest -q -rf --tb=line -p no:cacheprovider -m gpu tests/e2e/test_cluster_gpu.py 2>&1 \
   | grep -vi warning | tail -8
 stamp fp8-gemm
 timeout 90 python3 -m pdserve.bench.fp8_gemm --m 1,8,64,2048 --out "$OUT/fp8_gemm-${GPU}${TAG}.json" 2>&1 \

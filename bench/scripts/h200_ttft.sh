@@ -19,7 +19,7 @@ if [ "${1:-}" = check ]; then
     MAKER=$!
   fi
   stamp tests
-  timeout 170 python3 -m pytest -q -p no:cacheprovider tests/cluster/test_kv_transport.py \
+  timeout -s INT -k 20 170 python3 -m pytest -q -p no:cacheprovider tests/cluster/test_kv_transport.py \
     tests/cluster/test_engine_gpu.py tests/cluster/test_async_engine.py > /tmp/tests.log 2>&1
   grep -E "passed|failed|^E " /tmp/tests.log | tail -8
   stamp kv-transfer
