@@ -170,7 +170,7 @@ SKINNY_LINEAR: dict[str, dict[str, Config]] = {
 }
 
 
-def skinny_linear_config(keys: tuple[str, ...], silu_mul: bool, n: int = 0) -> Config:
+def skinny_linear_config(keys: tuple[str, ...], silu_mul: bool, n: int) -> Config:
     """The tiles of ``linear_triton`` for ``n`` output rows under the device's keys, most
     specific first: its "linear_wide" entry from WIDE_LINEAR_N rows where it has one."""
     for key in keys:
@@ -244,9 +244,8 @@ def default_smem(op: str) -> int:
     if op == "mla_decode":
         return max(mla_decode_smem(c, 576) for c in MLA_DECODE["default"].values())
     if op == "linear":
-        tiles = SKINNY_LINEAR["default"]
-        gated = skinny_linear_smem(tiles["silu_mul"])
-        return max(skinny_linear_smem(tiles["linear"], silu_mul=False), gated)
+        tiles = SKINNY_LINEAR["default"]  # every kind it holds, plain and gated
+        return max(skinny_linear_smem(c, silu_mul=kind == "silu_mul") for kind, c in tiles.items())
     if op == "mla_prefill":  # q tile + staged K and V tiles at DeepSeek's 192 / 128
         return max(
             (c["BLOCK_M"] * 192 + max(c["num_stages"], 1) * c["BLOCK_N"] * (192 + 128)) * 2
