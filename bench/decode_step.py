@@ -54,7 +54,8 @@ def _produce(args, batch: int) -> int:
     return MARGIN + 3 * args.steps + 2 * -(-batch * args.context // _chunk(args))
 
 
-def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
+def _engine(args, graphs: str, max_batch: int, role: str = "decode", **kw) -> LLMEngine:
+    """The engine the timings run (``kw``: more EngineConfig fields)."""
     longest = max([args.context, *args.prefill_tokens])
     chunk = _chunk(args)
     tail = _produce(args, max_batch)
@@ -66,7 +67,7 @@ def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
             random_weights_seed=args.random_weights,
             dtype=args.dtype,
             device=args.device,
-            role="decode",
+            role=role,
             tp=args.tp,
             gpus_per_rank=1 if args.tp > 1 else 0,
             decode_graphs=graphs,
@@ -84,6 +85,7 @@ def _engine(args, graphs: str, max_batch: int) -> LLMEngine:
                 max_num_batched_tokens=chunk,
                 max_model_len=longest + tail,
             ),
+            **kw,
         )
     )
 
@@ -200,15 +202,19 @@ def _replay_ms(engine: LLMEngine, batch: int, steps: int) -> float | None:
     graphs = getattr(engine.runner, "graphs", None)
     if graphs is None or not graphs.graphs:
         return None
-    graph = graphs.graphs[graphs.bucket(batch)]
+    return replay_ms(graphs.graphs[graphs.bucket(batch)], steps)
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """GPU ms of one replay of ``graph``: ``reps`` back to back after one untimed."""
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(steps):
+    for _ in range(reps):
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) / steps
+    return start.elapsed_time(end) / reps
 
 
 def time_prefill(engine: LLMEngine, tokens: int, tflops: float) -> dict[str, float]:

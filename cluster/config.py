@@ -219,6 +219,11 @@ class EngineConfig:
     # "eager": the same padded bucket path without capture (CPU tests of the padding)
     decode_graphs: str = "auto"
     decode_graph_max_batch: int = 128  # larger decode steps run eagerly
+    # "auto": steps with prefill chunks replay CUDA graphs on GPUs (roles colocated and
+    # prefill; MLA models without sliding layers; ``mixed_graphs.py``); "off"; "eager": the
+    # padded bucket path without capture (CPU tests of the padding)
+    mixed_graphs: str = "auto"
+    mixed_graph_max_tokens: int = 1024  # steps with more prefill tokens run eagerly
     # plan a pure decode step while the one before runs, its input tokens taken on the device
     # from that step's samples (``Scheduler.schedule_ahead``), where the step before replays a
     # decode graph; False plans every step after the tokens before it are back

@@ -64,6 +64,24 @@ def graph_mode(
     return "capture"
 
 
+def capture_graph(
+    forward: Callable[[], torch.Tensor], device: torch.device, side: torch.cuda.Stream, pool
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``forward`` run once on ``side`` (its compiles and tuning happen outside the capture),
+    then captured into a graph in ``pool`` (None: a new one). The graph and what the captured
+    call returned."""
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: KV transfers may run CUDA work on other threads meanwhile
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        out = forward()
+    return graph, out
+
+
 def fits_graphs(sched: SchedulerOutput, max_batch: int) -> bool:
     """Whether ``sched`` is pure decode and small enough for the largest bucket."""
     chunks = sched.chunks
@@ -152,15 +170,9 @@ class DecodeGraphs:
             if self.plan is not None:  # padding rows alone: each reads the scratch block
                 pad = np.full((b, self.width), self.scratch_block, dtype=np.int32)
                 self.plan([1] * b, pad, self.block_size, b)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up: compiles and tunes outside the capture
-                self._forward(b)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: KV transfers may run CUDA work on other threads meanwhile
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                self.outputs[b] = self._forward(b)
+            graph, self.outputs[b] = capture_graph(
+                lambda b=b: self._forward(b), self.device, side, pool
+            )
             pool = graph.pool()
             self.graphs[b] = graph
         torch.cuda.synchronize(self.device)

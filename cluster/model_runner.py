@@ -23,6 +23,7 @@ from pdserve.cluster.kv_layout import block_rows, gather_blocks, scatter_blocks,
 from pdserve.cluster.kv_sizing import propose_num_blocks
 from pdserve.cluster.kv_transport.kv_peer import KVPeer, local_peer_id
 from pdserve.cluster.kv_transport.peer_client import PeerClient
+from pdserve.cluster.mixed_graphs import MixedGraphs, mixed_buckets, mixed_graph_mode
 from pdserve.cluster.model.causal_lm import build
 from pdserve.cluster.model.weights import load_weights
 from pdserve.cluster.parallel import SINGLE, TensorParallel
@@ -98,6 +99,15 @@ class ModelRunner(Executor):
             config, self.device, tp.graph_safe, self.kernels, model_config.is_gqa
         )
         self.graphs: DecodeGraphs | None = None
+        self.mixed_mode = mixed_graph_mode(
+            config,
+            self.device,
+            tp.graph_safe,
+            self.kernels,
+            mla=not model_config.is_gqa and not self.groups.windowed,
+            host_plan=self._plan_decode is not None,
+        )
+        self.mixed: MixedGraphs | None = None
         if allocate:
             self.allocate_kv(num_blocks or self.propose_num_blocks())
 
@@ -105,9 +115,9 @@ class ModelRunner(Executor):
 
     def allocate_kv(self, num_blocks: int) -> None:
         """Allocate ``num_blocks`` blocks (one more, the spare block no request owns, with
-        decode graphs, whose padding rows write it, or sliding layers, whose tables name it
-        before their window) and capture the decode graphs over them."""
-        graphs = self.graph_mode != "off"
+        decode or mixed-step graphs, whose padding rows write it, or sliding layers, whose
+        tables name it before their window) and capture the graphs over them."""
+        graphs = self.graph_mode != "off" or self.mixed_mode != "off"
         shape = (
             self.groups.num_slots,
             num_blocks + (graphs or self.groups.windowed),
@@ -117,8 +127,8 @@ class ModelRunner(Executor):
         self.kv_caches = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.num_blocks = num_blocks
         warm_up(self.kv_caches)  # the block copies load their kernels now
-        if graphs:
-            most = min(self.config.decode_graph_max_batch, self.config.scheduler.max_num_seqs)
+        most = min(self.config.decode_graph_max_batch, self.config.scheduler.max_num_seqs)
+        if self.graph_mode != "off":
             self.graphs = DecodeGraphs(
                 self.model,
                 self.kv_caches,
@@ -130,6 +140,19 @@ class ModelRunner(Executor):
             )
             self.graphs.capture()
             log.info("%s", self.graphs.describe())
+        if self.mixed_mode != "off":
+            sched = self.config.scheduler
+            rows = 0 if self.config.role == "prefill" else most
+            tokens = min(self.config.mixed_graph_max_tokens, sched.max_num_batched_tokens)
+            self.mixed = MixedGraphs(
+                self.model,
+                self.kv_caches,
+                self.max_model_len,
+                *mixed_buckets(rows, tokens),
+                capture=self.mixed_mode == "capture",
+            )
+            self.mixed.capture()
+            log.info("%s", self.mixed.describe())
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)",
             num_blocks,
@@ -161,15 +184,19 @@ class ModelRunner(Executor):
             windowed=self.groups.windowed,
         )
         start, before = time.perf_counter(), WATCH.totals()["start-up"][0]
-        for step in steps:
-            try:
+        # the eager path, mixed-step graphs aside: serving runs it for steps outside every bucket
+        mixed, self.mixed = self.mixed, None
+        try:
+            for step in steps:
                 self.compute_logits(step)
-            except torch.OutOfMemoryError as e:
-                raise RuntimeError(
-                    f"a step of {step.num_tokens} tokens does not fit in GPU memory beside the "
-                    f"KV cache ({self.num_blocks} blocks): lower max_num_batched_tokens "
-                    f"({sched.max_num_batched_tokens}) or the KV cache's memory fraction"
-                ) from e
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"a step of {step.num_tokens} tokens does not fit in GPU memory beside the "
+                f"KV cache ({self.num_blocks} blocks): lower max_num_batched_tokens "
+                f"({sched.max_num_batched_tokens}) or the KV cache's memory fraction"
+            ) from e
+        finally:
+            self.mixed = mixed
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.kv_caches.zero_()
@@ -255,6 +282,10 @@ class ModelRunner(Executor):
             rows = [i for i, c in enumerate(sched.chunks) if c.sample]
             return logits[torch.tensor(rows, dtype=torch.int64, device=self.device)]
         assert sched.feed_rows is None, "a step planned ahead replays a decode graph"
+        if self.mixed is not None and self.mixed.fits(sched):
+            if layer_done:  # as for decode graphs: the KV is staged after the step
+                layer_done.clear()
+            return self.mixed.run(sched)  # [n, vocab], the sampled chunks' rows
         if self._plan_decode is not None:
             decode = [c for c in sched.chunks if len(c.token_ids) == 1]  # as BatchInputs.of
             self._plan_decode(

@@ -112,6 +112,8 @@ def _engine_config(
         decode_graphs="auto" if pool.cuda_graphs else "off",
         kv_message_timeout_s=pool.kv_transfer_timeout_s,  # a stuck pair is freed as soon
         decode_graph_max_batch=pool.cuda_graph_max_batch,
+        mixed_graphs="auto" if pool.cuda_graphs else "off",
+        mixed_graph_max_tokens=pool.cuda_graph_max_tokens,
         plan_ahead=pool.plan_ahead,
         tp=pool.tp,
         rank_actors=rank_actors,

@@ -141,10 +141,18 @@ class PoolSpec(_Strict):
     cuda_graphs: bool = Field(
         True,
         description="Replay decode steps from CUDA graphs captured per batch-size bucket at "
-        "start-up (GPU decode and colocated pools; prefill pools never decode).",
+        "start-up (GPU decode and colocated pools), and steps with prefill chunks from graphs "
+        "captured per decode-row and token bucket (GPU prefill and colocated pools, MLA models).",
     )
     cuda_graph_max_batch: int = Field(
         128, ge=1, description="Largest decode batch captured; larger steps run eagerly."
+    )
+    cuda_graph_max_tokens: int = Field(
+        1024,
+        ge=0,
+        description="Most prefill tokens of a step replayed from a graph; steps with more, and "
+        "chunks after a cached context longer than their token bucket, run eagerly (0: steps "
+        "with prefill chunks always run eagerly).",
     )
     plan_ahead: bool = Field(
         True,

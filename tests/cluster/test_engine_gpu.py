@@ -116,6 +116,29 @@ def test_decode_graphs_replay_the_tokens_of_eager_steps(which, request):
     assert replayed.blocks.num_used == 0
 
 
+def test_mixed_graphs_replay_the_tokens_of_eager_steps(tiny_model, monkeypatch):
+    """Fresh prompts, a chunked one and prefix-cache hits beside decode rows: steps with
+    prefill chunks replayed from the captured mixed-step graphs give the eager steps' tokens."""
+    from tests.cluster.test_decode_graphs import _staggered
+    from tests.cluster.test_mixed_graphs import _again as mixed_again
+    from tests.cluster.test_mixed_graphs import _prompts as mixed_prompts
+
+    kw = dict(decode_graph_max_batch=4, mixed_graph_max_tokens=64)
+    eager = _engine(tiny_model, "float32", mixed_graphs="off", **kw)
+    replayed = _engine(tiny_model, "float32", **kw)  # auto: captured
+    mixed = replayed.runner.mixed
+    assert eager.runner.mixed is None and len(mixed.graphs) == 2 * 3  # rows 0, 4 x 16, 32, 64
+    keys = []
+    run = mixed.run
+    monkeypatch.setattr(mixed, "run", lambda sched: keys.append(mixed.bucket(sched)) or run(sched))
+    prompts = mixed_prompts(eager.vocab_size)
+    again = mixed_again(prompts)  # after the first block, cached by the first run
+    assert _staggered(replayed, prompts) == _staggered(eager, prompts)
+    assert _staggered(replayed, again) == _staggered(eager, again)
+    assert len(keys) >= len(prompts) and all(k in mixed.graphs for k in keys)
+    assert replayed.blocks.num_used == 0
+
+
 @pytest.mark.parametrize("which", ["tiny_model", "gpt_oss_model"])
 def test_steps_planned_ahead_replay_the_tokens_of_steps_planned_after(which, request):
     """Captured decode graphs, each pure decode step launched while the one before runs, its

@@ -1,0 +1,294 @@
+"""Steps that carry prefill chunks, replayed from CUDA graphs captured per bucket.
+
+Eager, every kernel of a step is one launch from Python: on DeepSeek-V2-Lite (27 layers) a
+step's host work alone takes about 26 ms, so a step that prefills a short prompt waits on the
+host far longer than on the GPU (``bench.mixed_step``). Decode steps replay ``DecodeGraphs``;
+this does the same for steps with prefill chunks (colocated mode, prefill replicas).
+
+A step of ``nd`` decode rows and up to ``MAX_PREFILLS`` prefill chunks of ``tq`` tokens in all,
+whose chunks attend to ``tk`` context tokens (their own included), runs in the graph of bucket
+``(bd, tp)``: the smallest decode bucket ``bd >= nd`` and token bucket ``tp >= tq`` with
+``tk - tq <= tp``. Its layout:
+
+- rows ``[0, bd)``: the decode rows, then padding rows that write their KV into the scratch
+  block and attend only to it (as in ``DecodeGraphs``);
+- rows ``[bd, bd + tp)``: the chunks' tokens, then ``tp - tq`` padding tokens that form one
+  more prefill sequence, writing to and attending over the scratch block's first slot, so that
+  every row of the step is finite;
+- ``MAX_PREFILLS + 1`` prefill sequences: the chunks, empty ones, the padding's; their context
+  rows (``2 * tp`` in all) gathered from the cache, padding entries naming the scratch slot.
+
+The prefill attention's grid takes ``tp`` as its longest query (blocks past a sequence's queries
+do nothing) and reads each sequence's lengths on the device, so one graph serves any chunks that
+fit. Logits come out for every decode row and the last token of every prefill sequence
+(``bd + MAX_PREFILLS`` rows); the caller keeps the rows it samples. Models with sliding layers
+and attention backends that plan on the host (FlashInfer's MLA) run such steps eagerly.
+``capture=False`` runs the same padded path uncaptured: CPU tests check the padding that way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from pdserve.cluster.config import EngineConfig
+from pdserve.cluster.decode_graphs import capture_graph
+from pdserve.cluster.model.attention_metadata import AttentionMetadata
+from pdserve.cluster.scheduler import SchedulerOutput
+from pdserve.kernels import KernelSet
+
+log = logging.getLogger(__name__)
+
+MAX_PREFILLS = 8  # prefill chunks one captured step holds
+
+
+# the ops a mixed step calls whose backends must be graph-safe
+MIXED_OPS = ("moe_small", "moe_large", "mla_decode", "mla_prefill")
+
+
+def mixed_graph_mode(
+    config: EngineConfig,
+    device: torch.device,
+    tp_graph_safe: bool,
+    kernels: KernelSet,
+    mla: bool,  # MLA attention without sliding layers
+    host_plan: bool,  # the MLA decode backend plans each step on the host
+) -> str:
+    """How a worker runs steps with prefill chunks: "capture", "eager" (the padded path,
+    uncaptured) or "off" (the plain eager path). ``mixed_graphs="auto"`` captures on GPUs of
+    the roles that prefill, unless the model, the collectives or a kernel cannot be captured."""
+    mode = config.mixed_graphs
+    if mode not in ("auto", "off", "eager"):
+        raise ValueError(f"mixed_graphs must be auto, off or eager, got {mode!r}")
+    if mode == "off" or config.mixed_graph_max_tokens == 0:
+        return "off"
+    if config.mixed_graph_max_tokens < 2:
+        raise ValueError(
+            f"mixed_graph_max_tokens must be 0 (off) or >= 2, got {config.mixed_graph_max_tokens}"
+        )
+    if not mla or host_plan:
+        why = "the MLA decode plans on the host" if mla else "not an MLA model without windows"
+        log.info("mixed-step CUDA graphs off: %s", why)
+        return "off"
+    if mode == "eager":
+        return "eager"
+    if device.type != "cuda" or config.role == "decode":
+        return "off"
+    if not tp_graph_safe:
+        log.info("mixed-step CUDA graphs off: the tensor-parallel collectives cannot be captured")
+        return "off"
+    unsafe = kernels.not_graph_safe(MIXED_OPS)
+    if unsafe:
+        log.info("mixed-step CUDA graphs off: %s cannot be captured", unsafe)
+        return "off"
+    return "capture"
+
+
+def mixed_buckets(max_batch: int, max_tokens: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(decode-row buckets, token buckets): 0, 4, 16, 64, ... up to ``max_batch`` (always the
+    last; 0 alone for a prefill replica's ``max_batch`` 0), and 16, 32, 64, ... up to
+    ``max_tokens`` (always the last)."""
+    if max_batch < 0 or max_tokens < 2:
+        raise ValueError(f"mixed graph buckets need max_batch >= 0 and max_tokens >= 2, got "
+                         f"{max_batch} and {max_tokens}")  # fmt: skip
+    rows = [0] + [4**i for i in range(1, 8) if 4**i < max_batch]
+    tokens = [16 << i for i in range(20) if 16 << i < max_tokens]
+    return (*rows, *([max_batch] if max_batch else [])), (*tokens, max_tokens)
+
+
+class MixedGraphs:
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: torch.Tensor,  # [L, num_blocks + 1, block_size, width]; the last is scratch
+        max_model_len: int,
+        row_buckets: tuple[int, ...],
+        token_buckets: tuple[int, ...],
+        capture: bool,
+    ) -> None:
+        self.model, self.kv_caches = model, kv_caches
+        self.row_buckets, self.token_buckets = row_buckets, token_buckets
+        self.capture_enabled = capture
+        self.device = dev = kv_caches.device
+        self.block_size = kv_caches.shape[2]
+        self.scratch_block = kv_caches.shape[1] - 1
+        self.width = -(-max_model_len // self.block_size)  # decode block table columns
+        bd, tp, s = row_buckets[-1], token_buckets[-1], MAX_PREFILLS + 1
+        # ===== static inputs, sized for the largest bucket; a bucket's graph reads prefixes =====
+        # [3, bd + tp]: ids, positions, slots (decode rows first, then prefill tokens)
+        self.tokens = torch.zeros(3, bd + tp, dtype=torch.int64, device=dev)
+        self.lens = torch.ones(max(bd, 1), dtype=torch.int32, device=dev)  # [bd]
+        self.table = torch.zeros(max(bd, 1), self.width, dtype=torch.int32, device=dev)
+        self.cu = torch.zeros(2, s + 1, dtype=torch.int32, device=dev)  # [2, S + 1]: q, k
+        self.ctx = torch.zeros(2 * tp, dtype=torch.int64, device=dev)  # [2 tp] context slots
+        self.rows = torch.zeros(bd + MAX_PREFILLS, dtype=torch.int64, device=dev)  # logit rows
+        pin = dev.type == "cuda"
+        self._h_tokens = torch.zeros(3, bd + tp, dtype=torch.int64, pin_memory=pin)
+        self._h_lens = torch.ones(max(bd, 1), dtype=torch.int32, pin_memory=pin)
+        self._h_table = torch.zeros(max(bd, 1), self.width, dtype=torch.int32, pin_memory=pin)
+        self._h_cu = torch.zeros(2, s + 1, dtype=torch.int32, pin_memory=pin)
+        self._h_ctx = torch.zeros(2 * tp, dtype=torch.int64, pin_memory=pin)
+        self._h_rows = torch.zeros(bd + MAX_PREFILLS, dtype=torch.int64, pin_memory=pin)
+        self._staged = torch.cuda.Event() if pin else None  # the staging's last copies
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        # [bd + S, vocab] float32: every bucket's logits, in one buffer (made by the first run,
+        # outside any capture) rather than one per graph
+        self.logits: torch.Tensor | None = None
+
+    def bucket(self, sched: SchedulerOutput) -> tuple[int, int] | None:
+        """The step's ``(bd, tp)``, or None where it runs eagerly: pure decode, more prefill
+        chunks or tokens than the largest bucket holds, or sliding tables."""
+        chunks = sched.chunks
+        nd = sched.num_decode_chunks
+        prefill = chunks[nd:]
+        if not prefill or len(prefill) > MAX_PREFILLS or chunks[0].window_block_ids:
+            return None
+        tq = sum(len(c.token_ids) for c in prefill)
+        tk = sum(c.end for c in prefill)
+        bd = next((b for b in self.row_buckets if b >= nd), None)
+        tp = next((t for t in self.token_buckets if t >= max(tq, tk - tq)), None)
+        if bd is None or tp is None:
+            return None
+        return bd, tp
+
+    def fits(self, sched: SchedulerOutput) -> bool:
+        return self.bucket(sched) is not None
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first, in one pool (a no-op without capture)."""
+        if not self.capture_enabled:
+            return
+        start = time.perf_counter()
+        pool = None
+        side = torch.cuda.Stream(self.device)
+        for key in sorted(((b, t) for b in self.row_buckets for t in self.token_buckets),
+                          key=lambda k: (-k[1], -k[0])):  # fmt: skip
+            self._stage_padding(*key)
+            graph, _ = capture_graph(lambda k=key: self._forward(*k), self.device, side, pool)
+            pool = graph.pool()
+            self.graphs[key] = graph
+        torch.cuda.synchronize(self.device)
+        log.info(
+            "mixed-step CUDA graphs for %d decode-row x %d token buckets captured in %.1fs",
+            len(self.row_buckets),
+            len(self.token_buckets),
+            time.perf_counter() - start,
+        )
+
+    @torch.inference_mode()
+    def run(self, sched: SchedulerOutput) -> torch.Tensor:
+        """[n, vocab] float32 logits of the step's sampled chunks, in chunk order."""
+        key = self.bucket(sched)
+        assert key is not None, "a step that fits no mixed bucket"
+        bd, tp = key
+        nd = sched.num_decode_chunks
+        tokens, lens, table, cu, ctx, rows = self._fresh(bd, tp)
+        bs = self.block_size
+        sample: list[int] = []
+        for i, c in enumerate(sched.chunks[:nd]):
+            p = c.start
+            assert len(c.block_ids) <= self.width, (len(c.block_ids), self.width)
+            tokens[:, i] = c.token_ids[0], p, c.block_ids[p // bs] * bs + p % bs
+            lens[i] = p + 1
+            table[i, : len(c.block_ids)] = c.block_ids
+            if c.sample:
+                sample.append(i)
+        q = k = 0  # prefill tokens and context rows so far
+        for j, c in enumerate(sched.chunks[nd:]):
+            n, ids = len(c.token_ids), c.block_ids
+            r = bd + q
+            tokens[0, r : r + n] = c.token_ids
+            tokens[1, r : r + n] = np.arange(c.start, c.end)
+            pos = np.arange(c.end)  # context: positions 0 .. end, the chunk's own included
+            slots = np.asarray(ids, dtype=np.int64)[pos // bs] * bs + pos % bs
+            tokens[2, r : r + n] = slots[c.start :]
+            ctx[k : k + c.end] = slots
+            q, k = q + n, k + c.end
+            cu[:, j + 1] = q, k
+            rows[bd + j] = r + n - 1
+            if c.sample:
+                sample.append(bd + j)
+        cu[0, j + 2 : MAX_PREFILLS + 1] = q  # empty sequences, then the padding's
+        cu[1, j + 2 : MAX_PREFILLS + 1] = k
+        cu[:, MAX_PREFILLS + 1] = tp, k + tp - q
+        self._copy(bd, tp)
+        if key in self.graphs:
+            self.graphs[key].replay()
+            logits = self.logits[: bd + MAX_PREFILLS]
+        else:
+            logits = self._forward(bd, tp)
+        index = torch.tensor(sample, dtype=torch.int64).to(self.device, non_blocking=True)
+        return logits.index_select(0, index)
+
+    def _fresh(self, bd: int, tp: int) -> tuple[np.ndarray, ...]:
+        """The host staging for bucket (bd, tp), reset to a step of padding alone: padding
+        rows and tokens on the scratch block, every prefill sequence empty but the padding's."""
+        if self._staged is not None:  # the last step's copies: long done, as a rule
+            self._staged.synchronize()
+        scratch_slot = self.scratch_block * self.block_size
+        tokens, lens, table = self._h_tokens.numpy(), self._h_lens.numpy(), self._h_table.numpy()
+        cu, ctx, rows = self._h_cu.numpy(), self._h_ctx.numpy(), self._h_rows.numpy()
+        tokens[:, : bd + tp] = 0
+        tokens[2, : bd + tp] = scratch_slot
+        lens[:bd] = 1
+        table[:bd] = self.scratch_block
+        ctx[: 2 * tp] = scratch_slot
+        cu[:, :] = 0
+        cu[:, MAX_PREFILLS + 1] = tp
+        rows[:bd] = np.arange(bd)
+        rows[bd : bd + MAX_PREFILLS] = bd  # empty sequences: any row
+        return tokens, lens, table, cu, ctx, rows
+
+    def _stage_padding(self, bd: int, tp: int) -> None:
+        self._fresh(bd, tp)
+        self._copy(bd, tp)
+
+    def _copy(self, bd: int, tp: int) -> None:
+        """The host staging's bucket (bd, tp) to the static inputs, row by row (a strided
+        pinned source would be staged through pageable memory)."""
+        for r in range(3):
+            self.tokens[r, : bd + tp].copy_(self._h_tokens[r, : bd + tp], non_blocking=True)
+        if bd:
+            self.lens[:bd].copy_(self._h_lens[:bd], non_blocking=True)
+            self.table[:bd].copy_(self._h_table[:bd], non_blocking=True)
+        for r in range(2):
+            self.cu[r].copy_(self._h_cu[r], non_blocking=True)
+        self.ctx[: 2 * tp].copy_(self._h_ctx[: 2 * tp], non_blocking=True)
+        n = bd + MAX_PREFILLS
+        self.rows[:n].copy_(self._h_rows[:n], non_blocking=True)
+        if self._staged is not None:
+            self._staged.record(torch.cuda.current_stream(self.device))
+
+    def _forward(self, bd: int, tp: int) -> torch.Tensor:  # [bd + S, vocab]
+        t = bd + tp
+        meta = AttentionMetadata(
+            slot_mapping=self.tokens[2, :t],
+            num_decode_tokens=bd,
+            decode_block_table=self.table[:bd],
+            decode_seq_lens=self.lens[:bd],
+            prefill_cu_seqlens_q=self.cu[0],
+            prefill_cu_seqlens_k=self.cu[1],
+            prefill_ctx_slots=self.ctx[: 2 * tp],
+            prefill_max_q=tp,
+            prefill_max_k=2 * tp,
+        )
+        hidden = self.model(self.tokens[0, :t], self.tokens[1, :t], self.kv_caches, meta)
+        logits = self.model.compute_logits(hidden[self.rows[: bd + MAX_PREFILLS]])
+        if self.logits is None:
+            rows = self.row_buckets[-1] + MAX_PREFILLS
+            self.logits = logits.new_empty(rows, logits.shape[1])
+        out = self.logits[: bd + MAX_PREFILLS]
+        out.copy_(logits)
+        return out
+
+    def describe(self) -> str:
+        mode = "captured" if self.graphs else "eager (not captured)"
+        return (
+            f"mixed-step graphs {mode} for decode rows {','.join(map(str, self.row_buckets))} "
+            f"x tokens {','.join(map(str, self.token_buckets))}"
+        )

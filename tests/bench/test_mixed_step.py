@@ -1,0 +1,26 @@
+"""The mixed-step bench runs end to end on CPU: each row's step is the planned mix."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pdserve.bench.mixed_step import main
+
+
+def test_mixed_step_bench_times_each_batch_and_chunk(tiny_model, tmp_path):
+    out = tmp_path / "m.json"
+    args = ["--model", tiny_model, "--device", "cpu", "--batches", "0,2", "--chunks", "8,24"]
+    args += ["--context", "12", "--reps", "2", "--out", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert [(r["batch"], r["chunk"]) for r in result["rows"]] == [(0, 8), (0, 24), (2, 8), (2, 24)]
+    for r in result["rows"]:
+        assert r["eager_ms"] > 0 and r["step_ms"] > 0
+        assert r["replay_ms"] is None and r["not_captured"] == "no CUDA device"
+
+
+def test_mixed_step_bench_rejects_a_chunk_of_one_token(tiny_model, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--model", tiny_model, "--device", "cpu", "--chunks", "1", "--out", str(tmp_path)])

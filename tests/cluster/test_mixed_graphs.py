@@ -1,0 +1,126 @@
+"""The padded bucket path of mixed-step graphs, run eagerly on CPU: the tokens of plain eager
+steps, for fresh prompts, chunked prompts and prefix-cache hits beside decode rows. Capture
+itself runs on GPUs (test_engine_gpu.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
+from pdserve.cluster.mixed_graphs import MAX_PREFILLS, mixed_buckets, mixed_graph_mode
+from pdserve.cluster.scheduler import ScheduledChunk, SchedulerOutput
+from tests.cluster.test_decode_graphs import _staggered
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+def _engine(path: str, mixed: str, decode: str = "eager", **kw) -> LLMEngine:
+    return LLMEngine(
+        EngineConfig(
+            model=path,
+            dtype="float64",  # batch-invariant on CPU: padding may not change a single bit
+            decode_graphs=decode,
+            decode_graph_max_batch=4,
+            mixed_graphs=mixed,
+            mixed_graph_max_tokens=kw.pop("max_tokens", 64),
+            cache=CacheConfig(block_size=16, num_blocks=64),
+            scheduler=SchedulerConfig(max_num_batched_tokens=kw.pop("step_tokens", 64)),
+            **kw,
+        )
+    )
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    rng = random.Random(5)
+    shared = [rng.randrange(4, vocab) for _ in range(20)]  # later prompts hit its first block
+    out = [[rng.randrange(4, vocab) for _ in range(n)] for n in (3, 17, 90, 2, 33)]  # 90: chunked
+    out += [shared + [rng.randrange(4, vocab) for _ in range(n)] for n in (5, 40, 40)]
+    return out
+
+
+def _again(prompts: list[list[int]]) -> list[list[int]]:
+    """Two prompts that share the 20 tokens of ``_prompts``' last three and go on otherwise:
+    once those ran, each hits one cached block and prefills 44 tokens after it."""
+    tail = [max(4, t - 1) for t in prompts[-1][20:]]
+    return [prompts[-1][:20] + tail, prompts[-1][:20] + tail[::-1]]
+
+
+def test_buckets():
+    assert mixed_buckets(64, 1024) == ((0, 4, 16, 64), (16, 32, 64, 128, 256, 512, 1024))
+    assert mixed_buckets(128, 100) == ((0, 4, 16, 64, 128), (16, 32, 64, 100))
+    assert mixed_buckets(0, 16) == ((0,), (16,))
+    assert mixed_buckets(4, 8) == ((0, 4), (8,))
+    with pytest.raises(ValueError, match="got -1 and 16"):
+        mixed_buckets(-1, 16)
+
+
+def test_padded_mixed_steps_give_the_tokens_of_plain_steps(tiny_model, monkeypatch):
+    plain = _engine(tiny_model, "off")
+    prompts = _prompts(plain.vocab_size)
+    again = _again(prompts)  # after the first block, cached by the first run
+    expected = _staggered(plain, prompts) + _staggered(plain, again)
+    assert plain.runner.mixed is None
+
+    padded = _engine(tiny_model, "eager")
+    mixed = padded.runner.mixed
+    assert mixed is not None and not mixed.graphs  # eager: nothing captured
+    keys: list[tuple[int, int]] = []
+    starts: list[int] = []  # prefill chunks' first positions: > 0 after a cached prefix
+
+    def run(sched):
+        keys.append(mixed.bucket(sched))
+        starts.extend(c.start for c in sched.chunks[sched.num_decode_chunks :])
+        return mixed_run(sched)
+
+    mixed_run = mixed.run
+    monkeypatch.setattr(mixed, "run", run)
+    assert _staggered(padded, prompts) + _staggered(padded, again) == expected
+    assert 0 in starts and 16 in starts, str(starts)  # fresh prompts, after a cached block
+    assert any(bd > 0 for bd, _ in keys) and any(bd == 0 for bd, _ in keys)  # with decode rows
+    assert {tp for _, tp in keys} >= {16, 64}
+    # the scratch block took the padding: no request's block was written by it
+    assert padded.blocks.num_used == 0
+
+
+def test_prefill_role_runs_prompts_in_mixed_graphs(tiny_model):
+    plain = _engine(tiny_model, "off", decode="off", role="prefill")
+    padded = _engine(tiny_model, "eager", decode="off", role="prefill")
+    assert padded.runner.mixed.row_buckets == (0,)
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    prompts = _prompts(plain.vocab_size)[:4]
+    assert [o.token_ids for o in padded.generate(prompts, one)] == [
+        o.token_ids for o in plain.generate(prompts, one)
+    ]
+
+
+def _chunk(n: int, start: int = 0, sample: bool = True) -> ScheduledChunk:
+    blocks = tuple(range(-(-(start + n) // 16)))
+    return ScheduledChunk("r", (5,) * n, start, blocks, sample, GREEDY, 0)
+
+
+def test_steps_outside_the_buckets_run_eagerly(tiny_model):
+    mixed = _engine(tiny_model, "eager").runner.mixed  # rows 0, 4; tokens 16, 32, 64
+    assert mixed.bucket(SchedulerOutput((_chunk(1), _chunk(1)))) is None  # pure decode
+    assert mixed.bucket(SchedulerOutput((_chunk(1), _chunk(20)))) == (4, 32)
+    assert mixed.bucket(SchedulerOutput((_chunk(10, start=40),))) == (0, 64)  # 40 before it
+    assert mixed.bucket(SchedulerOutput((_chunk(10, start=70),))) is None  # context past 64
+    assert mixed.bucket(SchedulerOutput((_chunk(65),))) is None
+    assert mixed.bucket(SchedulerOutput((*[_chunk(1)] * 5, _chunk(3)))) is None  # 5 rows
+    many = tuple(_chunk(2) for _ in range(MAX_PREFILLS + 1))
+    assert mixed.bucket(SchedulerOutput(many)) is None
+    assert mixed.bucket(SchedulerOutput(many[:-1])) == (0, 16)
+
+
+def test_mode(tiny_model, gpt_oss_model):
+    runner = _engine(tiny_model, "eager").runner
+    config, kernels = runner.config, runner.kernels
+    assert mixed_graph_mode(config, runner.device, True, kernels, True, False) == "eager"
+    assert mixed_graph_mode(config, runner.device, True, kernels, False, False) == "off"
+    assert mixed_graph_mode(config, runner.device, True, kernels, True, True) == "off"
+    auto = _engine(tiny_model, "auto").runner
+    assert auto.mixed_mode == "off" and auto.mixed is None  # CPU
+    assert _engine(gpt_oss_model, "eager").runner.mixed is None  # sliding layers
+    with pytest.raises(ValueError, match="'sometimes'"):
+        _engine(tiny_model, "sometimes")
