@@ -7,16 +7,16 @@ this does the same for steps with prefill chunks (colocated mode, prefill replic
 
 A step of ``nd`` decode rows and up to ``MAX_PREFILLS`` prefill chunks of ``tq`` tokens in all,
 whose chunks attend to ``tk`` context tokens (their own included), runs in the graph of bucket
-``(bd, tp)``: the smallest decode bucket ``bd >= nd`` and token bucket ``tp >= tq`` with
-``tk - tq <= tp``. Its layout:
+``(bd, tp)``: the smallest decode bucket ``bd >= nd`` and token bucket ``tp >= tq``, where
+``tk <= tp`` (fresh prompts; a chunk after a longer cached context runs eagerly). Its layout:
 
 - rows ``[0, bd)``: the decode rows, then padding rows that write their KV into the scratch
   block and attend only to it (as in ``DecodeGraphs``);
-- rows ``[bd, bd + tp)``: the chunks' tokens, then ``tp - tq`` padding tokens that form one
-  more prefill sequence, writing to and attending over the scratch block's first slot, so that
-  every row of the step is finite;
+- rows ``[bd, bd + tp)``: the chunks' tokens, then ``tp - tq`` padding tokens that write their
+  KV into the scratch block's first slot and form one more prefill sequence with no keys (its
+  rows come out zero: every row of the step is finite);
 - ``MAX_PREFILLS + 1`` prefill sequences: the chunks, empty ones, the padding's; their context
-  rows (``2 * tp`` in all) gathered from the cache, padding entries naming the scratch slot.
+  rows (``tp`` in all) gathered from the cache, padding entries naming the scratch slot.
 
 The prefill attention's grid takes ``tp`` as its longest query (blocks past a sequence's queries
 do nothing) and reads each sequence's lengths on the device, so one graph serves any chunks that
@@ -124,14 +124,14 @@ class MixedGraphs:
         self.lens = torch.ones(max(bd, 1), dtype=torch.int32, device=dev)  # [bd]
         self.table = torch.zeros(max(bd, 1), self.width, dtype=torch.int32, device=dev)
         self.cu = torch.zeros(2, s + 1, dtype=torch.int32, device=dev)  # [2, S + 1]: q, k
-        self.ctx = torch.zeros(2 * tp, dtype=torch.int64, device=dev)  # [2 tp] context slots
+        self.ctx = torch.zeros(tp, dtype=torch.int64, device=dev)  # [tp] context slots
         self.rows = torch.zeros(bd + MAX_PREFILLS, dtype=torch.int64, device=dev)  # logit rows
         pin = dev.type == "cuda"
         self._h_tokens = torch.zeros(3, bd + tp, dtype=torch.int64, pin_memory=pin)
         self._h_lens = torch.ones(max(bd, 1), dtype=torch.int32, pin_memory=pin)
         self._h_table = torch.zeros(max(bd, 1), self.width, dtype=torch.int32, pin_memory=pin)
         self._h_cu = torch.zeros(2, s + 1, dtype=torch.int32, pin_memory=pin)
-        self._h_ctx = torch.zeros(2 * tp, dtype=torch.int64, pin_memory=pin)
+        self._h_ctx = torch.zeros(tp, dtype=torch.int64, pin_memory=pin)
         self._h_rows = torch.zeros(bd + MAX_PREFILLS, dtype=torch.int64, pin_memory=pin)
         self._staged = torch.cuda.Event() if pin else None  # the staging's last copies
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -141,7 +141,8 @@ class MixedGraphs:
 
     def bucket(self, sched: SchedulerOutput) -> tuple[int, int] | None:
         """The step's ``(bd, tp)``, or None where it runs eagerly: pure decode, more prefill
-        chunks or tokens than the largest bucket holds, or sliding tables."""
+        chunks or tokens than the largest bucket holds, more context than the chunks' token
+        bucket, or sliding tables."""
         chunks = sched.chunks
         nd = sched.num_decode_chunks
         prefill = chunks[nd:]
@@ -150,8 +151,8 @@ class MixedGraphs:
         tq = sum(len(c.token_ids) for c in prefill)
         tk = sum(c.end for c in prefill)
         bd = next((b for b in self.row_buckets if b >= nd), None)
-        tp = next((t for t in self.token_buckets if t >= max(tq, tk - tq)), None)
-        if bd is None or tp is None:
+        tp = next((t for t in self.token_buckets if t >= tq), None)
+        if bd is None or tp is None or tk > tp:
             return None
         return bd, tp
 
@@ -215,7 +216,7 @@ class MixedGraphs:
                 sample.append(bd + j)
         cu[0, j + 2 : MAX_PREFILLS + 1] = q  # empty sequences, then the padding's
         cu[1, j + 2 : MAX_PREFILLS + 1] = k
-        cu[:, MAX_PREFILLS + 1] = tp, k + tp - q
+        cu[:, MAX_PREFILLS + 1] = tp, k
         self._copy(bd, tp)
         if key in self.graphs:
             self.graphs[key].replay()
@@ -227,7 +228,8 @@ class MixedGraphs:
 
     def _fresh(self, bd: int, tp: int) -> tuple[np.ndarray, ...]:
         """The host staging for bucket (bd, tp), reset to a step of padding alone: padding
-        rows and tokens on the scratch block, every prefill sequence empty but the padding's."""
+        rows and tokens on the scratch block, every prefill sequence empty but the padding's
+        queries."""
         if self._staged is not None:  # the last step's copies: long done, as a rule
             self._staged.synchronize()
         scratch_slot = self.scratch_block * self.block_size
@@ -237,9 +239,9 @@ class MixedGraphs:
         tokens[2, : bd + tp] = scratch_slot
         lens[:bd] = 1
         table[:bd] = self.scratch_block
-        ctx[: 2 * tp] = scratch_slot
+        ctx[:tp] = scratch_slot
         cu[:, :] = 0
-        cu[:, MAX_PREFILLS + 1] = tp
+        cu[0, MAX_PREFILLS + 1] = tp
         rows[:bd] = np.arange(bd)
         rows[bd : bd + MAX_PREFILLS] = bd  # empty sequences: any row
         return tokens, lens, table, cu, ctx, rows
@@ -258,7 +260,7 @@ class MixedGraphs:
             self.table[:bd].copy_(self._h_table[:bd], non_blocking=True)
         for r in range(2):
             self.cu[r].copy_(self._h_cu[r], non_blocking=True)
-        self.ctx[: 2 * tp].copy_(self._h_ctx[: 2 * tp], non_blocking=True)
+        self.ctx[:tp].copy_(self._h_ctx[:tp], non_blocking=True)
         n = bd + MAX_PREFILLS
         self.rows[:n].copy_(self._h_rows[:n], non_blocking=True)
         if self._staged is not None:
@@ -273,9 +275,9 @@ class MixedGraphs:
             decode_seq_lens=self.lens[:bd],
             prefill_cu_seqlens_q=self.cu[0],
             prefill_cu_seqlens_k=self.cu[1],
-            prefill_ctx_slots=self.ctx[: 2 * tp],
+            prefill_ctx_slots=self.ctx[:tp],
             prefill_max_q=tp,
-            prefill_max_k=2 * tp,
+            prefill_max_k=tp,
         )
         hidden = self.model(self.tokens[0, :t], self.tokens[1, :t], self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[self.rows[: bd + MAX_PREFILLS]])

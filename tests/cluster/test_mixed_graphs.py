@@ -104,8 +104,8 @@ def test_steps_outside_the_buckets_run_eagerly(tiny_model):
     mixed = _engine(tiny_model, "eager").runner.mixed  # rows 0, 4; tokens 16, 32, 64
     assert mixed.bucket(SchedulerOutput((_chunk(1), _chunk(1)))) is None  # pure decode
     assert mixed.bucket(SchedulerOutput((_chunk(1), _chunk(20)))) == (4, 32)
-    assert mixed.bucket(SchedulerOutput((_chunk(10, start=40),))) == (0, 64)  # 40 before it
-    assert mixed.bucket(SchedulerOutput((_chunk(10, start=70),))) is None  # context past 64
+    assert mixed.bucket(SchedulerOutput((_chunk(40, start=20),))) == (0, 64)  # 20 before it
+    assert mixed.bucket(SchedulerOutput((_chunk(10, start=40),))) is None  # context past 16
     assert mixed.bucket(SchedulerOutput((_chunk(65),))) is None
     assert mixed.bucket(SchedulerOutput((*[_chunk(1)] * 5, _chunk(3)))) is None  # 5 rows
     many = tuple(_chunk(2) for _ in range(MAX_PREFILLS + 1))

@@ -38,6 +38,18 @@ def test_matches_reference(device, dtype, q_lens, k_lens, dqk, dv):
     assert rel_err(out, mla_prefill_torch(*args)) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def test_a_sequence_without_keys_and_empty_sequences(device):
+    """The padding of a mixed-step graph: empty sequences, then queries with no key at all
+    (their rows zero), after a sequence with a cached prefix; max_q past every sequence."""
+    q_lens, k_lens = [7, 0, 0, 25], [19, 0, 0, 0]
+    q, k, v, cu_q, cu_k = varlen(q_lens, k_lens, 2, 48, 32, torch.float32, device, seed=4)
+    args = (q, k, v, cu_q, cu_k, 64, 64, 0.2)
+    poisoned = nan_like((q.shape[0], 2, 32), q.dtype, device)
+    out = mla_prefill_triton(*args, config=SMALL, out=poisoned)
+    assert rel_err(out, mla_prefill_torch(*args)) < 1e-5
+    assert out[7:].abs().max() == 0
+
+
 def test_strided_views_and_default_config(device):
     # q and k as views into wider tensors (as after a split of a fused projection)
     q_lens, k_lens = [9, 4], [12, 30]
