@@ -151,7 +151,15 @@ class ModelRunner(Executor):
                 *mixed_buckets(rows, tokens),
                 capture=self.mixed_mode == "capture",
             )
-            self.mixed.capture()
+            try:
+                self.mixed.capture()
+            except torch.OutOfMemoryError as e:
+                raise RuntimeError(
+                    f"the mixed-step CUDA graphs (steps of up to {tokens} prefill tokens) do not "
+                    f"fit in GPU memory beside the KV cache ({num_blocks} blocks): lower "
+                    "mixed_graph_max_tokens (YAML cuda_graph_max_tokens) or the KV cache's "
+                    "memory fraction"
+                ) from e
             log.info("%s", self.mixed.describe())
         log.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB, %d tokens)",
