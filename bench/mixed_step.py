@@ -12,8 +12,8 @@ runs that step's model forward and LM head:
 - ``replay``: the same forward captured once into a CUDA graph by this bench and replayed, its
   GPU time alone: the least any graph of that step could take;
 - ``served``: the engine's own path for the step (``ModelRunner.compute_logits``): the mixed-step
-  graph of its bucket (``bucket``: decode rows and tokens it is padded to) where one fits,
-  with the host's staging, else eager;
+  graph of its bucket (``bucket``: decode rows and tokens it is padded to) where one fits and
+  start-up kept it, with the host's staging, else eager;
 - ``step``: the whole engine step (inputs, forward, sampling, outputs), once.
 
 ``eager`` less ``replay`` is the host's launch work the GPU waits for. A forward this bench

@@ -20,7 +20,10 @@ whose chunks attend to ``tk`` context tokens (their own included), runs in the g
 
 The prefill attention's grid takes ``tp`` as its longest query (blocks past a sequence's queries
 do nothing) and reads each sequence's lengths on the device, so one graph serves any chunks that
-fit. Logits come out for every decode row and the last token of every prefill sequence
+fit. At start-up each bucket's replay is timed against the same padded step launched eagerly;
+buckets whose graph is no faster (large steps of a few wide layers, where the GPU is the busier
+side) keep the plain eager path. Logits come out for every decode row and the last token of
+every prefill sequence
 (``bd + MAX_PREFILLS`` rows); the caller keeps the rows it samples. Models with sliding layers
 and attention backends that plan on the host (FlashInfer's MLA) run such steps eagerly.
 ``capture=False`` runs the same padded path uncaptured: CPU tests check the padding that way.
@@ -138,6 +141,7 @@ class MixedGraphs:
         # [bd + S, vocab] float32: every bucket's logits, in one buffer (made by the first run,
         # outside any capture) rather than one per graph
         self.logits: torch.Tensor | None = None
+        self.captured = False  # once captured, buckets without a graph run eagerly
 
     def bucket(self, sched: SchedulerOutput) -> tuple[int, int] | None:
         """The step's ``(bd, tp)``, or None where it runs eagerly: pure decode, more prefill
@@ -154,6 +158,8 @@ class MixedGraphs:
         tp = next((t for t in self.token_buckets if t >= tq), None)
         if bd is None or tp is None or tk > tp:
             return None
+        if self.captured and (bd, tp) not in self.graphs:  # its graph was no faster
+            return None
         return bd, tp
 
     def fits(self, sched: SchedulerOutput) -> bool:
@@ -161,25 +167,43 @@ class MixedGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first, in one pool (a no-op without capture)."""
+        """Capture every bucket, largest first, in one pool, and keep the graphs whose replay
+        beats the same padded step launched eagerly (each timed once here, synchronized): where
+        a step keeps the GPU busier than the host, as a few wide layers do at large buckets,
+        the plain eager path runs it. A no-op without capture."""
         if not self.capture_enabled:
             return
         start = time.perf_counter()
         pool = None
         side = torch.cuda.Stream(self.device)
+        slower: list[str] = []
         for key in sorted(((b, t) for b in self.row_buckets for t in self.token_buckets),
                           key=lambda k: (-k[1], -k[0])):  # fmt: skip
             self._stage_padding(*key)
             graph, _ = capture_graph(lambda k=key: self._forward(*k), self.device, side, pool)
             pool = graph.pool()
-            self.graphs[key] = graph
-        torch.cuda.synchronize(self.device)
+            eager = self._ms(lambda k=key: self._forward(*k))
+            replay = min(self._ms(graph.replay) for _ in range(2))
+            if replay < eager:
+                self.graphs[key] = graph
+            else:
+                slower.append(f"{key[0]}x{key[1]} ({replay:.1f} against {eager:.1f} ms)")
+        self.captured = True
         log.info(
-            "mixed-step CUDA graphs for %d decode-row x %d token buckets captured in %.1fs",
-            len(self.row_buckets),
-            len(self.token_buckets),
+            "mixed-step CUDA graphs for %d of %d decode-row x token buckets captured in %.1fs%s",
+            len(self.graphs),
+            len(self.row_buckets) * len(self.token_buckets),
             time.perf_counter() - start,
+            f"; eager where the replay was no faster: {', '.join(slower)}" if slower else "",
         )
+
+    def _ms(self, fn) -> float:
+        """Milliseconds of ``fn``'s work, host and GPU, synchronized before and after."""
+        torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(self.device)
+        return (time.perf_counter() - t0) * 1e3
 
     @torch.inference_mode()
     def run(self, sched: SchedulerOutput) -> torch.Tensor:
@@ -289,8 +313,8 @@ class MixedGraphs:
         return out
 
     def describe(self) -> str:
-        mode = "captured" if self.graphs else "eager (not captured)"
-        return (
-            f"mixed-step graphs {mode} for decode rows {','.join(map(str, self.row_buckets))} "
-            f"x tokens {','.join(map(str, self.token_buckets))}"
-        )
+        rows, tokens = ",".join(map(str, self.row_buckets)), ",".join(map(str, self.token_buckets))
+        if not self.captured:
+            return f"mixed-step graphs uncaptured for decode rows {rows} x tokens {tokens}"
+        kept = " ".join(f"{b}x{t}" for b, t in sorted(self.graphs))
+        return f"mixed-step graphs captured for decode rows x tokens {kept or 'none'}"

@@ -111,6 +111,10 @@ def test_steps_outside_the_buckets_run_eagerly(tiny_model):
     many = tuple(_chunk(2) for _ in range(MAX_PREFILLS + 1))
     assert mixed.bucket(SchedulerOutput(many)) is None
     assert mixed.bucket(SchedulerOutput(many[:-1])) == (0, 16)
+    # once captured, a bucket whose graph start-up dropped (its replay no faster) runs eagerly
+    mixed.captured, mixed.graphs = True, {(4, 32): None}
+    assert mixed.bucket(SchedulerOutput((_chunk(1), _chunk(20)))) == (4, 32)
+    assert mixed.bucket(SchedulerOutput(many[:-1])) is None
 
 
 def test_mode(tiny_model, gpt_oss_model):
