@@ -7,8 +7,8 @@ this does the same for steps with prefill chunks (colocated mode, prefill replic
 
 A step of ``nd`` decode rows and up to ``MAX_PREFILLS`` prefill chunks of ``tq`` tokens in all,
 whose chunks attend to ``tk`` context tokens (their own included), runs in the graph of bucket
-``(bd, tp)``: the smallest decode bucket ``bd >= nd`` and token bucket ``tp >= tq``, where
-``tk <= tp`` (fresh prompts; a chunk after a longer cached context runs eagerly). Its layout:
+``(bd, tp)``: the smallest decode bucket ``bd >= nd`` and token bucket ``tp >= tk`` (which
+holds the tokens, ``tk >= tq``). Its layout:
 
 - rows ``[0, bd)``: the decode rows, then padding rows that write their KV into the scratch
   block and attend only to it (as in ``DecodeGraphs``);
@@ -20,10 +20,11 @@ whose chunks attend to ``tk`` context tokens (their own included), runs in the g
 
 The prefill attention's grid takes ``tp`` as its longest query (blocks past a sequence's queries
 do nothing) and reads each sequence's lengths on the device, so one graph serves any chunks that
-fit. At start-up each bucket's replay is timed against the same padded step launched eagerly;
-buckets whose graph is no faster (large steps of a few wide layers, where the GPU is the busier
-side) keep the plain eager path. Logits come out for every decode row and the last token of
-every prefill sequence
+fit. At start-up each bucket's replay and the same padded step launched eagerly are timed (the
+figures agreed over a tensor-parallel group): a step replays its graph only where that replay
+beat the eager step of its tokens' own bucket, so large steps of a few wide layers (the GPU the
+busier side) and short chunks after a long cached context keep the plain eager path. Logits
+come out for every decode row and the last token of every prefill sequence
 (``bd + MAX_PREFILLS`` rows); the caller keeps the rows it samples. Models with sliding layers
 and attention backends that plan on the host (FlashInfer's MLA) run such steps eagerly.
 ``capture=False`` runs the same padded path uncaptured: CPU tests check the padding that way.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -129,24 +131,33 @@ class MixedGraphs:
         self.cu = torch.zeros(2, s + 1, dtype=torch.int32, device=dev)  # [2, S + 1]: q, k
         self.ctx = torch.zeros(tp, dtype=torch.int64, device=dev)  # [tp] context slots
         self.rows = torch.zeros(bd + MAX_PREFILLS, dtype=torch.int64, device=dev)  # logit rows
+        # host staging, filled with numpy and copied over: two sets used in turn (a rank that
+        # queues a step while the one before runs), each refilled once its last copies ran
         pin = dev.type == "cuda"
-        self._h_tokens = torch.zeros(3, bd + tp, dtype=torch.int64, pin_memory=pin)
-        self._h_lens = torch.ones(max(bd, 1), dtype=torch.int32, pin_memory=pin)
-        self._h_table = torch.zeros(max(bd, 1), self.width, dtype=torch.int32, pin_memory=pin)
-        self._h_cu = torch.zeros(2, s + 1, dtype=torch.int32, pin_memory=pin)
-        self._h_ctx = torch.zeros(tp, dtype=torch.int64, pin_memory=pin)
-        self._h_rows = torch.zeros(bd + MAX_PREFILLS, dtype=torch.int64, pin_memory=pin)
-        self._staged = torch.cuda.Event() if pin else None  # the staging's last copies
+        self._host = [
+            dict(
+                tokens=torch.zeros(3, bd + tp, dtype=torch.int64, pin_memory=pin),
+                lens=torch.ones(max(bd, 1), dtype=torch.int32, pin_memory=pin),
+                table=torch.zeros(max(bd, 1), self.width, dtype=torch.int32, pin_memory=pin),
+                cu=torch.zeros(2, s + 1, dtype=torch.int32, pin_memory=pin),
+                ctx=torch.zeros(tp, dtype=torch.int64, pin_memory=pin),
+                rows=torch.zeros(bd + MAX_PREFILLS, dtype=torch.int64, pin_memory=pin),
+            )
+            for _ in range(2)
+        ]
+        self._staged = [torch.cuda.Event() for _ in range(2)] if pin else None
+        self._turn = 0
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         # [bd + S, vocab] float32: every bucket's logits, in one buffer (made by the first run,
         # outside any capture) rather than one per graph
         self.logits: torch.Tensor | None = None
-        self.captured = False  # once captured, buckets without a graph run eagerly
+        # (bd, tp) -> (eager ms, replay ms) of the padded step, timed at capture
+        self.times: dict[tuple[int, int], tuple[float, float]] = {}
 
     def bucket(self, sched: SchedulerOutput) -> tuple[int, int] | None:
         """The step's ``(bd, tp)``, or None where it runs eagerly: pure decode, more prefill
-        chunks or tokens than the largest bucket holds, more context than the chunks' token
-        bucket, or sliding tables."""
+        chunks or context than the largest bucket holds, sliding tables, or (once captured) a
+        replay no faster than the eager step of its tokens' own bucket."""
         chunks = sched.chunks
         nd = sched.num_decode_chunks
         prefill = chunks[nd:]
@@ -155,46 +166,48 @@ class MixedGraphs:
         tq = sum(len(c.token_ids) for c in prefill)
         tk = sum(c.end for c in prefill)
         bd = next((b for b in self.row_buckets if b >= nd), None)
-        tp = next((t for t in self.token_buckets if t >= tq), None)
-        if bd is None or tp is None or tk > tp:
+        tp = next((t for t in self.token_buckets if t >= tk), None)
+        if bd is None or tp is None:
             return None
-        if self.captured and (bd, tp) not in self.graphs:  # its graph was no faster
-            return None
+        if self.times:  # captured: the graph where it beat the eager step of the tokens alone
+            own = next(t for t in self.token_buckets if t >= tq)
+            if self.times[bd, tp][1] >= self.times[bd, own][0]:
+                return None
         return bd, tp
 
     def fits(self, sched: SchedulerOutput) -> bool:
         return self.bucket(sched) is not None
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Capture every bucket, largest first, in one pool, and keep the graphs whose replay
-        beats the same padded step launched eagerly (each timed once here, synchronized): where
-        a step keeps the GPU busier than the host, as a few wide layers do at large buckets,
-        the plain eager path runs it. A no-op without capture."""
+    def capture(self, agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Capture every bucket, largest first, in one pool, and time each one's replay and the
+        same padded step launched eagerly (synchronized; the best of two after an untimed
+        run). ``agree`` [2] -> [2]: the figures every rank of a tensor-parallel group then
+        uses (their mean), so that all ranks pick the same path for a step. A no-op without
+        capture."""
         if not self.capture_enabled:
             return
         start = time.perf_counter()
         pool = None
         side = torch.cuda.Stream(self.device)
-        slower: list[str] = []
         for key in sorted(((b, t) for b in self.row_buckets for t in self.token_buckets),
                           key=lambda k: (-k[1], -k[0])):  # fmt: skip
             self._stage_padding(*key)
             graph, _ = capture_graph(lambda k=key: self._forward(*k), self.device, side, pool)
             pool = graph.pool()
-            eager = self._ms(lambda k=key: self._forward(*k))
+            self.graphs[key] = graph
+            self._forward(*key)  # untimed: the eager path's memory on this stream
+            eager = min(self._ms(lambda k=key: self._forward(*k)) for _ in range(2))
             replay = min(self._ms(graph.replay) for _ in range(2))
-            if replay < eager:
-                self.graphs[key] = graph
-            else:
-                slower.append(f"{key[0]}x{key[1]} ({replay:.1f} against {eager:.1f} ms)")
-        self.captured = True
+            ms = torch.tensor([eager, replay], dtype=torch.float32, device=self.device)
+            ms = agree(ms) if agree is not None else ms
+            self.times[key] = (float(ms[0]), float(ms[1]))
+        slower = [f"{b}x{t}" for (b, t), (e, r) in sorted(self.times.items()) if r >= e]
         log.info(
-            "mixed-step CUDA graphs for %d of %d decode-row x token buckets captured in %.1fs%s",
+            "mixed-step CUDA graphs for %d decode-row x token buckets captured in %.1fs%s",
             len(self.graphs),
-            len(self.row_buckets) * len(self.token_buckets),
             time.perf_counter() - start,
-            f"; eager where the replay was no faster: {', '.join(slower)}" if slower else "",
+            f"; replay no faster than eager at {', '.join(slower)}" if slower else "",
         )
 
     def _ms(self, fn) -> float:
@@ -212,7 +225,8 @@ class MixedGraphs:
         assert key is not None, "a step that fits no mixed bucket"
         bd, tp = key
         nd = sched.num_decode_chunks
-        tokens, lens, table, cu, ctx, rows = self._fresh(bd, tp)
+        turn, self._turn = self._turn, 1 - self._turn
+        tokens, lens, table, cu, ctx, rows = self._fresh(bd, tp, turn)
         bs = self.block_size
         sample: list[int] = []
         for i, c in enumerate(sched.chunks[:nd]):
@@ -241,7 +255,7 @@ class MixedGraphs:
         cu[0, j + 2 : MAX_PREFILLS + 1] = q  # empty sequences, then the padding's
         cu[1, j + 2 : MAX_PREFILLS + 1] = k
         cu[:, MAX_PREFILLS + 1] = tp, k
-        self._copy(bd, tp)
+        self._copy(bd, tp, turn)
         if key in self.graphs:
             self.graphs[key].replay()
             logits = self.logits[: bd + MAX_PREFILLS]
@@ -250,15 +264,16 @@ class MixedGraphs:
         index = torch.tensor(sample, dtype=torch.int64).to(self.device, non_blocking=True)
         return logits.index_select(0, index)
 
-    def _fresh(self, bd: int, tp: int) -> tuple[np.ndarray, ...]:
+    def _fresh(self, bd: int, tp: int, turn: int) -> tuple[np.ndarray, ...]:
         """The host staging for bucket (bd, tp), reset to a step of padding alone: padding
         rows and tokens on the scratch block, every prefill sequence empty but the padding's
         queries."""
-        if self._staged is not None:  # the last step's copies: long done, as a rule
-            self._staged.synchronize()
+        if self._staged is not None:  # this set's last copies: long done, as a rule
+            self._staged[turn].synchronize()
         scratch_slot = self.scratch_block * self.block_size
-        tokens, lens, table = self._h_tokens.numpy(), self._h_lens.numpy(), self._h_table.numpy()
-        cu, ctx, rows = self._h_cu.numpy(), self._h_ctx.numpy(), self._h_rows.numpy()
+        h = self._host[turn]
+        tokens, lens, table = h["tokens"].numpy(), h["lens"].numpy(), h["table"].numpy()
+        cu, ctx, rows = h["cu"].numpy(), h["ctx"].numpy(), h["rows"].numpy()
         tokens[:, : bd + tp] = 0
         tokens[2, : bd + tp] = scratch_slot
         lens[:bd] = 1
@@ -271,24 +286,25 @@ class MixedGraphs:
         return tokens, lens, table, cu, ctx, rows
 
     def _stage_padding(self, bd: int, tp: int) -> None:
-        self._fresh(bd, tp)
-        self._copy(bd, tp)
+        self._fresh(bd, tp, self._turn)
+        self._copy(bd, tp, self._turn)
 
-    def _copy(self, bd: int, tp: int) -> None:
-        """The host staging's bucket (bd, tp) to the static inputs, row by row (a strided
+    def _copy(self, bd: int, tp: int, turn: int) -> None:
+        """Staging set ``turn``'s bucket (bd, tp) to the static inputs, row by row (a strided
         pinned source would be staged through pageable memory)."""
+        h = self._host[turn]
         for r in range(3):
-            self.tokens[r, : bd + tp].copy_(self._h_tokens[r, : bd + tp], non_blocking=True)
+            self.tokens[r, : bd + tp].copy_(h["tokens"][r, : bd + tp], non_blocking=True)
         if bd:
-            self.lens[:bd].copy_(self._h_lens[:bd], non_blocking=True)
-            self.table[:bd].copy_(self._h_table[:bd], non_blocking=True)
+            self.lens[:bd].copy_(h["lens"][:bd], non_blocking=True)
+            self.table[:bd].copy_(h["table"][:bd], non_blocking=True)
         for r in range(2):
-            self.cu[r].copy_(self._h_cu[r], non_blocking=True)
-        self.ctx[:tp].copy_(self._h_ctx[:tp], non_blocking=True)
+            self.cu[r].copy_(h["cu"][r], non_blocking=True)
+        self.ctx[:tp].copy_(h["ctx"][:tp], non_blocking=True)
         n = bd + MAX_PREFILLS
-        self.rows[:n].copy_(self._h_rows[:n], non_blocking=True)
+        self.rows[:n].copy_(h["rows"][:n], non_blocking=True)
         if self._staged is not None:
-            self._staged.record(torch.cuda.current_stream(self.device))
+            self._staged[turn].record(torch.cuda.current_stream(self.device))
 
     def _forward(self, bd: int, tp: int) -> torch.Tensor:  # [bd + S, vocab]
         t = bd + tp
@@ -314,7 +330,11 @@ class MixedGraphs:
 
     def describe(self) -> str:
         rows, tokens = ",".join(map(str, self.row_buckets)), ",".join(map(str, self.token_buckets))
-        if not self.captured:
+        if not self.graphs:
             return f"mixed-step graphs uncaptured for decode rows {rows} x tokens {tokens}"
-        kept = " ".join(f"{b}x{t}" for b, t in sorted(self.graphs))
-        return f"mixed-step graphs captured for decode rows x tokens {kept or 'none'}"
+        timed = ", ".join(
+            f"{b}x{t} {e:.1f}/{r:.1f}" for (b, t), (e, r) in sorted(self.times.items())
+        )
+        return (
+            f"mixed-step graphs for decode rows {rows} x tokens {tokens} (eager/replay ms: {timed})"
+        )

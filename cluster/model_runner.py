@@ -151,8 +151,10 @@ class ModelRunner(Executor):
                 *mixed_buckets(rows, tokens),
                 capture=self.mixed_mode == "capture",
             )
+            tp = self.tp  # every rank takes the group's mean timings: the same path per step
+            agree = None if tp.size == 1 else lambda ms: tp.all_reduce(ms) / tp.size
             try:
-                self.mixed.capture()
+                self.mixed.capture(agree)
             except torch.OutOfMemoryError as e:
                 raise RuntimeError(
                     f"the mixed-step CUDA graphs (steps of up to {tokens} prefill tokens) do not "

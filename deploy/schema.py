@@ -150,9 +150,9 @@ class PoolSpec(_Strict):
     cuda_graph_max_tokens: int = Field(
         1024,
         ge=0,
-        description="Most prefill tokens of a step replayed from a graph; steps with more, and "
-        "chunks after a cached context longer than their token bucket, run eagerly (0: steps "
-        "with prefill chunks always run eagerly).",
+        description="Most context tokens (prefill chunks with their cached prefixes) of a step "
+        "replayed from a graph; larger steps, and those whose graph start-up timed no faster "
+        "than eager, run eagerly (0: steps with prefill chunks always run eagerly).",
     )
     plan_ahead: bool = Field(
         True,

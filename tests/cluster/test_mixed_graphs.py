@@ -105,15 +105,23 @@ def test_steps_outside_the_buckets_run_eagerly(tiny_model):
     assert mixed.bucket(SchedulerOutput((_chunk(1), _chunk(1)))) is None  # pure decode
     assert mixed.bucket(SchedulerOutput((_chunk(1), _chunk(20)))) == (4, 32)
     assert mixed.bucket(SchedulerOutput((_chunk(40, start=20),))) == (0, 64)  # 20 before it
-    assert mixed.bucket(SchedulerOutput((_chunk(10, start=40),))) is None  # context past 16
+    assert mixed.bucket(SchedulerOutput((_chunk(10, start=40),))) == (0, 64)  # context: 50
+    assert mixed.bucket(SchedulerOutput((_chunk(10, start=60),))) is None  # context past 64
     assert mixed.bucket(SchedulerOutput((_chunk(65),))) is None
     assert mixed.bucket(SchedulerOutput((*[_chunk(1)] * 5, _chunk(3)))) is None  # 5 rows
     many = tuple(_chunk(2) for _ in range(MAX_PREFILLS + 1))
     assert mixed.bucket(SchedulerOutput(many)) is None
     assert mixed.bucket(SchedulerOutput(many[:-1])) == (0, 16)
-    # once captured, a bucket whose graph start-up dropped (its replay no faster) runs eagerly
-    mixed.captured, mixed.graphs = True, {(4, 32): None}
-    assert mixed.bucket(SchedulerOutput((_chunk(1), _chunk(20)))) == (4, 32)
+    # once captured: a graph where its replay beat the eager step of the tokens' own bucket
+    mixed.times = {(b, t): (10.0, t / 10) for b in (0, 4) for t in (16, 32, 64)}
+    after = SchedulerOutput((_chunk(10, start=40),))  # 10 tokens (bucket 16) after 40 cached
+    assert mixed.bucket(after) == (0, 64)  # replay 6.4 ms against 10 eager
+    mixed.times[0, 64] = (10.0, 10.5)
+    assert mixed.bucket(after) is None
+    assert mixed.bucket(SchedulerOutput((_chunk(60),))) is None  # the same bucket's own eager
+    mixed.times[0, 16] = (5.0, 1.6)
+    assert mixed.bucket(SchedulerOutput(many[:-1])) == (0, 16)
+    mixed.times[0, 16] = (1.5, 1.6)
     assert mixed.bucket(SchedulerOutput(many[:-1])) is None
 
 
