@@ -54,6 +54,14 @@ def _produce(args, batch: int) -> int:
     return MARGIN + 3 * args.steps + 2 * -(-batch * args.context // _chunk(args))
 
 
+def kernel_overrides(p: argparse.ArgumentParser, text: str) -> dict[str, str]:
+    """``--kernels`` (op=backend pairs separated by commas) as a dict; a usage error else."""
+    try:
+        return dict(kv.split("=", 1) for kv in text.split(",") if kv)
+    except ValueError:
+        p.error(f"--kernels takes op=backend pairs separated by commas, got {text!r}")
+
+
 def _engine(args, graphs: str, max_batch: int, role: str = "decode", **kw) -> LLMEngine:
     """The engine the timings run (``kw``: more EngineConfig fields)."""
     longest = max([args.context, *args.prefill_tokens])
@@ -273,10 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    try:
-        args.kernel_overrides = dict(kv.split("=", 1) for kv in args.kernels.split(",") if kv)
-    except ValueError:
-        p.error(f"--kernels takes op=backend pairs separated by commas, got {args.kernels!r}")
+    args.kernel_overrides = kernel_overrides(p, args.kernels)
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
     if args.profile and "off" not in modes:

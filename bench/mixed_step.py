@@ -37,7 +37,14 @@ from typing import Any
 
 import torch
 
-from pdserve.bench.decode_step import _drain, _engine, _fill, _sync, replay_ms
+from pdserve.bench.decode_step import (
+    _drain,
+    _engine,
+    _fill,
+    _sync,
+    kernel_overrides,
+    replay_ms,
+)
 from pdserve.bench.result_file import write_result
 from pdserve.cluster import LLMEngine, SamplingParams
 from pdserve.cluster.batch_inputs import BatchInputs
@@ -50,12 +57,13 @@ def _forward(engine: LLMEngine, inputs: BatchInputs):
     return runner.model.compute_logits(hidden[inputs.sample_rows])
 
 
-def _eager_ms(engine: LLMEngine, inputs: BatchInputs, reps: int) -> float:
+def _median_ms(engine: LLMEngine, fn, reps: int) -> float:
+    """Median ms of ``reps`` calls of ``fn``, each synchronized before and after."""
     times = []
     for _ in range(reps):
         _sync(engine)
         t0 = time.perf_counter()
-        _forward(engine, inputs)
+        fn()
         _sync(engine)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
@@ -117,24 +125,19 @@ def time_mixed(
     runner = engine.runner
     inputs = BatchInputs.of(sched, runner.block_size, runner.device, runner.groups.window)
     _forward(engine, inputs)  # the first run compiles what it meets
-    eager = _eager_ms(engine, inputs, reps)
+    eager = _median_ms(engine, lambda: _forward(engine, inputs), reps)
     hosts = _host_profile(engine, inputs, reps, profile) if profile else None
     replay, why = _replay_ms(engine, inputs, reps)
     mixed = runner.mixed
     bucket = mixed.bucket(sched) if mixed is not None else None
-    served = []
-    for _ in range(reps + 1):  # the first: the bucket's first run, when not captured
-        _sync(engine)
-        t0 = time.perf_counter()
-        runner.compute_logits(sched)
-        _sync(engine)
-        served.append(time.perf_counter() - t0)
+    runner.compute_logits(sched)  # the bucket's first run, when not captured
+    served = _median_ms(engine, lambda: runner.compute_logits(sched), reps)
     _sync(engine)
     t0 = time.perf_counter()
     engine.emit(engine.collect(engine.launch(sched)))
     step = (time.perf_counter() - t0) * 1e3
     row = {"batch": batch, "chunk": chunk, "eager_ms": eager, "replay_ms": replay,
-           "served_ms": statistics.median(served[1:]) * 1e3, "bucket": bucket,
+           "served_ms": served, "bucket": bucket,
            "step_ms": step}  # fmt: skip
     if replay is not None:
         row["saved_ms"] = eager - replay
@@ -168,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kernels", default="", help="op=backend overrides, comma separated")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    try:
-        args.kernel_overrides = dict(kv.split("=", 1) for kv in args.kernels.split(",") if kv)
-    except ValueError:
-        p.error(f"--kernels takes op=backend pairs separated by commas, got {args.kernels!r}")
+    args.kernel_overrides = kernel_overrides(p, args.kernels)
     batches = [int(b) for b in args.batches.split(",")]
     chunks = [int(n) for n in args.chunks.split(",")]
     if min(batches) < 0 or min(chunks) < 2:

@@ -175,9 +175,6 @@ class MixedGraphs:
                 return None
         return bd, tp
 
-    def fits(self, sched: SchedulerOutput) -> bool:
-        return self.bucket(sched) is not None
-
     @torch.inference_mode()
     def capture(self, agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Capture every bucket, largest first, in one pool, and time each one's replay and the
@@ -219,10 +216,9 @@ class MixedGraphs:
         return (time.perf_counter() - t0) * 1e3
 
     @torch.inference_mode()
-    def run(self, sched: SchedulerOutput) -> torch.Tensor:
-        """[n, vocab] float32 logits of the step's sampled chunks, in chunk order."""
-        key = self.bucket(sched)
-        assert key is not None, "a step that fits no mixed bucket"
+    def run(self, sched: SchedulerOutput, key: tuple[int, int]) -> torch.Tensor:
+        """[n, vocab] float32 logits of the step's sampled chunks, in chunk order, run in
+        bucket ``key`` (``bucket(sched)``)."""
         bd, tp = key
         nd = sched.num_decode_chunks
         turn, self._turn = self._turn, 1 - self._turn

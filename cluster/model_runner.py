@@ -292,10 +292,11 @@ class ModelRunner(Executor):
             rows = [i for i, c in enumerate(sched.chunks) if c.sample]
             return logits[torch.tensor(rows, dtype=torch.int64, device=self.device)]
         assert sched.feed_rows is None, "a step planned ahead replays a decode graph"
-        if self.mixed is not None and self.mixed.fits(sched):
+        key = None if self.mixed is None else self.mixed.bucket(sched)
+        if key is not None:
             if layer_done:  # as for decode graphs: the KV is staged after the step
                 layer_done.clear()
-            return self.mixed.run(sched)  # [n, vocab], the sampled chunks' rows
+            return self.mixed.run(sched, key)  # [n, vocab], the sampled chunks' rows
         if self._plan_decode is not None:
             decode = [c for c in sched.chunks if len(c.token_ids) == 1]  # as BatchInputs.of
             self._plan_decode(

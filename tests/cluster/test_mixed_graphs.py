@@ -69,10 +69,10 @@ def test_padded_mixed_steps_give_the_tokens_of_plain_steps(tiny_model, monkeypat
     keys: list[tuple[int, int]] = []
     starts: list[int] = []  # prefill chunks' first positions: > 0 after a cached prefix
 
-    def run(sched):
-        keys.append(mixed.bucket(sched))
+    def run(sched, key):
+        keys.append(key)
         starts.extend(c.start for c in sched.chunks[sched.num_decode_chunks :])
-        return mixed_run(sched)
+        return mixed_run(sched, key)
 
     mixed_run = mixed.run
     monkeypatch.setattr(mixed, "run", run)
