@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
@@ -46,36 +47,41 @@ class BatchInputs:
         def i32(x):
             return torch.tensor(x, dtype=torch.int32, device=device)
 
-        def i64(x):
-            return torch.tensor(x, dtype=torch.int64, device=device)
+        def i64(x):  # a list or an int64 array
+            return torch.as_tensor(np.asarray(x, dtype=np.int64), device=device)
 
         def meta(tables: list[tuple[int, ...]], window: int) -> AttentionMetadata:
             """The step's metadata over ``tables``, one block table per chunk, for layers
             that see ``window`` tokens (0: all). A prefill chunk's context runs from its first
-            query's window on; the kernels align queries to the context's end."""
-            slots: list[int] = []
+            query's window on; the kernels align queries to the context's end. A prefill
+            chunk's slots are computed with numpy (thousands of positions a chunk)."""
+            dec_slots: list[int] = []
             dec_tables: list[tuple[int, ...]] = []
-            ctx_slots: list[int] = []
+            own: list[np.ndarray] = []  # prefill chunks' slots
+            ctx: list[np.ndarray] = []  # prefill chunks' context slots
             cu_k, max_k = [0], 0
             for c, t in zip(sched.chunks, tables):
-                slots.extend(t[p // bs] * bs + p % bs for p in range(c.start, c.end))
                 if len(c.token_ids) == 1:
+                    dec_slots.append(t[c.start // bs] * bs + c.start % bs)
                     dec_tables.append(t)
                     continue
                 lo = max(0, c.start - window + 1) if window else 0
-                ctx_slots.extend(t[p // bs] * bs + p % bs for p in range(lo, c.end))
+                p = np.arange(lo, c.end)  # [end - lo] context positions, the chunk's own last
+                slots = np.asarray(t, dtype=np.int64)[p // bs] * bs + p % bs
+                ctx.append(slots)
+                own.append(slots[c.start - lo :])
                 cu_k.append(cu_k[-1] + c.end - lo)
                 max_k = max(max_k, c.end - lo)
             width = max((len(t) for t in dec_tables), default=0)
             table = [list(t) + [0] * (width - len(t)) for t in dec_tables]
             return AttentionMetadata(
-                slot_mapping=i64(slots),
+                slot_mapping=i64(np.concatenate([np.asarray(dec_slots, np.int64), *own])),
                 num_decode_tokens=len(dec_lens),
                 decode_block_table=i32(table).view(len(table), width),
                 decode_seq_lens=i32(dec_lens),
                 prefill_cu_seqlens_q=i32(cu_q),
                 prefill_cu_seqlens_k=i32(cu_k),
-                prefill_ctx_slots=i64(ctx_slots),
+                prefill_ctx_slots=i64(np.concatenate(ctx) if ctx else np.zeros(0, np.int64)),
                 prefill_max_q=max_q,
                 prefill_max_k=max_k,
             )

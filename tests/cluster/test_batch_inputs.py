@@ -54,3 +54,18 @@ def test_sliding_tables_get_their_own_metadata_and_a_context_from_the_window():
     assert w.prefill_cu_seqlens_k.tolist() == [0, 6] and w.prefill_max_k == 6  # positions 4-9
     assert w.prefill_ctx_slots.tolist() == [40, 41, 42, 43, 44, 45]
     assert w.window is None and BatchInputs.of(SchedulerOutput((decode,)), bs, "cpu").meta.window
+
+
+def test_two_prefill_chunks_keep_their_order_in_slots_and_context():
+    bs = 4
+    first = _chunk([1, 2], start=3, blocks=[5, 6])  # positions 3-4: context 0-4
+    second = _chunk([3, 4, 5], start=0, blocks=[8])  # positions 0-2
+    m = BatchInputs.of(SchedulerOutput((first, second)), bs, torch.device("cpu")).meta
+    assert m.num_decode_tokens == 0 and m.decode_block_table.shape == (0, 0)
+    assert m.slot_mapping.tolist() == [5 * bs + 3, 6 * bs, 8 * bs, 8 * bs + 1, 8 * bs + 2]
+    assert m.prefill_ctx_slots.tolist() == [20, 21, 22, 23, 24, 32, 33, 34]
+    assert m.prefill_cu_seqlens_k.tolist() == [0, 5, 8] and m.prefill_cu_seqlens_q.tolist() == [
+        0,
+        2,
+        5,
+    ]
