@@ -216,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{ratio:>13} {r['served_ms']:>9.3f} {bucket:>11} {r['step_ms']:>9.3f}  "
               f"{r.get('not_captured', '')}")  # fmt: skip
     result["mixed_graphs"] = None if runner.mixed is None else runner.mixed.describe()
+    mixed = runner.mixed
+    if mixed is not None and mixed.graphs:
+        result["mixed_capture_s"], result["mixed_capture_mib"] = mixed.capture_s, mixed.capture_mib
+        print(f"\nmixed-step graphs: {len(mixed.graphs)} captured and timed in "
+              f"{mixed.capture_s:.1f} s, {mixed.capture_mib:.0f} MiB reserved")  # fmt: skip
     for r in result["rows"]:
         if "host_profile" in r:
             print(f"\nhost, batch {r['batch']} chunk {r['chunk']}: own ms / cumulative ms / calls "

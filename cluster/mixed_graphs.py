@@ -26,7 +26,9 @@ beat the eager step of its tokens' own bucket, so large steps of a few wide laye
 busier side) and short chunks after a long cached context keep the plain eager path. Logits
 come out for every decode row and the last token of every prefill sequence
 (``bd + MAX_PREFILLS`` rows); the caller keeps the rows it samples. Models with sliding layers
-and attention backends that plan on the host (FlashInfer's MLA) run such steps eagerly.
+(GPT-OSS) stage a second set of slots, block tables and context rows, their window's, as
+``BatchInputs`` does. Attention backends that plan on the host (FlashInfer's MLA decode) run
+such steps eagerly.
 ``capture=False`` runs the same padded path uncaptured: CPU tests check the padding that way.
 """
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -52,7 +55,7 @@ MAX_PREFILLS = 8  # prefill chunks one captured step holds
 
 
 # the ops a mixed step calls whose backends must be graph-safe
-MIXED_OPS = ("moe_small", "moe_large", "mla_decode", "mla_prefill")
+MIXED_OPS = ("moe_small", "moe_large", "mla_decode", "mla_prefill", "gqa_decode", "gqa_prefill")
 
 
 def mixed_graph_mode(
@@ -60,7 +63,6 @@ def mixed_graph_mode(
     device: torch.device,
     tp_graph_safe: bool,
     kernels: KernelSet,
-    mla: bool,  # MLA attention without sliding layers
     host_plan: bool,  # the MLA decode backend plans each step on the host
 ) -> str:
     """How a worker runs steps with prefill chunks: "capture", "eager" (the padded path,
@@ -75,9 +77,8 @@ def mixed_graph_mode(
         raise ValueError(
             f"mixed_graph_max_tokens must be 0 (off) or >= 2, got {config.mixed_graph_max_tokens}"
         )
-    if not mla or host_plan:
-        why = "the MLA decode plans on the host" if mla else "not an MLA model without windows"
-        log.info("mixed-step CUDA graphs off: %s", why)
+    if host_plan:
+        log.info("mixed-step CUDA graphs off: the MLA decode plans on the host")
         return "off"
     if mode == "eager":
         return "eager"
@@ -114,6 +115,7 @@ class MixedGraphs:
         row_buckets: tuple[int, ...],
         token_buckets: tuple[int, ...],
         capture: bool,
+        window: int = 0,  # the sliding layers' window (0: none): their own tables and slots
     ) -> None:
         self.model, self.kv_caches = model, kv_caches
         self.row_buckets, self.token_buckets = row_buckets, token_buckets
@@ -122,29 +124,32 @@ class MixedGraphs:
         self.block_size = kv_caches.shape[2]
         self.scratch_block = kv_caches.shape[1] - 1
         self.width = -(-max_model_len // self.block_size)  # decode block table columns
+        self.window = window
+        self.tables = g = 1 + (window > 0)  # the full layers' tables, then the sliding ones'
         bd, tp, s = row_buckets[-1], token_buckets[-1], MAX_PREFILLS + 1
+
+        def buffers(pin: bool, dev: torch.device | None) -> dict[str, torch.Tensor]:
+            i32, i64 = dict(dtype=torch.int32, device=dev), dict(dtype=torch.int64, device=dev)
+            if pin:
+                i32["pin_memory"] = i64["pin_memory"] = True
+            return dict(
+                # [2 + g, bd + tp]: ids, positions, slots per table (decode rows, then tokens)
+                tokens=torch.zeros(2 + g, bd + tp, **i64),
+                lens=torch.ones(max(bd, 1), **i32),  # [bd]
+                table=torch.zeros(g, max(bd, 1), self.width, **i32),  # [g, bd, width]
+                cu=torch.zeros(1 + g, s + 1, **i32),  # [1 + g, S + 1]: q, then k per table
+                ctx=torch.zeros(g, tp, **i64),  # [g, tp] context slots per table
+                rows=torch.zeros(bd + MAX_PREFILLS, **i64),  # logit rows
+            )
+
         # ===== static inputs, sized for the largest bucket; a bucket's graph reads prefixes =====
-        # [3, bd + tp]: ids, positions, slots (decode rows first, then prefill tokens)
-        self.tokens = torch.zeros(3, bd + tp, dtype=torch.int64, device=dev)
-        self.lens = torch.ones(max(bd, 1), dtype=torch.int32, device=dev)  # [bd]
-        self.table = torch.zeros(max(bd, 1), self.width, dtype=torch.int32, device=dev)
-        self.cu = torch.zeros(2, s + 1, dtype=torch.int32, device=dev)  # [2, S + 1]: q, k
-        self.ctx = torch.zeros(tp, dtype=torch.int64, device=dev)  # [tp] context slots
-        self.rows = torch.zeros(bd + MAX_PREFILLS, dtype=torch.int64, device=dev)  # logit rows
+        static = buffers(False, dev)
+        self.tokens, self.lens, self.table = static["tokens"], static["lens"], static["table"]
+        self.cu, self.ctx, self.rows = static["cu"], static["ctx"], static["rows"]
         # host staging, filled with numpy and copied over: two sets used in turn (a rank that
         # queues a step while the one before runs), each refilled once its last copies ran
         pin = dev.type == "cuda"
-        self._host = [
-            dict(
-                tokens=torch.zeros(3, bd + tp, dtype=torch.int64, pin_memory=pin),
-                lens=torch.ones(max(bd, 1), dtype=torch.int32, pin_memory=pin),
-                table=torch.zeros(max(bd, 1), self.width, dtype=torch.int32, pin_memory=pin),
-                cu=torch.zeros(2, s + 1, dtype=torch.int32, pin_memory=pin),
-                ctx=torch.zeros(tp, dtype=torch.int64, pin_memory=pin),
-                rows=torch.zeros(bd + MAX_PREFILLS, dtype=torch.int64, pin_memory=pin),
-            )
-            for _ in range(2)
-        ]
+        self._host = [buffers(pin, None) for _ in range(2)]
         self._staged = [torch.cuda.Event() for _ in range(2)] if pin else None
         self._turn = 0
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -153,15 +158,17 @@ class MixedGraphs:
         self.logits: torch.Tensor | None = None
         # (bd, tp) -> (eager ms, replay ms) of the padded step, timed at capture
         self.times: dict[tuple[int, int], tuple[float, float]] = {}
+        self.capture_s = 0.0  # start-up's capture and timing, seconds
+        self.capture_mib = 0.0  # GPU memory it reserved (graph pool, eager timings' buffers)
 
     def bucket(self, sched: SchedulerOutput) -> tuple[int, int] | None:
         """The step's ``(bd, tp)``, or None where it runs eagerly: pure decode, more prefill
-        chunks or context than the largest bucket holds, sliding tables, or (once captured) a
+        chunks or context than the largest bucket holds, or (once captured) a
         replay no faster than the eager step of its tokens' own bucket."""
         chunks = sched.chunks
         nd = sched.num_decode_chunks
         prefill = chunks[nd:]
-        if not prefill or len(prefill) > MAX_PREFILLS or chunks[0].window_block_ids:
+        if not prefill or len(prefill) > MAX_PREFILLS:
             return None
         tq = sum(len(c.token_ids) for c in prefill)
         tk = sum(c.end for c in prefill)
@@ -184,7 +191,7 @@ class MixedGraphs:
         capture."""
         if not self.capture_enabled:
             return
-        start = time.perf_counter()
+        start, reserved = time.perf_counter(), torch.cuda.memory_reserved(self.device)
         pool = None
         side = torch.cuda.Stream(self.device)
         for key in sorted(((b, t) for b in self.row_buckets for t in self.token_buckets),
@@ -199,11 +206,15 @@ class MixedGraphs:
             ms = torch.tensor([eager, replay], dtype=torch.float32, device=self.device)
             ms = agree(ms) if agree is not None else ms
             self.times[key] = (float(ms[0]), float(ms[1]))
+        self.capture_s = time.perf_counter() - start
+        self.capture_mib = (torch.cuda.memory_reserved(self.device) - reserved) / 2**20
         slower = [f"{b}x{t}" for (b, t), (e, r) in sorted(self.times.items()) if r >= e]
         log.info(
-            "mixed-step CUDA graphs for %d decode-row x token buckets captured in %.1fs%s",
+            "mixed-step CUDA graphs for %d decode-row x token buckets captured in %.1fs "
+            "(%.0f MiB more GPU memory reserved)%s",
             len(self.graphs),
-            time.perf_counter() - start,
+            self.capture_s,
+            self.capture_mib,
             f"; replay no faster than eager at {', '.join(slower)}" if slower else "",
         )
 
@@ -223,34 +234,44 @@ class MixedGraphs:
         nd = sched.num_decode_chunks
         turn, self._turn = self._turn, 1 - self._turn
         tokens, lens, table, cu, ctx, rows = self._fresh(bd, tp, turn)
-        bs = self.block_size
+        bs, g = self.block_size, self.tables
         sample: list[int] = []
         for i, c in enumerate(sched.chunks[:nd]):
             p = c.start
             assert len(c.block_ids) <= self.width, (len(c.block_ids), self.width)
-            tokens[:, i] = c.token_ids[0], p, c.block_ids[p // bs] * bs + p % bs
+            tokens[:2, i] = c.token_ids[0], p
             lens[i] = p + 1
-            table[i, : len(c.block_ids)] = c.block_ids
+            for t, ids in enumerate((c.block_ids, c.window_block_ids)[:g]):
+                tokens[2 + t, i] = ids[p // bs] * bs + p % bs
+                table[t, i, : len(ids)] = ids
             if c.sample:
                 sample.append(i)
-        q = k = 0  # prefill tokens and context rows so far
+        q, k = 0, [0] * g  # prefill tokens and context rows per table so far
         for j, c in enumerate(sched.chunks[nd:]):
-            n, ids = len(c.token_ids), c.block_ids
+            n = len(c.token_ids)
             r = bd + q
             tokens[0, r : r + n] = c.token_ids
             tokens[1, r : r + n] = np.arange(c.start, c.end)
-            pos = np.arange(c.end)  # context: positions 0 .. end, the chunk's own included
-            slots = np.asarray(ids, dtype=np.int64)[pos // bs] * bs + pos % bs
-            tokens[2, r : r + n] = slots[c.start :]
-            ctx[k : k + c.end] = slots
-            q, k = q + n, k + c.end
-            cu[:, j + 1] = q, k
+            for t, ids in enumerate((c.block_ids, c.window_block_ids)[:g]):
+                # context: from the first query's window on (the sliding tables) or from 0,
+                # to the chunk's end, its own tokens included
+                lo = max(0, c.start - self.window + 1) if t else 0
+                pos = np.arange(lo, c.end)
+                slots = np.asarray(ids, dtype=np.int64)[pos // bs] * bs + pos % bs
+                tokens[2 + t, r : r + n] = slots[c.start - lo :]
+                ctx[t, k[t] : k[t] + c.end - lo] = slots
+                k[t] += c.end - lo
+                cu[1 + t, j + 1] = k[t]
+            q += n
+            cu[0, j + 1] = q
             rows[bd + j] = r + n - 1
             if c.sample:
                 sample.append(bd + j)
-        cu[0, j + 2 : MAX_PREFILLS + 1] = q  # empty sequences, then the padding's
-        cu[1, j + 2 : MAX_PREFILLS + 1] = k
-        cu[:, MAX_PREFILLS + 1] = tp, k
+        # empty sequences, then the padding's (its queries, no keys)
+        cu[0, j + 2 : MAX_PREFILLS + 1] = q
+        cu[0, MAX_PREFILLS + 1] = tp
+        for t in range(g):
+            cu[1 + t, j + 2 :] = k[t]
         self._copy(bd, tp, turn)
         if key in self.graphs:
             self.graphs[key].replay()
@@ -271,10 +292,10 @@ class MixedGraphs:
         tokens, lens, table = h["tokens"].numpy(), h["lens"].numpy(), h["table"].numpy()
         cu, ctx, rows = h["cu"].numpy(), h["ctx"].numpy(), h["rows"].numpy()
         tokens[:, : bd + tp] = 0
-        tokens[2, : bd + tp] = scratch_slot
+        tokens[2:, : bd + tp] = scratch_slot
         lens[:bd] = 1
-        table[:bd] = self.scratch_block
-        ctx[:tp] = scratch_slot
+        table[:, :bd] = self.scratch_block
+        ctx[:, :tp] = scratch_slot
         cu[:, :] = 0
         cu[0, MAX_PREFILLS + 1] = tp
         rows[:bd] = np.arange(bd)
@@ -289,14 +310,16 @@ class MixedGraphs:
         """Staging set ``turn``'s bucket (bd, tp) to the static inputs, row by row (a strided
         pinned source would be staged through pageable memory)."""
         h = self._host[turn]
-        for r in range(3):
+        for r in range(2 + self.tables):
             self.tokens[r, : bd + tp].copy_(h["tokens"][r, : bd + tp], non_blocking=True)
         if bd:
             self.lens[:bd].copy_(h["lens"][:bd], non_blocking=True)
-            self.table[:bd].copy_(h["table"][:bd], non_blocking=True)
-        for r in range(2):
+        for t in range(self.tables):
+            if bd:
+                self.table[t, :bd].copy_(h["table"][t, :bd], non_blocking=True)
+            self.ctx[t, :tp].copy_(h["ctx"][t, :tp], non_blocking=True)
+        for r in range(1 + self.tables):
             self.cu[r].copy_(h["cu"][r], non_blocking=True)
-        self.ctx[:tp].copy_(h["ctx"][:tp], non_blocking=True)
         n = bd + MAX_PREFILLS
         self.rows[:n].copy_(h["rows"][:n], non_blocking=True)
         if self._staged is not None:
@@ -304,17 +327,21 @@ class MixedGraphs:
 
     def _forward(self, bd: int, tp: int) -> torch.Tensor:  # [bd + S, vocab]
         t = bd + tp
-        meta = AttentionMetadata(
-            slot_mapping=self.tokens[2, :t],
-            num_decode_tokens=bd,
-            decode_block_table=self.table[:bd],
-            decode_seq_lens=self.lens[:bd],
-            prefill_cu_seqlens_q=self.cu[0],
-            prefill_cu_seqlens_k=self.cu[1],
-            prefill_ctx_slots=self.ctx[:tp],
-            prefill_max_q=tp,
-            prefill_max_k=tp,
-        )
+        metas = [
+            AttentionMetadata(
+                slot_mapping=self.tokens[2 + g, :t],
+                num_decode_tokens=bd,
+                decode_block_table=self.table[g, :bd],
+                decode_seq_lens=self.lens[:bd],
+                prefill_cu_seqlens_q=self.cu[0],
+                prefill_cu_seqlens_k=self.cu[1 + g],
+                prefill_ctx_slots=self.ctx[g, :tp],
+                prefill_max_q=tp,
+                prefill_max_k=tp,
+            )
+            for g in range(self.tables)
+        ]
+        meta = metas[0] if self.tables == 1 else replace(metas[0], window=metas[1])
         hidden = self.model(self.tokens[0, :t], self.tokens[1, :t], self.kv_caches, meta)
         logits = self.model.compute_logits(hidden[self.rows[: bd + MAX_PREFILLS]])
         if self.logits is None:
@@ -332,5 +359,6 @@ class MixedGraphs:
             f"{b}x{t} {e:.1f}/{r:.1f}" for (b, t), (e, r) in sorted(self.times.items())
         )
         return (
-            f"mixed-step graphs for decode rows {rows} x tokens {tokens} (eager/replay ms: {timed})"
+            f"mixed-step graphs for decode rows {rows} x tokens {tokens}, captured in "
+            f"{self.capture_s:.1f} s, {self.capture_mib:.0f} MiB (eager/replay ms: {timed})"
         )

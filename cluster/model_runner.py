@@ -104,7 +104,6 @@ class ModelRunner(Executor):
             self.device,
             tp.graph_safe,
             self.kernels,
-            mla=not model_config.is_gqa and not self.groups.windowed,
             host_plan=self._plan_decode is not None,
         )
         self.mixed: MixedGraphs | None = None
@@ -150,6 +149,7 @@ class ModelRunner(Executor):
                 self.max_model_len,
                 *mixed_buckets(rows, tokens),
                 capture=self.mixed_mode == "capture",
+                window=self.groups.window,
             )
             tp = self.tp  # every rank takes the group's mean timings: the same path per step
             agree = None if tp.size == 1 else lambda ms: tp.all_reduce(ms) / tp.size

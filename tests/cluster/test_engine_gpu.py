@@ -116,16 +116,18 @@ def test_decode_graphs_replay_the_tokens_of_eager_steps(which, request):
     assert replayed.blocks.num_used == 0
 
 
-def test_mixed_graphs_replay_the_tokens_of_eager_steps(tiny_model, monkeypatch):
+@pytest.mark.parametrize("which", ["tiny_model", "gpt_oss_model"])  # MLA; GQA, sliding layers
+def test_mixed_graphs_replay_the_tokens_of_eager_steps(which, request, monkeypatch):
     """Fresh prompts, a chunked one and prefix-cache hits beside decode rows: steps with
     prefill chunks replayed from the captured mixed-step graphs give the eager steps' tokens."""
+    model = request.getfixturevalue(which)
     from tests.cluster.test_decode_graphs import _staggered
     from tests.cluster.test_mixed_graphs import _again as mixed_again
     from tests.cluster.test_mixed_graphs import _prompts as mixed_prompts
 
     kw = dict(decode_graph_max_batch=4, mixed_graph_max_tokens=64)
-    eager = _engine(tiny_model, "float32", mixed_graphs="off", **kw)
-    replayed = _engine(tiny_model, "float32", **kw)  # auto: captured
+    eager = _engine(model, "float32", mixed_graphs="off", **kw)
+    replayed = _engine(model, "float32", **kw)  # auto: captured
     mixed = replayed.runner.mixed
     assert eager.runner.mixed is None and len(mixed.graphs) == 2 * 3  # rows 0, 4 x 16, 32, 64
     keys = []

@@ -56,16 +56,19 @@ def test_buckets():
         mixed_buckets(-1, 16)
 
 
-def test_padded_mixed_steps_give_the_tokens_of_plain_steps(tiny_model, monkeypatch):
-    plain = _engine(tiny_model, "off")
+@pytest.mark.parametrize("which", ["tiny_model", "gpt_oss_model"])  # MLA; GQA, sliding layers
+def test_padded_mixed_steps_give_the_tokens_of_plain_steps(which, request, monkeypatch):
+    model = request.getfixturevalue(which)
+    plain = _engine(model, "off")
     prompts = _prompts(plain.vocab_size)
     again = _again(prompts)  # after the first block, cached by the first run
     expected = _staggered(plain, prompts) + _staggered(plain, again)
     assert plain.runner.mixed is None
 
-    padded = _engine(tiny_model, "eager")
+    padded = _engine(model, "eager")
     mixed = padded.runner.mixed
     assert mixed is not None and not mixed.graphs  # eager: nothing captured
+    assert mixed.tables == (2 if which == "gpt_oss_model" else 1)
     keys: list[tuple[int, int]] = []
     starts: list[int] = []  # prefill chunks' first positions: > 0 after a cached prefix
 
@@ -128,11 +131,10 @@ def test_steps_outside_the_buckets_run_eagerly(tiny_model):
 def test_mode(tiny_model, gpt_oss_model):
     runner = _engine(tiny_model, "eager").runner
     config, kernels = runner.config, runner.kernels
-    assert mixed_graph_mode(config, runner.device, True, kernels, True, False) == "eager"
-    assert mixed_graph_mode(config, runner.device, True, kernels, False, False) == "off"
-    assert mixed_graph_mode(config, runner.device, True, kernels, True, True) == "off"
+    assert mixed_graph_mode(config, runner.device, True, kernels, False) == "eager"
+    assert mixed_graph_mode(config, runner.device, True, kernels, True) == "off"  # host plans
     auto = _engine(tiny_model, "auto").runner
     assert auto.mixed_mode == "off" and auto.mixed is None  # CPU
-    assert _engine(gpt_oss_model, "eager").runner.mixed is None  # sliding layers
+    assert _engine(gpt_oss_model, "eager").runner.mixed.window == 6  # sliding layers
     with pytest.raises(ValueError, match="'sometimes'"):
         _engine(tiny_model, "sometimes")
