@@ -54,8 +54,10 @@ log = logging.getLogger(__name__)
 MAX_PREFILLS = 8  # prefill chunks one captured step holds
 
 
-# the ops a mixed step calls whose backends must be graph-safe
-MIXED_OPS = ("moe_small", "moe_large", "mla_decode", "mla_prefill", "gqa_decode", "gqa_prefill")
+# the ops a mixed step calls whose backends must be graph-safe: the MoE's and, by
+# ModelConfig.is_gqa, the attention's
+MIXED_OPS = ("moe_small", "moe_large")
+ATTENTION_OPS = {False: ("mla_decode", "mla_prefill"), True: ("gqa_decode", "gqa_prefill")}
 
 
 def mixed_graph_mode(
@@ -63,11 +65,13 @@ def mixed_graph_mode(
     device: torch.device,
     tp_graph_safe: bool,
     kernels: KernelSet,
+    gqa: bool,  # ModelConfig.is_gqa: the attention ops the model calls
     host_plan: bool,  # the MLA decode backend plans each step on the host
 ) -> str:
     """How a worker runs steps with prefill chunks: "capture", "eager" (the padded path,
     uncaptured) or "off" (the plain eager path). ``mixed_graphs="auto"`` captures on GPUs of
-    the roles that prefill, unless the model, the collectives or a kernel cannot be captured."""
+    the roles that prefill, unless the collectives or a kernel the model calls cannot be
+    captured; never where the MLA decode plans on the host."""
     mode = config.mixed_graphs
     if mode not in ("auto", "off", "eager"):
         raise ValueError(f"mixed_graphs must be auto, off or eager, got {mode!r}")
@@ -87,7 +91,7 @@ def mixed_graph_mode(
     if not tp_graph_safe:
         log.info("mixed-step CUDA graphs off: the tensor-parallel collectives cannot be captured")
         return "off"
-    unsafe = kernels.not_graph_safe(MIXED_OPS)
+    unsafe = kernels.not_graph_safe(MIXED_OPS + ATTENTION_OPS[gqa])
     if unsafe:
         log.info("mixed-step CUDA graphs off: %s cannot be captured", unsafe)
         return "off"

@@ -104,6 +104,7 @@ class ModelRunner(Executor):
             self.device,
             tp.graph_safe,
             self.kernels,
+            gqa=model_config.is_gqa,
             host_plan=self._plan_decode is not None,
         )
         self.mixed: MixedGraphs | None = None

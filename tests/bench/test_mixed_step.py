@@ -12,7 +12,16 @@ from pdserve.bench.mixed_step import main
 @pytest.mark.parametrize("which", ["tiny_model", "gpt_oss_model"])
 def test_mixed_step_bench_times_each_batch_and_chunk(which, request, tmp_path):
     out = tmp_path / "m.json"
-    args = ["--model", request.getfixturevalue(which), "--device", "cpu", "--batches", "0,2", "--chunks", "8,24"]
+    args = [
+        "--model",
+        request.getfixturevalue(which),
+        "--device",
+        "cpu",
+        "--batches",
+        "0,2",
+        "--chunks",
+        "8,24",
+    ]
     args += ["--context", "12", "--reps", "2", "--out", str(out)]
     assert main(args) == 0
     result = json.loads(out.read_text())

@@ -4,13 +4,17 @@ itself runs on GPUs (test_engine_gpu.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
+import torch
 
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from pdserve.cluster.mixed_graphs import MAX_PREFILLS, mixed_buckets, mixed_graph_mode
 from pdserve.cluster.scheduler import ScheduledChunk, SchedulerOutput
+from pdserve.kernels import KernelSet
+from pdserve.kernels.device import H100
 from tests.cluster.test_decode_graphs import _staggered
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
@@ -131,8 +135,14 @@ def test_steps_outside_the_buckets_run_eagerly(tiny_model):
 def test_mode(tiny_model, gpt_oss_model):
     runner = _engine(tiny_model, "eager").runner
     config, kernels = runner.config, runner.kernels
-    assert mixed_graph_mode(config, runner.device, True, kernels, False) == "eager"
-    assert mixed_graph_mode(config, runner.device, True, kernels, True) == "off"  # host plans
+    assert mixed_graph_mode(config, runner.device, True, kernels, False, False) == "eager"
+    assert mixed_graph_mode(config, runner.device, True, kernels, False, True) == "off"  # plans
+    # on a GPU, only the attention ops the model calls must be capturable
+    gpu, h100 = torch.device("cuda"), KernelSet.resolve(H100, "colocated", {"mla_prefill": "torch"})
+    auto_config = dataclasses.replace(config, mixed_graphs="auto")
+    assert mixed_graph_mode(auto_config, gpu, True, h100, True, False) == "capture"  # GQA
+    assert mixed_graph_mode(auto_config, gpu, True, h100, False, False) == "off"  # MLA
+    assert mixed_graph_mode(auto_config, gpu, False, h100, True, False) == "off"  # collectives
     auto = _engine(tiny_model, "auto").runner
     assert auto.mixed_mode == "off" and auto.mixed is None  # CPU
     assert _engine(gpt_oss_model, "eager").runner.mixed.window == 6  # sliding layers
