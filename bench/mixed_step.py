@@ -215,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['batch']:>6} {r['chunk']:>6} {r['eager_ms']:>9.3f} {replay:>9} {saved:>9} "
               f"{ratio:>13} {r['served_ms']:>9.3f} {bucket:>11} {r['step_ms']:>9.3f}  "
               f"{r.get('not_captured', '')}")  # fmt: skip
-    result["mixed_graphs"] = None if runner.mixed is None else runner.mixed.describe()
     mixed = runner.mixed
+    result["mixed_graphs"] = None if mixed is None else mixed.describe()
     if mixed is not None and mixed.graphs:
         result["mixed_capture_s"], result["mixed_capture_mib"] = mixed.capture_s, mixed.capture_mib
         print(f"\nmixed-step graphs: {len(mixed.graphs)} captured and timed in "

@@ -8,7 +8,18 @@ import numpy as np
 import torch
 
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
-from pdserve.cluster.scheduler import SchedulerOutput
+from pdserve.cluster.scheduler import ScheduledChunk, SchedulerOutput
+
+
+def context_slots(
+    chunk: ScheduledChunk, table: tuple[int, ...], window: int, bs: int
+) -> np.ndarray:
+    """[end - lo] int64: the cache slots, under ``table`` (of ``bs``-token blocks), of a
+    prefill chunk's context: positions lo .. end, the chunk's own tokens last; lo is 0, or
+    for layers that see ``window`` tokens, its first query's window start."""
+    lo = max(0, chunk.start - window + 1) if window else 0
+    pos = np.arange(lo, chunk.end)
+    return np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,7 @@ class BatchInputs:
         def meta(tables: list[tuple[int, ...]], window: int) -> AttentionMetadata:
             """The step's metadata over ``tables``, one block table per chunk, for layers
             that see ``window`` tokens (0: all). A prefill chunk's context runs from its first
-            query's window on; the kernels align queries to the context's end. A prefill
-            chunk's slots are computed with numpy (thousands of positions a chunk)."""
+            query's window on; the kernels align queries to the context's end."""
             dec_slots: list[int] = []
             dec_tables: list[tuple[int, ...]] = []
             own: list[np.ndarray] = []  # prefill chunks' slots
@@ -65,13 +75,11 @@ class BatchInputs:
                     dec_slots.append(t[c.start // bs] * bs + c.start % bs)
                     dec_tables.append(t)
                     continue
-                lo = max(0, c.start - window + 1) if window else 0
-                p = np.arange(lo, c.end)  # [end - lo] context positions, the chunk's own last
-                slots = np.asarray(t, dtype=np.int64)[p // bs] * bs + p % bs
+                slots = context_slots(c, t, window, bs)  # numpy: thousands of positions
                 ctx.append(slots)
-                own.append(slots[c.start - lo :])
-                cu_k.append(cu_k[-1] + c.end - lo)
-                max_k = max(max_k, c.end - lo)
+                own.append(slots[-len(c.token_ids) :])
+                cu_k.append(cu_k[-1] + len(slots))
+                max_k = max(max_k, len(slots))
             width = max((len(t) for t in dec_tables), default=0)
             table = [list(t) + [0] * (width - len(t)) for t in dec_tables]
             return AttentionMetadata(

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pdserve.cluster.batch_inputs import context_slots
 from pdserve.cluster.config import EngineConfig
 from pdserve.cluster.decode_graphs import capture_graph
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
@@ -257,14 +258,10 @@ class MixedGraphs:
             tokens[0, r : r + n] = c.token_ids
             tokens[1, r : r + n] = np.arange(c.start, c.end)
             for t, ids in enumerate((c.block_ids, c.window_block_ids)[:g]):
-                # context: from the first query's window on (the sliding tables) or from 0,
-                # to the chunk's end, its own tokens included
-                lo = max(0, c.start - self.window + 1) if t else 0
-                pos = np.arange(lo, c.end)
-                slots = np.asarray(ids, dtype=np.int64)[pos // bs] * bs + pos % bs
-                tokens[2 + t, r : r + n] = slots[c.start - lo :]
-                ctx[t, k[t] : k[t] + c.end - lo] = slots
-                k[t] += c.end - lo
+                slots = context_slots(c, ids, self.window if t else 0, bs)  # its own last
+                tokens[2 + t, r : r + n] = slots[-n:]
+                ctx[t, k[t] : k[t] + len(slots)] = slots
+                k[t] += len(slots)
                 cu[1 + t, j + 1] = k[t]
             q += n
             cu[0, j + 1] = q
