@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="auto")
     p.add_argument(
-        "--mixed-max-tokens", type=int, default=1024, help="the engine's mixed_graph_max_tokens"
+        "--mixed-max-tokens", type=int, default=2048, help="the engine's mixed_graph_max_tokens"
     )
     p.add_argument(
         "--host-profile", type=int, default=0, help="list the host's N busiest functions"

@@ -223,7 +223,7 @@ class EngineConfig:
     # prefill; not with FlashInfer's MLA decode; ``mixed_graphs.py``); "off"; "eager": the
     # padded bucket path without capture (CPU tests of the padding)
     mixed_graphs: str = "auto"
-    mixed_graph_max_tokens: int = 1024  # steps with more context (chunks + prefixes): eager
+    mixed_graph_max_tokens: int = 2048  # steps with more context (chunks + prefixes): eager
     # plan a pure decode step while the one before runs, its input tokens taken on the device
     # from that step's samples (``Scheduler.schedule_ahead``), where the step before replays a
     # decode graph; False plans every step after the tokens before it are back

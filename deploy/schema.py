@@ -142,13 +142,13 @@ class PoolSpec(_Strict):
         True,
         description="Replay decode steps from CUDA graphs captured per batch-size bucket at "
         "start-up (GPU decode and colocated pools), and steps with prefill chunks from graphs "
-        "captured per decode-row and token bucket (GPU prefill and colocated pools, MLA models).",
+        "captured per decode-row and token bucket (GPU prefill and colocated pools).",
     )
     cuda_graph_max_batch: int = Field(
         128, ge=1, description="Largest decode batch captured; larger steps run eagerly."
     )
     cuda_graph_max_tokens: int = Field(
-        1024,
+        2048,
         ge=0,
         description="Most context tokens (prefill chunks with their cached prefixes) of a step "
         "replayed from a graph; larger steps, and those whose graph start-up timed no faster "
