@@ -220,8 +220,8 @@ class EngineConfig:
     decode_graphs: str = "auto"
     decode_graph_max_batch: int = 128  # larger decode steps run eagerly
     # "auto": steps with prefill chunks replay CUDA graphs on GPUs (roles colocated and
-    # prefill; not with FlashInfer's MLA decode; ``mixed_graphs.py``); "off"; "eager": the
-    # padded bucket path without capture (CPU tests of the padding)
+    # prefill; ``mixed_graphs.py``); "off"; "eager": the padded bucket path without capture
+    # (CPU tests of the padding)
     mixed_graphs: str = "auto"
     mixed_graph_max_tokens: int = 2048  # steps with more context (chunks + prefixes): eager
     # plan a pure decode step while the one before runs, its input tokens taken on the device

@@ -27,8 +27,10 @@ busier side) and short chunks after a long cached context keep the plain eager p
 come out for every decode row and the last token of every prefill sequence
 (``bd + MAX_PREFILLS`` rows); the caller keeps the rows it samples. Models with sliding layers
 (GPT-OSS) stage a second set of slots, block tables and context rows, their window's, as
-``BatchInputs`` does. Attention backends that plan on the host (FlashInfer's MLA decode) run
-such steps eagerly.
+``BatchInputs`` does. An MLA decode that plans each step on the host (FlashInfer's) is handed
+the bucket's decode rows (padding included) before every capture, timing and replay, as
+``DecodeGraphs`` does: a graph of ``bd`` decode rows reads the plan buffers of FlashInfer's
+wrapper for batch ``bd``, the one a decode graph of that batch shares.
 ``capture=False`` runs the same padded path uncaptured: CPU tests check the padding that way.
 """
 
@@ -67,12 +69,11 @@ def mixed_graph_mode(
     tp_graph_safe: bool,
     kernels: KernelSet,
     gqa: bool,  # ModelConfig.is_gqa: the attention ops the model calls
-    host_plan: bool,  # the MLA decode backend plans each step on the host
 ) -> str:
     """How a worker runs steps with prefill chunks: "capture", "eager" (the padded path,
     uncaptured) or "off" (the plain eager path). ``mixed_graphs="auto"`` captures on GPUs of
     the roles that prefill, unless the collectives or a kernel the model calls cannot be
-    captured; never where the MLA decode plans on the host."""
+    captured."""
     mode = config.mixed_graphs
     if mode not in ("auto", "off", "eager"):
         raise ValueError(f"mixed_graphs must be auto, off or eager, got {mode!r}")
@@ -82,9 +83,6 @@ def mixed_graph_mode(
         raise ValueError(
             f"mixed_graph_max_tokens must be 0 (off) or >= 2, got {config.mixed_graph_max_tokens}"
         )
-    if host_plan:
-        log.info("mixed-step CUDA graphs off: the MLA decode plans on the host")
-        return "off"
     if mode == "eager":
         return "eager"
     if device.type != "cuda" or config.role == "decode":
@@ -121,8 +119,9 @@ class MixedGraphs:
         token_buckets: tuple[int, ...],
         capture: bool,
         window: int = 0,  # the sliding layers' window (0: none): their own tables and slots
+        plan: Callable[..., None] | None = None,  # the MLA decode's host plan, if it has one
     ) -> None:
-        self.model, self.kv_caches = model, kv_caches
+        self.model, self.kv_caches, self.plan = model, kv_caches, plan
         self.row_buckets, self.token_buckets = row_buckets, token_buckets
         self.capture_enabled = capture
         self.device = dev = kv_caches.device
@@ -202,6 +201,9 @@ class MixedGraphs:
         for key in sorted(((b, t) for b in self.row_buckets for t in self.token_buckets),
                           key=lambda k: (-k[1], -k[0])):  # fmt: skip
             self._stage_padding(*key)
+            if self.plan is not None and key[0]:  # padding rows alone, on batch bd's buffers
+                pad = np.full((key[0], self.width), self.scratch_block, dtype=np.int32)
+                self.plan([1] * key[0], pad, self.block_size, key[0])
             graph, _ = capture_graph(lambda k=key: self._forward(*k), self.device, side, pool)
             pool = graph.pool()
             self.graphs[key] = graph
@@ -274,6 +276,8 @@ class MixedGraphs:
         for t in range(g):
             cu[1 + t, j + 2 :] = k[t]
         self._copy(bd, tp, turn)
+        if self.plan is not None and bd:
+            self.plan(lens[:bd], table[0, :bd], bs, bd if key in self.graphs else None)
         if key in self.graphs:
             self.graphs[key].replay()
             logits = self.logits[: bd + MAX_PREFILLS]

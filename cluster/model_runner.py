@@ -105,7 +105,6 @@ class ModelRunner(Executor):
             tp.graph_safe,
             self.kernels,
             gqa=model_config.is_gqa,
-            host_plan=self._plan_decode is not None,
         )
         self.mixed: MixedGraphs | None = None
         if allocate:
@@ -151,6 +150,7 @@ class ModelRunner(Executor):
                 *mixed_buckets(rows, tokens),
                 capture=self.mixed_mode == "capture",
                 window=self.groups.window,
+                plan=self._plan_decode,
             )
             tp = self.tp  # every rank takes the group's mean timings: the same path per step
             agree = None if tp.size == 1 else lambda ms: tp.all_reduce(ms) / tp.size

@@ -133,15 +133,13 @@ def test_bad_max_batch_is_refused(tiny_model, bad):
         _engine(tiny_model, "eager", max_batch=bad)
 
 
-def test_a_planning_mla_decode_gets_each_steps_rows_before_the_layers_run(tiny_model):
-    """An MLA decode that plans on the host (FlashInfer's) is handed each step's decode rows
-    before its layers call it, on the padded graph path and on eager steps (decode rows beside
-    prefill chunks): every call's lengths and block tables, up to each length, are the last
-    plan's. The plan and the op are stand-ins that record; the tokens stay the plain path's."""
-    engine = _engine(tiny_model, "eager", max_batch=4)
-    runner = engine.runner
+def planning_stand_in(runner, where=lambda: None) -> tuple[list, list]:
+    """An MLA decode that plans on the host (FlashInfer's), stood in on CPU: the plan, set on
+    the runner and its graphs, records each step's decode rows (lengths, block tables up to
+    each length); the op checks that every call runs on the last plan, then computes with the
+    runner's own kernel. Returns (plans, calls): a call's (decode rows, ``where()``)."""
     planned: list[tuple[list[int], list[list[int]]]] = []
-    calls = []
+    calls: list[tuple[int, object]] = []
 
     def plan(lens, tables, page, graph_batch=None):
         assert graph_batch is None  # nothing is captured on CPU
@@ -155,12 +153,25 @@ def test_a_planning_mla_decode_gets_each_steps_rows_before_the_layers_run(tiny_m
         page = kv_cache.shape[1]
         rows = [table[i, : -(-n // page)].tolist() for i, n in enumerate(lens)]
         assert planned and (lens, rows) == planned[-1], "a step ran on another step's plan"
-        calls.append(len(lens))
+        calls.append((len(lens), where()))
         return kernel(q, kv_cache, table, seq_lens, scale, v_dim)
 
     runner._plan_decode = runner.graphs.plan = plan
+    if runner.mixed is not None:
+        runner.mixed.plan = plan
     object.__setattr__(runner.kernels, "mla_decode", decode)  # the layers read it per call
+    return planned, calls
+
+
+def test_a_planning_mla_decode_gets_each_steps_rows_before_the_layers_run(tiny_model):
+    """An MLA decode that plans on the host (FlashInfer's) is handed each step's decode rows
+    before its layers call it, on the padded graph path and on eager steps (decode rows beside
+    prefill chunks): every call's lengths and block tables, up to each length, are the last
+    plan's. The plan and the op are stand-ins that record; the tokens stay the plain path's."""
+    engine = _engine(tiny_model, "eager", max_batch=4)
+    planned, calls = planning_stand_in(engine.runner)
     prompts = _prompts(engine.vocab_size, 7)
     assert _staggered(engine, prompts) == _staggered(_engine(tiny_model, "off"), prompts)
-    assert calls and {1, 4} <= set(calls), calls  # a graph's batch, and single rows
+    rows = {n for n, _ in calls}
+    assert {1, 4} <= rows, calls  # a graph's batch, and single rows
     assert len(planned) < len(calls)  # one plan per step, for all of its layers

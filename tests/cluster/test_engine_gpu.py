@@ -185,24 +185,57 @@ def test_flashinfer_mla_decode_agrees_with_the_triton_kernel(tmp_path):
     assert fi.runner.kernel_names["mla_decode"] == "flashinfer_fa3"
     assert fi.runner.graphs is not None and fi.runner.graphs.graphs
     prompts = _prompts(fi.vocab_size, (1, 17, 130, 301, 64, 65, 40), seed=5)
-    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     # (prompts prefilled first, prompts added after): pure decode steps of 1 and 6 rows, then
     # one decode row beside a prefill chunk
     for first, then in (([prompts[0]], []), (prompts[:6], []), ([prompts[2]], [prompts[6]])):
-        logits = []
-        for engine in (fi, triton):
-            ids = [engine.add_request(p, sp) for p in first]
-            engine.step()  # the prefills, each request's first token
-            ids += [engine.add_request(p, sp) for p in then]
-            sched = engine.scheduler.schedule()
-            assert sum(len(c.token_ids) == 1 for c in sched.chunks) == len(first)
-            logits.append(engine.runner.compute_logits(sched))
-            for rid in ids:
-                engine.abort(rid)
-        a, b = logits  # [rows, vocab] float32
-        cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
-        assert cos.min().item() > 0.999, cos
-        assert (a - b).abs().max().item() < 0.25
+        _same_logits(fi, triton, first, then)
+    assert fi.blocks.num_used == 0 and triton.blocks.num_used == 0
+
+
+def _same_logits(fi: LLMEngine, triton: LLMEngine, first, then, check=lambda sched: None):
+    """The next step's logits of both engines after ``first`` was prefilled and ``then`` added
+    (``check``: fi's step, before it runs), equal up to bf16 rounding; every request aborted
+    after."""
+    sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    logits = []
+    for engine in (fi, triton):
+        ids = [engine.add_request(p, sp) for p in first]
+        engine.step()  # the prefills, each request's first token
+        ids += [engine.add_request(p, sp) for p in then]
+        sched = engine.scheduler.schedule()
+        assert sched.num_decode_chunks == len(first)
+        if engine is fi:
+            check(sched)
+        logits.append(engine.runner.compute_logits(sched))
+        for rid in ids:
+            engine.abort(rid)
+    a, b = logits  # [rows, vocab] float32
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    assert cos.min().item() > 0.999, cos
+    assert (a - b).abs().max().item() < 0.25
+
+
+def test_flashinfer_mla_decode_in_mixed_graphs(tmp_path, monkeypatch):
+    """Decode rows beside a prefill chunk replayed from a mixed-step graph, FlashInfer's MLA
+    decode planned for the graph's rows (padding included) before each replay: the logits of
+    the Triton kernel's eager steps up to bf16 rounding, at 1 and 3 decode rows (bucket 4)."""
+    path = _wide_mla_model(tmp_path)
+    kw = dict(budget=4096, decode_graph_max_batch=4, mixed_graph_max_tokens=512)
+    fi = _engine(path, "bfloat16", **kw)
+    triton = _engine(
+        path, "bfloat16", mixed_graphs="off", kernel_overrides={"mla_decode": "triton"}, **kw
+    )
+    mixed = fi.runner.mixed
+    assert fi.runner.kernel_names["mla_decode"] == "flashinfer_fa3"
+    assert mixed is not None and (4, 512) in mixed.graphs and triton.runner.mixed is None
+    monkeypatch.setattr(mixed, "times", {})  # every bucket replays, whatever start-up timed
+    prompts = _prompts(fi.vocab_size, (1, 17, 130, 301, 64, 65, 40), seed=5)
+
+    def replayed(sched) -> None:
+        assert mixed.bucket(sched) in mixed.graphs
+
+    for first, then in (([prompts[2]], [prompts[6]]), (prompts[:3], [prompts[4], prompts[5]])):
+        _same_logits(fi, triton, first, then, replayed)
     assert fi.blocks.num_used == 0 and triton.blocks.num_used == 0
 
 

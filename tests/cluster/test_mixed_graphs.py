@@ -15,7 +15,7 @@ from pdserve.cluster.mixed_graphs import MAX_PREFILLS, mixed_buckets, mixed_grap
 from pdserve.cluster.scheduler import ScheduledChunk, SchedulerOutput
 from pdserve.kernels import KernelSet
 from pdserve.kernels.device import H100
-from tests.cluster.test_decode_graphs import _staggered
+from tests.cluster.test_decode_graphs import _staggered, planning_stand_in
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
@@ -91,6 +91,31 @@ def test_padded_mixed_steps_give_the_tokens_of_plain_steps(which, request, monke
     assert padded.blocks.num_used == 0
 
 
+def test_a_planning_mla_decode_gets_each_buckets_rows_first(tiny_model, monkeypatch):
+    """An MLA decode that plans on the host (FlashInfer's) is handed a mixed step's decode rows,
+    its bucket's padding rows included, before the step's layers call it: every call's lengths
+    and block tables, up to each length, are the last plan's. The plan and the op are
+    stand-ins that record; the tokens stay the plain path's."""
+    engine = _engine(tiny_model, "eager")
+    mixed = engine.runner.mixed
+    inside = [False]  # in a mixed-graph step
+
+    def run(sched, key):
+        inside[0] = True
+        try:
+            return mixed_run(sched, key)
+        finally:
+            inside[0] = False
+
+    mixed_run = mixed.run
+    monkeypatch.setattr(mixed, "run", run)
+    _, calls = planning_stand_in(engine.runner, lambda: inside[0])
+    plain = _engine(tiny_model, "off")
+    prompts = _prompts(plain.vocab_size)
+    assert _staggered(engine, prompts) == _staggered(plain, prompts)
+    assert (4, True) in calls, calls  # decode rows beside a chunk, padded to the bucket's 4
+
+
 def test_prefill_role_runs_prompts_in_mixed_graphs(tiny_model):
     plain = _engine(tiny_model, "off", decode="off", role="prefill")
     padded = _engine(tiny_model, "eager", decode="off", role="prefill")
@@ -135,14 +160,13 @@ def test_steps_outside_the_buckets_run_eagerly(tiny_model):
 def test_mode(tiny_model, gpt_oss_model):
     runner = _engine(tiny_model, "eager").runner
     config, kernels = runner.config, runner.kernels
-    assert mixed_graph_mode(config, runner.device, True, kernels, False, False) == "eager"
-    assert mixed_graph_mode(config, runner.device, True, kernels, False, True) == "off"  # plans
+    assert mixed_graph_mode(config, runner.device, True, kernels, False) == "eager"
     # on a GPU, only the attention ops the model calls must be capturable
     gpu, h100 = torch.device("cuda"), KernelSet.resolve(H100, "colocated", {"mla_prefill": "torch"})
     auto_config = dataclasses.replace(config, mixed_graphs="auto")
-    assert mixed_graph_mode(auto_config, gpu, True, h100, True, False) == "capture"  # GQA
-    assert mixed_graph_mode(auto_config, gpu, True, h100, False, False) == "off"  # MLA
-    assert mixed_graph_mode(auto_config, gpu, False, h100, True, False) == "off"  # collectives
+    assert mixed_graph_mode(auto_config, gpu, True, h100, True) == "capture"  # GQA
+    assert mixed_graph_mode(auto_config, gpu, True, h100, False) == "off"  # MLA
+    assert mixed_graph_mode(auto_config, gpu, False, h100, True) == "off"  # collectives
     auto = _engine(tiny_model, "auto").runner
     assert auto.mixed_mode == "off" and auto.mixed is None  # CPU
     assert _engine(gpt_oss_model, "eager").runner.mixed.window == 6  # sliding layers
