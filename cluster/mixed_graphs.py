@@ -30,7 +30,7 @@ come out for every decode row and the last token of every prefill sequence
 ``BatchInputs`` does. An MLA decode that plans each step on the host (FlashInfer's) is handed
 the bucket's decode rows (padding included) before every capture, timing and replay, as
 ``DecodeGraphs`` does: a graph of ``bd`` decode rows reads the plan buffers of FlashInfer's
-wrapper for batch ``bd``, the one a decode graph of that batch shares.
+wrapper for batch ``bd``, which a decode graph of that batch (if captured) shares.
 ``capture=False`` runs the same padded path uncaptured: CPU tests check the padding that way.
 """
 

@@ -298,11 +298,7 @@ class ModelRunner(Executor):
             if layer_done:  # as for decode graphs: the KV is staged after the step
                 layer_done.clear()
             return self.mixed.run(sched, key)  # [n, vocab], the sampled chunks' rows
-        if self._plan_decode is not None:
-            decode = [c for c in sched.chunks if len(c.token_ids) == 1]  # as BatchInputs.of
-            self._plan_decode(
-                [c.end for c in decode], [c.block_ids for c in decode], self.block_size
-            )
+        self.plan_eager(sched)
         inputs = BatchInputs.of(sched, self.block_size, self.device, self.groups.window)
 
         def mark(i: int) -> None:
@@ -314,6 +310,15 @@ class ModelRunner(Executor):
             inputs.input_ids, inputs.positions, self.kv_caches, inputs.meta, mark_layers
         )
         return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def plan_eager(self, sched: SchedulerOutput) -> None:
+        """Hand the decode rows of a step run eagerly (``BatchInputs``' layout) to an MLA
+        decode that plans on the host; a no-op for the others."""
+        if self._plan_decode is not None:
+            decode = [c for c in sched.chunks if len(c.token_ids) == 1]  # as BatchInputs.of
+            self._plan_decode(
+                [c.end for c in decode], [c.block_ids for c in decode], self.block_size
+            )
 
     def _fed_ids(self, sched: SchedulerOutput, feed: Draw | None) -> torch.Tensor:
         """[k] the input ids a step planned ahead takes from the step before's samples, on the

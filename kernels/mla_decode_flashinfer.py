@@ -4,15 +4,16 @@
 FlashInfer splits a decode batch's work over the SMs on the host, from the sequences' lengths
 (``BatchMLAPagedAttentionWrapper.plan``), and its kernels read that split. So the model runner
 hands each step's lengths and block tables to ``plan`` before the step's layers run (eager), or
-before a decode graph replays; every layer of the step then runs under that plan. A decode graph
-of batch B has a wrapper of its own, whose buffers its captured kernels read: FlashInfer's plan
-puts its arrays at the same offsets for the same batch and head count, so a replay after a new
-plan computes the new lengths' split (SGLang's and vLLM's FlashInfer MLA graphs work the same
-way). The first plan JIT-builds FlashInfer's module (nvcc and FlashInfer's sources are needed;
+before a CUDA graph replays; every layer of the step then runs under that plan. The graphs of B
+decode rows (the decode graph of batch B, the mixed-step graphs of B decode rows beside prefill
+chunks) share a wrapper of that batch, whose buffers their captured kernels read: FlashInfer's
+plan puts its arrays at the same offsets for the same batch and head count, so a replay after a
+new plan computes the new lengths' split (SGLang's and vLLM's FlashInfer MLA graphs work the
+same way). The first plan JIT-builds FlashInfer's module (nvcc and FlashInfer's sources are needed;
 well under a minute on 16 cores), which the runner's start-up warm-up does.
 
-Memory outside the KV cache's sizing: a 128 MiB workspace, and per wrapper (one per decode
-graph, one eager) FlashInfer's 8 MiB device and 8 MiB page-locked work buffers: about 230 MiB of
+Memory outside the KV cache's sizing: a 128 MiB workspace, and per wrapper (one per graph
+batch, one eager) FlashInfer's 8 MiB device and 8 MiB page-locked work buffers: about 230 MiB of
 GPU memory at a largest graph of 128, which the cache's share of free memory leaves room for.
 
 FlashInfer's MLA kernels exist for DeepSeek's latent of 512 + 64 only; a model of other widths
@@ -100,7 +101,7 @@ class FlashInferMLADecode:
         lens: Sequence[int],  # [B] sequence lengths, the new token included
         tables: Sequence[Sequence[int]],  # [B][>= ceil(len / page)] block ids
         page: int,
-        graph_batch: int | None = None,  # the decode graph about to replay, or None (eager)
+        graph_batch: int | None = None,  # decode rows of the graph about to replay; None: eager
     ) -> None:
         """Plan the next step's decode rows. Until a layer has run once (its head count and
         scale are known from the call), the plan waits for that first call."""
@@ -131,7 +132,7 @@ class FlashInferMLADecode:
     def _check_layout(self, graph_batch: int, wrapper) -> None:
         """A captured graph reads the plan's arrays where its first plan put them: a later plan
         of that batch must put them there too (FlashInfer 0.6's do: the offsets depend on the
-        batch, the head count and the SM count alone). A FlashInfer whose plans move them would
+        head count and the SM count alone). A FlashInfer whose plans move them would
         make replays read stale splits; that is an error, not a silent wrong output."""
         try:
             layout = tuple(int(v) for v in wrapper._plan_info)
@@ -140,7 +141,7 @@ class FlashInferMLADecode:
         first = self._layouts.setdefault(graph_batch, layout)
         if layout != first:
             raise RuntimeError(
-                f"FlashInfer's MLA plan for the decode graph of batch {graph_batch} moved its "
+                f"FlashInfer's MLA plan for the graphs of {graph_batch} decode rows moved its "
                 f"arrays since the capture ({first} -> {layout}); set the pool's "
                 "cuda_graphs: false or kernels: {mla_decode: triton}"
             )

@@ -24,7 +24,7 @@ for mla in flashinfer triton; do
   timeout $(( left < 140 ? left : 140 )) python3 -m pdserve.bench.mixed_step --model "/tmp/cfg-$p" \
     --random-weights 0 --batches 8,64 --chunks 16,256,1024,2048 --context 1024 --reps 3 \
     ${k:+--kernels $k} --out "$OUT/mixed-step-graphs-$p-mla-$mla-${GPU}${TAG}.json" 2>&1 \
-    | grep --line-buffered -v Warning | grep -E "^ +[0-9]|captured|mla_decode" | tail -12
+    | grep --line-buffered -v Warning | grep -E "^ +[0-9]|captured|mla_decode|Error" | tail -12
 done
 for mla in flashinfer triton; do  # the decode step of the full-depth model, both kernels
   left=$(( ${BUDGET:-550} - ($(date +%s) - S) )); [ $left -lt 50 ] && break

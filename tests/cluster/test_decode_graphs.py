@@ -156,9 +156,10 @@ def planning_stand_in(runner, where=lambda: None) -> tuple[list, list]:
         calls.append((len(lens), where()))
         return kernel(q, kv_cache, table, seq_lens, scale, v_dim)
 
-    runner._plan_decode = runner.graphs.plan = plan
-    if runner.mixed is not None:
-        runner.mixed.plan = plan
+    runner._plan_decode = plan
+    for graphs in (runner.graphs, runner.mixed):
+        if graphs is not None:
+            graphs.plan = plan
     object.__setattr__(runner.kernels, "mla_decode", decode)  # the layers read it per call
     return planned, calls
 

@@ -178,10 +178,12 @@ def test_flashinfer_mla_decode_agrees_with_the_triton_kernel(tmp_path):
     """DeepSeek's latent widths (512 + 64) in a small model, bf16: FlashInfer's MLA decode,
     planned per step, gives the Triton kernel's logits up to bf16 rounding, replayed from decode
     graphs (batches of 1 and 6, padded to 8) and in an eager step that also carries a prefill
-    chunk."""
+    chunk (mixed-step graphs off: ``test_flashinfer_mla_decode_in_mixed_graphs`` replays
+    those)."""
     path = _wide_mla_model(tmp_path)
-    fi = _engine(path, "bfloat16", budget=4096)  # each prompt's prefill in one step
-    triton = _engine(path, "bfloat16", budget=4096, kernel_overrides={"mla_decode": "triton"})
+    kw = dict(budget=4096, mixed_graphs="off")  # each prompt's prefill in one step
+    fi = _engine(path, "bfloat16", **kw)
+    triton = _engine(path, "bfloat16", kernel_overrides={"mla_decode": "triton"}, **kw)
     assert fi.runner.kernel_names["mla_decode"] == "flashinfer_fa3"
     assert fi.runner.graphs is not None and fi.runner.graphs.graphs
     prompts = _prompts(fi.vocab_size, (1, 17, 130, 301, 64, 65, 40), seed=5)
@@ -218,7 +220,9 @@ def _same_logits(fi: LLMEngine, triton: LLMEngine, first, then, check=lambda sch
 def test_flashinfer_mla_decode_in_mixed_graphs(tmp_path, monkeypatch):
     """Decode rows beside a prefill chunk replayed from a mixed-step graph, FlashInfer's MLA
     decode planned for the graph's rows (padding included) before each replay: the logits of
-    the Triton kernel's eager steps up to bf16 rounding, at 1 and 3 decode rows (bucket 4)."""
+    the Triton kernel's eager steps up to bf16 rounding, at 1 and 3 decode rows (bucket 4),
+    with a pure decode step of 3 rows between them replaying the decode graph of batch 4 (the
+    same FlashInfer plan buffers)."""
     path = _wide_mla_model(tmp_path)
     kw = dict(budget=4096, decode_graph_max_batch=4, mixed_graph_max_tokens=512)
     fi = _engine(path, "bfloat16", **kw)
@@ -232,9 +236,16 @@ def test_flashinfer_mla_decode_in_mixed_graphs(tmp_path, monkeypatch):
     prompts = _prompts(fi.vocab_size, (1, 17, 130, 301, 64, 65, 40), seed=5)
 
     def replayed(sched) -> None:
-        assert mixed.bucket(sched) in mixed.graphs
+        if sched.num_decode_chunks == len(sched.chunks):  # pure decode
+            assert fi.runner.graphs.fits(sched) and fi.runner.graphs.bucket(len(sched.chunks)) == 4
+        else:
+            assert mixed.bucket(sched) in mixed.graphs
 
-    for first, then in (([prompts[2]], [prompts[6]]), (prompts[:3], [prompts[4], prompts[5]])):
+    for first, then in (
+        ([prompts[2]], [prompts[6]]),
+        (prompts[:3], []),
+        (prompts[:3], [prompts[4], prompts[5]]),
+    ):
         _same_logits(fi, triton, first, then, replayed)
     assert fi.blocks.num_used == 0 and triton.blocks.num_used == 0
 

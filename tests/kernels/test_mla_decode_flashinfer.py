@@ -54,7 +54,7 @@ def test_a_graphs_plan_layout_may_not_move():
     fi._check_layout(8, SimpleNamespace(_plan_info=[2, 66, 0, 65536]))
     fi._check_layout(8, SimpleNamespace(_plan_info=(2, 66, 0, 65536)))
     fi._check_layout(16, SimpleNamespace(_plan_info=[1, 132, 0, 65536]))  # its own batch
-    with pytest.raises(RuntimeError, match="batch 8 moved its arrays.*cuda_graphs: false"):
+    with pytest.raises(RuntimeError, match="of 8 decode rows moved its arrays.*cuda_graphs: false"):
         fi._check_layout(8, SimpleNamespace(_plan_info=[2, 66, 64, 65536]))
     fi._check_layout(8, SimpleNamespace())
 
