@@ -82,6 +82,13 @@ def capture_graph(
     return graph, out
 
 
+def plan_padding(plan: Callable[..., None], rows: int, width: int, scratch: int, bs: int) -> None:
+    """Hand a host-planning MLA decode ``rows`` padding rows (one token each, tables of
+    ``width`` scratch blocks ``scratch``) on the buffers of graph batch ``rows``: the plan a
+    graph of that many decode rows is captured under."""
+    plan([1] * rows, np.full((rows, width), scratch, dtype=np.int32), bs, rows)
+
+
 def fits_graphs(sched: SchedulerOutput, max_batch: int) -> bool:
     """Whether ``sched`` is pure decode and small enough for the largest bucket."""
     chunks = sched.chunks
@@ -168,8 +175,7 @@ class DecodeGraphs:
         side = torch.cuda.Stream(self.device)
         for b in reversed(self.buckets):
             if self.plan is not None:  # padding rows alone: each reads the scratch block
-                pad = np.full((b, self.width), self.scratch_block, dtype=np.int32)
-                self.plan([1] * b, pad, self.block_size, b)
+                plan_padding(self.plan, b, self.width, self.scratch_block, self.block_size)
             graph, self.outputs[b] = capture_graph(
                 lambda b=b: self._forward(b), self.device, side, pool
             )

@@ -47,7 +47,7 @@ from torch import nn
 
 from pdserve.cluster.batch_inputs import context_slots
 from pdserve.cluster.config import EngineConfig
-from pdserve.cluster.decode_graphs import capture_graph
+from pdserve.cluster.decode_graphs import capture_graph, plan_padding
 from pdserve.cluster.model.attention_metadata import AttentionMetadata
 from pdserve.cluster.scheduler import SchedulerOutput
 from pdserve.kernels import KernelSet
@@ -202,8 +202,7 @@ class MixedGraphs:
                           key=lambda k: (-k[1], -k[0])):  # fmt: skip
             self._stage_padding(*key)
             if self.plan is not None and key[0]:  # padding rows alone, on batch bd's buffers
-                pad = np.full((key[0], self.width), self.scratch_block, dtype=np.int32)
-                self.plan([1] * key[0], pad, self.block_size, key[0])
+                plan_padding(self.plan, key[0], self.width, self.scratch_block, self.block_size)
             graph, _ = capture_graph(lambda k=key: self._forward(*k), self.device, side, pool)
             pool = graph.pool()
             self.graphs[key] = graph
