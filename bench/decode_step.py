@@ -279,9 +279,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--kernels", default="", help="kernel overrides, e.g. rms_norm=triton,rope=triton"
     )
+    p.add_argument(
+        "--mla-triton-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="FlashInfer's MLA decode hands steps of up to N decode rows to the Triton kernel "
+        "(0: none; default: its TRITON_ROWS table)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     args.kernel_overrides = kernel_overrides(p, args.kernels)
+    if args.mla_triton_rows is not None:  # every head count: this process's engines only
+        if args.tp > 1:
+            p.error("--mla-triton-rows sets this process's table: use --tp 1")
+        from pdserve.kernels import mla_decode_flashinfer
+
+        mla_decode_flashinfer.TRITON_ROWS = {1 << 20: args.mla_triton_rows}
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
     if args.profile and "off" not in modes:
@@ -299,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "context": args.context,
         "steps": args.steps,
         "kernel_overrides": args.kernel_overrides,
+        "mla_triton_rows": args.mla_triton_rows,
         "date": time.strftime("%Y-%m-%d"),
         "host": platform.node(),
     }

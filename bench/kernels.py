@@ -258,7 +258,7 @@ def mla_peers(q, cache, table, lens, ours: torch.Tensor, ours_ms: float) -> dict
     host_lens, host_table = lens.tolist(), table.cpu().numpy()
     for name in names:
         try:
-            fi = FlashInferMLADecode(name.removeprefix("flashinfer_"))
+            fi = FlashInferMLADecode(name.removeprefix("flashinfer_"), few_rows=False)
             fi.plan(host_lens, host_table, cache.shape[1], graph_batch=len(host_lens))
             out = fi(q, cache, table, lens, 0.07, 512)  # builds (JIT) and plans
             err = float((out.float() - ours.float()).norm() / ours.float().norm())
@@ -324,9 +324,17 @@ def fragment_by_default() -> bool:
 SWEEP_TABLES = ("MOE_SMALL_FRAGMENT", "MOE_SMALL", "MOE_LARGE", "MLA_DECODE")
 
 
-def sweep(gpu: str, out: dict, deadline: float, tables: tuple[str, ...] = SWEEP_TABLES) -> None:
-    """Time candidate configs at DeepSeek-V3 shapes; make the winners this GPU's entries of
-    ``tables``."""
+def sweep(
+    gpu: str,
+    out: dict,
+    deadline: float,
+    tables: tuple[str, ...] = SWEEP_TABLES,
+    model: str = "deepseek-v3",
+    small_m: tuple[int, ...] = (),
+) -> None:
+    """Time candidate configs at ``model``'s shapes (the MoE's; mla_decode's are DeepSeek's);
+    make the winners this GPU's entries of ``tables`` (in this process). ``small_m``: the token
+    counts moe_small's tables are swept at, each its own bucket (default: the tables')."""
     results = out.setdefault("sweep", {})
     act = SwiGLU()
     # the fragment layout first: the default on sm_90, and the sweep may run out of time
@@ -337,21 +345,24 @@ def sweep(gpu: str, out: dict, deadline: float, tables: tuple[str, ...] = SWEEP_
         if name not in tables:
             continue
         table = getattr(triton_configs, name)
-        for m, bucket in SWEEP_SMALL_POINTS[name]:
-            case = moe_case("deepseek-v3", m, fragment)
+        for m, bucket in tuple((m, m) for m in small_m) or SWEEP_SMALL_POINTS[name]:
+            case = moe_case(model, m, fragment)
             entry = triton_configs.pick(table, torch.device(DEV), m)
             cfg = {k: dict(v) for k, v in entry.items()}
+            results[f"{name} M={m} entry"] = ms_graph(moe_small_triton, *case, moe_act(model),
+                                                      config=cfg)  # fmt: skip
             for gemm in ("gemm1", "gemm2"):
 
                 def run(c, gemm=gemm, cfg=cfg, case=case):
                     tiles = dict(cfg, **{gemm: _tiles(c, cfg[gemm])})
-                    return ms_graph(moe_small_triton, *case, act, config=tiles)
+                    return ms_graph(moe_small_triton, *case, moe_act(model), config=tiles)
 
                 t, c = _best(results, f"{name} M={m} {gemm}", run, cands[gemm], deadline)
                 if c is not None:
                     cfg[gemm] = _tiles(c, cfg[gemm])
             set_cfg(table, gpu, bucket, cfg)
-            print(f"{name} M<={bucket}: {cfg} {t:.3f} ms")
+            print(f"{name} {model} M<={bucket}: {cfg} {t:.3f} ms (the table's tiles: "
+                  f"{results.get(f'{name} M={m} entry', float('nan')):.3f})")  # fmt: skip
             case = None
     # the grouped GEMM's one table serves both layouts: tuned on the one this GPU runs by default
     fragment = fragment_by_default()
@@ -430,6 +441,15 @@ def _compiled_resources() -> list[dict]:
     return rows
 
 
+def mla_grid(ap: argparse.ArgumentParser, text: str) -> list[tuple[int, int, int]]:
+    """(heads, batch, context) points of ``--mla-grid`` HEADS:BATCHES:CONTEXTS (comma lists)."""
+    try:
+        heads, batches, contexts = ([int(v) for v in f.split(",")] for f in text.split(":"))
+    except ValueError:
+        ap.error(f"--mla-grid takes HEADS:BATCHES:CONTEXTS, comma-separated integers: {text!r}")
+    return [(h, b, c) for h in heads for b in batches for c in contexts]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="time candidate configs first")
@@ -437,10 +457,19 @@ def main() -> None:
     ap.add_argument(
         "--sweep-tables", default=",".join(SWEEP_TABLES), help=f"of {SWEEP_TABLES}, to sweep"
     )
+    ap.add_argument("--sweep-model", default="deepseek-v3", choices=sorted(MODELS))
+    ap.add_argument("--sweep-m", default="", help="moe_small's sweep points (default: its buckets)")
     ap.add_argument("--budget-s", type=float, default=330.0, help="stop adding points after this")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {PARTS}")
+    ap.add_argument(
+        "--mla-grid",
+        default="",
+        metavar="HEADS:BATCHES:CONTEXTS",
+        help="mla_decode's points, e.g. 16:1,2,4,8:1024,4096 (default: the built-in grid)",
+    )
     args = ap.parse_args()
+    grid = mla_grid(ap, args.mla_grid) if args.mla_grid else MLA_GRID
     parts = args.parts.split(",")
     if bad := sorted(set(parts) - set(PARTS)):
         ap.error(f"unknown --parts {bad}; known: {PARTS}")
@@ -460,7 +489,9 @@ def main() -> None:
         f"{gpu}: copy {ceil['copy_GBps']:.0f} GB/s, bf16 matmul {ceil['matmul_TFLOPs']:.0f} TFLOP/s"
     )
     if args.sweep:
-        sweep(gpu, out, t0 + args.sweep_s, tuple(args.sweep_tables.split(",")))
+        small_m = tuple(int(m) for m in args.sweep_m.split(",") if m)
+        sweep(gpu, out, t0 + args.sweep_s, tuple(args.sweep_tables.split(",")),
+              args.sweep_model, small_m)  # fmt: skip
     act = SwiGLU()
     dev = torch.device(DEV)
     peers = Peers()
@@ -530,10 +561,10 @@ def main() -> None:
         )
         del case
     rows = out["mla_decode"] = []
-    blocks = max(b * c for _, b, c in MLA_GRID) // 64
+    blocks = max(b * c for _, b, c in grid) // 64
     if "mla_decode" in parts:
         cache = torch.empty(blocks, 64, 576, dtype=torch.bfloat16, device=DEV).normal_()  # 4.8 GB
-    for heads, b, ctx in MLA_GRID if "mla_decode" in parts else ():
+    for heads, b, ctx in grid if "mla_decode" in parts else ():
         if time.time() - t0 > args.budget_s:
             rows.append({"heads": heads, "B": b, "ctx": ctx, "skipped": "time budget"})
             continue

@@ -19,6 +19,11 @@ GPU memory at a largest graph of 128, which the cache's share of free memory lea
 FlashInfer's MLA kernels exist for DeepSeek's latent of 512 + 64 only; a model of other widths
 (the test models) runs the Triton kernel through this backend, which says so once in the log
 and in ``runs`` (what status reports).
+
+Steps of few decode rows at few heads run the Triton kernel too (``TRITON_ROWS``): there it was
+the faster, and such a step makes no host plan. The choice is made per plan from its row count
+(a graph's padded batch), so each graph captures one kernel and a replay finds the plan it was
+captured under; both kernels read the same paged cache.
 """
 
 from __future__ import annotations
@@ -39,6 +44,16 @@ log = logging.getLogger(__name__)
 
 CKV, KPE = 512, 64  # the latent widths FlashInfer's MLA kernels are built for
 WORKSPACE_BYTES = 128 << 20  # split-KV partial outputs: FlashInfer's recommended size
+# heads per GPU at most -> decode rows at most where the Triton kernel runs in fa3's place.
+# Measured on an H100 (BENCHMARKS.md, "MLA decode by decode rows"): at 16 heads the Triton
+# kernel ran 1.03-1.41x fa3's speed at 1-4 sequences of 1k-16k tokens, 0.91-1.02x at 8 and
+# 0.72-0.82x from 16; at 128 heads 0.39-0.88x from one sequence.
+TRITON_ROWS: dict[int, int] = {16: 4}
+
+
+def triton_rows(heads: int) -> int:
+    """Decode rows up to which a step of ``heads`` heads runs the Triton kernel (0: none)."""
+    return max((rows for most, rows in TRITON_ROWS.items() if heads <= most), default=0)
 
 
 def unavailable() -> str | None:
@@ -79,13 +94,15 @@ def csr(lens: Sequence[int], tables: Sequence[Sequence[int]] | np.ndarray, page:
 class FlashInferMLADecode:
     """One worker's MLA decode through FlashInfer: ``plan`` per step, then the op per layer."""
 
-    def __init__(self, backend: str = "fa3") -> None:
+    def __init__(self, backend: str = "fa3", few_rows: bool = True) -> None:
         self.backend = backend  # FlashInfer's: "fa3" (sm_90a), or "fa2" (benchmarks' peer)
+        self.few_rows = few_rows  # the Triton kernel for steps of few rows (``TRITON_ROWS``)
         self._wrappers: dict[int | None, Any] = {}  # graph batch -> its wrapper; None: eager
         self._workspace: torch.Tensor | None = None  # shared: one step runs at a time
         self._shape: tuple | None = None  # (heads, page, scale, dtype, device) of the layers
         self._pending: tuple | None = None  # a plan awaiting the layers' shape
-        self._active: tuple[Any, int] | None = None  # (wrapper, rows) of the planned step
+        # (wrapper, rows) of the planned step; wrapper None: the Triton kernel runs it
+        self._active: tuple[Any, int] | None = None
         self._fallback = None  # the Triton kernel, for latent widths FlashInfer lacks
         self.runs = f"flashinfer_{backend}"  # what runs the op ("triton" after a fallback)
         # The plan's arrays are staged in page-locked memory: CUDA syncs the stream before a
@@ -116,6 +133,9 @@ class FlashInferMLADecode:
         graph_batch, page, width, qo, kv_indptr, indices, kv_lens = self._pending
         heads, page_cached, scale, dtype, device = self._shape
         assert page == page_cached, (page, page_cached)
+        if self.few_rows and len(kv_lens) <= triton_rows(heads):
+            self._active, self._pending = (None, len(kv_lens)), None
+            return
         wrapper = self._wrapper(graph_batch, width, device)
         if self._copied is None:
             with torch.cuda.device(device):
@@ -199,25 +219,36 @@ class FlashInferMLADecode:
             return self._triton(q, kv_cache, block_table, seq_lens, scale, v_dim)
         if self._shape is None:
             self._shape = (heads, kv_cache.shape[1], scale, q.dtype, q.device)
+            if self.few_rows and triton_rows(heads):
+                log.info(
+                    "mla_decode: steps of up to %d decode rows run the Triton kernel (%d heads), "
+                    "larger ones FlashInfer's %s", triton_rows(heads), heads, self.backend,
+                )  # fmt: skip
         if self._pending is not None:
             self._plan()
         assert self._active is not None, "mla_decode through FlashInfer needs a plan per step"
         wrapper, rows = self._active
         assert rows == b, f"planned {rows} decode rows, the step has {b}"
+        if wrapper is None:
+            return self._triton_kernel()(q, kv_cache, block_table, seq_lens, scale, v_dim)
         out = q.new_empty(b, heads, v_dim)
         wrapper.run(q[..., :v_dim], q[..., v_dim:], kv_cache[..., :v_dim], kv_cache[..., v_dim:],
                     out=out)  # fmt: skip
         return out
 
+    @staticmethod
+    def _triton_kernel():
+        from pdserve.kernels.mla_decode_triton import mla_decode_triton
+
+        return mla_decode_triton
+
     def _triton(self, q, kv_cache, block_table, seq_lens, scale, v_dim) -> torch.Tensor:
         if self._fallback is None:
-            from pdserve.kernels.mla_decode_triton import mla_decode_triton
-
             log.info(
                 "mla_decode: FlashInfer's MLA kernels take a latent of %d + %d, this model's "
                 "is %d + %d; the Triton kernel runs",
                 CKV, KPE, v_dim, q.shape[-1] - v_dim,
             )  # fmt: skip
-            self._fallback, self.runs = mla_decode_triton, "triton"
+            self._fallback, self.runs = self._triton_kernel(), "triton"
             self._pending = self._active = None
         return self._fallback(q, kv_cache, block_table, seq_lens, scale, v_dim)

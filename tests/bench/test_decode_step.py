@@ -61,6 +61,25 @@ def test_kernel_overrides_reach_the_engine(tiny_model, tmp_path):
         main(["--model", tiny_model, "--kernels", "rope"])
 
 
+def test_mla_triton_rows_sets_the_split_for_every_head_count(tiny_model, tmp_path, monkeypatch):
+    """--mla-triton-rows N: FlashInfer's MLA decode hands up to N decode rows to the Triton
+    kernel at any head count (this process's engines), recorded in the result; refused under
+    tensor parallelism, whose ranks are other processes."""
+    from pdserve.kernels import mla_decode_flashinfer as fi
+
+    monkeypatch.setattr(fi, "TRITON_ROWS", dict(fi.TRITON_ROWS))
+    out = tmp_path / "r.json"
+    args = ["--model", tiny_model, "--device", "cpu", "--batches", "1", "--steps", "2"]
+    args += ["--context", "8", "--modes", "off", "--mla-triton-rows", "0", "--out", str(out)]
+    assert main(args) == 0
+    assert json.loads(out.read_text())["mla_triton_rows"] == 0
+    assert [fi.triton_rows(h) for h in (16, 128, 1024)] == [0, 0, 0]
+    main(args[:-4] + ["--mla-triton-rows", "64", "--out", str(out)])
+    assert [fi.triton_rows(h) for h in (16, 128, 1024)] == [64, 64, 64]
+    with pytest.raises(SystemExit):
+        main(["--model", tiny_model, "--tp", "2", "--mla-triton-rows", "4"])
+
+
 def test_a_profile_without_eager_steps_is_refused_before_any_work(capsys):
     with pytest.raises(SystemExit):
         main(["--model", "/nonexistent", "--modes", "auto", "--profile"])

@@ -36,3 +36,15 @@ def test_every_small_m_candidate_runs_and_matches_the_reference(gemm, layout):
         swapped += cfg[gemm].get("SWAP", 0)
         assert rel_err(moe_small_triton(x, w, ids, tw, SwiGLU(), config=cfg), ref) < 1e-5, cand
     assert swapped == (2 if layout == "plain" else 0)  # the fragment layout implies it
+
+
+def test_mla_grid_takes_heads_batches_and_contexts():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    assert kernels.mla_grid(ap, "16,128:1,2:1024") == [
+        (16, 1, 1024), (16, 2, 1024), (128, 1, 1024), (128, 2, 1024)
+    ]  # fmt: skip
+    for bad in ("16:1,2", "16:x:1024", "16:1:1024:7"):
+        with pytest.raises(SystemExit):
+            kernels.mla_grid(ap, bad)

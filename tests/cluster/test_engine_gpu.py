@@ -27,11 +27,16 @@ def _engine(path: str, dtype: str, budget: int = 64, **kw) -> LLMEngine:
     )
 
 
-def _wide_mla_model(tmp_path) -> str:
+def _wide_mla_model(tmp_path, monkeypatch, triton_rows: dict[int, int] | None = None) -> str:
     """A small model with DeepSeek's latent widths (512 + 64) for FlashInfer's MLA decode;
-    skips where its fa3 kernels cannot run."""
+    skips where its fa3 kernels cannot run. Its 16 heads would run steps of few decode rows
+    through the Triton kernel (``TRITON_ROWS``): FlashInfer's kernel runs every step here
+    unless ``triton_rows`` says otherwise."""
     from pdserve.cluster.checkpoint_maker import make_model
+    from pdserve.kernels import mla_decode_flashinfer
     from pdserve.kernels.mla_decode_flashinfer import unavailable
+
+    monkeypatch.setattr(mla_decode_flashinfer, "TRITON_ROWS", triton_rows or {})
 
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("FlashInfer's MLA fa3 kernels are built for sm_90a")
@@ -174,14 +179,16 @@ def test_gpt_oss_float32_on_the_gpu_matches_transformers(gpt_oss_model):
     _check(engine, hf, LENGTHS, seed=1)
 
 
-def test_flashinfer_mla_decode_agrees_with_the_triton_kernel(tmp_path):
+def test_flashinfer_mla_decode_agrees_with_the_triton_kernel(tmp_path, monkeypatch):
     """DeepSeek's latent widths (512 + 64) in a small model, bf16: FlashInfer's MLA decode,
     planned per step, gives the Triton kernel's logits up to bf16 rounding, replayed from decode
     graphs (batches of 1 and 6, padded to 8) and in an eager step that also carries a prefill
     chunk (mixed-step graphs off: ``test_flashinfer_mla_decode_in_mixed_graphs`` replays
     those)."""
-    path = _wide_mla_model(tmp_path)
-    kw = dict(budget=4096, mixed_graphs="off")  # each prompt's prefill in one step
+    path = _wide_mla_model(tmp_path, monkeypatch)
+    # each prompt's prefill in one step; plan_ahead off: the prefill step would launch the next
+    # step before the test's own
+    kw = dict(budget=4096, mixed_graphs="off", plan_ahead=False)
     fi = _engine(path, "bfloat16", **kw)
     triton = _engine(path, "bfloat16", kernel_overrides={"mla_decode": "triton"}, **kw)
     assert fi.runner.kernel_names["mla_decode"] == "flashinfer_fa3"
@@ -223,8 +230,8 @@ def test_flashinfer_mla_decode_in_mixed_graphs(tmp_path, monkeypatch):
     the Triton kernel's eager steps up to bf16 rounding, at 1 and 3 decode rows (bucket 4),
     with a pure decode step of 3 rows between them replaying the decode graph of batch 4 (the
     same FlashInfer plan buffers)."""
-    path = _wide_mla_model(tmp_path)
-    kw = dict(budget=4096, decode_graph_max_batch=4, mixed_graph_max_tokens=512)
+    path = _wide_mla_model(tmp_path, monkeypatch)
+    kw = dict(budget=4096, decode_graph_max_batch=4, mixed_graph_max_tokens=512, plan_ahead=False)
     fi = _engine(path, "bfloat16", **kw)
     triton = _engine(
         path, "bfloat16", mixed_graphs="off", kernel_overrides={"mla_decode": "triton"}, **kw
@@ -250,12 +257,12 @@ def test_flashinfer_mla_decode_in_mixed_graphs(tmp_path, monkeypatch):
     assert fi.blocks.num_used == 0 and triton.blocks.num_used == 0
 
 
-def test_flashinfer_plans_steps_planned_ahead(tmp_path):
+def test_flashinfer_plans_steps_planned_ahead(tmp_path, monkeypatch):
     """FlashInfer's MLA decode plans each replay on the host: a step planned while the one
     before runs gives the tokens of steps planned after it, in bf16."""
     from tests.cluster.test_engine_ahead import _counting
 
-    path = _wide_mla_model(tmp_path)
+    path = _wide_mla_model(tmp_path, monkeypatch)
     after = _engine(path, "bfloat16", budget=4096, plan_ahead=False)
     ahead = _engine(path, "bfloat16", budget=4096)
     assert ahead.runner.kernel_names["mla_decode"] == "flashinfer_fa3"
@@ -265,6 +272,25 @@ def test_flashinfer_plans_steps_planned_ahead(tmp_path):
     got = [o.token_ids for o in ahead.generate(prompts, sp)]
     assert got == [o.token_ids for o in after.generate(prompts, sp)]
     assert len(rows) >= 20 and ahead.blocks.num_used == 0
+
+
+def test_steps_of_few_decode_rows_run_the_triton_kernel(tmp_path, monkeypatch):
+    """Up to ``TRITON_ROWS`` decode rows (4 here) FlashInfer's backend runs the Triton kernel:
+    the decode graphs of 1, 2 and 4 rows plan nothing on FlashInfer's wrappers, the graph of 8
+    does; the logits of steps of 3 and 6 rows (graphs of 4 and 8) are the Triton kernel's up to
+    bf16 rounding."""
+    path = _wide_mla_model(tmp_path, monkeypatch, triton_rows={16: 4})
+    kw = dict(budget=4096, decode_graph_max_batch=8, mixed_graphs="off", plan_ahead=False)
+    fi = _engine(path, "bfloat16", **kw)
+    triton = _engine(path, "bfloat16", kernel_overrides={"mla_decode": "triton"}, **kw)
+    assert fi.runner.kernel_names["mla_decode"] == "flashinfer_fa3"
+    assert {1, 2, 4, 8} <= set(fi.runner.graphs.graphs)
+    wrappers = fi.runner.kernels.mla_decode._wrappers
+    assert 8 in wrappers and not {1, 2, 4} & set(wrappers)
+    prompts = _prompts(fi.vocab_size, (1, 17, 130, 301, 64, 65, 40), seed=5)
+    for first in (prompts[:3], prompts[:6]):
+        _same_logits(fi, triton, first, [])
+    assert fi.blocks.num_used == 0 and triton.blocks.num_used == 0
 
 
 def test_fp8_linears_give_the_dequantized_models_logits(tmp_path, monkeypatch):

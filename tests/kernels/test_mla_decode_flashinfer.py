@@ -69,7 +69,7 @@ def _gpu_or_skip(device):
 @pytest.mark.parametrize("heads", [16, 128])
 def test_planned_kernel_matches_reference(device, heads):
     _gpu_or_skip(device)
-    fi = FlashInferMLADecode()
+    fi = FlashInferMLADecode(few_rows=False)  # FlashInfer's kernel at every row count
     for seed, lens in enumerate(([1], [7, 64, 65, 1000], [4096] * 3 + [129] * 30)):
         cache, table, seq_lens = paged(lens, PAGE, D, torch.bfloat16, device, seed=seed)
         q = torch.randn(len(lens), heads, D, device=device).bfloat16()
@@ -88,7 +88,7 @@ def test_graph_replays_the_new_plans_lengths(device):
     q = torch.randn(b, heads, D, device=device).bfloat16()
     lens_buf, table_buf = seq_lens.clone(), table.clone()
     host = table.cpu().numpy()
-    fi = FlashInferMLADecode()
+    fi = FlashInferMLADecode(few_rows=False)
     fi.plan([1] * b, host, PAGE, graph_batch=b)
     lens_buf.fill_(1)
     fi(q, cache, table_buf, lens_buf, D**-0.5, V)  # first call: the plan waits for the shape
@@ -102,4 +102,29 @@ def test_graph_replays_the_new_plans_lengths(device):
         fi.plan(lens, host, PAGE, graph_batch=b)
         graph.replay()
         ref = mla_decode_torch(q, cache, table_buf, lens_buf, D**-0.5, V)
+        assert rel_err(out, ref) < 1e-2, lens
+
+
+def test_steps_of_few_rows_run_the_triton_kernel(device, monkeypatch):
+    """Up to ``TRITON_ROWS`` decode rows (2 here, at up to 16 heads) the backend runs the Triton
+    kernel and plans nothing on FlashInfer's wrappers; from 3 rows (on an SM90 GPU) FlashInfer's
+    kernel runs under its plan. Each gives the reference's output."""
+    from pdserve.kernels import mla_decode_flashinfer
+
+    monkeypatch.setattr(mla_decode_flashinfer, "TRITON_ROWS", {16: 2})
+    assert [mla_decode_flashinfer.triton_rows(h) for h in (8, 16, 32, 128)] == [2, 2, 0, 0]
+    if device.type == "cpu":
+        pytest.importorskip("triton")
+    fi = FlashInferMLADecode()
+    sm90 = device.type == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+    flashinfer = sm90 and unavailable() is None  # else the Triton kernel's rows alone
+    for lens in ([5, 70], [1], *([[3, 64, 65]] if flashinfer else [])):
+        cache, table, seq_lens = paged(lens, PAGE, D, torch.float32, device, seed=len(lens))
+        cache, q = cache.to(torch.bfloat16), torch.randn(len(lens), 16, D, device=device)
+        q = q.bfloat16()
+        fi.plan(lens, table.tolist(), PAGE, graph_batch=len(lens))
+        out = fi(q, cache, table, seq_lens, D**-0.5, V)
+        assert set(fi._wrappers) == ({3} if len(lens) > 2 else set())
+        assert fi.runs == "flashinfer_fa3"
+        ref = mla_decode_torch(q, cache, table, seq_lens, D**-0.5, V)
         assert rel_err(out, ref) < 1e-2, lens
