@@ -28,23 +28,14 @@ def _engine(path: str, dtype: str, budget: int = 64, **kw) -> LLMEngine:
 
 
 def _wide_mla_model(tmp_path, monkeypatch, triton_rows: dict[int, int] | None = None) -> str:
-    """A small model with DeepSeek's latent widths (512 + 64) for FlashInfer's MLA decode;
-    skips where its fa3 kernels cannot run. Its 16 heads would run steps of few decode rows
-    through the Triton kernel (``TRITON_ROWS``): FlashInfer's kernel runs every step here
-    unless ``triton_rows`` says otherwise."""
-    from pdserve.cluster.checkpoint_maker import make_model
+    """``tests.flashinfer_mla``'s model. Its 16 heads would run steps of few decode rows through
+    the Triton kernel (``TRITON_ROWS``): FlashInfer's kernel runs every step here unless
+    ``triton_rows`` says otherwise."""
     from pdserve.kernels import mla_decode_flashinfer
-    from pdserve.kernels.mla_decode_flashinfer import unavailable
+    from tests.flashinfer_mla import wide_mla_model
 
     monkeypatch.setattr(mla_decode_flashinfer, "TRITON_ROWS", triton_rows or {})
-
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("FlashInfer's MLA fa3 kernels are built for sm_90a")
-    if reason := unavailable():
-        pytest.skip(reason)
-    wide = dict(kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=16,
-                num_key_value_heads=16)  # fmt: skip
-    return str(make_model(tmp_path / "wide", "tiny", seed=3, overrides=wide))
+    return wide_mla_model(tmp_path / "wide")
 
 
 def test_registry_picks_triton_on_the_gpu(tiny_model):

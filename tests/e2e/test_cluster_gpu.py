@@ -22,9 +22,17 @@ MAX_TOKENS = 24
 BF16_TIE = 0.1  # nats between the reference's best token and the cluster's, where they differ
 
 
-def _reference(tiny_model, dtype: str) -> LLMEngine:
+def _reference(tiny_model, dtype: str, kernels: dict[str, str] | None = None) -> LLMEngine:
     cache = CacheConfig(block_size=64, num_blocks=256)
-    return LLMEngine(EngineConfig(model=tiny_model, dtype=dtype, device="cuda", cache=cache))
+    return LLMEngine(
+        EngineConfig(
+            model=tiny_model,
+            dtype=dtype,
+            device="cuda",
+            cache=cache,
+            kernel_overrides=kernels or {},
+        )  # fmt: skip
+    )
 
 
 def _greedy(ref: LLMEngine, ids: list[int], n: int, logprobs: int | None = None):
@@ -52,21 +60,36 @@ def _tie_gaps(ref: LLMEngine, prompt: list[int], got: list[int]) -> list[float]:
 
 
 def _check_against_single_process(
-    ray_serve, tiny_model, name: str, pool: dict, dtype: str, prefill: dict | None = None
+    ray_serve,
+    tiny_model,
+    name: str,
+    pool: dict,
+    dtype: str,
+    prefill: dict | None = None,
+    ref_kernels: dict[str, str] | None = None,
+    copies: int = 1,
 ):
     """Deploy 1P1D with ``pool`` for both pools (and ``prefill``'s settings on the prefill
     pool) and ``dtype``; the cluster's greedy tokens over HTTP equal the single-process
-    engine's (float32) or differ only at near-ties (bf16); every decode block comes back.
-    Returns the app."""
+    engine's (``ref_kernels``: its overrides) in float32 or differ only at near-ties (bf16);
+    every decode block comes back. ``copies``: each prompt sent that many times at once (the
+    decode pool then batches them). Returns the app."""
+    from concurrent.futures import ThreadPoolExecutor
+
     model = {"path": tiny_model, "name": "tiny", "block_size": 64, "dtype": dtype}
     pools = {"prefill": {**pool, **(prefill or {})}, "decode": dict(pool)}
     app = deploy(ray_serve, {"name": name, "model": model, **pools})
-    ref = _reference(tiny_model, dtype)
-    for prompt in PROMPTS:
-        ids = ref.tokenize(prompt)
+    ref = _reference(tiny_model, dtype, ref_kernels)
+    requests = [(p, ref.tokenize(p)) for p in PROMPTS for _ in range(copies)]
+
+    def post(ids: list[int]) -> tuple[int, dict]:
         body = {"model": "tiny", "prompt": ids, "max_tokens": MAX_TOKENS, "temperature": 0,
                 "ignore_eos": True, "return_token_ids": True}  # fmt: skip
-        code, r = app.post("/v1/completions", body)
+        return app.post("/v1/completions", body)
+
+    with ThreadPoolExecutor(copies) as threads:
+        answers = list(threads.map(post, [ids for _, ids in requests]))
+    for (prompt, ids), (code, r) in zip(requests, answers):
         assert code == 200, r
         got = r["choices"][0]["token_ids"]
         if dtype == "float32":
@@ -118,6 +141,28 @@ def test_prefill_through_flashinfer_moe_matches_the_triton_path(ray_serve, tiny_
     kernels = {s.pool: s.kernels for s in serve_app.replica_stats(app.name)}
     assert kernels["prefill"]["moe_large"] == "flashinfer_cutlass", kernels
     assert kernels["decode"]["moe_large"] != "flashinfer_cutlass", kernels
+
+
+def test_decode_through_flashinfer_mla_matches_the_triton_path(ray_serve, tmp_path):
+    """Where FlashInfer's MLA decode can run (SM90, FlashInfer and nvcc), the decode pool of a
+    model with DeepSeek's latent widths (512 + 64) runs it by default, JIT-built at start-up
+    and planned before each decode graph's replay (as ``pdserve status`` reports), and the
+    cluster's bf16 greedy tokens match the single-process engine's with the Triton kernel up to
+    near-ties. Each prompt is sent 8 times at once: steps of more than 4 decode rows run
+    FlashInfer's kernel, fewer the Triton kernel (``TRITON_ROWS``); the prefill pool, which does
+    not decode, keeps the Triton kernel."""
+    from pdserve.deploy import serve_app
+    from tests.flashinfer_mla import wide_mla_model
+
+    path = wide_mla_model(tmp_path / "wide")
+    pool = {"num_replicas": 1, "gpus_per_rank": 0.5, "kv_cache_memory_fraction": 0.2}
+    app = _check_against_single_process(
+        ray_serve, path, "fi-mla", pool, "bfloat16", ref_kernels={"mla_decode": "triton"},
+        copies=8,
+    )  # fmt: skip
+    kernels = {s.pool: s.kernels for s in serve_app.replica_stats(app.name)}
+    assert kernels["decode"]["mla_decode"] == "flashinfer_fa3", kernels
+    assert kernels["prefill"]["mla_decode"] != "flashinfer_fa3", kernels
 
 
 def test_gpt_oss_1p1d_on_one_gpu_gives_transformers_tokens(ray_serve, gpt_oss_model):
