@@ -230,8 +230,11 @@ def moe_act(model: str) -> SwiGLU:
     return GPT_OSS_ACT if model.startswith("gpt-oss") else SwiGLU()
 
 
-def mla_case(heads: int, b: int, ctx: int, cache: torch.Tensor):
-    blocks = ctx // 64
+def mla_case(heads: int, b: int, ctx: int, cache: torch.Tensor, table_tokens: int = 0):
+    """(q [b, heads, 576], block table [b, blocks], lengths [b]) of b sequences of ctx tokens in
+    random 64-token blocks of ``cache``; ``table_tokens``: tables at least that wide (a decode
+    graph's are as wide as ``max_model_len``), the blocks past each length unread."""
+    blocks = max(ctx, table_tokens) // 64
     table = torch.randperm(cache.shape[0], device=DEV)[: b * blocks].view(b, blocks).int()
     lens = torch.full((b,), ctx, dtype=torch.int32, device=DEV)
     return torch.randn(b, heads, 576, device=DEV).bfloat16(), table, lens

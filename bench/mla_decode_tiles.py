@@ -38,6 +38,16 @@ def _numbers(kind: type) -> Callable[[str], tuple]:
     return lambda text: tuple(kind(v) for v in text.split(","))
 
 
+def check_grid(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--contexts and --table-tokens within the cache's blocks; a CUDA GPU to time on."""
+    if max(args.contexts) > 32768 or min(args.contexts) < 64:
+        p.error(f"--contexts {args.contexts} must lie in [64, 32768] (the cache's blocks)")
+    if not 0 <= args.table_tokens <= 32768:
+        p.error(f"--table-tokens {args.table_tokens} is outside [0, 32768] (the cache's blocks)")
+    if not torch.cuda.is_available():
+        raise SystemExit("the MLA decode timings need a CUDA GPU")
+
+
 def main(argv: list[str] | None = None) -> int:
     from pdserve.bench.kernels import mla_case, mla_peers, ms_graph
     from pdserve.bench.result_file import write_result
@@ -58,12 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bad := sorted(set(args.heads) - set(CANDIDATES)):
         p.error(f"--heads {bad}: candidates exist for {sorted(CANDIDATES)}")
-    if max(args.contexts) > 32768 or min(args.contexts) < 64:
-        p.error(f"--contexts {args.contexts} must lie in [64, 32768] (the cache's blocks)")
-    if not 0 <= args.table_tokens <= 32768:
-        p.error(f"--table-tokens {args.table_tokens} is outside [0, 32768] (the cache's blocks)")
-    if not torch.cuda.is_available():
-        raise SystemExit("the tile timings need a CUDA GPU")
+    check_grid(p, args)
     t0, gpu = time.time(), torch.cuda.get_device_name()
     cache = torch.empty(128 * 32768 // 64, 64, 576, dtype=torch.bfloat16, device="cuda").normal_()
     rows = []
@@ -73,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 if time.time() - t0 > args.budget_s:
                     rows.append({"heads": heads, "B": b, "ctx": ctx, "skipped": "time budget"})
                     continue
-                q, table, lens = mla_case(heads, b, ctx, cache)
-                width = args.table_tokens // 64
-                if width > table.shape[1]:  # more blocks per row, past each length: unread
-                    extra = torch.randperm(cache.shape[0], device="cuda")[: b * width]
-                    table = torch.cat((table, extra.view(b, width)[:, table.shape[1] :].int()), 1)
+                q, table, lens = mla_case(heads, b, ctx, cache, args.table_tokens)
                 ref = mla_decode_triton(q, cache, table, lens, 0.07, 512)  # [B, H, 512]
                 r: dict = {"heads": heads, "B": b, "ctx": ctx, "t": {}}
                 for c, factor in ((c, f) for c in CANDIDATES[heads] for f in args.split_factors):

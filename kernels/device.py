@@ -71,3 +71,12 @@ H100 = DeviceInfo("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 227 * 1024, 132)
 H200 = DeviceInfo("cuda", "NVIDIA H200", (9, 0), 227 * 1024, 132)
 B200 = DeviceInfo("cuda", "NVIDIA B200", (10, 0), 227 * 1024, 148)
 RTX_PRO_6000 = DeviceInfo("cuda", "NVIDIA RTX PRO 6000 Blackwell", (12, 0), 99 * 1024, 188)
+
+
+@lru_cache(maxsize=16)
+def smem_per_sm(device: torch.device) -> int:
+    """Shared memory of one SM in bytes (228 KiB on an H100 or H200), 0 where unknown: the
+    interpreter, or a torch that does not report it."""
+    if device.type != "cuda":
+        return 0
+    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_multiprocessor", 0)

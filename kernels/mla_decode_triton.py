@@ -23,7 +23,7 @@ import triton.language as tl
 
 from pdserve.kernels import triton_configs
 from pdserve.kernels.dependent_launch import launch_args, pdl_start
-from pdserve.kernels.device import sm_count
+from pdserve.kernels.device import sm_count, smem_per_sm
 from pdserve.kernels.moe_triton_common import interpreting, mma, output_like
 
 LOG2E = 1.4426950408889634
@@ -149,11 +149,26 @@ def combine_grid(batch: int, heads: int, block_v: int, num_sms: int) -> tuple[in
     return max(1, min(16, batch * heads // (4 * num_sms))), block_v
 
 
-def split_count(batch: int, head_blocks: int, max_ctx: int, block_n: int, num_sms: int) -> int:
-    """Enough (sequence, head block, split) programs for ~2 per SM, each split >= 2 KV tiles,
-    at most 128 splits (the combine then reads 128 partial rows per head)."""
-    want = triton.cdiv(2 * num_sms, batch * head_blocks)
+def split_count(
+    batch: int, head_blocks: int, max_ctx: int, block_n: int, num_sms: int, per_sm: int = 2
+) -> int:
+    """Splits for at most one wave of (sequence, head block, split) programs, ``per_sm`` of them
+    resident on an SM at once (``programs_per_sm``), each split >= 2 KV tiles, at most 128
+    splits (the combine then reads 128 partial rows per head). A second wave would pay each
+    program's fixed work (its query tile, its partial output) again for the same KV."""
+    want = per_sm * num_sms // (batch * head_blocks)
     return max(1, min(want, triton.cdiv(max_ctx, 2 * block_n), 128))
+
+
+def programs_per_sm(cfg: dict, head_dim: int, elem_bytes: int, device: torch.device) -> int:
+    """Decode programs of tiles ``cfg`` an SM holds at once by shared memory, 1 or 2 (2 where
+    the device does not say): 128-token tiles at 16 heads (164 KiB at D = 576) and 64-head
+    tiles (218 KiB) fit once in an H100's or H200's 228 KiB."""
+    per_sm = smem_per_sm(device)
+    if not per_sm:
+        return 2
+    need = triton_configs.mla_decode_smem(cfg, head_dim, elem_bytes)
+    return max(1, min(2, per_sm // need))
 
 
 def mla_decode_triton(
@@ -195,7 +210,10 @@ def mla_decode_triton(
     head_blocks = triton.cdiv(h, cfg["BLOCK_H"])
     if num_splits is None:
         sms = sm_count(q.device)
-        num_splits = split_count(b, head_blocks, block_table.shape[1] * page, cfg["BLOCK_N"], sms)
+        per_sm = programs_per_sm(cfg, d, q.element_size(), q.device)
+        num_splits = split_count(
+            b, head_blocks, block_table.shape[1] * page, cfg["BLOCK_N"], sms, per_sm
+        )
     block_v = max(16, triton.next_power_of_2(v_dim))
     block_r = max(16, triton.next_power_of_2(d - v_dim)) if d > v_dim else 16
     seq_lens = seq_lens.contiguous()

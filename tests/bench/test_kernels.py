@@ -48,3 +48,13 @@ def test_mla_grid_takes_heads_batches_and_contexts():
     for bad in ("16:1,2", "16:x:1024", "16:1:1024:7"):
         with pytest.raises(SystemExit):
             kernels.mla_grid(ap, bad)
+
+
+def test_mla_case_widens_tables_past_the_context(monkeypatch):
+    """``table_tokens``: each row's table as wide as that many tokens, its blocks distinct."""
+    monkeypatch.setattr(kernels, "DEV", "cpu")
+    cache = torch.empty(64, 64, 576, dtype=torch.bfloat16)
+    q, table, lens = kernels.mla_case(16, 3, 256, cache, table_tokens=1024)
+    assert q.shape == (3, 16, 576) and table.shape == (3, 16) and lens.tolist() == [256] * 3
+    assert len(set(table.flatten().tolist())) == 48
+    assert kernels.mla_case(16, 3, 256, cache)[1].shape == (3, 4)

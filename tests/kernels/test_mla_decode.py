@@ -94,6 +94,34 @@ def test_heads_beyond_one_block_and_default_config(device):
     assert rel_err(mla_decode_triton(q, cache, table, seq_lens, 0.3, 64), ref) < 1e-5
 
 
+def test_splits_fill_one_wave_of_the_programs_an_sm_holds(monkeypatch):
+    """``split_count``: (sequence, head block, split) programs for at most one wave of
+    ``per_sm`` programs per SM (132 SMs), each split >= 2 KV tiles, at most 128 splits;
+    ``programs_per_sm`` from the tiles' shared memory against the SM's (228 KiB), 2 where the
+    device does not say (the interpreter)."""
+    from pdserve.kernels import mla_decode_triton as m
+
+    # 16 heads (one head block), 128-token tiles, one resident per SM
+    assert m.split_count(64, 1, 4096, 128, 132, per_sm=1) == 2  # 128 programs, not 192
+    assert m.split_count(32, 1, 4096, 128, 132, per_sm=1) == 4
+    assert m.split_count(128, 1, 4096, 128, 132, per_sm=1) == 1
+    assert m.split_count(32, 1, 1024, 128, 132, per_sm=1) == 4  # 2 tiles a split at most
+    # 128 heads in 64-head blocks: 4 sequences of 4k in one wave of 128 programs
+    assert m.split_count(4, 2, 4096, 64, 132, per_sm=1) == 16
+    assert m.split_count(4, 2, 4096, 64, 132, per_sm=2) == 32
+    assert m.split_count(1, 1, 1 << 20, 32, 132) == 128 and m.split_count(999, 8, 64, 32, 132) == 1
+    h100 = 228 * 1024
+    monkeypatch.setattr(m, "smem_per_sm", lambda device: h100)
+    cuda = torch.device("cuda")
+    few = dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2)  # 56 KiB
+    wide = dict(BLOCK_H=16, BLOCK_N=128, num_warps=8, num_stages=2)  # 164 KiB
+    heads64 = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=3)  # 218 KiB
+    assert [m.programs_per_sm(c, 576, 2, cuda) for c in (few, wide, heads64)] == [2, 1, 1]
+    assert m.programs_per_sm(heads64, 576, 4, cuda) == 1  # float32: more than an SM, still 1
+    monkeypatch.setattr(m, "smem_per_sm", lambda device: 0)
+    assert m.programs_per_sm(wide, 576, 2, cuda) == 2
+
+
 def test_split_count_compiles_nothing_new():
     """The decode and combine kernels (MLA's and GQA's) take the split count, the block table's
     row stride and the strides that follow the split count at run time, not specialized: eager
