@@ -35,6 +35,7 @@ from pdserve.bench.result_file import write_result
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.kv_groups import KVGroups
+from pdserve.kernels import mla_decode_flashinfer
 
 WARM_STEPS = 3
 MARGIN = 64  # tokens past the timed steps each request may produce
@@ -293,8 +294,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.mla_triton_rows is not None:  # every head count: this process's engines only
         if args.tp > 1:
             p.error("--mla-triton-rows sets this process's table: use --tp 1")
-        from pdserve.kernels import mla_decode_flashinfer
-
         mla_decode_flashinfer.TRITON_ROWS = {1 << 20: args.mla_triton_rows}
     batches = [int(b) for b in args.batches.split(",")]
     modes = args.modes.split(",")
@@ -313,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         "context": args.context,
         "steps": args.steps,
         "kernel_overrides": args.kernel_overrides,
-        "mla_triton_rows": args.mla_triton_rows,
+        "mla_triton_rows": {str(k): v for k, v in mla_decode_flashinfer.TRITON_ROWS.items()},
         "date": time.strftime("%Y-%m-%d"),
         "host": platform.node(),
     }

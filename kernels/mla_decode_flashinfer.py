@@ -47,13 +47,15 @@ WORKSPACE_BYTES = 128 << 20  # split-KV partial outputs: FlashInfer's recommende
 # heads per GPU at most -> decode rows at most where the Triton kernel runs in fa3's place.
 # Measured on an H100 (BENCHMARKS.md, "MLA decode by decode rows"): at 16 heads the Triton
 # kernel ran 1.03-1.41x fa3's speed at 1-4 sequences of 1k-16k tokens, 0.91-1.02x at 8 and
-# 0.72-0.82x from 16; at 128 heads 0.39-0.88x from one sequence.
+# 0.72-0.82x from 16; at 128 heads 0.36-0.88x from one sequence.
 TRITON_ROWS: dict[int, int] = {16: 4}
 
 
 def triton_rows(heads: int) -> int:
-    """Decode rows up to which a step of ``heads`` heads runs the Triton kernel (0: none)."""
-    return max((rows for most, rows in TRITON_ROWS.items() if heads <= most), default=0)
+    """Decode rows up to which a step of ``heads`` heads runs the Triton kernel (0: none): the
+    entry of the fewest heads that covers ``heads``."""
+    bounds = [most for most in TRITON_ROWS if heads <= most]
+    return TRITON_ROWS[min(bounds)] if bounds else 0
 
 
 def unavailable() -> str | None:
@@ -111,6 +113,7 @@ class FlashInferMLADecode:
         # only once this plan's copies are done (``_copied``, recorded after them).
         self._staging: torch.Tensor | None = None
         self._layouts: dict[int, tuple[int, ...]] = {}  # graph batch -> its captured plan layout
+        self._triton_graphs: dict[int, bool] = {}  # graph batch -> captured with Triton's kernel
         self._copied: torch.cuda.Event | None = None
 
     def plan(
@@ -133,7 +136,11 @@ class FlashInferMLADecode:
         graph_batch, page, width, qo, kv_indptr, indices, kv_lens = self._pending
         heads, page_cached, scale, dtype, device = self._shape
         assert page == page_cached, (page, page_cached)
-        if self.few_rows and len(kv_lens) <= triton_rows(heads):
+        triton = self.few_rows and len(kv_lens) <= triton_rows(heads)
+        if graph_batch is not None:  # a graph replays the kernel it was captured with
+            first = self._triton_graphs.setdefault(graph_batch, triton)
+            assert first == triton, f"the graphs of {graph_batch} decode rows changed kernel"
+        if triton:
             self._active, self._pending = (None, len(kv_lens)), None
             return
         wrapper = self._wrapper(graph_batch, width, device)
@@ -148,6 +155,18 @@ class FlashInferMLADecode:
         if graph_batch is not None:
             self._check_layout(graph_batch, wrapper)
         self._active, self._pending = (wrapper, len(kv_lens)), None
+
+    def _build(self, rows: int) -> None:
+        """Plan ``rows`` one-token rows on the eager wrapper, to no step: the first plan builds
+        FlashInfer's module (a JIT build of up to a minute), which this makes happen with the
+        first layer's call, in the start-up warm-up, even where no warm-up step nor graph has
+        rows enough for FlashInfer's kernel. The eager wrapper is planned again before use."""
+        heads, page, scale, dtype, device = self._shape
+        arrays = csr([1] * rows, np.zeros((rows, 1), dtype=np.int32), page)
+        wrapper = self._wrapper(None, 1, device)
+        wrapper.plan(*(torch.from_numpy(a) for a in arrays), heads, CKV, KPE, page, False,
+                     scale, dtype, dtype)  # fmt: skip
+        torch.cuda.current_stream(device).synchronize()  # its copies done before the next plan
 
     def _check_layout(self, graph_batch: int, wrapper) -> None:
         """A captured graph reads the plan's arrays where its first plan put them: a later plan
@@ -224,6 +243,7 @@ class FlashInferMLADecode:
                     "mla_decode: steps of up to %d decode rows run the Triton kernel (%d heads), "
                     "larger ones FlashInfer's %s", triton_rows(heads), heads, self.backend,
                 )  # fmt: skip
+                self._build(triton_rows(heads) + 1)
         if self._pending is not None:
             self._plan()
         assert self._active is not None, "mla_decode through FlashInfer needs a plan per step"

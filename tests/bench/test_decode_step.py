@@ -61,7 +61,9 @@ def test_kernel_overrides_reach_the_engine(tiny_model, tmp_path):
         main(["--model", tiny_model, "--kernels", "rope"])
 
 
-def test_mla_triton_rows_sets_the_split_for_every_head_count(tiny_model, tmp_path, monkeypatch):
+def test_mla_triton_rows_sets_the_split_for_every_head_count(
+    tiny_model, tmp_path, monkeypatch, capsys
+):
     """--mla-triton-rows N: FlashInfer's MLA decode hands up to N decode rows to the Triton
     kernel at any head count (this process's engines), recorded in the result; refused under
     tensor parallelism, whose ranks are other processes."""
@@ -72,12 +74,13 @@ def test_mla_triton_rows_sets_the_split_for_every_head_count(tiny_model, tmp_pat
     args = ["--model", tiny_model, "--device", "cpu", "--batches", "1", "--steps", "2"]
     args += ["--context", "8", "--modes", "off", "--mla-triton-rows", "0", "--out", str(out)]
     assert main(args) == 0
-    assert json.loads(out.read_text())["mla_triton_rows"] == 0
+    assert json.loads(out.read_text())["mla_triton_rows"] == {str(1 << 20): 0}
     assert [fi.triton_rows(h) for h in (16, 128, 1024)] == [0, 0, 0]
     main(args[:-4] + ["--mla-triton-rows", "64", "--out", str(out)])
     assert [fi.triton_rows(h) for h in (16, 128, 1024)] == [64, 64, 64]
     with pytest.raises(SystemExit):
         main(["--model", tiny_model, "--tp", "2", "--mla-triton-rows", "4"])
+    assert "--mla-triton-rows sets this process's table: use --tp 1" in capsys.readouterr().err
 
 
 def test_a_profile_without_eager_steps_is_refused_before_any_work(capsys):

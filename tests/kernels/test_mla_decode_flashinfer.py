@@ -108,23 +108,30 @@ def test_graph_replays_the_new_plans_lengths(device):
 def test_steps_of_few_rows_run_the_triton_kernel(device, monkeypatch):
     """Up to ``TRITON_ROWS`` decode rows (2 here, at up to 16 heads) the backend runs the Triton
     kernel and plans nothing on FlashInfer's wrappers; from 3 rows (on an SM90 GPU) FlashInfer's
-    kernel runs under its plan. Each gives the reference's output."""
+    kernel runs under its plan. Each gives the reference's output. The first call builds
+    FlashInfer's module with a plan of 3 rows, whatever the step's rows; a graph batch keeps
+    the kernel it was first planned with."""
     from pdserve.kernels import mla_decode_flashinfer
 
-    monkeypatch.setattr(mla_decode_flashinfer, "TRITON_ROWS", {16: 2})
-    assert [mla_decode_flashinfer.triton_rows(h) for h in (8, 16, 32, 128)] == [2, 2, 0, 0]
+    monkeypatch.setattr(mla_decode_flashinfer, "TRITON_ROWS", {16: 2, 64: 1})
+    assert [mla_decode_flashinfer.triton_rows(h) for h in (8, 16, 32, 128)] == [2, 2, 1, 0]
     if device.type == "cpu":
         pytest.importorskip("triton")
     fi = FlashInferMLADecode()
     sm90 = device.type == "cuda" and torch.cuda.get_device_capability() == (9, 0)
     flashinfer = sm90 and unavailable() is None  # else the Triton kernel's rows alone
+    built, build = [], fi._build
+    monkeypatch.setattr(fi, "_build", lambda rows: (built.append(rows), flashinfer and build(rows)))
     for lens in ([5, 70], [1], *([[3, 64, 65]] if flashinfer else [])):
         cache, table, seq_lens = paged(lens, PAGE, D, torch.float32, device, seed=len(lens))
         cache, q = cache.to(torch.bfloat16), torch.randn(len(lens), 16, D, device=device)
         q = q.bfloat16()
         fi.plan(lens, table.tolist(), PAGE, graph_batch=len(lens))
         out = fi(q, cache, table, seq_lens, D**-0.5, V)
-        assert set(fi._wrappers) == ({3} if len(lens) > 2 else set())
-        assert fi.runs == "flashinfer_fa3"
+        assert set(fi._wrappers) - {None} == ({3} if len(lens) > 2 else set())
+        assert fi.runs == "flashinfer_fa3" and built == [3]
         ref = mla_decode_torch(q, cache, table, seq_lens, D**-0.5, V)
         assert rel_err(out, ref) < 1e-2, lens
+    monkeypatch.setattr(mla_decode_flashinfer, "TRITON_ROWS", {16: 0})
+    with pytest.raises(AssertionError, match="the graphs of 2 decode rows changed kernel"):
+        fi.plan([5, 70], [[0, 1], [2, 3]], PAGE, graph_batch=2)
