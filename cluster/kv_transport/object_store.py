@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import ray
 import torch
 
 from pdserve.cluster.executor import Executor
@@ -25,6 +24,8 @@ class ObjectStoreTransport(KVTransport):
     name = "object_store"
 
     async def send(self, executor: Executor, transfer_id: str, dest: KVDestination) -> KVHandle:
+        import ray  # here, not at the top: the engine (pdserve.cluster) imports without Ray
+
         start = time.perf_counter()
         kv = await asyncio.to_thread(executor.take_staged, transfer_id)
         kv = kv.contiguous()

@@ -292,3 +292,18 @@ def test_a_long_gpt_oss_sequence_holds_its_full_blocks_and_one_window(gpt_oss_mo
     assert held[-1] == (17, 2)  # 68 tokens in 17 blocks before the last step; the window in 2
     assert max(live for _, live in held) <= eng.groups.peak_window_blocks(16, 4)
     assert eng.blocks.num_used == 0
+
+
+def test_the_engine_imports_without_ray():
+    """The single-process engine and its benches need no Ray (the GPU machines' benches carry
+    none): only the cluster's serving parts import it, where they use it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['ray'] = None  # any import of ray now fails\n"
+        "import pdserve.cluster, pdserve.cluster.kv_transport, pdserve.bench.decode_step\n"
+        "import pdserve.bench.mixed_step, pdserve.bench.kernels\n"
+    )
+    subprocess.run([sys.executable, "-P", "-c", code], check=True)
