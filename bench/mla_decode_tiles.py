@@ -13,7 +13,8 @@ block (99 KB, ``mla_decode_smem``); the peers' ms. Rows store each candidate und
 ``new(<tiles>)``: the kernel as it is (``bench/results/mla-decode-configs-H100.json`` also holds
 ``old(<tiles>)`` rows, the same tiles under the grid order before head blocks varied fastest).
 ``--split-factors 0.5,1,2``: each candidate also with half and twice the kernel's split count
-(``split_count``, rounded, at least 1), stored as ``new(<tiles>)x<factor>`` with the count used.
+(``split_count`` at the candidate's ``programs_per_sm``, rounded, at least 1), stored as
+``new(<tiles>)x<factor>`` with the count used.
 """
 
 from __future__ import annotations
@@ -33,17 +34,27 @@ CANDIDATES = {
 }  # fmt: skip
 
 
+CACHE_BLOCKS = 128 * 32768 // 64  # 128 sequences of 32k: 4.8 GB
+
+
 def _numbers(kind: type) -> Callable[[str], tuple]:
     """An argparse type: comma-separated numbers of ``kind``."""
     return lambda text: tuple(kind(v) for v in text.split(","))
 
 
-def check_grid(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """--contexts and --table-tokens within the cache's blocks; a CUDA GPU to time on."""
-    if max(args.contexts) > 32768 or min(args.contexts) < 64:
-        p.error(f"--contexts {args.contexts} must lie in [64, 32768] (the cache's blocks)")
+def check_grid(p: argparse.ArgumentParser, args: argparse.Namespace, blocks: int = 0) -> None:
+    """--contexts (whole 64-token blocks) and --table-tokens within [64, 32768], and with
+    ``blocks`` the largest batch's tables within a cache of that many blocks; a CUDA GPU to
+    time on."""
+    if max(args.contexts) > 32768 or min(args.contexts) < 64 or any(c % 64 for c in args.contexts):
+        p.error(f"--contexts {args.contexts} must be multiples of 64 in [64, 32768] (the cache's "
+                "blocks)")  # fmt: skip
     if not 0 <= args.table_tokens <= 32768:
         p.error(f"--table-tokens {args.table_tokens} is outside [0, 32768] (the cache's blocks)")
+    need = max(args.batches) * max(*args.contexts, args.table_tokens) // 64
+    if blocks and need > blocks:
+        p.error(f"--batches {args.batches} of up to {need // max(args.batches)} blocks each need "
+                f"{need} blocks, more than the cache's {blocks}")  # fmt: skip
     if not torch.cuda.is_available():
         raise SystemExit("the MLA decode timings need a CUDA GPU")
 
@@ -52,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from pdserve.bench.kernels import mla_case, mla_peers, ms_graph
     from pdserve.bench.result_file import write_result
     from pdserve.kernels.device import sm_count
-    from pdserve.kernels.mla_decode_triton import mla_decode_triton, split_count
+    from pdserve.kernels.mla_decode_triton import mla_decode_triton, programs_per_sm, split_count
     from pdserve.kernels.triton_configs import mla_decode_smem
 
     prog = "python -m pdserve.bench.mla_decode_tiles"
@@ -68,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if bad := sorted(set(args.heads) - set(CANDIDATES)):
         p.error(f"--heads {bad}: candidates exist for {sorted(CANDIDATES)}")
-    check_grid(p, args)
+    check_grid(p, args, CACHE_BLOCKS)
     t0, gpu = time.time(), torch.cuda.get_device_name()
-    cache = torch.empty(128 * 32768 // 64, 64, 576, dtype=torch.bfloat16, device="cuda").normal_()
+    cache = torch.empty(CACHE_BLOCKS, 64, 576, dtype=torch.bfloat16, device="cuda").normal_()
     rows = []
     for heads in args.heads:
         for b in args.batches:
@@ -83,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                 r: dict = {"heads": heads, "B": b, "ctx": ctx, "t": {}}
                 for c, factor in ((c, f) for c in CANDIDATES[heads] for f in args.split_factors):
                     cfg = dict(BLOCK_H=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
-                    base = split_count(
-                        b, -(-heads // c[0]), table.shape[1] * 64, c[1], sm_count(q.device)
-                    )
+                    per_sm = programs_per_sm(cfg, 576, 2, q.device)
+                    base = split_count(b, -(-heads // c[0]), table.shape[1] * 64, c[1],
+                                       sm_count(q.device), per_sm, True)  # fmt: skip
                     splits = max(1, round(factor * base))
                     call = (q, cache, table, lens, 0.07, 512)
                     got = mla_decode_triton(*call, config=cfg, num_splits=splits)

@@ -150,13 +150,22 @@ def combine_grid(batch: int, heads: int, block_v: int, num_sms: int) -> tuple[in
 
 
 def split_count(
-    batch: int, head_blocks: int, max_ctx: int, block_n: int, num_sms: int, per_sm: int = 2
+    batch: int,
+    head_blocks: int,
+    max_ctx: int,
+    block_n: int,
+    num_sms: int,
+    per_sm: int = 2,
+    one_wave: bool = False,
 ) -> int:
-    """Splits for at most one wave of (sequence, head block, split) programs, ``per_sm`` of them
-    resident on an SM at once (``programs_per_sm``), each split >= 2 KV tiles, at most 128
-    splits (the combine then reads 128 partial rows per head). A second wave would pay each
-    program's fixed work (its query tile, its partial output) again for the same KV."""
-    want = per_sm * num_sms // (batch * head_blocks)
+    """Splits for about ``per_sm`` (sequence, head block, split) programs per SM, each split >=
+    2 KV tiles, at most 128 splits (the combine then reads 128 partial rows per head).
+    ``one_wave``: at most one wave of them, ``per_sm`` being the programs an SM holds at once
+    (``programs_per_sm``), as the MLA decode counts: a second wave would pay each program's
+    fixed work (its query tile, its partial output) again for the same KV. Without it (the GQA
+    decode's count, timed so), the count rounds up."""
+    slots, pairs = per_sm * num_sms, batch * head_blocks
+    want = slots // pairs if one_wave else triton.cdiv(slots, pairs)
     return max(1, min(want, triton.cdiv(max_ctx, 2 * block_n), 128))
 
 
@@ -212,7 +221,7 @@ def mla_decode_triton(
         sms = sm_count(q.device)
         per_sm = programs_per_sm(cfg, d, q.element_size(), q.device)
         num_splits = split_count(
-            b, head_blocks, block_table.shape[1] * page, cfg["BLOCK_N"], sms, per_sm
+            b, head_blocks, block_table.shape[1] * page, cfg["BLOCK_N"], sms, per_sm, True
         )
     block_v = max(16, triton.next_power_of_2(v_dim))
     block_r = max(16, triton.next_power_of_2(d - v_dim)) if d > v_dim else 16

@@ -37,4 +37,17 @@ def test_head_counts_without_candidates_and_contexts_past_the_cache_are_refused(
     assert "--heads [32]: candidates exist for [16, 128]" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--contexts", "1024,65536"])
-    assert "must lie in [64, 32768]" in capsys.readouterr().err
+    assert "multiples of 64 in [64, 32768]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        (["--contexts", "100"], "multiples of 64"),
+        (["--batches", "256", "--contexts", "32768"], "more than the cache's 65536"),
+    ],
+)
+def test_a_grid_the_cache_cannot_hold_is_refused(bad, says, capsys):
+    with pytest.raises(SystemExit):
+        main(bad)
+    assert says in capsys.readouterr().err

@@ -95,20 +95,27 @@ def test_heads_beyond_one_block_and_default_config(device):
 
 
 def test_splits_fill_one_wave_of_the_programs_an_sm_holds(monkeypatch):
-    """``split_count``: (sequence, head block, split) programs for at most one wave of
-    ``per_sm`` programs per SM (132 SMs), each split >= 2 KV tiles, at most 128 splits;
+    """``split_count`` with ``one_wave`` (the MLA decode's): (sequence, head block, split)
+    programs for at most one wave of ``per_sm`` programs per SM (132 SMs), each split >= 2 KV
+    tiles, at most 128 splits; without it (the GQA decode's), rounded up;
     ``programs_per_sm`` from the tiles' shared memory against the SM's (228 KiB), 2 where the
     device does not say (the interpreter)."""
     from pdserve.kernels import mla_decode_triton as m
 
+    def one_wave(*shape, per_sm):
+        return m.split_count(*shape, per_sm=per_sm, one_wave=True)
+
     # 16 heads (one head block), 128-token tiles, one resident per SM
-    assert m.split_count(64, 1, 4096, 128, 132, per_sm=1) == 2  # 128 programs, not 192
-    assert m.split_count(32, 1, 4096, 128, 132, per_sm=1) == 4
-    assert m.split_count(128, 1, 4096, 128, 132, per_sm=1) == 1
-    assert m.split_count(32, 1, 1024, 128, 132, per_sm=1) == 4  # 2 tiles a split at most
+    assert one_wave(64, 1, 4096, 128, 132, per_sm=1) == 2  # 128 programs, not 192
+    assert one_wave(32, 1, 4096, 128, 132, per_sm=1) == 4
+    assert one_wave(128, 1, 4096, 128, 132, per_sm=1) == 1
+    assert one_wave(32, 1, 1024, 128, 132, per_sm=1) == 4  # 2 tiles a split at most
     # 128 heads in 64-head blocks: 4 sequences of 4k in one wave of 128 programs
-    assert m.split_count(4, 2, 4096, 64, 132, per_sm=1) == 16
-    assert m.split_count(4, 2, 4096, 64, 132, per_sm=2) == 32
+    assert one_wave(4, 2, 4096, 64, 132, per_sm=1) == 16
+    assert one_wave(4, 2, 4096, 64, 132, per_sm=2) == 32
+    assert one_wave(5, 1, 1 << 20, 32, 132, per_sm=2) == 52  # 260 programs of 264 places
+    # the GQA decode's count rounds up: 8 KV heads x 8 sequences, 5 splits
+    assert m.split_count(5, 1, 1 << 20, 32, 132) == 53 and m.split_count(8, 8, 8192, 64, 132) == 5
     assert m.split_count(1, 1, 1 << 20, 32, 132) == 128 and m.split_count(999, 8, 64, 32, 132) == 1
     h100 = 228 * 1024
     monkeypatch.setattr(m, "smem_per_sm", lambda device: h100)
