@@ -50,6 +50,10 @@ def _rank(rank: int, size: int, path: str, init: str, queue) -> None:
     logits = _logits(path, tp)
     if rank == 0:
         queue.put([t.tolist() for t in logits])
+    # every rank past its last collective before any tears the group down: a gloo rank whose
+    # peer had already closed its pairs was once seen to abort at exit ("terminate called
+    # without an active exception"), its logits already sent
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
