@@ -339,7 +339,7 @@ def sweep(
     make the winners this GPU's entries of ``tables`` (in this process). ``small_m``: the token
     counts moe_small's tables are swept at, each its own bucket (default: the tables')."""
     results = out.setdefault("sweep", {})
-    act = SwiGLU()
+    act = moe_act(model)
     # the fragment layout first: the default on sm_90, and the sweep may run out of time
     for name, cands, fragment in (
         ("MOE_SMALL_FRAGMENT", SWEEP_FRAGMENT, True),
@@ -352,13 +352,12 @@ def sweep(
             case = moe_case(model, m, fragment)
             entry = triton_configs.pick(table, torch.device(DEV), m)
             cfg = {k: dict(v) for k, v in entry.items()}
-            results[f"{name} M={m} entry"] = ms_graph(moe_small_triton, *case, moe_act(model),
-                                                      config=cfg)  # fmt: skip
+            results[f"{name} M={m} entry"] = ms_graph(moe_small_triton, *case, act, config=cfg)
             for gemm in ("gemm1", "gemm2"):
 
                 def run(c, gemm=gemm, cfg=cfg, case=case):
                     tiles = dict(cfg, **{gemm: _tiles(c, cfg[gemm])})
-                    return ms_graph(moe_small_triton, *case, moe_act(model), config=tiles)
+                    return ms_graph(moe_small_triton, *case, act, config=tiles)
 
                 t, c = _best(results, f"{name} M={m} {gemm}", run, cands[gemm], deadline)
                 if c is not None:
@@ -375,7 +374,7 @@ def sweep(
         def run_large(c, case=case):
             bm, bn, bk, nw, ns = c
             g = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns)
-            return ms_graph(moe_grouped_triton, *case, act, config={"gemm1": g, "gemm2": g})
+            return ms_graph(moe_grouped_triton, *case, SwiGLU(), config={"gemm1": g, "gemm2": g})
 
         t, c = _best(results, f"moe_large M={m}", run_large, SWEEP_LARGE, deadline)
         if c is not None:

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from pdserve.bench.mla_decode_tiles import _numbers, check_grid
+from pdserve.bench.mla_decode_tiles import _numbers, check_grid, grid_points
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,36 +44,31 @@ def main(argv: list[str] | None = None) -> int:
     cache = torch.empty(max(most, args.table_tokens // 64 * max(args.batches)), 64, 576,
                         dtype=torch.bfloat16, device=dev).normal_()  # fmt: skip
     print(" heads    B    ctx  picked  per_sm 1: splits ms  per_sm 2: splits ms   fa3 ms   fa2 ms")
-    rows = []
-    for heads in args.heads:
-        for b in args.batches:
-            for ctx in args.contexts:
-                if time.time() - t0 > args.budget_s:
-                    rows.append({"heads": heads, "B": b, "ctx": ctx, "skipped": "time budget"})
-                    continue
-                q, table, lens = mla_case(heads, b, ctx, cache, args.table_tokens)
-                cfg = triton_configs.mla_decode_config(triton_configs.device_keys(dev), heads, b)
-                call = (q, cache, table, lens, 0.07, 512)
-                ref = mla_decode_triton(*call)  # [B, H, 512]
-                r: dict = {"heads": heads, "B": b, "ctx": ctx, "config": cfg,
-                           "picked": programs_per_sm(cfg, 576, 2, dev)}  # fmt: skip
-                for per_sm in (1, 2):
-                    splits = split_count(b, -(-heads // cfg["BLOCK_H"]), table.shape[1] * 64,
-                                         cfg["BLOCK_N"], sm_count(dev), per_sm)  # fmt: skip
-                    got = mla_decode_triton(*call, num_splits=splits)
-                    r[f"per_sm_{per_sm}"] = {
-                        "splits": splits,
-                        "ms": ms_graph(mla_decode_triton, *call, num_splits=splits),
-                        "err": float((got.float() - ref.float()).norm() / ref.float().norm()),
-                    }
-                peers = mla_peers(q, cache, table, lens, ref, 1.0)["peers"]
-                r["fa3"] = peers["flashinfer_fa3"].get("ms")
-                r["fa2"] = peers["flashinfer_fa2"].get("ms")
-                one, two = r["per_sm_1"], r["per_sm_2"]
-                fa = " ".join(f"{v:8.4f}" if v else f"{'-':>8}" for v in (r["fa3"], r["fa2"]))
-                print(f"{heads:6} {b:4} {ctx:6} {r['picked']:7} {one['splits']:15} {one['ms']:7.4f}"
-                      f" {two['splits']:15} {two['ms']:7.4f} {fa}", flush=True)  # fmt: skip
-                rows.append(r)
+    rows: list[dict] = []
+    for heads, b, ctx in grid_points(args, t0, rows):
+        q, table, lens = mla_case(heads, b, ctx, cache, args.table_tokens)
+        cfg = triton_configs.mla_decode_config(triton_configs.device_keys(dev), heads, b)
+        call = (q, cache, table, lens, 0.07, 512)
+        ref = mla_decode_triton(*call)  # [B, H, 512]
+        r: dict = {"heads": heads, "B": b, "ctx": ctx, "config": cfg,
+                   "picked": programs_per_sm(cfg, 576, 2, dev)}  # fmt: skip
+        for per_sm in (1, 2):
+            splits = split_count(b, -(-heads // cfg["BLOCK_H"]), table.shape[1] * 64,
+                                 cfg["BLOCK_N"], sm_count(dev), per_sm, True)  # fmt: skip
+            got = mla_decode_triton(*call, num_splits=splits)
+            r[f"per_sm_{per_sm}"] = {
+                "splits": splits,
+                "ms": ms_graph(mla_decode_triton, *call, num_splits=splits),
+                "err": float((got.float() - ref.float()).norm() / ref.float().norm()),
+            }
+        peers = mla_peers(q, cache, table, lens, ref, 1.0)["peers"]
+        r["fa3"] = peers["flashinfer_fa3"].get("ms")
+        r["fa2"] = peers["flashinfer_fa2"].get("ms")
+        one, two = r["per_sm_1"], r["per_sm_2"]
+        fa = " ".join(f"{v:8.4f}" if v else f"{'-':>8}" for v in (r["fa3"], r["fa2"]))
+        print(f"{heads:6} {b:4} {ctx:6} {r['picked']:7} {one['splits']:15} {one['ms']:7.4f}"
+              f" {two['splits']:15} {two['ms']:7.4f} {fa}", flush=True)  # fmt: skip
+        rows.append(r)
     out = {"gpu": gpu, "date": datetime.date.today().isoformat(), "rows": rows,
            "table_tokens": args.table_tokens or "the context"}  # fmt: skip
     write_result(out, "mla-decode-splits", gpu, args.out)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from itertools import product
 
 import torch
 
@@ -59,6 +60,16 @@ def check_grid(p: argparse.ArgumentParser, args: argparse.Namespace, blocks: int
         raise SystemExit("the MLA decode timings need a CUDA GPU")
 
 
+def grid_points(args: argparse.Namespace, t0: float, rows: list[dict]) -> Iterator[tuple]:
+    """(heads, B, ctx) of the grid in order; once --budget-s has passed since ``t0``, each
+    point left goes into ``rows`` as skipped instead."""
+    for heads, b, ctx in product(args.heads, args.batches, args.contexts):
+        if time.time() - t0 > args.budget_s:
+            rows.append({"heads": heads, "B": b, "ctx": ctx, "skipped": "time budget"})
+            continue
+        yield heads, b, ctx
+
+
 def main(argv: list[str] | None = None) -> int:
     from pdserve.bench.kernels import mla_case, mla_peers, ms_graph
     from pdserve.bench.result_file import write_result
@@ -82,37 +93,32 @@ def main(argv: list[str] | None = None) -> int:
     check_grid(p, args, CACHE_BLOCKS)
     t0, gpu = time.time(), torch.cuda.get_device_name()
     cache = torch.empty(CACHE_BLOCKS, 64, 576, dtype=torch.bfloat16, device="cuda").normal_()
-    rows = []
-    for heads in args.heads:
-        for b in args.batches:
-            for ctx in args.contexts:
-                if time.time() - t0 > args.budget_s:
-                    rows.append({"heads": heads, "B": b, "ctx": ctx, "skipped": "time budget"})
-                    continue
-                q, table, lens = mla_case(heads, b, ctx, cache, args.table_tokens)
-                ref = mla_decode_triton(q, cache, table, lens, 0.07, 512)  # [B, H, 512]
-                r: dict = {"heads": heads, "B": b, "ctx": ctx, "t": {}}
-                for c, factor in ((c, f) for c in CANDIDATES[heads] for f in args.split_factors):
-                    cfg = dict(BLOCK_H=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
-                    per_sm = programs_per_sm(cfg, 576, 2, q.device)
-                    base = split_count(b, -(-heads // c[0]), table.shape[1] * 64, c[1],
-                                       sm_count(q.device), per_sm, True)  # fmt: skip
-                    splits = max(1, round(factor * base))
-                    call = (q, cache, table, lens, 0.07, 512)
-                    got = mla_decode_triton(*call, config=cfg, num_splits=splits)
-                    r["t"][f"new{c}" if factor == 1 else f"new{c}x{factor:g}"] = {
-                        "ms": ms_graph(mla_decode_triton, *call, config=cfg, num_splits=splits),
-                        "err": float((got.float() - ref.float()).norm() / ref.float().norm()),
-                        "fits99": mla_decode_smem(cfg, 576) <= 99 * 1024,
-                        "splits": splits,
-                    }
-                peers = mla_peers(q, cache, table, lens, ref, 1.0)["peers"]
-                r["fa2"] = peers["flashinfer_fa2"].get("ms")
-                r["fa3"] = peers["flashinfer_fa3"].get("ms")
-                best = min(r["t"], key=lambda k: r["t"][k]["ms"])
-                print(f"H={heads:3} B={b:3} ctx={ctx:5} fa2 {r['fa2']} fa3 {r['fa3']} "
-                      f"best {best} {r['t'][best]['ms']:.3f} ms", flush=True)  # fmt: skip
-                rows.append(r)
+    rows: list[dict] = []
+    for heads, b, ctx in grid_points(args, t0, rows):
+        q, table, lens = mla_case(heads, b, ctx, cache, args.table_tokens)
+        ref = mla_decode_triton(q, cache, table, lens, 0.07, 512)  # [B, H, 512]
+        r: dict = {"heads": heads, "B": b, "ctx": ctx, "t": {}}
+        for c, factor in ((c, f) for c in CANDIDATES[heads] for f in args.split_factors):
+            cfg = dict(BLOCK_H=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
+            per_sm = programs_per_sm(cfg, 576, 2, q.device)
+            base = split_count(b, -(-heads // c[0]), table.shape[1] * 64, c[1],
+                               sm_count(q.device), per_sm, True)  # fmt: skip
+            splits = max(1, round(factor * base))
+            call = (q, cache, table, lens, 0.07, 512)
+            got = mla_decode_triton(*call, config=cfg, num_splits=splits)
+            r["t"][f"new{c}" if factor == 1 else f"new{c}x{factor:g}"] = {
+                "ms": ms_graph(mla_decode_triton, *call, config=cfg, num_splits=splits),
+                "err": float((got.float() - ref.float()).norm() / ref.float().norm()),
+                "fits99": mla_decode_smem(cfg, 576) <= 99 * 1024,
+                "splits": splits,
+            }
+        peers = mla_peers(q, cache, table, lens, ref, 1.0)["peers"]
+        r["fa2"] = peers["flashinfer_fa2"].get("ms")
+        r["fa3"] = peers["flashinfer_fa3"].get("ms")
+        best = min(r["t"], key=lambda k: r["t"][k]["ms"])
+        print(f"H={heads:3} B={b:3} ctx={ctx:5} fa2 {r['fa2']} fa3 {r['fa3']} "
+              f"best {best} {r['t'][best]['ms']:.3f} ms", flush=True)  # fmt: skip
+        rows.append(r)
     out = {"gpu": gpu, "date": datetime.date.today().isoformat(), "rows": rows}
     out["table_tokens"] = args.table_tokens or "the context"
     write_result(out, "mla-decode-tiles", gpu, args.out)

@@ -124,26 +124,29 @@ class FlashInferMLADecode:
         graph_batch: int | None = None,  # decode rows of the graph about to replay; None: eager
     ) -> None:
         """Plan the next step's decode rows. Until a layer has run once (its head count and
-        scale are known from the call), the plan waits for that first call."""
+        scale are known from the call), the plan waits for that first call, which reads
+        ``lens`` and ``tables`` then (in the same step)."""
         if self._fallback is not None or not len(lens):  # no decode rows: no plan to make
             self._pending = None
             return
-        self._pending = (graph_batch, page, len(tables[0]), *csr(lens, tables, page))
+        self._pending = (graph_batch, page, lens, tables)
         if self._shape is not None:
             self._plan()
 
     def _plan(self) -> None:
-        graph_batch, page, width, qo, kv_indptr, indices, kv_lens = self._pending
+        graph_batch, page, lens, tables = self._pending
         heads, page_cached, scale, dtype, device = self._shape
         assert page == page_cached, (page, page_cached)
-        triton = self.few_rows and len(kv_lens) <= triton_rows(heads)
+        rows = len(lens)
+        triton = self.few_rows and rows <= triton_rows(heads)
         if graph_batch is not None:  # a graph replays the kernel it was captured with
             first = self._triton_graphs.setdefault(graph_batch, triton)
             assert first == triton, f"the graphs of {graph_batch} decode rows changed kernel"
-        if triton:
-            self._active, self._pending = (None, len(kv_lens)), None
+        if triton:  # the Triton kernel reads the step's own tensors: no host layout to make
+            self._active, self._pending = (None, rows), None
             return
-        wrapper = self._wrapper(graph_batch, width, device)
+        qo, kv_indptr, indices, kv_lens = csr(lens, tables, page)
+        wrapper = self._wrapper(graph_batch, len(tables[0]), device)
         if self._copied is None:
             with torch.cuda.device(device):
                 self._copied = torch.cuda.Event()
@@ -154,7 +157,7 @@ class FlashInferMLADecode:
         self._copied.record(torch.cuda.current_stream(device))  # the stream the copies took
         if graph_batch is not None:
             self._check_layout(graph_batch, wrapper)
-        self._active, self._pending = (wrapper, len(kv_lens)), None
+        self._active, self._pending = (wrapper, rows), None
 
     def _build(self, rows: int) -> None:
         """Plan ``rows`` one-token rows on the eager wrapper, to no step: the first plan builds

@@ -3,9 +3,10 @@
 # `pip wheel --no-deps -w .whl .`, on every call; NCCL multicast off), OUT (results), TAG (file
 # names), M (the model folder, made by each script as it needs) and `stamp NAME` (seconds since
 # the start), GPU (the card's model, H200 or H100, naming result files: the device machine may
-# lend either). PYTHONSAFEPATH keeps the repository root off sys.path (the project imports as
-# pdserve.*, never by its folders' names). A PYTHONPATH given to a script is kept after
-# /tmp/site (a folder holding a sitecustomize.py then changes every process of a deployment).
+# lend either), `config_model P` (/tmp/cfg-P, preset P config-only). PYTHONSAFEPATH keeps the
+# repository root off sys.path (the project imports as pdserve.*, never by its folders' names).
+# A PYTHONPATH given to a script is kept after /tmp/site (a folder holding a sitecustomize.py
+# then changes every process of a deployment).
 set -u
 export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONSAFEPATH=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-bench/results}
@@ -24,4 +25,8 @@ flashinfer_site() {
   [ -d /tmp/fisite/flashinfer ] && export PYTHONPATH=$PYTHONPATH:/tmp/fisite \
     FLASHINFER_WORKSPACE_BASE=/tmp/fi-jit MAX_JOBS=16
   return 0
+}
+config_model() {  # /tmp/cfg-$1: preset $1's config and tokenizer (weights drawn at load), once
+  [ -f "/tmp/cfg-$1/config.json" ] || python3 -m pdserve make-model --preset "$1" --config-only \
+    --out "/tmp/cfg-$1" > /dev/null
 }

@@ -15,8 +15,7 @@ timeout -s INT -k 20 260 python3 -m pytest -q -rfs --tb=short -p no:cacheprovide
   tests/cluster/test_engine_gpu.py -k "flashinfer or mixed" 2>&1 \
   | grep -E "passed|failed|skipped|^E |Error" | tail -14
 p=deepseek-v2-lite
-[ -f "/tmp/cfg-$p/config.json" ] || python3 -m pdserve make-model --preset "$p" --config-only \
-  --out "/tmp/cfg-$p" > /dev/null
+config_model "$p"
 for mla in flashinfer triton; do
   left=$(( ${BUDGET:-550} - ($(date +%s) - S) )); [ $left -lt 60 ] && break
   stamp "mixed $p, MLA decode $mla"

@@ -22,8 +22,7 @@ timeout 40 python3 -m pdserve.bench.kernels --parts mla_decode \
   --mla-grid 128:1,2,4,8:1024,4096 --json "$OUT/mla-decode-rows-128-${GPU}${TAG}.json" 2>&1 \
   | grep -v Warning | grep -A14 "^MLA decode" | head -12
 p=deepseek-v2-lite
-[ -f "/tmp/cfg-$p/config.json" ] || python3 -m pdserve make-model --preset "$p" --config-only \
-  --out "/tmp/cfg-$p" > /dev/null
+config_model "$p"
 for v in fa3 triton split; do
   left=$(( ${BUDGET:-550} - ($(date +%s) - S) )); [ $left -lt 40 ] && break
   stamp "decode $p, MLA decode $v"

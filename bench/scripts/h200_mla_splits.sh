@@ -16,8 +16,7 @@ timeout 220 python3 -m pdserve.bench.mla_decode_splits --heads 16,128 --batches 
   --contexts 1024,4096 --budget-s 180 --out "$OUT/mla-decode-splits-${GPU}${TAG}.json" 2>&1 \
   | grep -v Warning | tail -24
 for p in deepseek-v2-lite deepseek-v3-4l; do
-  [ -f "/tmp/cfg-$p/config.json" ] || python3 -m pdserve make-model --preset "$p" --config-only \
-    --out "/tmp/cfg-$p" > /dev/null
+  config_model "$p"
   b=16,32,64; [ $p = deepseek-v3-4l ] && b=8,64
   for code in base tree; do
     left=$(( ${BUDGET:-550} - ($(date +%s) - S) )); [ $left -lt 40 ] && break

@@ -16,8 +16,7 @@ timeout -s INT -k 20 200 python3 -m pytest -q -rfs --tb=short -p no:cacheprovide
   tests/cluster/test_engine_gpu.py -k "agrees or few" 2>&1 \
   | grep -E "passed|failed|skipped|^E |Error|^FAILED" | tail -10
 p=deepseek-v2-lite
-[ -f "/tmp/cfg-$p/config.json" ] || python3 -m pdserve make-model --preset "$p" --config-only \
-  --out "/tmp/cfg-$p" > /dev/null
+config_model "$p"
 left=$(( ${BUDGET:-550} - ($(date +%s) - S) ))
 stamp "decode $p"
 timeout $(( left < 100 ? left : 100 )) python3 -m pdserve.bench.decode_step --model "/tmp/cfg-$p" \
