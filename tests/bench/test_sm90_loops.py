@@ -1,0 +1,66 @@
+"""The sm_90 loop report: its parsers on known text, a compile of the MLA decode for sm_90 on
+this machine (no GPU) whose shared memory the tiles' model predicts, and bad arguments refused."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pdserve.bench import sm90_loops
+from pdserve.kernels.triton_configs import mla_decode_smem
+
+TTGIR = """
+    %a = ttg.local_alloc : () -> !ttg.memdesc<3x32x512xbf16, #shared, #smem, mutable>
+    %b = ttg.local_alloc %q : (tensor<16x512xbf16>) -> !ttg.memdesc<16x512xbf16, #shared, #smem>
+    %c = ttg.local_alloc : () -> !ttg.memdesc<1x32x64xbf16, #shared, #smem, mutable>
+    %w0 = ttg.async_wait %t {num = 5 : i32}
+    %r = scf.for %i = %lo to %hi step %c32 iter_args() -> () : i32 {
+      %w1 = ttg.async_wait %x, %y {num = 4 : i32}
+    }
+    %w2 = ttg.async_wait {num = 0 : i32}
+"""
+
+SASS = """
+        /*0100*/                   IMAD R1, R2, R3, RZ ;
+        /*0110*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0120*/                   LDS.128 R8, [R2] ;
+        /*0130*/              @P0 BRA 0x110 ;
+        /*0140*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0150*/              @P1 BRA 0x100 ;
+        /*0160*/                   EXIT ;
+"""
+
+
+def test_parsers():
+    assert sm90_loops.loop_buffers(TTGIR) == [3, 1]
+    assert sm90_loops.loop_waits(TTGIR) == [4, 0]  # from the loop on
+    n, ops = sm90_loops.sass_loop(SASS)  # the innermost loop with an MMA: 0x110..0x130
+    assert n == 3 and ops == {"HMMA": 1, "LDS": 1, "BRA": 1}
+    assert sm90_loops.sass_loop(SASS.replace("HMMA", "FFMA")) == (0, {})
+
+
+def test_mla_decode_compiles_for_sm90_as_its_shared_memory_model_says():
+    """Compiled (not interpreted), so in a process without TRITON_INTERPRET."""
+    code = (
+        "from pdserve.bench import sm90_loops\n"
+        "row = sm90_loops.describe('mla_decode', (16, 32, 4, 2), tool=None)\n"
+        "print(row['smem'], row['buffers'], row['waits'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-P", "-c", code], check=True, env=env,
+                         capture_output=True, text=True).stdout.splitlines()[-1]  # fmt: skip
+    smem, rest = out.split(" ", 1)
+    buffers, waits = rest.split("] ")
+    tiles = dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2)
+    assert abs(int(smem) - mla_decode_smem(tiles, 576)) <= 4096, out
+    assert buffers.strip("[") and waits.strip("[]").split(", ")[-1] == "0", out
+
+
+def test_bad_tiles_are_refused(capsys):
+    for bad in (["mla_decode", "16,32,4"], ["mla_decode", "16,32,x,2"]):
+        with pytest.raises(SystemExit):
+            sm90_loops.main(bad)
+        assert "four comma-separated numbers each" in capsys.readouterr().err
