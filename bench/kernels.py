@@ -96,8 +96,9 @@ _FRAGMENT_TILES = [
 # twice the codes per thread (sm_90: 3.75 instructions per weight element at 128 registers,
 # against 5.16 for 64 x 64), yet 0.90-0.94x the speed of 64 x 64 on an H100 at M = 1-128. One
 # warpgroup of 128 rows, as the gate/up GEMM's 64 + 64 (3.77 at 126 registers), ran the whole
-# MoE 2-5% slower than 64 x 64 at 16 and 256 tokens (DeepSeek-V3) and 16 and 64 (V2-Lite), and
-# within 1% at 64 (DeepSeek-V3) (H100, 2026-12-07, BENCHMARKS.md), so it is no candidate.
+# MoE 3-5% slower than the best 64 x 64 at 16 and 256 tokens (DeepSeek-V3) and 16 and 64
+# (V2-Lite), and between 64 x 64's stage counts at 64 (DeepSeek-V3) (H100, 2026-12-07,
+# BENCHMARKS.md), so it is no candidate.
 SWEEP_FRAGMENT = {"gemm1": _FRAGMENT_TILES, "gemm2": _FRAGMENT_TILES + [(256, 64, 8, 4, 0)]}
 # (M timed, bucket its winners fill) per moe_small table: the tables' buckets; the token block
 # and split count stay the entry's
