@@ -26,8 +26,8 @@ from pathlib import Path
 
 import triton
 
-# per kernel: (module attribute, pointer arguments' types, constexprs of a tile, elements of one
-# loop iteration per thread)
+# per kernel: (its module in pdserve.kernels, its name, its pointer arguments' types, a tile ->
+# (the constexprs, elements of one loop iteration per thread))
 _MLA_PTRS = dict(q_ptr="*bf16", kv_ptr="*bf16", bt_ptr="*i32", lens_ptr="*i32", o_ptr="*bf16",
                  part_ptr="*fp32", lse_ptr="*fp32")  # fmt: skip
 _MOE_PTRS = dict(w_ptr="*i32", s_ptr="*i32", b_ptr="*bf16", expert_ptr="*i32", start_ptr="*i32",
@@ -60,7 +60,8 @@ KERNELS = {
 
 
 def compile_sm90(kernel: str, tiles: tuple[int, int, int, int]):
-    """The kernel compiled for sm_90 at these tiles (pointers and strides 16-aligned)."""
+    """The kernel compiled for sm_90 at these tiles (pointers and strides 16-aligned), and the
+    elements one thread takes per loop iteration."""
     import importlib
 
     from triton.backends.compiler import GPUTarget
@@ -68,7 +69,7 @@ def compile_sm90(kernel: str, tiles: tuple[int, int, int, int]):
 
     module, name, ptrs, make = KERNELS[kernel]
     fn = getattr(importlib.import_module(f"pdserve.kernels.{module}"), name)
-    consts, _ = make(tiles)
+    consts, elements = make(tiles)
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
         sig[a] = "constexpr" if a in consts else ptrs.get(a, "i32")
@@ -76,7 +77,7 @@ def compile_sm90(kernel: str, tiles: tuple[int, int, int, int]):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     opts = dict(num_warps=tiles[2], num_stages=tiles[3])
-    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options=opts)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 64), options=opts), elements
 
 
 def loop_buffers(ttgir: str) -> list[int]:
@@ -101,7 +102,7 @@ def sass_loop(sass: str) -> tuple[int, collections.Counter]:
     ins = [(int(a, 16), text.strip()) for a, text in _SASS.findall(sass)]
     best: list[tuple[int, str]] | None = None
     for addr, text in ins:
-        m = re.search(r"\bBRA\b[^0]*0x([0-9a-f]+)", text)
+        m = re.search(r"\bBRA\b.*?\b0x([0-9a-f]+)", text)
         if not m or int(m.group(1), 16) > addr:
             continue
         body = [x for x in ins if int(m.group(1), 16) <= x[0] <= addr]
@@ -124,7 +125,7 @@ def cuobjdump() -> str | None:
 
 def describe(kernel: str, tiles: tuple[int, int, int, int], tool: str | None) -> dict:
     """One row: shared memory, buffers, waits and (with ``tool``) the SASS loop."""
-    compiled = compile_sm90(kernel, tiles)
+    compiled, elements = compile_sm90(kernel, tiles)
     ttgir = compiled.asm["ttgir"]
     row = {"kernel": kernel, "tiles": list(tiles), "smem": compiled.metadata.shared,
            "buffers": loop_buffers(ttgir), "waits": loop_waits(ttgir)}  # fmt: skip
@@ -134,7 +135,7 @@ def describe(kernel: str, tiles: tuple[int, int, int, int], tool: str | None) ->
             f.flush()
             sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
         n, ops = sass_loop(sass)
-        row |= {"loop_instructions": n, "per_element": round(n / KERNELS[kernel][3](tiles)[1], 2),
+        row |= {"loop_instructions": n, "per_element": round(n / elements, 2),
                 "top_opcodes": ops.most_common(8)}  # fmt: skip
     return row
 

@@ -3,6 +3,7 @@ this machine (no GPU) whose shared memory the tiles' model predicts, and bad arg
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -45,18 +46,18 @@ def test_parsers():
 def test_mla_decode_compiles_for_sm90_as_its_shared_memory_model_says():
     """Compiled (not interpreted), so in a process without TRITON_INTERPRET."""
     code = (
+        "import json\n"
         "from pdserve.bench import sm90_loops\n"
         "row = sm90_loops.describe('mla_decode', (16, 32, 4, 2), tool=None)\n"
-        "print(row['smem'], row['buffers'], row['waits'])\n"
+        "print(json.dumps(row))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-P", "-c", code], check=True, env=env,
                          capture_output=True, text=True).stdout.splitlines()[-1]  # fmt: skip
-    smem, rest = out.split(" ", 1)
-    buffers, waits = rest.split("] ")
+    row = json.loads(out)
     tiles = dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2)
-    assert abs(int(smem) - mla_decode_smem(tiles, 576)) <= 4096, out
-    assert buffers.strip("[") and waits.strip("[]").split(", ")[-1] == "0", out
+    assert abs(row["smem"] - mla_decode_smem(tiles, 576)) <= 4096, out
+    assert row["buffers"] and row["waits"][-1] == 0, out
 
 
 def test_bad_tiles_are_refused(capsys):
