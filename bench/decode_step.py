@@ -35,7 +35,7 @@ from pdserve.bench.result_file import write_result
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from pdserve.cluster.config import ModelConfig
 from pdserve.cluster.kv_groups import KVGroups
-from pdserve.kernels import mla_decode_flashinfer
+from pdserve.kernels import mla_decode_flashinfer, triton_configs
 
 WARM_STEPS = 3
 MARGIN = 64  # tokens past the timed steps each request may produce
@@ -53,6 +53,21 @@ def _produce(args, batch: int) -> int:
     ones prefill (each prompt over at most two steps, as the decode rows take part of the
     budget)."""
     return MARGIN + 3 * args.steps + 2 * -(-batch * args.context // _chunk(args))
+
+
+def set_mla_tiles(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--mla-tiles`` as this process's Triton MLA decode tiles for every device and head count;
+    a usage error for anything but four positive integers."""
+    try:
+        bh, bn, warps, stages = (int(v) for v in args.mla_tiles.split(","))
+    except ValueError:
+        p.error(f"--mla-tiles {args.mla_tiles!r} must be BLOCK_H,BLOCK_N,warps,stages")
+    if min(bh, bn, warps, stages) < 1:
+        p.error(f"--mla-tiles {args.mla_tiles!r} must be positive")
+    if args.tp > 1:
+        p.error("--mla-tiles sets this process's tables: use --tp 1")
+    cfg = dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    triton_configs.MLA_DECODE = {"default": {1 << 30: cfg}}
 
 
 def kernel_overrides(p: argparse.ArgumentParser, text: str) -> dict[str, str]:
@@ -288,8 +303,17 @@ def main(argv: list[str] | None = None) -> int:
         help="FlashInfer's MLA decode hands steps of up to N decode rows to the Triton kernel "
         "(0: none; default: its TRITON_ROWS table)",
     )
+    p.add_argument(
+        "--mla-tiles",
+        default="",
+        metavar="H,N,W,S",
+        help="the Triton MLA decode's tiles for every head count and batch (BLOCK_H, BLOCK_N, "
+        "warps, stages; default: its tables)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.mla_tiles:
+        set_mla_tiles(p, args)
     args.kernel_overrides = kernel_overrides(p, args.kernels)
     if args.mla_triton_rows is not None:  # every head count: this process's engines only
         if args.tp > 1:
@@ -313,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "kernel_overrides": args.kernel_overrides,
         "mla_triton_rows": {str(k): v for k, v in mla_decode_flashinfer.TRITON_ROWS.items()},
+        "mla_tiles": args.mla_tiles or "its tables",
         "date": time.strftime("%Y-%m-%d"),
         "host": platform.node(),
     }

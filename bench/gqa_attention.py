@@ -154,17 +154,28 @@ def report(rows: list[dict], copy_gbps: float) -> None:
 def main() -> None:
     from pdserve.bench.kernels import ceilings
     from pdserve.bench.result_file import write_result
+    from pdserve.kernels import triton_configs
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop adding points after this")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--tiles", default="", metavar="N,W,S", help="our decode's BLOCK_N, warps, stages"
+    )
     args = ap.parse_args()
+    if args.tiles:  # the decode reads this dict at each call
+        try:
+            n, w, st = (int(v) for v in args.tiles.split(","))
+        except ValueError:
+            ap.error(f"--tiles {args.tiles!r} must be BLOCK_N,warps,stages")
+        triton_configs.GQA_DECODE.update(BLOCK_N=n, num_warps=w, num_stages=st)
     gpu = torch.cuda.get_device_name()
     out = {
         "gpu": gpu,
         "date": datetime.date.today().isoformat(),
         "command": "python -P -m pdserve.bench.gqa_attention",
         "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "page": PAGE},
+        "decode_tiles": dict(triton_configs.GQA_DECODE),
         "ceilings": ceilings(),
     }
     copy = out["ceilings"]["copy_GBps"]

@@ -123,24 +123,10 @@ SWEEP_LARGE = [
 ]
 # (BLOCK_H, BLOCK_N, warps, stages) of mla_decode, per head count
 SWEEP_MLA = {
-    16: [
-        (16, 32, 4, 2),
-        (16, 32, 8, 2),
-        (16, 64, 8, 2),
-        (16, 128, 8, 2),
-        (16, 64, 4, 2),
-        (16, 64, 8, 3),
-        (32, 64, 8, 2),
-    ],
-    128: [
-        (64, 32, 8, 2),
-        (64, 64, 8, 2),
-        (64, 64, 8, 3),
-        (32, 64, 8, 2),
-        (32, 32, 8, 2),
-        (64, 32, 8, 3),
-    ],
-}
+    16: [(16, 32, 4, 4), (16, 32, 4, 3), (16, 16, 4, 4), (16, 64, 8, 3), (16, 64, 4, 3),
+         (16, 128, 8, 2)],
+    128: [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2), (32, 64, 8, 3), (32, 32, 8, 3)],
+}  # fmt: skip
 
 
 def ms(fn, *args, **kwargs) -> float:
@@ -592,9 +578,7 @@ def main() -> None:
                 "pct_matmul": 100 * tf / ceil["matmul_TFLOPs"],
                 "torch_ms": t_ref,
                 "speedup": t_ref / t,
-                "config": triton_configs.mla_decode_config(
-                    triton_configs.device_keys(dev), heads, b
-                ),
+                "config": triton_configs.mla_decode_config(triton_configs.device_keys(dev), heads),
                 **mla_peers(q, cache, table, lens, ours, t),
             }
         )

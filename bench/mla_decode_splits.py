@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     for heads, b, ctx in grid_points(args, t0, rows):
         q, table, lens = mla_case(heads, b, ctx, cache, args.table_tokens)
-        cfg = triton_configs.mla_decode_config(triton_configs.device_keys(dev), heads, b)
+        cfg = triton_configs.mla_decode_config(triton_configs.device_keys(dev), heads)
         call = (q, cache, table, lens, 0.07, 512)
         ref = mla_decode_triton(*call)  # [B, H, 512]
         r: dict = {"heads": heads, "B": b, "ctx": ctx, "config": cfg,

@@ -49,8 +49,16 @@ def _moe(t, gate_up: bool):
     return consts, t[0] * t[1] * (2 if gate_up else 1) / (t[2] * 32)
 
 
+def _gqa(t):
+    consts = dict(D=64, GROUP=8, PAGE=64, SPLIT=True, BLOCK_G=t[0], BLOCK_N=t[1], HAS_SINKS=True,
+                  HAS_WINDOW=True, UPCAST=False)  # fmt: skip
+    return consts, t[1] * 2 * 64 / (t[2] * 32)
+
+
 KERNELS = {
     "mla_decode": ("mla_decode_triton", "_decode_kernel", _MLA_PTRS, _mla),
+    "gqa_decode": ("gqa_decode_triton", "_decode_kernel",
+                   dict(_MLA_PTRS, sink_ptr="*fp32"), _gqa),
     "moe_gemm1": ("moe_triton_small_m", "_gemm1_kernel",
                   dict(_MOE_PTRS, x_ptr="*bf16", h_ptr="*bf16"), lambda t: _moe(t, True)),
     "moe_gemm2": ("moe_triton_small_m", "_gemm2_kernel",

@@ -64,11 +64,18 @@ def _decode_kernel(
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_V], dtype=tl.float32)
     bt_row = bt_ptr + b.to(tl.int64) * stride_btb
+    # each tile's pages are read one tile ahead, so that its KV loads depend on no load of their
+    # own iteration: Triton's pipeliner then keeps num_stages - 1 KV tiles in flight while the
+    # tile before computes (read in the iteration, the pages took the stages and the loop held
+    # one KV buffer, its loads never overlapping its products: BENCHMARKS.md)
+    t = t_start + tl.arange(0, BLOCK_N)
+    page = tl.load(bt_row + t // PAGE, mask=t < t_end, other=0)  # [BN], the first tile's
     for t0 in range(t_start, t_end, BLOCK_N):
         t = t0 + tl.arange(0, BLOCK_N)
         tmask = t < t_end
-        page = tl.load(bt_row + t // PAGE, mask=tmask, other=0).to(tl.int64)
-        row = kv_ptr + page * stride_kvn + (t % PAGE).to(tl.int64) * stride_kvp  # [BN]
+        row = kv_ptr + page.to(tl.int64) * stride_kvn + (t % PAGE).to(tl.int64) * stride_kvp
+        t_next = t + BLOCK_N
+        page = tl.load(bt_row + t_next // PAGE, mask=t_next < t_end, other=0)  # the next tile's
         kv_v = tl.load(row[:, None] + dv[None, :], mask=tmask[:, None] & vmask[None, :], other=0.0)
         s = mma(q_v, tl.trans(kv_v), tl.zeros([BLOCK_H, BLOCK_N], tl.float32), UPCAST)
         if HAS_R:
@@ -172,7 +179,7 @@ def split_count(
 def programs_per_sm(cfg: dict, head_dim: int, elem_bytes: int, device: torch.device) -> int:
     """Decode programs of tiles ``cfg`` an SM holds at once by shared memory, 1 or 2 (2 where
     the device does not say): 128-token tiles at 16 heads (164 KiB at D = 576) and 64-head
-    tiles (218 KiB) fit once in an H100's or H200's 228 KiB."""
+    tiles of 64 tokens (218 KiB) fit once in an H100's or H200's 228 KiB."""
     per_sm = smem_per_sm(device)
     if not per_sm:
         return 2
@@ -214,7 +221,7 @@ def mla_decode_triton(
     out = output_like(q, (b, h, v_dim), out)  # [B, H, v_dim]
     if b == 0:
         return out
-    cfg = config or triton_configs.mla_decode_config(triton_configs.device_keys(q.device), h, b)
+    cfg = config or triton_configs.mla_decode_config(triton_configs.device_keys(q.device), h)
     page = kv_cache.shape[1]
     head_blocks = triton.cdiv(h, cfg["BLOCK_H"])
     if num_splits is None:

@@ -81,38 +81,34 @@ MOE_LARGE: dict[str, dict[int, dict[str, Config]]] = {
     H100: _H100_LARGE,
 }
 
-# mla_decode: query heads -> tiles. BLOCK_H heads share each loaded KV tile of BLOCK_N tokens.
+# mla_decode: query heads -> tiles. BLOCK_H heads share each loaded KV tile of BLOCK_N tokens;
+# under 64 heads a tile of s stages holds s - 1 KV buffers, at 64 s (``mla_decode_smem``).
+# Measured on an H100 (BENCHMARKS.md, "MLA decode with each tile's pages read a tile ahead"): at
+# 16 heads, 1-128 sequences of 1k and 4k tokens, (16, 32, 4, 4)'s three KV buffers ran within 1%
+# of the best of ten tiles at 11 of 14 points (1.05-1.08x behind 16-token tiles at one and four
+# sequences), and 1.05-1.14x the speed of the tiles shipped before with the kernel before; at 128
+# heads (64, 64, 8, 2) ran within 6% of the best of eight at 8 of 12 points of 1-128 sequences of
+# 1k-32k tokens (1.10-1.46x behind at one sequence of 1k and 4k, 32 and 128 of 1k).
 _H100_MLA = {
-    16: dict(BLOCK_H=16, BLOCK_N=128, num_warps=8, num_stages=2),
-    1 << 30: dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=3),
+    16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=4),
+    1 << 30: dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2),
 }
+# The default entries fit 99 KiB of shared memory a block (SM120's); at 16 heads (16, 32, 4, 3)'s
+# two KV buffers (93 KiB) ran ahead of FlashInfer's fa2 at every point above on the H100.
 MLA_DECODE: dict[str, dict[int, Config]] = {
     "default": {
-        16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=8, num_stages=2),
+        16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3),
         1 << 30: dict(BLOCK_H=32, BLOCK_N=32, num_warps=8, num_stages=2),
     },
     "sm90": _H100_MLA,
     H100: _H100_MLA,
 }
-# mla_decode for at most FEW_SEQS sequences: query heads -> tiles, where they differ from the
-# table above. Measured on an H100 (BENCHMARKS.md, "MLA decode kernels against FlashInfer's"):
-# at 16 heads and 1-8 sequences, 32-token KV tiles with 4 warps ran 1.06-1.44x the speed of the
-# 128-token tiles at 5 of 6 points (0.96x at one sequence of 32k), with block tables as wide as
-# the context.
-FEW_SEQS = 8
-_H100_MLA_FEW = {16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2)}
-MLA_DECODE_FEW_SEQS: dict[str, dict[int, Config]] = {"sm90": _H100_MLA_FEW, H100: _H100_MLA_FEW}
 
 
-def mla_decode_config(keys: tuple[str, ...], heads: int, batch: int) -> Config:
-    """The decode tiles for ``heads`` query heads and ``batch`` sequences under the device's
-    ``device_keys``, most specific key first: its few-sequence entry where it has one for these
-    heads and batch, else its ``MLA_DECODE`` entry."""
+def mla_decode_config(keys: tuple[str, ...], heads: int) -> Config:
+    """The decode tiles for ``heads`` query heads under the device's ``device_keys``, most
+    specific key first: the entry of the fewest heads that covers ``heads``, else the largest."""
     for key in keys:
-        few = MLA_DECODE_FEW_SEQS.get(key, {})
-        fits = [bound for bound in few if heads <= bound]
-        if batch <= FEW_SEQS and fits:
-            return few[min(fits)]
         if key in MLA_DECODE:
             buckets = MLA_DECODE[key]
             return buckets[min((b for b in buckets if heads <= b), default=max(buckets))]
@@ -211,11 +207,13 @@ def pick(table: dict, device: torch.device | None, size: int):
 
 
 def mla_decode_smem(cfg: Config, head_dim: int, elem_bytes: int = 2) -> int:
-    """Shared memory a decode config needs: the KV tiles in flight (num_stages - 1 of them, at
-    least one) and the query tile, plus 2 KiB of scratch; this matched Triton 3.6's sm_90
-    compiles of (16|32 heads, 32 tokens, 2 stages) at D = 576 within 1 KiB."""
-    in_flight = max(cfg["num_stages"] - 1, 1)
-    return (in_flight * cfg["BLOCK_N"] + cfg["BLOCK_H"]) * head_dim * elem_bytes + 2048
+    """Shared memory a decode config needs: its KV tile buffers and the query tile, plus 2 KiB
+    of scratch. Triton 3.6's sm_90 compiles buffer num_stages - 1 KV tiles (at least one) under
+    16 and 32 heads, num_stages where 64 heads take wgmma; this matched them at D = 576 within
+    2 KiB from 1 to 3 buffers (``bench.sm90_loops``)."""
+    wgmma = cfg["BLOCK_H"] >= 64
+    buffers = cfg["num_stages"] if wgmma else max(cfg["num_stages"] - 1, 1)
+    return (buffers * cfg["BLOCK_N"] + cfg["BLOCK_H"]) * head_dim * elem_bytes + 2048
 
 
 def moe_smem(cfg: Config, halves: int, elem_bytes: int = 2) -> int:

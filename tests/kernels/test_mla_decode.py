@@ -122,7 +122,7 @@ def test_splits_fill_one_wave_of_the_programs_an_sm_holds(monkeypatch):
     cuda = torch.device("cuda")
     few = dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2)  # 56 KiB
     wide = dict(BLOCK_H=16, BLOCK_N=128, num_warps=8, num_stages=2)  # 164 KiB
-    heads64 = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=3)  # 218 KiB
+    heads64 = dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2)  # 218 KiB
     assert [m.programs_per_sm(c, 576, 2, cuda) for c in (few, wide, heads64)] == [2, 1, 1]
     assert m.programs_per_sm(heads64, 576, 4, cuda) == 1  # float32: more than an SM, still 1
     monkeypatch.setattr(m, "smem_per_sm", lambda device: 0)
@@ -154,24 +154,22 @@ def test_split_count_compiles_nothing_new():
     assert {combine_width(n) for n in range(1, 129)} == {16, 128}
 
 
-def test_few_sequences_take_their_own_tiles_where_measured():
-    """On sm_90, 16 heads over at most 8 sequences take the few-sequence tiles; more sequences,
-    more heads, and devices without an entry take the per-head table's."""
-    from pdserve.kernels.triton_configs import (
-        FEW_SEQS,
-        MLA_DECODE,
-        MLA_DECODE_FEW_SEQS,
-        mla_decode_config,
-    )
+def test_tiles_follow_the_head_count_and_the_device():
+    """On sm_90, 16 heads take the 16-head entry and more heads the largest; devices without an
+    entry (SM120) take the default's, whose tiles fit 99 KiB."""
+    from pdserve.kernels.triton_configs import MLA_DECODE, mla_decode_config, mla_decode_smem
 
     hopper = ("NVIDIA H200", "sm90", "default")
-    few, usual = MLA_DECODE_FEW_SEQS["sm90"][16], MLA_DECODE["sm90"][16]
-    assert few != usual
-    assert mla_decode_config(hopper, 16, 1) == mla_decode_config(hopper, 16, FEW_SEQS) == few
-    assert mla_decode_config(hopper, 16, FEW_SEQS + 1) == usual
-    assert mla_decode_config(hopper, 128, 1) == MLA_DECODE["sm90"][1 << 30]
-    assert mla_decode_config(("sm120", "default"), 16, 1) == MLA_DECODE["default"][16]
-    assert mla_decode_config(("default",), 128, 64) == MLA_DECODE["default"][1 << 30]
+    assert mla_decode_config(hopper, 16) == MLA_DECODE["sm90"][16]
+    assert (
+        mla_decode_config(hopper, 128)
+        == mla_decode_config(hopper, 32)
+        == MLA_DECODE["sm90"][1 << 30]
+    )
+    assert mla_decode_config(("sm120", "default"), 16) == MLA_DECODE["default"][16]
+    assert mla_decode_config(("default",), 128) == MLA_DECODE["default"][1 << 30]
+    assert all(mla_decode_smem(c, 576) <= 99 * 1024 for c in MLA_DECODE["default"].values())
+    assert all(mla_decode_smem(c, 576) <= 227 * 1024 for c in MLA_DECODE["sm90"].values())
 
 
 def test_bad_inputs(device):
@@ -197,6 +195,28 @@ def test_deepseek_shapes_gpu(heads, num_splits):
         out=nan_like((len(lens), heads, 512), q.dtype, dev),
     )  # fmt: skip
     assert rel_err(out, mla_decode_torch(q, cache, table, seq_lens, 192**-0.5, 512)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "tiles", [(16, 32, 4, 3), (16, 64, 8, 3), (16, 32, 4, 4), (16, 16, 4, 4), (64, 64, 8, 2)]
+)
+def test_pipelined_tiles_gpu(tiles):
+    """Tiles whose KV loads run one to three tiles ahead of the products (each tile's pages
+    read the tile before): sequences ending inside a tile, a page, and one tile."""
+    dev = torch.device("cuda")
+    bh, bn, warps, stages = tiles
+    lens = [1, 15, 16, 17, 63, 64, 65, 129, 1000, 4097]
+    cache, table, seq_lens = paged(lens, 64, 576, torch.bfloat16, dev, seed=bn)
+    q = torch.randn(len(lens), bh * 2, 576, device=dev).bfloat16()
+    cfg = dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    ref = mla_decode_torch(q, cache, table, seq_lens, 192**-0.5, 512)
+    for splits in (1, 3):
+        out = mla_decode_triton(
+            q, cache, table, seq_lens, 192**-0.5, 512, num_splits=splits, config=cfg,
+            out=nan_like((len(lens), bh * 2, 512), q.dtype, dev),
+        )  # fmt: skip
+        assert rel_err(out, ref) < 1e-2, (tiles, splits)
 
 
 @pytest.mark.gpu
