@@ -10,7 +10,7 @@
 #   mla128   the same at 128 heads, 1-128 sequences of 1k-32k; base128: before, 8-128 of 4k
 #   steps    deepseek-v2-lite's decode step (`bench.decode_step`, weights drawn at load, CUDA
 #            graphs, batch 1, 8, 64 of 1024 tokens): before, after, after with steps of up to
-#            8 decode rows on the Triton kernel instead of fa3
+#            8 decode rows on the Triton kernel instead of fa3 (STEP_RUNS, STEP_BATCHES: fewer)
 # Default PARTS: tests,mla16,base16,mla128. BUDGET: seconds the script may take (590). Carry
 # .whl (Ray's wheel may stay behind), .fi/fisite.txz and .whl-base.
 source "$(dirname "$0")/gpu_env.sh"
@@ -50,14 +50,14 @@ has mla128 && mla pages-ahead-128 $(( $(left) - 40 )) --heads 128 --batches 1,8,
 if has steps; then
   p=deepseek-v2-lite
   config_model "$p"
-  for v in before after after-rows8; do
+  for v in ${STEP_RUNS:-before after after-rows8}; do
     [ $v = before ] && [ -z "$BASE" ] && continue
     left=$(left); [ "$left" -lt 40 ] && { echo "skip steps $v: $left s left"; break; }
     stamp "decode $p, $v"
     path=$PYTHONPATH k=; [ $v = before ] && path=$BASE; [ $v = after-rows8 ] && k="--mla-triton-rows 8"
     PYTHONPATH=$path timeout $(( left < 120 ? left : 120 )) python3 -m pdserve.bench.decode_step \
-      --model "/tmp/cfg-$p" --random-weights 0 --batches 1,8,64 --context 1024 --steps 16 \
-      --modes auto $k --out "$OUT/decode-step-$p-pages-$v-${GPU}${TAG}.json" 2>&1 \
+      --model "/tmp/cfg-$p" --random-weights 0 --batches "${STEP_BATCHES:-1,8,64}" --context 1024 \
+      --steps 16 --modes auto $k --out "$OUT/decode-step-$p-pages-$v-${GPU}${TAG}.json" 2>&1 \
       | grep --line-buffered -v Warning | grep -v "while serving" | tail -6
   done
 fi
