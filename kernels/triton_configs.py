@@ -84,17 +84,19 @@ MOE_LARGE: dict[str, dict[int, dict[str, Config]]] = {
 # mla_decode: query heads -> tiles. BLOCK_H heads share each loaded KV tile of BLOCK_N tokens;
 # under 64 heads a tile of s stages holds s - 1 KV buffers, at 64 s (``mla_decode_smem``).
 # Measured on an H100 (BENCHMARKS.md, "MLA decode with each tile's pages read a tile ahead"): at
-# 16 heads, 1-128 sequences of 1k and 4k tokens, (16, 32, 4, 4)'s three KV buffers ran within 1%
-# of the best of ten tiles at 11 of 14 points (1.05-1.08x behind 16-token tiles at one and four
-# sequences), and 1.05-1.14x the speed of the tiles shipped before with the kernel before; at 128
-# heads (64, 64, 8, 2) ran within 6% of the best of eight at 8 of 12 points of 1-128 sequences of
-# 1k-32k tokens (1.10-1.46x behind at one sequence of 1k and 4k, 32 and 128 of 1k).
+# 16 heads, 1-128 sequences of 1k and 4k tokens, (16, 32, 4, 4)'s three KV buffers ran within
+# 1.1% of the best of ten tiles at 11 of 14 points (1.05-1.07x behind (16, 16, 4, 4) at one
+# sequence and four of 1k), and 1.05-1.14x the speed of the tiles shipped before with the kernel
+# before (at 1, 8 and 64 sequences); at 128 heads (64, 64, 8, 2) ran within 6% of the best of
+# eight at 8 of 12 points of 1-128 sequences of 1k-32k tokens (1.10-1.46x behind at one sequence
+# of 1k and 4k, 32 and 128 of 1k).
 _H100_MLA = {
     16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=4),
     1 << 30: dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2),
 }
 # The default entries fit 99 KiB of shared memory a block (SM120's); at 16 heads (16, 32, 4, 3)'s
-# two KV buffers (93 KiB) ran ahead of FlashInfer's fa2 at every point above on the H100.
+# two KV buffers (93,184 B compiled for sm_90) ran ahead of FlashInfer's fa2 at every point above
+# on the H100.
 MLA_DECODE: dict[str, dict[int, Config]] = {
     "default": {
         16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3),

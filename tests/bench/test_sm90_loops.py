@@ -44,20 +44,23 @@ def test_parsers():
 
 
 def test_mla_decode_compiles_for_sm90_as_its_shared_memory_model_says():
-    """Compiled (not interpreted), so in a process without TRITON_INTERPRET."""
+    """The 3-stage tiles hold two KV buffers and their loop's wait leaves copies in flight (each
+    tile's pages read the tile before: the KV loads overlap the products), in the shared memory
+    the tiles' model predicts. Compiled (not interpreted), so in a process without
+    TRITON_INTERPRET."""
     code = (
         "import json\n"
         "from pdserve.bench import sm90_loops\n"
-        "row = sm90_loops.describe('mla_decode', (16, 32, 4, 2), tool=None)\n"
+        "row = sm90_loops.describe('mla_decode', (16, 32, 4, 3), tool=None)\n"
         "print(json.dumps(row))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-P", "-c", code], check=True, env=env,
                          capture_output=True, text=True).stdout.splitlines()[-1]  # fmt: skip
     row = json.loads(out)
-    tiles = dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=2)
+    tiles = dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3)
     assert abs(row["smem"] - mla_decode_smem(tiles, 576)) <= 4096, out
-    assert row["buffers"] and row["waits"][-1] == 0, out
+    assert row["buffers"][0] >= 2 and row["waits"][0] >= 1 and row["waits"][-1] == 0, out
 
 
 def test_bad_tiles_are_refused(capsys):
