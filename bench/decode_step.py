@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from pdserve.bench import step_floor, step_profile
+from pdserve.bench.mla_decode_tiles import _numbers
 from pdserve.bench.result_file import write_result
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from pdserve.cluster.config import ModelConfig
@@ -58,12 +59,9 @@ def _produce(args, batch: int) -> int:
 def set_mla_tiles(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--mla-tiles`` as this process's Triton MLA decode tiles for every device and head count;
     a usage error for anything but four positive integers."""
-    try:
-        bh, bn, warps, stages = (int(v) for v in args.mla_tiles.split(","))
-    except ValueError:
-        p.error(f"--mla-tiles {args.mla_tiles!r} must be BLOCK_H,BLOCK_N,warps,stages")
-    if min(bh, bn, warps, stages) < 1:
-        p.error(f"--mla-tiles {args.mla_tiles!r} must be positive")
+    if len(args.mla_tiles) != 4 or min(args.mla_tiles) < 1:
+        p.error(f"--mla-tiles {args.mla_tiles} must be four positive BLOCK_H,BLOCK_N,warps,stages")
+    bh, bn, warps, stages = args.mla_tiles
     if args.tp > 1:
         p.error("--mla-tiles sets this process's tables: use --tp 1")
     cfg = dict(BLOCK_H=bh, BLOCK_N=bn, num_warps=warps, num_stages=stages)
@@ -305,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--mla-tiles",
-        default="",
+        type=_numbers(int),
+        default=(),
         metavar="H,N,W,S",
         help="the Triton MLA decode's tiles for every head count and batch (BLOCK_H, BLOCK_N, "
         "warps, stages; default: its tables)",

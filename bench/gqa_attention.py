@@ -153,6 +153,7 @@ def report(rows: list[dict], copy_gbps: float) -> None:
 
 def main() -> None:
     from pdserve.bench.kernels import ceilings
+    from pdserve.bench.mla_decode_tiles import _numbers
     from pdserve.bench.result_file import write_result
     from pdserve.kernels import triton_configs
 
@@ -160,15 +161,14 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop adding points after this")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(
-        "--tiles", default="", metavar="N,W,S", help="our decode's BLOCK_N, warps, stages"
-    )
+        "--tiles", type=_numbers(int), default=(), metavar="N,W,S",
+        help="our decode's BLOCK_N, warps, stages",
+    )  # fmt: skip
     args = ap.parse_args()
     if args.tiles:  # the decode reads this dict at each call
-        try:
-            n, w, st = (int(v) for v in args.tiles.split(","))
-        except ValueError:
-            ap.error(f"--tiles {args.tiles!r} must be BLOCK_N,warps,stages")
-        triton_configs.GQA_DECODE.update(BLOCK_N=n, num_warps=w, num_stages=st)
+        if len(args.tiles) != 3:
+            ap.error(f"--tiles {args.tiles} must be BLOCK_N,warps,stages")
+        triton_configs.GQA_DECODE.update(zip(("BLOCK_N", "num_warps", "num_stages"), args.tiles))
     gpu = torch.cuda.get_device_name()
     out = {
         "gpu": gpu,

@@ -110,11 +110,7 @@ MLA_DECODE: dict[str, dict[int, Config]] = {
 def mla_decode_config(keys: tuple[str, ...], heads: int) -> Config:
     """The decode tiles for ``heads`` query heads under the device's ``device_keys``, most
     specific key first: the entry of the fewest heads that covers ``heads``, else the largest."""
-    for key in keys:
-        if key in MLA_DECODE:
-            buckets = MLA_DECODE[key]
-            return buckets[min((b for b in buckets if heads <= b), default=max(buckets))]
-    raise KeyError(f"no mla_decode config for {keys}")
+    return pick_by_keys(MLA_DECODE, keys, heads)
 
 
 # mla_prefill: one bucket per device for now (queries per block, keys per step); not swept.
@@ -198,14 +194,17 @@ def device_keys(device: torch.device | None) -> tuple[str, ...]:
 
 def pick(table: dict, device: torch.device | None, size: int):
     """The entry of the first matching device key whose bucket bound is >= size."""
-    for key in device_keys(device):
+    return pick_by_keys(table, device_keys(device), size)
+
+
+def pick_by_keys(table: dict, keys: tuple[str, ...], size: int):
+    """``pick`` under the given device keys, most specific first: the smallest bucket bound >=
+    size of the first key the table holds, else its largest."""
+    for key in keys:
         if key in table:
             buckets = table[key]
-            for bound in sorted(buckets):
-                if size <= bound:
-                    return buckets[bound]
-            return buckets[max(buckets)]
-    raise KeyError(f"no config for {device} in a table without a default")
+            return buckets[min((b for b in buckets if size <= b), default=max(buckets))]
+    raise KeyError(f"no config for {keys} in a table without a default")
 
 
 def mla_decode_smem(cfg: Config, head_dim: int, elem_bytes: int = 2) -> int:
