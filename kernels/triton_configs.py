@@ -51,8 +51,10 @@ MOE_SMALL: dict[str, dict[int, dict[str, Config]]] = {
 # BLOCK_N is a multiple of 64 per warpgroup and BLOCK_K of 64. The tiles are the fastest of
 # bench.kernels' SWEEP_FRAGMENT candidates on an H100 80GB HBM3 at DeepSeek-V3 shapes, M = 1,
 # 16 and 128 (2026-12-06; 64 x 64 with 3-5 stages within 1-3% of each other); "sm90" (the H200)
-# reuses them. SPLIT_K 2 in the down projection at one token: its 896 programs (DeepSeek-V3) are
-# about 1.1 waves of 6 per SM, 192 (V2-Lite) or 180 (GPT-OSS) fewer than two per SM; split,
+# reuses them: on an H200 the same sweep at 16, 64 and 256 tokens (DeepSeek-V3) and 16 and 64
+# (V2-Lite) found them within 1.3% of its best (2026-12-07). SPLIT_K 2 in the down projection
+# at one token: its 896 programs (DeepSeek-V3) are about 1.1 waves of 6 per SM, 192 (V2-Lite)
+# or 180 (GPT-OSS) fewer than two per SM; split,
 # the whole MoE ran 3-9% faster at M = 1 on DeepSeek-V3, V2-Lite and both GPT-OSS sizes, on an
 # H100 and an H200, and slower from M = 2 (bench.moe_splits, 2026-12-06, BENCHMARKS.md); the
 # gate/up GEMM too where it has few programs (``moe_triton_small_m.FEW_PROGRAMS_PER_SM``).
@@ -75,10 +77,21 @@ MOE_SMALL_FRAGMENT: dict[str, dict[int, dict[str, Config]]] = {
 # moe_large: tokens M -> grouped-GEMM tiles, shared by both GEMMs (BLOCK_M is the alignment of
 # the expert-sorted token blocks; BLOCK_N is per half, gate and up, in gemm1).
 _H100_LARGE = {4096: _large(64, 64, 64, 4, 3), 1 << 30: _large(128, 64, 64, 4, 4)}
+# On an H200 (bench.kernels --sweep --sweep-tables MOE_LARGE, fragment layout, 2026-12-07,
+# BENCHMARKS.md "Tables for the H200"): 128 x 64 won at 4096 tokens, 128 x 128 on two
+# warpgroups at 16384 (8.19 and 26.14 ms against the H100 entries' 9.41 and 27.18 ms earlier the
+# same day); at 1024 128-row blocks ran 5.36 ms against 64-row blocks' 3.71-3.84, so 64 x 64
+# stays up to 2048.
+_H200_LARGE = {
+    2048: _large(64, 64, 64, 4, 3),
+    4096: _large(128, 64, 64, 4, 3),
+    1 << 30: _large(128, 128, 64, 8, 3),
+}
 MOE_LARGE: dict[str, dict[int, dict[str, Config]]] = {
     "default": {1 << 30: _large(64, 64, 64, 4, 3)},
     "sm90": _H100_LARGE,
     H100: _H100_LARGE,
+    H200: _H200_LARGE,
 }
 
 # mla_decode: query heads -> tiles. BLOCK_H heads share each loaded KV tile of BLOCK_N tokens;
@@ -97,6 +110,10 @@ _H100_MLA = {
 # The default entries fit 99 KiB of shared memory a block (SM120's); at 16 heads (16, 32, 4, 3)'s
 # two KV buffers (93,184 B compiled for sm_90) ran ahead of FlashInfer's fa2 at every point above
 # on the H100.
+# On an H200 (2026-12-07, same section) (16, 32, 4, 3) ran 0.92-1.19x the speed of (16, 32, 4, 4)
+# over 20 points of 1-128 sequences of 1k-32k tokens (geometric mean 1.03x; 1.11-1.19x at 8-16
+# of 32k and 64-128 of 4k), both ahead of fa2 at every point.
+_H200_MLA = _H100_MLA | {16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3)}
 MLA_DECODE: dict[str, dict[int, Config]] = {
     "default": {
         16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3),
@@ -104,6 +121,7 @@ MLA_DECODE: dict[str, dict[int, Config]] = {
     },
     "sm90": _H100_MLA,
     H100: _H100_MLA,
+    H200: _H200_MLA,
 }
 
 
@@ -146,8 +164,11 @@ MOE_CROSSOVER_M: dict[str, int] = {H100: 1024, H200: 1024}
 # below 4096 rows: "linear_wide" from WIDE_LINEAR_N output rows. In a step deepseek-v3-4l
 # replayed 2.03 / 3.17 / 6.39 ms at batch 1 / 8 / 64 with them, against 2.07 / 3.28 / 6.37 ms
 # with the 32 x 256 tile on another H100 the same day (not one machine; BENCHMARKS.md).
-# "sm90" (the H200) reuses them, unmeasured there. The default fits 99 KiB of shared memory;
-# no GPU but Hopper runs this backend (registry), so it serves the interpreter's tests.
+# "sm90" (the H200) reuses them: there (bench.linear_tiles, 1 and 8 rows, V2-Lite's and V3's
+# projections, 2026-12-07) they ran within 7% of the best candidate at every shape, ahead of
+# cuBLAS but on V3's qkv_a (0.85-0.89x) and V2-Lite's o_proj at 8 rows (0.99x). The default fits
+# 99 KiB of shared memory; no GPU but Hopper runs this backend (registry), so it serves the
+# interpreter's tests.
 WIDE_LINEAR_N = 4096
 _H100_SKINNY = {
     "linear": dict(BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=4, SWAP=1),

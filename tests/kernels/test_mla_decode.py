@@ -155,11 +155,15 @@ def test_split_count_compiles_nothing_new():
 
 
 def test_tiles_follow_the_head_count_and_the_device():
-    """On sm_90, 16 heads take the 16-head entry and more heads the largest; devices without an
-    entry (SM120) take the default's, whose tiles fit 99 KiB."""
+    """On sm_90, 16 heads take the 16-head entry and more heads the largest, a named GPU's own
+    entries before sm_90's; devices without an entry (SM120) take the default's, whose tiles fit
+    99 KiB."""
     from pdserve.kernels.triton_configs import MLA_DECODE, mla_decode_config, mla_decode_smem
 
-    hopper = ("NVIDIA H200", "sm90", "default")
+    h200 = ("NVIDIA H200", "sm90", "default")
+    assert mla_decode_config(h200, 16) == MLA_DECODE["NVIDIA H200"][16]
+    assert mla_decode_config(h200, 16) != MLA_DECODE["sm90"][16]
+    hopper = ("NVIDIA H100 NVL", "sm90", "default")  # no entry of its own
     assert mla_decode_config(hopper, 16) == MLA_DECODE["sm90"][16]
     assert (
         mla_decode_config(hopper, 128)
@@ -169,7 +173,8 @@ def test_tiles_follow_the_head_count_and_the_device():
     assert mla_decode_config(("sm120", "default"), 16) == MLA_DECODE["default"][16]
     assert mla_decode_config(("default",), 128) == MLA_DECODE["default"][1 << 30]
     assert all(mla_decode_smem(c, 576) <= 99 * 1024 for c in MLA_DECODE["default"].values())
-    assert all(mla_decode_smem(c, 576) <= 227 * 1024 for c in MLA_DECODE["sm90"].values())
+    for key in set(MLA_DECODE) - {"default"}:
+        assert all(mla_decode_smem(c, 576) <= 227 * 1024 for c in MLA_DECODE[key].values())
 
 
 def test_bad_inputs(device):
