@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One GPU call (under 590 s) for what the H200 runs of 2026-12-07 left open (BENCHMARKS.md,
+# "Tables for the H200"). PARTS picks the phases:
+#   step  (an H200 only) deepseek-v2-lite's decode step at batch 1, 4, 8 of 1k tokens with the
+#         H100's 16-head MLA decode tile (16, 32, 4, 4), then with the H200's own (16, 32, 4, 3)
+#   ncu   where the MoE decode's time goes on this GPU: Nsight Compute's throughput, scheduler,
+#         warp-state and occupancy sections for the two GEMMs at 64 tokens (DeepSeek-V3 and
+#         V2-Lite; `bench.moe_splits`, one split), a text file per model in $OUT
+#   m1    moe_small's fragment tiles swept at one token (DeepSeek-V3, V2-Lite)
+# Default PARTS: step,ncu,m1. Carry .whl and .fi/fisite.txz.
+source "$(dirname "$0")/gpu_env.sh"
+flashinfer_site
+PARTS=${PARTS:-step,ncu,m1}
+has() { [[ ",$PARTS," == *",$1,"* ]]; }
+left() { echo $(( ${BUDGET:-590} - ($(date +%s) - S) )); }
+if has step && [ "$GPU" = H200 ]; then
+  config_model deepseek-v2-lite
+  for v in tiles4 shipped; do
+    stamp "step $v"
+    k=; [ $v = tiles4 ] && k="--mla-tiles 16,32,4,4"
+    timeout 110 python3 -m pdserve.bench.decode_step --model /tmp/cfg-deepseek-v2-lite \
+      --random-weights 0 --batches 1,4,8 --context 1024 --steps 16 --modes auto $k \
+      --out "$OUT/decode-step-deepseek-v2-lite-mla-$v-${GPU}${TAG}.json" 2>&1 \
+      | grep --line-buffered -v Warning | grep -v "while serving" | tail -4
+  done
+fi
+NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2> /dev/null | head -1)
+if has ncu; then
+  for p in deepseek-v3 deepseek-v2-lite; do
+    [ -z "$NCU" ] && { echo "no ncu on this machine"; break; }
+    [ "$(left)" -lt 120 ] && { echo "skip ncu $p: $(left) s left"; break; }
+    stamp "ncu $p"
+    timeout 150 "$NCU" --clock-control none --section SpeedOfLight --section SchedulerStats \
+      --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis \
+      -k regex:'_gemm[12]_kernel' --launch-count 2 python3 -m pdserve.bench.moe_splits \
+      --models "$p" --m 64 --splits 1 --no-launches --out /tmp/moe-splits-ncu.json \
+      > "$OUT/ncu-moe-decode-$p-m64-${GPU}${TAG}.txt" 2>&1
+    grep -E "^  _gemm|DRAM Throughput|Issue Slots Busy|No Eligible|Achieved Occupancy" \
+      "$OUT/ncu-moe-decode-$p-m64-${GPU}${TAG}.txt" | head -12
+  done
+fi
+if has m1; then
+  for p in deepseek-v3 deepseek-v2-lite; do
+    [ "$(left)" -lt 90 ] && { echo "skip m1 $p: $(left) s left"; break; }
+    stamp "sweep m1 $p"
+    timeout 90 python3 -m pdserve.bench.kernels --sweep --sweep-tables MOE_SMALL_FRAGMENT \
+      --sweep-model "$p" --sweep-m 1 --sweep-s 60 --parts mla_decode --mla-grid 16:1:1024 \
+      --json "$OUT/moe-tiles-m1-$p-${GPU}${TAG}.json" 2>&1 | grep -E "^MOE_SMALL|copy" | head -4
+  done
+fi
+stamp done
