@@ -45,9 +45,9 @@ log = logging.getLogger(__name__)
 CKV, KPE = 512, 64  # the latent widths FlashInfer's MLA kernels are built for
 WORKSPACE_BYTES = 128 << 20  # split-KV partial outputs: FlashInfer's recommended size
 # heads per GPU at most -> decode rows at most where the Triton kernel runs in fa3's place.
-# Measured on an H100 and an H200 (BENCHMARKS.md, "MLA decode by decode rows" and "MLA decode
-# with each tile's pages read a tile ahead"): at 16 heads the Triton kernel with its pages read
-# a tile ahead ran 1.03-1.50x fa3's speed at 1-8 sequences of 1k-4k tokens (H100), and
+# Measured on an H100 and an H200 (BENCHMARKS.md, "MLA decode with each tile's pages read a tile
+# ahead" and "Tables for the H200"): at 16 heads the Triton kernel with its pages read a tile
+# ahead ran 1.03-1.50x fa3's speed at 1-8 sequences of 1k-4k tokens (H100), and
 # deepseek-v2-lite's batch-8 step replayed 3.75 ms with it against 3.85 with fa3 (H200); from
 # 16 sequences 0.92-0.98x; at 128 heads 0.36-0.83x from one sequence.
 TRITON_ROWS: dict[int, int] = {16: 8}

@@ -52,7 +52,8 @@ MOE_SMALL: dict[str, dict[int, dict[str, Config]]] = {
 # bench.kernels' SWEEP_FRAGMENT candidates on an H100 80GB HBM3 at DeepSeek-V3 shapes, M = 1,
 # 16 and 128 (2026-12-06; 64 x 64 with 3-5 stages within 1-3% of each other); "sm90" (the H200)
 # reuses them: on an H200 the same sweep at 16, 64 and 256 tokens (DeepSeek-V3) and 16 and 64
-# (V2-Lite) found them within 1.3% of its best (2026-12-07). SPLIT_K 2 in the down projection
+# (V2-Lite) found them within 2.8% of its best, about the spread of the same tiles timed twice
+# there (3.3%; 2026-12-07). SPLIT_K 2 in the down projection
 # at one token: its 896 programs (DeepSeek-V3) are about 1.1 waves of 6 per SM, 192 (V2-Lite)
 # or 180 (GPT-OSS) fewer than two per SM; split,
 # the whole MoE ran 3-9% faster at M = 1 on DeepSeek-V3, V2-Lite and both GPT-OSS sizes, on an
@@ -79,9 +80,9 @@ MOE_SMALL_FRAGMENT: dict[str, dict[int, dict[str, Config]]] = {
 _H100_LARGE = {4096: _large(64, 64, 64, 4, 3), 1 << 30: _large(128, 64, 64, 4, 4)}
 # On an H200 (bench.kernels --sweep --sweep-tables MOE_LARGE, fragment layout, 2026-12-07,
 # BENCHMARKS.md "Tables for the H200"): 128 x 64 won at 4096 tokens, 128 x 128 on two
-# warpgroups at 16384 (8.19 and 26.14 ms against the H100 entries' 9.41 and 27.18 ms earlier the
-# same day); at 1024 128-row blocks ran 5.36 ms against 64-row blocks' 3.71-3.84, so 64 x 64
-# stays up to 2048.
+# warpgroups at 16384 (8.19 and 26.14 ms; the H100 entries ran 9.41 and 27.18 ms in a peers run
+# earlier the same day, 9.19 and 30.45 ms in the sweep); at 1024 128-row blocks ran 5.36 ms
+# against 64-row blocks' 3.71-3.84, so 64 x 64 stays up to 2048.
 _H200_LARGE = {
     2048: _large(64, 64, 64, 4, 3),
     4096: _large(128, 64, 64, 4, 3),
@@ -110,9 +111,9 @@ _H100_MLA = {
 # The default entries fit 99 KiB of shared memory a block (SM120's); at 16 heads (16, 32, 4, 3)'s
 # two KV buffers (93,184 B compiled for sm_90) ran ahead of FlashInfer's fa2 at every point above
 # on the H100.
-# On an H200 (2026-12-07, same section) (16, 32, 4, 3) ran 0.92-1.19x the speed of (16, 32, 4, 4)
-# over 20 points of 1-128 sequences of 1k-32k tokens (geometric mean 1.03x; 1.11-1.19x at 8-16
-# of 32k and 64-128 of 4k), both ahead of fa2 at every point.
+# On an H200 (2026-12-07, "Tables for the H200") (16, 32, 4, 3) ran 0.92-1.19x the speed of
+# (16, 32, 4, 4) over 20 points (1-128 sequences of 1k and 4k, 4-16 of 16k and 32k; geometric
+# mean 1.03x; 1.11-1.19x at 8-16 of 32k and 64-128 of 4k), both ahead of fa2 at every point.
 _H200_MLA = _H100_MLA | {16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3)}
 MLA_DECODE: dict[str, dict[int, Config]] = {
     "default": {
