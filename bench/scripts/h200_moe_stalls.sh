@@ -3,14 +3,16 @@
 # "Tables for the H200"). PARTS picks the phases:
 #   step  (an H200 only) deepseek-v2-lite's decode step at batch 1, 4, 8 of 1k tokens with the
 #         H100's 16-head MLA decode tile (16, 32, 4, 4), then with the H200's own (16, 32, 4, 3)
+#   v3    deepseek-v3-4l's decode step at batch 1, 8, 64 with FlashInfer's fa3 MLA decode (its
+#         H200 steps of 2026-12-05 to 2026-12-07 ran the Triton kernel)
 #   ncu   where the MoE decode's time goes on this GPU: Nsight Compute's throughput, scheduler,
 #         warp-state and occupancy sections for the two GEMMs at 64 tokens (DeepSeek-V3 and
 #         V2-Lite; `bench.moe_splits`, one split), a text file per model in $OUT
 #   m1    moe_small's fragment tiles swept at one token (DeepSeek-V3, V2-Lite)
-# Default PARTS: step,ncu,m1. Carry .whl and .fi/fisite.txz.
+# Default PARTS: step,v3,ncu,m1. Carry .whl and .fi/fisite.txz.
 source "$(dirname "$0")/gpu_env.sh"
 flashinfer_site
-PARTS=${PARTS:-step,ncu,m1}
+PARTS=${PARTS:-step,v3,ncu,m1}
 has() { [[ ",$PARTS," == *",$1,"* ]]; }
 left() { echo $(( ${BUDGET:-590} - ($(date +%s) - S) )); }
 if has step && [ "$GPU" = H200 ]; then
@@ -23,6 +25,14 @@ if has step && [ "$GPU" = H200 ]; then
       --out "$OUT/decode-step-deepseek-v2-lite-mla-$v-${GPU}${TAG}.json" 2>&1 \
       | grep --line-buffered -v Warning | grep -v "while serving" | tail -4
   done
+fi
+if has v3; then
+  config_model deepseek-v3-4l
+  stamp "step deepseek-v3-4l"
+  timeout 150 python3 -m pdserve.bench.decode_step --model /tmp/cfg-deepseek-v3-4l \
+    --random-weights 0 --batches 1,8,64 --context 1024 --steps 16 --modes auto \
+    --out "$OUT/decode-step-deepseek-v3-4l-fa3-${GPU}${TAG}.json" 2>&1 \
+    | grep --line-buffered -v Warning | grep -v "while serving" | tail -4
 fi
 NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2> /dev/null | head -1)
 if has ncu; then
