@@ -204,7 +204,15 @@ def test_deepseek_shapes_gpu(heads, num_splits):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "tiles", [(16, 32, 4, 3), (16, 64, 8, 3), (16, 32, 4, 4), (16, 16, 4, 4), (64, 64, 8, 2)]
+    "tiles",
+    [
+        (16, 32, 4, 3),
+        (16, 64, 8, 3),
+        (16, 32, 4, 4),
+        (16, 16, 4, 4),
+        (64, 64, 8, 2),
+        (32, 16, 8, 4),
+    ],
 )
 def test_pipelined_tiles_gpu(tiles):
     """Tiles whose KV loads run one to three tiles ahead of the products (each tile's pages
