@@ -30,7 +30,7 @@ import torch
 # (BLOCK_H, BLOCK_N, warps, stages); each fits an H100's or H200's 227 KiB a block. Under 64
 # heads a tile of s stages holds s - 1 KV buffers, at 64 heads s (``mla_decode_smem``). At 128
 # heads the 32-head tiles of 16 tokens hold two or three KV buffers within SM120's 99 KiB (74,752
-# and 93,184 B compiled for sm_90), where (32, 32, 8, 2), the `default` entry, holds one.
+# and 93,184 B compiled for sm_90), where (32, 32, 8, 2) holds one.
 CANDIDATES = {
     128: [(64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3),
           (32, 32, 8, 3), (32, 32, 8, 2), (16, 32, 4, 3), (32, 16, 8, 3), (32, 16, 8, 4),

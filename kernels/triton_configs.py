@@ -108,18 +108,17 @@ _H100_MLA = {
     16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=4),
     1 << 30: dict(BLOCK_H=64, BLOCK_N=64, num_warps=8, num_stages=2),
 }
-# The default entries fit 99 KiB of shared memory a block (SM120's); at 16 heads (16, 32, 4, 3)'s
-# two KV buffers (93,184 B compiled for sm_90) ran ahead of FlashInfer's fa2 at every point above
-# on the H100.
+# The default entries fit 99 KiB of shared memory a block (SM120's): (16, 32, 4, 3)'s two KV
+# buffers (93,184 B compiled for sm_90) at every head count. At 16 heads it ran ahead of
+# FlashInfer's fa2 at every point above on the H100; at 128 heads it ran 1.22-1.77x the speed of
+# (32, 32, 8, 2), the entry before (one KV buffer), at each of 12 points of 1-128 sequences of
+# 1k-32k on an H100 and an H200 (2026-12-07, mma.sync there as on SM120), 0.44-1.23x fa2's.
 # On an H200 (2026-12-07, "Tables for the H200") (16, 32, 4, 3) ran 0.92-1.19x the speed of
 # (16, 32, 4, 4) over 20 points (1-128 sequences of 1k and 4k, 4-16 of 16k and 32k; geometric
 # mean 1.03x; 1.11-1.19x at 8-16 of 32k and 64-128 of 4k), both ahead of fa2 at every point.
 _H200_MLA = _H100_MLA | {16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3)}
 MLA_DECODE: dict[str, dict[int, Config]] = {
-    "default": {
-        16: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3),
-        1 << 30: dict(BLOCK_H=32, BLOCK_N=32, num_warps=8, num_stages=2),
-    },
+    "default": {1 << 30: dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3)},
     "sm90": _H100_MLA,
     H100: _H100_MLA,
     H200: _H200_MLA,

@@ -170,7 +170,8 @@ def test_tiles_follow_the_head_count_and_the_device():
         == mla_decode_config(hopper, 32)
         == MLA_DECODE["sm90"][1 << 30]
     )
-    assert mla_decode_config(("sm120", "default"), 16) == MLA_DECODE["default"][16]
+    sm120 = ("sm120", "default")
+    assert mla_decode_config(sm120, 16) == mla_decode_config(sm120, 128)
     assert mla_decode_config(("default",), 128) == MLA_DECODE["default"][1 << 30]
     assert all(mla_decode_smem(c, 576) <= 99 * 1024 for c in MLA_DECODE["default"].values())
     for key in set(MLA_DECODE) - {"default"}:
