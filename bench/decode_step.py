@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from pdserve.bench import step_floor, step_profile
-from pdserve.bench.mla_decode_tiles import _numbers
+from pdserve.bench.mla_decode_tiles import numbers
 from pdserve.bench.result_file import write_result
 from pdserve.cluster import CacheConfig, EngineConfig, LLMEngine, SamplingParams, SchedulerConfig
 from pdserve.cluster.config import ModelConfig
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--mla-tiles",
-        type=_numbers(int),
+        type=numbers(int),
         default=(),
         metavar="H,N,W,S",
         help="the Triton MLA decode's tiles for every head count and batch (BLOCK_H, BLOCK_N, "

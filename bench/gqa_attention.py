@@ -153,7 +153,7 @@ def report(rows: list[dict], copy_gbps: float) -> None:
 
 def main() -> None:
     from pdserve.bench.kernels import ceilings
-    from pdserve.bench.mla_decode_tiles import _numbers
+    from pdserve.bench.mla_decode_tiles import numbers
     from pdserve.bench.result_file import write_result
     from pdserve.kernels import triton_configs
 
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=240.0, help="stop adding points after this")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument(
-        "--tiles", type=_numbers(int), default=(), metavar="N,W,S",
+        "--tiles", type=numbers(int), default=(), metavar="N,W,S",
         help="our decode's BLOCK_N, warps, stages",
     )  # fmt: skip
     args = ap.parse_args()

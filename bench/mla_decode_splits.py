@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from pdserve.bench.mla_decode_tiles import _numbers, check_grid, grid_points
+from pdserve.bench.mla_decode_tiles import check_grid, grid_points, numbers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prog = "python -m pdserve.bench.mla_decode_splits"
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
-    ints = _numbers(int)
+    ints = numbers(int)
     p.add_argument("--heads", type=ints, default=(16, 128))
     p.add_argument("--batches", type=ints, default=(8, 32, 64, 128))
     p.add_argument("--contexts", type=ints, default=(1024, 4096), help="<= 32768 each")

@@ -43,7 +43,7 @@ CANDIDATES = {
 CACHE_BLOCKS = 128 * 32768 // 64  # 128 sequences of 32k: 4.8 GB
 
 
-def _numbers(kind: type) -> Callable[[str], tuple]:
+def numbers(kind: type) -> Callable[[str], tuple]:
     """An argparse type: comma-separated numbers of ``kind``."""
     return lambda text: tuple(kind(v) for v in text.split(","))
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=400.0, help="stop adding points after this")
     p.add_argument("--table-tokens", type=int, default=0, help="block tables this wide (<= 32768)")
     p.add_argument("--out", help="result JSON (default bench/results/mla-decode-tiles-<gpu>.json)")
-    ints, floats = _numbers(int), _numbers(float)
+    ints, floats = numbers(int), numbers(float)
     p.add_argument("--heads", type=ints, default=(128, 16), help="of 16, 128")
     p.add_argument("--batches", type=ints, default=(1, 8, 32, 128))
     p.add_argument("--contexts", type=ints, default=(1024, 4096, 32768), help="<= 32768 each")

@@ -53,12 +53,12 @@ MOE_SMALL: dict[str, dict[int, dict[str, Config]]] = {
 # 16 and 128 (2026-12-06; 64 x 64 with 3-5 stages within 1-3% of each other); "sm90" (the H200)
 # reuses them: on an H200 the same sweep at 16, 64 and 256 tokens (DeepSeek-V3) and 16 and 64
 # (V2-Lite) found them within 2.8% of its best, about the spread of the same tiles timed twice
-# there (3.3%; 2026-12-07). SPLIT_K 2 in the down projection
-# at one token: its 896 programs (DeepSeek-V3) are about 1.1 waves of 6 per SM, 192 (V2-Lite)
-# or 180 (GPT-OSS) fewer than two per SM; split,
-# the whole MoE ran 3-9% faster at M = 1 on DeepSeek-V3, V2-Lite and both GPT-OSS sizes, on an
-# H100 and an H200, and slower from M = 2 (bench.moe_splits, 2026-12-06, BENCHMARKS.md); the
-# gate/up GEMM too where it has few programs (``moe_triton_small_m.FEW_PROGRAMS_PER_SM``).
+# there (3.3%; 2026-12-07). SPLIT_K 2 in the down projection at one token: its 896 programs
+# (DeepSeek-V3) are about 1.1 waves of 6 per SM, 192 (V2-Lite) or 180 (GPT-OSS) fewer than two
+# per SM; split, the whole MoE ran 3-9% faster at M = 1 on DeepSeek-V3, V2-Lite and both GPT-OSS
+# sizes, on an H100 and an H200, and slower from M = 2 (bench.moe_splits, 2026-12-06,
+# BENCHMARKS.md); the gate/up GEMM too where it has few programs
+# (``moe_triton_small_m.FEW_PROGRAMS_PER_SM``).
 # 32-row token blocks from 257 tokens, where an expert sees 8-32 (token, slot) pairs:
 # 0.79-0.84x the time of 16-row blocks at M = 512 (H100, H200).
 _FRAGMENT_SMALL = {

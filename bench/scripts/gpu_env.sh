@@ -3,7 +3,8 @@
 # `pip wheel --no-deps -w .whl .`, on every call; NCCL multicast off), OUT (results), TAG (file
 # names), M (the model folder, made by each script as it needs) and `stamp NAME` (seconds since
 # the start), GPU (the card's model, H200 or H100, naming result files: the device machine may
-# lend either), `config_model P` (/tmp/cfg-P, preset P config-only). PYTHONSAFEPATH keeps the
+# lend either), `config_model P` (/tmp/cfg-P, preset P config-only), `has PART` (PART among
+# the script's comma-separated PARTS) and `left` (seconds of BUDGET, default 590, left). PYTHONSAFEPATH keeps the
 # repository root off sys.path (the project imports as pdserve.*, never by its folders' names).
 # A PYTHONPATH given to a script is kept after /tmp/site (a folder holding a sitecustomize.py
 # then changes every process of a deployment).
@@ -15,6 +16,8 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | 
 M=${MODEL:-/tmp/dsv2-lite}
 S=$(date +%s)
 stamp() { echo "== $1 at $(( $(date +%s) - S ))s"; }
+has() { [[ ",${PARTS:-}," == *",$1,"* ]]; }  # is phase $1 among the script's PARTS?
+left() { echo $(( ${BUDGET:-590} - ($(date +%s) - S) )); }  # seconds of BUDGET (590) left
 [ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 for w in .whl/pdserve-*.whl; do  # when carried; a warm machine keeps the last one installed
   [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$w"

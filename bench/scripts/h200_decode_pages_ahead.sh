@@ -16,8 +16,6 @@
 source "$(dirname "$0")/gpu_env.sh"
 flashinfer_site
 PARTS=${PARTS:-tests,mla16,base16,mla128}
-has() { [[ ",$PARTS," == *",$1,"* ]]; }
-left() { echo $(( ${BUDGET:-590} - ($(date +%s) - S) )); }
 BASE=
 if ls .whl-base/pdserve-*.whl > /dev/null 2>&1; then
   [ -d /tmp/base/pdserve ] || python3 -m pip install -q --no-index --no-deps --no-compile \

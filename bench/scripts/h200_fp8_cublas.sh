@@ -11,7 +11,6 @@ flashinfer_site
 [ -f /tmp/cfg-fp8-v3-4l/config.json ] || python3 -m pdserve make-model --preset deepseek-v3-4l --fp8 \
   --config-only --out /tmp/cfg-fp8-v3-4l > /dev/null
 PARTS=${PARTS:-tests,gemm,steps}
-has() { [[ ",$PARTS," == *",$1,"* ]]; }
 has tests && stamp tests && timeout -s INT -k 20 240 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_gemm_scaled_mm.py \
   tests/kernels/test_fp8_gemm.py tests/cluster/model/test_layers.py tests/cluster/model/test_stacked_linear.py \
   tests/kernels/test_mla_decode.py tests/kernels/test_gqa_attention.py tests/kernels/test_registry.py \

@@ -10,8 +10,6 @@
 export PYTHONPATH=$PWD/.peers/triton_kernels-v3.6.0${PYTHONPATH:+:$PYTHONPATH}
 source "$(dirname "$0")/gpu_env.sh"
 PARTS=${PARTS:-tests,decode,steps}
-has() { [[ ",$PARTS," == *",$1,"* ]]; }
-left() { echo $(( 590 - ($(date +%s) - S) )); }
 has tests && stamp tests && timeout -s INT -k 20 200 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_moe_small_m.py tests/kernels/test_moe_grouped.py tests/kernels/test_mxfp4.py \
   2>&1 | grep -E "passed|failed|^E |^FAILED" | tail -12

@@ -7,7 +7,6 @@
 # linear=torch`), in turn on one machine. PARTS (default tests,tiles,steps) picks the phases.
 source "$(dirname "$0")/gpu_env.sh"
 PARTS=${PARTS:-tests,tiles,steps}
-has() { [[ ",$PARTS," == *",$1,"* ]]; }
 has tests && stamp tests && timeout -s INT -k 20 230 python3 -m pytest -q -p no:cacheprovider \
   tests/kernels/test_linear.py tests/kernels/test_routing.py tests/kernels/test_registry.py \
   tests/cluster/model/test_triton_glue.py tests/cluster/model/test_attention.py \

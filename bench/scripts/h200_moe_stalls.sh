@@ -13,8 +13,6 @@
 source "$(dirname "$0")/gpu_env.sh"
 flashinfer_site
 PARTS=${PARTS:-step,v3,ncu,m1}
-has() { [[ ",$PARTS," == *",$1,"* ]]; }
-left() { echo $(( ${BUDGET:-590} - ($(date +%s) - S) )); }
 if has step && [ "$GPU" = H200 ]; then
   config_model deepseek-v2-lite
   for v in tiles4 shipped; do

@@ -9,7 +9,6 @@
 source "$(dirname "$0")/gpu_env.sh"
 flashinfer_site
 PARTS=${PARTS:-tests,steps}
-has() { [[ ",$PARTS," == *",$1,"* ]]; }
 has tests && stamp tests && timeout -s INT -k 20 240 python3 -m pytest -q -p no:cacheprovider \
   "tests/cluster/test_engine_gpu.py::test_steps_planned_ahead_replay_the_tokens_of_steps_planned_after" \
   "tests/cluster/test_engine_gpu.py::test_flashinfer_plans_steps_planned_ahead" \
