@@ -99,7 +99,21 @@ _FRAGMENT_TILES = [
 # MoE 3-5% slower than the best 64 x 64 at 16 and 256 tokens (DeepSeek-V3) and 16 and 64
 # (V2-Lite), and between 64 x 64's stage counts at 64 (DeepSeek-V3) (H100, 2026-12-07,
 # BENCHMARKS.md), so it is no candidate.
-SWEEP_FRAGMENT = {"gemm1": _FRAGMENT_TILES, "gemm2": _FRAGMENT_TILES + [(256, 64, 8, 4, 0)]}
+# With a sixth number, AHEAD (``moe_k_loops``): the tiles loaded that many ahead into
+# registers, no shared-memory stages for the weights (Triton 3.6's sm_90 compiles at 64 x 64:
+# 3.36-3.62 SASS instructions per weight element in gate/up against the entry's 3.98, 3.84-4.03
+# in down against 5.12; BENCHMARKS.md). First in the sweep, which stops at its deadline.
+_AHEAD_TILES = [
+    (64, 64, 4, 1, 0, 1),
+    (64, 64, 4, 1, 0, 2),
+    (64, 128, 4, 1, 0, 1),
+    (128, 64, 8, 1, 0, 1),
+    (128, 64, 8, 1, 0, 2),
+]
+SWEEP_FRAGMENT = {
+    "gemm1": _AHEAD_TILES + _FRAGMENT_TILES,
+    "gemm2": _AHEAD_TILES + _FRAGMENT_TILES + [(256, 64, 8, 4, 0)],
+}
 # (M timed, bucket its winners fill) per moe_small table: the tables' buckets; the token block
 # and split count stay the entry's
 SWEEP_SMALL_POINTS = {
@@ -299,13 +313,14 @@ def _best(results: dict, label: str, fn, cands, deadline: float) -> tuple[float,
     return best
 
 
-def _tiles(c: tuple[int, int, int, int, int], base: dict) -> dict[str, int]:
-    """A SWEEP_SMALL candidate as moe_small's config of one GEMM, with the token block and
-    split count of the table's entry ``base``."""
-    bn, bk, warps, stages, swap = c
+def _tiles(c: tuple[int, ...], base: dict) -> dict[str, int]:
+    """A SWEEP_SMALL or SWEEP_FRAGMENT candidate as moe_small's config of one GEMM, with the
+    token block and split count of the table's entry ``base``."""
+    bn, bk, warps, stages, swap, *ahead = c
     cfg = dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
     cfg.pop("SWAP", None)
-    return cfg | {"SWAP": 1} if swap else cfg
+    cfg.pop("AHEAD", None)
+    return cfg | ({"SWAP": 1} if swap else {}) | ({"AHEAD": ahead[0]} if ahead else {})
 
 
 def fragment_by_default() -> bool:

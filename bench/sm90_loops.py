@@ -7,8 +7,9 @@ the loop's SASS instructions per element and thread:
     python -P -m pdserve.bench.sm90_loops moe_gemm2 64,64,4,4 128,64,4,4
 
 Tiles: mla_decode BLOCK_H,BLOCK_N,warps,stages (DeepSeek's D = 576, 64-token pages, split);
-moe_gemm1 / moe_gemm2 BLOCK_N,BLOCK_K,warps,stages (fragment layout, one multiply per pair,
-16-row token blocks). One KV or weight buffer, or waits that leave no copy in flight ("waits
+moe_gemm1 / moe_gemm2 BLOCK_N,BLOCK_K,warps,stages[,AHEAD] (fragment layout, one multiply per
+pair, 16-row token blocks; AHEAD, ``moe_k_loops``: tiles loaded that many ahead into registers,
+stages then 1). One KV or weight buffer, or waits that leave no copy in flight ("waits
 0"), mean a tile's loads do not overlap the products of the tile before. The figures are the
 installed Triton's (printed); the GPU machines run 3.6.
 """
@@ -43,7 +44,7 @@ def _mla(t):
 
 
 def _moe(t, gate_up: bool):
-    consts = dict(_MOE, BLOCK_N=t[0], BLOCK_K=t[1]) | (
+    consts = dict(_MOE, BLOCK_N=t[0], BLOCK_K=t[1], AHEAD=t[4] if len(t) > 4 else 0) | (
         dict(TOPK=8, HAS_LIMIT=False) if gate_up else {}
     )
     return consts, t[0] * t[1] * (2 if gate_up else 1) / (t[2] * 32)
@@ -67,7 +68,7 @@ KERNELS = {
 }  # fmt: skip
 
 
-def compile_sm90(kernel: str, tiles: tuple[int, int, int, int]):
+def compile_sm90(kernel: str, tiles: tuple[int, ...]):
     """The kernel compiled for sm_90 at these tiles (pointers and strides 16-aligned), and the
     elements one thread takes per loop iteration."""
     import importlib
@@ -131,8 +132,9 @@ def cuobjdump() -> str | None:
     return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
 
 
-def describe(kernel: str, tiles: tuple[int, int, int, int], tool: str | None) -> dict:
-    """One row: shared memory, buffers, waits and (with ``tool``) the SASS loop."""
+def describe(kernel: str, tiles: tuple[int, ...], tool: str | None) -> dict:
+    """One row: shared memory, buffers, waits and (with ``tool``) registers per thread and the
+    SASS loop."""
     compiled, elements = compile_sm90(kernel, tiles)
     ttgir = compiled.asm["ttgir"]
     row = {"kernel": kernel, "tiles": list(tiles), "smem": compiled.metadata.shared,
@@ -142,7 +144,10 @@ def describe(kernel: str, tiles: tuple[int, int, int, int], tool: str | None) ->
             f.write(compiled.asm["cubin"])
             f.flush()
             sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+            res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
+        regs = re.search(r"REG:(\d+)", res.stdout)
         n, ops = sass_loop(sass)
+        row["registers"] = int(regs.group(1)) if regs else None
         row |= {"loop_instructions": n, "per_element": round(n / elements, 2),
                 "top_opcodes": ops.most_common(8)}  # fmt: skip
     return row
@@ -151,19 +156,26 @@ def describe(kernel: str, tiles: tuple[int, int, int, int], tool: str | None) ->
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pdserve.bench.sm90_loops", description=__doc__)
     p.add_argument("kernel", choices=sorted(KERNELS))
-    p.add_argument("tiles", nargs="+", help="four numbers each, comma-separated")
+    p.add_argument("tiles", nargs="+", help="four numbers each (MoE: or five), comma-separated")
     args = p.parse_args(argv)
     try:
         tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles]
     except ValueError:
         tiles = []
-    if not tiles or any(len(t) != 4 for t in tiles):
-        p.error(f"tiles {args.tiles}: four comma-separated numbers each")
+    moe = args.kernel.startswith("moe")
+    if not tiles or any(len(t) not in ((4, 5) if moe else (4,)) for t in tiles):
+        sizes = "four or five" if moe else "four"
+        p.error(f"tiles {args.tiles}: {sizes} comma-separated numbers each")
     tool = cuobjdump()
     print(f"triton {triton.__version__}, sm_90; SASS: {tool or 'no cuobjdump found'}")
     for t in tiles:
         r = describe(args.kernel, t, tool)
-        extra = f"  loop {r['loop_instructions']} = {r['per_element']}/element" if tool else ""
+        extra = (
+            f"  {r['registers']} registers, loop {r['loop_instructions']} = "
+            f"{r['per_element']}/element"
+            if tool
+            else ""
+        )
         print(f"{args.kernel} {t}: smem {r['smem']} B, buffers {r['buffers']}, "
               f"waits {r['waits']}{extra}", flush=True)  # fmt: skip
     return 0

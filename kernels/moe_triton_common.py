@@ -1,7 +1,7 @@
-"""Pieces the two Triton MXFP4 MoE kernels share: the matrix-multiply helper, the gate/up GEMM
-with its SwiGLU epilogue, the dequantization mode a launch takes, and the launchers' input
-checks (the MXFP4 tiles themselves: ``mxfp4_tile``; the sums per slot after the GEMMs:
-``moe_slot_sums``).
+"""Pieces the two Triton MXFP4 MoE kernels share: the matrix-multiply helpers, SwiGLU, the
+dequantization mode a launch takes, and the launchers' input checks (the MXFP4 tiles
+themselves: ``mxfp4_tile``; the GEMMs' K loops: ``moe_k_loops``; the sums per slot after the
+GEMMs: ``moe_slot_sums``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
-from pdserve.kernels.mxfp4_tile import ONE_MUL, code_ptrs, load_codes, rows_later
+from pdserve.kernels.mxfp4_tile import ONE_MUL
 
 MODEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -92,107 +92,6 @@ def swiglu(gate, up, alpha, beta, limit, HAS_LIMIT: tl.constexpr):
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
     return gate * tl.sigmoid(alpha * gate) * (up + beta)
-
-
-@triton.jit
-def x_mask(rmask, k0, K, TAIL: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Load mask of one [BM, BK] activation tile at k0; a TAIL tile is cut at K."""
-    if TAIL:
-        xm = rmask[:, None] & ((k0 + tl.arange(0, BLOCK_K)) < K)[None, :]
-    else:
-        xm = rmask[:, None]
-    return xm
-
-
-@triton.jit
-def _gate_up_step(
-    acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, rows_ok, k0, K,
-    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
-    SWAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
-):  # fmt: skip
-    """The gate and up accumulators after the K tile at k0."""
-    xt = tl.load(x_ptrs + k0, mask=x_mask(rmask, k0, K, TAIL, BLOCK_K), other=0.0)  # [BM, BK]
-    wgt = load_codes(wg_ptrs, sg_ptrs, rows_ok, k0, K, DTYPE, FAST, INTERLEAVED, BLOCK_N,
-                     BLOCK_K, TAIL)  # fmt: skip  # [BN, BK]
-    acc_g = mma_xw(xt, wgt, acc_g, UPCAST, SWAP)
-    wut = load_codes(wu_ptrs, su_ptrs, rows_ok, k0, K, DTYPE, FAST, INTERLEAVED, BLOCK_N,
-                     BLOCK_K, TAIL)  # fmt: skip
-    acc_u = mma_xw(xt, wut, acc_u, UPCAST, SWAP)
-    return acc_g, acc_u
-
-
-@triton.jit
-def split_range(K, sk, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Split ``sk`` of SPLIT_K's share of a reduction over K: its whole K tiles k_lo .. k_hi and
-    whether the partial tile at K - K % BLOCK_K (if any) is also its. The splits take
-    cdiv(tiles, SPLIT_K) tiles each, the last ones fewer (or none: an empty split adds zeros)."""
-    k_main = K - K % BLOCK_K
-    if SPLIT_K == 1:
-        k_lo = 0
-        k_hi = k_main
-        tail = k_main < K
-    else:
-        per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-        k_lo = sk * per
-        k_hi = tl.minimum(k_lo + per, k_main)
-        tail = (k_main < K) & (k_lo <= k_main) & (k_main < k_lo + per)
-    return k_lo, k_hi, tail
-
-
-@triton.jit
-def gate_up_accs(
-    x_ptrs, rmask, w_ptr, s_ptr, n0, H, I, stride_wn, stride_sn, k_lo, k_hi, tail,
-    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
-    SWAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """The float32 gate and up accumulators [BM, BN] of rows n0 .. n0 + BN over the whole K
-    tiles k_lo .. k_hi and, when ``tail``, the partial tile at H - H % BLOCK_K.
-
-    ``x_ptrs`` [BM, BK] point at the rows' first K tile; ``w_ptr``, ``s_ptr`` at the expert's
-    codes and scales (``code_ptrs``), whose gate rows n0 .. n0 + BN this tile reads (the up
-    rows follow I rows later). SWAP: see ``mma_xw``."""
-    wg_ptrs, sg_ptrs, rows_ok = code_ptrs(w_ptr, s_ptr, n0, I, stride_wn, stride_sn,
-                                          INTERLEAVED, BLOCK_N, BLOCK_K)  # fmt: skip
-    wu_ptrs = wg_ptrs + rows_later(I, stride_wn, INTERLEAVED)
-    su_ptrs = sg_ptrs + rows_later(I, stride_sn, INTERLEAVED)
-    acc_g = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
-    acc_u = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
-    for k0 in range(k_lo, k_hi, BLOCK_K):  # whole K tiles, unmasked (pipelined)
-        acc_g, acc_u = _gate_up_step(
-            acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, rows_ok, k0, H,
-            DTYPE, UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, False,
-        )  # fmt: skip
-    if tail:
-        acc_g, acc_u = _gate_up_step(
-            acc_g, acc_u, x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, rows_ok,
-            H - H % BLOCK_K, H, DTYPE, UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, True,
-        )  # fmt: skip
-    return acc_rows(acc_g, SWAP), acc_rows(acc_u, SWAP)
-
-
-@triton.jit
-def gate_up_swiglu(
-    x_ptrs, rmask, w_ptr, s_ptr, n0, b_ptr, H, I, stride_wn, stride_sn, alpha, beta, limit,
-    DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
-    FAST: tl.constexpr, INTERLEAVED: tl.constexpr, SWAP: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """One [BM, BN] tile of h = swiglu(x W_gate^T + b_gate, x W_up^T + b_up), float32, over the
-    whole of H (``gate_up_accs``' pointers; ``b_ptr`` at the expert's biases). Gate and up are
-    rounded to DTYPE first, as the reference's x @ W13^T in the model dtype is."""
-    k_lo, k_hi, tail = split_range(H, 0, 1, BLOCK_K)
-    acc_g, acc_u = gate_up_accs(
-        x_ptrs, rmask, w_ptr, s_ptr, n0, H, I, stride_wn, stride_sn, k_lo, k_hi, tail, DTYPE,
-        UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
-    )  # fmt: skip
-    if HAS_BIAS:
-        n = n0 + tl.arange(0, BLOCK_N)
-        nmask = n < I
-        acc_g += tl.load(b_ptr + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        acc_u += tl.load(b_ptr + I + n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    gate = acc_g.to(DTYPE).to(tl.float32)
-    up = acc_u.to(DTYPE).to(tl.float32)
-    return swiglu(gate, up, alpha, beta, limit, HAS_LIMIT)
 
 
 def layout_args(cfg: dict, interleaved: bool) -> dict[str, bool]:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels import triton_configs
+from pdserve.kernels.moe_k_loops import gate_up_swiglu
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 from pdserve.kernels.moe_slot_sums import topk_sum
 from pdserve.kernels.moe_triton_common import (
@@ -29,7 +30,6 @@ from pdserve.kernels.moe_triton_common import (
     check_moe_inputs,
     fast_dequant,
     fit_block_k,
-    gate_up_swiglu,
     layout_args,
     mma_xw,
     output_like,
@@ -104,7 +104,7 @@ def _gemm1_kernel(
         h = gate_up_swiglu(
             x_ptrs, rmask, w_ptr + e * stride_we, s_ptr + e * stride_se, n0, b_ptr + e * stride_be,
             H, I, stride_wn, stride_sn, alpha, beta, limit, dtype, HAS_BIAS, HAS_LIMIT, UPCAST,
-            FAST, INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
+            FAST, INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K, 0,
         )  # fmt: skip  # [BM, BN]
         h_ptrs = h_ptr + rows.to(tl.int64)[:, None] * stride_hm + n[None, :]  # sorted order
         tl.store(h_ptrs, h, mask=(n < I)[None, :])

@@ -27,23 +27,17 @@ import triton.language as tl
 from pdserve.kernels import triton_configs
 from pdserve.kernels.dependent_launch import launch_args, pdl_start
 from pdserve.kernels.device import sm_count
+from pdserve.kernels.moe_k_loops import down_acc, gate_up_accs, gate_up_swiglu, split_range
 from pdserve.kernels.moe_reference import MoeWeights, SwiGLU
 from pdserve.kernels.moe_slot_sums import swiglu_splits, topk_sum
 from pdserve.kernels.moe_triton_common import (
-    acc_rows,
-    acc_zeros,
     check_moe_inputs,
     fast_dequant,
-    gate_up_accs,
-    gate_up_swiglu,
     layout_args,
-    mma_xw,
     output_like,
-    split_range,
     upcast_dots,
-    x_mask,
 )
-from pdserve.kernels.mxfp4_tile import code_ptrs, code_views, load_codes
+from pdserve.kernels.mxfp4_tile import code_ptrs, code_views
 
 MAX_SLOTS = 8192  # (token, expert) slots one launch groups; larger batches run in token chunks
 # A GEMM whose programs are fewer than this many per SM splits its reduction SPLIT_K_FEW ways
@@ -85,7 +79,8 @@ def _gemm1_kernel(
     stride_hm, alpha, beta, limit,
     TOPK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
     FAST: tl.constexpr, INTERLEAVED: tl.constexpr, SWAP: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_start(PDL)  # see kernels.dependent_launch
     i = tl.program_id(0)
@@ -110,29 +105,17 @@ def _gemm1_kernel(
                 x_ptrs, rmask, w_ptr + e * stride_we, s_ptr + e * stride_se, n0,
                 b_ptr + e * stride_be, H, I, stride_wn, stride_sn, alpha, beta, limit, dtype,
                 HAS_BIAS, HAS_LIMIT, UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K,
+                AHEAD,
             )  # fmt: skip  # [BM, BN]
             tl.store(h_ptrs, h, mask=hmask)
         else:  # this split's float32 gate and up sums; swiglu_splits adds the splits
             acc_g, acc_u = gate_up_accs(
                 x_ptrs, rmask, w_ptr + e * stride_we, s_ptr + e * stride_se, n0, H, I,
                 stride_wn, stride_sn, k_lo, k_hi, tail, dtype, UPCAST, FAST, INTERLEAVED, SWAP,
-                BLOCK_M, BLOCK_N, BLOCK_K,
+                BLOCK_M, BLOCK_N, BLOCK_K, AHEAD,
             )  # fmt: skip  # [BM, BN] each
             tl.store(h_ptrs + sk * stride_hs, acc_g, mask=hmask)
             tl.store(h_ptrs + sk * stride_hs + I, acc_u, mask=hmask)
-
-
-@triton.jit
-def _down_step(
-    acc, h_ptrs, w_ptrs, sc_ptrs, rmask, rows_ok, k0, K,
-    DTYPE: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
-    SWAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
-):  # fmt: skip
-    """The down projection's accumulator (``mma_xw``'s) after the K tile at k0."""
-    ht = tl.load(h_ptrs + k0, mask=x_mask(rmask, k0, K, TAIL, BLOCK_K), other=0.0)  # [BM, BK]
-    wt = load_codes(w_ptrs, sc_ptrs, rows_ok, k0, K, DTYPE, FAST, INTERLEAVED, BLOCK_N, BLOCK_K,
-                    TAIL)  # fmt: skip  # [BN, BK]
-    return mma_xw(ht, wt, acc, UPCAST, SWAP)
 
 
 @triton.jit
@@ -142,7 +125,7 @@ def _gemm2_kernel(
     stride_ym,
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, FAST: tl.constexpr, INTERLEAVED: tl.constexpr,
     SWAP: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_start(PDL)  # see kernels.dependent_launch
     i = tl.program_id(0)
@@ -164,15 +147,10 @@ def _gemm2_kernel(
         rmask = r < count
         slot = tl.load(slots_ptr + start + r, mask=rmask, other=0).to(tl.int64)  # [BM]
         h_ptrs = h_ptr + slot[:, None] * stride_hm + kk[None, :]
-        acc = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
-        for k0 in range(k_lo, k_hi, BLOCK_K):  # whole K tiles, unmasked (pipelined)
-            acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, rows_ok, k0, I, dtype, UPCAST,
-                             FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, False)  # fmt: skip
-        if tail:  # at most one partial tile
-            k_tail = I - I % BLOCK_K
-            acc = _down_step(acc, h_ptrs, w_ptrs, sc_ptrs, rmask, rows_ok, k_tail, I, dtype,
-                             UPCAST, FAST, INTERLEAVED, SWAP, BLOCK_N, BLOCK_K, True)  # fmt: skip
-        acc = acc_rows(acc, SWAP)  # [BM, BN]
+        acc = down_acc(
+            h_ptrs, w_ptrs, sc_ptrs, rmask, rows_ok, k_lo, k_hi, tail, I, dtype, UPCAST, FAST,
+            INTERLEAVED, SWAP, BLOCK_M, BLOCK_N, BLOCK_K, AHEAD,
+        )  # fmt: skip  # [BM, BN]
         y_ptrs = ys_ptr + tl.program_id(2) * stride_ys + slot[:, None] * stride_ym + n[None, :]
         if SPLIT_K == 1:
             if HAS_BIAS:
@@ -193,6 +171,7 @@ def _launch(cfg: dict, kernel, grid, *args, INTERLEAVED: bool, **consts) -> None
         BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"],
         BLOCK_K=cfg["BLOCK_K"],
+        AHEAD=cfg.get("AHEAD", 0),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -204,18 +204,23 @@ def code_ptrs(
     """Pointers to one expert's codes and scales (``w_ptr``, ``s_ptr`` at the expert) for rows
     n0 .. n0 + BN and the first K tile, and the rows' mask (N rows in all). Plain: bytes
     [BN, BK/2] and [BN, BK/32], strides per row. INTERLEAVED (the fragment layout; int32
-    pointers, strides per 16-row stripe, ``code_views``): words [BK/64, BN/16, 32, 4], a warp's
-    lane L reading the four of its MMA share with one 16-byte load, and scale words
-    [BK/64, BN/16, 32, 1] (lanes 4g .. 4g + 3 read the same)."""
+    pointers, strides per 16-row stripe, ``code_views``): per (64-column block kb, stripe nb)
+    a chunk c = kb * BN/16 + nb of 32 lanes, words [chunks * 32, 4] (lane L reading words
+    4L .. 4L + 3, its MMA share, with one 16-byte load) and scale words [chunks * 32] (lanes
+    4g .. 4g + 3 reading word g), the mask [chunks * 32]. In the layouts Triton gives loads of
+    these shapes (a thread per row of 4 words, or per word; lanes, then warps, along the rows:
+    warp w takes the stripes nb = w mod warps) a thread holds its share of the MMA's operand,
+    whatever order Triton breaks ties in: a tile needs no trip through shared memory between
+    its load and the MMA (``moe_k_loops``)."""
     if INTERLEAVED:
-        kb = tl.arange(0, BLOCK_K // 64)[:, None, None, None]
-        nb = tl.arange(0, BLOCK_N // 16)[None, :, None, None]
-        lane = tl.arange(0, 32)[None, None, :, None]
-        stripe = n0 // 16 + nb  # [1, NB, 1, 1]
-        j = tl.arange(0, 4)[None, None, None, :]
-        w_ptrs = w_ptr + stripe * stride_wn + kb * 128 + lane * 4 + j  # [KB, NB, 32, 4]
-        s_ptrs = s_ptr + stripe * stride_sn + kb * 8 + lane // 4  # [KB, NB, 32, 1]
-        rows_ok = n0 + nb * 16 < N
+        NB: tl.constexpr = BLOCK_N // 16
+        e = tl.arange(0, BLOCK_K // 64 * NB * 32)  # [C * 32]: chunk e // 32, lane e % 32
+        nb = (e // 32) % NB
+        kb = e // (32 * NB)
+        w_row = (n0 // 16 + nb) * stride_wn + kb * 128 + (e % 32) * 4  # [C * 32]
+        w_ptrs = w_ptr + w_row[:, None] + tl.arange(0, 4)[None, :]  # [C * 32, 4]
+        s_ptrs = s_ptr + (n0 // 16 + nb) * stride_sn + kb * 8 + (e % 32) // 4  # [C * 32]
+        rows_ok = n0 + 16 * nb < N  # [C * 32]
     else:
         n = n0 + tl.arange(0, BLOCK_N)
         w_ptrs = w_ptr + n[:, None] * stride_wn + tl.arange(0, BLOCK_K // 2)[None, :]
@@ -235,20 +240,28 @@ def rows_later(rows, stride, INTERLEAVED: tl.constexpr):
 
 
 @triton.jit
-def load_codes(
-    w_ptrs, s_ptrs, rows_ok, k0, K, DTYPE: tl.constexpr, FAST: tl.constexpr,
-    INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+def raw_codes(
+    w_ptrs, s_ptrs, rows_ok, k0, K, INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
-    """The dequantized [BN, BK] weight tile at k0 (``code_ptrs``' pointers). A TAIL tile is cut
-    at K (a multiple of 32, of 64 when INTERLEAVED): masked codes read as 0 and masked scales
-    as 127 (2 ** 0), so the tile past K adds exact zeros."""
+    """The codes and scales of the tile at k0 as loaded (``code_ptrs``' pointers), for
+    ``dequant_tile``: bytes [BN, BK/2] and [BN, BK/32], or the fragment layout's words
+    [BK/64, BN/16, 32, 4] and scale words [BK/64, BN/16, 32, 1]. A TAIL tile is cut at K (a
+    multiple of 32, of 64 when INTERLEAVED): masked codes read as 0 and masked scales as 127
+    (2 ** 0), so the tile past K adds exact zeros. ``rows_ok`` may carry a condition of shape
+    [1] (a tile past a loop's end loads nothing)."""
     if INTERLEAVED:
-        if TAIL:
-            m = rows_ok & ((k0 + 64 * tl.arange(0, BLOCK_K // 64)) < K)[:, None, None, None]
+        KB: tl.constexpr = BLOCK_K // 64
+        NB: tl.constexpr = BLOCK_N // 16
+        if TAIL:  # the chunks' 64-column blocks kb = e // (32 * NB)
+            kb = tl.arange(0, KB * NB * 32) // (32 * NB)
+            m = rows_ok & (k0 + 64 * kb < K)  # [C * 32]
         else:
             m = rows_ok
-        w = tl.load(w_ptrs + k0 * 2, mask=m, other=0)  # 128 words per 64 columns
+        w = tl.load(w_ptrs + k0 * 2, mask=m[:, None], other=0)  # 128 words per 64 columns
         sc = tl.load(s_ptrs + k0 // 8, mask=m, other=0x7F7F7F7F)  # 8 scale words per 64
+        w = w.reshape(KB, NB, 32, 4)
+        sc = sc.reshape(KB, NB, 32, 1)
     else:
         if TAIL:
             wm = rows_ok & ((k0 + 2 * tl.arange(0, BLOCK_K // 2)) < K)[None, :]
@@ -258,6 +271,16 @@ def load_codes(
             sm = rows_ok
         w = tl.load(w_ptrs + k0 // 2, mask=wm, other=0)
         sc = tl.load(s_ptrs + k0 // 32, mask=sm, other=127)
+    return w, sc
+
+
+@triton.jit
+def load_codes(
+    w_ptrs, s_ptrs, rows_ok, k0, K, DTYPE: tl.constexpr, FAST: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TAIL: tl.constexpr,
+):  # fmt: skip
+    """The dequantized [BN, BK] weight tile at k0 (``raw_codes``, then ``dequant_tile``)."""
+    w, sc = raw_codes(w_ptrs, s_ptrs, rows_ok, k0, K, INTERLEAVED, BLOCK_N, BLOCK_K, TAIL)
     return dequant_tile(w, sc, BLOCK_N, BLOCK_K, DTYPE, FAST, INTERLEAVED)
 
 

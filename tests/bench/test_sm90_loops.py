@@ -43,28 +43,47 @@ def test_parsers():
     assert sm90_loops.sass_loop(SASS.replace("HMMA", "FFMA")) == (0, {})
 
 
+def _compiled(kernel: str, *tiles: tuple[int, ...]) -> list[dict]:
+    """``sm90_loops.describe``'s rows (no SASS), compiled (not interpreted): in a process
+    without TRITON_INTERPRET."""
+    code = (
+        "import json, sys\n"
+        "from pdserve.bench import sm90_loops\n"
+        "for t in json.loads(sys.argv[2]):\n"
+        "    print(json.dumps(sm90_loops.describe(sys.argv[1], tuple(t), tool=None)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-P", "-c", code, kernel, json.dumps(tiles)],
+                         check=True, env=env, capture_output=True, text=True).stdout  # fmt: skip
+    return [json.loads(line) for line in out.splitlines()[-len(tiles) :]]
+
+
 def test_mla_decode_compiles_for_sm90_as_its_shared_memory_model_says():
     """The 3-stage tiles hold two KV buffers and their loop's wait leaves copies in flight (each
     tile's pages read the tile before: the KV loads overlap the products), in the shared memory
-    the tiles' model predicts. Compiled (not interpreted), so in a process without
-    TRITON_INTERPRET."""
-    code = (
-        "import json\n"
-        "from pdserve.bench import sm90_loops\n"
-        "row = sm90_loops.describe('mla_decode', (16, 32, 4, 3), tool=None)\n"
-        "print(json.dumps(row))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-P", "-c", code], check=True, env=env,
-                         capture_output=True, text=True).stdout.splitlines()[-1]  # fmt: skip
-    row = json.loads(out)
+    the tiles' model predicts."""
+    (row,) = _compiled("mla_decode", (16, 32, 4, 3))
+    out = json.dumps(row)
     tiles = dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3)
     assert abs(row["smem"] - mla_decode_smem(tiles, 576)) <= 4096, out
     assert row["buffers"][0] >= 2 and row["waits"][0] >= 1 and row["waits"][-1] == 0, out
 
 
+def test_moe_tiles_loaded_ahead_compile_for_sm90_without_weight_buffers():
+    """The MoE down projection's K loop pipelined by Triton rotates its tiles through buffers in
+    shared memory; with AHEAD (``moe_k_loops``) it holds none, only the activations' tile."""
+    piped, ahead = _compiled("moe_gemm2", (64, 64, 4, 4), (64, 64, 4, 1, 1))
+    out = [piped, ahead]
+    assert len(piped["buffers"]) == 3 and piped["waits"][0] >= 1, out  # activations, codes, scales
+    assert ahead["buffers"] == [] and ahead["waits"] == [], out
+    assert ahead["smem"] == 64 * 16 * 2, out  # the [BLOCK_M, BLOCK_K] bf16 activations alone
+
+
 def test_bad_tiles_are_refused(capsys):
-    for bad in (["mla_decode", "16,32,4"], ["mla_decode", "16,32,x,2"]):
+    for tiles in ("16,32,4", "16,32,x,2", "16,32,4,2,1"):
         with pytest.raises(SystemExit):
-            sm90_loops.main(bad)
+            sm90_loops.main(["mla_decode", tiles])
         assert "four comma-separated numbers each" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sm90_loops.main(["moe_gemm2", "64,64,4"])
+    assert "four or five comma-separated numbers each" in capsys.readouterr().err

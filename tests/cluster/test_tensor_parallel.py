@@ -5,6 +5,7 @@ architectures."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 
 import pytest
 import torch
@@ -43,18 +44,22 @@ def _logits(path: str, tp: TensorParallel) -> list[torch.Tensor]:
     return out
 
 
-def _rank(rank: int, size: int, path: str, init: str, queue) -> None:
+def _rank(rank: int, size: int, path: str, init: str, queue, done) -> None:
     torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
     torch.set_num_threads(1)
     tp = TensorParallel(rank, size, torch.distributed.group.WORLD)
     logits = _logits(path, tp)
     if rank == 0:
         queue.put([t.tolist() for t in logits])
-    # every rank past its last collective before any tears the group down: a gloo rank whose
-    # peer had already closed its pairs was once seen to abort at exit ("terminate called
-    # without an active exception"), its logits already sent
+        queue.close()
+        queue.join_thread()  # the logits are in the pipe
+    # Every rank past its last collective (no gloo message left in flight), then the process
+    # ends without tearing gloo down: its teardown at exit aborted now and then ("terminate
+    # called without an active exception", SIGABRT), with a barrier before it too, the logits
+    # already sent.
     torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    done.wait(timeout=60)
+    os._exit(0)
 
 
 @pytest.mark.parametrize(
@@ -83,10 +88,11 @@ def test_tp_matches_single_process(which, size, request, tmp_path, tests_importa
     else:
         tiny_model = request.getfixturevalue(which)
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
+    queue, done = ctx.Queue(), ctx.Barrier(size)
     init = f"file://{tmp_path / 'rendezvous'}"
     procs = [
-        ctx.Process(target=_rank, args=(r, size, tiny_model, init, queue)) for r in range(size)
+        ctx.Process(target=_rank, args=(r, size, tiny_model, init, queue, done))
+        for r in range(size)
     ]
     for p in procs:
         p.start()

@@ -145,6 +145,26 @@ def test_split_k_matches_one_split(device, split1, split2, interleaved):
         assert rel_err(got, base) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("ahead, interleaved", [(1, True), (2, True), (2, False)])
+def test_tiles_loaded_ahead_match_the_pipelined_loop(device, ahead, interleaved):
+    """AHEAD (``moe_k_loops``): the K loops carry the next tiles as loaded instead of Triton's
+    pipeline. H=320 in BLOCK_K 64 is five whole tiles (loads past the loop's end masked off),
+    split over 2 programs, I=192 over 4 (one empty), row chunks (20 slots on two experts);
+    then one split (plain codes: H=352 and I=96, a partial last tile after the loop), biases,
+    invalid ids. The same sums in the same order as AHEAD 0's."""
+    for m, e, k, h, i, split1, split2 in (
+        (20, 2, 2, 320, 192, 2, 4),
+        (3, 4, 2, 320 if interleaved else 352, 128 if interleaved else 96, 1, 1),
+    ):
+        base = split_tiles(split1, split2, 32 if interleaved else 16, 64)
+        outs = []
+        for cfg in ({name: dict(c, AHEAD=ahead) for name, c in base.items()}, base):
+            torch.manual_seed(m)  # the same activations for both runs
+            outs.append(check(device, m, torch.float32, GPT_OSS_ACT, True, e=e, h=h, i=i, k=k,
+                              invalid=m == 3, cfg=cfg, interleaved=interleaved))  # fmt: skip
+        assert torch.equal(outs[0], outs[1])
+
+
 def test_several_scale_groups_per_tile(device):
     # BLOCK_K 128 and 256: four and eight E8M0 groups per dequantized tile, in both GEMMs
     check(device, 5, torch.bfloat16, SwiGLU(), True, h=256, i=128, cfg=tiles(16, 32, 128))
@@ -197,6 +217,17 @@ def test_real_shapes_gpu(shape, m, swap, interleaved):
     assert rel_err(out, ref) < 2e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", REAL_MOE_SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("m", [1, 7, 64])
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_real_shapes_tiles_loaded_ahead_gpu(shape, m, ahead):
+    """The fragment layout's tuned tiles (split at one token) with their tiles loaded AHEAD
+    into registers (``moe_k_loops``), on every real shape, against the reference."""
+    ahead_tiles = dict(AHEAD=ahead, num_stages=1)
+    check_real_fragment_gpu(shape, m, ahead_tiles, ahead_tiles)
+
+
 def test_split_down_projection_ignores_invalid_slots_weights(device):
     """Split or not, a slot of an invalid expert id adds nothing, whatever its routing weight
     (NaN, inf) holds."""
@@ -244,12 +275,18 @@ def test_gate_up_split_where_its_programs_are_few(device, monkeypatch):
 def test_real_shapes_split_k_gpu(shape, m, split1, split2):
     """The fragment layout's tuned tiles with the reduction split over programs, on every
     real shape (GPT-OSS's 2880 = 45 tiles of 64 splits unevenly), against the reference."""
+    check_real_fragment_gpu(shape, m, dict(SPLIT_K=split1), dict(SPLIT_K=split2))
+
+
+def check_real_fragment_gpu(shape, m: int, gemm1: dict, gemm2: dict) -> None:
+    """moe_small on experts in the fragment layout at a real shape and M tokens (invalid ids
+    among them), the tuned tiles changed by ``gemm1`` and ``gemm2``, against the reference."""
     dev = torch.device("cuda")
     w = random_moe(shape.experts, shape.hidden, shape.inter, bias=shape.bias, device=dev, seed=m)
     ids, tw = random_routing(m, shape.experts, shape.top_k, device=dev, seed=m, invalid=True)
     x = torch.randn(m, shape.hidden, device=dev).bfloat16()
     cfg = triton_configs.pick(triton_configs.MOE_SMALL_FRAGMENT, dev, m)
-    cfg = {"gemm1": dict(cfg["gemm1"], SPLIT_K=split1), "gemm2": dict(cfg["gemm2"], SPLIT_K=split2)}
+    cfg = {"gemm1": dict(cfg["gemm1"], **gemm1), "gemm2": dict(cfg["gemm2"], **gemm2)}
     ref = moe_mxfp4_torch(x, w, ids, tw, shape.act)
     w = w.interleaved_copy()
     poison_cuda_allocator()
