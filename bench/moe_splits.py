@@ -1,8 +1,10 @@
 """moe_small's split-K and one-launch choices against each other and the peer, on one GPU:
-``python -m pdserve.bench.moe_splits [--models A,B] [--m 1,2,4] [--splits 1,2,4,8] [--out PATH]``.
+``python -m pdserve.bench.moe_splits [--models A,B] [--m 1,2,4] [--splits 1,2,4,8] [--ahead N]
+[--out PATH]``.
 
-Split K: the whole MoE (fragment layout, the table's tiles at M = 2, which split nothing) for
-every (gate/up, down) pair of split counts, per model and token count M, with triton_kernels
+Split K: the whole MoE (fragment layout, the table's tiles at M = 2, which split nothing;
+``--ahead N``: those tiles loaded N ahead into registers) for every (gate/up, down) pair of
+split counts, per model and token count M, with triton_kernels
 on the same inputs where it is on ``PYTHONPATH``. One launch: DeepSeek-V3 at M = 128 / 256 /
 512 with at most 1024 (token, expert) slots per launch (the chunks each read every expert
 again) against one launch of up to 8192, with 16-, 32- and 64-row token blocks, beside the
@@ -35,9 +37,11 @@ def _slice(case: tuple, m: int) -> tuple:
     return x[:m].contiguous(), w, ids[:m].contiguous(), tw[:m].contiguous()
 
 
-def split_rows(models, ms, splits, peers: Peers, copy_gbps: float) -> list[dict]:
+def split_rows(models, ms, splits, peers: Peers, copy_gbps: float, ahead: int = 0) -> list[dict]:
     rows = []
     base = triton_configs.pick(triton_configs.MOE_SMALL_FRAGMENT, torch.device(kernels.DEV), 2)
+    if ahead:  # the tiles loaded that many ahead into registers (``moe_k_loops``)
+        base = {gemm: dict(c, AHEAD=ahead, num_stages=1) for gemm, c in base.items()}
     for model in models:
         act = moe_act(model)
         plain = moe_case(model, max(ms))
@@ -118,6 +122,8 @@ def main() -> None:
     ap.add_argument("--m", default="1,2,4,8,16,32", help="token counts of the split sweep")
     ap.add_argument("--splits", default="1,2,4,8", help="split counts, the first unsplit")
     ap.add_argument("--no-launches", action="store_true", help="skip the one-launch part")
+    ap.add_argument("--ahead", type=int, default=0, choices=(0, 1, 2),
+                    help="the split sweep's tiles loaded N ahead into registers")  # fmt: skip
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     models = args.models.split(",")
@@ -139,7 +145,7 @@ def main() -> None:
         ),
         "ceilings": ceil,
         "peers_skipped": dict(peers.skipped),
-        "rows": split_rows(models, ms, splits, peers, ceil["copy_GBps"]),
+        "rows": split_rows(models, ms, splits, peers, ceil["copy_GBps"], args.ahead),
         "large": [] if args.no_launches or "deepseek-v3" not in models else launch_rows(peers),
     }
     print(f"in {time.time() - t0:.0f} s")

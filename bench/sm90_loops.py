@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if not tiles or any(len(t) not in ((4, 5) if moe else (4,)) for t in tiles):
         sizes = "four or five" if moe else "four"
         p.error(f"tiles {args.tiles}: {sizes} comma-separated numbers each")
+    if any(len(t) == 5 and t[4] not in (0, 1, 2) for t in tiles):
+        p.error(f"tiles {args.tiles}: AHEAD (the fifth number) is 0, 1 or 2")
     tool = cuobjdump()
     print(f"triton {triton.__version__}, sm_90; SASS: {tool or 'no cuobjdump found'}")
     for t in tiles:

@@ -8,7 +8,8 @@ Two ways to overlap a tile's loads with the tiles before it, picked by a tile co
   cp.async into a ring of buffers, a wait, then a load from shared memory into registers.
 - 1 or 2: the loop itself issues tile k + AHEAD's loads into registers before it dequantizes
   and multiplies tile k, and carries the AHEAD tiles in flight as loaded (a thread's share of a
-  64 x 64 tile at 4 warps: 4 code words, 1 scale word, 4 registers of activations). In the
+  64 x 64 weight tile at 4 warps: 4 code words and 1 scale word; of the activations: 4
+  registers). In the
   fragment layout the codes load straight into the thread's share of the MMA's left operand
   (``mxfp4_tile.code_ptrs``), so the weights never touch shared memory; only the few activation
   rows do, as the MMA's right operand. Loads past the loop's end are masked off.
@@ -64,8 +65,8 @@ def _gate_up_tiles(
 ):  # fmt: skip
     """The whole K tile at k0 as loaded (nothing where k0 is past k_hi): activations [BM, BK],
     gate and up codes and scales (``raw_codes``)."""
-    ok = _before(k0, k_hi)
-    x = tl.load(x_ptrs + k0, mask=rmask[:, None] & ok, other=0.0)
+    ok = _before(k0, k_hi)  # [1]
+    x = tl.load(x_ptrs + k0, mask=rmask[:, None] & ok, other=0.0)  # [BM, BK]
     wg, sg = raw_codes(wg_ptrs, sg_ptrs, rows_ok & ok, k0, k_hi, INTERLEAVED, BLOCK_N, BLOCK_K,
                        False)  # fmt: skip
     wu, su = raw_codes(wu_ptrs, su_ptrs, rows_ok & ok, k0, k_hi, INTERLEAVED, BLOCK_N, BLOCK_K,
@@ -81,6 +82,7 @@ def _gate_up_ahead(
 ):  # fmt: skip
     """``_gate_up_step`` over the whole K tiles k_lo .. k_hi, each loaded AHEAD (1 or 2) tiles
     early into registers."""
+    tl.static_assert(AHEAD == 1 or AHEAD == 2, "AHEAD is 0, 1 or 2")
     x0, wg0, sg0, wu0, su0 = _gate_up_tiles(
         x_ptrs, wg_ptrs, sg_ptrs, wu_ptrs, su_ptrs, rmask, rows_ok, k_lo, k_hi, INTERLEAVED,
         BLOCK_N, BLOCK_K,
@@ -209,8 +211,8 @@ def _down_tiles(
 ):  # fmt: skip
     """The whole K tile at k0 as loaded (nothing where k0 is past k_hi): activations [BM, BK],
     codes and scales (``raw_codes``)."""
-    ok = _before(k0, k_hi)
-    h = tl.load(h_ptrs + k0, mask=rmask[:, None] & ok, other=0.0)
+    ok = _before(k0, k_hi)  # [1]
+    h = tl.load(h_ptrs + k0, mask=rmask[:, None] & ok, other=0.0)  # [BM, BK]
     w, sc = raw_codes(w_ptrs, sc_ptrs, rows_ok & ok, k0, k_hi, INTERLEAVED, BLOCK_N, BLOCK_K,
                       False)  # fmt: skip
     return h, w, sc
@@ -229,6 +231,7 @@ def down_acc(
     ``w_ptrs``, ``sc_ptrs``, ``rows_ok`` are ``code_ptrs``'."""
     acc = acc_zeros(BLOCK_M, BLOCK_N, SWAP)
     if AHEAD:
+        tl.static_assert(AHEAD == 1 or AHEAD == 2, "AHEAD is 0, 1 or 2")
         h0, w0, s0 = _down_tiles(h_ptrs, w_ptrs, sc_ptrs, rmask, rows_ok, k_lo, k_hi,
                                  INTERLEAVED, BLOCK_N, BLOCK_K)  # fmt: skip
         if AHEAD == 2:

@@ -267,6 +267,7 @@ def moe_small_triton(
     cfg = config or triton_configs.pick(table, x.device, m)
     for c in (cfg["gemm1"], cfg["gemm2"]):
         assert c["BLOCK_K"] % 32 == 0 and c["BLOCK_M"] >= 16 and c["BLOCK_N"] >= 16, c
+        assert c.get("AHEAD", 0) in (0, 1, 2), c  # moe_k_loops
     topk_ids = topk_ids.contiguous()
     topk_weights = topk_weights.contiguous()
     chunk = MAX_SLOTS // k  # tokens per launch; fixed by the shapes, so graph-safe

@@ -4,7 +4,8 @@
 # names), M (the model folder, made by each script as it needs) and `stamp NAME` (seconds since
 # the start), GPU (the card's model, H200 or H100, naming result files: the device machine may
 # lend either), `config_model P` (/tmp/cfg-P, preset P config-only), `has PART` (PART among
-# the script's comma-separated PARTS) and `left` (seconds of BUDGET, default 590, left). PYTHONSAFEPATH keeps the
+# the script's comma-separated PARTS), `left` (seconds of BUDGET, default 590, left) and
+# `ncu_moe FILE ARGS` (Nsight Compute on the MoE decode's GEMMs). PYTHONSAFEPATH keeps the
 # repository root off sys.path (the project imports as pdserve.*, never by its folders' names).
 # A PYTHONPATH given to a script is kept after /tmp/site (a folder holding a sitecustomize.py
 # then changes every process of a deployment).
@@ -32,4 +33,17 @@ flashinfer_site() {
 config_model() {  # /tmp/cfg-$1: preset $1's config and tokenizer (weights drawn at load), once
   [ -f "/tmp/cfg-$1/config.json" ] || python3 -m pdserve make-model --preset "$1" --config-only \
     --out "/tmp/cfg-$1" > /dev/null
+}
+ncu_moe() {  # ncu_moe FILE ARGS: Nsight Compute's throughput, scheduler, warp-state, occupancy
+  # and memory sections for the MoE decode's two GEMMs at 64 tokens (bench.moe_splits, one
+  # split, ARGS added: --models, --ahead) into FILE; its headline lines printed
+  local f=$1 ncu
+  shift
+  ncu=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2> /dev/null | head -1)
+  [ -z "$ncu" ] && { echo "no ncu on this machine"; return 1; }
+  timeout 150 "$ncu" --clock-control none --section SpeedOfLight --section SchedulerStats \
+    --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis \
+    -k regex:'_gemm[12]_kernel' --launch-count 2 python3 -m pdserve.bench.moe_splits --m 64 \
+    --splits 1 --no-launches --out /tmp/moe-splits-ncu.json "$@" > "$f" 2>&1
+  grep -E "^  _gemm|DRAM Throughput|Issue Slots Busy|No Eligible|Achieved Occupancy" "$f" | head -12
 }

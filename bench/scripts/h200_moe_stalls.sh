@@ -32,19 +32,11 @@ if has v3; then
     --out "$OUT/decode-step-deepseek-v3-4l-fa3-${GPU}${TAG}.json" 2>&1 \
     | grep --line-buffered -v Warning | grep -v "while serving" | tail -4
 fi
-NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu 2> /dev/null | head -1)
 if has ncu; then
   for p in deepseek-v3 deepseek-v2-lite; do
-    [ -z "$NCU" ] && { echo "no ncu on this machine"; break; }
     [ "$(left)" -lt 120 ] && { echo "skip ncu $p: $(left) s left"; break; }
     stamp "ncu $p"
-    timeout 150 "$NCU" --clock-control none --section SpeedOfLight --section SchedulerStats \
-      --section WarpStateStats --section Occupancy --section MemoryWorkloadAnalysis \
-      -k regex:'_gemm[12]_kernel' --launch-count 2 python3 -m pdserve.bench.moe_splits \
-      --models "$p" --m 64 --splits 1 --no-launches --out /tmp/moe-splits-ncu.json \
-      > "$OUT/ncu-moe-decode-$p-m64-${GPU}${TAG}.txt" 2>&1
-    grep -E "^  _gemm|DRAM Throughput|Issue Slots Busy|No Eligible|Achieved Occupancy" \
-      "$OUT/ncu-moe-decode-$p-m64-${GPU}${TAG}.txt" | head -12
+    ncu_moe "$OUT/ncu-moe-decode-$p-m64-${GPU}${TAG}.txt" --models "$p" || break
   done
 fi
 if has m1; then

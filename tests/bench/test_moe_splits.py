@@ -30,3 +30,24 @@ def test_every_split_pair_matches_the_reference(monkeypatch):
         m = x.shape[0]
         ref = moe_mxfp4_torch(x, case[1], ids, tw, act)
         assert torch.equal(x, case[0][:m]) and rel_err(out, ref) < 2e-2
+
+
+def test_tiles_loaded_ahead_reach_the_kernel(monkeypatch):
+    """``--ahead N``: the sweep's tiles carry AHEAD N without pipeline stages, and give the
+    reference's result."""
+    monkeypatch.setattr(kernels, "DEV", "cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setitem(kernels.MODELS, "small", (128, 8, 2, 64))  # hidden, experts, top-k, I
+    configs = []
+
+    def run_once(fn, *args, rep_ms=None, config=None):
+        configs.append(config)
+        x, w, ids, tw, act = args
+        ref = moe_mxfp4_torch(x, kernels.moe_case("small", 1)[1], ids, tw, act)
+        assert rel_err(fn(*args, config=config), ref) < 2e-2
+        return 1.0
+
+    monkeypatch.setattr(kernels, "ms_graph", run_once)
+    moe_splits.split_rows(["small"], (1,), (1, 2), Peers(), copy_gbps=1.0, ahead=2)
+    assert len(configs) == 4
+    for cfg in configs:
+        assert all(c["AHEAD"] == 2 and c["num_stages"] == 1 for c in cfg.values()), cfg

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 
 import pytest
 import torch
@@ -59,6 +60,8 @@ def _rank(rank: int, size: int, path: str, init: str, queue, done) -> None:
     # already sent.
     torch.distributed.barrier()
     done.wait(timeout=60)
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 
@@ -96,10 +99,15 @@ def test_tp_matches_single_process(which, size, request, tmp_path, tests_importa
     ]
     for p in procs:
         p.start()
-    got = queue.get(timeout=120)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    try:
+        got = queue.get(timeout=120)
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+    finally:  # a rank left waiting in a collective must not outlive the test
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     ref = _logits(tiny_model, TensorParallel())
     assert len(got) == len(ref)
     for g, r in zip(got, ref):

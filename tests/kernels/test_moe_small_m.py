@@ -150,13 +150,15 @@ def test_tiles_loaded_ahead_match_the_pipelined_loop(device, ahead, interleaved)
     """AHEAD (``moe_k_loops``): the K loops carry the next tiles as loaded instead of Triton's
     pipeline. H=320 in BLOCK_K 64 is five whole tiles (loads past the loop's end masked off),
     split over 2 programs, I=192 over 4 (one empty), row chunks (20 slots on two experts);
-    then one split (plain codes: H=352 and I=96, a partial last tile after the loop), biases,
-    invalid ids. The same sums in the same order as AHEAD 0's."""
-    for m, e, k, h, i, split1, split2 in (
-        (20, 2, 2, 320, 192, 2, 4),
-        (3, 4, 2, 320 if interleaved else 352, 128 if interleaved else 96, 1, 1),
-    ):
-        base = split_tiles(split1, split2, 32 if interleaved else 16, 64)
+    then one split with a partial last tile after the loop (plain codes: H=352 and I=96 in
+    BLOCK_K 64; the fragment layout: H=320 and I=192 in BLOCK_K 128), biases, invalid ids.
+    The same sums in the same order as AHEAD 0's."""
+    for m, e, k, h, i, split1, split2, bk in (
+        (20, 2, 2, 320, 192, 2, 4, 64),
+        (3, 4, 2, 320 if interleaved else 352, 192 if interleaved else 96, 1, 1,
+         128 if interleaved else 64),
+    ):  # fmt: skip
+        base = split_tiles(split1, split2, 32 if interleaved else 16, bk)
         outs = []
         for cfg in ({name: dict(c, AHEAD=ahead) for name, c in base.items()}, base):
             torch.manual_seed(m)  # the same activations for both runs
