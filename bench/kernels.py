@@ -102,7 +102,8 @@ _FRAGMENT_TILES = [
 # With a sixth number, AHEAD (``moe_k_loops``): the tiles loaded that many ahead into
 # registers, no shared-memory stages for the weights (Triton 3.6's sm_90 compiles at 64 x 64:
 # 3.36-3.62 SASS instructions per weight element in gate/up against the entry's 3.98, 3.84-4.03
-# in down against 5.12; BENCHMARKS.md). First in the sweep, which stops at its deadline.
+# in down against 5.12; BENCHMARKS.md). First in the sweep, which stops at its deadline, then
+# the wide tiles below.
 _AHEAD_TILES = [
     (64, 64, 4, 1, 0, 1),
     (64, 64, 4, 1, 0, 2),
@@ -110,9 +111,16 @@ _AHEAD_TILES = [
     (128, 64, 8, 1, 0, 1),
     (128, 64, 8, 1, 0, 2),
 ]
+# Wide tiles, as triton_kernels' on Hopper (256 weight rows x 128 deep, 8 warps, 4 stages: 16 KB
+# of codes a stage where ours take 2-4 KB; its opt_flags_nvidia.py): gate/up 128 + 128 rows,
+# down 256 (sm_90 compiles: 163-165 and 179-200 registers, 3.45 and 3.3 SASS per element).
+_WIDE_TILES = {
+    "gemm1": [(128, 128, 8, 4, 0), (128, 128, 8, 3, 0)],
+    "gemm2": [(256, 128, 8, 4, 0), (256, 128, 8, 3, 0), (128, 128, 8, 4, 0)],
+}
 SWEEP_FRAGMENT = {
-    "gemm1": _AHEAD_TILES + _FRAGMENT_TILES,
-    "gemm2": _AHEAD_TILES + _FRAGMENT_TILES + [(256, 64, 8, 4, 0)],
+    "gemm1": _AHEAD_TILES + _WIDE_TILES["gemm1"] + _FRAGMENT_TILES,
+    "gemm2": _AHEAD_TILES + _WIDE_TILES["gemm2"] + _FRAGMENT_TILES + [(256, 64, 8, 4, 0)],
 }
 # (M timed, bucket its winners fill) per moe_small table: the tables' buckets; the token block
 # and split count stay the entry's
