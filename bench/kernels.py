@@ -118,9 +118,22 @@ _WIDE_TILES = {
     "gemm1": [(128, 128, 8, 4, 0), (128, 128, 8, 3, 0)],
     "gemm2": [(256, 128, 8, 4, 0), (256, 128, 8, 3, 0), (128, 128, 8, 4, 0)],
 }
+# With a seventh number, maxnreg: registers capped so one more program fits an SM, where
+# ptxas then keeps the K loop free of spills (sm_90 compiles, Triton 3.6): the table's 64 x 64
+# entries at 96 and 80 (gate/up, 118 uncapped: 4 -> 5 and 6 programs) and 64 (down, 72: 7 -> 8),
+# AHEAD 1 likewise, and the wide tiles at 128 (163 and 200: 1 -> 2).
+_CAPPED_TILES = {
+    "gemm1": [(64, 64, 4, 4, 0, 0, 96), (64, 64, 4, 4, 0, 0, 80), (64, 64, 4, 1, 0, 1, 96),
+              (128, 128, 8, 4, 0, 0, 128)],
+    "gemm2": [(64, 64, 4, 4, 0, 0, 64), (64, 64, 4, 1, 0, 1, 64), (256, 128, 8, 4, 0, 0, 128)],
+}  # fmt: skip
 SWEEP_FRAGMENT = {
-    "gemm1": _AHEAD_TILES + _WIDE_TILES["gemm1"] + _FRAGMENT_TILES,
-    "gemm2": _AHEAD_TILES + _WIDE_TILES["gemm2"] + _FRAGMENT_TILES + [(256, 64, 8, 4, 0)],
+    "gemm1": _AHEAD_TILES + _WIDE_TILES["gemm1"] + _CAPPED_TILES["gemm1"] + _FRAGMENT_TILES,
+    "gemm2": _AHEAD_TILES
+    + _WIDE_TILES["gemm2"]
+    + _CAPPED_TILES["gemm2"]
+    + _FRAGMENT_TILES
+    + [(256, 64, 8, 4, 0)],
 }
 # (M timed, bucket its winners fill) per moe_small table: the tables' buckets; the token block
 # and split count stay the entry's
@@ -324,11 +337,12 @@ def _best(results: dict, label: str, fn, cands, deadline: float) -> tuple[float,
 def _tiles(c: tuple[int, ...], base: dict) -> dict[str, int]:
     """A SWEEP_SMALL or SWEEP_FRAGMENT candidate as moe_small's config of one GEMM, with the
     token block and split count of the table's entry ``base``."""
-    bn, bk, warps, stages, swap, *ahead = c
+    bn, bk, warps, stages, swap, ahead, maxnreg = (*c, 0, 0)[:7]
     cfg = dict(base, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-    cfg.pop("SWAP", None)
-    cfg.pop("AHEAD", None)
-    return cfg | ({"SWAP": 1} if swap else {}) | ({"AHEAD": ahead[0]} if ahead else {})
+    for key in ("SWAP", "AHEAD", "maxnreg"):
+        cfg.pop(key, None)
+    extra = {"SWAP": swap, "AHEAD": ahead, "maxnreg": maxnreg}
+    return cfg | {k: v for k, v in extra.items() if v}
 
 
 def fragment_by_default() -> bool:

@@ -7,11 +7,12 @@ the loop's SASS instructions per element and thread:
     python -P -m pdserve.bench.sm90_loops moe_gemm2 64,64,4,4 128,64,4,4
 
 Tiles: mla_decode BLOCK_H,BLOCK_N,warps,stages (DeepSeek's D = 576, 64-token pages, split);
-moe_gemm1 / moe_gemm2 BLOCK_N,BLOCK_K,warps,stages[,AHEAD] (fragment layout, one multiply per
-pair, 16-row token blocks; AHEAD, ``moe_k_loops``: tiles loaded that many ahead into registers,
-stages then 1). One KV or weight buffer, or waits that leave no copy in flight ("waits
-0"), mean a tile's loads do not overlap the products of the tile before. The figures are the
-installed Triton's (printed); the GPU machines run 3.6.
+moe_gemm1 / moe_gemm2 BLOCK_N,BLOCK_K,warps,stages[,AHEAD[,maxnreg]] (fragment layout, one
+multiply per pair, 16-row token blocks; AHEAD, ``moe_k_loops``: tiles loaded that many ahead
+into registers, stages then 1; maxnreg: the registers a thread may take, 0 for no cap). One KV
+or weight buffer, or waits that leave no copy in flight ("waits 0"), mean a tile's loads do not
+overlap the products of the tile before. The figures are the installed Triton's (printed); the
+GPU machines run 3.6.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ def compile_sm90(kernel: str, tiles: tuple[int, ...]):
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, sig, constexprs=consts, attrs=attrs)
     opts = dict(num_warps=tiles[2], num_stages=tiles[3])
+    if len(tiles) > 5 and tiles[5]:
+        opts["maxnreg"] = tiles[5]
     return triton.compile(src, target=GPUTarget("cuda", 90, 64), options=opts), elements
 
 
@@ -156,17 +159,17 @@ def describe(kernel: str, tiles: tuple[int, ...], tool: str | None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pdserve.bench.sm90_loops", description=__doc__)
     p.add_argument("kernel", choices=sorted(KERNELS))
-    p.add_argument("tiles", nargs="+", help="four numbers each (MoE: or five), comma-separated")
+    p.add_argument("tiles", nargs="+", help="four numbers each (MoE: four to six), comma-separated")
     args = p.parse_args(argv)
     try:
         tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles]
     except ValueError:
         tiles = []
     moe = args.kernel.startswith("moe")
-    if not tiles or any(len(t) not in ((4, 5) if moe else (4,)) for t in tiles):
-        sizes = "four or five" if moe else "four"
+    if not tiles or any(len(t) not in ((4, 5, 6) if moe else (4,)) for t in tiles):
+        sizes = "four to six" if moe else "four"
         p.error(f"tiles {args.tiles}: {sizes} comma-separated numbers each")
-    if any(len(t) == 5 and t[4] not in (0, 1, 2) for t in tiles):
+    if any(len(t) > 4 and t[4] not in (0, 1, 2) for t in tiles):
         p.error(f"tiles {args.tiles}: AHEAD (the fifth number) is 0, 1 or 2")
     tool = cuobjdump()
     print(f"triton {triton.__version__}, sm_90; SASS: {tool or 'no cuobjdump found'}")

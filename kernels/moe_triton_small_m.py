@@ -164,6 +164,9 @@ def _gemm2_kernel(
 
 
 def _launch(cfg: dict, kernel, grid, *args, INTERLEAVED: bool, **consts) -> None:
+    """One GEMM's launch at a tile config; its ``maxnreg``, where named, caps the registers a
+    thread takes (more programs fit an SM; ptxas spills past the cap)."""
+    cap = {"maxnreg": cfg["maxnreg"]} if cfg.get("maxnreg") else {}
     kernel[grid](
         *args,
         **consts,
@@ -174,6 +177,7 @@ def _launch(cfg: dict, kernel, grid, *args, INTERLEAVED: bool, **consts) -> None
         AHEAD=cfg.get("AHEAD", 0),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
+        **cap,
     )
 
 

@@ -38,6 +38,17 @@ def test_every_small_m_candidate_runs_and_matches_the_reference(gemm, layout):
     assert swapped == (2 if layout == "plain" else 0)  # the fragment layout implies it
 
 
+def test_candidates_replace_the_entrys_ahead_and_register_cap():
+    entry = dict(BLOCK_M=16, SPLIT_K=2, AHEAD=2, maxnreg=50, SWAP=1)
+    capped = kernels._tiles((64, 64, 4, 4, 0, 0, 96), entry)
+    assert capped == dict(BLOCK_M=16, SPLIT_K=2, BLOCK_N=64, BLOCK_K=64, num_warps=4,
+                          num_stages=4, maxnreg=96)  # fmt: skip
+    assert kernels._tiles((64, 64, 4, 1, 0, 1), entry)["AHEAD"] == 1
+    assert "maxnreg" not in kernels._tiles((64, 64, 4, 1, 0, 1), entry)
+    fragment = kernels.SWEEP_FRAGMENT["gemm1"] + kernels.SWEEP_FRAGMENT["gemm2"]
+    assert any(len(c) == 7 for c in fragment) and any(len(c) == 6 for c in fragment)
+
+
 def test_mla_grid_takes_heads_batches_and_contexts():
     import argparse
 

@@ -86,7 +86,7 @@ def test_bad_tiles_are_refused(capsys):
         assert "four comma-separated numbers each" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sm90_loops.main(["moe_gemm2", "64,64,4"])
-    assert "four or five comma-separated numbers each" in capsys.readouterr().err
+    assert "four to six comma-separated numbers each" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         sm90_loops.main(["moe_gemm2", "64,64,4,1,3"])
     assert "AHEAD (the fifth number) is 0, 1 or 2" in capsys.readouterr().err

@@ -230,6 +230,15 @@ def test_real_shapes_tiles_loaded_ahead_gpu(shape, m, ahead):
     check_real_fragment_gpu(shape, m, ahead_tiles, ahead_tiles)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", REAL_MOE_SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("m", [7, 64])
+def test_real_shapes_registers_capped_gpu(shape, m):
+    """The tuned tiles with their registers capped (a config's ``maxnreg``: gate/up at 80, down
+    at 64, as bench.kernels' candidates), on every real shape, against the reference."""
+    check_real_fragment_gpu(shape, m, dict(maxnreg=80), dict(maxnreg=64))
+
+
 def test_split_down_projection_ignores_invalid_slots_weights(device):
     """Split or not, a slot of an invalid expert id adds nothing, whatever its routing weight
     (NaN, inf) holds."""
