@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import re
 import shutil
 import subprocess
@@ -27,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 import triton
+
+from pdserve.bench.result_file import write_result
 
 # per kernel: (its module in pdserve.kernels, its name, its pointer arguments' types, a tile ->
 # (the constexprs, elements of one loop iteration per thread))
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pdserve.bench.sm90_loops", description=__doc__)
     p.add_argument("kernel", choices=sorted(KERNELS))
     p.add_argument("tiles", nargs="+", help="four numbers each (MoE: four to six), comma-separated")
+    p.add_argument("--json", default=None, help="also write the rows there")
     args = p.parse_args(argv)
     try:
         tiles = [tuple(int(v) for v in t.split(",")) for t in args.tiles]
@@ -173,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"tiles {args.tiles}: AHEAD (the fifth number) is 0, 1 or 2")
     tool = cuobjdump()
     print(f"triton {triton.__version__}, sm_90; SASS: {tool or 'no cuobjdump found'}")
+    rows = []
     for t in tiles:
         r = describe(args.kernel, t, tool)
+        rows.append(r)
         extra = (
             f"  {r['registers']} registers, loop {r['loop_instructions']} = "
             f"{r['per_element']}/element"
@@ -183,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"{args.kernel} {t}: smem {r['smem']} B, buffers {r['buffers']}, "
               f"waits {r['waits']}{extra}", flush=True)  # fmt: skip
+    if args.json:
+        result = {"date": datetime.date.today().isoformat(), "triton": triton.__version__,
+                  "target": "sm_90", "command": "python -P -m pdserve.bench.sm90_loops "
+                  + " ".join(argv if argv is not None else sys.argv[1:]), "rows": rows}  # fmt: skip
+        write_result(result, "sm90-loops", "CPU", args.json)
     return 0
 
 

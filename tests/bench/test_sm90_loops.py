@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import triton
 
 from pdserve.bench import sm90_loops
 from pdserve.kernels.triton_configs import mla_decode_smem
@@ -43,36 +44,34 @@ def test_parsers():
     assert sm90_loops.sass_loop(SASS.replace("HMMA", "FFMA")) == (0, {})
 
 
-def _compiled(kernel: str, *tiles: tuple[int, ...]) -> list[dict]:
-    """``sm90_loops.describe``'s rows (no SASS), compiled (not interpreted): in a process
-    without TRITON_INTERPRET."""
-    code = (
-        "import json, sys\n"
-        "from pdserve.bench import sm90_loops\n"
-        "for t in json.loads(sys.argv[2]):\n"
-        "    print(json.dumps(sm90_loops.describe(sys.argv[1], tuple(t), tool=None)))\n"
-    )
+def _compiled(tmp_path, kernel: str, *tiles: tuple[int, ...]) -> list[dict]:
+    """The rows ``python -m pdserve.bench.sm90_loops KERNEL TILES --json`` writes, compiled (not
+    interpreted): in a process without TRITON_INTERPRET."""
+    out = tmp_path / "rows.json"
+    cli = [sys.executable, "-P", "-m", "pdserve.bench.sm90_loops", kernel]
+    cli += [",".join(map(str, t)) for t in tiles] + ["--json", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-P", "-c", code, kernel, json.dumps(tiles)],
-                         check=True, env=env, capture_output=True, text=True).stdout  # fmt: skip
-    return [json.loads(line) for line in out.splitlines()[-len(tiles) :]]
+    subprocess.run(cli, check=True, env=env, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["target"] == "sm_90" and result["triton"] == triton.__version__, result
+    return result["rows"]
 
 
-def test_mla_decode_compiles_for_sm90_as_its_shared_memory_model_says():
+def test_mla_decode_compiles_for_sm90_as_its_shared_memory_model_says(tmp_path):
     """The 3-stage tiles hold two KV buffers and their loop's wait leaves copies in flight (each
     tile's pages read the tile before: the KV loads overlap the products), in the shared memory
     the tiles' model predicts."""
-    (row,) = _compiled("mla_decode", (16, 32, 4, 3))
+    (row,) = _compiled(tmp_path, "mla_decode", (16, 32, 4, 3))
     out = json.dumps(row)
     tiles = dict(BLOCK_H=16, BLOCK_N=32, num_warps=4, num_stages=3)
     assert abs(row["smem"] - mla_decode_smem(tiles, 576)) <= 4096, out
     assert row["buffers"][0] >= 2 and row["waits"][0] >= 1 and row["waits"][-1] == 0, out
 
 
-def test_moe_tiles_loaded_ahead_compile_for_sm90_without_weight_buffers():
+def test_moe_tiles_loaded_ahead_compile_for_sm90_without_weight_buffers(tmp_path):
     """The MoE down projection's K loop pipelined by Triton rotates its tiles through buffers in
     shared memory; with AHEAD (``moe_k_loops``) it holds none, only the activations' tile."""
-    piped, ahead = _compiled("moe_gemm2", (64, 64, 4, 4), (64, 64, 4, 1, 1))
+    piped, ahead = _compiled(tmp_path, "moe_gemm2", (64, 64, 4, 4), (64, 64, 4, 1, 1))
     out = [piped, ahead]
     assert len(piped["buffers"]) == 3 and piped["waits"][0] >= 1, out  # activations, codes, scales
     assert ahead["buffers"] == [] and ahead["waits"] == [], out
