@@ -13,7 +13,8 @@ run here (FlashInfer's CUTLASS MoE), checked against ours on the same inputs, th
 FlashInfer's MLA decode (fa3 and fa2, planned once, graph replays) where FlashInfer and nvcc
 are installed; "ours / peer" over 1 means ours is faster. ``--sweep`` first times candidate tile
 configs and uses the winners; paste the printed tables into kernels/triton_configs.py under the
-GPU's name.
+GPU's name. moe_small's candidates are each timed against the tiles before them, the two
+graphs' replays interleaved (``graph_replays``), and replace them only when faster.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import dataclasses
 import datetime
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
+from pdserve.bench.graph_replays import ms_graphs
 from pdserve.bench.moe_peers import Peers
 from pdserve.bench.result_file import write_result
 from pdserve.kernels import KernelSet, triton_configs
@@ -171,39 +174,20 @@ def ms(fn, *args, **kwargs) -> float:
 
 def ms_graph(fn, *args, rep_ms: float = 100.0, **kwargs) -> float:
     """Median milliseconds of one replay of a CUDA graph of fn(*args, **kwargs), the L2 flushed
-    (256 MB memset) before each replay, outside the timed region: kernel time without the
-    Python launch overhead, as a decode step under CUDA graphs sees it."""
+    before each replay (``graph_replays``): kernel time without the Python launch overhead, as
+    a decode step under CUDA graphs sees it."""
     if DEV != "cuda":
         return ms(fn, *args, **kwargs)
-    call = partial(fn, *args, **kwargs)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        call()
-    flush = torch.empty(256 << 20, dtype=torch.int8, device=DEV)
-    graph.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    graph.replay()
-    torch.cuda.synchronize()
-    n = max(5, min(1000, int(rep_ms / 1e3 / max(time.perf_counter() - t0, 1e-6))))
-    events = [
-        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-        for _ in range(n)
-    ]
-    for start, end in events:
-        flush.zero_()
-        start.record()
-        graph.replay()
-        end.record()
-    torch.cuda.synchronize()
-    times = sorted(s.elapsed_time(e) for s, e in events)
-    del graph
-    return times[len(times) // 2]
+    return ms_graphs([partial(fn, *args, **kwargs)], rep_ms)[0]
+
+
+def ms_against(ref: Callable[[], object], cand: Callable[[], object]) -> tuple[float, float]:
+    """(ref's, cand's) median milliseconds, their graphs' replays interleaved (``ms_graphs``)
+    so that the GPU's drift over a sweep moves both alike."""
+    if DEV != "cuda":
+        return ms(ref), ms(cand)
+    ref_ms, cand_ms = ms_graphs([ref, cand])
+    return ref_ms, cand_ms
 
 
 def time_peers(peers: Peers, case: tuple, act: SwiGLU, ours_fn, ours_ms: float) -> dict:
@@ -379,19 +363,30 @@ def sweep(
             case = moe_case(model, m, fragment)
             entry = triton_configs.pick(table, torch.device(DEV), m)
             cfg = {k: dict(v) for k, v in entry.items()}
-            results[f"{name} M={m} entry"] = ms_graph(moe_small_triton, *case, act, config=cfg)
+            ref_ms = ms_graph(moe_small_triton, *case, act, config=cfg)
+            results[f"{name} M={m} entry"] = ref_ms
             for gemm in ("gemm1", "gemm2"):
+                label = f"{name} M={m} {gemm}"
+                before = dict(cfg)  # the tiles each candidate is timed against
 
-                def run(c, gemm=gemm, cfg=cfg, case=case):
-                    tiles = dict(cfg, **{gemm: _tiles(c, cfg[gemm])})
-                    return ms_graph(moe_small_triton, *case, act, config=tiles)
+                def run(c, gemm=gemm, ref=before, case=case, scale=ref_ms, label=label):
+                    """c's time on the scale of the tiles before (``scale`` ms), from the two
+                    timed with their replays interleaved."""
+                    tiles = dict(ref, **{gemm: _tiles(c, ref[gemm])})
+                    pair = ms_against(
+                        partial(moe_small_triton, *case, act, config=ref),
+                        partial(moe_small_triton, *case, act, config=tiles),
+                    )
+                    results[f"{label} {c} against the tiles before"] = pair
+                    return scale * pair[1] / pair[0]
 
-                t, c = _best(results, f"{name} M={m} {gemm}", run, cands[gemm], deadline)
-                if c is not None:
+                t, c = _best(results, label, run, cands[gemm], deadline)
+                if c is not None and t < ref_ms:  # else the tiles before stay
                     cfg[gemm] = _tiles(c, cfg[gemm])
+                    ref_ms = t
             set_cfg(table, gpu, bucket, cfg)
-            print(f"{name} {model} M<={bucket}: {cfg} {t:.3f} ms (the table's tiles: "
-                  f"{results.get(f'{name} M={m} entry', float('nan')):.3f})")  # fmt: skip
+            print(f"{name} {model} M<={bucket}: {cfg} {ref_ms:.3f} ms (the table's tiles: "
+                  f"{results[f'{name} M={m} entry']:.3f})")  # fmt: skip
             case = None
     # the grouped GEMM's one table serves both layouts: tuned on the one this GPU runs by default
     fragment = fragment_by_default()

@@ -69,3 +69,45 @@ def test_mla_case_widens_tables_past_the_context(monkeypatch):
     assert q.shape == (3, 16, 576) and table.shape == (3, 16) and lens.tolist() == [256] * 3
     assert len(set(table.flatten().tolist())) == 48
     assert kernels.mla_case(16, 3, 256, cache)[1].shape == (3, 4)
+
+
+def test_sweep_times_each_candidate_against_the_tiles_before(monkeypatch):
+    """moe_small's sweep times every candidate against the tiles before it (``ms_against``):
+    a GPU whose times drift upward as the sweep goes on still picks the fastest tiles, a
+    candidate slower than the tiles before never replaces them, and down's candidates are
+    timed against gate/up's winner."""
+    fast = {"gemm1": {128: 0.8, 64: 1.0}, "gemm2": {64: 1.0}}  # BLOCK_N -> relative time
+
+    def true_ms(cfg):
+        return sum(fast[g].get(cfg[g]["BLOCK_N"], 1.1) for g in ("gemm1", "gemm2"))
+
+    calls = []
+
+    def ms_against(ref, cand):  # later pairs run slower: the drift ratios cancel
+        calls.append((ref.keywords["config"], cand.keywords["config"]))
+        drift = 1 + 0.05 * len(calls)
+        return true_ms(ref.keywords["config"]) * drift, true_ms(cand.keywords["config"]) * drift
+
+    monkeypatch.setattr(kernels, "DEV", "cpu")  # the table's "default" entry
+    monkeypatch.setattr(kernels, "ms_against", ms_against)
+    monkeypatch.setattr(kernels, "ms_graph", lambda fn, *a, config, **kw: true_ms(config))
+    monkeypatch.setattr(kernels, "moe_case", lambda model, m, fragment: ())
+    monkeypatch.setattr(kernels, "SWEEP_FRAGMENT", {
+        "gemm1": [(64, 64, 4, 3, 0), (128, 64, 8, 4, 0), (256, 64, 8, 4, 0)],
+        "gemm2": [(256, 64, 8, 4, 0), (128, 64, 4, 3, 0)],
+    })  # fmt: skip
+    entry = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
+    table = {"default": {1 << 30: {"gemm1": dict(entry), "gemm2": dict(entry)}}}
+    monkeypatch.setattr(kernels.triton_configs, "MOE_SMALL_FRAGMENT", table)
+    out: dict = {}
+    kernels.sweep("GPU", out, deadline=float("inf"), tables=("MOE_SMALL_FRAGMENT",),
+                  small_m=(16,))  # fmt: skip
+    tuned = table["GPU"][16]
+    assert tuned["gemm1"]["BLOCK_N"] == 128  # 0.8 against 1.0, though timed later than 64's
+    assert tuned["gemm2"]["BLOCK_N"] == 64  # both candidates slower: the entry stays
+    assert all(ref["gemm1"]["BLOCK_N"] == 128 for ref, _ in calls[3:])  # down against the winner
+    assert len(calls) == 5
+    res = out["sweep"]
+    assert res["MOE_SMALL_FRAGMENT M=16 entry"] == pytest.approx(2.0)
+    assert res["MOE_SMALL_FRAGMENT M=16 gemm1 (128, 64, 8, 4, 0)"] == pytest.approx(1.8)
+    assert res["MOE_SMALL_FRAGMENT M=16 gemm2 (256, 64, 8, 4, 0)"] == pytest.approx(1.9)
