@@ -13,8 +13,9 @@ run here (FlashInfer's CUTLASS MoE), checked against ours on the same inputs, th
 FlashInfer's MLA decode (fa3 and fa2, planned once, graph replays) where FlashInfer and nvcc
 are installed; "ours / peer" over 1 means ours is faster. ``--sweep`` first times candidate tile
 configs and uses the winners; paste the printed tables into kernels/triton_configs.py under the
-GPU's name. moe_small's candidates are each timed against the tiles before them, the two
-graphs' replays interleaved (``graph_replays``), and replace them only when faster.
+GPU's name. Each candidate is timed against the tiles before it (the table's, or the
+gate/up winner's for down's candidates), the two graphs' replays interleaved
+(``graph_replays``), and replaces them only when faster.
 """
 
 from __future__ import annotations
@@ -318,6 +319,22 @@ def _best(results: dict, label: str, fn, cands, deadline: float) -> tuple[float,
     return best
 
 
+def _best_against(
+    results: dict, label: str, ref, call_of, scale: float, cands, deadline: float
+) -> tuple[float, object]:
+    """``_best`` of the candidates, each timed against ``ref`` (the tiles before, ``scale`` ms
+    alone) with their replays interleaved (``ms_against``), its time put on ref's scale. The
+    winner, or (scale, None) where none is faster than ref."""
+
+    def run(c):
+        pair = ms_against(ref, call_of(c))
+        results[f"{label} {c} against the tiles before"] = pair
+        return scale * pair[1] / pair[0]
+
+    t, c = _best(results, label, run, cands, deadline)
+    return (t, c) if c is not None and t < scale else (scale, None)
+
+
 def _tiles(c: tuple[int, ...], base: dict) -> dict[str, int]:
     """A SWEEP_SMALL or SWEEP_FRAGMENT candidate as moe_small's config of one GEMM, with the
     token block and split count of the table's entry ``base``."""
@@ -366,24 +383,18 @@ def sweep(
             ref_ms = ms_graph(moe_small_triton, *case, act, config=cfg)
             results[f"{name} M={m} entry"] = ref_ms
             for gemm in ("gemm1", "gemm2"):
-                label = f"{name} M={m} {gemm}"
                 before = dict(cfg)  # the tiles each candidate is timed against
 
-                def run(c, gemm=gemm, ref=before, case=case, scale=ref_ms, label=label):
-                    """c's time on the scale of the tiles before (``scale`` ms), from the two
-                    timed with their replays interleaved."""
-                    tiles = dict(ref, **{gemm: _tiles(c, ref[gemm])})
-                    pair = ms_against(
-                        partial(moe_small_triton, *case, act, config=ref),
-                        partial(moe_small_triton, *case, act, config=tiles),
-                    )
-                    results[f"{label} {c} against the tiles before"] = pair
-                    return scale * pair[1] / pair[0]
+                def call_of(c, gemm=gemm, before=before, case=case):
+                    tiles = dict(before, **{gemm: _tiles(c, before[gemm])})
+                    return partial(moe_small_triton, *case, act, config=tiles)
 
-                t, c = _best(results, label, run, cands[gemm], deadline)
-                if c is not None and t < ref_ms:  # else the tiles before stay
+                ref = partial(moe_small_triton, *case, act, config=before)
+                label = f"{name} M={m} {gemm}"
+                ref_ms, c = _best_against(results, label, ref, call_of, ref_ms, cands[gemm],
+                                          deadline)  # fmt: skip
+                if c is not None:
                     cfg[gemm] = _tiles(c, cfg[gemm])
-                    ref_ms = t
             set_cfg(table, gpu, bucket, cfg)
             print(f"{name} {model} M<={bucket}: {cfg} {ref_ms:.3f} ms (the table's tiles: "
                   f"{results[f'{name} M={m} entry']:.3f})")  # fmt: skip
@@ -392,35 +403,44 @@ def sweep(
     fragment = fragment_by_default()
     for m, bucket in ((4096, 4096), (16384, 1 << 30)) if "MOE_LARGE" in tables else ():
         case = moe_case("deepseek-v3", m, fragment)
+        entry = triton_configs.pick(triton_configs.MOE_LARGE, torch.device(DEV), m)
+        ref = partial(moe_grouped_triton, *case, SwiGLU(), config=entry)
+        results[f"moe_large M={m} entry"] = ref_ms = ms_graph(ref)
 
-        def run_large(c, case=case):
+        def call_large(c, case=case):
             bm, bn, bk, nw, ns = c
             g = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=nw, num_stages=ns)
-            return ms_graph(moe_grouped_triton, *case, SwiGLU(), config={"gemm1": g, "gemm2": g})
+            return partial(moe_grouped_triton, *case, SwiGLU(), config={"gemm1": g, "gemm2": g})
 
-        t, c = _best(results, f"moe_large M={m}", run_large, SWEEP_LARGE, deadline)
+        t, c = _best_against(results, f"moe_large M={m}", ref, call_large, ref_ms, SWEEP_LARGE,
+                             deadline)  # fmt: skip
         if c is not None:
             g = dict(
                 BLOCK_M=c[0], BLOCK_N=c[1], BLOCK_K=c[2], GROUP_M=8, num_warps=c[3], num_stages=c[4]
             )
             set_cfg(triton_configs.MOE_LARGE, gpu, bucket, {"gemm1": g, "gemm2": g})
-            print(f"moe_large M<={bucket}: {g} {t:.3f} ms")
+        print(f"moe_large M<={bucket}: {t:.3f} ms, the table's tiles {ref_ms:.3f} ms"
+              f"{f', replaced by {c}' if c is not None else ''}")  # fmt: skip
         case = None  # free the 6 GB of experts
     if "MLA_DECODE" not in tables:
         return
     cache = torch.empty(64 * 8192 // 64, 64, 576, dtype=torch.bfloat16, device=DEV).normal_()
     for heads, cands in SWEEP_MLA.items():  # 64 sequences of 8k: 600 MB of KV, far past L2
         q, table, lens = mla_case(heads, 64, 8192, cache)
+        ref = partial(mla_decode_triton, q, cache, table, lens, 0.07, 512)  # the table's tiles
+        results[f"mla_decode H={heads} entry"] = ref_ms = ms_graph(ref)
 
-        def run_mla(c, q=q, table=table, lens=lens):
+        def call_mla(c, q=q, table=table, lens=lens):
             cfg = dict(BLOCK_H=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
-            return ms_graph(mla_decode_triton, q, cache, table, lens, 0.07, 512, config=cfg)
+            return partial(mla_decode_triton, q, cache, table, lens, 0.07, 512, config=cfg)
 
-        t, c = _best(results, f"mla_decode H={heads}", run_mla, cands, deadline)
+        t, c = _best_against(results, f"mla_decode H={heads}", ref, call_mla, ref_ms, cands,
+                             deadline)  # fmt: skip
         if c is not None:
             cfg = dict(BLOCK_H=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
             set_cfg(triton_configs.MLA_DECODE, gpu, heads if heads == 16 else 1 << 30, cfg)
-            print(f"mla_decode H={heads}: {cfg} {t:.3f} ms")
+        print(f"mla_decode H={heads}: {t:.3f} ms, the table's tiles {ref_ms:.3f} ms"
+              f"{f', replaced by {c}' if c is not None else ''}")  # fmt: skip
     out["tuned"] = {
         name: getattr(triton_configs, name).get(gpu)
         for name in ("MOE_SMALL", "MOE_SMALL_FRAGMENT", "MOE_LARGE", "MLA_DECODE")

@@ -111,3 +111,29 @@ def test_sweep_times_each_candidate_against_the_tiles_before(monkeypatch):
     assert res["MOE_SMALL_FRAGMENT M=16 entry"] == pytest.approx(2.0)
     assert res["MOE_SMALL_FRAGMENT M=16 gemm1 (128, 64, 8, 4, 0)"] == pytest.approx(1.8)
     assert res["MOE_SMALL_FRAGMENT M=16 gemm2 (256, 64, 8, 4, 0)"] == pytest.approx(1.9)
+
+
+def test_grouped_gemm_sweep_keeps_the_tables_tiles_unless_beaten(monkeypatch):
+    """moe_large's candidates are timed against the table's entry for each bucket too: the
+    bucket whose candidates are all slower keeps no entry of its own for this GPU."""
+    entry = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+    table = {"default": {1 << 30: {"gemm1": dict(entry), "gemm2": dict(entry)}}}
+    monkeypatch.setattr(kernels.triton_configs, "MOE_LARGE", table)
+    speed = {4096: {128: 0.9}, 16384: {}}  # BLOCK_M -> time against the entry's 1.0
+
+    def true_ms(call):
+        m = call.args[0]
+        return speed[m].get(call.keywords["config"]["gemm1"]["BLOCK_M"], 1.0)
+
+    m_seen: list = []
+    monkeypatch.setattr(kernels, "DEV", "cpu")
+    monkeypatch.setattr(kernels, "ms_graph", lambda call: true_ms(call))
+    monkeypatch.setattr(kernels, "ms_against", lambda ref, cand: (true_ms(ref), true_ms(cand)))
+    monkeypatch.setattr(kernels, "moe_case", lambda model, m, fragment: m_seen.append(m) or (m,))
+    monkeypatch.setattr(kernels, "SWEEP_LARGE", [(64, 64, 64, 4, 4), (128, 64, 64, 4, 3)])
+    out: dict = {}
+    kernels.sweep("GPU", out, deadline=float("inf"), tables=("MOE_LARGE",))
+    assert m_seen == [4096, 16384]
+    assert table["GPU"][4096]["gemm1"]["BLOCK_M"] == 128
+    assert table["GPU"][1 << 30] == table["default"][1 << 30]  # ties do not replace it
+    assert out["sweep"]["moe_large M=4096 (128, 64, 64, 4, 3)"] == pytest.approx(0.9)
