@@ -187,8 +187,7 @@ def ms_against(ref: Callable[[], object], cand: Callable[[], object]) -> tuple[f
     so that the GPU's drift over a sweep moves both alike."""
     if DEV != "cuda":
         return ms(ref), ms(cand)
-    ref_ms, cand_ms = ms_graphs([ref, cand])
-    return ref_ms, cand_ms
+    return tuple(ms_graphs([ref, cand]))
 
 
 def time_peers(peers: Peers, case: tuple, act: SwiGLU, ours_fn, ours_ms: float) -> dict:

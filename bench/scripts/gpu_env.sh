@@ -1,10 +1,11 @@
 # Sourced by the h200_*.sh scripts: the GPU machine's environment (the wheels in /tmp/site:
 # Ray's bundle installed on a fresh machine, the project's own wheel, built from this tree by
-# `pip wheel --no-deps -w .whl .`, on every call; NCCL multicast off), OUT (results), TAG (file
-# names), M (the model folder, made by each script as it needs) and `stamp NAME` (seconds since
-# the start), GPU (the card's model, H200 or H100, naming result files: the device machine may
-# lend either), `config_model P` (/tmp/cfg-P, preset P config-only), `has PART` (PART among
-# the script's comma-separated PARTS), `left` (seconds of BUDGET, default 590, left) and
+# `pip wheel --no-deps -w .whl .`, whenever a call carries a new one; NCCL multicast off), OUT
+# (results), TAG (file names), M (the model folder, made by each script as it needs) and
+# `stamp NAME` (seconds since the start), GPU (the card's model, H200 or H100, naming result
+# files: the device machine may lend either), `config_model P` (/tmp/cfg-P, preset P
+# config-only), `has PART` (PART among the script's comma-separated PARTS), `left` (seconds of
+# BUDGET, default 590, left) and
 # `ncu_moe FILE ARGS` (Nsight Compute on the MoE decode's GEMMs). PYTHONSAFEPATH keeps the
 # repository root off sys.path (the project imports as pdserve.*, never by its folders' names).
 # A PYTHONPATH given to a script is kept after /tmp/site (a folder holding a sitecustomize.py
@@ -20,8 +21,12 @@ stamp() { echo "== $1 at $(( $(date +%s) - S ))s"; }
 has() { [[ ",${PARTS:-}," == *",$1,"* ]]; }  # is phase $1 among the script's PARTS?
 left() { echo $(( ${BUDGET:-590} - ($(date +%s) - S) )); }  # seconds of BUDGET (590) left
 [ -d /tmp/site/ray ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-for w in .whl/pdserve-*.whl; do  # when carried; a warm machine keeps the last one installed
-  [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$w"
+for w in .whl/pdserve-*.whl; do  # when carried; a warm machine keeps the last one installed,
+  [ -f "$w" ] || continue         # and a script sourced again (or a call repeated) skips it
+  sum=$(sha256sum "$w" | cut -d' ' -f1)
+  [ "$(cat /tmp/site/.pdserve-wheel 2> /dev/null)" = "$sum" ] && continue
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$w" \
+    && echo "$sum" > /tmp/site/.pdserve-wheel
 done
 flashinfer_site() {
   [ -d /tmp/fisite/flashinfer ] || [ ! -f .fi/fisite.txz ] || python3 -c \
